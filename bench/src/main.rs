@@ -1,0 +1,3 @@
+//! turnpike load generator.
+#![forbid(unsafe_code)]
+fn main() {}

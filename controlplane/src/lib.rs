@@ -1,0 +1,2 @@
+//! turnpike control plane.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! turnpike data plane.
+#![allow(unsafe_code)]

@@ -1,0 +1,2 @@
+//! turnpike wire formats.
+#![forbid(unsafe_code)]

@@ -1,0 +1,3 @@
+//! The turnpike binary.
+#![forbid(unsafe_code)]
+fn main() {}
