@@ -1,2 +1,26 @@
-//! turnpike wire formats.
+//! turnpike wire formats: everything that defines bytes on a wire, and nothing that does
+//! I/O or reads a clock.
+//!
+//! - [`stun`]: STUN messages (RFC 8489): a borrowed zero-copy [`stun::Message`] parser and a
+//!   [`stun::MessageWriter`] into caller-owned buffers.
+//! - [`attr`]: STUN/TURN/ICE attributes, typed.
+//! - [`auth`]: long-term credential keys, MESSAGE-INTEGRITY(-SHA256), FINGERPRINT.
+//! - [`channel`]: TURN ChannelData frames and stream framing.
+//! - [`demux`]: the RFC 7983 first-byte demultiplexer.
+//! - [`turn`]: fast-path helpers for Send and Data indications.
+//!
+//! # Fuzzing
+//!
+//! `proto/fuzz` holds a libFuzzer target for the parsers; see its README for the command
+//! that runs it on the stable toolchain.
 #![forbid(unsafe_code)]
+
+pub mod attr;
+pub mod auth;
+pub mod channel;
+pub mod demux;
+pub mod error;
+pub mod stun;
+pub mod turn;
+
+pub use error::{DecodeError, EncodeError};

@@ -1,0 +1,76 @@
+//! Helpers for the data plane's fast path: the Data indication header written in front of
+//! a payload that is already in place, and the Send indication's two attributes.
+
+use std::net::SocketAddr;
+
+use crate::attr::{self, Attribute, Data, XorPeerAddress};
+use crate::error::{DecodeError, EncodeError};
+use crate::stun::{Class, HEADER_LEN, Message, MessageWriter, Method, TransactionId, padded};
+
+/// The most headroom a Data indication header needs (IPv6 peer): 20 (STUN header) + 24
+/// (XOR-PEER-ADDRESS) + 4 (DATA attribute header).
+pub const MAX_DATA_INDICATION_HEADER: usize = 48;
+
+/// Length of the Data indication header for a peer of this address family.
+pub fn data_indication_header_len(peer: &SocketAddr) -> usize {
+    HEADER_LEN + 4 + XorPeerAddress(*peer).encoded_len() + 4
+}
+
+/// Writes a Data indication header for `payload_len` bytes from `peer` into `out`, which
+/// must be exactly [`data_indication_header_len`] bytes, so that the payload following it
+/// completes the message. The message length counts the DATA padding: the caller sends
+/// `padded(payload_len) - payload_len` zero bytes after the payload.
+pub fn write_data_indication_header(
+    out: &mut [u8],
+    tid: TransactionId,
+    peer: &SocketAddr,
+    payload_len: usize,
+) -> Result<(), EncodeError> {
+    let want = data_indication_header_len(peer);
+    if out.len() != want {
+        return Err(EncodeError::BufferTooSmall);
+    }
+    let body = want - HEADER_LEN + padded(payload_len);
+    let body = u16::try_from(body).map_err(|_| EncodeError::MessageTooLong)?;
+    let plen = u16::try_from(payload_len).map_err(|_| EncodeError::ValueTooLong)?;
+    // XOR-PEER-ADDRESS fills all of `out` but the last 4 bytes, which take the DATA
+    // attribute's header; its value is the payload already in place behind `out`.
+    let mut w = MessageWriter::new(out, Method::DATA, Class::Indication, tid)?;
+    w.add(&XorPeerAddress(*peer))?;
+    let at = w.finish();
+    out[at..at + 2].copy_from_slice(&attr::DATA.to_be_bytes());
+    out[at + 2..at + 4].copy_from_slice(&plen.to_be_bytes());
+    out[2..4].copy_from_slice(&body.to_be_bytes());
+    Ok(())
+}
+
+/// A parsed Send indication: where to send and what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendIndication<'a> {
+    /// XOR-PEER-ADDRESS.
+    pub peer: SocketAddr,
+    /// DATA.
+    pub data: &'a [u8],
+    /// DONT-FRAGMENT was present.
+    pub dont_fragment: bool,
+}
+
+impl<'a> SendIndication<'a> {
+    /// Reads a Send indication's peer and data; both are required (RFC 8656 §11.2).
+    pub fn from_message(msg: &Message<'a>) -> Result<SendIndication<'a>, DecodeError> {
+        if msg.method() != Method::SEND || msg.class() != Class::Indication {
+            return Err(DecodeError::NotStun);
+        }
+        let peer = msg
+            .attr::<XorPeerAddress>()?
+            .ok_or(DecodeError::BadAttribute(XorPeerAddress::TYPE))?;
+        let data = msg
+            .attr::<Data<'a>>()?
+            .ok_or(DecodeError::BadAttribute(Data::TYPE))?;
+        Ok(SendIndication {
+            peer: peer.0,
+            data: data.0,
+            dont_fragment: msg.has(attr::AttrType(attr::DONT_FRAGMENT)),
+        })
+    }
+}
