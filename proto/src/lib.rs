@@ -7,7 +7,8 @@
 //! - [`auth`]: long-term credential keys, MESSAGE-INTEGRITY(-SHA256), FINGERPRINT.
 //! - [`channel`]: TURN ChannelData frames and stream framing.
 //! - [`demux`]: the RFC 7983 first-byte demultiplexer.
-//! - [`turn`]: fast-path helpers for Send and Data indications.
+//! - [`turn`]: fast-path helpers for Send and Data indications and Binding responses.
+//! - [`client`]: a sans-IO TURN client, reused by tests and the load generator.
 //!
 //! # Fuzzing
 //!
@@ -17,6 +18,7 @@
 
 pub mod attr;
 pub mod auth;
+pub mod client;
 pub mod channel;
 pub mod demux;
 pub mod error;

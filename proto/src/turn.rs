@@ -74,3 +74,34 @@ impl<'a> SendIndication<'a> {
         })
     }
 }
+
+/// Answers a Binding request (RFC 8489 §7.3): a success response with
+/// XOR-MAPPED-ADDRESS, or 420 listing unknown comprehension-required attributes. Used by
+/// the data plane's fast path and the control plane alike. FINGERPRINT is added when the
+/// request carried one. Returns the response's length.
+pub fn write_binding_response(
+    out: &mut [u8],
+    req: &Message<'_>,
+    mapped: SocketAddr,
+) -> Result<usize, EncodeError> {
+    let unknown = req.unknown_required();
+    let class = if unknown.is_empty() {
+        Class::Success
+    } else {
+        Class::Error
+    };
+    let mut w = MessageWriter::new(out, Method::BINDING, class, req.transaction_id())?;
+    if unknown.is_empty() {
+        w.add(&attr::XorMappedAddress(mapped))?;
+    } else {
+        w.add(&attr::ErrorCode {
+            code: 420,
+            reason: "Unknown Attribute",
+        })?;
+        w.add(&attr::UnknownAttributes::new(unknown))?;
+    }
+    if req.has_fingerprint() {
+        w.add_fingerprint()?;
+    }
+    Ok(w.finish())
+}
