@@ -1,2 +1,22 @@
-//! turnpike control plane.
+//! turnpike control plane: the TURN server logic (RFC 8656 over RFC 8489) as a sans-IO
+//! state machine, with credentials, stateless nonces, port and allocation bookkeeping,
+//! quotas and the peer policy.
+//!
+//! [`Server`] takes `(now, 5-tuple, datagram)` and appends [`Output`]s: responses to send,
+//! relay sockets to bind, relay-table changes and lifecycle events. It reads no clock and
+//! does no I/O (enforced by `clippy.toml`'s `disallowed-methods`).
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod policy;
+pub mod ports;
+pub mod ratelimit;
+pub mod server;
+pub mod types;
+
+pub use auth::{Credentials, rest_password};
+pub use policy::{Cidr, PeerPolicy, Verdict, canonical_ip};
+pub use server::{AllocationInfo, RestoredAllocation, Server, ServerConfig, Stats, reason_phrase};
+pub use types::{
+    AllocationId, BindRequest, EndReason, Event, FiveTuple, Millis, Output, TableChange, Transport,
+};

@@ -1,0 +1,225 @@
+//! The peer policy: one function that canonicalizes a peer address and decides whether a
+//! client may reach it. It gates CreatePermission, ChannelBind and (through permissions)
+//! every later relay path.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+/// An IP network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// A CIDR string that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid CIDR {0:?}: expected ADDRESS/PREFIX, e.g. 10.0.0.0/8 or fd00::/8")]
+pub struct CidrError(pub String);
+
+impl Cidr {
+    /// A network; the address is masked to the prefix.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Cidr> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then(|| Cidr {
+            addr: mask(addr, prefix),
+            prefix,
+        })
+    }
+
+    /// Whether `ip` is in the network. IPv4 networks match IPv4 addresses only; canonicalize
+    /// first to match IPv4 embedded in IPv6.
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(*ip, self.prefix) == self.addr
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Cidr, CidrError> {
+        let err = || CidrError(s.to_owned());
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().map_err(|_| err())?;
+        let prefix = match p {
+            Some(p) => p.trim().parse().map_err(|_| err())?,
+            None if addr.is_ipv4() => 32,
+            None => 128,
+        };
+        Cidr::new(addr, prefix).ok_or_else(err)
+    }
+}
+
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+            IpAddr::V4(Ipv4Addr::from(bits & m))
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+            IpAddr::V6(Ipv6Addr::from(bits & m))
+        }
+    }
+}
+
+fn cidr(s: &str) -> Cidr {
+    // Only called on the constant lists below, which are valid.
+    s.parse().unwrap_or(Cidr {
+        addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        prefix: 32,
+    })
+}
+
+/// Ranges no client may reach unless the operator allows them.
+const DEFAULT_DENY: &[&str] = &[
+    "0.0.0.0/8",          // "this network", unspecified
+    "10.0.0.0/8",         // private
+    "100.64.0.0/10",      // carrier-grade NAT
+    "127.0.0.0/8",        // loopback
+    "169.254.0.0/16",     // link-local, the cloud metadata service
+    "172.16.0.0/12",      // private
+    "192.0.0.0/24",       // IETF protocol assignments
+    "192.168.0.0/16",     // private
+    "198.18.0.0/15",      // benchmarking
+    "224.0.0.0/4",        // multicast
+    "240.0.0.0/4",        // reserved, and 255.255.255.255 broadcast
+    "::/128",             // unspecified
+    "::1/128",            // loopback
+    "fe80::/10",          // link-local
+    "fec0::/10",          // site-local (deprecated)
+    "fc00::/7",           // unique local
+    "ff00::/8",           // multicast
+    "100::/64",           // discard-only
+];
+
+/// The decision for one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The client may reach it.
+    Allow,
+    /// It is forbidden (403).
+    Deny,
+}
+
+/// The peer policy: default deny ranges, the operator's allow and deny lists, and the
+/// server's own service sockets.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    default_deny: Vec<Cidr>,
+    allow: Vec<Cidr>,
+    deny: Vec<Cidr>,
+    own: Vec<SocketAddr>,
+}
+
+impl Default for PeerPolicy {
+    fn default() -> Self {
+        PeerPolicy::new(Vec::new(), Vec::new(), Vec::new())
+    }
+}
+
+impl PeerPolicy {
+    /// A policy with the operator's `allow` and `deny` lists and the server's own service
+    /// sockets (listening, gRPC, metrics), which are never a valid peer.
+    pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, own: Vec<SocketAddr>) -> PeerPolicy {
+        PeerPolicy {
+            default_deny: DEFAULT_DENY.iter().map(|s| cidr(s)).collect(),
+            allow,
+            deny,
+            own: own
+                .into_iter()
+                .map(|s| SocketAddr::new(canonical_ip(s.ip()), s.port()))
+                .collect(),
+        }
+    }
+
+    /// The server's own service sockets, canonical.
+    pub fn own_sockets(&self) -> &[SocketAddr] {
+        &self.own
+    }
+
+    /// Decides for a peer IP (CreatePermission). Operator deny beats operator allow, which
+    /// beats the default deny list; everything else is allowed.
+    pub fn check_ip(&self, ip: IpAddr) -> Verdict {
+        let ip = canonical_ip(ip);
+        if self.deny.iter().any(|c| c.contains(&ip)) {
+            return Verdict::Deny;
+        }
+        if self.allow.iter().any(|c| c.contains(&ip)) {
+            return Verdict::Allow;
+        }
+        if self.default_deny.iter().any(|c| c.contains(&ip)) || is_broadcast(&ip) {
+            return Verdict::Deny;
+        }
+        Verdict::Allow
+    }
+
+    /// Decides for a peer transport address (ChannelBind, Send): as [`Self::check_ip`],
+    /// and the server's own service sockets and scoped IPv6 addresses are always denied.
+    pub fn check(&self, peer: SocketAddr) -> Verdict {
+        if let SocketAddr::V6(v6) = peer {
+            if v6.scope_id() != 0 {
+                return Verdict::Deny;
+            }
+        }
+        let canon = SocketAddr::new(canonical_ip(peer.ip()), peer.port());
+        if self.own.iter().any(|o| {
+            *o == canon || (o.port() == canon.port() && o.ip().is_unspecified() && o.is_ipv4() == canon.is_ipv4())
+        }) {
+            return Verdict::Deny;
+        }
+        self.check_ip(peer.ip())
+    }
+}
+
+fn is_broadcast(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+/// Canonicalizes an address: IPv4 carried inside IPv6 (IPv4-mapped, IPv4-compatible,
+/// IPv4-translated, NAT64 64:ff9b::/96 and the local-use 64:ff9b:1::/48 with a /96 layout,
+/// 6to4 2002::/16, Teredo 2001::/32) becomes the IPv4 address packets actually reach, so
+/// that one rule covers every spelling of it.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    let s = v6.segments();
+    let o = v6.octets();
+    let tail_v4 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    // ::ffff:a.b.c.d (mapped)
+    if s[..5] == [0, 0, 0, 0, 0] && s[5] == 0xFFFF {
+        return IpAddr::V4(tail_v4);
+    }
+    // ::ffff:0:a.b.c.d (translated, RFC 2765)
+    if s[..4] == [0, 0, 0, 0] && s[4] == 0xFFFF && s[5] == 0 {
+        return IpAddr::V4(tail_v4);
+    }
+    // ::a.b.c.d (compatible, deprecated); :: and ::1 stay IPv6.
+    if s[..6] == [0, 0, 0, 0, 0, 0] && u32::from(tail_v4) > 1 {
+        return IpAddr::V4(tail_v4);
+    }
+    // NAT64 well-known prefix 64:ff9b::/96 and local-use 64:ff9b:1::/48 (/96 layout).
+    if s[0] == 0x0064 && s[1] == 0xFF9B && (s[2..6] == [0, 0, 0, 0] || s[2] == 1) {
+        return IpAddr::V4(tail_v4);
+    }
+    // 6to4: 2002:AABB:CCDD::/48 carries AA.BB.CC.DD.
+    if s[0] == 0x2002 {
+        return IpAddr::V4(Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    // Teredo: 2001:0000::/32; the client's IPv4 is the last 32 bits inverted.
+    if s[0] == 0x2001 && s[1] == 0 {
+        return IpAddr::V4(Ipv4Addr::from(!u32::from(tail_v4)));
+    }
+    ip
+}

@@ -1,0 +1,1319 @@
+//! The TURN server as a sans-IO state machine.
+//!
+//! Call order: feed every STUN request the data plane punts with [`Server::handle`];
+//! answer each [`Output::Bind`] with [`Server::handle_bind_result`]; call
+//! [`Server::handle_timeout`] when [`Server::poll_timeout`] says so. Each entry point
+//! takes `now` and appends what must happen to the caller's `Vec<Output>`: datagrams to
+//! send, relay-table changes for the data plane, relay sockets to bind, and lifecycle
+//! events. Nothing here reads a clock or touches a socket.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+use ahash::AHashMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use turnpike_proto::attr::{
+    self, AddressErrorCode, AdditionalAddressFamily, ChannelNumber, DontFragment,
+    ErrorCode, EvenPort, Family, Lifetime, Nonce, PasswordAlgorithm, PasswordAlgorithmId,
+    PasswordAlgorithms, Realm, RequestedAddressFamily, RequestedTransport, ReservationToken,
+    UnknownAttributes, Userhash, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+};
+use turnpike_proto::stun::{
+    self, Class, HEADER_LEN, Message, MessageWriter, Method, TransactionId,
+};
+use turnpike_proto::{DecodeError, EncodeError};
+
+use crate::auth::{AuthError, Credentials, NonceCheck, NonceKey};
+use crate::policy::{PeerPolicy, Verdict};
+use crate::ports::Ports;
+use crate::ratelimit::RateLimiter;
+use crate::types::{
+    AllocationId, BindRequest, EndReason, Event, FiveTuple, Millis, Output, TableChange,
+};
+
+/// The password algorithms offered, in order of preference (RFC 8489 §9.2.1).
+const OFFERED_ALGORITHMS: [PasswordAlgorithmId; 2] =
+    [PasswordAlgorithmId::SHA256, PasswordAlgorithmId::MD5];
+/// How long a RESERVATION-TOKEN holds its port (RFC 8656 §7.2 suggests about 30 s).
+const RESERVATION_SECS: u64 = 30;
+/// Binds tried with different ports before an Allocate fails with 508.
+const BIND_ATTEMPTS: u32 = 4;
+
+/// The server's settings. Every field has a default; see [`ServerConfig::default`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Relay IPs (at least one per family to be served).
+    pub relay_ips: Vec<IpAddr>,
+    /// Relay port range, inclusive.
+    pub relay_ports: (u16, u16),
+    /// Lifetime granted when the client asks for less or nothing (s). RFC default 600.
+    pub default_lifetime: u32,
+    /// Most lifetime granted (s). Default 3600.
+    pub max_lifetime: u32,
+    /// Permission lifetime (s). RFC: 300.
+    pub permission_lifetime: u32,
+    /// Channel binding lifetime (s). RFC: 600.
+    pub channel_lifetime: u32,
+    /// How long a nonce stays valid (s). Default 600.
+    pub nonce_lifetime: u32,
+    /// Allocations per user; 0 is unlimited.
+    pub user_quota: u32,
+    /// Allocations in all; 0 is unlimited.
+    pub total_quota: u32,
+    /// Bandwidth limit per allocation and direction in bytes/s, enforced by the data plane;
+    /// 0 is unlimited.
+    pub bandwidth_limit: u64,
+    /// Permissions per allocation (a bound on memory); further ones get 508.
+    pub max_permissions: usize,
+    /// Channels per allocation; further ones get 508.
+    pub max_channels: usize,
+    /// Unauthenticated requests answered per second per source IP; 0 disables the limit.
+    pub unauth_rate: u32,
+    /// Burst of unauthenticated requests per source IP.
+    pub unauth_burst: u32,
+    /// The peer policy.
+    pub policy: PeerPolicy,
+    /// SOFTWARE sent in authenticated responses.
+    pub software: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            relay_ips: vec![IpAddr::from([127, 0, 0, 1])],
+            relay_ports: (49152, 65535),
+            default_lifetime: 600,
+            max_lifetime: 3600,
+            permission_lifetime: 300,
+            channel_lifetime: 600,
+            nonce_lifetime: 600,
+            user_quota: 0,
+            total_quota: 0,
+            bandwidth_limit: 0,
+            max_permissions: 256,
+            max_channels: 256,
+            unauth_rate: 20,
+            unauth_burst: 40,
+            policy: PeerPolicy::default(),
+            software: Some(concat!("turnpike ", env!("CARGO_PKG_VERSION")).to_owned()),
+        }
+    }
+}
+
+/// The outcome of a successful authentication.
+#[derive(Debug, Clone)]
+struct Authed {
+    username: String,
+    account: String,
+    key: Vec<u8>,
+    sha256: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Allocation {
+    tuple: FiveTuple,
+    username: String,
+    account: String,
+    relays: Vec<SocketAddr>,
+    expires: Millis,
+    created_at: Millis,
+    permissions: AHashMap<IpAddr, Millis>,
+    channels: AHashMap<u16, (SocketAddr, Millis)>,
+    peer_channel: AHashMap<SocketAddr, u16>,
+    /// The Allocate transaction and its success response, for retransmissions.
+    allocate_tid: Option<TransactionId>,
+    allocate_response: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingAllocate {
+    tuple: FiveTuple,
+    tid: TransactionId,
+    auth: Authed,
+    lifetime: u32,
+    relays: Vec<SocketAddr>,
+    families: Vec<Family>,
+    v6_error: bool,
+    even: bool,
+    reserve_next: bool,
+    token: Option<[u8; 8]>,
+    dont_fragment: bool,
+    attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Allocation(AllocationId),
+    Permission(AllocationId, IpAddr),
+    Channel(AllocationId, u16),
+    Reservation([u8; 8]),
+}
+
+/// A summary of one allocation, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationInfo {
+    /// The allocation.
+    pub id: AllocationId,
+    /// The client 5-tuple.
+    pub tuple: FiveTuple,
+    /// The username it authenticated with.
+    pub username: String,
+    /// The user it is accounted to.
+    pub account: String,
+    /// Relayed addresses.
+    pub relays: Vec<SocketAddr>,
+    /// When it was created.
+    pub created_at: Millis,
+    /// When it expires.
+    pub expires: Millis,
+    /// Permitted peer IPs.
+    pub permissions: Vec<(IpAddr, Millis)>,
+    /// Bound channels.
+    pub channels: Vec<(u16, SocketAddr, Millis)>,
+}
+
+/// An allocation as a data plane reports it in a resync, for rebuilding state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredAllocation {
+    /// The allocation's id.
+    pub id: AllocationId,
+    /// The client 5-tuple.
+    pub tuple: FiveTuple,
+    /// The accounting user (for REST users the username is not kept by the data plane:
+    /// the next authenticated request re-establishes it).
+    pub user: String,
+    /// Relayed addresses.
+    pub relays: Vec<SocketAddr>,
+    /// Deadline.
+    pub expires: Millis,
+    /// Permissions.
+    pub permissions: Vec<(IpAddr, Millis)>,
+    /// Channels.
+    pub channels: Vec<(u16, SocketAddr, Millis)>,
+}
+
+/// Counters of the control plane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Live allocations.
+    pub allocations: u64,
+    /// Live permissions.
+    pub permissions: u64,
+    /// Live channels.
+    pub channels: u64,
+    /// Requests that failed authentication (401 after integrity was tried, 441).
+    pub auth_failures: u64,
+    /// Unauthenticated requests dropped by the rate limiter.
+    pub rate_limited: u64,
+    /// Requests answered.
+    pub requests: u64,
+}
+
+/// The TURN server state machine. See the module docs for the call order.
+#[derive(Debug)]
+pub struct Server {
+    cfg: ServerConfig,
+    creds: Credentials,
+    nonces: NonceKey,
+    limiter: RateLimiter,
+    rng: StdRng,
+    ports: Ports,
+    allocations: AHashMap<AllocationId, Allocation>,
+    by_tuple: AHashMap<FiveTuple, AllocationId>,
+    per_user: AHashMap<String, u32>,
+    pending: AHashMap<u64, PendingAllocate>,
+    pending_by_tuple: AHashMap<FiveTuple, u64>,
+    reservations: AHashMap<[u8; 8], (SocketAddr, Millis)>,
+    timers: BTreeSet<(Millis, Timer)>,
+    next_id: u64,
+    next_bind: u64,
+    stats: Stats,
+    draining: bool,
+    alternate: Option<SocketAddr>,
+}
+
+/// Where a request's processing stopped with an error response.
+struct Reject {
+    code: u16,
+    reason: &'static str,
+}
+
+fn reject(code: u16) -> Reject {
+    Reject {
+        code,
+        reason: reason_phrase(code),
+    }
+}
+
+/// The reason phrases of the error codes the server produces (RFC 8489 §14.8,
+/// RFC 8656 §19).
+pub fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        300 => "Try Alternate",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        420 => "Unknown Attribute",
+        437 => "Allocation Mismatch",
+        438 => "Stale Nonce",
+        440 => "Address Family not Supported",
+        441 => "Wrong Credentials",
+        442 => "Unsupported Transport Protocol",
+        443 => "Peer Address Family Mismatch",
+        486 => "Allocation Quota Reached",
+        500 => "Server Error",
+        508 => "Insufficient Capacity",
+        _ => "Error",
+    }
+}
+
+impl From<DecodeError> for Reject {
+    fn from(_: DecodeError) -> Reject {
+        reject(400)
+    }
+}
+
+impl Server {
+    /// A server. `nonce_secret` keys the stateless nonces (use fresh random bytes; all
+    /// control planes of a cluster may share one so nonces survive a failover); `seed`
+    /// seeds the port choice and reservation tokens.
+    pub fn new(cfg: ServerConfig, creds: Credentials, nonce_secret: [u8; 32], seed: u64) -> Server {
+        let nonces = NonceKey::new(nonce_secret, u64::from(cfg.nonce_lifetime));
+        let limiter = RateLimiter::new(cfg.unauth_rate, cfg.unauth_burst, 65536);
+        let ports = Ports::new(cfg.relay_ports.0, cfg.relay_ports.1);
+        Server {
+            cfg,
+            creds,
+            nonces,
+            limiter,
+            rng: StdRng::seed_from_u64(seed),
+            ports,
+            allocations: AHashMap::new(),
+            by_tuple: AHashMap::new(),
+            per_user: AHashMap::new(),
+            pending: AHashMap::new(),
+            pending_by_tuple: AHashMap::new(),
+            reservations: AHashMap::new(),
+            timers: BTreeSet::new(),
+            next_id: 1,
+            next_bind: 1,
+            stats: Stats::default(),
+            draining: false,
+            alternate: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    /// The credentials (for rotating REST secrets).
+    pub fn credentials_mut(&mut self) -> &mut Credentials {
+        &mut self.creds
+    }
+
+    /// Replaces the peer policy.
+    pub fn set_policy(&mut self, policy: PeerPolicy) {
+        self.cfg.policy = policy;
+    }
+
+    /// Stops accepting new allocations: new Allocates get 300 Try Alternate towards
+    /// `alternate` if given, else 508. Existing allocations carry on.
+    pub fn set_draining(&mut self, draining: bool, alternate: Option<SocketAddr>) {
+        self.draining = draining;
+        self.alternate = alternate;
+    }
+
+    /// Whether the server is draining.
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.allocations = self.allocations.len() as u64;
+        s.permissions = self
+            .allocations
+            .values()
+            .map(|a| a.permissions.len() as u64)
+            .sum();
+        s.channels = self.allocations.values().map(|a| a.channels.len() as u64).sum();
+        s
+    }
+
+    /// The next instant [`Server::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// Every allocation, summarized.
+    pub fn allocations(&self) -> impl Iterator<Item = AllocationInfo> + '_ {
+        self.allocations.iter().map(|(id, a)| Self::info(*id, a))
+    }
+
+    /// One allocation, summarized.
+    pub fn allocation(&self, id: AllocationId) -> Option<AllocationInfo> {
+        self.allocations.get(&id).map(|a| Self::info(id, a))
+    }
+
+    /// The allocation of a 5-tuple.
+    pub fn allocation_of(&self, tuple: &FiveTuple) -> Option<AllocationId> {
+        self.by_tuple.get(tuple).copied()
+    }
+
+    fn info(id: AllocationId, a: &Allocation) -> AllocationInfo {
+        let mut permissions: Vec<_> = a.permissions.iter().map(|(k, v)| (*k, *v)).collect();
+        permissions.sort();
+        let mut channels: Vec<_> = a.channels.iter().map(|(c, (p, t))| (*c, *p, *t)).collect();
+        channels.sort();
+        AllocationInfo {
+            id,
+            tuple: a.tuple,
+            username: a.username.clone(),
+            account: a.account.clone(),
+            relays: a.relays.clone(),
+            created_at: a.created_at,
+            expires: a.expires,
+            permissions,
+            channels,
+        }
+    }
+
+    // ----- request handling -------------------------------------------------------------
+
+    /// Handles one datagram the data plane punted: a STUN message from `tuple`.
+    pub fn handle(&mut self, now: Millis, tuple: FiveTuple, data: &[u8], out: &mut Vec<Output>) {
+        let msg = match Message::parse(data) {
+            Ok(m) => m,
+            Err(_) => {
+                self.bad_request(now, tuple, data, out);
+                return;
+            }
+        };
+        if msg.class() != Class::Request {
+            // Indications reach the data plane's fast path; responses are not for us.
+            return;
+        }
+        self.stats.requests += 1;
+        match msg.method() {
+            Method::BINDING => {
+                if !self.limit(tuple.client.ip(), now) {
+                    return;
+                }
+                let mut buf = [0u8; 128];
+                if let Ok(n) = turnpike_proto::turn::write_binding_response(&mut buf, &msg, tuple.client) {
+                    out.push(Output::Transmit {
+                        tuple,
+                        data: buf[..n].to_vec(),
+                    });
+                }
+            }
+            Method::ALLOCATE
+            | Method::REFRESH
+            | Method::CREATE_PERMISSION
+            | Method::CHANNEL_BIND => {
+                let Some(auth) = self.authenticate(now, tuple, &msg, out) else {
+                    return;
+                };
+                if !msg.unknown_required().is_empty() {
+                    let unknown = msg.unknown_required().to_vec();
+                    self.respond_error(tuple, &msg, Some(&auth), reject(420), out, |w| {
+                        w.add(&UnknownAttributes::new(&unknown)).map(|_| ())
+                    });
+                    return;
+                }
+                let result = match msg.method() {
+                    Method::ALLOCATE => self.allocate(tuple, &msg, &auth, out),
+                    Method::REFRESH => self.refresh(now, tuple, &msg, &auth, out),
+                    Method::CREATE_PERMISSION => self.create_permission(now, tuple, &msg, &auth, out),
+                    _ => self.channel_bind(now, tuple, &msg, &auth, out),
+                };
+                if let Err(r) = result {
+                    self.respond_error(tuple, &msg, Some(&auth), r, out, |_| Ok(()));
+                }
+            }
+            _ => {
+                if self.limit(tuple.client.ip(), now) {
+                    self.respond_error(tuple, &msg, None, reject(400), out, |_| Ok(()));
+                }
+            }
+        }
+    }
+
+    /// A request that does not parse: answer 400 if the header is sound enough to know it
+    /// is a request and to echo its transaction id; drop anything else.
+    fn bad_request(&mut self, now: Millis, tuple: FiveTuple, data: &[u8], out: &mut Vec<Output>) {
+        let Some(header) = data.get(..HEADER_LEN) else {
+            return;
+        };
+        if !stun::looks_like_stun(data) {
+            return;
+        }
+        let t = u16::from_be_bytes([header[0], header[1]]);
+        let (method, class) = stun::split_message_type(t);
+        if class != Class::Request || !self.limit(tuple.client.ip(), now) {
+            return;
+        }
+        let mut tid = [0u8; 12];
+        tid.copy_from_slice(&header[8..20]);
+        let mut buf = [0u8; 64];
+        let Ok(mut w) = MessageWriter::new(&mut buf, method, Class::Error, TransactionId(tid)) else {
+            return;
+        };
+        if w.add(&ErrorCode { code: 400, reason: "Bad Request" }).is_ok() {
+            let n = w.finish();
+            out.push(Output::Transmit {
+                tuple,
+                data: buf[..n].to_vec(),
+            });
+        }
+    }
+
+    fn limit(&mut self, ip: IpAddr, now: Millis) -> bool {
+        let ok = self.limiter.allow(ip, now);
+        if !ok {
+            self.stats.rate_limited += 1;
+        }
+        ok
+    }
+
+    /// Checks long-term credentials (RFC 8489 §9.2.4). On failure the error response is
+    /// pushed and `None` returned.
+    fn authenticate(
+        &mut self,
+        now: Millis,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        out: &mut Vec<Output>,
+    ) -> Option<Authed> {
+        if !msg.has_integrity() && !msg.has_integrity_sha256() {
+            self.challenge(now, tuple, msg, 401, out);
+            return None;
+        }
+        let parts = (|| -> Result<_, DecodeError> {
+            let user = match msg.attr::<Username>()? {
+                Some(u) => Some(u.0.to_owned()),
+                None => match msg.attr::<Userhash>()? {
+                    Some(h) => Some(self.creds.user_by_hash(&h.0).unwrap_or("").to_owned()),
+                    None => None,
+                },
+            };
+            Ok((user, msg.attr::<Realm>()?, msg.attr::<Nonce>()?))
+        })();
+        let (user, nonce) = match parts {
+            Ok((Some(u), Some(_realm), Some(n))) => (u, n),
+            _ => {
+                if self.limit(tuple.client.ip(), now) {
+                    self.respond_error(tuple, msg, None, reject(400), out, |_| Ok(()));
+                }
+                return None;
+            }
+        };
+        if self.nonces.check(nonce.0, now, &tuple.client) != NonceCheck::Valid {
+            self.challenge(now, tuple, msg, 438, out);
+            return None;
+        }
+        let algorithm = match self.negotiated_algorithm(msg) {
+            Ok(a) => a,
+            Err(r) => {
+                if self.limit(tuple.client.ip(), now) {
+                    self.respond_error(tuple, msg, None, r, out, |_| Ok(()));
+                }
+                return None;
+            }
+        };
+        let sha256 = msg.has_integrity_sha256();
+        let candidates = match self.creds.candidates(&user, algorithm, now) {
+            Ok(c) => c,
+            Err(AuthError::UnknownUser | AuthError::Expired) => {
+                self.stats.auth_failures += 1;
+                self.challenge(now, tuple, msg, 401, out);
+                return None;
+            }
+        };
+        let key = candidates.keys.into_iter().find(|k| {
+            if sha256 {
+                msg.verify_integrity_sha256(k).is_ok()
+            } else {
+                msg.verify_integrity(k).is_ok()
+            }
+        });
+        let Some(key) = key else {
+            self.stats.auth_failures += 1;
+            self.challenge(now, tuple, msg, 401, out);
+            return None;
+        };
+        let authed = Authed {
+            username: user,
+            account: candidates.account,
+            key,
+            sha256,
+        };
+        // An allocation's later requests must come with the same credentials (§5).
+        if let Some(id) = self.by_tuple.get(&tuple) {
+            if let Some(a) = self.allocations.get(id) {
+                if a.username != authed.username && !a.username.is_empty() {
+                    self.stats.auth_failures += 1;
+                    self.respond_error(tuple, msg, Some(&authed), reject(441), out, |_| Ok(()));
+                    return None;
+                }
+            }
+        }
+        Some(authed)
+    }
+
+    fn negotiated_algorithm(&self, msg: &Message<'_>) -> Result<PasswordAlgorithmId, Reject> {
+        let chosen = msg.attr::<PasswordAlgorithm>()?;
+        let offered = msg.attr::<PasswordAlgorithms>()?;
+        match (chosen, offered) {
+            (None, None) => Ok(PasswordAlgorithmId::MD5),
+            (Some(c), Some(o)) => {
+                let mut ours = [0u8; 8];
+                let mut w_ok = true;
+                for (i, a) in OFFERED_ALGORITHMS.iter().enumerate() {
+                    match ours.get_mut(i * 4..i * 4 + 2) {
+                        Some(s) => s.copy_from_slice(&a.0.to_be_bytes()),
+                        None => w_ok = false,
+                    }
+                }
+                let echoed_right = w_ok && o.raw() == ours;
+                if echoed_right && OFFERED_ALGORITHMS.contains(&c.algorithm) && c.params.is_empty() {
+                    Ok(c.algorithm)
+                } else {
+                    Err(reject(400))
+                }
+            }
+            _ => Err(reject(400)),
+        }
+    }
+
+    /// 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS; rate-limited.
+    fn challenge(&mut self, now: Millis, tuple: FiveTuple, msg: &Message<'_>, code: u16, out: &mut Vec<Output>) {
+        if !self.limit(tuple.client.ip(), now) {
+            return;
+        }
+        let nonce = self.nonces.mint(now, &tuple.client);
+        let realm = self.creds.realm().to_owned();
+        self.respond_error(tuple, msg, None, reject(code), out, |w| {
+            w.add(&Realm(&realm))?;
+            w.add(&Nonce(&nonce))?;
+            w.add(&PasswordAlgorithms::new(&OFFERED_ALGORITHMS))?;
+            Ok(())
+        });
+    }
+
+    fn respond<F>(
+        &self,
+        msg: &Message<'_>,
+        class: Class,
+        auth: Option<&Authed>,
+        fill: F,
+    ) -> Result<Vec<u8>, EncodeError>
+    where
+        F: FnOnce(&mut MessageWriter<'_>) -> Result<(), EncodeError>,
+    {
+        let mut buf = vec![0u8; 1024];
+        let mut w = MessageWriter::new(&mut buf, msg.method(), class, msg.transaction_id())?;
+        fill(&mut w)?;
+        if let Some(a) = auth {
+            if let Some(s) = &self.cfg.software {
+                w.add(&attr::Software(s))?;
+            }
+            if a.sha256 {
+                w.add_integrity_sha256(&a.key)?;
+            } else {
+                w.add_integrity(&a.key)?;
+            }
+        }
+        w.add_fingerprint()?;
+        let n = w.finish();
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn respond_error<F>(
+        &self,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        auth: Option<&Authed>,
+        r: Reject,
+        out: &mut Vec<Output>,
+        fill: F,
+    ) where
+        F: FnOnce(&mut MessageWriter<'_>) -> Result<(), EncodeError>,
+    {
+        let res = self.respond(msg, Class::Error, auth, |w| {
+            w.add(&ErrorCode {
+                code: r.code,
+                reason: r.reason,
+            })?;
+            fill(w)
+        });
+        if let Ok(data) = res {
+            out.push(Output::Transmit { tuple, data });
+        }
+    }
+
+    fn respond_success<F>(
+        &self,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        out: &mut Vec<Output>,
+        fill: F,
+    ) -> Option<Vec<u8>>
+    where
+        F: FnOnce(&mut MessageWriter<'_>) -> Result<(), EncodeError>,
+    {
+        let data = self.respond(msg, Class::Success, Some(auth), fill).ok()?;
+        out.push(Output::Transmit {
+            tuple,
+            data: data.clone(),
+        });
+        Some(data)
+    }
+
+    // ----- Allocate ---------------------------------------------------------------------
+
+    fn allocate(
+        &mut self,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        out: &mut Vec<Output>,
+    ) -> Result<(), Reject> {
+        if let Some(id) = self.by_tuple.get(&tuple) {
+            if let Some(a) = self.allocations.get(id) {
+                if a.allocate_tid == Some(msg.transaction_id()) && !a.allocate_response.is_empty() {
+                    out.push(Output::Transmit {
+                        tuple,
+                        data: a.allocate_response.clone(),
+                    });
+                    return Ok(());
+                }
+            }
+            return Err(reject(437));
+        }
+        if let Some(req) = self.pending_by_tuple.get(&tuple) {
+            // A retransmission while the relay socket is being bound: the answer follows.
+            let same = self
+                .pending
+                .get(req)
+                .is_some_and(|p| p.tid == msg.transaction_id());
+            return if same { Ok(()) } else { Err(reject(437)) };
+        }
+        let transport = msg.attr::<RequestedTransport>()?.ok_or(reject(400))?;
+        if transport.0 != attr::PROTOCOL_UDP {
+            return Err(reject(442));
+        }
+        let token = msg.attr::<ReservationToken>()?;
+        let even = msg.attr::<EvenPort>()?;
+        let requested = msg.attr::<RequestedAddressFamily>()?;
+        let additional = msg.attr::<AdditionalAddressFamily>()?;
+        let dont_fragment = msg.attr::<DontFragment>()?.is_some();
+        if token.is_some() && (even.is_some() || requested.is_some() || additional.is_some()) {
+            return Err(reject(400));
+        }
+        if requested.is_some() && additional.is_some() {
+            return Err(reject(400));
+        }
+        if let Some(a) = additional {
+            if a.0 != Family::V6 {
+                return Err(reject(400));
+            }
+        }
+        if self.draining {
+            return match self.alternate {
+                Some(alt) => {
+                    let data = self
+                        .respond(msg, Class::Error, Some(auth), |w| {
+                            w.add(&ErrorCode {
+                                code: 300,
+                                reason: reason_phrase(300),
+                            })?;
+                            w.add(&attr::AlternateServer(alt)).map(|_| ())
+                        })
+                        .map_err(|_| reject(500))?;
+                    out.push(Output::Transmit { tuple, data });
+                    Ok(())
+                }
+                None => Err(reject(508)),
+            };
+        }
+        if self.cfg.user_quota > 0
+            && self.per_user.get(&auth.account).copied().unwrap_or(0) >= self.cfg.user_quota
+        {
+            return Err(reject(486));
+        }
+        if self.cfg.total_quota > 0
+            && (self.allocations.len() + self.pending.len()) as u64 >= u64::from(self.cfg.total_quota)
+        {
+            return Err(reject(508));
+        }
+        let lifetime = match msg.attr::<Lifetime>()? {
+            Some(l) => l.0.clamp(self.cfg.default_lifetime, self.cfg.max_lifetime),
+            None => self.cfg.default_lifetime,
+        };
+        let mut families = match (requested, additional) {
+            (Some(RequestedAddressFamily(f)), _) => vec![f],
+            (None, Some(_)) => vec![Family::V4, Family::V6],
+            (None, None) => vec![Family::V4],
+        };
+        let mut v6_error = false;
+        for f in &families {
+            if matches!(f, Family::Other(_)) {
+                return Err(reject(440));
+            }
+        }
+        // A dual request where only IPv4 can be served: IPv4 alone, with
+        // ADDRESS-ERROR-CODE for IPv6 (RFC 8656 §7.2).
+        if families.len() == 2 && !self.has_family(Family::V6) {
+            families.truncate(1);
+            v6_error = true;
+        }
+        if families.iter().any(|f| !self.has_family(*f)) {
+            return Err(reject(440));
+        }
+
+        let mut pending = PendingAllocate {
+            tuple,
+            tid: msg.transaction_id(),
+            auth: auth.clone(),
+            lifetime,
+            relays: Vec::new(),
+            families,
+            v6_error,
+            even: even.is_some(),
+            reserve_next: even.is_some_and(|e| e.reserve),
+            token: None,
+            dont_fragment,
+            attempts: 0,
+        };
+        if let Some(t) = token {
+            let Some((addr, _)) = self.reservations.remove(&t.0) else {
+                return Err(reject(508));
+            };
+            self.timers.retain(|(_, k)| *k != Timer::Reservation(t.0));
+            // The port stays marked used: it moves from the reservation to this allocation.
+            pending.relays = vec![addr];
+            pending.token = Some(t.0);
+        } else if !self.pick_relays(&mut pending) {
+            return Err(reject(508));
+        }
+        self.start_bind(pending, out);
+        Ok(())
+    }
+
+    fn has_family(&self, f: Family) -> bool {
+        self.cfg.relay_ips.iter().any(|ip| Family::of(ip) == f)
+    }
+
+    /// Chooses relay addresses for every family of `p` and marks them used.
+    fn pick_relays(&mut self, p: &mut PendingAllocate) -> bool {
+        let mut chosen = Vec::new();
+        for f in p.families.clone() {
+            let ip = self
+                .cfg
+                .relay_ips
+                .iter()
+                .filter(|ip| Family::of(ip) == f)
+                .min_by_key(|ip| self.ports.used_on(ip))
+                .copied();
+            let Some(ip) = ip else {
+                return false;
+            };
+            let (even, pair) = if chosen.is_empty() {
+                (p.even, p.reserve_next)
+            } else {
+                (false, false)
+            };
+            let Some(port) = self.ports.pick(&mut self.rng, ip, even, pair) else {
+                for a in &chosen {
+                    self.ports.release(a);
+                }
+                return false;
+            };
+            let addr = SocketAddr::new(ip, port);
+            self.ports.take(addr);
+            chosen.push(addr);
+        }
+        p.relays = chosen;
+        true
+    }
+
+    fn start_bind(&mut self, mut p: PendingAllocate, out: &mut Vec<Output>) {
+        let id = self.next_bind;
+        self.next_bind += 1;
+        p.attempts += 1;
+        out.push(Output::Bind(BindRequest {
+            id,
+            tuple: p.tuple,
+            relays: p.relays.clone(),
+        }));
+        self.pending_by_tuple.insert(p.tuple, id);
+        self.pending.insert(id, p);
+    }
+
+    /// The data plane's answer to [`Output::Bind`] `id`: `Ok` with the sockets bound, or
+    /// `Err` (address in use, no permission...). A failed bind is retried on other ports,
+    /// then answered with 508.
+    pub fn handle_bind_result(&mut self, now: Millis, id: u64, result: Result<(), String>, out: &mut Vec<Output>) {
+        let Some(mut p) = self.pending.remove(&id) else {
+            return;
+        };
+        self.pending_by_tuple.remove(&p.tuple);
+        if result.is_err() {
+            for a in &p.relays {
+                self.ports.release(a);
+            }
+            // A reserved port that cannot be bound is not retried elsewhere: the token
+            // promised that very port.
+            if p.token.is_none() && p.attempts < BIND_ATTEMPTS && self.pick_relays(&mut p) {
+                self.start_bind(p, out);
+            } else {
+                self.fail_pending(&p, 508, out);
+            }
+            return;
+        }
+        self.finish_allocate(now, p, out);
+    }
+
+    fn fail_pending(&self, p: &PendingAllocate, code: u16, out: &mut Vec<Output>) {
+        let mut buf = vec![0u8; 256];
+        let Ok(mut w) = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Error, p.tid) else {
+            return;
+        };
+        let ok = (|| -> Result<(), EncodeError> {
+            w.add(&ErrorCode {
+                code,
+                reason: reason_phrase(code),
+            })?;
+            if p.auth.sha256 {
+                w.add_integrity_sha256(&p.auth.key)?;
+            } else {
+                w.add_integrity(&p.auth.key)?;
+            }
+            w.add_fingerprint()?;
+            Ok(())
+        })();
+        if ok.is_ok() {
+            let n = w.finish();
+            buf.truncate(n);
+            out.push(Output::Transmit {
+                tuple: p.tuple,
+                data: buf,
+            });
+        }
+    }
+
+    fn finish_allocate(&mut self, now: Millis, p: PendingAllocate, out: &mut Vec<Output>) {
+        let id = AllocationId(self.next_id);
+        self.next_id += 1;
+        let expires = now.plus_secs(u64::from(p.lifetime));
+        // EVEN-PORT with R: hold port + 1 behind a token.
+        let mut token = None;
+        if p.reserve_next {
+            if let Some(first) = p.relays.first() {
+                let next = SocketAddr::new(first.ip(), first.port().wrapping_add(1));
+                let mut t = [0u8; 8];
+                self.rng.fill(&mut t);
+                self.ports.take(next);
+                let until = now.plus_secs(RESERVATION_SECS);
+                self.reservations.insert(t, (next, until));
+                self.timers.insert((until, Timer::Reservation(t)));
+                token = Some(t);
+            }
+        }
+        // Build the response (kept for retransmissions of this Allocate).
+        let mut buf = vec![0u8; 512];
+        let built = (|| -> Result<usize, EncodeError> {
+            let mut w = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Success, p.tid)?;
+            for r in &p.relays {
+                w.add(&XorRelayedAddress(*r))?;
+            }
+            if p.v6_error {
+                w.add(&AddressErrorCode {
+                    family: Family::V6,
+                    code: 440,
+                    reason: reason_phrase(440),
+                })?;
+            }
+            w.add(&Lifetime(p.lifetime))?;
+            if let Some(t) = token {
+                w.add(&ReservationToken(t))?;
+            }
+            w.add(&XorMappedAddress(p.tuple.client))?;
+            if let Some(s) = &self.cfg.software {
+                w.add(&attr::Software(s))?;
+            }
+            if p.auth.sha256 {
+                w.add_integrity_sha256(&p.auth.key)?;
+            } else {
+                w.add_integrity(&p.auth.key)?;
+            }
+            w.add_fingerprint()?;
+            Ok(w.finish())
+        })();
+        let Ok(n) = built else {
+            for a in &p.relays {
+                self.ports.release(a);
+            }
+            return;
+        };
+        buf.truncate(n);
+        *self.per_user.entry(p.auth.account.clone()).or_insert(0) += 1;
+        self.by_tuple.insert(p.tuple, id);
+        self.timers.insert((expires, Timer::Allocation(id)));
+        out.push(Output::Table(TableChange::AllocationAdd {
+            id,
+            tuple: p.tuple,
+            relays: p.relays.clone(),
+            deadline: expires,
+            bandwidth: self.cfg.bandwidth_limit,
+            user: p.auth.account.clone(),
+            dont_fragment: p.dont_fragment,
+        }));
+        out.push(Output::Event(Event::Created {
+            id,
+            user: p.auth.account.clone(),
+            tuple: p.tuple,
+            relays: p.relays.clone(),
+        }));
+        out.push(Output::Transmit {
+            tuple: p.tuple,
+            data: buf.clone(),
+        });
+        self.allocations.insert(
+            id,
+            Allocation {
+                tuple: p.tuple,
+                username: p.auth.username,
+                account: p.auth.account,
+                relays: p.relays,
+                expires,
+                created_at: now,
+                permissions: AHashMap::new(),
+                channels: AHashMap::new(),
+                peer_channel: AHashMap::new(),
+                allocate_tid: Some(p.tid),
+                allocate_response: buf,
+            },
+        );
+    }
+
+    // ----- Refresh ----------------------------------------------------------------------
+
+    fn refresh(
+        &mut self,
+        now: Millis,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        out: &mut Vec<Output>,
+    ) -> Result<(), Reject> {
+        let id = *self.by_tuple.get(&tuple).ok_or(reject(437))?;
+        let requested = msg.attr::<Lifetime>()?.map(|l| l.0);
+        if let Some(RequestedAddressFamily(f)) = msg.attr::<RequestedAddressFamily>()? {
+            let a = self.allocations.get(&id).ok_or(reject(437))?;
+            if !a.relays.iter().any(|r| Family::of(&r.ip()) == f) {
+                return Err(reject(443));
+            }
+        }
+        let lifetime = match requested {
+            Some(0) => 0,
+            Some(l) => l.min(self.cfg.max_lifetime),
+            None => self.cfg.default_lifetime,
+        };
+        if lifetime == 0 {
+            self.remove_allocation(id, EndReason::Deleted, out);
+        } else {
+            let expires = now.plus_secs(u64::from(lifetime));
+            let a = self.allocations.get_mut(&id).ok_or(reject(437))?;
+            self.timers.remove(&(a.expires, Timer::Allocation(id)));
+            a.expires = expires;
+            self.timers.insert((expires, Timer::Allocation(id)));
+            out.push(Output::Table(TableChange::AllocationRefresh {
+                id,
+                deadline: expires,
+            }));
+            out.push(Output::Event(Event::Refreshed {
+                id,
+                deadline: expires,
+            }));
+        }
+        self.respond_success(tuple, msg, auth, out, |w| w.add(&Lifetime(lifetime)).map(|_| ()));
+        Ok(())
+    }
+
+    // ----- CreatePermission and ChannelBind ---------------------------------------------
+
+    /// Checks one peer against the allocation's families (443) and the policy (403).
+    fn check_peer(&self, a: &Allocation, peer: SocketAddr, with_port: bool) -> Result<(), Reject> {
+        let canon = crate::policy::canonical_ip(peer.ip());
+        let family_ok = a
+            .relays
+            .iter()
+            .any(|r| r.is_ipv4() == peer.is_ipv4() || r.is_ipv4() == canon.is_ipv4());
+        if !family_ok {
+            return Err(reject(443));
+        }
+        let verdict = if with_port {
+            self.cfg.policy.check(peer)
+        } else {
+            self.cfg.policy.check_ip(peer.ip())
+        };
+        if verdict == Verdict::Deny {
+            return Err(reject(403));
+        }
+        Ok(())
+    }
+
+    fn create_permission(
+        &mut self,
+        now: Millis,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        out: &mut Vec<Output>,
+    ) -> Result<(), Reject> {
+        let id = *self.by_tuple.get(&tuple).ok_or(reject(437))?;
+        let a = self.allocations.get(&id).ok_or(reject(437))?;
+        let mut peers = Vec::new();
+        for p in msg.attrs::<XorPeerAddress>() {
+            let p = p?.0;
+            self.check_peer(a, p, false)?;
+            peers.push(p.ip());
+        }
+        if peers.is_empty() {
+            return Err(reject(400));
+        }
+        let new = peers.iter().filter(|p| !a.permissions.contains_key(p)).count();
+        if a.permissions.len() + new > self.cfg.max_permissions {
+            return Err(reject(508));
+        }
+        let deadline = now.plus_secs(u64::from(self.cfg.permission_lifetime));
+        for ip in peers {
+            self.set_permission(id, ip, deadline, out);
+        }
+        self.respond_success(tuple, msg, auth, out, |_| Ok(()));
+        Ok(())
+    }
+
+    fn set_permission(&mut self, id: AllocationId, ip: IpAddr, deadline: Millis, out: &mut Vec<Output>) {
+        let Some(a) = self.allocations.get_mut(&id) else {
+            return;
+        };
+        let old = a.permissions.insert(ip, deadline);
+        if let Some(old) = old {
+            self.timers.remove(&(old, Timer::Permission(id, ip)));
+        } else {
+            out.push(Output::Event(Event::PermissionAdded { id, peer: ip }));
+        }
+        self.timers.insert((deadline, Timer::Permission(id, ip)));
+        out.push(Output::Table(TableChange::PermissionSet {
+            id,
+            peer: ip,
+            deadline,
+        }));
+    }
+
+    fn channel_bind(
+        &mut self,
+        now: Millis,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        auth: &Authed,
+        out: &mut Vec<Output>,
+    ) -> Result<(), Reject> {
+        let id = *self.by_tuple.get(&tuple).ok_or(reject(437))?;
+        let channel = msg.attr::<ChannelNumber>()?.ok_or(reject(400))?.0;
+        let peer = msg.attr::<XorPeerAddress>()?.ok_or(reject(400))?.0;
+        let a = self.allocations.get(&id).ok_or(reject(437))?;
+        self.check_peer(a, peer, true)?;
+        // A channel is bound to one peer and a peer to one channel (§11.2).
+        if let Some((bound, _)) = a.channels.get(&channel) {
+            if *bound != peer {
+                return Err(reject(400));
+            }
+        }
+        if let Some(c) = a.peer_channel.get(&peer) {
+            if *c != channel {
+                return Err(reject(400));
+            }
+        }
+        let is_new = !a.channels.contains_key(&channel);
+        if is_new && a.channels.len() >= self.cfg.max_channels {
+            return Err(reject(508));
+        }
+        if !a.permissions.contains_key(&peer.ip()) && a.permissions.len() >= self.cfg.max_permissions {
+            return Err(reject(508));
+        }
+        let deadline = now.plus_secs(u64::from(self.cfg.channel_lifetime));
+        let a = self.allocations.get_mut(&id).ok_or(reject(437))?;
+        if let Some((_, old)) = a.channels.insert(channel, (peer, deadline)) {
+            self.timers.remove(&(old, Timer::Channel(id, channel)));
+        } else {
+            out.push(Output::Event(Event::ChannelBound { id, channel, peer }));
+        }
+        a.peer_channel.insert(peer, channel);
+        self.timers.insert((deadline, Timer::Channel(id, channel)));
+        let perm_deadline = now.plus_secs(u64::from(self.cfg.permission_lifetime));
+        self.set_permission(id, peer.ip(), perm_deadline, out);
+        out.push(Output::Table(TableChange::ChannelSet {
+            id,
+            channel,
+            peer,
+            deadline,
+        }));
+        self.respond_success(tuple, msg, auth, out, |_| Ok(()));
+        Ok(())
+    }
+
+    // ----- expiry, removal, admin -------------------------------------------------------
+
+    /// Expires everything whose deadline is at or before `now`.
+    pub fn handle_timeout(&mut self, now: Millis, out: &mut Vec<Output>) {
+        while let Some(&(at, timer)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            match timer {
+                Timer::Allocation(id) => self.remove_allocation(id, EndReason::Expired, out),
+                Timer::Permission(id, ip) => {
+                    if let Some(a) = self.allocations.get_mut(&id) {
+                        a.permissions.remove(&ip);
+                        out.push(Output::Table(TableChange::PermissionRemove { id, peer: ip }));
+                    }
+                }
+                Timer::Channel(id, channel) => {
+                    if let Some(a) = self.allocations.get_mut(&id) {
+                        if let Some((peer, _)) = a.channels.remove(&channel) {
+                            a.peer_channel.remove(&peer);
+                        }
+                        out.push(Output::Table(TableChange::ChannelRemove { id, channel }));
+                    }
+                }
+                Timer::Reservation(t) => {
+                    if let Some((addr, _)) = self.reservations.remove(&t) {
+                        self.ports.release(&addr);
+                    }
+                }
+            }
+        }
+        if self.limiter.tracked() > 4096 {
+            self.limiter.sweep(now);
+        }
+    }
+
+    fn remove_allocation(&mut self, id: AllocationId, reason: EndReason, out: &mut Vec<Output>) {
+        let Some(a) = self.allocations.remove(&id) else {
+            return;
+        };
+        self.timers.remove(&(a.expires, Timer::Allocation(id)));
+        for (ip, t) in &a.permissions {
+            self.timers.remove(&(*t, Timer::Permission(id, *ip)));
+        }
+        for (c, (_, t)) in &a.channels {
+            self.timers.remove(&(*t, Timer::Channel(id, *c)));
+        }
+        for r in &a.relays {
+            self.ports.release(r);
+        }
+        self.by_tuple.remove(&a.tuple);
+        if let Some(n) = self.per_user.get_mut(&a.account) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(&a.account);
+            }
+        }
+        out.push(Output::Table(TableChange::AllocationRemove { id }));
+        out.push(Output::Event(Event::Ended { id, reason }));
+    }
+
+    /// Revokes one allocation (admin). Returns whether it existed.
+    pub fn revoke(&mut self, id: AllocationId, out: &mut Vec<Output>) -> bool {
+        let existed = self.allocations.contains_key(&id);
+        self.remove_allocation(id, EndReason::Revoked, out);
+        existed
+    }
+
+    /// Revokes every allocation of a user (admin). Returns how many.
+    pub fn revoke_user(&mut self, account: &str, out: &mut Vec<Output>) -> usize {
+        let ids: Vec<_> = self
+            .allocations
+            .iter()
+            .filter(|(_, a)| a.account == account || a.username == account)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.remove_allocation(*id, EndReason::Revoked, out);
+        }
+        ids.len()
+    }
+
+    /// Rebuilds an allocation a data plane reported after a control-plane restart. Its
+    /// ports are marked used and its timers armed; ids above it are not reused.
+    pub fn restore(&mut self, r: RestoredAllocation) {
+        if self.allocations.contains_key(&r.id) || self.by_tuple.contains_key(&r.tuple) {
+            return;
+        }
+        self.next_id = self.next_id.max(r.id.0 + 1);
+        for addr in &r.relays {
+            self.ports.take(*addr);
+        }
+        let mut a = Allocation {
+            tuple: r.tuple,
+            username: String::new(),
+            account: r.user.clone(),
+            relays: r.relays,
+            expires: r.expires,
+            created_at: Millis(0),
+            permissions: AHashMap::new(),
+            channels: AHashMap::new(),
+            peer_channel: AHashMap::new(),
+            allocate_tid: None,
+            allocate_response: Vec::new(),
+        };
+        self.timers.insert((r.expires, Timer::Allocation(r.id)));
+        for (ip, t) in r.permissions {
+            a.permissions.insert(ip, t);
+            self.timers.insert((t, Timer::Permission(r.id, ip)));
+        }
+        for (c, p, t) in r.channels {
+            a.channels.insert(c, (p, t));
+            a.peer_channel.insert(p, c);
+            self.timers.insert((t, Timer::Channel(r.id, c)));
+        }
+        *self.per_user.entry(r.user).or_insert(0) += 1;
+        self.by_tuple.insert(r.tuple, r.id);
+        self.allocations.insert(r.id, a);
+    }
+
+    /// Forgets everything a data plane owned (it disconnected for good). Its allocations
+    /// end without table changes: the data plane that held them is gone.
+    pub fn forget(&mut self, ids: &[AllocationId]) {
+        let mut sink = Vec::new();
+        for id in ids {
+            self.remove_allocation(*id, EndReason::Expired, &mut sink);
+        }
+    }
+
+    /// A fresh nonce for `client` (for tests and tools).
+    pub fn mint_nonce(&self, now: Millis, client: &SocketAddr) -> String {
+        self.nonces.mint(now, client)
+    }
+
+    /// The peer policy.
+    pub fn policy(&self) -> &PeerPolicy {
+        &self.cfg.policy
+    }
+
+    /// The realm.
+    pub fn realm(&self) -> &str {
+        self.creds.realm()
+    }
+}
