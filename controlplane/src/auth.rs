@@ -59,7 +59,10 @@ impl Credentials {
         for (u, p) in users {
             c.users.insert(
                 u.clone(),
-                (long_term_key_md5(u, realm, p), long_term_key_sha256(u, realm, p)),
+                (
+                    long_term_key_md5(u, realm, p),
+                    long_term_key_sha256(u, realm, p),
+                ),
             );
             c.hashes.insert(userhash(u, realm), u.clone());
         }

@@ -62,12 +62,20 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
             let bits = u32::from(v4);
-            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
             IpAddr::V4(Ipv4Addr::from(bits & m))
         }
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
-            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
             IpAddr::V6(Ipv6Addr::from(bits & m))
         }
     }
@@ -83,24 +91,24 @@ fn cidr(s: &str) -> Cidr {
 
 /// Ranges no client may reach unless the operator allows them.
 const DEFAULT_DENY: &[&str] = &[
-    "0.0.0.0/8",          // "this network", unspecified
-    "10.0.0.0/8",         // private
-    "100.64.0.0/10",      // carrier-grade NAT
-    "127.0.0.0/8",        // loopback
-    "169.254.0.0/16",     // link-local, the cloud metadata service
-    "172.16.0.0/12",      // private
-    "192.0.0.0/24",       // IETF protocol assignments
-    "192.168.0.0/16",     // private
-    "198.18.0.0/15",      // benchmarking
-    "224.0.0.0/4",        // multicast
-    "240.0.0.0/4",        // reserved, and 255.255.255.255 broadcast
-    "::/128",             // unspecified
-    "::1/128",            // loopback
-    "fe80::/10",          // link-local
-    "fec0::/10",          // site-local (deprecated)
-    "fc00::/7",           // unique local
-    "ff00::/8",           // multicast
-    "100::/64",           // discard-only
+    "0.0.0.0/8",      // "this network", unspecified
+    "10.0.0.0/8",     // private
+    "100.64.0.0/10",  // carrier-grade NAT
+    "127.0.0.0/8",    // loopback
+    "169.254.0.0/16", // link-local, the cloud metadata service
+    "172.16.0.0/12",  // private
+    "192.0.0.0/24",   // IETF protocol assignments
+    "192.168.0.0/16", // private
+    "198.18.0.0/15",  // benchmarking
+    "224.0.0.0/4",    // multicast
+    "240.0.0.0/4",    // reserved, and 255.255.255.255 broadcast
+    "::/128",         // unspecified
+    "::1/128",        // loopback
+    "fe80::/10",      // link-local
+    "fec0::/10",      // site-local (deprecated)
+    "fc00::/7",       // unique local
+    "ff00::/8",       // multicast
+    "100::/64",       // discard-only
 ];
 
 /// The decision for one address.
@@ -174,7 +182,10 @@ impl PeerPolicy {
         }
         let canon = SocketAddr::new(canonical_ip(peer.ip()), peer.port());
         if self.own.iter().any(|o| {
-            *o == canon || (o.port() == canon.port() && o.ip().is_unspecified() && o.is_ipv4() == canon.is_ipv4())
+            *o == canon
+                || (o.port() == canon.port()
+                    && o.ip().is_unspecified()
+                    && o.is_ipv4() == canon.is_ipv4())
         }) {
             return Verdict::Deny;
         }

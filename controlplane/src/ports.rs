@@ -55,8 +55,7 @@ impl Ports {
         let ok = |p: u16| {
             (!even || p % 2 == 0)
                 && self.is_free(&SocketAddr::new(ip, p))
-                && (!pair
-                    || (p < self.max && self.is_free(&SocketAddr::new(ip, p + 1))))
+                && (!pair || (p < self.max && self.is_free(&SocketAddr::new(ip, p + 1))))
         };
         let span = u32::from(self.max) - u32::from(self.min) + 1;
         for _ in 0..16 {

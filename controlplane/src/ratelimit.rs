@@ -67,7 +67,10 @@ impl RateLimiter {
         if self.buckets.len() >= self.max_sources {
             return Self::take(rate, burst, &mut self.overflow, now);
         }
-        let mut b = Bucket { tokens: burst, at: now };
+        let mut b = Bucket {
+            tokens: burst,
+            at: now,
+        };
         let ok = Self::take(rate, burst, &mut b, now);
         self.buckets.insert(ip, b);
         ok

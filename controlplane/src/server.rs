@@ -14,10 +14,10 @@ use ahash::AHashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use turnpike_proto::attr::{
-    self, AddressErrorCode, AdditionalAddressFamily, ChannelNumber, DontFragment,
-    ErrorCode, EvenPort, Family, Lifetime, Nonce, PasswordAlgorithm, PasswordAlgorithmId,
-    PasswordAlgorithms, Realm, RequestedAddressFamily, RequestedTransport, ReservationToken,
-    UnknownAttributes, Userhash, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
+    self, AdditionalAddressFamily, AddressErrorCode, ChannelNumber, DontFragment, ErrorCode,
+    EvenPort, Family, Lifetime, Nonce, PasswordAlgorithm, PasswordAlgorithmId, PasswordAlgorithms,
+    Realm, RequestedAddressFamily, RequestedTransport, ReservationToken, UnknownAttributes,
+    Userhash, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
 use turnpike_proto::stun::{
     self, Class, HEADER_LEN, Message, MessageWriter, Method, TransactionId,
@@ -340,7 +340,11 @@ impl Server {
             .values()
             .map(|a| a.permissions.len() as u64)
             .sum();
-        s.channels = self.allocations.values().map(|a| a.channels.len() as u64).sum();
+        s.channels = self
+            .allocations
+            .values()
+            .map(|a| a.channels.len() as u64)
+            .sum();
         s
     }
 
@@ -404,7 +408,9 @@ impl Server {
                     return;
                 }
                 let mut buf = [0u8; 128];
-                if let Ok(n) = turnpike_proto::turn::write_binding_response(&mut buf, &msg, tuple.client) {
+                if let Ok(n) =
+                    turnpike_proto::turn::write_binding_response(&mut buf, &msg, tuple.client)
+                {
                     out.push(Output::Transmit {
                         tuple,
                         data: buf[..n].to_vec(),
@@ -428,7 +434,9 @@ impl Server {
                 let result = match msg.method() {
                     Method::ALLOCATE => self.allocate(tuple, &msg, &auth, out),
                     Method::REFRESH => self.refresh(now, tuple, &msg, &auth, out),
-                    Method::CREATE_PERMISSION => self.create_permission(now, tuple, &msg, &auth, out),
+                    Method::CREATE_PERMISSION => {
+                        self.create_permission(now, tuple, &msg, &auth, out)
+                    }
                     _ => self.channel_bind(now, tuple, &msg, &auth, out),
                 };
                 if let Err(r) = result {
@@ -460,10 +468,16 @@ impl Server {
         let mut tid = [0u8; 12];
         tid.copy_from_slice(&header[8..20]);
         let mut buf = [0u8; 64];
-        let Ok(mut w) = MessageWriter::new(&mut buf, method, Class::Error, TransactionId(tid)) else {
+        let Ok(mut w) = MessageWriter::new(&mut buf, method, Class::Error, TransactionId(tid))
+        else {
             return;
         };
-        if w.add(&ErrorCode { code: 400, reason: "Bad Request" }).is_ok() {
+        if w.add(&ErrorCode {
+            code: 400,
+            reason: "Bad Request",
+        })
+        .is_ok()
+        {
             let n = w.finish();
             out.push(Output::Transmit {
                 tuple,
@@ -580,7 +594,8 @@ impl Server {
                     }
                 }
                 let echoed_right = w_ok && o.raw() == ours;
-                if echoed_right && OFFERED_ALGORITHMS.contains(&c.algorithm) && c.params.is_empty() {
+                if echoed_right && OFFERED_ALGORITHMS.contains(&c.algorithm) && c.params.is_empty()
+                {
                     Ok(c.algorithm)
                 } else {
                     Err(reject(400))
@@ -591,7 +606,14 @@ impl Server {
     }
 
     /// 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS; rate-limited.
-    fn challenge(&mut self, now: Millis, tuple: FiveTuple, msg: &Message<'_>, code: u16, out: &mut Vec<Output>) {
+    fn challenge(
+        &mut self,
+        now: Millis,
+        tuple: FiveTuple,
+        msg: &Message<'_>,
+        code: u16,
+        out: &mut Vec<Output>,
+    ) {
         if !self.limit(tuple.client.ip(), now) {
             return;
         }
@@ -749,7 +771,8 @@ impl Server {
             return Err(reject(486));
         }
         if self.cfg.total_quota > 0
-            && (self.allocations.len() + self.pending.len()) as u64 >= u64::from(self.cfg.total_quota)
+            && (self.allocations.len() + self.pending.len()) as u64
+                >= u64::from(self.cfg.total_quota)
         {
             return Err(reject(508));
         }
@@ -860,7 +883,13 @@ impl Server {
     /// The data plane's answer to [`Output::Bind`] `id`: `Ok` with the sockets bound, or
     /// `Err` (address in use, no permission...). A failed bind is retried on other ports,
     /// then answered with 508.
-    pub fn handle_bind_result(&mut self, now: Millis, id: u64, result: Result<(), String>, out: &mut Vec<Output>) {
+    pub fn handle_bind_result(
+        &mut self,
+        now: Millis,
+        id: u64,
+        result: Result<(), String>,
+        out: &mut Vec<Output>,
+    ) {
         let Some(mut p) = self.pending.remove(&id) else {
             return;
         };
@@ -1044,7 +1073,9 @@ impl Server {
                 deadline: expires,
             }));
         }
-        self.respond_success(tuple, msg, auth, out, |w| w.add(&Lifetime(lifetime)).map(|_| ()));
+        self.respond_success(tuple, msg, auth, out, |w| {
+            w.add(&Lifetime(lifetime)).map(|_| ())
+        });
         Ok(())
     }
 
@@ -1090,7 +1121,10 @@ impl Server {
         if peers.is_empty() {
             return Err(reject(400));
         }
-        let new = peers.iter().filter(|p| !a.permissions.contains_key(p)).count();
+        let new = peers
+            .iter()
+            .filter(|p| !a.permissions.contains_key(p))
+            .count();
         if a.permissions.len() + new > self.cfg.max_permissions {
             return Err(reject(508));
         }
@@ -1102,7 +1136,13 @@ impl Server {
         Ok(())
     }
 
-    fn set_permission(&mut self, id: AllocationId, ip: IpAddr, deadline: Millis, out: &mut Vec<Output>) {
+    fn set_permission(
+        &mut self,
+        id: AllocationId,
+        ip: IpAddr,
+        deadline: Millis,
+        out: &mut Vec<Output>,
+    ) {
         let Some(a) = self.allocations.get_mut(&id) else {
             return;
         };
@@ -1148,7 +1188,9 @@ impl Server {
         if is_new && a.channels.len() >= self.cfg.max_channels {
             return Err(reject(508));
         }
-        if !a.permissions.contains_key(&peer.ip()) && a.permissions.len() >= self.cfg.max_permissions {
+        if !a.permissions.contains_key(&peer.ip())
+            && a.permissions.len() >= self.cfg.max_permissions
+        {
             return Err(reject(508));
         }
         let deadline = now.plus_secs(u64::from(self.cfg.channel_lifetime));
@@ -1186,7 +1228,10 @@ impl Server {
                 Timer::Permission(id, ip) => {
                     if let Some(a) = self.allocations.get_mut(&id) {
                         a.permissions.remove(&ip);
-                        out.push(Output::Table(TableChange::PermissionRemove { id, peer: ip }));
+                        out.push(Output::Table(TableChange::PermissionRemove {
+                            id,
+                            peer: ip,
+                        }));
                     }
                 }
                 Timer::Channel(id, channel) => {

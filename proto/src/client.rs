@@ -275,7 +275,12 @@ impl Client {
     }
 
     /// Starts a Refresh asking for `lifetime` seconds (0 deletes the allocation).
-    pub fn refresh(&mut self, now: u64, lifetime: u32, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    pub fn refresh(
+        &mut self,
+        now: u64,
+        lifetime: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
         self.start(now, Request::Refresh(lifetime), out)
     }
 

@@ -18,8 +18,8 @@
 
 pub mod attr;
 pub mod auth;
-pub mod client;
 pub mod channel;
+pub mod client;
 pub mod demux;
 pub mod error;
 pub mod stun;

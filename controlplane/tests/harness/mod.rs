@@ -1,0 +1,206 @@
+//! A deterministic harness: the control plane and sans-IO TURN clients driven against each
+//! other on a virtual clock. No sockets, no sleeps.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use turnpike_controlplane::{
+    Credentials, FiveTuple, Millis, Output, Server, ServerConfig, TableChange, Transport,
+};
+use turnpike_proto::client::{Client, Event};
+use turnpike_proto::stun::Message;
+
+/// The start of the virtual clock: 2026-01-01T00:00:00Z.
+pub const T0: Millis = Millis(1_767_225_600_000);
+pub const REALM: &str = "turnpike.test";
+pub const SERVER: &str = "192.0.2.10:3478";
+
+/// Owned form of a client event (the harness has no peer data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ev {
+    Allocated {
+        relayed: Vec<SocketAddr>,
+        lifetime: u32,
+        reservation: Option<[u8; 8]>,
+    },
+    Refreshed(u32),
+    Permission,
+    Channel(u16),
+    Failed(u16),
+    TimedOut,
+    Nothing,
+}
+
+fn owned(e: Event<'_>) -> Ev {
+    match e {
+        Event::Allocated {
+            relayed,
+            lifetime,
+            reservation,
+            ..
+        } => Ev::Allocated {
+            relayed,
+            lifetime,
+            reservation,
+        },
+        Event::Refreshed { lifetime } => Ev::Refreshed(lifetime),
+        Event::PermissionCreated => Ev::Permission,
+        Event::ChannelBound { channel } => Ev::Channel(channel),
+        Event::Failed { code, .. } => Ev::Failed(code),
+        Event::TimedOut { .. } => Ev::TimedOut,
+        _ => Ev::Nothing,
+    }
+}
+
+pub fn tuple(client: &str) -> FiveTuple {
+    FiveTuple {
+        transport: Transport::Udp,
+        client: client.parse().expect("address"),
+        server: SERVER.parse().expect("address"),
+    }
+}
+
+pub fn config() -> ServerConfig {
+    ServerConfig {
+        relay_ips: vec!["192.0.2.10".parse().expect("ip")],
+        relay_ports: (50000, 50099),
+        unauth_rate: 0,
+        ..ServerConfig::default()
+    }
+}
+
+pub struct Harness {
+    pub server: Server,
+    pub now: Millis,
+    /// Fail this many upcoming binds (as a data plane would on EADDRINUSE).
+    pub fail_binds: u32,
+    /// Every output seen, in order.
+    pub log: Vec<Output>,
+}
+
+impl Harness {
+    pub fn new(cfg: ServerConfig) -> Harness {
+        let creds = Credentials::new(
+            REALM,
+            &[
+                ("alice".into(), "wonderland".into()),
+                ("bob".into(), "builder".into()),
+            ],
+            &["s3cret".into()],
+        );
+        Harness::with_credentials(cfg, creds)
+    }
+
+    pub fn with_credentials(cfg: ServerConfig, creds: Credentials) -> Harness {
+        Harness {
+            server: Server::new(cfg, creds, [42; 32], 7),
+            now: T0,
+            fail_binds: 0,
+            log: Vec::new(),
+        }
+    }
+
+    /// Delivers one datagram from `tuple`, acknowledges binds, returns what the server
+    /// transmitted back.
+    pub fn deliver(&mut self, tuple: FiveTuple, data: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        self.server.handle(self.now, tuple, data, &mut out);
+        self.settle(out)
+    }
+
+    fn settle(&mut self, mut out: Vec<Output>) -> Vec<Vec<u8>> {
+        let mut sent = Vec::new();
+        while !out.is_empty() {
+            let mut next = Vec::new();
+            for o in out.drain(..) {
+                match &o {
+                    Output::Bind(b) => {
+                        let r = if self.fail_binds > 0 {
+                            self.fail_binds -= 1;
+                            Err("address in use".to_owned())
+                        } else {
+                            Ok(())
+                        };
+                        self.server.handle_bind_result(self.now, b.id, r, &mut next);
+                    }
+                    Output::Transmit { data, .. } => sent.push(data.clone()),
+                    _ => {}
+                }
+                self.log.push(o);
+            }
+            out = next;
+        }
+        sent
+    }
+
+    /// Runs the client's outstanding transaction to its end: delivers `req`, feeds every
+    /// response back, follows 401/438 retries.
+    pub fn run(&mut self, client: &mut Client, t: FiveTuple, req: &[u8]) -> Ev {
+        let mut req = req.to_vec();
+        for _ in 0..8 {
+            let responses = self.deliver(t, &req);
+            let mut next = Vec::new();
+            let mut result = Ev::Nothing;
+            for r in &responses {
+                match client.handle(self.now.0, r, &mut next) {
+                    Event::Retry => {}
+                    e => result = owned(e),
+                }
+            }
+            if result != Ev::Nothing {
+                return result;
+            }
+            if next.is_empty() {
+                return Ev::Nothing;
+            }
+            req = next;
+        }
+        Ev::Nothing
+    }
+
+    /// Advances the virtual clock by `secs`, firing timers; returns the table changes.
+    pub fn advance(&mut self, secs: u64) -> Vec<TableChange> {
+        self.now = self.now.plus_secs(secs);
+        let mut out = Vec::new();
+        self.server.handle_timeout(self.now, &mut out);
+        let mut changes = Vec::new();
+        for o in &out {
+            if let Output::Table(c) = o {
+                changes.push(c.clone());
+            }
+        }
+        self.log.extend(out);
+        changes
+    }
+
+    /// Table changes logged so far, and clears the log.
+    pub fn take_changes(&mut self) -> Vec<TableChange> {
+        let changes = self
+            .log
+            .iter()
+            .filter_map(|o| match o {
+                Output::Table(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        self.log.clear();
+        changes
+    }
+
+    pub fn allocate(&mut self, client: &mut Client, t: FiveTuple) -> Ev {
+        let mut req = Vec::new();
+        client
+            .allocate(self.now.0, Default::default(), &mut req)
+            .expect("request");
+        self.run(client, t, &req)
+    }
+}
+
+/// The error code of a response datagram, if it is an error.
+pub fn error_code(resp: &[u8]) -> Option<u16> {
+    let m = Message::parse(resp).ok()?;
+    m.attr::<turnpike_proto::attr::ErrorCode>()
+        .ok()
+        .flatten()
+        .map(|e| e.code)
+}
