@@ -1,2 +1,3 @@
 //! turnpike wire formats.
 #![forbid(unsafe_code)]
+pub mod api;
