@@ -9,6 +9,8 @@
 //! - [`demux`]: the RFC 7983 first-byte demultiplexer.
 //! - [`turn`]: fast-path helpers for Send and Data indications and Binding responses.
 //! - [`client`]: a sans-IO TURN client, reused by tests and the load generator.
+//! - [`api`]: the gRPC API (`turnpike.v1`): the control-plane/data-plane stream and the
+//!   admin service, generated from `proto/proto/turnpike/v1/*.proto`.
 //!
 //! # Fuzzing
 //!
@@ -16,6 +18,7 @@
 //! that runs it on the stable toolchain.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod attr;
 pub mod auth;
 pub mod channel;
