@@ -104,14 +104,19 @@ class PageServer:
         self.httpd.server_close()
 
 
-def relay_data_channel(ctx: Ctx, chromium: str) -> str:
+def run_page(ctx: Ctx, chromium: str, credential: str, tag: str) -> dict:
+    """Serve the page, run Chromium on it, return the result the page POSTed."""
     srv = ctx.server
-    log_path = os.path.join(ctx.workroot, "chromium.log")
+    log_path = os.path.join(ctx.workroot, f"chromium{tag}.log")
     config = {"host": srv.listen_ip, "port": srv.port, "username": ctx.creds.user,
-              "credential": ctx.creds.password, "messages": MESSAGES,
+              "credential": credential, "messages": MESSAGES,
               "timeoutMs": PAGE_TIMEOUT_S * 1000}
     page = PageServer(config, log_path)
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=ctx.workroot)
+    # Chromium leaves org.chromium.Chromium.* folders in TMPDIR: keep them in ours.
+    tmp = os.path.join(profile, "tmp")
+    os.makedirs(tmp)
+    env = dict(os.environ, TMPDIR=tmp)
     argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
             f"http://127.0.0.1:{page.port}/"]
     proc = None
@@ -119,7 +124,7 @@ def relay_data_channel(ctx: Ctx, chromium: str) -> str:
         with open(log_path, "ab") as log:
             log.write((" ".join(argv) + "\n").encode())
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + PAGE_TIMEOUT_S + 30
         while not page.got_result.wait(0.2):
             if proc.poll() is not None:
@@ -139,7 +144,11 @@ def relay_data_channel(ctx: Ctx, chromium: str) -> str:
                 proc.wait(timeout=10)
         page.close()
         shutil.rmtree(profile, ignore_errors=True)
+    return r
 
+
+def relay_data_channel(ctx: Ctx, chromium: str) -> str:
+    r = run_page(ctx, chromium, ctx.creds.password, "")
     summary = json.dumps({k: r.get(k) for k in ("echoed", "error", "gathered", "iceErrors",
                                                  "pair1", "pair2", "ice1", "ice2")})
     if r.get("error"):
@@ -166,9 +175,21 @@ def relay_data_channel(ctx: Ctx, chromium: str) -> str:
             f"{p1['remote']['address']}:{p1['remote']['port']} (Chromium {ver})")
 
 
+def wrong_credential(ctx: Ctx, chromium: str) -> str:
+    r = run_page(ctx, chromium, "not-" + ctx.creds.password, "-wrongpass")
+    if r.get("echoed") or any((r.get("gathered") or {}).values()):
+        raise Fail(f"relay candidates or data with a wrong credential: {json.dumps(r)[:800]}")
+    errors = r.get("iceErrors") or []
+    if not any(e.split(": ", 1)[-1].startswith("401") for e in errors):
+        raise Fail(f"expected icecandidateerror 401, got {errors}")
+    return f"no relay candidate; icecandidateerror: {errors[0]}"
+
+
 def run(ctx: Ctx) -> None:
     chromium = find_chromium()
     if chromium is None:
         raise Skip("chromium not installed (tests/scripts/setup-deps.sh)")
     ctx.check("chromium: relay-only data channel echoes 1000 messages, relay<->relay pair",
               lambda: relay_data_channel(ctx, chromium))
+    ctx.check("chromium: wrong credential gathers no relay candidate (401)",
+              lambda: wrong_credential(ctx, chromium))
