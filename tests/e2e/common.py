@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -121,10 +120,6 @@ class UdpEcho:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def eprint(*a: object) -> None:
-    print(*a, file=sys.stderr, flush=True)
 
 
 def env_flag(name: str) -> bool:

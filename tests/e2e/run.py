@@ -35,6 +35,33 @@ GROUPS = {
 }
 
 
+def run_group(ctx: Ctx, g: str, allow_cmd: str) -> None:
+    """One group against a fresh server (loopback peers allowed)."""
+    mod = importlib.import_module(GROUPS[g])
+    t0 = time.monotonic()
+    srv = ServerUnderTest(allow_cmd, g, ctx.workroot, ctx.creds)
+    ctx.server = srv
+
+    def still_alive() -> None:
+        if not srv.alive():
+            raise Fail(f"server exited with status {srv.proc.returncode} during the tests\n"
+                       + srv.log_tail())
+
+    try:
+        if not ctx.check(f"{g}: server starts and answers STUN Binding", srv.start):
+            return
+        try:
+            mod.run(ctx)
+        except Skip as e:
+            ctx.record(g, "SKIP", time.monotonic() - t0, str(e))
+        except Exception as e:  # noqa: BLE001 - a group that breaks is a failure
+            ctx.record(g, "FAIL", time.monotonic() - t0, f"{type(e).__name__}: {e}")
+        ctx.check(f"{g}: server still running after the tests", still_alive)
+    finally:
+        srv.stop()
+        print(f"e2e: group {g} took {time.monotonic() - t0:.1f}s", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("groups", nargs="*", help="groups to run (default: all)")
@@ -52,8 +79,11 @@ def main() -> int:
     # Hard bound on the whole run (every test is bounded too; this is the backstop).
     budget = int(os.environ.get("E2E_TIMEOUT", "900"))
 
+    class RunTimeout(BaseException):
+        """Not an Exception, so no test's error handling swallows it."""
+
     def on_alarm(signum, frame):  # noqa: ANN001
-        raise TimeoutError(f"end-to-end run exceeded E2E_TIMEOUT={budget}s")
+        raise RunTimeout(f"end-to-end run exceeded E2E_TIMEOUT={budget}s")
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(budget)
@@ -73,31 +103,11 @@ def main() -> int:
 
     ctx = Ctx(creds=creds, workroot=workroot, verbose=args.verbose, deny_cmd=deny_cmd)
     t_start = time.monotonic()
-    for g in groups:
-        mod = importlib.import_module(GROUPS[g])
-        t0 = time.monotonic()
-        srv = ServerUnderTest(allow_cmd, g, workroot, creds)
-        ctx.server = srv
-        try:
-            if not ctx.check(f"{g}: server starts and answers STUN Binding", srv.start):
-                continue
-            try:
-                mod.run(ctx)
-            except Skip as e:
-                ctx.record(f"{g}", "SKIP", time.monotonic() - t0, str(e))
-            except (Fail, Exception) as e:  # noqa: BLE001
-                ctx.record(f"{g}", "FAIL", time.monotonic() - t0, f"{type(e).__name__}: {e}")
-
-            def still_alive() -> str:
-                if not srv.alive():
-                    raise Fail(f"server exited with status {srv.proc.returncode} during the tests\n"
-                               + srv.log_tail())
-                return ""
-
-            ctx.check(f"{g}: server still running after the tests", still_alive)
-        finally:
-            srv.stop()
-        print(f"e2e: group {g} took {time.monotonic() - t0:.1f}s", flush=True)
+    try:
+        for g in groups:
+            run_group(ctx, g, allow_cmd)
+    except RunTimeout as e:
+        ctx.record("e2e run", "FAIL", time.monotonic() - t_start, str(e))
     signal.alarm(0)
 
     n_pass = sum(r.status == "PASS" for r in ctx.results)

@@ -77,6 +77,10 @@ def run_uclient(ctx: Ctx, peer: Peer, flags: list[str], password: str | None = N
         out, _ = proc.communicate(timeout=5)
         raise Fail(f"uclient {' '.join(flags)} did not finish within {timeout:.0f}s\n"
                    + out.decode(errors="replace")[-2000:])
+    finally:
+        if proc.poll() is None:  # interrupted (run time limit): leave nothing behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
     text = out.decode(errors="replace")
     with open(os.path.join(ctx.workroot, f"uclient{tag}.log"), "w") as f:
         f.write(" ".join(argv) + "\n" + text)
