@@ -28,6 +28,7 @@ UCLIENT = "turnutils_uclient"
 PEER = "turnutils_peer"
 
 RE_TOTALS = re.compile(r"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
+RE_RELAY = re.compile(r"Received relay addr: [\d.]+:(\d+)")
 RE_LOST = re.compile(r"Total lost packets (\d+) \(([\d.]+)%\), total send dropped (\d+)")
 
 
@@ -88,8 +89,8 @@ def run_uclient(ctx: Ctx, peer: Peer, flags: list[str], password: str | None = N
 
 
 def check_zero_loss(ctx: Ctx, peer: Peer, flags: list[str], expected_msgs: int,
-                    tag: str) -> str:
-    rc, text = run_uclient(ctx, peer, flags, tag=tag)
+                    tag: str, rtp_pairs: bool = False) -> str:
+    rc, text = run_uclient(ctx, peer, (["-v"] if rtp_pairs else []) + flags, tag=tag)
     totals = RE_TOTALS.findall(text)
     lost = RE_LOST.search(text)
     if not totals or not lost:
@@ -102,6 +103,14 @@ def check_zero_loss(ctx: Ctx, peer: Peer, flags: list[str], expected_msgs: int,
     if sent != expected_msgs or recv != expected_msgs or n_lost != 0 or dropped != 0:
         raise Fail(f"sent={sent} recv={recv} (expected {expected_msgs}), "
                    f"lost={n_lost} ({pct}%), send dropped={dropped}; exit {rc}")
+    if rtp_pairs:
+        # EVEN-PORT(R) gives an even relay port and reserves the next one, which the
+        # RTCP allocation then gets with the RESERVATION-TOKEN (uclient -v prints both).
+        ports = {int(p) for p in RE_RELAY.findall(text)}
+        pairs = sorted(p for p in ports if p % 2 == 0 and p + 1 in ports)
+        if not pairs:
+            raise Fail(f"no even/odd RTP/RTCP relay port pair among {sorted(ports)}")
+        return f"{sent} sent, {recv} echoed, 0 lost; relay port pairs {pairs}/+1"
     return f"{sent} sent, {recv} echoed, 0 lost"
 
 
@@ -120,7 +129,8 @@ def run(ctx: Ctx) -> None:
         # Without -c: RTP+RTCP allocation pairs (EVEN-PORT + RESERVATION-TOKEN); the
         # totals count both allocations of the pair.
         ctx.check("uclient: RTP+RTCP pairs, EVEN-PORT/RESERVATION-TOKEN (no -c)",
-                  lambda: check_zero_loss(ctx, peer, ["-n", str(n)], 2 * n, "-rtp-rtcp"))
+                  lambda: check_zero_loss(ctx, peer, ["-n", str(n)], 2 * n, "-rtp-rtcp",
+                                          rtp_pairs=True))
         m, n20 = 20, 50
         ctx.check("uclient: 20 clients with channels (-c -m 20)",
                   lambda: check_zero_loss(ctx, peer, ["-c", "-m", str(m), "-n", str(n20)],
