@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""End-to-end tests of a TURN server with third-party clients.
+
+    run.py [--list] [-v] [GROUP ...]      GROUP: uclient aioice chromium policy
+
+Each group gets a fresh server started from TURN_SERVER_CMD (see server.py and
+README.md); every test prints PASS/FAIL/SKIP with its time, the run ends with a line
+"N passed, N failed, N skipped" and exits 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import Ctx, Fail, Skip, env_flag  # noqa: E402
+from server import Creds, ServerUnderTest, server_templates  # noqa: E402
+
+# group name -> module; each module has run(ctx) and uses ctx.server (loopback allowed)
+GROUPS = {
+    "uclient": "t_uclient",
+    "aioice": "t_aioice",
+    "chromium": "t_chromium",
+    "policy": "t_policy",
+}
+
+
+def run_group(ctx: Ctx, g: str, allow_cmd: str) -> None:
+    """One group against a fresh server (loopback peers allowed)."""
+    mod = importlib.import_module(GROUPS[g])
+    t0 = time.monotonic()
+    srv = ServerUnderTest(allow_cmd, g, ctx.workroot, ctx.creds)
+    ctx.server = srv
+
+    def still_alive() -> None:
+        if not srv.alive():
+            raise Fail(f"server exited with status {srv.proc.returncode} during the tests\n"
+                       + srv.log_tail())
+
+    try:
+        if not ctx.check(f"{g}: server starts and answers STUN Binding", srv.start):
+            return
+        try:
+            mod.run(ctx)
+        except Skip as e:
+            ctx.record(g, "SKIP", time.monotonic() - t0, str(e))
+        except Exception as e:  # noqa: BLE001 - a group that breaks is a failure
+            ctx.record(g, "FAIL", time.monotonic() - t0, f"{type(e).__name__}: {e}")
+        ctx.check(f"{g}: server still running after the tests", still_alive)
+    finally:
+        srv.stop()
+        print(f"e2e: group {g} took {time.monotonic() - t0:.1f}s", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("groups", nargs="*", help="groups to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the groups and exit")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print details of passing tests")
+    args = ap.parse_args()
+    if args.list:
+        print("\n".join(GROUPS))
+        return 0
+    groups = args.groups or list(GROUPS)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        ap.error(f"unknown group(s) {unknown}; known: {list(GROUPS)}")
+
+    # Hard bound on the whole run (every test is bounded too; this is the backstop).
+    budget = int(os.environ.get("E2E_TIMEOUT", "900"))
+
+    class RunTimeout(BaseException):
+        """Not an Exception, so no test's error handling swallows it."""
+
+    def on_alarm(signum, frame):  # noqa: ANN001
+        raise RunTimeout(f"end-to-end run exceeded E2E_TIMEOUT={budget}s")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(budget)
+
+    keep = env_flag("E2E_KEEP")
+    workroot = os.environ.get("E2E_OUT") or tempfile.mkdtemp(prefix="turn-e2e-")
+    os.makedirs(workroot, exist_ok=True)
+    creds = Creds(
+        realm=os.environ.get("TURN_REALM", "turnpike.test"),
+        user=os.environ.get("TURN_USER", "e2e-user"),
+        password=os.environ.get("TURN_PASSWORD", "pw-" + secrets.token_hex(8)),
+    )
+    allow_cmd, deny_cmd = server_templates()
+    print(f"e2e: server command: {allow_cmd}", flush=True)
+    print(f"e2e: deny-loopback command: {deny_cmd or '(none: 403 check skipped)'}", flush=True)
+    print(f"e2e: logs in {workroot}", flush=True)
+
+    ctx = Ctx(creds=creds, workroot=workroot, verbose=args.verbose, deny_cmd=deny_cmd)
+    t_start = time.monotonic()
+    try:
+        for g in groups:
+            run_group(ctx, g, allow_cmd)
+    except RunTimeout as e:
+        ctx.record("e2e run", "FAIL", time.monotonic() - t_start, str(e))
+    signal.alarm(0)
+
+    n_pass = sum(r.status == "PASS" for r in ctx.results)
+    n_fail = sum(r.status == "FAIL" for r in ctx.results)
+    n_skip = sum(r.status == "SKIP" for r in ctx.results)
+    print(f"e2e: total {time.monotonic() - t_start:.1f}s")
+    if n_fail:
+        print("e2e: failed: " + "; ".join(r.name for r in ctx.results if r.status == "FAIL"))
+        print(f"e2e: logs kept in {workroot}")
+    elif not keep and not os.environ.get("E2E_OUT"):
+        shutil.rmtree(workroot, ignore_errors=True)
+    print(f"{n_pass} passed, {n_fail} failed, {n_skip} skipped")
+    return 1 if n_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Idempotent installer of everything the end-to-end tests (tests/e2e) need, for a bare
+# Debian 12 CI machine, run as root. A second run does no work and returns quickly.
+#
+#   apt:  coturn (turnserver, turnutils_uclient, turnutils_peer), chromium, iproute2,
+#         nftables, procps
+#   venv: tests/e2e/.venv with the pinned packages of tests/e2e/requirements.txt
+#
+# Installing coturn must not leave a system turnserver running on 3478: package scripts
+# are kept from starting services (policy-rc.d answers 101 during the install), and the
+# unit is disabled where systemd is present.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT="$PWD"
+
+APT_PKGS=(coturn chromium iproute2 nftables procps)
+# The binary each package must provide (a package counts as installed only if it is there).
+declare -A PROBE=(
+  [coturn]=/usr/bin/turnserver
+  [chromium]=/usr/bin/chromium
+  [iproute2]=/usr/bin/ip
+  [nftables]=/usr/sbin/nft
+  [procps]=/usr/bin/pgrep
+)
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+     || [ ! -x "${PROBE[$p]}" ]; then
+    missing+=("$p")
+  fi
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup-deps: installing ${missing[*]}" >&2
+  # Keep package maintainer scripts from starting daemons (coturn's turnserver on 3478).
+  policy=/usr/sbin/policy-rc.d
+  saved=""
+  if [ -e "$policy" ]; then saved="$(mktemp)"; $SUDO cp -p "$policy" "$saved"; fi
+  restore_policy() {
+    if [ -n "$saved" ]; then $SUDO cp -p "$saved" "$policy"; rm -f "$saved";
+    else $SUDO rm -f "$policy"; fi
+  }
+  trap restore_policy EXIT
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  restore_policy
+  trap - EXIT
+fi
+
+# Never leave the distribution's coturn service enabled or running.
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  if systemctl is-enabled --quiet coturn 2>/dev/null; then $SUDO systemctl disable --now coturn >/dev/null 2>&1 || true; fi
+  if systemctl is-active --quiet coturn 2>/dev/null; then $SUDO systemctl stop coturn >/dev/null 2>&1 || true; fi
+elif [ -f /var/run/turnserver.pid ] || [ -f /run/turnserver/turnserver.pid ]; then
+  $SUDO service coturn stop >/dev/null 2>&1 || true
+fi
+
+# Python venv with pinned packages.
+VENV="$ROOT/tests/e2e/.venv"
+REQ="$ROOT/tests/e2e/requirements.txt"
+PY="${E2E_PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x /usr/bin/python3 ]; then PY=/usr/bin/python3; else PY="$(command -v python3)"; fi
+fi
+stamp="$VENV/.requirements.sha256"
+want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup-deps: creating $VENV" >&2
+  if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian's python3 needs python3-venv for ensurepip.
+    $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ"
+  echo "$want" > "$stamp"
+fi
+echo "setup-deps: ok" >&2
