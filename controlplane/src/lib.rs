@@ -12,11 +12,13 @@ pub mod policy;
 pub mod ports;
 pub mod ratelimit;
 pub mod server;
+pub mod service;
 pub mod types;
 
 pub use auth::{Credentials, rest_password};
 pub use policy::{Cidr, PeerPolicy, Verdict, canonical_ip};
 pub use server::{AllocationInfo, RestoredAllocation, Server, ServerConfig, Stats, reason_phrase};
+pub use service::ControlPlaneHandle;
 pub use types::{
     AllocationId, BindRequest, EndReason, Event, FiveTuple, Millis, Output, TableChange, Transport,
 };
