@@ -593,6 +593,7 @@ impl Actor {
                                 request_id: b.id,
                                 worker_id: worker,
                                 relay_addresses: b.relays.iter().map(|r| sa(*r)).collect(),
+                                five_tuple: Some(tuple_to_api(&b.tuple)),
                                 claim_deadline_unix_millis: now().plus_secs(30).0,
                                 ..Default::default()
                             }),
