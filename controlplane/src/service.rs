@@ -76,6 +76,9 @@ enum Cmd {
         secrets: Vec<String>,
         reply: oneshot::Sender<u32>,
     },
+    ServerStats {
+        reply: oneshot::Sender<crate::server::Stats>,
+    },
 }
 
 struct Conn {
@@ -153,6 +156,11 @@ impl ControlPlaneHandle {
     /// The `Admin` gRPC service.
     pub fn admin_service(&self) -> v1::admin_server::AdminServer<Self> {
         v1::admin_server::AdminServer::new(self.clone())
+    }
+
+    /// The state machine's counters (for metrics).
+    pub async fn server_stats(&self) -> Result<crate::server::Stats, Status> {
+        self.ask(|reply| Cmd::ServerStats { reply }).await
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
@@ -447,6 +455,9 @@ impl Actor {
                         "no data plane {data_plane:?} attached"
                     )))
                 });
+            }
+            Cmd::ServerStats { reply } => {
+                let _ = reply.send(self.server.stats());
             }
             Cmd::Rotate { secrets, reply } => {
                 let n = secrets.len() as u32;

@@ -1,0 +1,348 @@
+//! Configuration: a TOML file, `TURNPIKE_*` environment variables and flags, in rising
+//! order of precedence. Every option has a default; see `deploy/turnpike.toml`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Deserialize;
+use turnpike_controlplane::{Cidr, PeerPolicy, ServerConfig};
+use turnpike_dataplane::Backend;
+
+/// A configuration error: the option it concerns and what is wrong. Exit code 64.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {option}: {message}")]
+pub struct ConfigError {
+    /// The option, as spelled in the config file (flag in parentheses).
+    pub option: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(option: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        option: option.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The file form. Unknown keys are an error, so typos do not pass silently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// UDP listening addresses.
+    pub listen: Option<Vec<String>>,
+    /// Relay IPs.
+    pub relay_ips: Option<Vec<String>>,
+    /// Relay port range "MIN-MAX".
+    pub relay_ports: Option<String>,
+    /// Realm.
+    pub realm: Option<String>,
+    /// Static users, "name:password".
+    pub users: Option<Vec<String>>,
+    /// TURN REST API shared secrets, newest first.
+    pub auth_secrets: Option<Vec<String>>,
+    /// Peer ranges allowed despite the default deny list.
+    pub allow_peers: Option<Vec<String>>,
+    /// Peer ranges always denied.
+    pub deny_peers: Option<Vec<String>>,
+    /// Worker threads, 0 = one per core.
+    pub workers: Option<usize>,
+    /// auto | uring | mmsg.
+    pub io_backend: Option<String>,
+    /// gRPC listening address (control plane: ControlPlane and Admin services).
+    pub grpc_listen: Option<String>,
+    /// Prometheus metrics listening address.
+    pub metrics_listen: Option<String>,
+    /// Default allocation lifetime (s).
+    pub default_lifetime: Option<u32>,
+    /// Maximum allocation lifetime (s).
+    pub max_lifetime: Option<u32>,
+    /// Nonce lifetime (s).
+    pub nonce_lifetime: Option<u32>,
+    /// Allocations per user, 0 = unlimited.
+    pub user_quota: Option<u32>,
+    /// Allocations in all, 0 = unlimited.
+    pub total_quota: Option<u32>,
+    /// Bytes per second per allocation and direction, 0 = unlimited.
+    pub bandwidth_limit: Option<u64>,
+    /// Unauthenticated requests per second per source IP, 0 = unlimited.
+    pub unauth_rate: Option<u32>,
+    /// Pin workers to cores.
+    pub pin_workers: Option<bool>,
+    /// Data-plane identity (split mode).
+    pub data_plane_id: Option<String>,
+}
+
+/// The common flags (each also readable from `TURNPIKE_<NAME>`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct Flags {
+    /// Configuration file (TOML).
+    #[arg(long, env = "TURNPIKE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// UDP listening address, repeatable (default 127.0.0.1:3478).
+    #[arg(long = "listen", env = "TURNPIKE_LISTEN", value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// Relay IP, repeatable (default: the first listening IP).
+    #[arg(long = "relay-ip", env = "TURNPIKE_RELAY_IP", value_delimiter = ',')]
+    pub relay_ip: Vec<String>,
+    /// Relay port range MIN-MAX (default 49152-65535).
+    #[arg(long, env = "TURNPIKE_RELAY_PORTS")]
+    pub relay_ports: Option<String>,
+    /// Realm (default turnpike.local).
+    #[arg(long, env = "TURNPIKE_REALM")]
+    pub realm: Option<String>,
+    /// Static user NAME:PASSWORD, repeatable.
+    #[arg(long = "user", env = "TURNPIKE_USER", value_delimiter = ',')]
+    pub user: Vec<String>,
+    /// TURN REST API shared secret, repeatable (newest first).
+    #[arg(long = "auth-secret", env = "TURNPIKE_AUTH_SECRET", value_delimiter = ',')]
+    pub auth_secret: Vec<String>,
+    /// Peer CIDR allowed despite the default deny list, repeatable.
+    #[arg(long = "allow-peer", env = "TURNPIKE_ALLOW_PEER", value_delimiter = ',')]
+    pub allow_peer: Vec<String>,
+    /// Peer CIDR always denied, repeatable.
+    #[arg(long = "deny-peer", env = "TURNPIKE_DENY_PEER", value_delimiter = ',')]
+    pub deny_peer: Vec<String>,
+    /// Worker threads (0: one per core).
+    #[arg(long, env = "TURNPIKE_WORKERS")]
+    pub workers: Option<usize>,
+    /// I/O backend: auto, uring or mmsg.
+    #[arg(long, env = "TURNPIKE_IO_BACKEND")]
+    pub io_backend: Option<String>,
+    /// gRPC listening address.
+    #[arg(long, env = "TURNPIKE_GRPC_LISTEN")]
+    pub grpc_listen: Option<String>,
+    /// Prometheus metrics listening address.
+    #[arg(long, env = "TURNPIKE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Allocations per user (0: unlimited).
+    #[arg(long, env = "TURNPIKE_USER_QUOTA")]
+    pub user_quota: Option<u32>,
+    /// Allocations in all (0: unlimited).
+    #[arg(long, env = "TURNPIKE_TOTAL_QUOTA")]
+    pub total_quota: Option<u32>,
+    /// Bandwidth per allocation and direction, bytes/s (0: unlimited).
+    #[arg(long, env = "TURNPIKE_BANDWIDTH_LIMIT")]
+    pub bandwidth_limit: Option<u64>,
+    /// Maximum allocation lifetime in seconds.
+    #[arg(long, env = "TURNPIKE_MAX_LIFETIME")]
+    pub max_lifetime: Option<u32>,
+    /// Unauthenticated requests per second per source IP (0: unlimited).
+    #[arg(long, env = "TURNPIKE_UNAUTH_RATE")]
+    pub unauth_rate: Option<u32>,
+    /// Do not pin workers to cores.
+    #[arg(long, env = "TURNPIKE_NO_PIN")]
+    pub no_pin: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP listening addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Relay IPs.
+    pub relay_ips: Vec<IpAddr>,
+    /// Relay ports.
+    pub relay_ports: (u16, u16),
+    /// Realm.
+    pub realm: String,
+    /// Static users.
+    pub users: Vec<(String, String)>,
+    /// REST secrets.
+    pub secrets: Vec<String>,
+    /// Allowed peer ranges.
+    pub allow: Vec<Cidr>,
+    /// Denied peer ranges.
+    pub deny: Vec<Cidr>,
+    /// Workers.
+    pub workers: usize,
+    /// Backend.
+    pub backend: Backend,
+    /// gRPC address.
+    pub grpc_listen: Option<SocketAddr>,
+    /// Metrics address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Pin workers.
+    pub pin: bool,
+    /// Control-plane settings.
+    pub server: ServerConfig,
+    /// Data-plane id.
+    pub data_plane_id: String,
+}
+
+fn parse_addr(option: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.trim()
+        .parse()
+        .map_err(|_| err(option, format!("{s:?} is not an IP:PORT address")))
+}
+
+fn parse_cidrs(option: &str, v: &[String]) -> Result<Vec<Cidr>, ConfigError> {
+    v.iter()
+        .map(|s| s.parse::<Cidr>().map_err(|e| err(option, e.to_string())))
+        .collect()
+}
+
+fn pick<T>(flag: Vec<T>, file: Option<Vec<T>>) -> Vec<T> {
+    if flag.is_empty() { file.unwrap_or_default() } else { flag }
+}
+
+impl Config {
+    /// Merges file, environment and flags, and validates.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        let file: FileConfig = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err("--config", format!("cannot read {}: {e}", path.display())))?;
+                toml::from_str(&text).map_err(|e| err("--config", format!("{}: {e}", path.display())))?
+            }
+            None => FileConfig::default(),
+        };
+        let listen_s = pick(flags.listen.clone(), file.listen);
+        let listen = if listen_s.is_empty() {
+            vec![SocketAddr::from(([127, 0, 0, 1], 3478))]
+        } else {
+            listen_s
+                .iter()
+                .map(|s| parse_addr("listen (--listen)", s))
+                .collect::<Result<_, _>>()?
+        };
+        let relay_s = pick(flags.relay_ip.clone(), file.relay_ips);
+        let relay_ips: Vec<IpAddr> = if relay_s.is_empty() {
+            let ip = listen[0].ip();
+            if ip.is_unspecified() {
+                return Err(err(
+                    "relay_ips (--relay-ip)",
+                    "required when listening on a wildcard address",
+                ));
+            }
+            vec![ip]
+        } else {
+            relay_s
+                .iter()
+                .map(|s| {
+                    s.trim()
+                        .parse()
+                        .map_err(|_| err("relay_ips (--relay-ip)", format!("{s:?} is not an IP address")))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let ports_s = flags
+            .relay_ports
+            .clone()
+            .or(file.relay_ports)
+            .unwrap_or_else(|| "49152-65535".to_owned());
+        let relay_ports = match ports_s.split_once('-') {
+            Some((a, b)) => match (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
+                (Ok(a), Ok(b)) if a > 0 && a <= b => (a, b),
+                _ => return Err(err("relay_ports (--relay-ports)", format!("{ports_s:?}: expected MIN-MAX with 1 <= MIN <= MAX <= 65535"))),
+            },
+            None => return Err(err("relay_ports (--relay-ports)", format!("{ports_s:?}: expected MIN-MAX"))),
+        };
+        let realm = flags
+            .realm
+            .clone()
+            .or(file.realm)
+            .unwrap_or_else(|| "turnpike.local".to_owned());
+        if realm.is_empty() || realm.len() > 127 {
+            return Err(err("realm (--realm)", "must be 1 to 127 characters"));
+        }
+        let users = pick(flags.user.clone(), file.users)
+            .iter()
+            .map(|u| match u.split_once(':') {
+                Some((n, p)) if !n.is_empty() && !p.is_empty() => Ok((n.to_owned(), p.to_owned())),
+                _ => Err(err("users (--user)", format!("{u:?}: expected NAME:PASSWORD"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let secrets = pick(flags.auth_secret.clone(), file.auth_secrets);
+        if secrets.iter().any(String::is_empty) {
+            return Err(err("auth_secrets (--auth-secret)", "a secret may not be empty"));
+        }
+        let allow = parse_cidrs("allow_peers (--allow-peer)", &pick(flags.allow_peer.clone(), file.allow_peers))?;
+        let deny = parse_cidrs("deny_peers (--deny-peer)", &pick(flags.deny_peer.clone(), file.deny_peers))?;
+        let backend = match flags
+            .io_backend
+            .clone()
+            .or(file.io_backend)
+            .as_deref()
+            .unwrap_or("auto")
+        {
+            "auto" => Backend::Auto,
+            "uring" => Backend::Uring,
+            "mmsg" => Backend::Mmsg,
+            other => return Err(err("io_backend (--io-backend)", format!("{other:?}: expected auto, uring or mmsg"))),
+        };
+        let grpc_listen = flags
+            .grpc_listen
+            .clone()
+            .or(file.grpc_listen)
+            .map(|s| parse_addr("grpc_listen (--grpc-listen)", &s))
+            .transpose()?;
+        let metrics_listen = flags
+            .metrics_listen
+            .clone()
+            .or(file.metrics_listen)
+            .map(|s| parse_addr("metrics_listen (--metrics-listen)", &s))
+            .transpose()?;
+        let workers = flags.workers.or(file.workers).unwrap_or(0);
+        if workers > 1024 {
+            return Err(err("workers (--workers)", "at most 1024"));
+        }
+        let mut own: Vec<SocketAddr> = listen.clone();
+        own.extend(grpc_listen);
+        own.extend(metrics_listen);
+        let mut server = ServerConfig {
+            relay_ips: relay_ips.clone(),
+            relay_ports,
+            policy: PeerPolicy::new(allow.clone(), deny.clone(), own),
+            ..ServerConfig::default()
+        };
+        if let Some(v) = file.default_lifetime {
+            server.default_lifetime = v;
+        }
+        if let Some(v) = flags.max_lifetime.or(file.max_lifetime) {
+            server.max_lifetime = v;
+        }
+        if server.default_lifetime == 0 || server.max_lifetime < server.default_lifetime {
+            return Err(err("max_lifetime (--max-lifetime)", "must be at least default_lifetime (600 unless set), and both above 0"));
+        }
+        if let Some(v) = file.nonce_lifetime {
+            if v < 30 {
+                return Err(err("nonce_lifetime", "at least 30 seconds"));
+            }
+            server.nonce_lifetime = v;
+        }
+        if let Some(v) = flags.user_quota.or(file.user_quota) {
+            server.user_quota = v;
+        }
+        if let Some(v) = flags.total_quota.or(file.total_quota) {
+            server.total_quota = v;
+        }
+        if let Some(v) = flags.bandwidth_limit.or(file.bandwidth_limit) {
+            server.bandwidth_limit = v;
+        }
+        if let Some(v) = flags.unauth_rate.or(file.unauth_rate) {
+            server.unauth_rate = v;
+            server.unauth_burst = v.saturating_mul(2).max(1);
+        }
+        Ok(Config {
+            listen,
+            relay_ips,
+            relay_ports,
+            realm,
+            users,
+            secrets,
+            allow,
+            deny,
+            workers,
+            backend,
+            grpc_listen,
+            metrics_listen,
+            pin: !flags.no_pin && file.pin_workers.unwrap_or(true),
+            server,
+            data_plane_id: file
+                .data_plane_id
+                .unwrap_or_else(|| format!("dp-{}", std::process::id())),
+        })
+    }
+}

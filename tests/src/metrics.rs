@@ -1,0 +1,113 @@
+//! Prometheus metrics over a minimal HTTP endpoint: control-plane state and per-worker
+//! data-plane counters. No per-user labels.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use turnpike_controlplane::ControlPlaneHandle;
+use turnpike_dataplane::DataPlaneHandle;
+
+use crate::agent::PuntQueue;
+
+/// Serves `/metrics` on `addr`.
+pub async fn spawn(
+    addr: SocketAddr,
+    cp: Option<ControlPlaneHandle>,
+    dp: Option<DataPlaneHandle>,
+    queue: Arc<PuntQueue>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    println!("turnpike metrics listening on {}", listener.local_addr()?);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let (cp, dp, queue) = (cp.clone(), dp.clone(), queue.clone());
+            tokio::spawn(async move {
+                let mut req = [0u8; 4096];
+                let mut n = 0;
+                // Read the request head, bounded in size and time.
+                let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                    while n < req.len() {
+                        match sock.read(&mut req[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                        if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                if read.is_err() {
+                    return;
+                }
+                let body = render(cp.as_ref(), dp.as_ref(), &queue).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+async fn render(cp: Option<&ControlPlaneHandle>, dp: Option<&DataPlaneHandle>, queue: &PuntQueue) -> String {
+    let mut o = String::new();
+    if let Some(cp) = cp {
+        if let Ok(s) = cp.server_stats().await {
+            for (name, kind, help, v) in [
+                ("turnpike_allocations", "gauge", "Live allocations.", s.allocations),
+                ("turnpike_permissions", "gauge", "Live permissions.", s.permissions),
+                ("turnpike_channels", "gauge", "Live channel bindings.", s.channels),
+                ("turnpike_requests_total", "counter", "STUN requests handled by the control plane.", s.requests),
+                ("turnpike_auth_failures_total", "counter", "Requests that failed authentication.", s.auth_failures),
+                ("turnpike_rate_limited_total", "counter", "Unauthenticated requests dropped by the rate limiter.", s.rate_limited),
+            ] {
+                metric(&mut o, name, kind, help);
+                let _ = writeln!(o, "{name} {v}");
+            }
+        }
+    }
+    if let Some(dp) = dp {
+        let workers = dp.counters();
+        metric(&mut o, "turnpike_relayed_packets_total", "counter", "Packets relayed, by direction and worker.");
+        for (w, c) in workers.iter().enumerate() {
+            let _ = writeln!(o, "turnpike_relayed_packets_total{{direction=\"to_peer\",worker=\"{w}\"}} {}", c.to_peer_packets);
+            let _ = writeln!(o, "turnpike_relayed_packets_total{{direction=\"to_client\",worker=\"{w}\"}} {}", c.to_client_packets);
+        }
+        metric(&mut o, "turnpike_relayed_bytes_total", "counter", "Payload bytes relayed, by direction and worker.");
+        for (w, c) in workers.iter().enumerate() {
+            let _ = writeln!(o, "turnpike_relayed_bytes_total{{direction=\"to_peer\",worker=\"{w}\"}} {}", c.to_peer_bytes);
+            let _ = writeln!(o, "turnpike_relayed_bytes_total{{direction=\"to_client\",worker=\"{w}\"}} {}", c.to_client_bytes);
+        }
+        metric(&mut o, "turnpike_dropped_packets_total", "counter", "Packets dropped, by reason and worker.");
+        for (w, c) in workers.iter().enumerate() {
+            for (reason, v) in c.drops() {
+                let _ = writeln!(o, "turnpike_dropped_packets_total{{reason=\"{reason}\",worker=\"{w}\"}} {v}");
+            }
+        }
+        metric(&mut o, "turnpike_punted_total", "counter", "STUN requests handed to the control plane, by worker.");
+        for (w, c) in workers.iter().enumerate() {
+            let _ = writeln!(o, "turnpike_punted_total{{worker=\"{w}\"}} {}", c.punted);
+        }
+        metric(&mut o, "turnpike_punt_queue_dropped_total", "counter", "Punted requests dropped because the queue to the control plane was full.");
+        let _ = writeln!(o, "turnpike_punt_queue_dropped_total {}", queue.dropped.load(Ordering::Relaxed));
+    }
+    o
+}
