@@ -1,5 +1,6 @@
 //! Codec behaviour beyond the RFC vectors: malformed input, placement rules of the
 //! integrity attributes, round trips of generated messages, ChannelData and framing.
+#![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
 
 use std::net::{IpAddr, SocketAddr};
 

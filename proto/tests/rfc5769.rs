@@ -1,4 +1,5 @@
 //! The test vectors of RFC 5769 ("Test Vectors for STUN"), byte for byte.
+#![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
 
 use std::net::SocketAddr;
 
