@@ -1,12 +1,17 @@
 //! The control-plane core alone, on one core: complete authenticated Allocate handshakes
 //! (401 challenge, then the authenticated Allocate and its bind acknowledgement) and
 //! CreatePermission requests per second.
+#![allow(clippy::unwrap_used)]
+// The benchmark times the core with the wall clock; the core itself never reads it.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use turnpike_controlplane::{Credentials, FiveTuple, Millis, Output, Server, ServerConfig, Transport};
+use turnpike_controlplane::{
+    Credentials, FiveTuple, Millis, Output, Server, ServerConfig, Transport,
+};
 use turnpike_proto::client::{Client, Event};
 
 const NOW: Millis = Millis(1_767_225_600_000);
@@ -75,7 +80,10 @@ fn allocate_handshake(c: &mut Criterion) {
                     let mut retry = Vec::new();
                     assert!(matches!(cl.handle(0, &challenge, &mut retry), Event::Retry));
                     let ok = exchange(&mut s, t, &retry, &mut out);
-                    assert!(matches!(cl.handle(0, &ok, &mut retry), Event::Allocated { .. }));
+                    assert!(matches!(
+                        cl.handle(0, &ok, &mut retry),
+                        Event::Allocated { .. }
+                    ));
                 }
                 total += start.elapsed();
                 done += chunk;
@@ -94,17 +102,26 @@ fn allocate_handshake(c: &mut Criterion) {
     let mut retry = Vec::new();
     cl.handle(0, &ch, &mut retry);
     let ok = exchange(&mut s, t, &retry, &mut out);
-    assert!(matches!(cl.handle(0, &ok, &mut retry), Event::Allocated { .. }));
-    let peers: Vec<SocketAddr> = (0..64u8).map(|i| SocketAddr::from(([198, 51, 100, i], 5000))).collect();
+    assert!(matches!(
+        cl.handle(0, &ok, &mut retry),
+        Event::Allocated { .. }
+    ));
+    let peers: Vec<SocketAddr> = (0..64u8)
+        .map(|i| SocketAddr::from(([198, 51, 100, i], 5000)))
+        .collect();
     let mut i = 0usize;
     g.bench_function("create_permission", |b| {
         b.iter(|| {
             let mut req = Vec::new();
-            cl.create_permission(0, &peers[i % 64..i % 64 + 1], &mut req).unwrap();
+            cl.create_permission(0, &peers[i % 64..i % 64 + 1], &mut req)
+                .unwrap();
             i += 1;
             let resp = exchange(&mut s, t, &req, &mut out);
             let mut none = Vec::new();
-            assert!(matches!(cl.handle(0, &resp, &mut none), Event::PermissionCreated));
+            assert!(matches!(
+                cl.handle(0, &resp, &mut none),
+                Event::PermissionCreated
+            ));
         })
     });
     g.finish();

@@ -175,10 +175,10 @@ impl PeerPolicy {
     /// Decides for a peer transport address (ChannelBind, Send): as [`Self::check_ip`],
     /// and the server's own service sockets and scoped IPv6 addresses are always denied.
     pub fn check(&self, peer: SocketAddr) -> Verdict {
-        if let SocketAddr::V6(v6) = peer {
-            if v6.scope_id() != 0 {
-                return Verdict::Deny;
-            }
+        if let SocketAddr::V6(v6) = peer
+            && v6.scope_id() != 0
+        {
+            return Verdict::Deny;
         }
         let canon = SocketAddr::new(canonical_ip(peer.ip()), peer.port());
         if self.own.iter().any(|o| {

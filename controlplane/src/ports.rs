@@ -53,7 +53,7 @@ impl Ports {
     /// range still finds its last free port. Does not mark it used.
     pub fn pick<R: Rng>(&self, rng: &mut R, ip: IpAddr, even: bool, pair: bool) -> Option<u16> {
         let ok = |p: u16| {
-            (!even || p % 2 == 0)
+            (!even || p.is_multiple_of(2))
                 && self.is_free(&SocketAddr::new(ip, p))
                 && (!pair || (p < self.max && self.is_free(&SocketAddr::new(ip, p + 1))))
         };

@@ -567,14 +567,14 @@ impl Server {
             sha256,
         };
         // An allocation's later requests must come with the same credentials (§5).
-        if let Some(id) = self.by_tuple.get(&tuple) {
-            if let Some(a) = self.allocations.get(id) {
-                if a.username != authed.username && !a.username.is_empty() {
-                    self.stats.auth_failures += 1;
-                    self.respond_error(tuple, msg, Some(&authed), reject(441), out, |_| Ok(()));
-                    return None;
-                }
-            }
+        if let Some(id) = self.by_tuple.get(&tuple)
+            && let Some(a) = self.allocations.get(id)
+            && a.username != authed.username
+            && !a.username.is_empty()
+        {
+            self.stats.auth_failures += 1;
+            self.respond_error(tuple, msg, Some(&authed), reject(441), out, |_| Ok(()));
+            return None;
         }
         Some(authed)
     }
@@ -708,14 +708,15 @@ impl Server {
         out: &mut Vec<Output>,
     ) -> Result<(), Reject> {
         if let Some(id) = self.by_tuple.get(&tuple) {
-            if let Some(a) = self.allocations.get(id) {
-                if a.allocate_tid == Some(msg.transaction_id()) && !a.allocate_response.is_empty() {
-                    out.push(Output::Transmit {
-                        tuple,
-                        data: a.allocate_response.clone(),
-                    });
-                    return Ok(());
-                }
+            if let Some(a) = self.allocations.get(id)
+                && a.allocate_tid == Some(msg.transaction_id())
+                && !a.allocate_response.is_empty()
+            {
+                out.push(Output::Transmit {
+                    tuple,
+                    data: a.allocate_response.clone(),
+                });
+                return Ok(());
             }
             return Err(reject(437));
         }
@@ -742,10 +743,10 @@ impl Server {
         if requested.is_some() && additional.is_some() {
             return Err(reject(400));
         }
-        if let Some(a) = additional {
-            if a.0 != Family::V6 {
-                return Err(reject(400));
-            }
+        if let Some(a) = additional
+            && a.0 != Family::V6
+        {
+            return Err(reject(400));
         }
         if self.draining {
             return match self.alternate {
@@ -944,17 +945,17 @@ impl Server {
         let expires = now.plus_secs(u64::from(p.lifetime));
         // EVEN-PORT with R: hold port + 1 behind a token.
         let mut token = None;
-        if p.reserve_next {
-            if let Some(first) = p.relays.first() {
-                let next = SocketAddr::new(first.ip(), first.port().wrapping_add(1));
-                let mut t = [0u8; 8];
-                self.rng.fill(&mut t);
-                self.ports.take(next);
-                let until = now.plus_secs(RESERVATION_SECS);
-                self.reservations.insert(t, (next, until));
-                self.timers.insert((until, Timer::Reservation(t)));
-                token = Some(t);
-            }
+        if p.reserve_next
+            && let Some(first) = p.relays.first()
+        {
+            let next = SocketAddr::new(first.ip(), first.port().wrapping_add(1));
+            let mut t = [0u8; 8];
+            self.rng.fill(&mut t);
+            self.ports.take(next);
+            let until = now.plus_secs(RESERVATION_SECS);
+            self.reservations.insert(t, (next, until));
+            self.timers.insert((until, Timer::Reservation(t)));
+            token = Some(t);
         }
         // Build the response (kept for retransmissions of this Allocate).
         let mut buf = vec![0u8; 512];
@@ -1174,15 +1175,15 @@ impl Server {
         let a = self.allocations.get(&id).ok_or(reject(437))?;
         self.check_peer(a, peer, true)?;
         // A channel is bound to one peer and a peer to one channel (§11.2).
-        if let Some((bound, _)) = a.channels.get(&channel) {
-            if *bound != peer {
-                return Err(reject(400));
-            }
+        if let Some((bound, _)) = a.channels.get(&channel)
+            && *bound != peer
+        {
+            return Err(reject(400));
         }
-        if let Some(c) = a.peer_channel.get(&peer) {
-            if *c != channel {
-                return Err(reject(400));
-            }
+        if let Some(c) = a.peer_channel.get(&peer)
+            && *c != channel
+        {
+            return Err(reject(400));
         }
         let is_new = !a.channels.contains_key(&channel);
         if is_new && a.channels.len() >= self.cfg.max_channels {

@@ -569,13 +569,12 @@ impl Actor {
     }
 
     fn send(&self, conn: u64, msg: control_plane_message::Message) {
-        if let Some(c) = self.conns.get(&conn) {
-            if c.tx
+        if let Some(c) = self.conns.get(&conn)
+            && c.tx
                 .try_send(Ok(v1::ControlPlaneMessage { message: Some(msg) }))
                 .is_err()
-            {
-                tracing::warn!(data_plane = %c.id, "data plane stream full; message dropped");
-            }
+        {
+            tracing::warn!(data_plane = %c.id, "data plane stream full; message dropped");
         }
     }
 
@@ -621,12 +620,12 @@ impl Actor {
                 }
                 Output::Table(change) => {
                     let id = change_allocation(&change);
-                    if let TableChange::AllocationAdd { tuple, .. } = &change {
-                        if let Some(&owner) = self.tuple_owner.get(tuple) {
-                            self.alloc_owner.insert(id, owner);
-                            if let Some(c) = self.conns.get(&owner.0) {
-                                self.allocation_dp.insert(id, c.id.clone());
-                            }
+                    if let TableChange::AllocationAdd { tuple, .. } = &change
+                        && let Some(&owner) = self.tuple_owner.get(tuple)
+                    {
+                        self.alloc_owner.insert(id, owner);
+                        if let Some(c) = self.conns.get(&owner.0) {
+                            self.allocation_dp.insert(id, c.id.clone());
                         }
                     }
                     let Some(&(conn, worker)) = self.alloc_owner.get(&id) else {
@@ -885,10 +884,10 @@ impl ControlPlane for ControlPlaneHandle {
         let cmds = self.tx.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = up.message().await {
-                if let Some(msg) = m.message {
-                    if cmds.send(Cmd::Up { conn, msg }).await.is_err() {
-                        break;
-                    }
+                if let Some(msg) = m.message
+                    && cmds.send(Cmd::Up { conn, msg }).await.is_err()
+                {
+                    break;
                 }
             }
             let _ = cmds.send(Cmd::Detach { conn }).await;

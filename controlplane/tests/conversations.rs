@@ -1,4 +1,5 @@
 //! Whole TURN conversations against the control-plane state machine on a virtual clock.
+#![allow(clippy::unwrap_used)]
 
 mod harness;
 

@@ -1,4 +1,5 @@
 //! The peer policy over many spellings of the same forbidden address.
+#![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 

@@ -253,7 +253,9 @@ pub async fn run(
             version: env!("CARGO_PKG_VERSION").to_owned(),
             table: Some(table(&dp, version)),
         };
-        let _ = up.send(msg(data_plane_message::Message::Hello(hello))).await;
+        let _ = up
+            .send(msg(data_plane_message::Message::Hello(hello)))
+            .await;
         let mut client = ControlPlaneClient::new(channel).max_decoding_message_size(64 << 20);
         let mut down = match client.attach(ReceiverStream::new(up_rx)).await {
             Ok(r) => r.into_inner(),
@@ -289,7 +291,9 @@ pub async fn run(
             }
         }
         let _ = attached.send(false);
-        tracing::warn!("control plane stream lost: existing allocations keep relaying; reconnecting");
+        tracing::warn!(
+            "control plane stream lost: existing allocations keep relaying; reconnecting"
+        );
     }
 }
 
@@ -318,7 +322,11 @@ async fn apply(
             let id = b.request_id;
             let up = up.clone();
             let Some(tuple) = tuple_from(b.five_tuple.as_ref()) else {
-                let _ = up.try_send(bind_ack(id, Err("bind request without 5-tuple".into()), &relays));
+                let _ = up.try_send(bind_ack(
+                    id,
+                    Err("bind request without 5-tuple".into()),
+                    &relays,
+                ));
                 return;
             };
             let first = relays.clone();
@@ -343,7 +351,9 @@ async fn apply(
         }
         M::ResyncRequest(_) => {
             let _ = up
-                .send(msg(data_plane_message::Message::TableSnapshot(table(dp, *version))))
+                .send(msg(data_plane_message::Message::TableSnapshot(table(
+                    dp, *version,
+                ))))
                 .await;
         }
         M::Drain(d) => {
@@ -386,7 +396,9 @@ async fn report(dp: &DataPlaneHandle, up: &mpsc::Sender<v1::DataPlaneMessage>) {
         drops: Vec::new(),
         workers: Vec::new(),
     };
-    let _ = up.send(msg(data_plane_message::Message::LoadReport(load))).await;
+    let _ = up
+        .send(msg(data_plane_message::Message::LoadReport(load)))
+        .await;
     let usage = v1::UsageReport {
         sampled_unix_millis: unix_millis(),
         allocations: snapshot
@@ -398,5 +410,7 @@ async fn report(dp: &DataPlaneHandle, up: &mpsc::Sender<v1::DataPlaneMessage>) {
             })
             .collect(),
     };
-    let _ = up.send(msg(data_plane_message::Message::UsageReport(usage))).await;
+    let _ = up
+        .send(msg(data_plane_message::Message::UsageReport(usage)))
+        .await;
 }

@@ -96,10 +96,18 @@ pub struct Flags {
     #[arg(long = "user", env = "TURNPIKE_USER", value_delimiter = ',')]
     pub user: Vec<String>,
     /// TURN REST API shared secret, repeatable (newest first).
-    #[arg(long = "auth-secret", env = "TURNPIKE_AUTH_SECRET", value_delimiter = ',')]
+    #[arg(
+        long = "auth-secret",
+        env = "TURNPIKE_AUTH_SECRET",
+        value_delimiter = ','
+    )]
     pub auth_secret: Vec<String>,
     /// Peer CIDR allowed despite the default deny list, repeatable.
-    #[arg(long = "allow-peer", env = "TURNPIKE_ALLOW_PEER", value_delimiter = ',')]
+    #[arg(
+        long = "allow-peer",
+        env = "TURNPIKE_ALLOW_PEER",
+        value_delimiter = ','
+    )]
     pub allow_peer: Vec<String>,
     /// Peer CIDR always denied, repeatable.
     #[arg(long = "deny-peer", env = "TURNPIKE_DENY_PEER", value_delimiter = ',')]
@@ -184,7 +192,11 @@ fn parse_cidrs(option: &str, v: &[String]) -> Result<Vec<Cidr>, ConfigError> {
 }
 
 fn pick<T>(flag: Vec<T>, file: Option<Vec<T>>) -> Vec<T> {
-    if flag.is_empty() { file.unwrap_or_default() } else { flag }
+    if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag
+    }
 }
 
 impl Config {
@@ -194,7 +206,8 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| err("--config", format!("cannot read {}: {e}", path.display())))?;
-                toml::from_str(&text).map_err(|e| err("--config", format!("{}: {e}", path.display())))?
+                toml::from_str(&text)
+                    .map_err(|e| err("--config", format!("{}: {e}", path.display())))?
             }
             None => FileConfig::default(),
         };
@@ -221,9 +234,12 @@ impl Config {
             relay_s
                 .iter()
                 .map(|s| {
-                    s.trim()
-                        .parse()
-                        .map_err(|_| err("relay_ips (--relay-ip)", format!("{s:?} is not an IP address")))
+                    s.trim().parse().map_err(|_| {
+                        err(
+                            "relay_ips (--relay-ip)",
+                            format!("{s:?} is not an IP address"),
+                        )
+                    })
                 })
                 .collect::<Result<_, _>>()?
         };
@@ -235,9 +251,19 @@ impl Config {
         let relay_ports = match ports_s.split_once('-') {
             Some((a, b)) => match (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
                 (Ok(a), Ok(b)) if a > 0 && a <= b => (a, b),
-                _ => return Err(err("relay_ports (--relay-ports)", format!("{ports_s:?}: expected MIN-MAX with 1 <= MIN <= MAX <= 65535"))),
+                _ => {
+                    return Err(err(
+                        "relay_ports (--relay-ports)",
+                        format!("{ports_s:?}: expected MIN-MAX with 1 <= MIN <= MAX <= 65535"),
+                    ));
+                }
             },
-            None => return Err(err("relay_ports (--relay-ports)", format!("{ports_s:?}: expected MIN-MAX"))),
+            None => {
+                return Err(err(
+                    "relay_ports (--relay-ports)",
+                    format!("{ports_s:?}: expected MIN-MAX"),
+                ));
+            }
         };
         let realm = flags
             .realm
@@ -251,15 +277,27 @@ impl Config {
             .iter()
             .map(|u| match u.split_once(':') {
                 Some((n, p)) if !n.is_empty() && !p.is_empty() => Ok((n.to_owned(), p.to_owned())),
-                _ => Err(err("users (--user)", format!("{u:?}: expected NAME:PASSWORD"))),
+                _ => Err(err(
+                    "users (--user)",
+                    format!("{u:?}: expected NAME:PASSWORD"),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let secrets = pick(flags.auth_secret.clone(), file.auth_secrets);
         if secrets.iter().any(String::is_empty) {
-            return Err(err("auth_secrets (--auth-secret)", "a secret may not be empty"));
+            return Err(err(
+                "auth_secrets (--auth-secret)",
+                "a secret may not be empty",
+            ));
         }
-        let allow = parse_cidrs("allow_peers (--allow-peer)", &pick(flags.allow_peer.clone(), file.allow_peers))?;
-        let deny = parse_cidrs("deny_peers (--deny-peer)", &pick(flags.deny_peer.clone(), file.deny_peers))?;
+        let allow = parse_cidrs(
+            "allow_peers (--allow-peer)",
+            &pick(flags.allow_peer.clone(), file.allow_peers),
+        )?;
+        let deny = parse_cidrs(
+            "deny_peers (--deny-peer)",
+            &pick(flags.deny_peer.clone(), file.deny_peers),
+        )?;
         let backend = match flags
             .io_backend
             .clone()
@@ -270,7 +308,12 @@ impl Config {
             "auto" => Backend::Auto,
             "uring" => Backend::Uring,
             "mmsg" => Backend::Mmsg,
-            other => return Err(err("io_backend (--io-backend)", format!("{other:?}: expected auto, uring or mmsg"))),
+            other => {
+                return Err(err(
+                    "io_backend (--io-backend)",
+                    format!("{other:?}: expected auto, uring or mmsg"),
+                ));
+            }
         };
         let grpc_listen = flags
             .grpc_listen
@@ -304,7 +347,10 @@ impl Config {
             server.max_lifetime = v;
         }
         if server.default_lifetime == 0 || server.max_lifetime < server.default_lifetime {
-            return Err(err("max_lifetime (--max-lifetime)", "must be at least default_lifetime (600 unless set), and both above 0"));
+            return Err(err(
+                "max_lifetime (--max-lifetime)",
+                "must be at least default_lifetime (600 unless set), and both above 0",
+            ));
         }
         if let Some(v) = file.nonce_lifetime {
             if v < 30 {

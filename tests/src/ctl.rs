@@ -67,9 +67,13 @@ enum CtlCmd {
 
 /// Runs one admin command.
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let channel = Endpoint::from_shared(args.server.clone())?.connect().await?;
+        let channel = Endpoint::from_shared(args.server.clone())?
+            .connect()
+            .await?;
         let mut admin = AdminClient::new(channel);
         match args.cmd {
             CtlCmd::List { user, data_plane } => {
@@ -85,27 +89,44 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 println!("{:#?}", r.allocations);
             }
             CtlCmd::Get { id } => {
-                let r = admin.get_allocation(v1::GetAllocationRequest { allocation_id: id }).await?;
+                let r = admin
+                    .get_allocation(v1::GetAllocationRequest { allocation_id: id })
+                    .await?;
                 println!("{:#?}", r.into_inner().allocation);
             }
             CtlCmd::Revoke { id } => {
                 admin
-                    .revoke_allocation(v1::RevokeAllocationRequest { allocation_id: id, reason: "ctl".into() })
+                    .revoke_allocation(v1::RevokeAllocationRequest {
+                        allocation_id: id,
+                        reason: "ctl".into(),
+                    })
                     .await?;
                 println!("revoked {id}");
             }
             CtlCmd::RevokeUser { user } => {
                 let r = admin
-                    .revoke_user_allocations(v1::RevokeUserAllocationsRequest { user_id: user, reason: "ctl".into() })
+                    .revoke_user_allocations(v1::RevokeUserAllocationsRequest {
+                        user_id: user,
+                        reason: "ctl".into(),
+                    })
                     .await?;
                 println!("revoked {}", r.into_inner().revoked);
             }
             CtlCmd::Stats => {
-                println!("{:#?}", admin.get_stats(v1::GetStatsRequest {}).await?.into_inner());
+                println!(
+                    "{:#?}",
+                    admin.get_stats(v1::GetStatsRequest {}).await?.into_inner()
+                );
             }
-            CtlCmd::Drain { data_plane, undrain } => {
+            CtlCmd::Drain {
+                data_plane,
+                undrain,
+            } => {
                 let r = admin
-                    .drain_data_plane(v1::DrainDataPlaneRequest { data_plane_id: data_plane, undrain })
+                    .drain_data_plane(v1::DrainDataPlaneRequest {
+                        data_plane_id: data_plane,
+                        undrain,
+                    })
                     .await?
                     .into_inner();
                 println!("draining={} allocations={}", r.draining, r.allocations);
@@ -120,7 +141,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             CtlCmd::Watch { user } => {
                 let mut s = admin
-                    .watch_events(v1::WatchEventsRequest { kinds: vec![], user_id: user, data_plane_id: String::new() })
+                    .watch_events(v1::WatchEventsRequest {
+                        kinds: vec![],
+                        user_id: user,
+                        data_plane_id: String::new(),
+                    })
                     .await?
                     .into_inner();
                 while let Some(e) = s.message().await? {

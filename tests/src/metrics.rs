@@ -67,17 +67,51 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-async fn render(cp: Option<&ControlPlaneHandle>, dp: Option<&DataPlaneHandle>, queue: &PuntQueue) -> String {
+async fn render(
+    cp: Option<&ControlPlaneHandle>,
+    dp: Option<&DataPlaneHandle>,
+    queue: &PuntQueue,
+) -> String {
     let mut o = String::new();
     if let Some(cp) = cp {
         if let Ok(s) = cp.server_stats().await {
             for (name, kind, help, v) in [
-                ("turnpike_allocations", "gauge", "Live allocations.", s.allocations),
-                ("turnpike_permissions", "gauge", "Live permissions.", s.permissions),
-                ("turnpike_channels", "gauge", "Live channel bindings.", s.channels),
-                ("turnpike_requests_total", "counter", "STUN requests handled by the control plane.", s.requests),
-                ("turnpike_auth_failures_total", "counter", "Requests that failed authentication.", s.auth_failures),
-                ("turnpike_rate_limited_total", "counter", "Unauthenticated requests dropped by the rate limiter.", s.rate_limited),
+                (
+                    "turnpike_allocations",
+                    "gauge",
+                    "Live allocations.",
+                    s.allocations,
+                ),
+                (
+                    "turnpike_permissions",
+                    "gauge",
+                    "Live permissions.",
+                    s.permissions,
+                ),
+                (
+                    "turnpike_channels",
+                    "gauge",
+                    "Live channel bindings.",
+                    s.channels,
+                ),
+                (
+                    "turnpike_requests_total",
+                    "counter",
+                    "STUN requests handled by the control plane.",
+                    s.requests,
+                ),
+                (
+                    "turnpike_auth_failures_total",
+                    "counter",
+                    "Requests that failed authentication.",
+                    s.auth_failures,
+                ),
+                (
+                    "turnpike_rate_limited_total",
+                    "counter",
+                    "Unauthenticated requests dropped by the rate limiter.",
+                    s.rate_limited,
+                ),
             ] {
                 metric(&mut o, name, kind, help);
                 let _ = writeln!(o, "{name} {v}");
@@ -86,28 +120,76 @@ async fn render(cp: Option<&ControlPlaneHandle>, dp: Option<&DataPlaneHandle>, q
     }
     if let Some(dp) = dp {
         let workers = dp.counters();
-        metric(&mut o, "turnpike_relayed_packets_total", "counter", "Packets relayed, by direction and worker.");
+        metric(
+            &mut o,
+            "turnpike_relayed_packets_total",
+            "counter",
+            "Packets relayed, by direction and worker.",
+        );
         for (w, c) in workers.iter().enumerate() {
-            let _ = writeln!(o, "turnpike_relayed_packets_total{{direction=\"to_peer\",worker=\"{w}\"}} {}", c.to_peer_packets);
-            let _ = writeln!(o, "turnpike_relayed_packets_total{{direction=\"to_client\",worker=\"{w}\"}} {}", c.to_client_packets);
+            let _ = writeln!(
+                o,
+                "turnpike_relayed_packets_total{{direction=\"to_peer\",worker=\"{w}\"}} {}",
+                c.to_peer_packets
+            );
+            let _ = writeln!(
+                o,
+                "turnpike_relayed_packets_total{{direction=\"to_client\",worker=\"{w}\"}} {}",
+                c.to_client_packets
+            );
         }
-        metric(&mut o, "turnpike_relayed_bytes_total", "counter", "Payload bytes relayed, by direction and worker.");
+        metric(
+            &mut o,
+            "turnpike_relayed_bytes_total",
+            "counter",
+            "Payload bytes relayed, by direction and worker.",
+        );
         for (w, c) in workers.iter().enumerate() {
-            let _ = writeln!(o, "turnpike_relayed_bytes_total{{direction=\"to_peer\",worker=\"{w}\"}} {}", c.to_peer_bytes);
-            let _ = writeln!(o, "turnpike_relayed_bytes_total{{direction=\"to_client\",worker=\"{w}\"}} {}", c.to_client_bytes);
+            let _ = writeln!(
+                o,
+                "turnpike_relayed_bytes_total{{direction=\"to_peer\",worker=\"{w}\"}} {}",
+                c.to_peer_bytes
+            );
+            let _ = writeln!(
+                o,
+                "turnpike_relayed_bytes_total{{direction=\"to_client\",worker=\"{w}\"}} {}",
+                c.to_client_bytes
+            );
         }
-        metric(&mut o, "turnpike_dropped_packets_total", "counter", "Packets dropped, by reason and worker.");
+        metric(
+            &mut o,
+            "turnpike_dropped_packets_total",
+            "counter",
+            "Packets dropped, by reason and worker.",
+        );
         for (w, c) in workers.iter().enumerate() {
             for (reason, v) in c.drops() {
-                let _ = writeln!(o, "turnpike_dropped_packets_total{{reason=\"{reason}\",worker=\"{w}\"}} {v}");
+                let _ = writeln!(
+                    o,
+                    "turnpike_dropped_packets_total{{reason=\"{reason}\",worker=\"{w}\"}} {v}"
+                );
             }
         }
-        metric(&mut o, "turnpike_punted_total", "counter", "STUN requests handed to the control plane, by worker.");
+        metric(
+            &mut o,
+            "turnpike_punted_total",
+            "counter",
+            "STUN requests handed to the control plane, by worker.",
+        );
         for (w, c) in workers.iter().enumerate() {
             let _ = writeln!(o, "turnpike_punted_total{{worker=\"{w}\"}} {}", c.punted);
         }
-        metric(&mut o, "turnpike_punt_queue_dropped_total", "counter", "Punted requests dropped because the queue to the control plane was full.");
-        let _ = writeln!(o, "turnpike_punt_queue_dropped_total {}", queue.dropped.load(Ordering::Relaxed));
+        metric(
+            &mut o,
+            "turnpike_punt_queue_dropped_total",
+            "counter",
+            "Punted requests dropped because the queue to the control plane was full.",
+        );
+        let _ = writeln!(
+            o,
+            "turnpike_punt_queue_dropped_total {}",
+            queue.dropped.load(Ordering::Relaxed)
+        );
     }
     o
 }

@@ -41,7 +41,10 @@ async fn start_control_plane(cfg: &mut Config) -> anyhow::Result<(ControlPlaneHa
             .first()
             .map(|a| format!("turn:{a}?transport=udp"))
             .unwrap_or_default();
-        println!("turnpike dev credential: {url} username=turnpike password={password} realm={}", cfg.realm);
+        println!(
+            "turnpike dev credential: {url} username=turnpike password={password} realm={}",
+            cfg.realm
+        );
     }
     let creds = Credentials::new(&cfg.realm, &cfg.users, &cfg.secrets);
     let mut secret = [0u8; 32];
@@ -59,7 +62,10 @@ async fn start_control_plane(cfg: &mut Config) -> anyhow::Result<(ControlPlaneHa
         .add_service(cp.control_plane_service())
         .add_service(cp.admin_service());
     tokio::spawn(async move {
-        if let Err(e) = router.serve_with_incoming(TcpListenerStream::new(listener)).await {
+        if let Err(e) = router
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+        {
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
@@ -83,7 +89,11 @@ async fn shutdown_signal() {
 }
 
 /// `serve` (with a control plane in process) or `dataplane` (attached to `control`).
-pub fn serve(mut cfg: Config, with_control_plane: bool, control: Option<String>) -> anyhow::Result<()> {
+pub fn serve(
+    mut cfg: Config,
+    with_control_plane: bool,
+    control: Option<String>,
+) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut cp = None;
         let control = match control {

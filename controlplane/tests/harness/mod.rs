@@ -1,5 +1,6 @@
 //! A deterministic harness: the control plane and sans-IO TURN clients driven against each
 //! other on a virtual clock. No sockets, no sleeps.
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
