@@ -58,6 +58,7 @@ fn allocation(id: u64, user: &str) -> Allocation {
         deadline_unix_millis: DEADLINE,
         bandwidth_limit_bytes_per_second: 1_250_000,
         user_id: user.to_owned(),
+        dont_fragment: false,
     }
 }
 
