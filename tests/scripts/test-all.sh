@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
-# The project's test command: installs what the tests need (idempotently), then runs
-# every test of the workspace, the end-to-end tests against third-party clients included.
+# The project's test command. Installs what the tests need (idempotently: coturn's
+# tools, Chromium, a Python venv with aioice), then runs every test of the workspace and
+# the end-to-end suite with third-party clients against the real binary, on both I/O
+# backends.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
-cargo test --workspace --all-targets --locked -- --test-threads=2
+
+tests/scripts/setup-deps.sh
+
+cargo build --workspace --locked --bins
+cargo test --workspace --locked -- --test-threads=2
+
+bin="$PWD/target/debug/turnpike"
+common="--listen {listen_ip}:{port} --relay-ports {relay_min}-{relay_max} --realm {realm} --user {user}:{password} --grpc-listen 127.0.0.1:0 --workers 2"
+for backend in uring mmsg; do
+  echo "== end-to-end suite, io backend: $backend =="
+  TURN_SERVER_CMD="$bin serve $common --io-backend $backend --allow-peer 127.0.0.0/8" \
+  TURN_SERVER_CMD_DENY_LOOPBACK="$bin serve $common --io-backend $backend" \
+  E2E_SKIP_SETUP=1 tests/e2e/run.sh
+done

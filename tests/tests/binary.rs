@@ -1,0 +1,189 @@
+//! The real `turnpike` binary: configuration errors, the no-argument development server,
+//! the peer policy end to end, split mode surviving a control-plane restart, and the
+//! admin API.
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{BIN, EchoPeer, Outcome, Proc, Turn, echo_round, field, free_tcp_port, free_udp_port};
+
+fn exit_code(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_option() {
+    for (args, option) in [
+        (vec!["serve", "--relay-ports", "5000-4000"], "relay_ports"),
+        (vec!["serve", "--io-backend", "fast"], "io_backend"),
+        (vec!["serve", "--listen", "localhost"], "listen"),
+        (vec!["serve", "--allow-peer", "10.0.0.0/40"], "allow_peers"),
+        (vec!["serve", "--user", "nopassword"], "users"),
+        (vec!["serve", "--listen", "0.0.0.0:3478"], "relay_ips"),
+    ] {
+        let (code, err) = exit_code(&args);
+        assert_eq!(code, 64, "{args:?}: {err}");
+        assert!(err.contains(option), "{args:?}: {err}");
+    }
+    let dir = std::env::temp_dir().join(format!("turnpike-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "listen = [\"127.0.0.1:3478\"]\nrelay_portz = \"1-2\"\n").unwrap();
+    let (code, err) = exit_code(&["serve", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("relay_portz"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn serve(extra: &[&str]) -> (Proc, SocketAddr, String) {
+    let port = free_udp_port();
+    let grpc = free_tcp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let grpc = format!("127.0.0.1:{grpc}");
+    let mut args = vec!["serve", "--listen", &listen, "--grpc-listen", &grpc, "--workers", "2", "--user", "u:p"];
+    args.extend_from_slice(extra);
+    let mut p = Proc::spawn(&args);
+    p.wait_for("turnpike ready", Duration::from_secs(20));
+    (p, listen.parse().unwrap(), format!("http://{grpc}"))
+}
+
+/// The README's run command: no arguments at all.
+#[test]
+fn serve_without_arguments_is_a_working_dev_server_with_default_peer_policy() {
+    let mut p = Proc::spawn(&["serve"]);
+    let cred = p.wait_for("dev credential", Duration::from_secs(20));
+    p.wait_for("turnpike ready", Duration::from_secs(20));
+    let user = field(&cred, "username");
+    let password = field(&cred, "password");
+    assert_eq!(user, "turnpike");
+    assert!(password.len() >= 16);
+    let server: SocketAddr = "127.0.0.1:3478".parse().unwrap();
+    let mut t = Turn::new(server, &user, &password);
+    let Outcome::Allocated(relays) = t.allocate() else {
+        panic!("allocation failed: {}", p.seen.join("\n"));
+    };
+    assert_eq!(relays[0].ip().to_string(), "127.0.0.1");
+    // With the default config, loopback peers are forbidden.
+    assert_eq!(t.permit("127.0.0.1:9".parse().unwrap()), Outcome::Failed(403));
+    assert_eq!(t.permit("169.254.169.254:80".parse().unwrap()), Outcome::Failed(403));
+    // A wrong password fails.
+    let mut bad = Turn::new(server, &user, "wrong");
+    assert_eq!(bad.allocate(), Outcome::Failed(401));
+}
+
+#[test]
+fn relays_both_ways_on_both_backends() {
+    for backend in ["mmsg", "uring"] {
+        let (_p, server, _) = serve(&["--allow-peer", "127.0.0.0/8", "--io-backend", backend]);
+        let peer = EchoPeer::start();
+        let mut t = Turn::new(server, "u", "p");
+        assert!(matches!(t.allocate(), Outcome::Allocated(_)), "{backend}");
+        assert_eq!(t.bind(0x4000, peer.addr), Outcome::Ok, "{backend}");
+        assert_eq!(echo_round(&mut t, 0x4000, 50), 50, "{backend}");
+    }
+}
+
+/// Split mode: the control plane dies while traffic flows; relaying goes on; it comes
+/// back, the data plane resyncs, and requests on the old allocation succeed.
+#[test]
+fn split_mode_survives_a_control_plane_restart() {
+    let grpc = format!("127.0.0.1:{}", free_tcp_port());
+    let control = format!("http://{grpc}");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let cp_args = ["controlplane", "--grpc-listen", grpc.as_str(), "--user", "u:p", "--allow-peer", "127.0.0.0/8", "--listen", listen.as_str()];
+    let mut cp = Proc::spawn(&cp_args);
+    cp.wait_for("control plane ready", Duration::from_secs(20));
+    let mut dp = Proc::spawn(&["dataplane", "--control", &control, "--listen", &listen, "--workers", "2"]);
+    dp.wait_for("turnpike ready", Duration::from_secs(20));
+    let server: SocketAddr = listen.parse().unwrap();
+    let peer = EchoPeer::start();
+    let mut t = Turn::new(server, "u", "p");
+    assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+    assert_eq!(t.bind(0x4001, peer.addr), Outcome::Ok);
+    assert_eq!(echo_round(&mut t, 0x4001, 20), 20);
+
+    cp.kill();
+    // Headless: the allocation keeps relaying.
+    assert_eq!(echo_round(&mut t, 0x4001, 20), 20);
+    dp.wait_for("control plane stream lost", Duration::from_secs(10));
+
+    let mut cp2 = Proc::spawn(&cp_args);
+    cp2.wait_for("control plane ready", Duration::from_secs(20));
+    dp.wait_for("attached to control plane", Duration::from_secs(20));
+    // The rebuilt control plane knows the allocation: requests on it succeed.
+    assert_eq!(t.refresh(600), Outcome::Ok);
+    assert_eq!(t.permit(peer.addr), Outcome::Ok);
+    assert_eq!(t.bind(0x4001, peer.addr), Outcome::Ok);
+    assert_eq!(echo_round(&mut t, 0x4001, 20), 20);
+    // And a second Allocate on the same 5-tuple is still a mismatch.
+    assert_eq!(t.allocate(), Outcome::Failed(437));
+}
+
+#[test]
+fn admin_api_lists_revokes_and_watches() {
+    use turnpike_proto::api::v1::{self, admin_client::AdminClient};
+    let (_p, server, grpc) = serve(&["--allow-peer", "127.0.0.0/8"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(grpc.clone()).unwrap().connect().await.unwrap();
+        let mut admin = AdminClient::new(ch);
+        let mut events = admin
+            .watch_events(v1::WatchEventsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let peer = EchoPeer::start();
+        let mut t = tokio::task::spawn_blocking(move || {
+            let mut t = Turn::new(server, "u", "p");
+            assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+            assert_eq!(t.bind(0x4002, peer.addr), Outcome::Ok);
+            assert_eq!(echo_round(&mut t, 0x4002, 10), 10);
+            (t, peer)
+        })
+        .await
+        .unwrap();
+        let list = admin.list_allocations(v1::ListAllocationsRequest::default()).await.unwrap().into_inner();
+        assert_eq!(list.allocations.len(), 1);
+        let id = list.allocations[0].state.as_ref().unwrap().allocation.as_ref().unwrap().allocation_id;
+        assert_eq!(list.allocations[0].state.as_ref().unwrap().channels.len(), 1);
+        let stats = admin.get_stats(v1::GetStatsRequest {}).await.unwrap().into_inner();
+        assert_eq!(stats.totals.unwrap().allocations, 1);
+        assert_eq!(stats.data_planes.len(), 1);
+
+        // Lifecycle events arrive: created, then (after usage reports) usage.
+        let first = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
+        assert!(matches!(first.body, Some(v1::event::Body::Created(_))), "{first:?}");
+        let mut saw_usage = false;
+        for _ in 0..20 {
+            let e = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
+            if let Some(v1::event::Body::Usage(u)) = e.body {
+                assert!(u.total.unwrap().client_to_peer.unwrap().packets >= 10);
+                saw_usage = true;
+                break;
+            }
+        }
+        assert!(saw_usage, "no usage event");
+
+        admin.revoke_allocation(v1::RevokeAllocationRequest { allocation_id: id, reason: "test".into() }).await.unwrap();
+        let list = admin.list_allocations(v1::ListAllocationsRequest::default()).await.unwrap().into_inner();
+        assert!(list.allocations.is_empty());
+        // The revoked allocation no longer relays.
+        let (t2, _peer) = &mut t;
+        let t2 = std::mem::replace(t2, Turn::new(server, "u", "p"));
+        let got = tokio::task::spawn_blocking(move || {
+            let mut t2 = t2;
+            echo_round(&mut t2, 0x4002, 3)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, 0);
+    });
+}

@@ -1,0 +1,281 @@
+//! Helpers for end-to-end tests against the real `turnpike` binary.
+#![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use turnpike_proto::client::{AllocateOptions, Client, Event};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_turnpike");
+
+/// A running turnpike process; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn turnpike");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(l);
+            }
+        });
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needle:?} within {timeout:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A value after `key=` in a line.
+pub fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A free UDP port on loopback (bound, then released).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A free TCP port on loopback.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TURN client over a real UDP socket, driving the sans-IO client.
+pub struct Turn {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub client: Client,
+    start: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Allocated(Vec<SocketAddr>),
+    Ok,
+    Failed(u16),
+    TimedOut,
+}
+
+impl Turn {
+    pub fn new(server: SocketAddr, user: &str, password: &str) -> Turn {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        Turn {
+            sock,
+            server,
+            client: Client::new(user, password, rand_seed()),
+            start: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Runs the outstanding transaction whose first request is `req` to completion.
+    pub fn finish(&mut self, req: Vec<u8>) -> Outcome {
+        self.sock.send_to(&req, self.server).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            let mut out = Vec::new();
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    let now = self.now();
+                    match self.client.handle(now, &buf[..n], &mut out) {
+                        Event::Retry => {
+                            self.sock.send_to(&out, self.server).unwrap();
+                        }
+                        Event::Allocated { relayed, .. } => return Outcome::Allocated(relayed),
+                        Event::Refreshed { .. } | Event::PermissionCreated | Event::ChannelBound { .. } => {
+                            return Outcome::Ok;
+                        }
+                        Event::Failed { code, .. } => return Outcome::Failed(code),
+                        Event::TimedOut { .. } => return Outcome::TimedOut,
+                        _ => {}
+                    }
+                }
+                Err(_) => {
+                    let now = self.now();
+                    if self.client.poll_timeout().is_some_and(|t| t <= now) {
+                        match self.client.handle_timeout(now, &mut out) {
+                            Event::Retry => {
+                                self.sock.send_to(&out, self.server).unwrap();
+                            }
+                            Event::TimedOut { .. } => return Outcome::TimedOut,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        Outcome::TimedOut
+    }
+
+    pub fn allocate(&mut self) -> Outcome {
+        let mut req = Vec::new();
+        let now = self.now();
+        self.client.allocate(now, AllocateOptions::default(), &mut req).unwrap();
+        self.finish(req)
+    }
+
+    pub fn refresh(&mut self, lifetime: u32) -> Outcome {
+        let mut req = Vec::new();
+        let now = self.now();
+        self.client.refresh(now, lifetime, &mut req).unwrap();
+        self.finish(req)
+    }
+
+    pub fn permit(&mut self, peer: SocketAddr) -> Outcome {
+        let mut req = Vec::new();
+        let now = self.now();
+        self.client.create_permission(now, &[peer], &mut req).unwrap();
+        self.finish(req)
+    }
+
+    pub fn bind(&mut self, channel: u16, peer: SocketAddr) -> Outcome {
+        let mut req = Vec::new();
+        let now = self.now();
+        self.client.channel_bind(now, channel, peer, &mut req).unwrap();
+        self.finish(req)
+    }
+
+    /// Sends `data` on `channel`.
+    pub fn send_channel(&self, channel: u16, data: &[u8]) {
+        let mut buf = [0u8; 2048];
+        let n = Client::channel_data(channel, data, &mut buf).unwrap();
+        self.sock.send_to(&buf[..n], self.server).unwrap();
+    }
+
+    /// Receives one relayed payload (ChannelData or Data indication), bounded in time.
+    pub fn recv_data(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
+                let mut out = Vec::new();
+                match self.client.handle(0, &buf[..n], &mut out) {
+                    Event::ChannelData { data, .. } | Event::Data { data, .. } => return Some(data.to_vec()),
+                    _ => {}
+                }
+            }
+        }
+        None
+    }
+}
+
+fn rand_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    t.as_nanos() as u64 ^ u64::from(std::process::id())
+}
+
+/// A UDP peer on loopback that echoes what it receives.
+pub struct EchoPeer {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EchoPeer {
+    pub fn start() -> EchoPeer {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        EchoPeer { addr, stop }
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Sends `n` numbered payloads on `channel` and counts the echoes that come back.
+pub fn echo_round(t: &mut Turn, channel: u16, n: usize) -> usize {
+    let mut got = 0;
+    for i in 0..n {
+        let payload = format!("ping {i}");
+        t.send_channel(channel, payload.as_bytes());
+        if t.recv_data(Duration::from_secs(2)).as_deref() == Some(payload.as_bytes()) {
+            got += 1;
+        }
+    }
+    got
+}
