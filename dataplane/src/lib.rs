@@ -10,7 +10,16 @@
 #![allow(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+
+mod counters;
+mod engine;
+mod mmsg;
+mod plane;
+mod sys;
+mod uring;
+
+pub use counters::{Drops, WorkerCounters};
+pub use plane::{DataPlane, DataPlaneHandle};
 
 /// Which I/O backend the workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -148,4 +157,43 @@ pub enum Change {
         /// Channel number.
         channel: u16,
     },
+}
+
+/// What an allocation has relayed so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Datagrams relayed from the client to peers.
+    pub to_peer_packets: u64,
+    /// Application bytes relayed from the client to peers.
+    pub to_peer_bytes: u64,
+    /// Datagrams relayed from peers to the client.
+    pub to_client_packets: u64,
+    /// Application bytes relayed from peers to the client.
+    pub to_client_bytes: u64,
+}
+
+/// One live allocation as a worker holds it: what the control plane needs to rebuild its
+/// state after a restart, and to report usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationSnapshot {
+    /// The allocation.
+    pub id: AllocationKey,
+    /// The worker that owns it.
+    pub worker: usize,
+    /// The client 5-tuple.
+    pub tuple: Tuple,
+    /// Relay addresses.
+    pub relays: Vec<SocketAddr>,
+    /// Unix millis at which forwarding stops.
+    pub deadline: u64,
+    /// Bytes per second per direction; 0 unlimited.
+    pub bandwidth: u64,
+    /// Accounting user.
+    pub user: String,
+    /// Installed permissions: peer IP and deadline (unix millis).
+    pub permissions: Vec<(IpAddr, u64)>,
+    /// Bound channels: number, peer and deadline (unix millis).
+    pub channels: Vec<(u16, SocketAddr, u64)>,
+    /// Traffic relayed so far.
+    pub usage: Usage,
 }
