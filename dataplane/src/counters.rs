@@ -47,7 +47,31 @@ pub struct WorkerCounters {
     /// Sends that carried several segments with UDP GSO.
     pub gso_sends: u64,
     /// Drops, by reason.
-    pub drops: Drops,
+    pub dropped: Drops,
+}
+
+impl Drops {
+    /// Every reason with its count, named as in metrics (`snake_case`).
+    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+        [
+            ("malformed", self.malformed),
+            ("unexpected", self.unexpected),
+            ("no_allocation", self.no_allocation),
+            ("no_permission", self.no_permission),
+            ("no_channel", self.no_channel),
+            ("bandwidth", self.bandwidth),
+            ("denied_peer", self.denied_peer),
+            ("send_error", self.send_error),
+            ("expired", self.expired),
+        ]
+    }
+}
+
+impl WorkerCounters {
+    /// Drops by reason: [`Drops::by_reason`] of [`WorkerCounters::dropped`].
+    pub fn drops(&self) -> [(&'static str, u64); 9] {
+        self.dropped.by_reason()
+    }
 }
 
 /// The live counters of one worker. Only the owning worker writes, so an increment is a
@@ -92,7 +116,7 @@ impl Counters {
             binding_answered: r(&self.binding_answered),
             control_sent: r(&self.control_sent),
             gso_sends: r(&self.gso_sends),
-            drops: Drops {
+            dropped: Drops {
                 malformed: r(&self.malformed),
                 unexpected: r(&self.unexpected),
                 no_allocation: r(&self.no_allocation),

@@ -18,8 +18,8 @@ use turnpike_proto::channel::{CHANNEL_HEADER_LEN, ChannelData};
 use turnpike_proto::demux::{PacketKind, classify};
 use turnpike_proto::stun::{Class, Message, Method, TransactionId, padded};
 use turnpike_proto::turn::{
-    MAX_DATA_INDICATION_HEADER, SendIndication, data_indication_header_len,
-    write_binding_response, write_data_indication_header,
+    MAX_DATA_INDICATION_HEADER, SendIndication, data_indication_header_len, write_binding_response,
+    write_data_indication_header,
 };
 
 use crate::counters::{Counters, bump};
@@ -281,7 +281,11 @@ impl Denied {
     }
 
     fn contains(&self, a: &SocketAddr) -> bool {
-        self.exact.contains(a) || self.any_ip.iter().any(|&(v6, port)| v6 == a.is_ipv6() && port == a.port())
+        self.exact.contains(a)
+            || self
+                .any_ip
+                .iter()
+                .any(|&(v6, port)| v6 == a.is_ipv6() && port == a.port())
     }
 }
 
@@ -364,7 +368,9 @@ impl Core {
             by_tuple: AHashMap::new(),
             pending: AHashMap::new(),
             next_sweep: now + SWEEP_MS,
-            tid_state: 0x9E37_79B9_7F4A_7C15 ^ (init.id as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ now,
+            tid_state: 0x9E37_79B9_7F4A_7C15
+                ^ (init.id as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+                ^ now,
         };
         for sock in init.listen {
             let local = sock
@@ -433,8 +439,8 @@ impl Core {
         };
         let local = entry.local;
         let out = match entry.role {
-            Role::Listen => self.from_client(token, Tuple { client: src, local }, buf, len),
-            Role::Relay(Owner::Alloc(id)) => self.from_peer(id, src, buf, len),
+            Role::Listen => self.client_datagram(token, Tuple { client: src, local }, buf, len),
+            Role::Relay(Owner::Alloc(id)) => self.peer_datagram(id, src, buf, len),
             Role::Relay(Owner::Pending) => {
                 bump(&self.ctr.no_allocation, 1);
                 None
@@ -455,7 +461,7 @@ impl Core {
 
     /// Client → peer (or the worker's own answer). Returns (socket, destination, start,
     /// length).
-    fn from_client(
+    fn client_datagram(
         &mut self,
         listen: Token,
         tuple: Tuple,
@@ -479,7 +485,7 @@ impl Core {
                     bump(&self.ctr.expired, 1);
                     return None;
                 }
-                let from = self.to_peer(&tuple, &peer, n)?;
+                let from = self.admit_to_peer(&tuple, &peer, n)?;
                 Some((from, peer, HEADROOM + CHANNEL_HEADER_LEN, n))
             }
             PacketKind::Stun => {
@@ -489,7 +495,6 @@ impl Core {
                 };
                 match (msg.method(), msg.class()) {
                     (Method::BINDING, Class::Request) => {
-                        drop(msg);
                         self.answer_binding(listen, tuple, buf, len)
                     }
                     (Method::SEND, Class::Indication) => {
@@ -501,7 +506,6 @@ impl Core {
                         let n = ind.data.len();
                         // Where DATA lies in the slot: its offset from the slot's start.
                         let start = ind.data.as_ptr() as usize - buf.as_ptr() as usize;
-                        drop(msg);
                         let a = self.live_alloc_by_tuple(&tuple)?;
                         let perm = a.perms.get(&peer.ip()).copied();
                         if self.denied.load().contains(&peer) {
@@ -519,7 +523,7 @@ impl Core {
                             }
                             Some(_) => {}
                         }
-                        let from = self.to_peer(&tuple, &peer, n)?;
+                        let from = self.admit_to_peer(&tuple, &peer, n)?;
                         Some((from, peer, start, n))
                     }
                     (_, Class::Request) => {
@@ -559,9 +563,12 @@ impl Core {
 
     /// The last checks before relaying `n` bytes to `peer`: the relay socket of the
     /// peer's family and the bandwidth limit; accounts the packet.
-    fn to_peer(&mut self, tuple: &Tuple, peer: &SocketAddr, n: usize) -> Option<Token> {
+    fn admit_to_peer(&mut self, tuple: &Tuple, peer: &SocketAddr, n: usize) -> Option<Token> {
         let now = self.now;
-        let a = self.by_tuple.get(tuple).and_then(|id| self.allocs.get_mut(id))?;
+        let a = self
+            .by_tuple
+            .get(tuple)
+            .and_then(|id| self.allocs.get_mut(id))?;
         let Some(from) = a.relay_for(peer) else {
             bump(&self.ctr.send_error, 1);
             return None;
@@ -602,7 +609,7 @@ impl Core {
 
     /// Peer → client: ChannelData if a channel is bound to the peer, else a Data
     /// indication, its header written into the headroom in front of the payload.
-    fn from_peer(
+    fn peer_datagram(
         &mut self,
         id: AllocationKey,
         peer: SocketAddr,
@@ -653,7 +660,8 @@ impl Core {
             None => {
                 let hlen = data_indication_header_len(&peer);
                 let start = HEADROOM - hlen;
-                write_data_indication_header(buf.get_mut(start..HEADROOM)?, tid, &peer, len).ok()?;
+                write_data_indication_header(buf.get_mut(start..HEADROOM)?, tid, &peer, len)
+                    .ok()?;
                 let end = HEADROOM + padded(len);
                 buf.get_mut(HEADROOM + len..end)?.fill(0);
                 (start, end - start)
@@ -684,9 +692,20 @@ impl Core {
                     .listen_token(&tuple.local)
                     .and_then(|t| self.socks.get(t))
                     .is_some_and(|e| e.sock.send_to(&data, &SockAddr::from(tuple.client)).is_ok());
-                bump(if ok { &self.ctr.control_sent } else { &self.ctr.send_error }, 1);
+                bump(
+                    if ok {
+                        &self.ctr.control_sent
+                    } else {
+                        &self.ctr.send_error
+                    },
+                    1,
+                );
             }
-            Command::Bind { tuple, relays, done } => done(self.bind(tuple, relays)),
+            Command::Bind {
+                tuple,
+                relays,
+                done,
+            } => done(self.bind(tuple, relays)),
             Command::Apply(changes) => {
                 for c in changes {
                     self.apply(c);
@@ -769,7 +788,13 @@ impl Core {
                 }
                 let tokens = self.claim(&tuple, &relays);
                 if tokens.is_empty() && !relays.is_empty() {
-                    tracing::warn!(worker = self.id, id, ?tuple, ?relays, "AllocationAdd without bound relay sockets");
+                    tracing::warn!(
+                        worker = self.id,
+                        id,
+                        ?tuple,
+                        ?relays,
+                        "AllocationAdd without bound relay sockets"
+                    );
                 }
                 let mut relay_v4 = None;
                 let mut relay_v6 = None;
@@ -784,7 +809,12 @@ impl Core {
                 }
                 let listen = self.listen_token(&tuple.local);
                 if listen.is_none() {
-                    tracing::warn!(worker = self.id, id, ?tuple, "AllocationAdd for a local address not listened on");
+                    tracing::warn!(
+                        worker = self.id,
+                        id,
+                        ?tuple,
+                        "AllocationAdd for a local address not listened on"
+                    );
                 }
                 self.by_tuple.insert(tuple, id);
                 self.allocs.insert(

@@ -229,7 +229,8 @@ impl Mmsg {
                     let o = &self.outs[k];
                     self.s_iovs[k] = libc::iovec {
                         // In bounds: the engine's ranges lie within slot `o.slot`.
-                        iov_base: base.wrapping_add(o.slot as usize * SLOT + o.start as usize) as *mut _,
+                        iov_base: base.wrapping_add(o.slot as usize * SLOT + o.start as usize)
+                            as *mut _,
                         iov_len: o.len as usize,
                     };
                 }

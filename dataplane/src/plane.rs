@@ -14,8 +14,8 @@ use socket2::Socket;
 use crate::counters::{Counters, WorkerCounters};
 use crate::engine::{Command, Core, CoreInit, Denied, udp_socket};
 use crate::{
-    AllocationKey, AllocationSnapshot, Backend, Change, ControlSink, DataPlaneConfig, Tuple,
-    mmsg, uring,
+    AllocationKey, AllocationSnapshot, Backend, Change, ControlSink, DataPlaneConfig, Tuple, mmsg,
+    uring,
 };
 
 /// How long [`DataPlaneHandle::snapshot`] waits for a worker's answer.
@@ -76,7 +76,10 @@ impl DataPlane {
     /// and starts the workers. Returns when every worker is ready to receive.
     pub fn start(cfg: DataPlaneConfig, sink: Arc<dyn ControlSink>) -> io::Result<DataPlane> {
         if cfg.listen.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listening address"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no listening address",
+            ));
         }
         let n = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -91,7 +94,9 @@ impl DataPlane {
                 }
             },
             Backend::Uring => {
-                uring::probe().map_err(|e| io::Error::new(e.kind(), format!("io_uring backend unusable: {e}")))?;
+                uring::probe().map_err(|e| {
+                    io::Error::new(e.kind(), format!("io_uring backend unusable: {e}"))
+                })?;
                 Backend::Uring
             }
             Backend::Mmsg => Backend::Mmsg,
@@ -105,10 +110,9 @@ impl DataPlane {
             for socks in per_worker.iter_mut() {
                 let s = udp_socket(actual, true, cfg.socket_buffer)?;
                 if actual.port() == 0 {
-                    actual = s
-                        .local_addr()?
-                        .as_socket()
-                        .ok_or_else(|| io::Error::other("listening socket without an IP address"))?;
+                    actual = s.local_addr()?.as_socket().ok_or_else(|| {
+                        io::Error::other("listening socket without an IP address")
+                    })?;
                 }
                 socks.push(s);
             }
@@ -118,7 +122,11 @@ impl DataPlane {
         let denied = Arc::new(ArcSwap::from_pointee(Denied::new(
             cfg.denied_peers.iter().chain(&local).copied(),
         )));
-        let cores = if cfg.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+        let cores = if cfg.pin {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
 
         let mut queues = Vec::with_capacity(n);
         let mut counters = Vec::with_capacity(n);
@@ -126,7 +134,9 @@ impl DataPlane {
         let mut readies = Vec::with_capacity(n);
         for (id, listen) in per_worker.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
-            let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?);
+            let wake = Arc::new(EventFd::from_flags(
+                EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+            )?);
             let ctr = Arc::new(Counters::default());
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
             let init = CoreInit {
@@ -279,7 +289,14 @@ impl DataPlaneHandle {
         if let Ok(mut r) = self.shared.routes.lock() {
             r.by_tuple.insert(tuple, worker);
         }
-        if let Err(Command::Bind { done, .. }) = self.push(worker, Command::Bind { tuple, relays, done }) {
+        if let Err(Command::Bind { done, .. }) = self.push(
+            worker,
+            Command::Bind {
+                tuple,
+                relays,
+                done,
+            },
+        ) {
             done(Err(format!("no running worker {worker}")));
         }
     }
@@ -317,7 +334,9 @@ impl DataPlaneHandle {
                 };
                 match worker.and_then(|w| per.get_mut(w)) {
                     Some(v) => v.push(c),
-                    None => tracing::warn!(change = ?c, "table change for an allocation no worker owns: dropped"),
+                    None => {
+                        tracing::warn!(change = ?c, "table change for an allocation no worker owns: dropped")
+                    }
                 }
             }
         }

@@ -75,7 +75,12 @@ pub(crate) fn write_name(addr: &SocketAddr, out: &mut RawName) -> u32 {
     }
 }
 
-fn setsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `fd` is a live descriptor for the duration of the borrow, and the option
     // value is a plain int whose address and size are passed together.
     let rc = unsafe {
@@ -226,7 +231,9 @@ mod tests {
     #[test]
     fn names_round_trip() {
         for a in [
-            "127.0.0.1:3478".parse::<SocketAddr>().unwrap_or_else(|_| unreachable!()),
+            "127.0.0.1:3478"
+                .parse::<SocketAddr>()
+                .unwrap_or_else(|_| unreachable!()),
             "[2001:db8::1]:9".parse().unwrap_or_else(|_| unreachable!()),
         ] {
             let mut raw = RawName::default();
@@ -234,7 +241,9 @@ mod tests {
             assert_eq!(parse_name(&raw.0[..len]), Some(a));
         }
         let mut raw = RawName::default();
-        let mapped: SocketAddr = "[::ffff:10.0.0.1]:5".parse().unwrap_or_else(|_| unreachable!());
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:5"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
         write_name(&mapped, &mut raw);
         assert_eq!(parse_name(&raw.0), "10.0.0.1:5".parse().ok());
         assert_eq!(parse_name(&[0u8; 3]), None);
