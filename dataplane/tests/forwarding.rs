@@ -641,6 +641,47 @@ fn burst_in_order(b: Backend) {
     );
 }
 
+/// Equal-size datagrams of one batch to one destination leave as one GSO send; the
+/// receiver still gets them one by one, in order. How many land in one batch depends on
+/// timing, so bursts are repeated (bounded) until one was merged.
+fn gso_bursts(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let peer = socket("127.0.0.1");
+    let pa = peer.local_addr().unwrap();
+    let a = s.allocate(&client, 11, far(), 0);
+    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.sync();
+    const N: u8 = 32;
+    for round in 0..50u8 {
+        for i in 0..N {
+            send_cd(&client, s.addr, 0x4000, &payload(500, i ^ round));
+        }
+        for i in 0..N {
+            assert_eq!(
+                recv(&peer).0,
+                payload(500, i ^ round),
+                "round {round} datagram {i}"
+            );
+        }
+        for i in 0..N {
+            peer.send_to(&payload(500, i ^ round), a.relay).unwrap();
+        }
+        for i in 0..N {
+            assert_eq!(
+                recv_cd(&client),
+                (0x4000, payload(500, i ^ round)),
+                "round {round} datagram {i}"
+            );
+        }
+        if s.total().gso_sends > 0 {
+            break;
+        }
+    }
+    let t = s.wait_counters("a GSO send", |t| t.gso_sends > 0);
+    assert_eq!(t.dropped.send_error, 0);
+}
+
 fn unknown_relay_data_dropped(b: Backend) {
     let s = Server::v4(b);
     let client = socket("127.0.0.1");
@@ -714,6 +755,7 @@ on_both_backends!(
     bandwidth_limited,
     snapshot_and_remove,
     burst_in_order,
+    gso_bursts,
     unknown_relay_data_dropped,
     shutdown_closes_sockets,
 );
