@@ -229,7 +229,19 @@ fn build_ring() -> io::Result<IoUring> {
 /// Whether this kernel offers what the backend needs: a ring with DEFER_TASKRUN, the
 /// opcodes, extended enter arguments (a wait timeout), provided buffer rings, and
 /// multishot recvmsg (implied by RECVSEND_BUNDLE, Linux 6.10).
+///
+/// The probe ring lives on a thread of its own: tearing down a DEFER_TASKRUN ring may
+/// post task work to the thread that created it, which interrupts that thread's next
+/// blocking socket call with EINTR; the caller's thread must not be that one.
 pub(crate) fn probe() -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("turnpike-uring-probe".into())
+        .spawn(probe_here)?
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("io_uring probe panicked")))
+}
+
+fn probe_here() -> io::Result<()> {
     let ring = build_ring()?;
     let mut p = Probe::new();
     ring.submitter().register_probe(&mut p)?;
@@ -417,7 +429,9 @@ impl Uring {
                 .clamp(1, 1000);
             let ts = Timespec::from(Duration::from_millis(wait_ms));
             let args = SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
+            // Sockets waiting to be closed need only this enter to pass, not a wait.
+            let want = usize::from(self.release.is_empty());
+            match self.ring.submitter().submit_with_args(want, &args) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
