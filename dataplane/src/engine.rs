@@ -999,6 +999,100 @@ mod tests {
         assert!(b.take(0, 0, usize::MAX));
     }
 
+    struct NoSink;
+
+    impl ControlSink for NoSink {
+        fn punt(&self, _: Punted) {}
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap_or_else(|_| unreachable!())
+    }
+
+    fn core() -> (Core, mpsc::Sender<Command>) {
+        let (tx, rx) = mpsc::channel();
+        let c = Core::new(CoreInit {
+            id: 0,
+            listen: Vec::new(),
+            rx,
+            sink: Arc::new(NoSink),
+            denied: Arc::new(ArcSwap::from_pointee(Denied::default())),
+            ctr: Arc::new(Counters::default()),
+            buffers: 0,
+        });
+        (c.unwrap_or_else(|e| panic!("{e}")), tx)
+    }
+
+    #[test]
+    fn sweep_closes_unclaimed_relays_and_expired_entries() {
+        let (mut c, _tx) = core();
+        let t1 = Tuple {
+            client: addr("127.0.0.1:1"),
+            local: addr("127.0.0.1:2"),
+        };
+        let t2 = Tuple {
+            client: addr("127.0.0.1:3"),
+            local: addr("127.0.0.1:2"),
+        };
+        let any = vec![addr("127.0.0.1:0")];
+        c.now = 1_000;
+        assert_eq!(c.bind(t1, any.clone()), Ok(()));
+        assert_eq!(c.bind(t2, any.clone()), Ok(()));
+        let [IoOp::Register(r1), IoOp::Register(r2)] = c.io_ops[..] else {
+            panic!("{:?}", c.io_ops);
+        };
+        c.io_ops.clear();
+        c.apply(Change::AllocationAdd {
+            id: 7,
+            tuple: t2,
+            relays: any,
+            deadline: 100_000,
+            bandwidth: 0,
+            user: String::new(),
+        });
+        let peer = addr("192.0.2.1:9");
+        c.apply(Change::PermissionSet {
+            id: 7,
+            peer: peer.ip(),
+            deadline: 2_000,
+        });
+        c.apply(Change::ChannelSet {
+            id: 7,
+            channel: 0x4000,
+            peer,
+            deadline: 2_000,
+        });
+        c.sweep(1_999);
+        assert_eq!(
+            (
+                c.snapshot()[0].permissions.len(),
+                c.snapshot()[0].channels.len()
+            ),
+            (1, 1)
+        );
+        c.sweep(2_000);
+        assert_eq!(
+            (
+                c.snapshot()[0].permissions.len(),
+                c.snapshot()[0].channels.len()
+            ),
+            (0, 0)
+        );
+        assert!(c.io_ops.is_empty());
+        // The unclaimed relay goes after 30 s; the claimed one stays.
+        c.sweep(1_000 + UNCLAIMED_BIND_MS - 1);
+        assert!(c.io_ops.is_empty());
+        c.sweep(1_000 + UNCLAIMED_BIND_MS);
+        assert_eq!(c.io_ops, vec![IoOp::Close(r1)]);
+        c.io_ops.clear();
+        // The allocation goes at its deadline, with its relay socket.
+        c.sweep(99_999);
+        assert!(c.io_ops.is_empty());
+        c.sweep(100_000);
+        assert_eq!(c.io_ops, vec![IoOp::Close(r2)]);
+        assert!(c.snapshot().is_empty());
+    }
+
     #[test]
     fn denied_wildcards() {
         let d = Denied::new([

@@ -134,6 +134,10 @@ impl Mmsg {
     }
 
     fn apply_io_ops(&mut self, core: &mut Core) -> io::Result<()> {
+        if core.io_ops.is_empty() {
+            // Most turns: keep the queue's capacity rather than take and free it.
+            return Ok(());
+        }
         for op in std::mem::take(&mut core.io_ops) {
             match op {
                 IoOp::Register(t) => {

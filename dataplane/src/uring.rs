@@ -388,6 +388,10 @@ impl Uring {
     }
 
     fn apply_io_ops(&mut self, core: &mut Core) {
+        if core.io_ops.is_empty() {
+            // Most turns: keep the queue's capacity rather than take and free it.
+            return;
+        }
         for op in std::mem::take(&mut core.io_ops) {
             match op {
                 IoOp::Register(t) => {
@@ -452,7 +456,8 @@ impl Uring {
             }
             core.maybe_sweep();
             self.apply_io_ops(core);
-            for t in std::mem::take(&mut self.rearm) {
+            let mut i = 0;
+            while let Some(&t) = self.rearm.get(i) {
                 if self
                     .recv
                     .get(t.0 as usize)
@@ -460,7 +465,9 @@ impl Uring {
                 {
                     self.arm_recv(core, t);
                 }
+                i += 1;
             }
+            self.rearm.clear();
             if !self.wake_armed {
                 self.arm_wake();
             }

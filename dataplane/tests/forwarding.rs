@@ -682,6 +682,62 @@ fn gso_bursts(b: Backend) {
     assert_eq!(t.dropped.send_error, 0);
 }
 
+/// Sends `marker` with `send` until it is seen on `rx` (draining what came before it):
+/// after a flood, the path still forwards.
+fn until_marker(send: impl Fn(), rx: &UdpSocket, is_marker: impl Fn(&[u8]) -> bool) {
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..100 {
+        send();
+        loop {
+            match rx.recv_from(&mut buf) {
+                Ok((n, _)) if is_marker(&buf[..n]) => return,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            assert!(Instant::now() < deadline, "marker never arrived");
+        }
+    }
+    panic!("marker never arrived");
+}
+
+/// A bounded flood both ways (far more than the receive buffers hold), then the relay
+/// still forwards both ways.
+fn flood_then_still_forwarding(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let peer = socket("127.0.0.1");
+    let pa = peer.local_addr().unwrap();
+    let a = s.allocate(&client, 12, far(), 0);
+    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.sync();
+    let mut frame = vec![0u8; 68];
+    let n = Client::channel_data(0x4000, &[0xAA; 64], &mut frame).unwrap();
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < 20_000 && start.elapsed() < Duration::from_secs(3) {
+        let _ = client.send_to(&frame[..n], s.addr);
+        let _ = peer.send_to(&[0xBB; 64], a.relay);
+        sent += 1;
+    }
+    until_marker(
+        || send_cd(&client, s.addr, 0x4000, b"marker"),
+        &peer,
+        |d| d == b"marker",
+    );
+    until_marker(
+        || {
+            peer.send_to(b"marker", a.relay).unwrap();
+        },
+        &client,
+        |d| ChannelData::parse(d).is_ok_and(|cd| cd.payload == b"marker"),
+    );
+    let t = s.total();
+    assert!(t.to_peer_packets > 0 && t.to_client_packets > 0, "{t:?}");
+}
+
 fn unknown_relay_data_dropped(b: Backend) {
     let s = Server::v4(b);
     let client = socket("127.0.0.1");
@@ -756,6 +812,7 @@ on_both_backends!(
     snapshot_and_remove,
     burst_in_order,
     gso_bursts,
+    flood_then_still_forwarding,
     unknown_relay_data_dropped,
     shutdown_closes_sockets,
 );
