@@ -51,7 +51,7 @@
 //! - io_uring: one provided buffer ring of 1024 slots, a multishot `RecvMsgMulti` per
 //!   socket (re-armed when it ends, e.g. on ENOBUFS after the ring ran dry), a
 //!   `SendMsg` per datagram or GSO group from a fixed arena of send slots, and one
-//!   `io_uring_enter` per loop turn that submits and waits for one completion at most
+//!   `io_uring_enter` per loop turn that submits and waits for a single completion
 //!   (waiting for many under a flood starves the buffer ring). A buffer goes back to
 //!   the ring when its send completes.
 //! - mmsg: level-triggered epoll, up to 4 recvmmsg of 64 per ready socket per turn, and
