@@ -440,7 +440,7 @@ pub struct MessageIntegritySha256<'a>(pub &'a [u8]);
 impl<'a> Attribute<'a> for MessageIntegritySha256<'a> {
     const TYPE: AttrType = AttrType(MESSAGE_INTEGRITY_SHA256);
     fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        if (16..=32).contains(&value.len()) && value.len() % 4 == 0 {
+        if (16..=32).contains(&value.len()) && value.len().is_multiple_of(4) {
             Ok(MessageIntegritySha256(value))
         } else {
             Err(bad(MESSAGE_INTEGRITY_SHA256))
@@ -535,7 +535,7 @@ impl<'a> UnknownAttributes<'a> {
 impl<'a> Attribute<'a> for UnknownAttributes<'a> {
     const TYPE: AttrType = AttrType(UNKNOWN_ATTRIBUTES);
     fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
-        if value.len() % 2 != 0 {
+        if !value.len().is_multiple_of(2) {
             return Err(bad(UNKNOWN_ATTRIBUTES));
         }
         Ok(UnknownAttributes {

@@ -412,26 +412,27 @@ impl Client {
         if msg.class() == Class::Error {
             let err = msg.attr::<ErrorCode>()?.ok_or(DecodeError::Truncated)?;
             let can_retry = !p.retried_auth || err.code == 438;
-            if (err.code == 401 || err.code == 438) && can_retry {
-                if let (Some(realm), Some(nonce)) = (msg.attr::<Realm>()?, msg.attr::<Nonce>()?) {
-                    self.learn(realm.0, nonce.0, msg.attr::<PasswordAlgorithms>()?);
-                    let tid = self.next_tid();
-                    let bytes = self
-                        .encode(&p.req, tid)
-                        .map_err(|_| DecodeError::Truncated)?;
-                    out.clear();
-                    out.extend_from_slice(&bytes);
-                    self.pending = Some(Pending {
-                        req: p.req,
-                        tid,
-                        bytes,
-                        sends: 1,
-                        next_at: now + RTO_MS,
-                        rto: RTO_MS,
-                        retried_auth: true,
-                    });
-                    return Ok(Event::Retry);
-                }
+            if (err.code == 401 || err.code == 438)
+                && can_retry
+                && let (Some(realm), Some(nonce)) = (msg.attr::<Realm>()?, msg.attr::<Nonce>()?)
+            {
+                self.learn(realm.0, nonce.0, msg.attr::<PasswordAlgorithms>()?);
+                let tid = self.next_tid();
+                let bytes = self
+                    .encode(&p.req, tid)
+                    .map_err(|_| DecodeError::Truncated)?;
+                out.clear();
+                out.extend_from_slice(&bytes);
+                self.pending = Some(Pending {
+                    req: p.req,
+                    tid,
+                    bytes,
+                    sends: 1,
+                    next_at: now + RTO_MS,
+                    rto: RTO_MS,
+                    retried_auth: true,
+                });
+                return Ok(Event::Retry);
             }
             return Ok(Event::Failed {
                 method,
