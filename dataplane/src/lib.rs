@@ -7,10 +7,79 @@
 //! to the control plane through the [`ControlSink`] given at start. The control plane's
 //! answers come back through a [`DataPlaneHandle`]: datagrams to send, relay sockets to
 //! bind, and table changes, each queued to the owning worker and applied between batches.
+//!
+//! # Packet path
+//!
+//! Every receive buffer is a 4 KiB slot with the payload at offset 48
+//! ([`turnpike_proto::turn::MAX_DATA_INDICATION_HEADER`]) and 4 spare bytes at the end.
+//! Client → peer, the payload (ChannelData after its 4-byte header, or a Send
+//! indication's DATA) is sent as a slice of that slot. Peer → client, the ChannelData
+//! header or the Data indication header is written into the 48 bytes in front of the
+//! payload and the padding after it, and the whole range is sent. A Binding response is
+//! written into the same slot after the request. Nothing is copied in user space and
+//! nothing is allocated per datagram; only punted requests are copied (to hand them
+//! over).
+//!
+//! With io_uring the 48 bytes are where the kernel wrote `io_uring_recvmsg_out` (16)
+//! and the fixed 32-byte name field, read before they are overwritten; with
+//! recvmmsg the name goes elsewhere and the iovec starts at offset 48.
+//!
+//! # Ownership and threads
+//!
+//! A worker owns its sockets, table shard and buffers; the only shared state is the
+//! per-worker command queue (std `mpsc`, plus an eventfd to wake the worker), the
+//! per-worker counters (atomics written by their worker alone: a relaxed load and store,
+//! no locked instruction), and the denied-peer set (an `ArcSwap` snapshot read once per
+//! Send indication). The handle remembers which worker bound relays for a 5-tuple and
+//! so which owns each allocation; that map is behind a mutex on the control path only.
+//!
+//! # Time
+//!
+//! Deadlines are unix milliseconds. Each worker reads the clock once per loop turn and
+//! compares every allocation, permission and channel deadline against it, so an entry
+//! stops forwarding at its deadline even if no one removes it (drops counted as
+//! `expired`). A sweep once a second removes expired entries, closes the relay sockets
+//! of expired allocations, and closes relay sockets bound but not claimed by an
+//! `AllocationAdd` within 30 s.
+//!
+//! # Backends
+//!
+//! [`Backend::Auto`] probes io_uring on a throwaway thread (ring with
+//! SINGLE_ISSUER|DEFER_TASKRUN, opcodes, EXT_ARG, buffer-ring registration, Linux 6.10
+//! features for multishot recvmsg) and falls back to [`Backend::Mmsg`]. Both backends
+//! share the forwarding decision (`engine.rs`) and differ only in I/O:
+//! - io_uring: one provided buffer ring of 1024 slots, a multishot `RecvMsgMulti` per
+//!   socket (re-armed when it ends, e.g. on ENOBUFS after the ring ran dry), a
+//!   `SendMsg` per datagram or GSO group from a fixed arena of send slots, and one
+//!   `io_uring_enter` per loop turn that submits and waits for a single completion
+//!   (waiting for many under a flood starves the buffer ring). A buffer goes back to
+//!   the ring when its send completes.
+//! - mmsg: level-triggered epoll, up to 4 recvmmsg of 64 per ready socket per turn, and
+//!   the outputs of each batch grouped per sending socket into sendmmsg calls.
+//!
+//! Consecutive outputs of one batch of equal size from one socket to one destination go
+//! as one UDP GSO send (`UDP_SEGMENT` cmsg, at most 64 segments and 63 KiB). GSO is
+//! probed per socket; when the kernel refuses a GSO send (EIO/EINVAL) it is disabled
+//! for that socket and the group is re-sent one datagram at a time.
+//!
+//! # Bandwidth
+//!
+//! An allocation with a non-zero `bandwidth` has a token bucket per direction (bytes of
+//! application data per second, burst one second's worth, exact at millisecond steps);
+//! a datagram that does not fit is dropped and counted as `bandwidth`.
 #![allow(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+
+mod counters;
+mod engine;
+mod mmsg;
+mod plane;
+mod sys;
+mod uring;
+
+pub use counters::{Drops, WorkerCounters};
+pub use plane::{DataPlane, DataPlaneHandle};
 
 /// Which I/O backend the workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -148,4 +217,43 @@ pub enum Change {
         /// Channel number.
         channel: u16,
     },
+}
+
+/// What an allocation has relayed so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Datagrams relayed from the client to peers.
+    pub to_peer_packets: u64,
+    /// Application bytes relayed from the client to peers.
+    pub to_peer_bytes: u64,
+    /// Datagrams relayed from peers to the client.
+    pub to_client_packets: u64,
+    /// Application bytes relayed from peers to the client.
+    pub to_client_bytes: u64,
+}
+
+/// One live allocation as a worker holds it: what the control plane needs to rebuild its
+/// state after a restart, and to report usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationSnapshot {
+    /// The allocation.
+    pub id: AllocationKey,
+    /// The worker that owns it.
+    pub worker: usize,
+    /// The client 5-tuple.
+    pub tuple: Tuple,
+    /// Relay addresses.
+    pub relays: Vec<SocketAddr>,
+    /// Unix millis at which forwarding stops.
+    pub deadline: u64,
+    /// Bytes per second per direction; 0 unlimited.
+    pub bandwidth: u64,
+    /// Accounting user.
+    pub user: String,
+    /// Installed permissions: peer IP and deadline (unix millis).
+    pub permissions: Vec<(IpAddr, u64)>,
+    /// Bound channels: number, peer and deadline (unix millis).
+    pub channels: Vec<(u16, SocketAddr, u64)>,
+    /// Traffic relayed so far.
+    pub usage: Usage,
 }

@@ -1,0 +1,132 @@
+//! Per-worker counters: written by one worker, read by anyone at any time.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a datagram was dropped, counted per reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// Not a well-formed STUN message or ChannelData frame (bad length, bad channel
+    /// number, truncated, bad attribute).
+    pub malformed: u64,
+    /// Well-formed but not something the data plane handles (a STUN response, an
+    /// indication other than Send, a non-TURN first byte).
+    pub unexpected: u64,
+    /// No allocation for the 5-tuple or relay socket.
+    pub no_allocation: u64,
+    /// No permission for the peer's IP.
+    pub no_permission: u64,
+    /// No channel bound under that number.
+    pub no_channel: u64,
+    /// The allocation's bandwidth limit was exhausted.
+    pub bandwidth: u64,
+    /// The Send indication was for a denied peer.
+    pub denied_peer: u64,
+    /// The kernel refused the send (or no socket was there to send from).
+    pub send_error: u64,
+    /// The allocation, permission or channel had passed its deadline.
+    pub expired: u64,
+}
+
+/// A snapshot of one worker's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Datagrams relayed from clients to peers.
+    pub to_peer_packets: u64,
+    /// Application bytes relayed from clients to peers.
+    pub to_peer_bytes: u64,
+    /// Datagrams relayed from peers to clients.
+    pub to_client_packets: u64,
+    /// Application bytes relayed from peers to clients.
+    pub to_client_bytes: u64,
+    /// STUN requests handed to the control plane.
+    pub punted: u64,
+    /// Binding requests answered by the worker.
+    pub binding_answered: u64,
+    /// Datagrams sent for the control plane ([`crate::DataPlaneHandle::send`]).
+    pub control_sent: u64,
+    /// Sends that carried several segments with UDP GSO.
+    pub gso_sends: u64,
+    /// Drops, by reason.
+    pub dropped: Drops,
+}
+
+impl Drops {
+    /// Every reason with its count, named as in metrics (`snake_case`).
+    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+        [
+            ("malformed", self.malformed),
+            ("unexpected", self.unexpected),
+            ("no_allocation", self.no_allocation),
+            ("no_permission", self.no_permission),
+            ("no_channel", self.no_channel),
+            ("bandwidth", self.bandwidth),
+            ("denied_peer", self.denied_peer),
+            ("send_error", self.send_error),
+            ("expired", self.expired),
+        ]
+    }
+}
+
+impl WorkerCounters {
+    /// Drops by reason: [`Drops::by_reason`] of [`WorkerCounters::dropped`].
+    pub fn drops(&self) -> [(&'static str, u64); 9] {
+        self.dropped.by_reason()
+    }
+}
+
+/// The live counters of one worker. Only the owning worker writes, so an increment is a
+/// relaxed load and store: no locked instruction on the fast path.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Counters {
+    pub(crate) to_peer_packets: AtomicU64,
+    pub(crate) to_peer_bytes: AtomicU64,
+    pub(crate) to_client_packets: AtomicU64,
+    pub(crate) to_client_bytes: AtomicU64,
+    pub(crate) punted: AtomicU64,
+    pub(crate) binding_answered: AtomicU64,
+    pub(crate) control_sent: AtomicU64,
+    pub(crate) gso_sends: AtomicU64,
+    pub(crate) malformed: AtomicU64,
+    pub(crate) unexpected: AtomicU64,
+    pub(crate) no_allocation: AtomicU64,
+    pub(crate) no_permission: AtomicU64,
+    pub(crate) no_channel: AtomicU64,
+    pub(crate) bandwidth: AtomicU64,
+    pub(crate) denied_peer: AtomicU64,
+    pub(crate) send_error: AtomicU64,
+    pub(crate) expired: AtomicU64,
+}
+
+/// Adds `n` to a counter that only the calling thread writes.
+#[inline]
+pub(crate) fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> WorkerCounters {
+        let r = |c: &AtomicU64| c.load(Relaxed);
+        WorkerCounters {
+            to_peer_packets: r(&self.to_peer_packets),
+            to_peer_bytes: r(&self.to_peer_bytes),
+            to_client_packets: r(&self.to_client_packets),
+            to_client_bytes: r(&self.to_client_bytes),
+            punted: r(&self.punted),
+            binding_answered: r(&self.binding_answered),
+            control_sent: r(&self.control_sent),
+            gso_sends: r(&self.gso_sends),
+            dropped: Drops {
+                malformed: r(&self.malformed),
+                unexpected: r(&self.unexpected),
+                no_allocation: r(&self.no_allocation),
+                no_permission: r(&self.no_permission),
+                no_channel: r(&self.no_channel),
+                bandwidth: r(&self.bandwidth),
+                denied_peer: r(&self.denied_peer),
+                send_error: r(&self.send_error),
+                expired: r(&self.expired),
+            },
+        }
+    }
+}

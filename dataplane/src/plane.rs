@@ -1,0 +1,380 @@
+//! Starting and stopping the workers, and the handle the control plane drives them with.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ahash::AHashMap;
+use arc_swap::ArcSwap;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use socket2::Socket;
+
+use crate::counters::{Counters, WorkerCounters};
+use crate::engine::{Command, Core, CoreInit, Denied, udp_socket};
+use crate::{
+    AllocationKey, AllocationSnapshot, Backend, Change, ControlSink, DataPlaneConfig, Tuple, mmsg,
+    uring,
+};
+
+/// How long [`DataPlaneHandle::snapshot`] waits for a worker's answer.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+
+/// The running data plane: its worker threads and their sockets.
+///
+/// Dropping it stops the workers as [`DataPlane::shutdown`] does.
+#[derive(Debug)]
+pub struct DataPlane {
+    handle: DataPlaneHandle,
+    threads: Vec<JoinHandle<()>>,
+    local: Vec<SocketAddr>,
+    backend: Backend,
+}
+
+/// A cheap, cloneable handle for the control plane: sends datagrams, binds relay sockets
+/// and changes the relay table, each queued to the owning worker; reads counters and
+/// snapshots. Every call returns without waiting for the worker, except
+/// [`DataPlaneHandle::snapshot`].
+#[derive(Clone)]
+pub struct DataPlaneHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DataPlaneHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlaneHandle")
+            .field("workers", &self.shared.queues.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Queue {
+    tx: mpsc::Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+#[derive(Default)]
+struct Routes {
+    /// The worker that bound relay sockets for a 5-tuple.
+    by_tuple: AHashMap<Tuple, usize>,
+    /// The worker that owns an allocation, and its 5-tuple.
+    by_id: AHashMap<AllocationKey, (usize, Tuple)>,
+}
+
+struct Shared {
+    queues: Vec<Queue>,
+    counters: Vec<Arc<Counters>>,
+    routes: Mutex<Routes>,
+    denied: Arc<ArcSwap<Denied>>,
+    local: Vec<SocketAddr>,
+}
+
+impl DataPlane {
+    /// Binds the listening sockets (one SO_REUSEPORT socket per worker on every
+    /// address; a port 0 is chosen once and reused by every worker), picks the backend
+    /// and starts the workers. Returns when every worker is ready to receive.
+    pub fn start(cfg: DataPlaneConfig, sink: Arc<dyn ControlSink>) -> io::Result<DataPlane> {
+        if cfg.listen.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no listening address",
+            ));
+        }
+        let n = match cfg.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let backend = match cfg.backend {
+            Backend::Auto => match uring::probe() {
+                Ok(()) => Backend::Uring,
+                Err(e) => {
+                    tracing::info!(error = %e, "io_uring unusable, falling back to recvmmsg/sendmmsg");
+                    Backend::Mmsg
+                }
+            },
+            Backend::Uring => {
+                uring::probe().map_err(|e| {
+                    io::Error::new(e.kind(), format!("io_uring backend unusable: {e}"))
+                })?;
+                Backend::Uring
+            }
+            Backend::Mmsg => Backend::Mmsg,
+        };
+        tracing::info!(?backend, workers = n, "data plane I/O backend");
+
+        let mut per_worker: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
+        let mut local = Vec::with_capacity(cfg.listen.len());
+        for &addr in &cfg.listen {
+            let mut actual = addr;
+            for socks in per_worker.iter_mut() {
+                let s = udp_socket(actual, true, cfg.socket_buffer)?;
+                if actual.port() == 0 {
+                    actual = s.local_addr()?.as_socket().ok_or_else(|| {
+                        io::Error::other("listening socket without an IP address")
+                    })?;
+                }
+                socks.push(s);
+            }
+            local.push(actual);
+        }
+
+        let denied = Arc::new(ArcSwap::from_pointee(Denied::new(
+            cfg.denied_peers.iter().chain(&local).copied(),
+        )));
+        let cores = if cfg.pin {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+
+        let mut queues = Vec::with_capacity(n);
+        let mut counters = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        let mut readies = Vec::with_capacity(n);
+        for (id, listen) in per_worker.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            let wake = Arc::new(EventFd::from_flags(
+                EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+            )?);
+            let ctr = Arc::new(Counters::default());
+            let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+            let init = CoreInit {
+                id,
+                listen,
+                rx,
+                sink: Arc::clone(&sink),
+                denied: Arc::clone(&denied),
+                ctr: Arc::clone(&ctr),
+                buffers: cfg.socket_buffer,
+            };
+            let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let worker_wake = Arc::clone(&wake);
+            let spawned = std::thread::Builder::new()
+                .name(format!("turnpike-dp-{id}"))
+                .spawn(move || {
+                    if let Some(c) = core_id
+                        && !core_affinity::set_for_current(c)
+                    {
+                        tracing::warn!(worker = id, core = c.id, "could not pin worker");
+                    }
+                    let core = match Core::new(init) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let r = match backend {
+                        Backend::Uring => uring::run(core, worker_wake, ready_tx),
+                        _ => mmsg::run(core, worker_wake, ready_tx),
+                    };
+                    if let Err(e) = r {
+                        tracing::error!(worker = id, error = %e, "data plane worker failed");
+                    }
+                });
+            let thread = match spawned {
+                Ok(t) => t,
+                Err(e) => {
+                    stop(&queues, threads);
+                    return Err(e);
+                }
+            };
+            queues.push(Queue { tx, wake });
+            counters.push(ctr);
+            threads.push(thread);
+            readies.push(ready_rx);
+        }
+        for r in readies {
+            let res = r
+                .recv()
+                .unwrap_or_else(|_| Err(io::Error::other("data plane worker exited during start")));
+            if let Err(e) = res {
+                stop(&queues, threads);
+                return Err(e);
+            }
+        }
+        Ok(DataPlane {
+            handle: DataPlaneHandle {
+                shared: Arc::new(Shared {
+                    queues,
+                    counters,
+                    routes: Mutex::new(Routes::default()),
+                    denied,
+                    local: local.clone(),
+                }),
+            },
+            threads,
+            local,
+            backend,
+        })
+    }
+
+    /// A handle for the control plane.
+    pub fn handle(&self) -> DataPlaneHandle {
+        self.handle.clone()
+    }
+
+    /// The listening addresses, port 0 resolved to the port chosen.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.local.clone()
+    }
+
+    /// The backend in use: [`Backend::Uring`] or [`Backend::Mmsg`].
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Stops the workers (each finishes its batch, closes its sockets) and joins them.
+    pub fn shutdown(mut self) {
+        self.stop_workers();
+    }
+
+    fn stop_workers(&mut self) {
+        let threads = std::mem::take(&mut self.threads);
+        stop(&self.handle.shared.queues, threads);
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+fn stop(queues: &[Queue], threads: Vec<JoinHandle<()>>) {
+    for q in queues {
+        let _ = q.tx.send(Command::Shutdown);
+        let _ = q.wake.write(1);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+impl DataPlaneHandle {
+    fn push(&self, worker: usize, cmd: Command) -> Result<(), Command> {
+        let Some(q) = self.shared.queues.get(worker) else {
+            return Err(cmd);
+        };
+        q.tx.send(cmd).map_err(|e| e.0)?;
+        // A failed wake means the counter is saturated: the worker is awake anyway.
+        let _ = q.wake.write(1);
+        Ok(())
+    }
+
+    /// How many workers there are.
+    pub fn workers(&self) -> usize {
+        self.shared.queues.len()
+    }
+
+    /// Sends a control-plane answer to `tuple.client` from the listening socket on
+    /// `tuple.local` of `worker`.
+    pub fn send(&self, worker: usize, tuple: Tuple, data: Vec<u8>) {
+        if self.push(worker, Command::Send { tuple, data }).is_err() {
+            tracing::debug!(worker, "send to a missing or stopped worker dropped");
+        }
+    }
+
+    /// Binds UDP relay sockets on `relays` (all or none) on `worker`, for the allocation
+    /// of `tuple` that a later [`Change::AllocationAdd`] installs; `done` is called from
+    /// the worker with the outcome. Sockets not claimed within 30 s are closed.
+    pub fn bind(
+        &self,
+        worker: usize,
+        tuple: Tuple,
+        relays: Vec<SocketAddr>,
+        done: Box<dyn FnOnce(Result<(), String>) + Send>,
+    ) {
+        if let Ok(mut r) = self.shared.routes.lock() {
+            r.by_tuple.insert(tuple, worker);
+        }
+        if let Err(Command::Bind { done, .. }) = self.push(
+            worker,
+            Command::Bind {
+                tuple,
+                relays,
+                done,
+            },
+        ) {
+            done(Err(format!("no running worker {worker}")));
+        }
+    }
+
+    /// Applies table changes, each on the worker that owns its allocation: the worker
+    /// that bound the relay sockets of the allocation's 5-tuple. Changes for an unknown
+    /// allocation are dropped.
+    pub fn apply(&self, changes: Vec<Change>) {
+        let n = self.workers();
+        let mut per: Vec<Vec<Change>> = (0..n).map(|_| Vec::new()).collect();
+        {
+            let Ok(mut r) = self.shared.routes.lock() else {
+                return;
+            };
+            for c in changes {
+                let worker = match &c {
+                    Change::AllocationAdd { id, tuple, .. } => {
+                        let w = r.by_tuple.get(tuple).copied();
+                        if let Some(w) = w {
+                            r.by_id.insert(*id, (w, *tuple));
+                        }
+                        w
+                    }
+                    Change::AllocationRemove { id } => r.by_id.remove(id).map(|(w, tuple)| {
+                        if r.by_tuple.get(&tuple) == Some(&w) {
+                            r.by_tuple.remove(&tuple);
+                        }
+                        w
+                    }),
+                    Change::AllocationRefresh { id, .. }
+                    | Change::PermissionSet { id, .. }
+                    | Change::PermissionRemove { id, .. }
+                    | Change::ChannelSet { id, .. }
+                    | Change::ChannelRemove { id, .. } => r.by_id.get(id).map(|&(w, _)| w),
+                };
+                match worker.and_then(|w| per.get_mut(w)) {
+                    Some(v) => v.push(c),
+                    None => {
+                        tracing::warn!(change = ?c, "table change for an allocation no worker owns: dropped")
+                    }
+                }
+            }
+        }
+        for (w, changes) in per.into_iter().enumerate() {
+            if !changes.is_empty() {
+                let _ = self.push(w, Command::Apply(changes));
+            }
+        }
+    }
+
+    /// Every worker's counters, read without stopping it.
+    pub fn counters(&self) -> Vec<WorkerCounters> {
+        self.shared.counters.iter().map(|c| c.snapshot()).collect()
+    }
+
+    /// Every live allocation of every worker, with its permissions, channels, deadlines
+    /// and usage. Waits for each worker to answer between two batches (at most a few
+    /// seconds for one that does not).
+    pub fn snapshot(&self) -> Vec<AllocationSnapshot> {
+        let mut waiting = Vec::with_capacity(self.workers());
+        for w in 0..self.workers() {
+            let (tx, rx) = mpsc::channel();
+            if self.push(w, Command::Snapshot(tx)).is_ok() {
+                waiting.push(rx);
+            }
+        }
+        let mut all = Vec::new();
+        for rx in waiting {
+            if let Ok(mut v) = rx.recv_timeout(SNAPSHOT_WAIT) {
+                all.append(&mut v);
+            }
+        }
+        all
+    }
+
+    /// Replaces the peers never relayed to (the listening addresses stay denied).
+    pub fn set_denied_peers(&self, peers: Vec<SocketAddr>) {
+        let d = Denied::new(peers.into_iter().chain(self.shared.local.iter().copied()));
+        self.shared.denied.store(Arc::new(d));
+    }
+}

@@ -1,0 +1,251 @@
+//! Thin wrappers around the socket calls the standard library and socket2 do not offer:
+//! forced buffer sizes, UDP GSO, and the raw socket-address bytes that `recvmmsg`,
+//! `sendmmsg` and io_uring's `RecvMsgMulti` read and write.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// Room for one socket address as the kernel writes it (`sockaddr_in6` is 28 bytes).
+pub(crate) const NAME_LEN: usize = 32;
+
+/// A socket address in the kernel's layout, 8-byte aligned so that it may be handed to
+/// the kernel as a `sockaddr` directly.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(8))]
+pub(crate) struct RawName(pub(crate) [u8; NAME_LEN]);
+
+const AF_INET: u16 = libc::AF_INET as u16;
+const AF_INET6: u16 = libc::AF_INET6 as u16;
+
+/// `SO_SNDBUFFORCE` and `SO_RCVBUFFORCE` (asm-generic values, x86-64 and aarch64).
+const SO_SNDBUFFORCE: libc::c_int = 32;
+const SO_RCVBUFFORCE: libc::c_int = 33;
+/// `UDP_SEGMENT` (linux/udp.h): the GSO segment size, as a socket option or a cmsg.
+pub(crate) const UDP_SEGMENT: libc::c_int = 103;
+
+/// Reads a socket address the kernel wrote (`sockaddr_in` or `sockaddr_in6`) from bytes.
+/// IPv4-mapped IPv6 addresses are returned as IPv4.
+pub(crate) fn parse_name(b: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes([*b.first()?, *b.get(1)?]);
+    let port = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]);
+    match family {
+        AF_INET => {
+            let ip: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
+        }
+        AF_INET6 => {
+            let flow: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+            let ip: [u8; 16] = b.get(8..24)?.try_into().ok()?;
+            let scope: [u8; 4] = b.get(24..28)?.try_into().ok()?;
+            let ip = Ipv6Addr::from(ip);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+                None => SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    port,
+                    u32::from_ne_bytes(flow),
+                    u32::from_ne_bytes(scope),
+                )),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Writes `addr` in the kernel's layout; returns the length to pass as `msg_namelen`.
+pub(crate) fn write_name(addr: &SocketAddr, out: &mut RawName) -> u32 {
+    let b = &mut out.0;
+    b.fill(0);
+    match addr {
+        SocketAddr::V4(a) => {
+            b[0..2].copy_from_slice(&AF_INET.to_ne_bytes());
+            b[2..4].copy_from_slice(&a.port().to_be_bytes());
+            b[4..8].copy_from_slice(&a.ip().octets());
+            16
+        }
+        SocketAddr::V6(a) => {
+            b[0..2].copy_from_slice(&AF_INET6.to_ne_bytes());
+            b[2..4].copy_from_slice(&a.port().to_be_bytes());
+            b[4..8].copy_from_slice(&a.flowinfo().to_ne_bytes());
+            b[8..24].copy_from_slice(&a.ip().octets());
+            b[24..28].copy_from_slice(&a.scope_id().to_ne_bytes());
+            28
+        }
+    }
+}
+
+fn setsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `fd` is a live descriptor for the duration of the borrow, and the option
+    // value is a plain int whose address and size are passed together.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets both socket buffers to `bytes`, past `net.core.{r,w}mem_max` when we may
+/// (`CAP_NET_ADMIN`), else as far as the sysctls allow.
+pub(crate) fn set_buffers(sock: &socket2::Socket, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let fd = std::os::fd::AsFd::as_fd(sock);
+    if setsockopt_int(fd, libc::SOL_SOCKET, SO_RCVBUFFORCE, v).is_err() {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
+    if setsockopt_int(fd, libc::SOL_SOCKET, SO_SNDBUFFORCE, v).is_err() {
+        let _ = sock.set_send_buffer_size(bytes);
+    }
+}
+
+/// Whether the kernel knows UDP GSO on this socket (Linux 4.18+).
+pub(crate) fn gso_supported(fd: BorrowedFd<'_>) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is live; `v` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&raw mut v).cast(),
+            &raw mut len,
+        )
+    };
+    rc == 0
+}
+
+/// Space for one `UDP_SEGMENT` control message (a u16 value), 8-byte aligned.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(8))]
+pub(crate) struct GsoCmsg(pub(crate) [u8; GSO_CMSG_SPACE]);
+
+/// `CMSG_SPACE(sizeof(u16))` on 64-bit Linux: a 16-byte header and the value padded to 8.
+pub(crate) const GSO_CMSG_SPACE: usize = 24;
+
+impl GsoCmsg {
+    /// Fills in a `UDP_SEGMENT` control message for segments of `size` bytes; returns the
+    /// length to pass as `msg_controllen`.
+    pub(crate) fn set(&mut self, size: u16) -> usize {
+        let b = &mut self.0;
+        b.fill(0);
+        // struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; } then data.
+        let cmsg_len = (16 + 2) as u64;
+        b[0..8].copy_from_slice(&cmsg_len.to_ne_bytes());
+        b[8..12].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+        b[12..16].copy_from_slice(&UDP_SEGMENT.to_ne_bytes());
+        b[16..18].copy_from_slice(&size.to_ne_bytes());
+        GSO_CMSG_SPACE
+    }
+}
+
+/// A zeroed `msghdr`.
+pub(crate) fn empty_msghdr() -> libc::msghdr {
+    // SAFETY: msghdr is plain old data (pointers and integers); all-zero is its empty value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// A zeroed `mmsghdr`.
+pub(crate) fn empty_mmsghdr() -> libc::mmsghdr {
+    // SAFETY: mmsghdr is plain old data; all-zero is its empty value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// An empty `iovec`.
+pub(crate) fn empty_iovec() -> libc::iovec {
+    libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }
+}
+
+/// `recvmmsg` without blocking. Returns the number of messages received (0 when the
+/// socket is drained).
+///
+/// # Safety
+///
+/// Every `mmsghdr` must point at names and iovecs that are valid for writes for the
+/// duration of the call.
+pub(crate) unsafe fn recvmmsg(fd: BorrowedFd<'_>, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    let n = libc::c_uint::try_from(hdrs.len()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: the caller guarantees the buffers; the header array is valid for `n`.
+    let rc = unsafe {
+        libc::recvmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            n,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc >= 0 {
+        Ok(rc as usize)
+    } else {
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(0),
+            _ => Err(e),
+        }
+    }
+}
+
+/// `sendmmsg` without blocking. Returns how many messages were sent (at least one), or
+/// the error of the first.
+///
+/// # Safety
+///
+/// Every `mmsghdr` must point at names, iovecs, data and control messages that are valid
+/// for reads for the duration of the call.
+pub(crate) unsafe fn sendmmsg(fd: BorrowedFd<'_>, hdrs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    let n = libc::c_uint::try_from(hdrs.len()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: the caller guarantees the buffers; the header array is valid for `n`.
+    let rc = unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), n, libc::MSG_DONTWAIT) };
+    if rc >= 0 {
+        Ok(rc as usize)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for a in [
+            "127.0.0.1:3478"
+                .parse::<SocketAddr>()
+                .unwrap_or_else(|_| unreachable!()),
+            "[2001:db8::1]:9".parse().unwrap_or_else(|_| unreachable!()),
+        ] {
+            let mut raw = RawName::default();
+            let len = write_name(&a, &mut raw) as usize;
+            assert_eq!(parse_name(&raw.0[..len]), Some(a));
+        }
+        let mut raw = RawName::default();
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:5"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        write_name(&mapped, &mut raw);
+        assert_eq!(parse_name(&raw.0), "10.0.0.1:5".parse().ok());
+        assert_eq!(parse_name(&[0u8; 3]), None);
+    }
+}

@@ -1,0 +1,754 @@
+//! The io_uring backend: a multishot `RecvMsgMulti` per socket over one provided buffer
+//! ring, a `SendMsg` per outgoing datagram (or GSO group), and one `io_uring_enter` per
+//! loop turn that both submits and waits.
+//!
+//! Buffer lifecycle (monoio's rule: a buffer handed to the kernel lives until its
+//! completion arrives):
+//! - every receive buffer is a [`SLOT`] of one page-aligned region registered as a
+//!   provided buffer ring; the kernel owns it from the moment it is in the ring until a
+//!   receive completion names it;
+//! - a buffer whose datagram produced a send stays out of the ring until that send's
+//!   completion (`refs`), then goes back; others go back at once;
+//! - send headers, iovecs, addresses and control messages live in a fixed arena of
+//!   [`SendSlot`]s, each reserved from submission to completion;
+//! - sockets are closed only after their multishot receive has ended (cancelled) and
+//!   after the next submission, so no queued entry names a closed or reused descriptor;
+//! - at shutdown everything is cancelled and drained before the memory is freed; if the
+//!   drain does not finish, the memory is leaked rather than freed under the kernel.
+
+use std::alloc::Layout;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use io_uring::types::{Fd, SubmitArgs, Timespec};
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
+use nix::sys::eventfd::EventFd;
+
+use crate::counters::bump;
+use crate::engine::{Core, HEADROOM, IoOp, Out, SLOT, TAILROOM, Token, unix_millis};
+use crate::mmsg::{MAX_SEGS, group_end};
+use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
+
+/// Provided receive buffers per worker (a power of two). With DEFER_TASKRUN one enter
+/// completes at most ~33 receives per socket, and sends give their buffers back at the
+/// next turn, so this covers a burst on a few dozen busy sockets.
+const NBUF: u16 = 1024;
+/// The provided buffer group.
+const BGID: u16 = 0;
+/// Sends in flight per worker.
+const SEND_SLOTS: usize = 1024;
+const SQ_ENTRIES: u32 = 1024;
+const CQ_ENTRIES: u32 = 16384;
+/// Completions handled before their sends are flushed.
+const CQE_BATCH: usize = 64;
+/// How long shutdown waits for the kernel to give everything back.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// `struct io_uring_recvmsg_out`: what a multishot recvmsg writes before the name.
+const RECVMSG_OUT: usize = 16;
+// The payload must land exactly at HEADROOM: header, then the fixed-size name field.
+const _: () = assert!(RECVMSG_OUT + NAME_LEN == HEADROOM);
+
+const KIND_RECV: u64 = 1;
+const KIND_SEND: u64 = 2;
+const KIND_WAKE: u64 = 3;
+const KIND_CANCEL: u64 = 4;
+
+fn user_data(kind: u64, gen_: u32, idx: u32) -> u64 {
+    (kind << 56) | ((u64::from(gen_) & 0xFF_FFFF) << 32) | u64::from(idx)
+}
+
+fn split_user_data(ud: u64) -> (u64, u32, u32) {
+    (ud >> 56, ((ud >> 32) & 0xFF_FFFF) as u32, ud as u32)
+}
+
+/// Zeroed, page-aligned memory the kernel may read and write.
+struct PageMem {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl PageMem {
+    fn new(size: usize) -> io::Result<PageMem> {
+        let layout = Layout::from_size_align(size.max(4096), 4096)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(PageMem { ptr, layout })
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for PageMem {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// `struct io_uring_buf`, one entry of a provided buffer ring.
+#[repr(C)]
+struct RawBuf {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+
+/// The provided buffer ring and the buffers it hands out.
+struct BufRing {
+    ring: PageMem,
+    bufs: PageMem,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new() -> io::Result<BufRing> {
+        let mut r = BufRing {
+            ring: PageMem::new(usize::from(NBUF) * std::mem::size_of::<RawBuf>())?,
+            bufs: PageMem::new(usize::from(NBUF) * SLOT)?,
+            tail: 0,
+        };
+        for bid in 0..NBUF {
+            r.push(bid);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    /// Queues buffer `bid` for the kernel (visible at the next [`BufRing::publish`]).
+    fn push(&mut self, bid: u16) {
+        let idx = usize::from(self.tail & (NBUF - 1));
+        let base = self.ring.as_ptr().cast::<RawBuf>();
+        let addr = self.bufs.as_ptr() as u64 + u64::from(bid) * SLOT as u64;
+        // SAFETY: `idx < NBUF` entries fit the ring allocation; the entry at the tail
+        // is not the kernel's until the tail moves past it, and only its addr, len and
+        // bid fields are written (entry 0's `resv` is the shared tail).
+        unsafe {
+            let e = base.add(idx);
+            (&raw mut (*e).addr).write(addr);
+            (&raw mut (*e).len).write((SLOT - TAILROOM) as u32);
+            (&raw mut (*e).bid).write(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the pushed buffers visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: the tail is the u16 at offset 14 of entry 0 (its `resv`), 2-aligned in
+        // a page-aligned allocation; the kernel reads it concurrently, hence atomic.
+        let tail = unsafe { &*self.ring.as_ptr().add(14).cast::<AtomicU16>() };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    /// Buffer `bid` as a whole slot.
+    ///
+    /// # Safety
+    ///
+    /// The kernel must have handed `bid` back (a completion named it) and no other
+    /// reference to it may be live.
+    unsafe fn slot(&mut self, bid: u16) -> &mut [u8] {
+        // SAFETY: `bid < NBUF` slots fit the allocation; the caller guarantees the
+        // kernel is not writing this slot and nothing else refers to it.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.bufs.as_ptr().add(usize::from(bid) * SLOT), SLOT)
+        }
+    }
+}
+
+/// Everything one `SendMsg` points at, reserved until its completion.
+#[repr(C)]
+struct SendSlot {
+    hdr: libc::msghdr,
+    name: RawName,
+    cmsg: GsoCmsg,
+    iovs: [libc::iovec; MAX_SEGS],
+    bids: [u16; MAX_SEGS],
+    nseg: usize,
+    from: Token,
+    from_gen: u32,
+}
+
+impl SendSlot {
+    fn new() -> SendSlot {
+        SendSlot {
+            hdr: sys::empty_msghdr(),
+            name: RawName::default(),
+            cmsg: GsoCmsg::default(),
+            iovs: [sys::empty_iovec(); MAX_SEGS],
+            bids: [0; MAX_SEGS],
+            nseg: 0,
+            from: Token(0),
+            from_gen: 0,
+        }
+    }
+}
+
+/// The receive state of one socket token.
+#[derive(Debug, Clone, Copy, Default)]
+struct RecvState {
+    gen_: u32,
+    armed: bool,
+    closing: bool,
+}
+
+struct Uring {
+    ring: IoUring,
+    bufs: BufRing,
+    refs: Vec<u16>,
+    recycled: bool,
+    slots: Box<[SendSlot]>,
+    free_slots: Vec<usize>,
+    recv_hdr: Box<libc::msghdr>,
+    recv: Vec<RecvState>,
+    rearm: Vec<Token>,
+    release: Vec<Token>,
+    outs: Vec<Out>,
+    cqes: Vec<(u64, i32, u32)>,
+    wake_fd: RawFd,
+    wake_armed: bool,
+    in_flight_sends: usize,
+}
+
+fn build_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(CQ_ENTRIES)
+        .build(SQ_ENTRIES)
+}
+
+/// Whether this kernel offers what the backend needs: a ring with DEFER_TASKRUN, the
+/// opcodes, extended enter arguments (a wait timeout), provided buffer rings, and
+/// multishot recvmsg (implied by RECVSEND_BUNDLE, Linux 6.10).
+///
+/// The probe ring lives on a thread of its own: tearing down a DEFER_TASKRUN ring may
+/// post task work to the thread that created it, which interrupts that thread's next
+/// blocking socket call with EINTR; the caller's thread must not be that one.
+pub(crate) fn probe() -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("turnpike-uring-probe".into())
+        .spawn(probe_here)?
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("io_uring probe panicked")))
+}
+
+fn probe_here() -> io::Result<()> {
+    let ring = build_ring()?;
+    let mut p = Probe::new();
+    ring.submitter().register_probe(&mut p)?;
+    for (name, code) in [
+        ("RecvMsg", opcode::RecvMsgMulti::CODE),
+        ("SendMsg", opcode::SendMsg::CODE),
+        ("PollAdd", opcode::PollAdd::CODE),
+        ("AsyncCancel", opcode::AsyncCancel::CODE),
+    ] {
+        if !p.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("no {name} opcode"),
+            ));
+        }
+    }
+    let params = ring.params();
+    if !params.is_feature_ext_arg() || !params.is_feature_recvsend_bundle() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "kernel lacks EXT_ARG or multishot recvmsg (need Linux 6.10+)",
+        ));
+    }
+    let mem = PageMem::new(4096)?;
+    // SAFETY: `mem` is page-aligned, large enough for 8 entries, and outlives the
+    // registration (unregistered just below; the ring is dropped before `mem`).
+    unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(mem.as_ptr() as u64, 8, BGID, 0)?;
+    }
+    ring.submitter().unregister_buf_ring(BGID)?;
+    drop(ring);
+    drop(mem);
+    Ok(())
+}
+
+/// Runs a worker on io_uring until it is told to stop.
+pub(crate) fn run(
+    mut core: Core,
+    wake: Arc<EventFd>,
+    ready: mpsc::SyncSender<io::Result<()>>,
+) -> io::Result<()> {
+    let mut u = match Uring::new(&wake) {
+        Ok(u) => u,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(e);
+        }
+    };
+    u.apply_io_ops(&mut core);
+    let _ = ready.send(Ok(()));
+    let r = u.serve(&mut core);
+    core.close_all();
+    u.apply_io_ops(&mut core);
+    let drained = u.drain(&mut core);
+    if drained {
+        let _ = u.ring.submitter().unregister_buf_ring(BGID);
+        drop(u);
+    } else {
+        tracing::warn!(
+            worker = core.id,
+            "io_uring did not drain at shutdown: leaking its buffers"
+        );
+        std::mem::forget(u);
+    }
+    r
+}
+
+impl Uring {
+    fn new(wake: &EventFd) -> io::Result<Uring> {
+        let ring = build_ring()?;
+        let bufs = BufRing::new()?;
+        // SAFETY: the ring memory is page-aligned, holds NBUF entries and lives in
+        // `self.bufs` until after the ring is dropped or unregistered (see `run`).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                bufs.ring.as_ptr() as u64,
+                NBUF,
+                BGID,
+                0,
+            )?;
+        }
+        let mut recv_hdr = Box::new(sys::empty_msghdr());
+        recv_hdr.msg_namelen = NAME_LEN as libc::socklen_t;
+        let mut u = Uring {
+            ring,
+            bufs,
+            refs: vec![0; usize::from(NBUF)],
+            recycled: false,
+            slots: (0..SEND_SLOTS).map(|_| SendSlot::new()).collect(),
+            free_slots: (0..SEND_SLOTS).rev().collect(),
+            recv_hdr,
+            recv: Vec::new(),
+            rearm: Vec::new(),
+            release: Vec::new(),
+            outs: Vec::with_capacity(CQE_BATCH),
+            cqes: Vec::with_capacity(CQE_BATCH),
+            wake_fd: wake.as_raw_fd(),
+            wake_armed: false,
+            in_flight_sends: 0,
+        };
+        u.arm_wake();
+        Ok(u)
+    }
+
+    fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: every entry points only at memory that outlives its completion:
+            // the receive header (boxed in `self`), buffers of the registered ring,
+            // reserved send slots, or nothing (poll, cancel).
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            // Full: hand what is queued to the kernel to make room.
+            if let Err(err) = self.ring.submit() {
+                tracing::warn!(error = %err, "io_uring submit failed");
+                return;
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let e = opcode::PollAdd::new(Fd(self.wake_fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(user_data(KIND_WAKE, 0, 0));
+        self.push(e);
+        self.wake_armed = true;
+    }
+
+    fn arm_recv(&mut self, core: &Core, t: Token) {
+        let Some(fd) = core.socks.fd(t).map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let Some(st) = self.recv.get_mut(t.0 as usize) else {
+            return;
+        };
+        st.armed = true;
+        let ud = user_data(KIND_RECV, st.gen_, t.0);
+        let e = opcode::RecvMsgMulti::new(Fd(fd), &raw const *self.recv_hdr, BGID)
+            .build()
+            .user_data(ud);
+        self.push(e);
+    }
+
+    fn apply_io_ops(&mut self, core: &mut Core) {
+        if core.io_ops.is_empty() {
+            // Most turns: keep the queue's capacity rather than take and free it.
+            return;
+        }
+        for op in std::mem::take(&mut core.io_ops) {
+            match op {
+                IoOp::Register(t) => {
+                    let i = t.0 as usize;
+                    if self.recv.len() <= i {
+                        self.recv.resize(i + 1, RecvState::default());
+                    }
+                    let st = &mut self.recv[i];
+                    st.gen_ = st.gen_.wrapping_add(1) & 0xFF_FFFF;
+                    st.closing = false;
+                    self.arm_recv(core, t);
+                }
+                IoOp::Close(t) => {
+                    let Some(st) = self.recv.get_mut(t.0 as usize) else {
+                        self.release.push(t);
+                        continue;
+                    };
+                    if st.armed {
+                        st.closing = true;
+                        let target = user_data(KIND_RECV, st.gen_, t.0);
+                        let e = opcode::AsyncCancel::new(target)
+                            .build()
+                            .user_data(user_data(KIND_CANCEL, 0, 0));
+                        self.push(e);
+                    } else {
+                        st.closing = true;
+                        self.release.push(t);
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve(&mut self, core: &mut Core) -> io::Result<()> {
+        loop {
+            let wait_ms = core
+                .next_sweep()
+                .saturating_sub(unix_millis())
+                .clamp(1, 1000);
+            let ts = Timespec::from(Duration::from_millis(wait_ms));
+            let args = SubmitArgs::new().timespec(&ts);
+            // Sockets waiting to be closed need only this enter to pass, not a wait.
+            let want = usize::from(self.release.is_empty());
+            match self.ring.submitter().submit_with_args(want, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            // Everything queued before this enter is now the kernel's: descriptors of
+            // closed sockets may go.
+            for t in self.release.drain(..) {
+                core.socks.release(t);
+            }
+            core.now = unix_millis();
+            self.reap(core);
+            if core.handle_commands() {
+                return Ok(());
+            }
+            core.maybe_sweep();
+            self.apply_io_ops(core);
+            let mut i = 0;
+            while let Some(&t) = self.rearm.get(i) {
+                if self
+                    .recv
+                    .get(t.0 as usize)
+                    .is_some_and(|s| !s.closing && !s.armed)
+                {
+                    self.arm_recv(core, t);
+                }
+                i += 1;
+            }
+            self.rearm.clear();
+            if !self.wake_armed {
+                self.arm_wake();
+            }
+        }
+    }
+
+    /// Handles every completion, flushing the sends they cause every [`CQE_BATCH`].
+    fn reap(&mut self, core: &mut Core) {
+        loop {
+            self.cqes.clear();
+            {
+                let mut cq = self.ring.completion();
+                cq.sync();
+                for c in cq.by_ref().take(CQE_BATCH) {
+                    self.cqes.push((c.user_data(), c.result(), c.flags()));
+                }
+            }
+            if self.cqes.is_empty() {
+                break;
+            }
+            let cqes = std::mem::take(&mut self.cqes);
+            for &(ud, res, flags) in &cqes {
+                self.complete(core, ud, res, flags);
+            }
+            self.cqes = cqes;
+            self.flush(core);
+        }
+        if self.recycled {
+            self.bufs.publish();
+            self.recycled = false;
+        }
+    }
+
+    fn recycle(&mut self, bid: u16) {
+        self.bufs.push(bid);
+        self.recycled = true;
+    }
+
+    fn unref(&mut self, bid: u16) {
+        if let Some(r) = self.refs.get_mut(usize::from(bid)) {
+            *r = r.saturating_sub(1);
+            if *r == 0 {
+                self.recycle(bid);
+            }
+        }
+    }
+
+    fn complete(&mut self, core: &mut Core, ud: u64, res: i32, flags: u32) {
+        let (kind, gen_, idx) = split_user_data(ud);
+        match kind {
+            KIND_RECV => self.complete_recv(core, Token(idx), gen_, res, flags),
+            KIND_SEND => self.complete_send(core, idx as usize, res),
+            KIND_WAKE => {
+                let mut v = [0u8; 8];
+                // SAFETY: reads 8 bytes into an 8-byte buffer from our eventfd
+                // (non-blocking); only resets its counter.
+                let _ = unsafe { libc::read(self.wake_fd, v.as_mut_ptr().cast(), 8) };
+                if !cqueue::more(flags) {
+                    self.wake_armed = false;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn complete_recv(&mut self, core: &mut Core, t: Token, gen_: u32, res: i32, flags: u32) {
+        let st = self.recv.get(t.0 as usize).copied().unwrap_or_default();
+        let current = st.gen_ == gen_;
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            if res > 0 && current && !st.closing {
+                self.deliver(core, t, bid, res as usize);
+            } else {
+                self.recycle(bid);
+            }
+        }
+        if !cqueue::more(flags) && current {
+            if let Some(s) = self.recv.get_mut(t.0 as usize) {
+                s.armed = false;
+            }
+            if st.closing {
+                self.release.push(t);
+            } else {
+                if res < 0 && res != -libc::ENOBUFS {
+                    tracing::debug!(worker = core.id, error = %io::Error::from_raw_os_error(-res), "multishot recvmsg ended");
+                }
+                self.rearm.push(t);
+            }
+        }
+    }
+
+    /// A datagram in buffer `bid`: `[recvmsg_out][name][payload]`, payload at HEADROOM.
+    fn deliver(&mut self, core: &mut Core, t: Token, bid: u16, written: usize) {
+        // SAFETY: the completion just handed `bid` back; nothing else refers to it.
+        let slot = unsafe { self.bufs.slot(bid) };
+        let word = |at: usize| {
+            slot.get(at..at + 4)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u32::from_ne_bytes) as usize
+        };
+        let (namelen, payloadlen, mflags) = (word(0), word(8), word(12));
+        let truncated = mflags & libc::MSG_TRUNC as usize != 0 || HEADROOM + payloadlen > written;
+        let src = sys::parse_name(&slot[RECVMSG_OUT..RECVMSG_OUT + namelen.min(NAME_LEN)]);
+        let Some(src) = src else {
+            bump(&core.ctr.malformed, 1);
+            self.recycle(bid);
+            return;
+        };
+        let before = self.outs.len();
+        core.on_datagram(
+            t,
+            src,
+            slot,
+            payloadlen,
+            truncated,
+            u32::from(bid),
+            &mut self.outs,
+        );
+        if self.outs.len() > before {
+            self.refs[usize::from(bid)] += 1;
+        } else {
+            self.recycle(bid);
+        }
+    }
+
+    /// Turns the batch's outputs into SendMsg entries, GSO groups merged.
+    fn flush(&mut self, core: &mut Core) {
+        if self.outs.is_empty() {
+            return;
+        }
+        let mut outs = std::mem::take(&mut self.outs);
+        outs.sort_unstable_by_key(|o| (o.from, o.seq));
+        let mut i = 0;
+        while i < outs.len() {
+            let gso = core.socks.get(outs[i].from).map(|e| e.gso);
+            let g = group_end(&outs, i, outs.len(), gso.unwrap_or(false));
+            self.send(core, &outs[i..g]);
+            i = g;
+        }
+        outs.clear();
+        self.outs = outs;
+    }
+
+    /// Submits one SendMsg for a group of outputs from one socket to one destination.
+    fn send(&mut self, core: &mut Core, group: &[Out]) {
+        let Some(first) = group.first() else {
+            return;
+        };
+        let fd = core
+            .socks
+            .get(first.from)
+            .filter(|e| !e.closing)
+            .map(|e| e.sock.as_raw_fd());
+        let (Some(fd), Some(idx)) = (fd, self.free_slots.pop()) else {
+            bump(&core.ctr.send_error, group.len() as u64);
+            for o in group {
+                self.unref(o.slot as u16);
+            }
+            return;
+        };
+        let base = self.bufs.bufs.as_ptr();
+        let from_gen = self.recv.get(first.from.0 as usize).map_or(0, |s| s.gen_);
+        let s = &mut self.slots[idx];
+        for (k, o) in group.iter().enumerate() {
+            s.iovs[k] = libc::iovec {
+                // In bounds: the engine's ranges lie within slot `o.slot`.
+                iov_base: base
+                    .wrapping_add(o.slot as usize * SLOT + o.start as usize)
+                    .cast(),
+                iov_len: o.len as usize,
+            };
+            s.bids[k] = o.slot as u16;
+        }
+        s.nseg = group.len();
+        s.from = first.from;
+        s.from_gen = from_gen;
+        s.hdr = sys::empty_msghdr();
+        let namelen = sys::write_name(&first.to, &mut s.name);
+        s.hdr.msg_name = s.name.0.as_mut_ptr().cast();
+        s.hdr.msg_namelen = namelen;
+        s.hdr.msg_iov = s.iovs.as_mut_ptr();
+        s.hdr.msg_iovlen = group.len();
+        if group.len() > 1 {
+            let clen = s.cmsg.set(first.len as u16);
+            s.hdr.msg_control = s.cmsg.0.as_mut_ptr().cast();
+            s.hdr.msg_controllen = clen;
+        }
+        let e = opcode::SendMsg::new(Fd(fd), &raw const s.hdr)
+            .build()
+            .user_data(user_data(KIND_SEND, 0, idx as u32));
+        self.in_flight_sends += 1;
+        self.push(e);
+    }
+
+    fn complete_send(&mut self, core: &mut Core, idx: usize, res: i32) {
+        let Some(s) = self.slots.get(idx) else {
+            return;
+        };
+        self.in_flight_sends = self.in_flight_sends.saturating_sub(1);
+        let (nseg, from, from_gen) = (s.nseg, s.from, s.from_gen);
+        let mut bids = [0u16; MAX_SEGS];
+        bids[..nseg].copy_from_slice(&s.bids[..nseg]);
+        let seg_len = s.iovs[0].iov_len as u32;
+        let to = sys::parse_name(&s.name.0);
+        self.free_slots.push(idx);
+        if res >= 0 {
+            if nseg > 1 {
+                bump(&core.ctr.gso_sends, 1);
+            }
+        } else if nseg > 1
+            && matches!(-res, libc::EIO | libc::EINVAL)
+            && self
+                .recv
+                .get(from.0 as usize)
+                .is_some_and(|st| st.gen_ == from_gen)
+            && let (Some(e), Some(to)) = (core.socks.get_mut(from), to)
+        {
+            // The kernel or device refuses GSO here: never again on this socket, and
+            // this group goes out one datagram at a time from the same buffers.
+            tracing::info!(worker = core.id, error = %io::Error::from_raw_os_error(-res), "UDP GSO refused: disabled on this socket");
+            e.gso = false;
+            let base = self.bufs.bufs.as_ptr() as usize;
+            let iovs: Vec<(u16, u32)> = (0..nseg)
+                .map(|k| {
+                    let at = self.slots[idx].iovs[k].iov_base as usize - base;
+                    (bids[k], (at % SLOT) as u32)
+                })
+                .collect();
+            for (k, (bid, start)) in iovs.into_iter().enumerate() {
+                let o = Out {
+                    from,
+                    to,
+                    slot: u32::from(bid),
+                    start,
+                    len: seg_len,
+                    seq: k as u32,
+                };
+                self.send(core, &[o]);
+            }
+            return;
+        } else {
+            bump(&core.ctr.send_error, nseg as u64);
+        }
+        for &bid in &bids[..nseg] {
+            self.unref(bid);
+        }
+    }
+
+    /// Waits until every receive has ended and every send completed; `true` if so.
+    fn drain(&mut self, core: &mut Core) -> bool {
+        let deadline = Instant::now() + DRAIN;
+        // The eventfd poll too.
+        let e = opcode::AsyncCancel::new(user_data(KIND_WAKE, 0, 0))
+            .build()
+            .user_data(user_data(KIND_CANCEL, 0, 0));
+        self.push(e);
+        loop {
+            let armed = self.recv.iter().any(|s| s.armed);
+            if !armed && self.in_flight_sends == 0 && !self.wake_armed {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let ts = Timespec::from(Duration::from_millis(50));
+            let args = SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(_) => return false,
+            }
+            self.reap(core);
+            // No re-arming while draining.
+            self.rearm.clear();
+        }
+        for t in self.release.drain(..) {
+            core.socks.release(t);
+        }
+        true
+    }
+}
