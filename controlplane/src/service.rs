@@ -578,23 +578,15 @@ impl Actor {
         }
     }
 
-    /// Routes what the state machine produced.
+    /// Routes what the state machine produced. Table changes go out before the
+    /// responses: a client that has read "ChannelBind succeeded" may send on the channel
+    /// at once, and the data plane must know the channel by then.
     fn route(&mut self, out: Vec<Output>) {
         let mut batches: HashMap<u64, Vec<v1::TableChange>> = HashMap::new();
+        let mut transmits = Vec::new();
         for o in out {
             match o {
-                Output::Transmit { tuple, data } => {
-                    if let Some(&(conn, worker)) = self.tuple_owner.get(&tuple) {
-                        self.send(
-                            conn,
-                            control_plane_message::Message::SendDatagram(v1::SendDatagram {
-                                worker_id: worker,
-                                five_tuple: Some(tuple_to_api(&tuple)),
-                                datagram: data.into(),
-                            }),
-                        );
-                    }
-                }
+                Output::Transmit { tuple, data } => transmits.push((tuple, data)),
                 Output::Bind(b) => {
                     if let Some(&(conn, worker)) = self.tuple_owner.get(&b.tuple) {
                         self.send(
@@ -655,6 +647,18 @@ impl Actor {
                     changes,
                 }),
             );
+        }
+        for (tuple, data) in transmits {
+            if let Some(&(conn, worker)) = self.tuple_owner.get(&tuple) {
+                self.send(
+                    conn,
+                    control_plane_message::Message::SendDatagram(v1::SendDatagram {
+                        worker_id: worker,
+                        five_tuple: Some(tuple_to_api(&tuple)),
+                        datagram: data.into(),
+                    }),
+                );
+            }
         }
     }
 

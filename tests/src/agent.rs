@@ -212,7 +212,16 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     loop {
         let channel = match Endpoint::from_shared(control.clone()) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(2)).connect().await,
+            // HTTP/2 keepalives notice a control plane that vanished without closing the
+            // connection (a crashed host, a partition) within a few seconds.
+            Ok(e) => {
+                e.connect_timeout(Duration::from_secs(2))
+                    .http2_keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_timeout(Duration::from_secs(3))
+                    .keep_alive_while_idle(true)
+                    .connect()
+                    .await
+            }
             Err(e) => {
                 tracing::error!(%control, error = %e, "bad control plane address");
                 return;
@@ -230,6 +239,10 @@ pub async fn run(
             }
         };
         let (up, up_rx) = mpsc::channel::<v1::DataPlaneMessage>(8192);
+        let (dp2, v) = (dp.clone(), version);
+        let snapshot = tokio::task::spawn_blocking(move || table(&dp2, v))
+            .await
+            .ok();
         let hello = v1::Hello {
             data_plane_id: me.id.clone(),
             listening_addresses: me
@@ -251,7 +264,7 @@ pub async fn run(
                 .collect(),
             worker_count: dp.workers() as u32,
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            table: Some(table(&dp, version)),
+            table: snapshot,
         };
         let _ = up
             .send(msg(data_plane_message::Message::Hello(hello)))
@@ -283,7 +296,11 @@ pub async fn run(
                         datagram: p.data.into(),
                         received_unix_micros: unix_millis() * 1000,
                     };
-                    if up.send(msg(data_plane_message::Message::PuntedRequest(m))).await.is_err() {
+                    // Never block the loop on the stream: a dead control plane would stall
+                    // it. A request dropped here is retransmitted by its client.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) =
+                        up.try_send(msg(data_plane_message::Message::PuntedRequest(m)))
+                    {
                         break;
                     }
                 }
@@ -343,11 +360,9 @@ async fn apply(
             let changes: Vec<Change> = batch.changes.into_iter().filter_map(change_from).collect();
             dp.apply(changes);
             *version = batch.table_version;
-            let _ = up
-                .send(msg(data_plane_message::Message::TableAck(v1::TableAck {
-                    table_version: batch.table_version,
-                })))
-                .await;
+            let _ = up.try_send(msg(data_plane_message::Message::TableAck(v1::TableAck {
+                table_version: batch.table_version,
+            })));
         }
         M::ResyncRequest(_) => {
             let _ = up
@@ -381,6 +396,11 @@ fn bind_ack(id: u64, r: Result<(), String>, relays: &[SocketAddr]) -> v1::DataPl
 
 async fn report(dp: &DataPlaneHandle, up: &mpsc::Sender<v1::DataPlaneMessage>) {
     let counters = dp.counters();
+    // The snapshot waits for every worker's answer: off the async threads.
+    let dp2 = dp.clone();
+    let Ok(snapshot) = tokio::task::spawn_blocking(move || dp2.snapshot()).await else {
+        return;
+    };
     let mut traffic = turnpike_dataplane::Usage::default();
     for c in &counters {
         traffic.to_peer_packets += c.to_peer_packets;
@@ -388,7 +408,6 @@ async fn report(dp: &DataPlaneHandle, up: &mpsc::Sender<v1::DataPlaneMessage>) {
         traffic.to_client_packets += c.to_client_packets;
         traffic.to_client_bytes += c.to_client_bytes;
     }
-    let snapshot = dp.snapshot();
     let load = v1::LoadReport {
         sampled_unix_millis: unix_millis(),
         allocations: snapshot.len() as u64,

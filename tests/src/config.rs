@@ -151,18 +151,12 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     /// Relay IPs.
     pub relay_ips: Vec<IpAddr>,
-    /// Relay ports.
-    pub relay_ports: (u16, u16),
     /// Realm.
     pub realm: String,
     /// Static users.
     pub users: Vec<(String, String)>,
     /// REST secrets.
     pub secrets: Vec<String>,
-    /// Allowed peer ranges.
-    pub allow: Vec<Cidr>,
-    /// Denied peer ranges.
-    pub deny: Vec<Cidr>,
     /// Workers.
     pub workers: usize,
     /// Backend.
@@ -337,7 +331,7 @@ impl Config {
         let mut server = ServerConfig {
             relay_ips: relay_ips.clone(),
             relay_ports,
-            policy: PeerPolicy::new(allow.clone(), deny.clone(), own),
+            policy: PeerPolicy::new(allow, deny, own),
             ..ServerConfig::default()
         };
         if let Some(v) = file.default_lifetime {
@@ -374,12 +368,9 @@ impl Config {
         Ok(Config {
             listen,
             relay_ips,
-            relay_ports,
             realm,
             users,
             secrets,
-            allow,
-            deny,
             workers,
             backend,
             grpc_listen,

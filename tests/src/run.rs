@@ -134,8 +134,12 @@ pub fn serve(
         if let Some(addr) = cfg.metrics_listen {
             metrics::spawn(addr, cp.clone(), Some(dp.handle()), queue.clone()).await?;
         }
-        let ready = tokio::time::timeout(Duration::from_secs(10), attached.wait_for(|a| *a)).await;
-        if ready.is_err() {
+        // `wait_for` returns a guard on the watched value: drop it at once, or the
+        // agent's next update would block on it.
+        let ready = tokio::time::timeout(Duration::from_secs(10), attached.wait_for(|a| *a))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !ready {
             tracing::warn!(%control, "not attached to a control plane yet; relaying existing allocations only");
         }
         let listen_s: Vec<String> = listen.iter().map(ToString::to_string).collect();

@@ -36,7 +36,11 @@ fn bad_configuration_exits_64_naming_the_option() {
     let dir = std::env::temp_dir().join(format!("turnpike-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bad.toml");
-    std::fs::write(&file, "listen = [\"127.0.0.1:3478\"]\nrelay_portz = \"1-2\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "listen = [\"127.0.0.1:3478\"]\nrelay_portz = \"1-2\"\n",
+    )
+    .unwrap();
     let (code, err) = exit_code(&["serve", "--config", file.to_str().unwrap()]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("relay_portz"), "{err}");
@@ -48,7 +52,17 @@ fn serve(extra: &[&str]) -> (Proc, SocketAddr, String) {
     let grpc = free_tcp_port();
     let listen = format!("127.0.0.1:{port}");
     let grpc = format!("127.0.0.1:{grpc}");
-    let mut args = vec!["serve", "--listen", &listen, "--grpc-listen", &grpc, "--workers", "2", "--user", "u:p"];
+    let mut args = vec![
+        "serve",
+        "--listen",
+        &listen,
+        "--grpc-listen",
+        &grpc,
+        "--workers",
+        "2",
+        "--user",
+        "u:p",
+    ];
     args.extend_from_slice(extra);
     let mut p = Proc::spawn(&args);
     p.wait_for("turnpike ready", Duration::from_secs(20));
@@ -72,8 +86,14 @@ fn serve_without_arguments_is_a_working_dev_server_with_default_peer_policy() {
     };
     assert_eq!(relays[0].ip().to_string(), "127.0.0.1");
     // With the default config, loopback peers are forbidden.
-    assert_eq!(t.permit("127.0.0.1:9".parse().unwrap()), Outcome::Failed(403));
-    assert_eq!(t.permit("169.254.169.254:80".parse().unwrap()), Outcome::Failed(403));
+    assert_eq!(
+        t.permit("127.0.0.1:9".parse().unwrap()),
+        Outcome::Failed(403)
+    );
+    assert_eq!(
+        t.permit("169.254.169.254:80".parse().unwrap()),
+        Outcome::Failed(403)
+    );
     // A wrong password fails.
     let mut bad = Turn::new(server, &user, "wrong");
     assert_eq!(bad.allocate(), Outcome::Failed(401));
@@ -98,10 +118,28 @@ fn split_mode_survives_a_control_plane_restart() {
     let grpc = format!("127.0.0.1:{}", free_tcp_port());
     let control = format!("http://{grpc}");
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let cp_args = ["controlplane", "--grpc-listen", grpc.as_str(), "--user", "u:p", "--allow-peer", "127.0.0.0/8", "--listen", listen.as_str()];
+    let cp_args = [
+        "controlplane",
+        "--grpc-listen",
+        grpc.as_str(),
+        "--user",
+        "u:p",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--listen",
+        listen.as_str(),
+    ];
     let mut cp = Proc::spawn(&cp_args);
     cp.wait_for("control plane ready", Duration::from_secs(20));
-    let mut dp = Proc::spawn(&["dataplane", "--control", &control, "--listen", &listen, "--workers", "2"]);
+    let mut dp = Proc::spawn(&[
+        "dataplane",
+        "--control",
+        &control,
+        "--listen",
+        &listen,
+        "--workers",
+        "2",
+    ]);
     dp.wait_for("turnpike ready", Duration::from_secs(20));
     let server: SocketAddr = listen.parse().unwrap();
     let peer = EchoPeer::start();
@@ -131,9 +169,16 @@ fn split_mode_survives_a_control_plane_restart() {
 fn admin_api_lists_revokes_and_watches() {
     use turnpike_proto::api::v1::{self, admin_client::AdminClient};
     let (_p, server, grpc) = serve(&["--allow-peer", "127.0.0.0/8"]);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(grpc.clone()).unwrap().connect().await.unwrap();
+        let ch = tonic::transport::Endpoint::from_shared(grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let mut admin = AdminClient::new(ch);
         let mut events = admin
             .watch_events(v1::WatchEventsRequest::default())
@@ -150,20 +195,49 @@ fn admin_api_lists_revokes_and_watches() {
         })
         .await
         .unwrap();
-        let list = admin.list_allocations(v1::ListAllocationsRequest::default()).await.unwrap().into_inner();
+        let list = admin
+            .list_allocations(v1::ListAllocationsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(list.allocations.len(), 1);
-        let id = list.allocations[0].state.as_ref().unwrap().allocation.as_ref().unwrap().allocation_id;
-        assert_eq!(list.allocations[0].state.as_ref().unwrap().channels.len(), 1);
-        let stats = admin.get_stats(v1::GetStatsRequest {}).await.unwrap().into_inner();
+        let id = list.allocations[0]
+            .state
+            .as_ref()
+            .unwrap()
+            .allocation
+            .as_ref()
+            .unwrap()
+            .allocation_id;
+        assert_eq!(
+            list.allocations[0].state.as_ref().unwrap().channels.len(),
+            1
+        );
+        let stats = admin
+            .get_stats(v1::GetStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(stats.totals.unwrap().allocations, 1);
         assert_eq!(stats.data_planes.len(), 1);
 
         // Lifecycle events arrive: created, then (after usage reports) usage.
-        let first = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
-        assert!(matches!(first.body, Some(v1::event::Body::Created(_))), "{first:?}");
+        let first = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(first.body, Some(v1::event::Body::Created(_))),
+            "{first:?}"
+        );
         let mut saw_usage = false;
         for _ in 0..20 {
-            let e = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(5), events.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             if let Some(v1::event::Body::Usage(u)) = e.body {
                 assert!(u.total.unwrap().client_to_peer.unwrap().packets >= 10);
                 saw_usage = true;
@@ -172,8 +246,18 @@ fn admin_api_lists_revokes_and_watches() {
         }
         assert!(saw_usage, "no usage event");
 
-        admin.revoke_allocation(v1::RevokeAllocationRequest { allocation_id: id, reason: "test".into() }).await.unwrap();
-        let list = admin.list_allocations(v1::ListAllocationsRequest::default()).await.unwrap().into_inner();
+        admin
+            .revoke_allocation(v1::RevokeAllocationRequest {
+                allocation_id: id,
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        let list = admin
+            .list_allocations(v1::ListAllocationsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         assert!(list.allocations.is_empty());
         // The revoked allocation no longer relays.
         let (t2, _peer) = &mut t;

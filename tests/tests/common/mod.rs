@@ -93,7 +93,11 @@ pub fn field(line: &str, key: &str) -> String {
 
 /// A free UDP port on loopback (bound, then released).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A free TCP port on loopback.
@@ -124,7 +128,8 @@ pub enum Outcome {
 impl Turn {
     pub fn new(server: SocketAddr, user: &str, password: &str) -> Turn {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         Turn {
             sock,
             server,
@@ -152,7 +157,9 @@ impl Turn {
                             self.sock.send_to(&out, self.server).unwrap();
                         }
                         Event::Allocated { relayed, .. } => return Outcome::Allocated(relayed),
-                        Event::Refreshed { .. } | Event::PermissionCreated | Event::ChannelBound { .. } => {
+                        Event::Refreshed { .. }
+                        | Event::PermissionCreated
+                        | Event::ChannelBound { .. } => {
                             return Outcome::Ok;
                         }
                         Event::Failed { code, .. } => return Outcome::Failed(code),
@@ -180,7 +187,9 @@ impl Turn {
     pub fn allocate(&mut self) -> Outcome {
         let mut req = Vec::new();
         let now = self.now();
-        self.client.allocate(now, AllocateOptions::default(), &mut req).unwrap();
+        self.client
+            .allocate(now, AllocateOptions::default(), &mut req)
+            .unwrap();
         self.finish(req)
     }
 
@@ -194,14 +203,18 @@ impl Turn {
     pub fn permit(&mut self, peer: SocketAddr) -> Outcome {
         let mut req = Vec::new();
         let now = self.now();
-        self.client.create_permission(now, &[peer], &mut req).unwrap();
+        self.client
+            .create_permission(now, &[peer], &mut req)
+            .unwrap();
         self.finish(req)
     }
 
     pub fn bind(&mut self, channel: u16, peer: SocketAddr) -> Outcome {
         let mut req = Vec::new();
         let now = self.now();
-        self.client.channel_bind(now, channel, peer, &mut req).unwrap();
+        self.client
+            .channel_bind(now, channel, peer, &mut req)
+            .unwrap();
         self.finish(req)
     }
 
@@ -220,7 +233,9 @@ impl Turn {
             if let Ok((n, _)) = self.sock.recv_from(&mut buf) {
                 let mut out = Vec::new();
                 match self.client.handle(0, &buf[..n], &mut out) {
-                    Event::ChannelData { data, .. } | Event::Data { data, .. } => return Some(data.to_vec()),
+                    Event::ChannelData { data, .. } | Event::Data { data, .. } => {
+                        return Some(data.to_vec());
+                    }
                     _ => {}
                 }
             }
@@ -245,7 +260,8 @@ pub struct EchoPeer {
 impl EchoPeer {
     pub fn start() -> EchoPeer {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let addr = sock.local_addr().unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s2 = stop.clone();
