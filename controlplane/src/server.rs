@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub policy: PeerPolicy,
     /// SOFTWARE sent in authenticated responses.
     pub software: Option<String>,
+    /// Accept the RFC 5766 channel range 0x4000..=0x7FFF (RFC 8656 allows only
+    /// 0x4000..=0x4FFF). Off by default.
+    pub legacy_channel_numbers: bool,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +100,7 @@ impl Default for ServerConfig {
             unauth_burst: 40,
             policy: PeerPolicy::default(),
             software: Some(concat!("turnpike ", env!("CARGO_PKG_VERSION")).to_owned()),
+            legacy_channel_numbers: false,
         }
     }
 }
@@ -667,6 +671,15 @@ impl Server {
     ) where
         F: FnOnce(&mut MessageWriter<'_>) -> Result<(), EncodeError>,
     {
+        if r.code != 401 && r.code != 438 {
+            tracing::debug!(
+                client = %tuple.client,
+                method = format_args!("{:#05x}", msg.method().0),
+                code = r.code,
+                attributes = ?msg.raw_attributes().map(|a| (a.typ.0, a.value)).collect::<Vec<_>>(),
+                "request refused"
+            );
+        }
         let res = self.respond(msg, Class::Error, auth, |w| {
             w.add(&ErrorCode {
                 code: r.code,
@@ -1170,7 +1183,14 @@ impl Server {
         out: &mut Vec<Output>,
     ) -> Result<(), Reject> {
         let id = *self.by_tuple.get(&tuple).ok_or(reject(437))?;
-        let channel = msg.attr::<ChannelNumber>()?.ok_or(reject(400))?.0;
+        let channel = match msg.attr::<ChannelNumber>() {
+            Ok(c) => c.ok_or(reject(400))?.0,
+            Err(_) if self.cfg.legacy_channel_numbers => msg
+                .raw(attr::AttrType(attr::CHANNEL_NUMBER))
+                .and_then(attr::legacy_channel_number)
+                .ok_or(reject(400))?,
+            Err(_) => return Err(reject(400)),
+        };
         let peer = msg.attr::<XorPeerAddress>()?.ok_or(reject(400))?.0;
         let a = self.allocations.get(&id).ok_or(reject(437))?;
         self.check_peer(a, peer, true)?;

@@ -920,3 +920,30 @@ fn revoke_and_restore() {
     assert_eq!(h.server.stats().allocations, 0);
     let _ = (Millis(0), ServerConfig::default());
 }
+
+#[test]
+fn legacy_channel_numbers_only_when_configured() {
+    let bind = |h: &mut Harness| {
+        let t = tuple("203.0.113.1:40000");
+        let mut c = alice();
+        h.allocate(&mut c, t);
+        let req = signed(h, t, Method::CHANNEL_BIND, "alice", "wonderland", 6, |w| {
+            w.add_raw(AttrType(attr::CHANNEL_NUMBER), &[0x59, 0x60, 0, 0])
+                .unwrap();
+            w.add(&XorPeerAddress(peer())).unwrap();
+        });
+        error_code(&h.deliver(t, &req)[0])
+    };
+    assert_eq!(bind(&mut Harness::new(config())), Some(400));
+    let mut cfg = config();
+    cfg.legacy_channel_numbers = true;
+    let mut h = Harness::new(cfg);
+    assert_eq!(bind(&mut h), None);
+    assert!(h.take_changes().iter().any(|c| matches!(
+        c,
+        TableChange::ChannelSet {
+            channel: 0x5960,
+            ..
+        }
+    )));
+}

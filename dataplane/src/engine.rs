@@ -313,6 +313,8 @@ pub(crate) fn udp_socket(addr: SocketAddr, reuse_port: bool, buffers: usize) -> 
 /// A worker's state apart from its I/O backend.
 pub(crate) struct Core {
     pub(crate) id: usize,
+    /// Accept RFC 5766 channel numbers (0x5000..=0x7FFF) as well.
+    legacy_channels: bool,
     pub(crate) socks: Sockets,
     pub(crate) ctr: Arc<Counters>,
     pub(crate) io_ops: Vec<IoOp>,
@@ -348,6 +350,7 @@ pub(crate) struct CoreInit {
     pub(crate) denied: Arc<ArcSwap<Denied>>,
     pub(crate) ctr: Arc<Counters>,
     pub(crate) buffers: usize,
+    pub(crate) legacy_channels: bool,
 }
 
 impl Core {
@@ -355,6 +358,7 @@ impl Core {
         let now = unix_millis();
         let mut core = Core {
             id: init.id,
+            legacy_channels: init.legacy_channels,
             socks: Sockets::default(),
             ctr: init.ctr,
             io_ops: Vec::with_capacity(64),
@@ -459,6 +463,14 @@ impl Core {
         }
     }
 
+    fn max_channel(&self) -> u16 {
+        if self.legacy_channels {
+            turnpike_proto::attr::CHANNEL_MAX_LEGACY
+        } else {
+            turnpike_proto::attr::CHANNEL_MAX
+        }
+    }
+
     /// Client → peer (or the worker's own answer). Returns (socket, destination, start,
     /// length).
     fn client_datagram(
@@ -469,9 +481,15 @@ impl Core {
         len: usize,
     ) -> Option<(Token, SocketAddr, usize, usize)> {
         let pkt = buf.get(HEADROOM..HEADROOM + len)?;
-        match classify(pkt) {
+        let kind = match (classify(pkt), pkt.first()) {
+            (PacketKind::Other, Some(0x50..=0x7F)) if self.legacy_channels => {
+                PacketKind::ChannelData
+            }
+            (k, _) => k,
+        };
+        match kind {
             PacketKind::ChannelData => {
-                let Ok(cd) = ChannelData::parse(pkt) else {
+                let Ok(cd) = ChannelData::parse_up_to(pkt, self.max_channel()) else {
                     bump(&self.ctr.malformed, 1);
                     return None;
                 };

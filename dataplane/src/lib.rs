@@ -108,6 +108,9 @@ pub struct DataPlaneConfig {
     pub denied_peers: Vec<SocketAddr>,
     /// SO_RCVBUF/SO_SNDBUF for every socket, in bytes.
     pub socket_buffer: usize,
+    /// Accept ChannelData on RFC 5766 channel numbers 0x5000..=0x7FFF too (the control
+    /// plane binds them only when configured to).
+    pub legacy_channel_numbers: bool,
 }
 
 impl Default for DataPlaneConfig {
@@ -119,6 +122,7 @@ impl Default for DataPlaneConfig {
             pin: true,
             denied_peers: Vec::new(),
             socket_buffer: 4 << 20,
+            legacy_channel_numbers: false,
         }
     }
 }

@@ -147,6 +147,7 @@ impl DataPlane {
                 denied: Arc::clone(&denied),
                 ctr: Arc::clone(&ctr),
                 buffers: cfg.socket_buffer,
+                legacy_channels: cfg.legacy_channel_numbers,
             };
             let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let worker_wake = Arc::clone(&wake);

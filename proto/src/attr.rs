@@ -562,8 +562,20 @@ pub struct ChannelNumber(pub u16);
 
 /// The lowest valid channel number.
 pub const CHANNEL_MIN: u16 = 0x4000;
-/// The highest valid channel number.
+/// The highest valid channel number (RFC 8656).
 pub const CHANNEL_MAX: u16 = 0x4FFF;
+/// The highest channel number RFC 5766 allowed (0x5000..=0x7FFF are reserved since
+/// RFC 8656; some older clients, coturn's `turnutils_uclient` among them, still use them).
+pub const CHANNEL_MAX_LEGACY: u16 = 0x7FFF;
+
+/// Reads a CHANNEL-NUMBER value in the RFC 5766 range 0x4000..=0x7FFF, for servers that
+/// accept legacy clients; [`ChannelNumber`] itself is strict.
+pub fn legacy_channel_number(value: &[u8]) -> Option<u16> {
+    if value.len() != 4 {
+        return None;
+    }
+    be16(value, 0).filter(|n| (CHANNEL_MIN..=CHANNEL_MAX_LEGACY).contains(n))
+}
 
 impl<'a> Attribute<'a> for ChannelNumber {
     const TYPE: AttrType = AttrType(CHANNEL_NUMBER);

@@ -1,6 +1,6 @@
 //! ChannelData frames (RFC 8656 §12.4) and stream framing (§12.5, RFC 8489 §6.2.2).
 
-use crate::attr::{CHANNEL_MAX, CHANNEL_MIN};
+use crate::attr::{CHANNEL_MAX, CHANNEL_MAX_LEGACY, CHANNEL_MIN};
 use crate::error::{DecodeError, EncodeError};
 use crate::stun::{HEADER_LEN, MAGIC_COOKIE, be16, be32, padded};
 
@@ -22,8 +22,14 @@ impl<'a> ChannelData<'a> {
     /// of four after them (padding is optional over UDP); anything else is an error and the
     /// frame is dropped.
     pub fn parse(buf: &'a [u8]) -> Result<ChannelData<'a>, DecodeError> {
+        Self::parse_up_to(buf, CHANNEL_MAX)
+    }
+
+    /// As [`ChannelData::parse`], accepting channel numbers up to `max`: [`CHANNEL_MAX`]
+    /// (RFC 8656) or [`CHANNEL_MAX_LEGACY`] (RFC 5766) for servers that opt in.
+    pub fn parse_up_to(buf: &'a [u8], max: u16) -> Result<ChannelData<'a>, DecodeError> {
         let channel = be16(buf, 0).ok_or(DecodeError::Truncated)?;
-        if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&channel) {
+        if !(CHANNEL_MIN..=max.min(CHANNEL_MAX_LEGACY)).contains(&channel) {
             return Err(DecodeError::BadChannelNumber);
         }
         let len = usize::from(be16(buf, 2).ok_or(DecodeError::Truncated)?);
@@ -41,8 +47,10 @@ impl<'a> ChannelData<'a> {
     }
 
     /// Writes the 4-byte header for `channel` and a payload of `len` bytes.
+    /// Channel numbers up to [`CHANNEL_MAX_LEGACY`] are accepted: a server only writes
+    /// numbers it has bound, and binds legacy ones only when configured to.
     pub fn header(channel: u16, len: usize) -> Result<[u8; CHANNEL_HEADER_LEN], EncodeError> {
-        if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&channel) {
+        if !(CHANNEL_MIN..=CHANNEL_MAX_LEGACY).contains(&channel) {
             return Err(EncodeError::BadChannelNumber);
         }
         let len = u16::try_from(len).map_err(|_| EncodeError::ValueTooLong)?;
@@ -54,6 +62,9 @@ impl<'a> ChannelData<'a> {
     /// Writes a whole frame into `out`; with `pad` (stream transports) zero padding to a
     /// multiple of four follows. Returns the bytes written.
     pub fn encode(&self, out: &mut [u8], pad: bool) -> Result<usize, EncodeError> {
+        if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&self.channel) {
+            return Err(EncodeError::BadChannelNumber);
+        }
         let header = Self::header(self.channel, self.payload.len())?;
         let end = CHANNEL_HEADER_LEN + self.payload.len();
         let total = if pad { padded(end) } else { end };

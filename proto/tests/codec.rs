@@ -631,3 +631,23 @@ proptest! {
         let _ = classify(&buf);
     }
 }
+
+#[test]
+fn legacy_channel_range_is_opt_in() {
+    let frame = [0x59, 0x60, 0, 2, 0xAB, 0xCD];
+    assert_eq!(
+        ChannelData::parse(&frame),
+        Err(DecodeError::BadChannelNumber)
+    );
+    let cd = ChannelData::parse_up_to(&frame, attr::CHANNEL_MAX_LEGACY).unwrap();
+    assert_eq!((cd.channel, cd.payload), (0x5960, &[0xAB, 0xCD][..]));
+    assert_eq!(
+        ChannelData::parse_up_to(&[0x80, 0, 0, 0], 0xFFFF),
+        Err(DecodeError::BadChannelNumber)
+    );
+    assert_eq!(
+        attr::legacy_channel_number(&[0x7F, 0xFF, 0, 0]),
+        Some(0x7FFF)
+    );
+    assert_eq!(attr::legacy_channel_number(&[0x80, 0x00, 0, 0]), None);
+}

@@ -72,6 +72,8 @@ pub struct FileConfig {
     pub pin_workers: Option<bool>,
     /// Data-plane identity (split mode).
     pub data_plane_id: Option<String>,
+    /// Accept RFC 5766 channel numbers 0x5000..=0x7FFF.
+    pub legacy_channel_numbers: Option<bool>,
 }
 
 /// The common flags (each also readable from `TURNPIKE_<NAME>`).
@@ -142,6 +144,10 @@ pub struct Flags {
     /// Do not pin workers to cores.
     #[arg(long, env = "TURNPIKE_NO_PIN")]
     pub no_pin: bool,
+    /// Accept RFC 5766 channel numbers 0x5000-0x7FFF (older clients such as coturn's
+    /// turnutils_uclient); RFC 8656 allows only 0x4000-0x4FFF.
+    #[arg(long, env = "TURNPIKE_LEGACY_CHANNEL_NUMBERS")]
+    pub legacy_channel_numbers: bool,
 }
 
 /// The validated configuration.
@@ -365,6 +371,8 @@ impl Config {
             server.unauth_rate = v;
             server.unauth_burst = v.saturating_mul(2).max(1);
         }
+        server.legacy_channel_numbers =
+            flags.legacy_channel_numbers || file.legacy_channel_numbers.unwrap_or(false);
         Ok(Config {
             listen,
             relay_ips,

@@ -113,6 +113,7 @@ pub fn serve(
                 backend: cfg.backend,
                 pin: cfg.pin,
                 denied_peers: cfg.server.policy.own_sockets().to_vec(),
+                legacy_channel_numbers: cfg.server.legacy_channel_numbers,
                 ..DataPlaneConfig::default()
             },
             queue.clone(),
