@@ -235,6 +235,8 @@ pub struct Server {
     stats: Stats,
     draining: bool,
     alternate: Option<SocketAddr>,
+    /// Set for the duration of one `handle_redirecting` call.
+    redirect: Option<SocketAddr>,
 }
 
 /// Where a request's processing stopped with an error response.
@@ -305,6 +307,7 @@ impl Server {
             stats: Stats::default(),
             draining: false,
             alternate: None,
+            redirect: None,
         }
     }
 
@@ -394,6 +397,27 @@ impl Server {
 
     /// Handles one datagram the data plane punted: a STUN message from `tuple`.
     pub fn handle(&mut self, now: Millis, tuple: FiveTuple, data: &[u8], out: &mut Vec<Output>) {
+        self.handle_redirecting(now, tuple, data, None, out);
+    }
+
+    /// As [`Server::handle`], for a request that reached an instance which takes no new
+    /// allocations (drained, or more loaded than the cluster's least loaded): a new
+    /// Allocate is answered 300 Try Alternate with ALTERNATE-SERVER `alternate`. Requests
+    /// on existing allocations are served as usual.
+    pub fn handle_redirecting(
+        &mut self,
+        now: Millis,
+        tuple: FiveTuple,
+        data: &[u8],
+        alternate: Option<SocketAddr>,
+        out: &mut Vec<Output>,
+    ) {
+        self.redirect = alternate;
+        self.dispatch(now, tuple, data, out);
+        self.redirect = None;
+    }
+
+    fn dispatch(&mut self, now: Millis, tuple: FiveTuple, data: &[u8], out: &mut Vec<Output>) {
         let msg = match Message::parse(data) {
             Ok(m) => m,
             Err(_) => {
@@ -761,8 +785,8 @@ impl Server {
         {
             return Err(reject(400));
         }
-        if self.draining {
-            return match self.alternate {
+        if self.draining || self.redirect.is_some() {
+            return match self.redirect.or(self.alternate) {
                 Some(alt) => {
                     let data = self
                         .respond(msg, Class::Error, Some(auth), |w| {

@@ -467,6 +467,23 @@ impl Actor {
         }
     }
 
+    /// Where new allocations arriving at data plane `conn` should go instead: nowhere if
+    /// it is open; else the least loaded open data plane's first listening address.
+    fn alternate_for(&self, conn: u64) -> Option<SocketAddr> {
+        if !self.conns.get(&conn)?.draining {
+            return None;
+        }
+        self.conns
+            .iter()
+            .filter(|(id, c)| **id != conn && !c.draining)
+            .min_by_key(|(_, c)| c.load.as_ref().map(|l| l.allocations).unwrap_or(0))
+            .and_then(|(_, c)| {
+                let l = c.hello.listening_addresses.first()?;
+                let a = l.advertised.as_ref().or(l.address.as_ref())?;
+                SocketAddr::try_from(a).ok()
+            })
+    }
+
     fn restore(&mut self, conn: u64, dp: &str, table: &v1::TableSnapshot) {
         for s in &table.allocations {
             if let Some((r, worker)) = restored_from_api(s) {
@@ -487,8 +504,10 @@ impl Actor {
                 };
                 self.punted += 1;
                 self.tuple_owner.insert(tuple, (conn, p.worker_id));
+                let alternate = self.alternate_for(conn);
                 let mut out = Vec::new();
-                self.server.handle(now(), tuple, &p.datagram, &mut out);
+                self.server
+                    .handle_redirecting(now(), tuple, &p.datagram, alternate, &mut out);
                 self.route(out);
             }
             M::BindAck(ack) => {

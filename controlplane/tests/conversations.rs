@@ -947,3 +947,43 @@ fn legacy_channel_numbers_only_when_configured() {
         }
     )));
 }
+
+#[test]
+fn redirecting_instance_sends_new_allocations_elsewhere_but_serves_old_ones() {
+    let mut h = Harness::new(config());
+    let t = tuple("203.0.113.1:40000");
+    let mut c = alice();
+    assert!(matches!(h.allocate(&mut c, t), Ev::Allocated { .. }));
+    let alt: SocketAddr = "192.0.2.12:3478".parse().unwrap();
+    // A new client is redirected.
+    let t2 = tuple("203.0.113.2:40000");
+    let req = signed(&h, t2, Method::ALLOCATE, "bob", "builder", 2, |w| {
+        w.add(&RequestedTransport(17)).unwrap();
+    });
+    let mut out = Vec::new();
+    h.server
+        .handle_redirecting(h.now, t2, &req, Some(alt), &mut out);
+    let Some(Output::Transmit { data, .. }) = out.first() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(error_code(data), Some(300));
+    assert_eq!(
+        Message::parse(data)
+            .unwrap()
+            .attr::<attr::AlternateServer>()
+            .unwrap()
+            .unwrap()
+            .0,
+        alt
+    );
+    // The existing allocation is refreshed as usual.
+    let mut req = Vec::new();
+    c.refresh(h.now.0, 600, &mut req).unwrap();
+    let mut out = Vec::new();
+    h.server
+        .handle_redirecting(h.now, t, &req, Some(alt), &mut out);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Table(TableChange::AllocationRefresh { .. })))
+    );
+}

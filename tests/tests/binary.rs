@@ -271,3 +271,144 @@ fn admin_api_lists_revokes_and_watches() {
         assert_eq!(got, 0);
     });
 }
+
+/// One control plane, two data planes: both serve; draining one sends its new clients to
+/// the other with 300 Try Alternate; metrics are exported.
+#[test]
+fn cluster_of_two_data_planes_with_drain_and_metrics() {
+    use turnpike_proto::attr::AlternateServer;
+    use turnpike_proto::stun::Message;
+    let grpc = format!("127.0.0.1:{}", free_tcp_port());
+    let control = format!("http://{grpc}");
+    let (l1, l2) = (
+        format!("127.0.0.1:{}", free_udp_port()),
+        format!("127.0.0.1:{}", free_udp_port()),
+    );
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let mut cp = Proc::spawn(&[
+        "controlplane",
+        "--grpc-listen",
+        &grpc,
+        "--user",
+        "u:p",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--metrics-listen",
+        &metrics,
+    ]);
+    cp.wait_for("control plane ready", Duration::from_secs(20));
+    let mut d1 = Proc::spawn(&[
+        "dataplane",
+        "--control",
+        &control,
+        "--listen",
+        &l1,
+        "--workers",
+        "1",
+        "--no-pin",
+        "--metrics-listen",
+        &format!("127.0.0.1:{}", free_tcp_port()),
+    ]);
+    let mut d2 = Proc::spawn(&[
+        "dataplane",
+        "--control",
+        &control,
+        "--listen",
+        &l2,
+        "--workers",
+        "1",
+        "--no-pin",
+    ]);
+    d1.wait_for("turnpike ready", Duration::from_secs(20));
+    d2.wait_for("turnpike ready", Duration::from_secs(20));
+    let (s1, s2): (SocketAddr, SocketAddr) = (l1.parse().unwrap(), l2.parse().unwrap());
+    let peer = EchoPeer::start();
+    for s in [s1, s2] {
+        let mut t = Turn::new(s, "u", "p");
+        assert!(matches!(t.allocate(), Outcome::Allocated(_)), "{s}");
+        assert_eq!(t.bind(0x4003, peer.addr), Outcome::Ok);
+        assert_eq!(echo_round(&mut t, 0x4003, 5), 5);
+    }
+    // Drain the first data plane: new clients there are sent to the second.
+    let dp1_id = {
+        let out = Command::new(BIN)
+            .args(["ctl", "--server", &control, "stats"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        assert_eq!(text.matches("data_plane_id").count(), 2, "{text}");
+        // The data plane listening on l1.
+        d1.child.id()
+    };
+    let out = Command::new(BIN)
+        .args([
+            "ctl",
+            "--server",
+            &control,
+            "drain",
+            &format!("dp-{dp1_id}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut t = Turn::new(s1, "u", "p");
+    assert_eq!(t.allocate(), Outcome::Failed(300));
+    let m = Message::parse(&t.last).unwrap();
+    assert_eq!(m.attr::<AlternateServer>().unwrap().unwrap().0, s2);
+    let mut t2 = Turn::new(s2, "u", "p");
+    assert!(matches!(t2.allocate(), Outcome::Allocated(_)));
+
+    // Metrics: the control plane's gauges.
+    let text = http_get(&metrics);
+    assert!(text.contains("turnpike_allocations 3"), "{text}");
+    assert!(
+        text.contains("# TYPE turnpike_auth_failures_total counter"),
+        "{text}"
+    );
+    drop((d1, d2));
+}
+
+fn http_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn data_plane_metrics_count_relayed_packets_per_worker() {
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let (_p, server, _) = serve(&["--allow-peer", "127.0.0.0/8", "--metrics-listen", &metrics]);
+    let peer = EchoPeer::start();
+    let mut t = Turn::new(server, "u", "p");
+    assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+    assert_eq!(t.bind(0x4004, peer.addr), Outcome::Ok);
+    assert_eq!(echo_round(&mut t, 0x4004, 7), 7);
+    let text = http_get(&metrics);
+    let sum = |dir: &str| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("turnpike_relayed_packets_total{")
+                    && l.contains(&format!("direction=\"{dir}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(sum("to_peer"), 7, "{text}");
+    assert_eq!(sum("to_client"), 7, "{text}");
+    assert!(text.contains("turnpike_allocations 1"), "{text}");
+    assert!(
+        text.contains("turnpike_dropped_packets_total{reason=\"no_permission\""),
+        "{text}"
+    );
+    assert!(!text.contains("username"), "no per-user labels");
+}

@@ -115,6 +115,8 @@ pub struct Turn {
     pub server: SocketAddr,
     pub client: Client,
     start: Instant,
+    /// The last datagram received from the server.
+    pub last: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +137,7 @@ impl Turn {
             server,
             client: Client::new(user, password, rand_seed()),
             start: Instant::now(),
+            last: Vec::new(),
         }
     }
 
@@ -152,6 +155,7 @@ impl Turn {
             match self.sock.recv_from(&mut buf) {
                 Ok((n, _)) => {
                     let now = self.now();
+                    self.last = buf[..n].to_vec();
                     match self.client.handle(now, &buf[..n], &mut out) {
                         Event::Retry => {
                             self.sock.send_to(&out, self.server).unwrap();
