@@ -46,6 +46,10 @@ struct Server {
 
 impl Server {
     fn start(backend: Backend, ip: &str, denied: Vec<SocketAddr>) -> Server {
+        Server::start_with(backend, ip, denied, false)
+    }
+
+    fn start_with(backend: Backend, ip: &str, denied: Vec<SocketAddr>, legacy: bool) -> Server {
         let (tx, punts) = mpsc::channel();
         let cfg = DataPlaneConfig {
             listen: vec![SocketAddr::new(ip.parse().unwrap(), 0)],
@@ -54,6 +58,7 @@ impl Server {
             pin: false,
             denied_peers: denied,
             socket_buffer: 1 << 20,
+            legacy_channel_numbers: legacy,
         };
         let dp = DataPlane::start(cfg, Arc::new(Sink(tx))).unwrap();
         assert_eq!(dp.backend(), backend);
@@ -786,6 +791,30 @@ fn shutdown_closes_sockets(b: Backend) {
     assert!(s.h.snapshot().is_empty());
 }
 
+/// RFC 5766 channel numbers (0x5000..=0x7FFF) are dropped unless the data plane is
+/// configured to accept them; then they relay both ways.
+fn legacy_channel_numbers(b: Backend) {
+    for legacy in [false, true] {
+        let s = Server::start_with(b, "127.0.0.1", Vec::new(), legacy);
+        let client = socket("127.0.0.1");
+        let peer = socket("127.0.0.1");
+        let pa = peer.local_addr().unwrap();
+        let a = s.allocate(&client, 1, far(), 0);
+        s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x5960, pa, far())]);
+        s.sync();
+        let frame = [0x59, 0x60, 0x00, 0x03, b'a', b'b', b'c'];
+        client.send_to(&frame, s.addr).unwrap();
+        if legacy {
+            assert_eq!(recv(&peer).0, b"abc");
+            peer.send_to(b"xyz", a.relay).unwrap();
+            let (got, _) = recv(&client);
+            assert_eq!(got, [0x59, 0x60, 0x00, 0x03, b'x', b'y', b'z']);
+        } else {
+            assert_silent(&peer);
+        }
+    }
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -815,4 +844,5 @@ on_both_backends!(
     flood_then_still_forwarding,
     unknown_relay_data_dropped,
     shutdown_closes_sockets,
+    legacy_channel_numbers,
 );
