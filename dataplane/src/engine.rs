@@ -1037,6 +1037,7 @@ mod tests {
             denied: Arc::new(ArcSwap::from_pointee(Denied::default())),
             ctr: Arc::new(Counters::default()),
             buffers: 0,
+            legacy_channels: false,
         });
         (c.unwrap_or_else(|e| panic!("{e}")), tx)
     }

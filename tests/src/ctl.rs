@@ -134,7 +134,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             CtlCmd::RotateSecrets { secrets } => {
                 let r = admin
                     .rotate_secrets(v1::RotateSecretsRequest {
-                        secrets: secrets.into_iter().map(|s| s.into_bytes().into()).collect(),
+                        secrets: secrets.into_iter().map(|s| s.into_bytes()).collect(),
                     })
                     .await?;
                 println!("{} secrets", r.into_inner().secret_count);

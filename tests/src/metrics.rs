@@ -73,49 +73,49 @@ async fn render(
     queue: &PuntQueue,
 ) -> String {
     let mut o = String::new();
-    if let Some(cp) = cp {
-        if let Ok(s) = cp.server_stats().await {
-            for (name, kind, help, v) in [
-                (
-                    "turnpike_allocations",
-                    "gauge",
-                    "Live allocations.",
-                    s.allocations,
-                ),
-                (
-                    "turnpike_permissions",
-                    "gauge",
-                    "Live permissions.",
-                    s.permissions,
-                ),
-                (
-                    "turnpike_channels",
-                    "gauge",
-                    "Live channel bindings.",
-                    s.channels,
-                ),
-                (
-                    "turnpike_requests_total",
-                    "counter",
-                    "STUN requests handled by the control plane.",
-                    s.requests,
-                ),
-                (
-                    "turnpike_auth_failures_total",
-                    "counter",
-                    "Requests that failed authentication.",
-                    s.auth_failures,
-                ),
-                (
-                    "turnpike_rate_limited_total",
-                    "counter",
-                    "Unauthenticated requests dropped by the rate limiter.",
-                    s.rate_limited,
-                ),
-            ] {
-                metric(&mut o, name, kind, help);
-                let _ = writeln!(o, "{name} {v}");
-            }
+    if let Some(cp) = cp
+        && let Ok(s) = cp.server_stats().await
+    {
+        for (name, kind, help, v) in [
+            (
+                "turnpike_allocations",
+                "gauge",
+                "Live allocations.",
+                s.allocations,
+            ),
+            (
+                "turnpike_permissions",
+                "gauge",
+                "Live permissions.",
+                s.permissions,
+            ),
+            (
+                "turnpike_channels",
+                "gauge",
+                "Live channel bindings.",
+                s.channels,
+            ),
+            (
+                "turnpike_requests_total",
+                "counter",
+                "STUN requests handled by the control plane.",
+                s.requests,
+            ),
+            (
+                "turnpike_auth_failures_total",
+                "counter",
+                "Requests that failed authentication.",
+                s.auth_failures,
+            ),
+            (
+                "turnpike_rate_limited_total",
+                "counter",
+                "Unauthenticated requests dropped by the rate limiter.",
+                s.rate_limited,
+            ),
+        ] {
+            metric(&mut o, name, kind, help);
+            let _ = writeln!(o, "{name} {v}");
         }
     }
     if let Some(dp) = dp {
