@@ -39,6 +39,9 @@ const OFFERED_ALGORITHMS: [PasswordAlgorithmId; 2] =
 const RESERVATION_SECS: u64 = 30;
 /// Binds tried with different ports before an Allocate fails with 508.
 const BIND_ATTEMPTS: u32 = 4;
+/// How long a bind may go unacknowledged (a data plane that went away) before the
+/// Allocate fails with 508 and its ports are released.
+const BIND_TIMEOUT_MS: u64 = 5_000;
 
 /// The server's settings. Every field has a default; see [`ServerConfig::default`].
 #[derive(Debug, Clone)]
@@ -144,10 +147,13 @@ struct PendingAllocate {
     token: Option<[u8; 8]>,
     dont_fragment: bool,
     attempts: u32,
+    /// When the current bind times out (its timer key).
+    bind_deadline: Millis,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
+    Bind(u64),
     Allocation(AllocationId),
     Permission(AllocationId, IpAddr),
     Channel(AllocationId, u16),
@@ -460,7 +466,7 @@ impl Server {
                     return;
                 }
                 let result = match msg.method() {
-                    Method::ALLOCATE => self.allocate(tuple, &msg, &auth, out),
+                    Method::ALLOCATE => self.allocate(now, tuple, &msg, &auth, out),
                     Method::REFRESH => self.refresh(now, tuple, &msg, &auth, out),
                     Method::CREATE_PERMISSION => {
                         self.create_permission(now, tuple, &msg, &auth, out)
@@ -739,6 +745,7 @@ impl Server {
 
     fn allocate(
         &mut self,
+        now: Millis,
         tuple: FiveTuple,
         msg: &Message<'_>,
         auth: &Authed,
@@ -852,19 +859,20 @@ impl Server {
             token: None,
             dont_fragment,
             attempts: 0,
+            bind_deadline: now,
         };
         if let Some(t) = token {
-            let Some((addr, _)) = self.reservations.remove(&t.0) else {
+            let Some((addr, until)) = self.reservations.remove(&t.0) else {
                 return Err(reject(508));
             };
-            self.timers.retain(|(_, k)| *k != Timer::Reservation(t.0));
+            self.timers.remove(&(until, Timer::Reservation(t.0)));
             // The port stays marked used: it moves from the reservation to this allocation.
             pending.relays = vec![addr];
             pending.token = Some(t.0);
         } else if !self.pick_relays(&mut pending) {
             return Err(reject(508));
         }
-        self.start_bind(pending, out);
+        self.start_bind(now, pending, out);
         Ok(())
     }
 
@@ -905,9 +913,11 @@ impl Server {
         true
     }
 
-    fn start_bind(&mut self, mut p: PendingAllocate, out: &mut Vec<Output>) {
+    fn start_bind(&mut self, now: Millis, mut p: PendingAllocate, out: &mut Vec<Output>) {
         let id = self.next_bind;
         self.next_bind += 1;
+        p.bind_deadline = now.plus_ms(BIND_TIMEOUT_MS);
+        self.timers.insert((p.bind_deadline, Timer::Bind(id)));
         p.attempts += 1;
         out.push(Output::Bind(BindRequest {
             id,
@@ -931,6 +941,7 @@ impl Server {
         let Some(mut p) = self.pending.remove(&id) else {
             return;
         };
+        self.timers.remove(&(p.bind_deadline, Timer::Bind(id)));
         self.pending_by_tuple.remove(&p.tuple);
         if result.is_err() {
             for a in &p.relays {
@@ -939,7 +950,7 @@ impl Server {
             // A reserved port that cannot be bound is not retried elsewhere: the token
             // promised that very port.
             if p.token.is_none() && p.attempts < BIND_ATTEMPTS && self.pick_relays(&mut p) {
-                self.start_bind(p, out);
+                self.start_bind(now, p, out);
             } else {
                 self.fail_pending(&p, 508, out);
             }
@@ -1285,6 +1296,15 @@ impl Server {
                             a.peer_channel.remove(&peer);
                         }
                         out.push(Output::Table(TableChange::ChannelRemove { id, channel }));
+                    }
+                }
+                Timer::Bind(id) => {
+                    if let Some(p) = self.pending.remove(&id) {
+                        self.pending_by_tuple.remove(&p.tuple);
+                        for a in &p.relays {
+                            self.ports.release(a);
+                        }
+                        self.fail_pending(&p, 508, out);
                     }
                 }
                 Timer::Reservation(t) => {

@@ -987,3 +987,34 @@ fn redirecting_instance_sends_new_allocations_elsewhere_but_serves_old_ones() {
             .any(|o| matches!(o, Output::Table(TableChange::AllocationRefresh { .. })))
     );
 }
+
+#[test]
+fn unacknowledged_bind_times_out_with_508_and_frees_its_port() {
+    let mut cfg = config();
+    cfg.relay_ports = (50000, 50000);
+    let mut h = Harness::new(cfg);
+    let t = tuple("203.0.113.1:40000");
+    let req = signed(&h, t, Method::ALLOCATE, "alice", "wonderland", 1, |w| {
+        w.add(&RequestedTransport(17)).unwrap();
+    });
+    // The data plane never answers the bind.
+    let mut out = Vec::new();
+    h.server.handle(h.now, t, &req, &mut out);
+    assert!(matches!(out.as_slice(), [Output::Bind(_)]));
+    // A retransmission meanwhile is absorbed.
+    let mut out = Vec::new();
+    h.server.handle(h.now, t, &req, &mut out);
+    assert!(out.is_empty());
+    h.now = h.now.plus_ms(5_000);
+    let mut out = Vec::new();
+    h.server.handle_timeout(h.now, &mut out);
+    let Some(Output::Transmit { data, .. }) = out.first() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(error_code(data), Some(508));
+    // The only port is free again.
+    assert!(matches!(
+        h.allocate(&mut alice(), tuple("203.0.113.9:1")),
+        Ev::Allocated { .. }
+    ));
+}
