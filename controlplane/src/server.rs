@@ -149,6 +149,8 @@ struct PendingAllocate {
     attempts: u32,
     /// When the current bind times out (its timer key).
     bind_deadline: Millis,
+    /// The relay IPs to choose from (the receiving data plane's).
+    relay_ips: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -241,8 +243,19 @@ pub struct Server {
     stats: Stats,
     draining: bool,
     alternate: Option<SocketAddr>,
-    /// Set for the duration of one `handle_redirecting` call.
+    /// Set for the duration of one `handle_via` call.
     redirect: Option<SocketAddr>,
+    /// Set for the duration of one `handle_via` call.
+    request_relays: Vec<IpAddr>,
+}
+
+/// The data plane a request arrived through, in a cluster.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Via<'a> {
+    /// That data plane's relay IPs (empty: the configured ones).
+    pub relay_ips: &'a [IpAddr],
+    /// Set when that data plane takes no new allocations: where to send them instead.
+    pub alternate: Option<SocketAddr>,
 }
 
 /// Where a request's processing stopped with an error response.
@@ -314,6 +327,7 @@ impl Server {
             draining: false,
             alternate: None,
             redirect: None,
+            request_relays: Vec::new(),
         }
     }
 
@@ -403,24 +417,27 @@ impl Server {
 
     /// Handles one datagram the data plane punted: a STUN message from `tuple`.
     pub fn handle(&mut self, now: Millis, tuple: FiveTuple, data: &[u8], out: &mut Vec<Output>) {
-        self.handle_redirecting(now, tuple, data, None, out);
+        self.handle_via(now, tuple, data, &Via::default(), out);
     }
 
-    /// As [`Server::handle`], for a request that reached an instance which takes no new
-    /// allocations (drained, or more loaded than the cluster's least loaded): a new
-    /// Allocate is answered 300 Try Alternate with ALTERNATE-SERVER `alternate`. Requests
-    /// on existing allocations are served as usual.
-    pub fn handle_redirecting(
+    /// As [`Server::handle`], for a request that reached a particular data plane of a
+    /// cluster: relay addresses for a new allocation are chosen from `via.relay_ips` (that
+    /// data plane's; empty means the configured ones), and when `via.alternate` is set
+    /// (that data plane is drained) a new Allocate is answered 300 Try Alternate with
+    /// ALTERNATE-SERVER `alternate`. Requests on existing allocations are served as usual.
+    pub fn handle_via(
         &mut self,
         now: Millis,
         tuple: FiveTuple,
         data: &[u8],
-        alternate: Option<SocketAddr>,
+        via: &Via<'_>,
         out: &mut Vec<Output>,
     ) {
-        self.redirect = alternate;
+        self.redirect = via.alternate;
+        self.request_relays = via.relay_ips.to_vec();
         self.dispatch(now, tuple, data, out);
         self.redirect = None;
+        self.request_relays.clear();
     }
 
     fn dispatch(&mut self, now: Millis, tuple: FiveTuple, data: &[u8], out: &mut Vec<Output>) {
@@ -825,6 +842,12 @@ impl Server {
             Some(l) => l.0.clamp(self.cfg.default_lifetime, self.cfg.max_lifetime),
             None => self.cfg.default_lifetime,
         };
+        let relay_ips = if self.request_relays.is_empty() {
+            self.cfg.relay_ips.clone()
+        } else {
+            self.request_relays.clone()
+        };
+        let has_family = |f: Family| relay_ips.iter().any(|ip| Family::of(ip) == f);
         let mut families = match (requested, additional) {
             (Some(RequestedAddressFamily(f)), _) => vec![f],
             (None, Some(_)) => vec![Family::V4, Family::V6],
@@ -838,11 +861,11 @@ impl Server {
         }
         // A dual request where only IPv4 can be served: IPv4 alone, with
         // ADDRESS-ERROR-CODE for IPv6 (RFC 8656 §7.2).
-        if families.len() == 2 && !self.has_family(Family::V6) {
+        if families.len() == 2 && !has_family(Family::V6) {
             families.truncate(1);
             v6_error = true;
         }
-        if families.iter().any(|f| !self.has_family(*f)) {
+        if families.iter().any(|f| !has_family(*f)) {
             return Err(reject(440));
         }
 
@@ -860,6 +883,7 @@ impl Server {
             dont_fragment,
             attempts: 0,
             bind_deadline: now,
+            relay_ips,
         };
         if let Some(t) = token {
             let Some((addr, until)) = self.reservations.remove(&t.0) else {
@@ -876,16 +900,11 @@ impl Server {
         Ok(())
     }
 
-    fn has_family(&self, f: Family) -> bool {
-        self.cfg.relay_ips.iter().any(|ip| Family::of(ip) == f)
-    }
-
     /// Chooses relay addresses for every family of `p` and marks them used.
     fn pick_relays(&mut self, p: &mut PendingAllocate) -> bool {
         let mut chosen = Vec::new();
         for f in p.families.clone() {
-            let ip = self
-                .cfg
+            let ip = p
                 .relay_ips
                 .iter()
                 .filter(|ip| Family::of(ip) == f)

@@ -505,9 +505,24 @@ impl Actor {
                 self.punted += 1;
                 self.tuple_owner.insert(tuple, (conn, p.worker_id));
                 let alternate = self.alternate_for(conn);
+                let relay_ips: Vec<std::net::IpAddr> = self
+                    .conns
+                    .get(&conn)
+                    .map(|c| {
+                        c.hello
+                            .relay_ips
+                            .iter()
+                            .filter_map(|r| ip_from_bytes(&r.ip).ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let via = crate::server::Via {
+                    relay_ips: &relay_ips,
+                    alternate,
+                };
                 let mut out = Vec::new();
                 self.server
-                    .handle_redirecting(now(), tuple, &p.datagram, alternate, &mut out);
+                    .handle_via(now(), tuple, &p.datagram, &via, &mut out);
                 self.route(out);
             }
             M::BindAck(ack) => {

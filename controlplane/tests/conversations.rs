@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use harness::{Ev, Harness, REALM, T0, config, error_code, tuple};
 use turnpike_controlplane::{
-    Cidr, Credentials, Millis, Output, PeerPolicy, ServerConfig, TableChange, rest_password,
+    Cidr, Credentials, Millis, Output, PeerPolicy, ServerConfig, TableChange, Via, rest_password,
 };
 use turnpike_proto::attr::{
     self, AttrType, ChannelNumber, Family, Lifetime, Nonce, PasswordAlgorithm, PasswordAlgorithmId,
@@ -960,9 +960,12 @@ fn redirecting_instance_sends_new_allocations_elsewhere_but_serves_old_ones() {
     let req = signed(&h, t2, Method::ALLOCATE, "bob", "builder", 2, |w| {
         w.add(&RequestedTransport(17)).unwrap();
     });
+    let via = Via {
+        relay_ips: &[],
+        alternate: Some(alt),
+    };
     let mut out = Vec::new();
-    h.server
-        .handle_redirecting(h.now, t2, &req, Some(alt), &mut out);
+    h.server.handle_via(h.now, t2, &req, &via, &mut out);
     let Some(Output::Transmit { data, .. }) = out.first() else {
         panic!("{out:?}");
     };
@@ -980,8 +983,7 @@ fn redirecting_instance_sends_new_allocations_elsewhere_but_serves_old_ones() {
     let mut req = Vec::new();
     c.refresh(h.now.0, 600, &mut req).unwrap();
     let mut out = Vec::new();
-    h.server
-        .handle_redirecting(h.now, t, &req, Some(alt), &mut out);
+    h.server.handle_via(h.now, t, &req, &via, &mut out);
     assert!(
         out.iter()
             .any(|o| matches!(o, Output::Table(TableChange::AllocationRefresh { .. })))
@@ -1017,4 +1019,50 @@ fn unacknowledged_bind_times_out_with_508_and_frees_its_port() {
         h.allocate(&mut alice(), tuple("203.0.113.9:1")),
         Ev::Allocated { .. }
     ));
+}
+
+#[test]
+fn relay_address_comes_from_the_receiving_data_plane() {
+    let mut h = Harness::new(config());
+    let t = tuple("203.0.113.1:40000");
+    let req = signed(&h, t, Method::ALLOCATE, "alice", "wonderland", 1, |w| {
+        w.add(&RequestedTransport(17)).unwrap();
+    });
+    let ips = ["198.51.100.77".parse().unwrap()];
+    let mut out = Vec::new();
+    h.server.handle_via(
+        h.now,
+        t,
+        &req,
+        &Via {
+            relay_ips: &ips,
+            alternate: None,
+        },
+        &mut out,
+    );
+    let Some(Output::Bind(b)) = out.first() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(b.relays[0].ip(), ips[0]);
+    // A data plane with no IPv6 relay: an IPv6 allocation through it is 440.
+    let t2 = tuple("203.0.113.2:40000");
+    let req = signed(&h, t2, Method::ALLOCATE, "alice", "wonderland", 2, |w| {
+        w.add(&RequestedTransport(17)).unwrap();
+        w.add(&attr::RequestedAddressFamily(Family::V6)).unwrap();
+    });
+    let mut out = Vec::new();
+    h.server.handle_via(
+        h.now,
+        t2,
+        &req,
+        &Via {
+            relay_ips: &ips,
+            alternate: None,
+        },
+        &mut out,
+    );
+    let Some(Output::Transmit { data, .. }) = out.first() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(error_code(data), Some(440));
 }
