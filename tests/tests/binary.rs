@@ -412,3 +412,46 @@ fn data_plane_metrics_count_relayed_packets_per_worker() {
     );
     assert!(!text.contains("username"), "no per-user labels");
 }
+
+/// The annotated example config loads; flags override it, and environment variables
+/// override the file too.
+#[test]
+fn example_config_loads_and_flags_and_env_override_it() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/turnpike.toml");
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            cfg,
+            "--listen",
+            &listen,
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--user",
+            "u:p",
+        ])
+        .env("TURNPIKE_REALM", "from-env.example")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(out));
+    let mut ready = false;
+    for l in lines.map_while(Result::ok) {
+        if l.contains("turnpike ready") {
+            assert!(l.contains(&listen), "{l}");
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready);
+    // The realm in a 401 is the environment's.
+    let mut t = Turn::new(listen.parse().unwrap(), "u", "p");
+    assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+    assert_eq!(t.client.realm(), Some("from-env.example"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
