@@ -94,6 +94,7 @@ pub fn handshakes(server: &ServerArgs, plan: &Plan) -> Result<Outcome> {
     let mut first_error = None;
     let mut lat = hist()?;
     let mut last_scan = t0;
+    let mut spent: Vec<UdpSocket> = Vec::new();
     let bind: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
     loop {
         let now = Instant::now();
@@ -182,8 +183,13 @@ pub fn handshakes(server: &ServerArgs, plan: &Plan) -> Result<Outcome> {
                             failed += 1;
                         }
                     }
-                    if !plan.keep || stage == Stage::Failed {
-                        *slot = None;
+                    if (!plan.keep || stage == Stage::Failed)
+                        && let Some(s) = slot.take()
+                    {
+                        // Closed only at the end: a port freed now could be handed to
+                        // a later client socket, whose 5-tuple would then meet the
+                        // old allocation (437).
+                        spent.push(s.sock);
                     }
                 }
             } else {
@@ -192,6 +198,7 @@ pub fn handshakes(server: &ServerArgs, plan: &Plan) -> Result<Outcome> {
         }
     }
     let elapsed = t0.elapsed();
+    drop(spent);
     failed += active.len();
     let sessions = slots
         .into_iter()

@@ -422,8 +422,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 }
             }
             // Down: the peer socket → each flow's relay address.
-            let quota = quota_down(cfg.rate, el, down.sent);
-            if quota > 0 {
+            let mut quota = quota_down(cfg.rate, el, down.sent);
+            while quota > 0 {
                 let sent = send_down(
                     cfg,
                     &mut flows,
@@ -437,6 +437,10 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 )?;
                 down.sent += sent as u64;
                 did += sent as u64;
+                if sent == 0 {
+                    break;
+                }
+                quota = quota.saturating_sub(sent as u64);
             }
         }
 
