@@ -354,6 +354,7 @@ struct Output {
     load_after: f64,
     settings: BTreeMap<String, String>,
     runs: Vec<Run>,
+    capacity: Vec<Capacity>,
     alloc: Vec<RepValue<hs::AllocReport>>,
     idle: Vec<RepValue<hs::IdleReport>>,
 }
@@ -491,7 +492,7 @@ fn one_run(
     peer: Option<SocketAddr>,
     size: usize,
     offered: u64,
-) -> Result<()> {
+) -> Result<Option<relay::Report>> {
     let a = env.a;
     let cfg = relay::Config {
         server: ServerArgs {
@@ -523,7 +524,7 @@ fn one_run(
         Ok(r) => r,
         Err(e) => {
             eprintln!("{} {size}B {offered}: failed: {e:#}", tg.key);
-            return Ok(());
+            return Ok(None);
         }
     };
     if !a.quiet {
@@ -536,9 +537,9 @@ fn one_run(
         size,
         offered,
         load1,
-        report: r,
+        report: r.clone(),
     });
-    Ok(())
+    Ok(Some(r))
 }
 
 const TP_CD: Target = t("turnpike-cd", "turnpike ChannelData", "turnpike", Mode::Channel, false);
@@ -589,15 +590,26 @@ fn coturn_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
                 }
             }
         }
-        // Latency at half of coturn's capacity (median over the sweep's max runs).
+        // Lossless capacity of the main targets, bracketed by the sweep, then bisected.
         for rep in 1..=a.reps {
             for &size in &a.sizes {
-                let cap = median(
-                    runs(o, "sweep", CO_CD.key, size, 0)
-                        .map(|r| r.report.delivered_pps)
-                        .collect(),
-                )
-                .unwrap_or(0.0);
+                for tg in CAP_TARGETS {
+                    let (srv, peer) = pick(tg.server);
+                    let c = capacity(env, o, rep, &tg, srv, peer, size)?;
+                    eprintln!(
+                        "rep {rep} {} {size}B: capacity {:.0}k/dir ({})",
+                        tg.key,
+                        c.pps as f64 / 1000.0,
+                        c.bound
+                    );
+                    o.capacity.push(c);
+                }
+            }
+        }
+        // Latency at half of coturn's lossless capacity (median over repetitions).
+        for rep in 1..=a.reps {
+            for &size in &a.sizes {
+                let cap = cap_median(o, CO_CD.key, size).unwrap_or(0.0);
                 let half = ((cap / 2.0) / 1000.0).round() as u64 * 1000;
                 if half == 0 {
                     continue;
@@ -670,6 +682,145 @@ fn coturn_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Targets whose lossless capacity is searched.
+const CAP_TARGETS: [Target; 4] = [TP_CD, TP_CD_NOGSO, CO_CD, FWD];
+/// Most loss (each direction) of a run that counts as lossless.
+const LOSSLESS: f64 = 0.005;
+/// Bisection probes after the bracket.
+const PROBES: usize = 3;
+
+/// The highest offered load (packets/s per direction) a target carried without loss.
+#[derive(Debug, Clone, Serialize)]
+struct Capacity {
+    rep: usize,
+    target: &'static str,
+    size: usize,
+    pps: u64,
+    /// "server": a higher probe lost packets at the server; "generator": the generator
+    /// could not offer more, so this is a lower bound.
+    bound: &'static str,
+}
+
+/// Whether a run carried its offered load: both directions offered in full (or the
+/// generator is the limit) and delivered with at most [`LOSSLESS`] loss.
+fn verdict_of(r: &relay::Report) -> (bool, bool) {
+    let offered = r.offered_pps as f64;
+    let gen_ok = r.up.sent_pps >= 0.97 * offered && r.down.sent_pps >= 0.97 * offered;
+    let lossless = r.up.loss <= LOSSLESS && r.down.loss <= LOSSLESS;
+    (lossless, gen_ok)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn capacity(
+    env: &Env<'_>,
+    o: &mut Output,
+    rep: usize,
+    tg: &Target,
+    srv: &Proc,
+    peer: Option<SocketAddr>,
+    size: usize,
+) -> Result<Capacity> {
+    let sweep: Vec<relay::Report> = o
+        .runs
+        .iter()
+        .filter(|r| r.phase == "sweep" && r.rep == rep && r.target == tg.key && r.size == size)
+        .map(|r| r.report.clone())
+        .collect();
+    let mut lo = 0u64;
+    let mut hi: Option<u64> = None;
+    let mut gen_ceiling = u64::MAX;
+    for r in &sweep {
+        if r.offered_pps == 0 {
+            // As fast as possible: what the generator managed to offer.
+            gen_ceiling = r.up.sent_pps.min(r.down.sent_pps) as u64;
+            continue;
+        }
+        let (lossless, gen_ok) = verdict_of(r);
+        if lossless && gen_ok {
+            lo = lo.max(r.offered_pps);
+        } else if gen_ok {
+            hi = Some(hi.map_or(r.offered_pps, |h| h.min(r.offered_pps)));
+        }
+    }
+    // Why the current upper bound failed.
+    let mut bound = "server";
+    let mut hi = match hi {
+        Some(h) => h,
+        None => {
+            // Nothing failed in the sweep: try the most the generator offered.
+            let top = (gen_ceiling / 1000 * 1000).max(lo + 1000);
+            if let Some(r) = one_run(env, o, "capacity", rep, tg, srv, peer, size, top)? {
+                let (lossless, gen_ok) = verdict_of(&r);
+                if lossless && gen_ok {
+                    return Ok(Capacity {
+                        rep,
+                        target: tg.key,
+                        size,
+                        pps: top,
+                        bound: "generator",
+                    });
+                }
+                if !gen_ok {
+                    bound = "generator";
+                }
+            }
+            top
+        }
+    };
+    for _ in 0..PROBES {
+        let mid = ((lo + hi) / 2) / 1000 * 1000;
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        let Some(r) = one_run(env, o, "capacity", rep, tg, srv, peer, size, mid)? else {
+            break;
+        };
+        let (lossless, gen_ok) = verdict_of(&r);
+        if !gen_ok {
+            bound = "generator";
+            hi = mid;
+        } else if lossless {
+            lo = mid;
+        } else {
+            bound = "server";
+            hi = mid;
+        }
+    }
+    Ok(Capacity {
+        rep,
+        target: tg.key,
+        size,
+        pps: lo,
+        bound,
+    })
+}
+
+fn cap_median(o: &Output, target: &str, size: usize) -> Option<f64> {
+    median(
+        o.capacity
+            .iter()
+            .filter(|c| c.target == target && c.size == size)
+            .map(|c| c.pps as f64)
+            .collect(),
+    )
+}
+
+/// Median over repetitions of the ratio of two targets' capacities.
+fn cap_ratio(o: &Output, num: &str, den: &str, size: usize) -> Option<f64> {
+    median(
+        o.capacity
+            .iter()
+            .filter(|c| c.target == num && c.size == size)
+            .filter_map(|n| {
+                o.capacity
+                    .iter()
+                    .find(|d| d.target == den && d.size == size && d.rep == n.rep)
+                    .map(|d| n.pps as f64 / d.pps as f64)
+            })
+            .collect(),
+    )
 }
 
 fn runs<'a>(
@@ -839,6 +990,34 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
         }
     }
 
+    // Lossless capacity per repetition.
+    m.push_str(&format!(
+        "\n## Lossless capacity (highest offered packets/s per direction with ≤ {}% loss each way)\n\n| target | payload | per repetition | median |\n|---|---|---|---:|\n",
+        LOSSLESS * 100.0
+    ));
+    for &size in &a.sizes {
+        for tg in CAP_TARGETS {
+            let per: Vec<String> = o
+                .capacity
+                .iter()
+                .filter(|c| c.target == tg.key && c.size == size)
+                .map(|c| {
+                    format!(
+                        "{:.0}k{}",
+                        c.pps as f64 / 1000.0,
+                        if c.bound == "generator" { " (gen)" } else { "" }
+                    )
+                })
+                .collect();
+            m.push_str(&format!(
+                "| {} | {size} B | {} | {} |\n",
+                tg.key,
+                per.join(", "),
+                fmt_pps(cap_median(o, tg.key, size))
+            ));
+        }
+    }
+    m.push_str("\n\"(gen)\": the generator could not offer more without loss at its own sockets or in its loop, so the figure is a lower bound.\n");
     // The five figures and the targets.
     m.push_str("\n## Figures against the targets\n\n| figure | payload | turnpike | coturn / reference | ratio (median of per-run ratios) | target | verdict |\n|---|---|---:|---:|---:|---|---|\n");
     for &size in &a.sizes {
@@ -852,11 +1031,31 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
                 verdict(r.map(ok))
             ));
         };
-        row(&mut m, "max pps/dir: turnpike no-GSO vs forwarder", &TP_CD_NOGSO, &FWD, delivered, 0, "≥ 0.90", |r| r >= 0.9, fmt_pps);
-        row(&mut m, "max pps/dir: forwarder vs coturn", &FWD, &CO_CD, delivered, 0, "≥ 1.5", |r| r >= 1.5, fmt_pps);
-        row(&mut m, "max pps/dir: turnpike (GSO) vs coturn", &TP_CD, &CO_CD, delivered, 0, "≥ 2.5", |r| r >= 2.5, fmt_pps);
-        row(&mut m, "max pps/dir: turnpike (GSO) vs forwarder + GSO", &TP_CD, &FWD_GSO, delivered, 0, "≥ 0.90", |r| r >= 0.9, fmt_pps);
-        row(&mut m, "max pps/dir: turnpike Send vs coturn Send", &TP_SI, &CO_SI, delivered, 0, "(info)", |_| true, fmt_pps);
+        let cap_row = |m: &mut String, name: &str, num: &Target, den: &Target, target: &str, ok: fn(f64) -> bool| {
+            let r = cap_ratio(o, num.key, den.key, size);
+            let bound = |k: &str| {
+                if o.capacity.iter().any(|c| c.target == k && c.size == size && c.bound == "generator") {
+                    " (≥, generator-bound)"
+                } else {
+                    ""
+                }
+            };
+            m.push_str(&format!(
+                "| {name} | {size} B | {}{} | {}{} | {} | {target} | {} |\n",
+                fmt_pps(cap_median(o, num.key, size)),
+                bound(num.key),
+                fmt_pps(cap_median(o, den.key, size)),
+                bound(den.key),
+                fmt_f(r, 2),
+                verdict(r.map(ok))
+            ));
+        };
+        cap_row(&mut m, "lossless capacity/dir: turnpike no-GSO vs forwarder", &TP_CD_NOGSO, &FWD, "≥ 0.90", |r| r >= 0.9);
+        cap_row(&mut m, "lossless capacity/dir: forwarder vs coturn", &FWD, &CO_CD, "≥ 1.5", |r| r >= 1.5);
+        cap_row(&mut m, "lossless capacity/dir: turnpike (GSO) vs coturn", &TP_CD, &CO_CD, "≥ 2.5", |r| r >= 2.5);
+        row(&mut m, "overload (max offered), delivered/dir: turnpike (GSO) vs coturn", &TP_CD, &CO_CD, delivered, 0, "(info)", |_| true, fmt_pps);
+        row(&mut m, "overload, delivered/dir: turnpike (GSO) vs forwarder + GSO", &TP_CD, &FWD_GSO, delivered, 0, "(info)", |_| true, fmt_pps);
+        row(&mut m, "overload, delivered/dir: turnpike Send vs coturn Send", &TP_SI, &CO_SI, delivered, 0, "(info)", |_| true, fmt_pps);
         let cpu_fmt: fn(Option<f64>) -> String = |v| fmt_f(v, 3);
         row(&mut m, &format!("server CPU (cores) at {}k pps/dir, ChannelData", a.cpu_load / 1000), &TP_CD, &CO_CD, cpu, a.cpu_load, "≤ 0.5", |r| r <= 0.5, cpu_fmt);
         row(&mut m, &format!("server CPU (cores) at {}k pps/dir, Send ind.", a.cpu_load / 1000), &TP_SI, &CO_SI, cpu, a.cpu_load, "≤ 0.5", |r| r <= 0.5, cpu_fmt);

@@ -324,6 +324,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let mut sbuf = vec![0u8; FRAME_SLOT * MAX_GSO_SEGS.max(BATCH)];
     let mut dbuf = vec![0u8; FRAME_SLOT * BATCH * 4];
     let mut out = Vec::with_capacity(64);
+    let mut msgs: Vec<usize> = Vec::with_capacity(BATCH);
     let mut up = Dir::new()?;
     let mut down = Dir::new()?;
     let gen_ports: Vec<u16> = std::iter::once(peer_addr.port())
@@ -413,7 +414,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 let f = &mut flows[rr_up % n];
                 rr_up = rr_up.wrapping_add(1);
                 let b = (quota as usize).min(burst);
-                let sent = send_up(cfg, f, b, &mut sbuf, &mut tx, ns(Instant::now()))?;
+                let sent = send_up(cfg, f, b, &mut sbuf, &mut tx, &mut msgs, ns(Instant::now()))?;
                 up.sent += sent as u64;
                 did += sent as u64;
                 quota = quota.saturating_sub(sent as u64);
@@ -433,6 +434,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                     &peer_sock,
                     &mut dbuf,
                     &mut tx,
+                    &mut msgs,
                     ns(Instant::now()),
                 )?;
                 down.sent += sent as u64;
@@ -620,10 +622,47 @@ fn build_templates(cfg: &Config, f: &mut Flow, flow: u32, peer: SocketAddr) -> R
     Ok(())
 }
 
-/// Which of the two sizes packet `seq` of a flow uses.
+/// Which of the two sizes packet `seq` of a flow uses: with `alternate`, the larger
+/// (SIZE+4) at even sequence numbers, so that a GSO message of two segments (the last
+/// of a GSO message may be shorter) carries one of each.
 #[inline]
 fn size_index(alternate: bool, seq: u64) -> usize {
-    if alternate { (seq & 1) as usize } else { 0 }
+    if alternate { 1 - (seq & 1) as usize } else { 0 }
+}
+
+/// How the generator packs a burst of datagrams into messages. Whatever the packing,
+/// the server receives the same datagrams in the same order; the generator only
+/// spends less per datagram with fewer, larger sends:
+/// - equal sizes with GSO: one message per burst;
+/// - alternating sizes with GSO: messages of two segments, large then small;
+/// - without GSO: one datagram per message.
+///
+/// Returns the message lengths in datagrams, and the GSO segment size.
+fn pack(cfg: &Config, lens: &[usize], msgs: &mut Vec<usize>) -> Option<u16> {
+    msgs.clear();
+    if !cfg.gen_gso || lens.is_empty() {
+        msgs.extend(std::iter::repeat_n(1, lens.len()));
+        return None;
+    }
+    let seg = lens.iter().copied().max().unwrap_or(0);
+    if !cfg.alternate {
+        let per = MAX_GSO_SEGS.min(MAX_GSO_BYTES / seg.max(1)).max(1);
+        let mut left = lens.len();
+        while left > 0 {
+            let k = left.min(per);
+            msgs.push(k);
+            left -= k;
+        }
+    } else {
+        let mut i = 0;
+        while i < lens.len() {
+            let pair = i + 1 < lens.len() && lens[i] == seg && lens[i + 1] < seg;
+            let k = if pair { 2 } else { 1 };
+            msgs.push(k);
+            i += k;
+        }
+    }
+    Some(seg as u16)
 }
 
 /// Sends up to `b` datagrams of flow `f` to the server; returns how many went out.
@@ -633,6 +672,7 @@ fn send_up(
     b: usize,
     buf: &mut [u8],
     tx: &mut Sender,
+    msgs: &mut Vec<usize>,
     now_ns: u64,
 ) -> Result<usize> {
     let mut lens = [0usize; MAX_GSO_SEGS];
@@ -650,23 +690,15 @@ fn send_up(
         .take(b)
         .map(|(s, &l)| IoSlice::new(&s[..l]))
         .collect();
-    let seg = lens[0];
-    let gso = cfg.gen_gso && !cfg.alternate && b > 1 && b * seg <= MAX_GSO_BYTES;
-    let res = if gso {
-        tx.send(&f.sock, &[&iovs[..]], &[None], Some(seg as u16))?
-    } else {
-        let groups: Vec<&[IoSlice<'_>]> = iovs.chunks(1).collect();
-        tx.send(&f.sock, &groups, &[None; MAX_GSO_SEGS][..b], None)?
-    };
-    let sent = match res {
-        Sent::Messages(m) if gso => {
-            if m > 0 {
-                b
-            } else {
-                0
-            }
-        }
-        Sent::Messages(m) => m,
+    let seg = pack(cfg, &lens[..b], msgs);
+    let mut groups: Vec<&[IoSlice<'_>]> = Vec::with_capacity(msgs.len());
+    let mut at = 0;
+    for &k in msgs.iter() {
+        groups.push(&iovs[at..at + k]);
+        at += k;
+    }
+    let sent = match tx.send(&f.sock, &groups, &[None; MAX_GSO_SEGS][..groups.len()], seg)? {
+        Sent::Messages(m) => msgs[..m].iter().sum(),
         Sent::WouldBlock => 0,
     };
     f.seq_up += sent as u64;
@@ -674,7 +706,7 @@ fn send_up(
 }
 
 /// Sends up to `quota` datagrams from the peer socket, bursts of `burst` to each flow's
-/// relay address in turn; returns how many went out.
+/// relay address in turn, in one sendmmsg; returns how many went out.
 #[allow(clippy::too_many_arguments)]
 fn send_down(
     cfg: &Config,
@@ -685,79 +717,60 @@ fn send_down(
     sock: &UdpSocket,
     buf: &mut [u8],
     tx: &mut Sender,
+    msgs: &mut Vec<usize>,
     now_ns: u64,
 ) -> Result<usize> {
     let n = flows.len();
-    let slots = buf.len() / FRAME_SLOT;
-    let quota = quota.min(slots);
-    let gso = cfg.gen_gso && !cfg.alternate && burst > 1;
-    // Lay out the datagrams: (flow, first slot, count) per burst.
-    let mut bursts: Vec<(usize, usize, usize)> = Vec::with_capacity(BATCH);
-    let mut used = 0usize;
-    let mut lens = vec![0usize; quota];
-    while used < quota && bursts.len() < BATCH {
+    let quota = quota.min(buf.len() / FRAME_SLOT);
+    // Messages of this call: (flow, first slot, datagrams).
+    let mut plan: Vec<(usize, usize, usize)> = Vec::with_capacity(BATCH);
+    let mut all_lens: Vec<usize> = Vec::with_capacity(quota);
+    let mut lens = [0usize; MAX_GSO_SEGS];
+    let mut seg = None;
+    while all_lens.len() < quota && plan.len() < BATCH {
+        let used = all_lens.len();
         let fi = *rr % n;
-        *rr = rr.wrapping_add(1);
         let f = &mut flows[fi];
-        let mut b = burst.min(quota - used);
-        if !gso {
-            b = b.min(BATCH - bursts.len());
-        }
-        for i in 0..b {
+        let b = burst.min(quota - used).min(MAX_GSO_SEGS);
+        for (i, len) in lens.iter_mut().enumerate().take(b) {
             let k = size_index(cfg.alternate, f.seq_down + i as u64);
             let t = &f.down[k];
-            let slot = &mut buf[(used + i) * FRAME_SLOT..(used + i) * FRAME_SLOT + t.len()];
+            let at = (used + i) * FRAME_SLOT;
+            let slot = &mut buf[at..at + t.len()];
             slot.copy_from_slice(t);
             payload::stamp(slot, f.seq_down + i as u64, now_ns);
-            lens[used + i] = t.len();
+            *len = t.len();
         }
+        let s = pack(cfg, &lens[..b], msgs);
+        if plan.len() + msgs.len() > BATCH || (seg.is_some() && s != seg) {
+            // This burst does not fit in the call (or needs another segment size): it
+            // goes next time, its sequence numbers not taken.
+            break;
+        }
+        seg = s;
+        *rr = rr.wrapping_add(1);
         f.seq_down += b as u64;
-        if gso && b > 1 {
-            bursts.push((fi, used, b));
-        } else {
-            for i in 0..b {
-                bursts.push((fi, used + i, 1));
-            }
+        let mut at = used;
+        for &k in msgs.iter() {
+            plan.push((fi, at, k));
+            at += k;
         }
-        used += b;
+        all_lens.extend_from_slice(&lens[..b]);
+    }
+    if plan.is_empty() {
+        return Ok(0);
     }
     let iovs: Vec<IoSlice<'_>> = buf
         .chunks(FRAME_SLOT)
-        .zip(lens.iter())
-        .take(used)
+        .zip(all_lens.iter())
         .map(|(s, &l)| IoSlice::new(&s[..l]))
         .collect();
-    let mut total = 0usize;
-    let mut i = 0usize;
-    // A GSO message needs every segment but the last to be the same size; bursts of
-    // one go without the control message.
-    while i < bursts.len() {
-        let multi = bursts[i].2 > 1;
-        let mut j = i;
-        while j < bursts.len() && (bursts[j].2 > 1) == multi && j - i < BATCH {
-            j += 1;
-        }
-        let groups: Vec<&[IoSlice<'_>]> = bursts[i..j]
-            .iter()
-            .map(|&(_, a, c)| &iovs[a..a + c])
-            .collect();
-        let to: Vec<Option<SockaddrIn>> = bursts[i..j]
-            .iter()
-            .map(|&(fi, _, _)| Some(flows[fi].relay_sa))
-            .collect();
-        let seg = if multi { Some(lens[bursts[i].1] as u16) } else { None };
-        match tx.send(sock, &groups, &to, seg)? {
-            Sent::Messages(m) => {
-                total += bursts[i..i + m].iter().map(|b| b.2).sum::<usize>();
-                if m < j - i {
-                    break;
-                }
-            }
-            Sent::WouldBlock => break,
-        }
-        i = j;
-    }
-    Ok(total)
+    let groups: Vec<&[IoSlice<'_>]> = plan.iter().map(|&(_, a, k)| &iovs[a..a + k]).collect();
+    let to: Vec<Option<SockaddrIn>> = plan.iter().map(|&(fi, _, _)| Some(flows[fi].relay_sa)).collect();
+    Ok(match tx.send(sock, &groups, &to, seg)? {
+        Sent::Messages(m) => plan[..m].iter().map(|p| p.2).sum(),
+        Sent::WouldBlock => 0,
+    })
 }
 
 /// The application payload of a datagram a flow's client socket received.
