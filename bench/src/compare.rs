@@ -59,7 +59,11 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 0.5)]
     pub warmup: f64,
     /// Offered loads, packets/s per direction (0: as fast as possible).
-    #[arg(long, value_delimiter = ',', default_value = "25000,50000,100000,200000,0")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "25000,50000,100000,200000,0"
+    )]
     pub loads: Vec<u64>,
     /// Payload sizes, bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
@@ -119,7 +123,10 @@ impl Drop for Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("{} did not stop on SIGTERM; killing pid {}", self.name, self.pid);
+        eprintln!(
+            "{} did not stop on SIGTERM; killing pid {}",
+            self.name, self.pid
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -219,35 +226,41 @@ impl Env<'_> {
         let log = self.a.out.join(format!("{name}.log"));
         let pidfile = self.a.out.join(format!("{name}.pid"));
         let mut c = self.taskset(&self.a.turnserver);
-        c.args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1"])
-            .arg("--listening-port")
-            .arg(port.to_string())
-            .arg("--min-port")
-            .arg(ports.0.to_string())
-            .arg("--max-port")
-            .arg(ports.1.to_string())
-            .args([
-                "--realm",
-                "bench",
-                "--user",
-                "bench:bench",
-                "--lt-cred-mech",
-                "--allow-loopback-peers",
-                "--no-cli",
-                "--no-tls",
-                "--no-dtls",
-                "--no-tcp",
-                "--no-tcp-relay",
-                "--relay-threads=1",
-                "--simple-log",
-                "--no-stdout-log",
-            ])
-            .arg("--log-file")
-            .arg(&log)
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        c.args([
+            "-n",
+            "--listening-ip",
+            "127.0.0.1",
+            "--relay-ip",
+            "127.0.0.1",
+        ])
+        .arg("--listening-port")
+        .arg(port.to_string())
+        .arg("--min-port")
+        .arg(ports.0.to_string())
+        .arg("--max-port")
+        .arg(ports.1.to_string())
+        .args([
+            "--realm",
+            "bench",
+            "--user",
+            "bench:bench",
+            "--lt-cred-mech",
+            "--allow-loopback-peers",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--no-tcp",
+            "--no-tcp-relay",
+            "--relay-threads=1",
+            "--simple-log",
+            "--no-stdout-log",
+        ])
+        .arg("--log-file")
+        .arg(&log)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let child = c.spawn().context("cannot start coturn (turnserver)")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let p = Proc {
@@ -263,9 +276,15 @@ impl Env<'_> {
 
     fn forwarder(&self, name: &str, to: SocketAddr, gso: bool) -> Result<Proc> {
         let mut c = self.taskset(&self.me);
-        c.args(["forwarder", "--listen", "127.0.0.1:0", "--max-seconds", "1800"])
-            .arg("--to")
-            .arg(to.to_string());
+        c.args([
+            "forwarder",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-seconds",
+            "1800",
+        ])
+        .arg("--to")
+        .arg(to.to_string());
         if gso {
             c.arg("--gso");
         }
@@ -448,7 +467,10 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         ("server_cpu", a.server_cpu.to_string()),
         ("gen_cpu", a.gen_cpu.to_string()),
         ("backend", a.backend.clone()),
-        ("coturn", sh(&a.turnserver.to_string_lossy(), &["--version"])),
+        (
+            "coturn",
+            sh(&a.turnserver.to_string_lossy(), &["--version"]),
+        ),
         ("rustc", sh("rustc", &["--version"])),
     ] {
         o.settings.insert(k.to_owned(), v);
@@ -542,7 +564,13 @@ fn one_run(
     Ok(Some(r))
 }
 
-const TP_CD: Target = t("turnpike-cd", "turnpike ChannelData", "turnpike", Mode::Channel, false);
+const TP_CD: Target = t(
+    "turnpike-cd",
+    "turnpike ChannelData",
+    "turnpike",
+    Mode::Channel,
+    false,
+);
 const TP_CD_NOGSO: Target = t(
     "turnpike-cd-nogso",
     "turnpike ChannelData, no GSO",
@@ -550,11 +578,35 @@ const TP_CD_NOGSO: Target = t(
     Mode::Channel,
     true,
 );
-const TP_SI: Target = t("turnpike-si", "turnpike Send ind.", "turnpike", Mode::Indication, false);
-const CO_CD: Target = t("coturn-cd", "coturn ChannelData", "coturn", Mode::Channel, false);
-const CO_SI: Target = t("coturn-si", "coturn Send ind.", "coturn", Mode::Indication, false);
+const TP_SI: Target = t(
+    "turnpike-si",
+    "turnpike Send ind.",
+    "turnpike",
+    Mode::Indication,
+    false,
+);
+const CO_CD: Target = t(
+    "coturn-cd",
+    "coturn ChannelData",
+    "coturn",
+    Mode::Channel,
+    false,
+);
+const CO_SI: Target = t(
+    "coturn-si",
+    "coturn Send ind.",
+    "coturn",
+    Mode::Indication,
+    false,
+);
 const FWD: Target = t("fwd", "forwarder", "fwd", Mode::Forwarder, true);
-const FWD_GSO: Target = t("fwd-gso", "forwarder + GSO", "fwd-gso", Mode::Forwarder, false);
+const FWD_GSO: Target = t(
+    "fwd-gso",
+    "forwarder + GSO",
+    "fwd-gso",
+    Mode::Forwarder,
+    false,
+);
 
 fn coturn_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
     let a = env.a;
@@ -836,7 +888,14 @@ fn runs<'a>(
 }
 
 /// Median over repetitions of a figure of one target.
-fn med(o: &Output, phase: &str, target: &str, size: usize, offered: u64, f: fn(&Run) -> f64) -> Option<f64> {
+fn med(
+    o: &Output,
+    phase: &str,
+    target: &str,
+    size: usize,
+    offered: u64,
+    f: fn(&Run) -> f64,
+) -> Option<f64> {
     median(runs(o, phase, target, size, offered).map(f).collect())
 }
 
@@ -955,12 +1014,21 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
         for &l in &a.loads {
             m.push_str(&format!("| {} |", load_label(l)));
             for c in &cols {
-                m.push_str(&format!(" {} |", fmt_pps(med(o, "sweep", c.key, size, l, delivered))));
+                m.push_str(&format!(
+                    " {} |",
+                    fmt_pps(med(o, "sweep", c.key, size, l, delivered))
+                ));
             }
             m.push_str(&format!(
                 " {}% / {}% |\n",
-                fmt_f(med(o, "sweep", TP_CD.key, size, l, loss).map(|x| x * 100.0), 2),
-                fmt_f(med(o, "sweep", CO_CD.key, size, l, loss).map(|x| x * 100.0), 2)
+                fmt_f(
+                    med(o, "sweep", TP_CD.key, size, l, loss).map(|x| x * 100.0),
+                    2
+                ),
+                fmt_f(
+                    med(o, "sweep", CO_CD.key, size, l, loss).map(|x| x * 100.0),
+                    2
+                )
             ));
         }
         // Details at max load.
@@ -1021,7 +1089,15 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
     // The five figures and the targets.
     m.push_str("\n## Figures against the targets\n\n| figure | payload | turnpike | coturn / reference | ratio (median of per-run ratios) | target | verdict |\n|---|---|---:|---:|---:|---|---|\n");
     for &size in &a.sizes {
-        let row = |m: &mut String, name: &str, num: &Target, den: &Target, f: fn(&Run) -> f64, load: u64, target: &str, ok: fn(f64) -> bool, fmtv: fn(Option<f64>) -> String| {
+        let row = |m: &mut String,
+                   name: &str,
+                   num: &Target,
+                   den: &Target,
+                   f: fn(&Run) -> f64,
+                   load: u64,
+                   target: &str,
+                   ok: fn(f64) -> bool,
+                   fmtv: fn(Option<f64>) -> String| {
             let r = ratio(o, "sweep", num.key, den.key, size, load, f);
             m.push_str(&format!(
                 "| {name} | {size} B | {} | {} | {} | {target} | {} |\n",
@@ -1031,10 +1107,18 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
                 verdict(r.map(ok))
             ));
         };
-        let cap_row = |m: &mut String, name: &str, num: &Target, den: &Target, target: &str, ok: fn(f64) -> bool| {
+        let cap_row = |m: &mut String,
+                       name: &str,
+                       num: &Target,
+                       den: &Target,
+                       target: &str,
+                       ok: fn(f64) -> bool| {
             let r = cap_ratio(o, num.key, den.key, size);
             let bound = |k: &str| {
-                if o.capacity.iter().any(|c| c.target == k && c.size == size && c.bound == "generator") {
+                if o.capacity
+                    .iter()
+                    .any(|c| c.target == k && c.size == size && c.bound == "generator")
+                {
                     " (≥, generator-bound)"
                 } else {
                     ""
@@ -1050,15 +1134,92 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
                 verdict(r.map(ok))
             ));
         };
-        cap_row(&mut m, "lossless capacity/dir: turnpike no-GSO vs forwarder", &TP_CD_NOGSO, &FWD, "≥ 0.90", |r| r >= 0.9);
-        cap_row(&mut m, "lossless capacity/dir: forwarder vs coturn", &FWD, &CO_CD, "≥ 1.5", |r| r >= 1.5);
-        cap_row(&mut m, "lossless capacity/dir: turnpike (GSO) vs coturn", &TP_CD, &CO_CD, "≥ 2.5", |r| r >= 2.5);
-        row(&mut m, "overload (max offered), delivered/dir: turnpike (GSO) vs coturn", &TP_CD, &CO_CD, delivered, 0, "(info)", |_| true, fmt_pps);
-        row(&mut m, "overload, delivered/dir: turnpike (GSO) vs forwarder + GSO", &TP_CD, &FWD_GSO, delivered, 0, "(info)", |_| true, fmt_pps);
-        row(&mut m, "overload, delivered/dir: turnpike Send vs coturn Send", &TP_SI, &CO_SI, delivered, 0, "(info)", |_| true, fmt_pps);
+        cap_row(
+            &mut m,
+            "lossless capacity/dir: turnpike no-GSO vs forwarder",
+            &TP_CD_NOGSO,
+            &FWD,
+            "≥ 0.90",
+            |r| r >= 0.9,
+        );
+        cap_row(
+            &mut m,
+            "lossless capacity/dir: forwarder vs coturn",
+            &FWD,
+            &CO_CD,
+            "≥ 1.5",
+            |r| r >= 1.5,
+        );
+        cap_row(
+            &mut m,
+            "lossless capacity/dir: turnpike (GSO) vs coturn",
+            &TP_CD,
+            &CO_CD,
+            "≥ 2.5",
+            |r| r >= 2.5,
+        );
+        row(
+            &mut m,
+            "overload (max offered), delivered/dir: turnpike (GSO) vs coturn",
+            &TP_CD,
+            &CO_CD,
+            delivered,
+            0,
+            "(info)",
+            |_| true,
+            fmt_pps,
+        );
+        row(
+            &mut m,
+            "overload, delivered/dir: turnpike (GSO) vs forwarder + GSO",
+            &TP_CD,
+            &FWD_GSO,
+            delivered,
+            0,
+            "(info)",
+            |_| true,
+            fmt_pps,
+        );
+        row(
+            &mut m,
+            "overload, delivered/dir: turnpike Send vs coturn Send",
+            &TP_SI,
+            &CO_SI,
+            delivered,
+            0,
+            "(info)",
+            |_| true,
+            fmt_pps,
+        );
         let cpu_fmt: fn(Option<f64>) -> String = |v| fmt_f(v, 3);
-        row(&mut m, &format!("server CPU (cores) at {}k pps/dir, ChannelData", a.cpu_load / 1000), &TP_CD, &CO_CD, cpu, a.cpu_load, "≤ 0.5", |r| r <= 0.5, cpu_fmt);
-        row(&mut m, &format!("server CPU (cores) at {}k pps/dir, Send ind.", a.cpu_load / 1000), &TP_SI, &CO_SI, cpu, a.cpu_load, "≤ 0.5", |r| r <= 0.5, cpu_fmt);
+        row(
+            &mut m,
+            &format!(
+                "server CPU (cores) at {}k pps/dir, ChannelData",
+                a.cpu_load / 1000
+            ),
+            &TP_CD,
+            &CO_CD,
+            cpu,
+            a.cpu_load,
+            "≤ 0.5",
+            |r| r <= 0.5,
+            cpu_fmt,
+        );
+        row(
+            &mut m,
+            &format!(
+                "server CPU (cores) at {}k pps/dir, Send ind.",
+                a.cpu_load / 1000
+            ),
+            &TP_SI,
+            &CO_SI,
+            cpu,
+            a.cpu_load,
+            "≤ 0.5",
+            |r| r <= 0.5,
+            cpu_fmt,
+        );
     }
     for &size in &a.sizes {
         let half = o
@@ -1070,7 +1231,11 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
         for (num, den) in [(TP_CD, CO_CD), (TP_SI, CO_SI)] {
             for (name, f) in [("p50 µs", p50 as fn(&Run) -> f64), ("p99 µs", p99)] {
                 let r = ratio(o, "half", num.key, den.key, size, half, f);
-                let target = if name.starts_with("p99") { "≤ 1" } else { "(info)" };
+                let target = if name.starts_with("p99") {
+                    "≤ 1"
+                } else {
+                    "(info)"
+                };
                 m.push_str(&format!(
                     "| {name} at 50 % of coturn's capacity ({}k/dir), {} | {size} B | {} | {} | {} | {target} | {} |\n",
                     half / 1000,
@@ -1083,7 +1248,15 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
             }
         }
     }
-    let alloc = |s: &str| median(o.alloc.iter().filter(|x| x.server == s).map(|x| x.value.per_second).collect());
+    let alloc = |s: &str| {
+        median(
+            o.alloc
+                .iter()
+                .filter(|x| x.server == s)
+                .map(|x| x.value.per_second)
+                .collect(),
+        )
+    };
     let alloc_ratio = median(
         o.alloc
             .iter()
@@ -1103,7 +1276,12 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
         fmt_f(alloc_ratio, 1),
         verdict(alloc_ratio.map(|r| r >= 10.0))
     ));
-    let idle = |s: &str| o.idle.iter().find(|x| x.server == s).map(|x| x.value.mib_per_10k);
+    let idle = |s: &str| {
+        o.idle
+            .iter()
+            .find(|x| x.server == s)
+            .map(|x| x.value.mib_per_10k)
+    };
     let idle_ratio = idle("turnpike").zip(idle("coturn")).map(|(t, c)| t / c);
     m.push_str(&format!(
         "| RSS per 10k idle allocations (MiB) | – | {} | {} | {} | (info) | – |\n",
@@ -1115,7 +1293,12 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
     m.push_str(
         &o.alloc
             .iter()
-            .map(|x| format!("{} rep {}: {:.0}/s ({} failed)", x.server, x.rep, x.value.per_second, x.value.failed))
+            .map(|x| {
+                format!(
+                    "{} rep {}: {:.0}/s ({} failed)",
+                    x.server, x.rep, x.value.per_second, x.value.failed
+                )
+            })
             .collect::<Vec<_>>()
             .join("; "),
     );
@@ -1144,7 +1327,9 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
                     .loads
                     .iter()
                     .enumerate()
-                    .filter_map(|(i, &l)| med(o, "sweep", tg.key, size, l, delivered).map(|v| (i as f64, v)))
+                    .filter_map(|(i, &l)| {
+                        med(o, "sweep", tg.key, size, l, delivered).map(|v| (i as f64, v))
+                    })
                     .collect(),
                 dashed: tg.server.starts_with("fwd"),
             })
@@ -1181,7 +1366,10 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
             })
             .collect();
         let c = Chart {
-            title: format!("Latency CDF at {}k pps/dir (50 % of coturn), {size} B", half / 1000),
+            title: format!(
+                "Latency CDF at {}k pps/dir (50 % of coturn), {size} B",
+                half / 1000
+            ),
             x_label: "one-way latency through the relay, µs (log)".into(),
             y_label: "fraction of packets".into(),
             x_log: true,
@@ -1205,17 +1393,83 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
 }
 
 const DP_TARGETS: [Target; 11] = [
-    t("uring-cd", "uring ChannelData, GSO", "tp-uring", Mode::Channel, false),
-    t("uring-cd-nogso", "uring ChannelData, no GSO", "tp-uring", Mode::Channel, true),
-    t("uring-si", "uring Send ind., GSO", "tp-uring", Mode::Indication, false),
-    t("uring-si-nogso", "uring Send ind., no GSO", "tp-uring", Mode::Indication, true),
-    t("mmsg-cd", "mmsg ChannelData, GSO", "tp-mmsg", Mode::Channel, false),
-    t("mmsg-cd-nogso", "mmsg ChannelData, no GSO", "tp-mmsg", Mode::Channel, true),
-    t("mmsg-si", "mmsg Send ind., GSO", "tp-mmsg", Mode::Indication, false),
-    t("mmsg-si-nogso", "mmsg Send ind., no GSO", "tp-mmsg", Mode::Indication, true),
-    t("fwd-nogso", "forwarder, no GSO (alternating sizes)", "fwd", Mode::Forwarder, true),
-    t("fwd", "forwarder, no GSO (equal sizes)", "fwd", Mode::Forwarder, false),
-    t("fwd-gso", "forwarder + GSO", "fwd-gso", Mode::Forwarder, false),
+    t(
+        "uring-cd",
+        "uring ChannelData, GSO",
+        "tp-uring",
+        Mode::Channel,
+        false,
+    ),
+    t(
+        "uring-cd-nogso",
+        "uring ChannelData, no GSO",
+        "tp-uring",
+        Mode::Channel,
+        true,
+    ),
+    t(
+        "uring-si",
+        "uring Send ind., GSO",
+        "tp-uring",
+        Mode::Indication,
+        false,
+    ),
+    t(
+        "uring-si-nogso",
+        "uring Send ind., no GSO",
+        "tp-uring",
+        Mode::Indication,
+        true,
+    ),
+    t(
+        "mmsg-cd",
+        "mmsg ChannelData, GSO",
+        "tp-mmsg",
+        Mode::Channel,
+        false,
+    ),
+    t(
+        "mmsg-cd-nogso",
+        "mmsg ChannelData, no GSO",
+        "tp-mmsg",
+        Mode::Channel,
+        true,
+    ),
+    t(
+        "mmsg-si",
+        "mmsg Send ind., GSO",
+        "tp-mmsg",
+        Mode::Indication,
+        false,
+    ),
+    t(
+        "mmsg-si-nogso",
+        "mmsg Send ind., no GSO",
+        "tp-mmsg",
+        Mode::Indication,
+        true,
+    ),
+    t(
+        "fwd-nogso",
+        "forwarder, no GSO (alternating sizes)",
+        "fwd",
+        Mode::Forwarder,
+        true,
+    ),
+    t(
+        "fwd",
+        "forwarder, no GSO (equal sizes)",
+        "fwd",
+        Mode::Forwarder,
+        false,
+    ),
+    t(
+        "fwd-gso",
+        "forwarder + GSO",
+        "fwd-gso",
+        Mode::Forwarder,
+        false,
+    ),
 ];
 
 fn dataplane_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
@@ -1284,8 +1538,15 @@ fn dataplane_markdown(a: &CompareArgs, o: &Output) -> String {
                     reference,
                     fmt_f(med(o, "dataplane", tg.key, s, load, cpu), 2),
                     fmt_f(med(o, "dataplane", tg.key, s, load, p99), 0),
-                    fmt_f(med(o, "dataplane", tg.key, s, load, loss).map(|x| x * 100.0), 1),
-                    fmt_f(med(o, "dataplane", tg.key, s, load, |r| r.report.down.coalesced * 100.0), 0),
+                    fmt_f(
+                        med(o, "dataplane", tg.key, s, load, loss).map(|x| x * 100.0),
+                        1
+                    ),
+                    fmt_f(
+                        med(o, "dataplane", tg.key, s, load, |r| r.report.down.coalesced
+                            * 100.0),
+                        0
+                    ),
                 ));
             }
             m.push('\n');

@@ -100,7 +100,10 @@ pub fn run(a: &ForwarderArgs) -> Result<()> {
                                 )?;
                                 s.connect(SocketAddr::V4(to))?;
                                 let i = relays.len();
-                                epoll.add(s.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+                                epoll.add(
+                                    s.as_fd(),
+                                    EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
+                                )?;
                                 relays.push(Relay {
                                     sock: s,
                                     client_sa: net::sockaddr(m.from),

@@ -106,8 +106,7 @@ pub fn handshakes(server: &ServerArgs, plan: &Plan) -> Result<Outcome> {
             let idx = slots.len();
             let sock = crate::net::udp(bind, plan.buffer, false)?;
             sock.connect(server.server)?;
-            let mut client =
-                Client::new(&server.user, &server.password, 0x9E37_79B9 ^ idx as u64);
+            let mut client = Client::new(&server.user, &server.password, 0x9E37_79B9 ^ idx as u64);
             client.allocate(ms(now), AllocateOptions::default(), &mut out)?;
             send(&sock, &out);
             epoll.add(
@@ -246,7 +245,11 @@ fn step(
             _ => s.stage = Stage::Done,
         },
         Event::ChannelBound { .. } | Event::Refreshed { .. } => s.stage = Stage::Done,
-        Event::Failed { method, code, reason } => {
+        Event::Failed {
+            method,
+            code,
+            reason,
+        } => {
             s.stage = Stage::Failed;
             first_error.get_or_insert(format!("{method:?} failed: {code} {reason}"));
         }

@@ -103,10 +103,7 @@ impl Receiver {
         // control buffer are made afresh for each call.
         let mut fresh;
         let h = if *gro {
-            fresh = MultiHeaders::<SockaddrIn>::preallocate(
-                BATCH,
-                Some(nix::cmsg_space!(i32)),
-            );
+            fresh = MultiHeaders::<SockaddrIn>::preallocate(BATCH, Some(nix::cmsg_space!(i32)));
             &mut fresh
         } else {
             hdrs

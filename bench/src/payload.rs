@@ -40,8 +40,16 @@ pub fn read(p: &[u8]) -> Option<Stamp> {
     if h[..4] != MAGIC {
         return None;
     }
-    let u32_at = |i: usize| h.get(i..i + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes);
-    let u64_at = |i: usize| h.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let u32_at = |i: usize| {
+        h.get(i..i + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |i: usize| {
+        h.get(i..i + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     Some(Stamp {
         flow: u32_at(4)?,
         seq: u64_at(8)?,

@@ -314,9 +314,15 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let n = flows.len();
 
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    epoll.add(peer_sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, PEER))?;
+    epoll.add(
+        peer_sock.as_fd(),
+        EpollEvent::new(EpollFlags::EPOLLIN, PEER),
+    )?;
     for (i, f) in flows.iter().enumerate() {
-        epoll.add(f.sock.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+        epoll.add(
+            f.sock.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
+        )?;
     }
     let mut events = vec![EpollEvent::empty(); n + 1];
     let mut rx = Receiver::new(cfg.gro);
@@ -328,7 +334,11 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let mut up = Dir::new()?;
     let mut down = Dir::new()?;
     let gen_ports: Vec<u16> = std::iter::once(peer_addr.port())
-        .chain(flows.iter().filter_map(|f| f.sock.local_addr().ok().map(|a| a.port())))
+        .chain(
+            flows
+                .iter()
+                .filter_map(|f| f.sock.local_addr().ok().map(|a| a.port())),
+        )
         .collect();
     let server_ports: Vec<u16> = std::iter::once(cfg.server.server.port())
         .chain(flows.iter().map(|f| f.relay.port()))
@@ -677,7 +687,12 @@ fn send_up(
 ) -> Result<usize> {
     let mut lens = [0usize; MAX_GSO_SEGS];
     let b = b.min(MAX_GSO_SEGS);
-    for (i, (slot, len)) in buf.chunks_mut(FRAME_SLOT).zip(lens.iter_mut()).take(b).enumerate() {
+    for (i, (slot, len)) in buf
+        .chunks_mut(FRAME_SLOT)
+        .zip(lens.iter_mut())
+        .take(b)
+        .enumerate()
+    {
         let k = size_index(cfg.alternate, f.seq_up + i as u64);
         let t = &f.up[k];
         slot[..t.len()].copy_from_slice(t);
@@ -766,7 +781,10 @@ fn send_down(
         .map(|(s, &l)| IoSlice::new(&s[..l]))
         .collect();
     let groups: Vec<&[IoSlice<'_>]> = plan.iter().map(|&(_, a, k)| &iovs[a..a + k]).collect();
-    let to: Vec<Option<SockaddrIn>> = plan.iter().map(|&(fi, _, _)| Some(flows[fi].relay_sa)).collect();
+    let to: Vec<Option<SockaddrIn>> = plan
+        .iter()
+        .map(|&(fi, _, _)| Some(flows[fi].relay_sa))
+        .collect();
     Ok(match tx.send(sock, &groups, &to, seg)? {
         Sent::Messages(m) => plan[..m].iter().map(|p| p.2).sum(),
         Sent::WouldBlock => 0,
@@ -811,7 +829,10 @@ fn setup_turn(cfg: &Config, peer: SocketAddr) -> Result<Vec<Flow>> {
     }
     let mut flows = Vec::with_capacity(o.sessions.len());
     for s in o.sessions {
-        let relay = net::v4(s.relay.context("allocation without an IPv4 relay address")?)?;
+        let relay = net::v4(
+            s.relay
+                .context("allocation without an IPv4 relay address")?,
+        )?;
         if cfg.gro {
             nix::sys::socket::setsockopt(&s.sock, nix::sys::socket::sockopt::UdpGroSegment, &true)?;
         }
@@ -904,7 +925,9 @@ fn release(flows: &mut [Flow]) {
         }
     }
     // Collect the answers (and anything still in flight) for up to 200 ms.
-    let mut pending: Vec<usize> = (0..flows.len()).filter(|&i| flows[i].client.is_some()).collect();
+    let mut pending: Vec<usize> = (0..flows.len())
+        .filter(|&i| flows[i].client.is_some())
+        .collect();
     while !pending.is_empty() && t0.elapsed() < Duration::from_millis(200) {
         pending.retain(|&i| {
             let f = &mut flows[i];
