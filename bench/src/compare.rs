@@ -35,7 +35,7 @@ pub enum Suite {
     Dataplane,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
     /// Which comparison to run.
     #[arg(long, value_enum, default_value_t = Suite::Coturn)]
@@ -53,17 +53,14 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Measured seconds per run.
-    #[arg(long, default_value_t = 1.5)]
+    #[arg(long, default_value_t = 1.2)]
     pub duration: f64,
     /// Warm-up seconds per run.
     #[arg(long, default_value_t = 0.5)]
     pub warmup: f64,
-    /// Offered loads, packets/s per direction (0: as fast as possible).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "25000,50000,100000,200000,0"
-    )]
+    /// Offered loads, packets/s per direction (0: as fast as possible). Default:
+    /// 25000,50000,100000,200000,0 (coturn suite), 100000,200000,0 (dataplane suite).
+    #[arg(long, value_delimiter = ',')]
     pub loads: Vec<u64>,
     /// Payload sizes, bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
@@ -433,6 +430,14 @@ fn wait_quiet(a: &CompareArgs) -> f64 {
 }
 
 pub fn run(a: &CompareArgs) -> Result<()> {
+    let mut a = a.clone();
+    if a.loads.is_empty() {
+        a.loads = match a.suite {
+            Suite::Coturn => vec![25_000, 50_000, 100_000, 200_000, 0],
+            Suite::Dataplane => vec![100_000, 200_000, 0],
+        };
+    }
+    let a = &a;
     proc::raise_nofile()?;
     std::fs::create_dir_all(&a.out)?;
     let me = std::env::current_exe()?;
@@ -1480,18 +1485,32 @@ fn dataplane_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
     let mmsg = env.turnpike("turnpike-mmsg", "mmsg", "21000-31999")?;
     let fwd = env.forwarder("forwarder", peer_fwd, false)?;
     let fwd_gso = env.forwarder("forwarder-gso", peer_fwd_gso, true)?;
+    let pick = |s: &str| -> (&Proc, Option<SocketAddr>) {
+        match s {
+            "tp-uring" => (&uring, None),
+            "tp-mmsg" => (&mmsg, None),
+            "fwd" => (&fwd, Some(peer_fwd)),
+            _ => (&fwd_gso, Some(peer_fwd_gso)),
+        }
+    };
     for rep in 1..=a.reps {
         for &size in &a.sizes {
             for &load in &a.loads {
                 for tg in &DP_TARGETS {
-                    let (srv, peer) = match tg.server {
-                        "tp-uring" => (&uring, None),
-                        "tp-mmsg" => (&mmsg, None),
-                        "fwd" => (&fwd, Some(peer_fwd)),
-                        _ => (&fwd_gso, Some(peer_fwd_gso)),
-                    };
-                    one_run(env, o, "dataplane", rep, tg, srv, peer, size, load)?;
+                    let (srv, peer) = pick(tg.server);
+                    one_run(env, o, "sweep", rep, tg, srv, peer, size, load)?;
                 }
+            }
+            for tg in &DP_TARGETS {
+                let (srv, peer) = pick(tg.server);
+                let c = capacity(env, o, rep, tg, srv, peer, size)?;
+                eprintln!(
+                    "rep {rep} {} {size}B: capacity {:.0}k/dir ({})",
+                    tg.key,
+                    c.pps as f64 / 1000.0,
+                    c.bound
+                );
+                o.capacity.push(c);
             }
         }
     }
@@ -1503,54 +1522,63 @@ fn dataplane_markdown(a: &CompareArgs, o: &Output) -> String {
         a,
         o,
         "turnpike data plane vs the bare forwarder",
-        "turnpike-bench compare --suite dataplane",
+        "bench/compare.sh --suite dataplane",
     );
-    for &load in &a.loads {
+    m.push_str("\nEach turnpike target is compared with the forwarder on the same packet pattern: no-GSO targets (payload sizes alternate SIZE/SIZE+4, so no two consecutive datagrams of a flow can be merged) with `fwd-nogso`, GSO targets (equal sizes, bursts of 8 per flow) with `fwd-gso`. `fwd` (no GSO, equal sizes) shows what the pattern alone changes.\n");
+    let reference = |tg: &Target| {
+        if tg.alternate || tg.key == "fwd" {
+            "fwd-nogso"
+        } else {
+            "fwd-gso"
+        }
+    };
+    let l0 = a.loads.first().copied().unwrap_or(0);
+    for &s in &a.sizes {
         m.push_str(&format!(
-            "\n## Offered {} per direction\n\n| target |",
-            load_label(load)
+            "\n## {s}-byte payload\n\n| target | lossless capacity/dir (per rep) | median | vs forwarder (median of per-rep ratios) | server CPU at {}k/dir (cores) | relayed packets per server CPU-second at {}k/dir | overload: delivered/dir, up / down | GSO share (down, overload) |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+            l0 / 1000,
+            l0 / 1000,
         ));
-        for &s in &a.sizes {
+        for tg in &DP_TARGETS {
+            let per: Vec<String> = o
+                .capacity
+                .iter()
+                .filter(|c| c.target == tg.key && c.size == s)
+                .map(|c| {
+                    format!(
+                        "{:.0}k{}",
+                        c.pps as f64 / 1000.0,
+                        if c.bound == "generator" { " (gen)" } else { "" }
+                    )
+                })
+                .collect();
+            let r = cap_ratio(o, tg.key, reference(tg), s);
+            let eff = med(o, "sweep", tg.key, s, l0, |r| {
+                (r.report.up.delivered_pps + r.report.down.delivered_pps)
+                    / r.report.server_cpu_cores.unwrap_or(f64::NAN)
+            });
             m.push_str(&format!(
-                " {s} B delivered/dir | vs forwarder | server CPU | p99 µs | loss | GSO share (down) |"
+                "| {} | {} | {} | {} ({}) | {} | {} | {} / {} | {}% |\n",
+                tg.label,
+                per.join(", "),
+                fmt_pps(cap_median(o, tg.key, s)),
+                fmt_f(r.map(|x| x * 100.0), 0) + "%",
+                reference(tg),
+                fmt_f(med(o, "sweep", tg.key, s, l0, cpu), 2),
+                fmt_pps(eff),
+                fmt_pps(med(o, "sweep", tg.key, s, 0, |r| r.report.up.delivered_pps)),
+                fmt_pps(med(o, "sweep", tg.key, s, 0, |r| r
+                    .report
+                    .down
+                    .delivered_pps)),
+                fmt_f(
+                    med(o, "sweep", tg.key, s, 0, |r| r.report.down.coalesced
+                        * 100.0),
+                    0
+                ),
             ));
         }
-        m.push_str("\n|---|");
-        for _ in &a.sizes {
-            m.push_str("---:|---:|---:|---:|---:|---:|");
-        }
-        m.push('\n');
-        for tg in &DP_TARGETS {
-            m.push_str(&format!("| {} |", tg.label));
-            for &s in &a.sizes {
-                // No-GSO targets against the forwarder without GSO on the same
-                // pattern, GSO targets against the forwarder with GSO.
-                let reference = if tg.alternate || tg.key == "fwd" {
-                    "fwd-nogso"
-                } else {
-                    "fwd-gso"
-                };
-                let r = ratio(o, "dataplane", tg.key, reference, s, load, delivered);
-                m.push_str(&format!(
-                    " {} | {} ({}) | {} | {} | {}% | {}% |",
-                    fmt_pps(med(o, "dataplane", tg.key, s, load, delivered)),
-                    fmt_f(r.map(|x| x * 100.0), 0).to_owned() + "%",
-                    reference,
-                    fmt_f(med(o, "dataplane", tg.key, s, load, cpu), 2),
-                    fmt_f(med(o, "dataplane", tg.key, s, load, p99), 0),
-                    fmt_f(
-                        med(o, "dataplane", tg.key, s, load, loss).map(|x| x * 100.0),
-                        1
-                    ),
-                    fmt_f(
-                        med(o, "dataplane", tg.key, s, load, |r| r.report.down.coalesced
-                            * 100.0),
-                        0
-                    ),
-                ));
-            }
-            m.push('\n');
-        }
     }
+    m.push_str("\n\"(gen)\": the generator could not offer more, so the figure is a lower bound. Overload = offered as fast as the generator goes (equal rates both ways); the up direction (one listening socket) loses first.\n");
     m
 }
