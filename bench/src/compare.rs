@@ -1211,6 +1211,19 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
             |r| r <= 0.5,
             cpu_fmt,
         );
+        if a.loads.contains(&100_000) && a.cpu_load != 100_000 {
+            row(
+                &mut m,
+                "server CPU (cores) at 100k pps/dir, ChannelData (coturn near its limit)",
+                &TP_CD,
+                &CO_CD,
+                cpu,
+                100_000,
+                "(info)",
+                |_| true,
+                cpu_fmt,
+            );
+        }
         row(
             &mut m,
             &format!(

@@ -27,10 +27,10 @@ pub struct Chart {
     pub series: Vec<Series>,
 }
 
-const W: f64 = 760.0;
+const W: f64 = 820.0;
 const H: f64 = 460.0;
 const LEFT: f64 = 90.0;
-const RIGHT: f64 = 200.0;
+const RIGHT: f64 = 250.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 const COLORS: [&str; 8] = [
