@@ -417,7 +417,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
 
         if sending {
             // Up: client sockets → server, one burst per flow in turn.
-            let mut quota = quota(cfg.rate, el, up.sent);
+            let mut quota = due_now(cfg.rate, el, up.sent, burst);
             let mut guard = n;
             while quota > 0 && guard > 0 {
                 guard -= 1;
@@ -433,7 +433,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 }
             }
             // Down: the peer socket → each flow's relay address.
-            let mut quota = quota_down(cfg.rate, el, down.sent);
+            let mut quota = due_now(cfg.rate, el, down.sent, burst);
             while quota > 0 {
                 let sent = send_down(
                     cfg,
@@ -590,17 +590,16 @@ pub fn run(cfg: &Config) -> Result<Report> {
     })
 }
 
-/// Datagrams due in one direction now (at most [`MAX_PER_TURN`] per turn).
-fn quota(rate: u64, el: Duration, sent: u64) -> u64 {
+/// Datagrams due in one direction now, in whole bursts: a flow's packets leave back to
+/// back, `burst` at a time, as a video frame's do (at most [`MAX_PER_TURN`] per turn
+/// in max mode).
+fn due_now(rate: u64, el: Duration, sent: u64, burst: usize) -> u64 {
     if rate == 0 {
         return MAX_PER_TURN;
     }
     let due = (rate as u128 * el.as_nanos() / 1_000_000_000) as u64;
-    due.saturating_sub(sent).min(MAX_PER_TURN * 4)
-}
-
-fn quota_down(rate: u64, el: Duration, sent: u64) -> u64 {
-    quota(rate, el, sent)
+    let q = due.saturating_sub(sent).min(MAX_PER_TURN * 4);
+    q / burst as u64 * burst as u64
 }
 
 /// Builds each flow's frame templates.
