@@ -1,0 +1,1597 @@
+//! The side-by-side harness: starts turnpike, coturn and the bare forwarder pinned to
+//! the server core, drives each from this process pinned to the other core, and writes
+//! a markdown report, JSON and SVG charts.
+//!
+//! Runs are interleaved (for each repetition, size and load, every target in turn) so
+//! that ratios compare runs made minutes apart at most; the report quotes medians over
+//! the repetitions and medians of the per-repetition ratios.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use turnpike_proto::client::{AllocateOptions, Client, Event};
+
+use crate::hs;
+use crate::proc;
+use crate::relay::{self, Mode};
+use crate::svg::{self, Chart, Series};
+use crate::{ServerArgs, check_loopback};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+pub enum Suite {
+    /// turnpike vs coturn vs the forwarder: load sweep, CPU, latency, allocations/s,
+    /// idle memory.
+    Coturn,
+    /// turnpike's data plane (both backends, ChannelData and Send, GSO on and off) vs
+    /// the forwarder, at max load.
+    Dataplane,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    /// Which comparison to run.
+    #[arg(long, value_enum, default_value_t = Suite::Coturn)]
+    pub suite: Suite,
+    /// The turnpike binary (default: next to this one).
+    #[arg(long)]
+    pub turnpike: Option<PathBuf>,
+    /// coturn's server binary.
+    #[arg(long, default_value = "turnserver")]
+    pub turnserver: PathBuf,
+    /// Output directory.
+    #[arg(long, default_value = "bench/out")]
+    pub out: PathBuf,
+    /// Repetitions (medians are quoted).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 1.2)]
+    pub duration: f64,
+    /// Warm-up seconds per run.
+    #[arg(long, default_value_t = 0.5)]
+    pub warmup: f64,
+    /// Offered loads, packets/s per direction (0: as fast as possible). Default:
+    /// 25000,50000,100000,200000,0 (coturn suite), 100000,200000,0 (dataplane suite).
+    #[arg(long, value_delimiter = ',')]
+    pub loads: Vec<u64>,
+    /// Payload sizes, bytes.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    pub sizes: Vec<usize>,
+    /// Flows (allocations) per run.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Packets per flow sent back to back.
+    #[arg(long, default_value_t = 8)]
+    pub burst: usize,
+    /// The equal offered load (packets/s per direction) at which server CPU is compared.
+    #[arg(long, default_value_t = 50_000)]
+    pub cpu_load: u64,
+    /// The core the servers run on.
+    #[arg(long, default_value_t = 0)]
+    pub server_cpu: usize,
+    /// The core the load generator runs on.
+    #[arg(long, default_value_t = 1)]
+    pub gen_cpu: usize,
+    /// Handshakes per allocations/s run.
+    #[arg(long, default_value_t = 5000)]
+    pub alloc_count: usize,
+    /// Idle allocations for the memory figure.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_count: usize,
+    /// turnpike's I/O backend in the coturn suite.
+    #[arg(long, default_value = "uring")]
+    pub backend: String,
+    /// Wait (polling every 30 s, at most this many seconds) until the 1-minute load
+    /// average is below --max-load before starting.
+    #[arg(long, default_value_t = 600)]
+    pub wait_load_secs: u64,
+    /// The load average considered quiet.
+    #[arg(long, default_value_t = 0.8)]
+    pub max_load: f64,
+    /// Less output (no per-run lines).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A process started by the harness, stopped when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    pid: u32,
+    addr: SocketAddr,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(3) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "{} did not stop on SIGTERM; killing pid {}",
+            self.name, self.pid
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback UDP port (bound and released; good enough on a quiet loopback).
+fn free_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts `cmd` and waits for a stdout line starting with `ready`, whose
+/// `listen=ADDR` names the address.
+fn start_with_ready_line(name: &str, mut cmd: Command, ready: &str) -> Result<Proc> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let ready = ready.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with(&ready) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} did not report ready");
+        }
+    };
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen="))
+        .and_then(|a| a.split(',').next())
+        .context("no listen= in the ready line")?
+        .parse()?;
+    Ok(Proc {
+        name: name.to_owned(),
+        child,
+        pid,
+        addr,
+    })
+}
+
+struct Env<'a> {
+    a: &'a CompareArgs,
+    turnpike: PathBuf,
+    me: PathBuf,
+}
+
+impl Env<'_> {
+    fn taskset(&self, bin: &Path) -> Command {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(self.a.server_cpu.to_string()).arg(bin);
+        c
+    }
+
+    fn turnpike(&self, name: &str, backend: &str, ports: &str) -> Result<Proc> {
+        let log = std::fs::File::create(self.a.out.join(format!("{name}.log")))?;
+        let mut c = self.taskset(&self.turnpike);
+        c.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--relay-ports",
+            ports,
+            "--user",
+            "bench:bench",
+            "--realm",
+            "bench",
+            "--allow-peer",
+            "127.0.0.0/8",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--io-backend",
+            backend,
+            "--no-pin",
+            // Every client of the benchmark comes from 127.0.0.1; coturn has no such limit.
+            "--unauth-rate",
+            "0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stderr(log);
+        start_with_ready_line(name, c, "turnpike ready:")
+    }
+
+    fn coturn(&self, name: &str, ports: (u16, u16)) -> Result<Proc> {
+        let port = free_port()?;
+        let log = self.a.out.join(format!("{name}.log"));
+        let pidfile = self.a.out.join(format!("{name}.pid"));
+        let mut c = self.taskset(&self.a.turnserver);
+        c.args([
+            "-n",
+            "--listening-ip",
+            "127.0.0.1",
+            "--relay-ip",
+            "127.0.0.1",
+        ])
+        .arg("--listening-port")
+        .arg(port.to_string())
+        .arg("--min-port")
+        .arg(ports.0.to_string())
+        .arg("--max-port")
+        .arg(ports.1.to_string())
+        .args([
+            "--realm",
+            "bench",
+            "--user",
+            "bench:bench",
+            "--lt-cred-mech",
+            "--allow-loopback-peers",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--no-tcp",
+            "--no-tcp-relay",
+            "--relay-threads=1",
+            "--simple-log",
+            "--no-stdout-log",
+        ])
+        .arg("--log-file")
+        .arg(&log)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let child = c.spawn().context("cannot start coturn (turnserver)")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let p = Proc {
+            name: name.to_owned(),
+            pid: child.id(),
+            child,
+            addr,
+        };
+        wait_turn_ready(addr, Duration::from_secs(15))
+            .with_context(|| format!("coturn did not answer; see {}", log.display()))?;
+        Ok(p)
+    }
+
+    fn forwarder(&self, name: &str, to: SocketAddr, gso: bool) -> Result<Proc> {
+        let mut c = self.taskset(&self.me);
+        c.args([
+            "forwarder",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-seconds",
+            "1800",
+        ])
+        .arg("--to")
+        .arg(to.to_string());
+        if gso {
+            c.arg("--gso");
+        }
+        start_with_ready_line(name, c, "forwarder ready:")
+    }
+}
+
+/// Sends Allocates until one is answered (a 401 challenge).
+fn wait_turn_ready(addr: SocketAddr, limit: Duration) -> Result<()> {
+    check_loopback(addr)?;
+    let s = UdpSocket::bind("127.0.0.1:0")?;
+    s.connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let t0 = Instant::now();
+    let mut c = Client::new("probe", "probe", 1);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    while t0.elapsed() < limit {
+        c.allocate(
+            t0.elapsed().as_millis() as u64,
+            AllocateOptions::default(),
+            &mut out,
+        )?;
+        let _ = s.send(&out);
+        if let Ok(n) = s.recv(&mut buf) {
+            let ev = c.handle(t0.elapsed().as_millis() as u64, &buf[..n], &mut out);
+            if matches!(ev, Event::Retry | Event::Failed { .. }) {
+                return Ok(());
+            }
+        }
+    }
+    bail!("no answer from {addr}")
+}
+
+/// What a run drives.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    key: &'static str,
+    label: &'static str,
+    server: &'static str,
+    mode: Mode,
+    alternate: bool,
+}
+
+const fn t(
+    key: &'static str,
+    label: &'static str,
+    server: &'static str,
+    mode: Mode,
+    alternate: bool,
+) -> Target {
+    Target {
+        key,
+        label,
+        server,
+        mode,
+        alternate,
+    }
+}
+
+/// One run's record.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    phase: &'static str,
+    rep: usize,
+    target: &'static str,
+    size: usize,
+    offered: u64,
+    load1: f64,
+    report: relay::Report,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RepValue<T> {
+    rep: usize,
+    server: &'static str,
+    value: T,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Output {
+    suite: Option<Suite>,
+    date: String,
+    machine: String,
+    load_before: f64,
+    load_after: f64,
+    settings: BTreeMap<String, String>,
+    runs: Vec<Run>,
+    capacity: Vec<Capacity>,
+    alloc: Vec<RepValue<hs::AllocReport>>,
+    idle: Vec<RepValue<hs::IdleReport>>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!(
+        "{} CPUs ({model}), {}, Linux {}",
+        sh("nproc", &[]),
+        sh("sh", &["-c", "free -g | awk '/Mem:/ {print $2 \" GiB\"}'"]),
+        sh("uname", &["-r"])
+    )
+}
+
+fn wait_quiet(a: &CompareArgs) -> f64 {
+    let t0 = Instant::now();
+    loop {
+        let l = proc::loadavg();
+        if l <= a.max_load || t0.elapsed() >= Duration::from_secs(a.wait_load_secs) {
+            eprintln!("load average {l:.2} (waited {} s)", t0.elapsed().as_secs());
+            return l;
+        }
+        eprintln!("load average {l:.2} > {}: waiting 30 s", a.max_load);
+        std::thread::sleep(Duration::from_secs(30));
+    }
+}
+
+pub fn run(a: &CompareArgs) -> Result<()> {
+    let mut a = a.clone();
+    if a.loads.is_empty() {
+        a.loads = match a.suite {
+            Suite::Coturn => vec![25_000, 50_000, 100_000, 200_000, 0],
+            Suite::Dataplane => vec![100_000, 200_000, 0],
+        };
+    }
+    let a = &a;
+    proc::raise_nofile()?;
+    std::fs::create_dir_all(&a.out)?;
+    let me = std::env::current_exe()?;
+    let turnpike = match &a.turnpike {
+        Some(p) => p.clone(),
+        None => me.with_file_name("turnpike"),
+    };
+    if !turnpike.exists() {
+        bail!(
+            "no turnpike binary at {} (build it with cargo build --release -p turnpike, or pass --turnpike)",
+            turnpike.display()
+        );
+    }
+    let env = Env {
+        a,
+        turnpike,
+        me: me.clone(),
+    };
+    let mut o = Output {
+        suite: Some(a.suite),
+        machine: machine(),
+        ..Output::default()
+    };
+    o.load_before = wait_quiet(a);
+    o.date = sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    for (k, v) in [
+        ("reps", a.reps.to_string()),
+        ("duration_s", a.duration.to_string()),
+        ("warmup_s", a.warmup.to_string()),
+        ("clients", a.clients.to_string()),
+        ("burst", a.burst.to_string()),
+        ("server_cpu", a.server_cpu.to_string()),
+        ("gen_cpu", a.gen_cpu.to_string()),
+        ("backend", a.backend.clone()),
+        (
+            "coturn",
+            sh(&a.turnserver.to_string_lossy(), &["--version"]),
+        ),
+        ("rustc", sh("rustc", &["--version"])),
+    ] {
+        o.settings.insert(k.to_owned(), v);
+    }
+    // The generator (this thread) on its core; servers are started with taskset.
+    proc::pin_to(a.gen_cpu)?;
+    let t0 = Instant::now();
+    let name = match a.suite {
+        Suite::Coturn => {
+            coturn_suite(&env, &mut o)?;
+            "compare"
+        }
+        Suite::Dataplane => {
+            dataplane_suite(&env, &mut o)?;
+            "dataplane"
+        }
+    };
+    o.load_after = proc::loadavg();
+    eprintln!("done in {:.0} s", t0.elapsed().as_secs_f64());
+    let json = a.out.join(format!("{name}.json"));
+    std::fs::write(&json, serde_json::to_string_pretty(&o)?)?;
+    let md = match a.suite {
+        Suite::Coturn => coturn_markdown(a, &o),
+        Suite::Dataplane => dataplane_markdown(a, &o),
+    };
+    let mdp = a.out.join(format!("{name}.md"));
+    std::fs::write(&mdp, &md)?;
+    println!("{md}");
+    eprintln!("wrote {} and {}", json.display(), mdp.display());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn one_run(
+    env: &Env<'_>,
+    o: &mut Output,
+    phase: &'static str,
+    rep: usize,
+    tg: &Target,
+    srv: &Proc,
+    peer: Option<SocketAddr>,
+    size: usize,
+    offered: u64,
+) -> Result<Option<relay::Report>> {
+    let a = env.a;
+    let cfg = relay::Config {
+        server: ServerArgs {
+            server: srv.addr,
+            user: "bench".into(),
+            password: "bench".into(),
+            realm: "bench".into(),
+        },
+        mode: tg.mode,
+        clients: a.clients,
+        size,
+        alternate: tg.alternate,
+        rate: offered,
+        duration: Duration::from_secs_f64(a.duration),
+        warmup: Duration::from_secs_f64(a.warmup),
+        burst: a.burst,
+        peer: peer.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        gen_gso: true,
+        gro: true,
+        buffer: 8 << 20,
+        server_pid: Some(srv.pid),
+        server_cpu: a.server_cpu,
+        gen_cpu: Some(a.gen_cpu),
+        progress: false,
+        label: tg.key.to_owned(),
+    };
+    let load1 = proc::loadavg();
+    let r = match relay::run(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{} {size}B {offered}: failed: {e:#}", tg.key);
+            return Ok(None);
+        }
+    };
+    if !a.quiet {
+        eprintln!("rep {rep} {}", r.summary());
+    }
+    o.runs.push(Run {
+        phase,
+        rep,
+        target: tg.key,
+        size,
+        offered,
+        load1,
+        report: r.clone(),
+    });
+    Ok(Some(r))
+}
+
+const TP_CD: Target = t(
+    "turnpike-cd",
+    "turnpike ChannelData",
+    "turnpike",
+    Mode::Channel,
+    false,
+);
+const TP_CD_NOGSO: Target = t(
+    "turnpike-cd-nogso",
+    "turnpike ChannelData, no GSO",
+    "turnpike",
+    Mode::Channel,
+    true,
+);
+const TP_SI: Target = t(
+    "turnpike-si",
+    "turnpike Send ind.",
+    "turnpike",
+    Mode::Indication,
+    false,
+);
+const CO_CD: Target = t(
+    "coturn-cd",
+    "coturn ChannelData",
+    "coturn",
+    Mode::Channel,
+    false,
+);
+const CO_SI: Target = t(
+    "coturn-si",
+    "coturn Send ind.",
+    "coturn",
+    Mode::Indication,
+    false,
+);
+const FWD: Target = t("fwd", "forwarder", "fwd", Mode::Forwarder, true);
+const FWD_GSO: Target = t(
+    "fwd-gso",
+    "forwarder + GSO",
+    "fwd-gso",
+    Mode::Forwarder,
+    false,
+);
+
+fn coturn_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
+    let a = env.a;
+    let peer_fwd = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let peer_fwd_gso = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    {
+        let tp = env.turnpike("turnpike", &a.backend, "10000-20999")?;
+        let co = env.coturn("coturn", (21000, 31999))?;
+        let fwd = env.forwarder("forwarder", peer_fwd, false)?;
+        let fwd_gso = env.forwarder("forwarder-gso", peer_fwd_gso, true)?;
+        let pick = |s: &str| -> (&Proc, Option<SocketAddr>) {
+            match s {
+                "turnpike" => (&tp, None),
+                "coturn" => (&co, None),
+                "fwd" => (&fwd, Some(peer_fwd)),
+                _ => (&fwd_gso, Some(peer_fwd_gso)),
+            }
+        };
+        let full = [TP_CD, TP_CD_NOGSO, CO_CD, FWD];
+        for rep in 1..=a.reps {
+            for &size in &a.sizes {
+                for &load in &a.loads {
+                    let mut targets: Vec<Target> = full.to_vec();
+                    if load == 0 {
+                        targets.extend([TP_SI, CO_SI, FWD_GSO]);
+                    } else if load == a.cpu_load {
+                        targets.extend([TP_SI, CO_SI]);
+                    }
+                    for tg in &targets {
+                        let (srv, peer) = pick(tg.server);
+                        one_run(env, o, "sweep", rep, tg, srv, peer, size, load)?;
+                    }
+                }
+            }
+        }
+        // Lossless capacity of the main targets, bracketed by the sweep, then bisected.
+        for rep in 1..=a.reps {
+            for &size in &a.sizes {
+                for tg in CAP_TARGETS {
+                    let (srv, peer) = pick(tg.server);
+                    let c = capacity(env, o, rep, &tg, srv, peer, size)?;
+                    eprintln!(
+                        "rep {rep} {} {size}B: capacity {:.0}k/dir ({})",
+                        tg.key,
+                        c.pps as f64 / 1000.0,
+                        c.bound
+                    );
+                    o.capacity.push(c);
+                }
+            }
+        }
+        // Latency at half of coturn's lossless capacity (median over repetitions).
+        for rep in 1..=a.reps {
+            for &size in &a.sizes {
+                let cap = cap_median(o, CO_CD.key, size).unwrap_or(0.0);
+                let half = ((cap / 2.0) / 1000.0).round() as u64 * 1000;
+                if half == 0 {
+                    continue;
+                }
+                for tg in [TP_CD, CO_CD, TP_SI, CO_SI] {
+                    let (srv, peer) = pick(tg.server);
+                    one_run(env, o, "half", rep, &tg, srv, peer, size, half)?;
+                }
+            }
+        }
+    }
+    // Allocations per second, each repetition on fresh servers.
+    for rep in 1..=a.reps {
+        for srv in ["turnpike", "coturn"] {
+            let p = if srv == "turnpike" {
+                env.turnpike("turnpike-alloc", &a.backend, "10000-31999")?
+            } else {
+                env.coturn("coturn-alloc", (10000, 31999))?
+            };
+            let server = ServerArgs {
+                server: p.addr,
+                user: "bench".into(),
+                password: "bench".into(),
+                realm: "bench".into(),
+            };
+            let r = hs::alloc_rate(&server, a.alloc_count, 256, Duration::from_secs(20))?;
+            eprintln!("rep {rep} {srv}: {}", r.summary());
+            o.alloc.push(RepValue {
+                rep,
+                server: if srv == "turnpike" {
+                    "turnpike"
+                } else {
+                    "coturn"
+                },
+                value: r,
+            });
+        }
+    }
+    // Idle memory, once per server (it varies little between runs).
+    for srv in ["turnpike", "coturn"] {
+        let p = if srv == "turnpike" {
+            env.turnpike("turnpike-idle", &a.backend, "10000-31999")?
+        } else {
+            env.coturn("coturn-idle", (10000, 31999))?
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        let server = ServerArgs {
+            server: p.addr,
+            user: "bench".into(),
+            password: "bench".into(),
+            realm: "bench".into(),
+        };
+        let r = hs::idle_rss(
+            &server,
+            p.pid,
+            a.idle_count,
+            256,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        )?;
+        eprintln!("{srv}: {}", r.summary());
+        o.idle.push(RepValue {
+            rep: 1,
+            server: if srv == "turnpike" {
+                "turnpike"
+            } else {
+                "coturn"
+            },
+            value: r,
+        });
+    }
+    Ok(())
+}
+
+/// Targets whose lossless capacity is searched.
+const CAP_TARGETS: [Target; 4] = [TP_CD, TP_CD_NOGSO, CO_CD, FWD];
+/// Most loss (each direction) of a run that counts as lossless.
+const LOSSLESS: f64 = 0.005;
+/// Bisection probes after the bracket.
+const PROBES: usize = 3;
+
+/// The highest offered load (packets/s per direction) a target carried without loss.
+#[derive(Debug, Clone, Serialize)]
+struct Capacity {
+    rep: usize,
+    target: &'static str,
+    size: usize,
+    pps: u64,
+    /// "server": a higher probe lost packets at the server; "generator": the generator
+    /// could not offer more, so this is a lower bound.
+    bound: &'static str,
+}
+
+/// Whether a run carried its offered load: both directions offered in full (or the
+/// generator is the limit) and delivered with at most [`LOSSLESS`] loss.
+fn verdict_of(r: &relay::Report) -> (bool, bool) {
+    let offered = r.offered_pps as f64;
+    let gen_ok = r.up.sent_pps >= 0.97 * offered && r.down.sent_pps >= 0.97 * offered;
+    let lossless = r.up.loss <= LOSSLESS && r.down.loss <= LOSSLESS;
+    (lossless, gen_ok)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn capacity(
+    env: &Env<'_>,
+    o: &mut Output,
+    rep: usize,
+    tg: &Target,
+    srv: &Proc,
+    peer: Option<SocketAddr>,
+    size: usize,
+) -> Result<Capacity> {
+    let sweep: Vec<relay::Report> = o
+        .runs
+        .iter()
+        .filter(|r| r.phase == "sweep" && r.rep == rep && r.target == tg.key && r.size == size)
+        .map(|r| r.report.clone())
+        .collect();
+    let mut lo = 0u64;
+    let mut hi: Option<u64> = None;
+    let mut gen_ceiling = u64::MAX;
+    for r in &sweep {
+        if r.offered_pps == 0 {
+            // As fast as possible: what the generator managed to offer.
+            gen_ceiling = r.up.sent_pps.min(r.down.sent_pps) as u64;
+            continue;
+        }
+        let (lossless, gen_ok) = verdict_of(r);
+        if lossless && gen_ok {
+            lo = lo.max(r.offered_pps);
+        } else if gen_ok {
+            hi = Some(hi.map_or(r.offered_pps, |h| h.min(r.offered_pps)));
+        }
+    }
+    // Why the current upper bound failed.
+    let mut bound = "server";
+    let mut hi = match hi {
+        Some(h) => h,
+        None => {
+            // Nothing failed in the sweep: try the most the generator offered.
+            let top = (gen_ceiling / 1000 * 1000).max(lo + 1000);
+            if let Some(r) = one_run(env, o, "capacity", rep, tg, srv, peer, size, top)? {
+                let (lossless, gen_ok) = verdict_of(&r);
+                if lossless && gen_ok {
+                    return Ok(Capacity {
+                        rep,
+                        target: tg.key,
+                        size,
+                        pps: top,
+                        bound: "generator",
+                    });
+                }
+                if !gen_ok {
+                    bound = "generator";
+                }
+            }
+            top
+        }
+    };
+    for _ in 0..PROBES {
+        let mid = ((lo + hi) / 2) / 1000 * 1000;
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        let Some(r) = one_run(env, o, "capacity", rep, tg, srv, peer, size, mid)? else {
+            break;
+        };
+        let (lossless, gen_ok) = verdict_of(&r);
+        if !gen_ok {
+            bound = "generator";
+            hi = mid;
+        } else if lossless {
+            lo = mid;
+        } else {
+            bound = "server";
+            hi = mid;
+        }
+    }
+    Ok(Capacity {
+        rep,
+        target: tg.key,
+        size,
+        pps: lo,
+        bound,
+    })
+}
+
+fn cap_median(o: &Output, target: &str, size: usize) -> Option<f64> {
+    median(
+        o.capacity
+            .iter()
+            .filter(|c| c.target == target && c.size == size)
+            .map(|c| c.pps as f64)
+            .collect(),
+    )
+}
+
+/// Median over repetitions of the ratio of two targets' capacities.
+fn cap_ratio(o: &Output, num: &str, den: &str, size: usize) -> Option<f64> {
+    median(
+        o.capacity
+            .iter()
+            .filter(|c| c.target == num && c.size == size)
+            .filter_map(|n| {
+                o.capacity
+                    .iter()
+                    .find(|d| d.target == den && d.size == size && d.rep == n.rep)
+                    .map(|d| n.pps as f64 / d.pps as f64)
+            })
+            .collect(),
+    )
+}
+
+fn runs<'a>(
+    o: &'a Output,
+    phase: &'a str,
+    target: &'a str,
+    size: usize,
+    offered: u64,
+) -> impl Iterator<Item = &'a Run> + 'a {
+    o.runs.iter().filter(move |r| {
+        r.phase == phase && r.target == target && r.size == size && r.offered == offered
+    })
+}
+
+/// Median over repetitions of a figure of one target.
+fn med(
+    o: &Output,
+    phase: &str,
+    target: &str,
+    size: usize,
+    offered: u64,
+    f: fn(&Run) -> f64,
+) -> Option<f64> {
+    median(runs(o, phase, target, size, offered).map(f).collect())
+}
+
+/// Median over repetitions of the ratio of a figure between two targets in the same
+/// repetition.
+#[allow(clippy::too_many_arguments)]
+fn ratio(
+    o: &Output,
+    phase: &str,
+    num: &str,
+    den: &str,
+    size: usize,
+    offered: u64,
+    f: fn(&Run) -> f64,
+) -> Option<f64> {
+    let v: Vec<f64> = runs(o, phase, num, size, offered)
+        .filter_map(|n| {
+            runs(o, phase, den, size, offered)
+                .find(|d| d.rep == n.rep)
+                .map(|d| f(n) / f(d))
+        })
+        .collect();
+    median(v)
+}
+
+fn fmt_pps(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.0}k", x / 1000.0))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn fmt_f(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn load_label(l: u64) -> String {
+    if l == 0 {
+        "max".into()
+    } else {
+        format!("{}k", l / 1000)
+    }
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "–",
+    }
+}
+
+fn delivered(r: &Run) -> f64 {
+    r.report.delivered_pps
+}
+fn cpu(r: &Run) -> f64 {
+    r.report.server_cpu_cores.unwrap_or(f64::NAN)
+}
+fn p50(r: &Run) -> f64 {
+    r.report.p50_us
+}
+fn p99(r: &Run) -> f64 {
+    r.report.p99_us
+}
+fn loss(r: &Run) -> f64 {
+    (r.report.up.loss + r.report.down.loss) / 2.0
+}
+
+fn header(a: &CompareArgs, o: &Output, title: &str, cmd: &str) -> String {
+    format!(
+        "# {title}\n\n- Command: `{cmd}`\n- Date: {}\n- Machine: {}\n- Load average (1 min) before: {:.2}, after: {:.2}\n- Servers pinned to cpu {} (taskset), the generator to cpu {}; {} flows (allocations), bursts of {} packets per flow, {} s measured after {} s warm-up, {} repetitions interleaved; medians quoted, ratios are medians of per-repetition ratios.\n- coturn {}; {}\n",
+        o.date,
+        o.machine,
+        o.load_before,
+        o.load_after,
+        a.server_cpu,
+        a.gen_cpu,
+        a.clients,
+        a.burst,
+        a.duration,
+        a.warmup,
+        a.reps,
+        o.settings.get("coturn").cloned().unwrap_or_default(),
+        o.settings.get("rustc").cloned().unwrap_or_default(),
+    )
+}
+
+fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
+    let mut m = header(
+        a,
+        o,
+        "turnpike vs coturn vs the bare forwarder",
+        "bench/compare.sh",
+    );
+    let all = [TP_CD, TP_CD_NOGSO, TP_SI, CO_CD, CO_SI, FWD, FWD_GSO];
+    m.push_str("\nTargets: ");
+    m.push_str(
+        &all.iter()
+            .map(|t| format!("`{}` = {}", t.key, t.label))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    m.push_str(". \"no GSO\" alternates payload sizes SIZE and SIZE+4 so the server never sees two equal-size datagrams in a row (turnpike has no switch to turn GSO off); the plain forwarder is driven with the same pattern.\n");
+    for &size in &a.sizes {
+        m.push_str(&format!(
+            "\n## Delivered packets/s per direction, {size}-byte payload (median)\n\n| offered/dir |"
+        ));
+        let cols = [TP_CD, TP_CD_NOGSO, TP_SI, CO_CD, CO_SI, FWD, FWD_GSO];
+        for c in &cols {
+            m.push_str(&format!(" {} |", c.key));
+        }
+        m.push_str(" loss tp-cd / coturn-cd |\n|---|");
+        for _ in &cols {
+            m.push_str("---:|");
+        }
+        m.push_str("---:|\n");
+        for &l in &a.loads {
+            m.push_str(&format!("| {} |", load_label(l)));
+            for c in &cols {
+                m.push_str(&format!(
+                    " {} |",
+                    fmt_pps(med(o, "sweep", c.key, size, l, delivered))
+                ));
+            }
+            m.push_str(&format!(
+                " {}% / {}% |\n",
+                fmt_f(
+                    med(o, "sweep", TP_CD.key, size, l, loss).map(|x| x * 100.0),
+                    2
+                ),
+                fmt_f(
+                    med(o, "sweep", CO_CD.key, size, l, loss).map(|x| x * 100.0),
+                    2
+                )
+            ));
+        }
+        // Details at max load.
+        m.push_str(&format!(
+            "\nAt max load, {size} B: | target | delivered/dir | up / down | p50 µs | p99 µs | server CPU (cores) | server core busy | server GSO share (down) | drops at server / generator sockets |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        ));
+        for c in &cols {
+            let rs: Vec<&Run> = runs(o, "sweep", c.key, size, 0).collect();
+            if rs.is_empty() {
+                continue;
+            }
+            let mf = |f: fn(&Run) -> f64| median(rs.iter().map(|r| f(r)).collect());
+            m.push_str(&format!(
+                "| {} | {} | {} / {} | {} | {} | {} | {}% | {}% | {} / {} |\n",
+                c.key,
+                fmt_pps(mf(delivered)),
+                fmt_pps(mf(|r| r.report.up.delivered_pps)),
+                fmt_pps(mf(|r| r.report.down.delivered_pps)),
+                fmt_f(mf(p50), 0),
+                fmt_f(mf(p99), 0),
+                fmt_f(mf(cpu), 2),
+                fmt_f(mf(|r| r.report.server_core_busy * 100.0), 0),
+                fmt_f(mf(|r| r.report.down.coalesced * 100.0), 0),
+                fmt_f(mf(|r| r.report.server_socket_drops as f64), 0),
+                fmt_f(mf(|r| r.report.generator_socket_drops as f64), 0),
+            ));
+        }
+    }
+
+    // Lossless capacity per repetition.
+    m.push_str(&format!(
+        "\n## Lossless capacity (highest offered packets/s per direction with ≤ {}% loss each way)\n\n| target | payload | per repetition | median |\n|---|---|---|---:|\n",
+        LOSSLESS * 100.0
+    ));
+    for &size in &a.sizes {
+        for tg in CAP_TARGETS {
+            let per: Vec<String> = o
+                .capacity
+                .iter()
+                .filter(|c| c.target == tg.key && c.size == size)
+                .map(|c| {
+                    format!(
+                        "{:.0}k{}",
+                        c.pps as f64 / 1000.0,
+                        if c.bound == "generator" { " (gen)" } else { "" }
+                    )
+                })
+                .collect();
+            m.push_str(&format!(
+                "| {} | {size} B | {} | {} |\n",
+                tg.key,
+                per.join(", "),
+                fmt_pps(cap_median(o, tg.key, size))
+            ));
+        }
+    }
+    m.push_str("\n\"(gen)\": the generator could not offer more without loss at its own sockets or in its loop, so the figure is a lower bound.\n");
+    // The five figures and the targets.
+    m.push_str("\n## Figures against the targets\n\n| figure | payload | turnpike | coturn / reference | ratio (median of per-run ratios) | target | verdict |\n|---|---|---:|---:|---:|---|---|\n");
+    for &size in &a.sizes {
+        let row = |m: &mut String,
+                   name: &str,
+                   num: &Target,
+                   den: &Target,
+                   f: fn(&Run) -> f64,
+                   load: u64,
+                   target: &str,
+                   ok: fn(f64) -> bool,
+                   fmtv: fn(Option<f64>) -> String| {
+            let r = ratio(o, "sweep", num.key, den.key, size, load, f);
+            m.push_str(&format!(
+                "| {name} | {size} B | {} | {} | {} | {target} | {} |\n",
+                fmtv(med(o, "sweep", num.key, size, load, f)),
+                fmtv(med(o, "sweep", den.key, size, load, f)),
+                fmt_f(r, 2),
+                verdict(r.map(ok))
+            ));
+        };
+        let cap_row = |m: &mut String,
+                       name: &str,
+                       num: &Target,
+                       den: &Target,
+                       target: &str,
+                       ok: fn(f64) -> bool| {
+            let r = cap_ratio(o, num.key, den.key, size);
+            let bound = |k: &str| {
+                if o.capacity
+                    .iter()
+                    .any(|c| c.target == k && c.size == size && c.bound == "generator")
+                {
+                    " (≥, generator-bound)"
+                } else {
+                    ""
+                }
+            };
+            m.push_str(&format!(
+                "| {name} | {size} B | {}{} | {}{} | {} | {target} | {} |\n",
+                fmt_pps(cap_median(o, num.key, size)),
+                bound(num.key),
+                fmt_pps(cap_median(o, den.key, size)),
+                bound(den.key),
+                fmt_f(r, 2),
+                verdict(r.map(ok))
+            ));
+        };
+        cap_row(
+            &mut m,
+            "lossless capacity/dir: turnpike no-GSO vs forwarder",
+            &TP_CD_NOGSO,
+            &FWD,
+            "≥ 0.90",
+            |r| r >= 0.9,
+        );
+        cap_row(
+            &mut m,
+            "lossless capacity/dir: forwarder vs coturn",
+            &FWD,
+            &CO_CD,
+            "≥ 1.5",
+            |r| r >= 1.5,
+        );
+        cap_row(
+            &mut m,
+            "lossless capacity/dir: turnpike (GSO) vs coturn",
+            &TP_CD,
+            &CO_CD,
+            "≥ 2.5",
+            |r| r >= 2.5,
+        );
+        row(
+            &mut m,
+            "overload (max offered), delivered/dir: turnpike (GSO) vs coturn",
+            &TP_CD,
+            &CO_CD,
+            delivered,
+            0,
+            "(info)",
+            |_| true,
+            fmt_pps,
+        );
+        row(
+            &mut m,
+            "overload, delivered/dir: turnpike (GSO) vs forwarder + GSO",
+            &TP_CD,
+            &FWD_GSO,
+            delivered,
+            0,
+            "(info)",
+            |_| true,
+            fmt_pps,
+        );
+        row(
+            &mut m,
+            "overload, delivered/dir: turnpike Send vs coturn Send",
+            &TP_SI,
+            &CO_SI,
+            delivered,
+            0,
+            "(info)",
+            |_| true,
+            fmt_pps,
+        );
+        let cpu_fmt: fn(Option<f64>) -> String = |v| fmt_f(v, 3);
+        row(
+            &mut m,
+            &format!(
+                "server CPU (cores) at {}k pps/dir, ChannelData",
+                a.cpu_load / 1000
+            ),
+            &TP_CD,
+            &CO_CD,
+            cpu,
+            a.cpu_load,
+            "≤ 0.5",
+            |r| r <= 0.5,
+            cpu_fmt,
+        );
+        if a.loads.contains(&100_000) && a.cpu_load != 100_000 {
+            row(
+                &mut m,
+                "server CPU (cores) at 100k pps/dir, ChannelData (coturn near its limit)",
+                &TP_CD,
+                &CO_CD,
+                cpu,
+                100_000,
+                "(info)",
+                |_| true,
+                cpu_fmt,
+            );
+        }
+        row(
+            &mut m,
+            &format!(
+                "server CPU (cores) at {}k pps/dir, Send ind.",
+                a.cpu_load / 1000
+            ),
+            &TP_SI,
+            &CO_SI,
+            cpu,
+            a.cpu_load,
+            "≤ 0.5",
+            |r| r <= 0.5,
+            cpu_fmt,
+        );
+    }
+    for &size in &a.sizes {
+        let half = o
+            .runs
+            .iter()
+            .find(|r| r.phase == "half" && r.size == size)
+            .map(|r| r.offered)
+            .unwrap_or(0);
+        for (num, den) in [(TP_CD, CO_CD), (TP_SI, CO_SI)] {
+            for (name, f) in [("p50 µs", p50 as fn(&Run) -> f64), ("p99 µs", p99)] {
+                let r = ratio(o, "half", num.key, den.key, size, half, f);
+                let target = if name.starts_with("p99") {
+                    "≤ 1"
+                } else {
+                    "(info)"
+                };
+                m.push_str(&format!(
+                    "| {name} at 50 % of coturn's capacity ({}k/dir), {} | {size} B | {} | {} | {} | {target} | {} |\n",
+                    half / 1000,
+                    if num.mode == Mode::Channel { "ChannelData" } else { "Send ind." },
+                    fmt_f(med(o, "half", num.key, size, half, f), 1),
+                    fmt_f(med(o, "half", den.key, size, half, f), 1),
+                    fmt_f(r, 2),
+                    verdict(r.map(|r| !name.starts_with("p99") || r <= 1.0))
+                ));
+            }
+        }
+    }
+    let alloc = |s: &str| {
+        median(
+            o.alloc
+                .iter()
+                .filter(|x| x.server == s)
+                .map(|x| x.value.per_second)
+                .collect(),
+        )
+    };
+    let alloc_ratio = median(
+        o.alloc
+            .iter()
+            .filter(|x| x.server == "turnpike")
+            .filter_map(|t| {
+                o.alloc
+                    .iter()
+                    .find(|c| c.server == "coturn" && c.rep == t.rep)
+                    .map(|c| t.value.per_second / c.value.per_second)
+            })
+            .collect(),
+    );
+    m.push_str(&format!(
+        "| allocations/s (Allocate with 401 + CreatePermission + ChannelBind, 256 in flight) | – | {} | {} | {} | ≥ 10 | {} |\n",
+        fmt_f(alloc("turnpike"), 0),
+        fmt_f(alloc("coturn"), 0),
+        fmt_f(alloc_ratio, 1),
+        verdict(alloc_ratio.map(|r| r >= 10.0))
+    ));
+    let idle = |s: &str| {
+        o.idle
+            .iter()
+            .find(|x| x.server == s)
+            .map(|x| x.value.mib_per_10k)
+    };
+    let idle_ratio = idle("turnpike").zip(idle("coturn")).map(|(t, c)| t / c);
+    m.push_str(&format!(
+        "| RSS per 10k idle allocations (MiB) | – | {} | {} | {} | (info) | – |\n",
+        fmt_f(idle("turnpike"), 1),
+        fmt_f(idle("coturn"), 1),
+        fmt_f(idle_ratio, 2),
+    ));
+    m.push_str("\nAllocations/s per run: ");
+    m.push_str(
+        &o.alloc
+            .iter()
+            .map(|x| {
+                format!(
+                    "{} rep {}: {:.0}/s ({} failed)",
+                    x.server, x.rep, x.value.per_second, x.value.failed
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    m.push_str(".\nIdle: ");
+    m.push_str(
+        &o.idle
+            .iter()
+            .map(|x| format!("{}: {}", x.server, x.value.summary()))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    m.push('\n');
+    // Charts.
+    for &size in &a.sizes {
+        let ticks: Vec<(f64, String)> = a
+            .loads
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as f64, load_label(l)))
+            .collect();
+        let series = [TP_CD, TP_CD_NOGSO, CO_CD, FWD]
+            .iter()
+            .map(|tg| Series {
+                name: tg.label.to_owned(),
+                points: a
+                    .loads
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, &l)| {
+                        med(o, "sweep", tg.key, size, l, delivered).map(|v| (i as f64, v))
+                    })
+                    .collect(),
+                dashed: tg.server.starts_with("fwd"),
+            })
+            .collect();
+        let c = Chart {
+            title: format!("Delivered vs offered, {size}-byte payload (per direction, median)"),
+            x_label: "offered packets/s per direction".into(),
+            y_label: "delivered packets/s per direction".into(),
+            x_log: false,
+            x_ticks: Some(ticks),
+            y_range: None,
+            series,
+        };
+        let p = a.out.join(format!("delivered_{size}B.svg"));
+        let _ = std::fs::write(&p, svg::render(&c));
+        let half = o
+            .runs
+            .iter()
+            .find(|r| r.phase == "half" && r.size == size)
+            .map(|r| r.offered)
+            .unwrap_or(0);
+        // The CDF of the run with the median p99 of each target.
+        let series = [TP_CD, TP_SI, CO_CD, CO_SI]
+            .iter()
+            .filter_map(|tg| {
+                let mut rs: Vec<&Run> = runs(o, "half", tg.key, size, half).collect();
+                rs.sort_by(|x, y| x.report.p99_us.total_cmp(&y.report.p99_us));
+                let r = rs.get(rs.len() / 2)?;
+                Some(Series {
+                    name: tg.label.to_owned(),
+                    points: r.report.cdf.iter().map(|&(f, us)| (us, f)).collect(),
+                    dashed: tg.server == "coturn",
+                })
+            })
+            .collect();
+        let c = Chart {
+            title: format!(
+                "Latency CDF at {}k pps/dir (50 % of coturn), {size} B",
+                half / 1000
+            ),
+            x_label: "one-way latency through the relay, µs (log)".into(),
+            y_label: "fraction of packets".into(),
+            x_log: true,
+            x_ticks: None,
+            y_range: Some((0.0, 1.0)),
+            series,
+        };
+        let p = a.out.join(format!("latency_cdf_{size}B.svg"));
+        let _ = std::fs::write(&p, svg::render(&c));
+    }
+    m.push_str("\nCharts: ");
+    m.push_str(
+        &a.sizes
+            .iter()
+            .map(|s| format!("`delivered_{s}B.svg`, `latency_cdf_{s}B.svg`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    m.push('\n');
+    m
+}
+
+const DP_TARGETS: [Target; 11] = [
+    t(
+        "uring-cd",
+        "uring ChannelData, GSO",
+        "tp-uring",
+        Mode::Channel,
+        false,
+    ),
+    t(
+        "uring-cd-nogso",
+        "uring ChannelData, no GSO",
+        "tp-uring",
+        Mode::Channel,
+        true,
+    ),
+    t(
+        "uring-si",
+        "uring Send ind., GSO",
+        "tp-uring",
+        Mode::Indication,
+        false,
+    ),
+    t(
+        "uring-si-nogso",
+        "uring Send ind., no GSO",
+        "tp-uring",
+        Mode::Indication,
+        true,
+    ),
+    t(
+        "mmsg-cd",
+        "mmsg ChannelData, GSO",
+        "tp-mmsg",
+        Mode::Channel,
+        false,
+    ),
+    t(
+        "mmsg-cd-nogso",
+        "mmsg ChannelData, no GSO",
+        "tp-mmsg",
+        Mode::Channel,
+        true,
+    ),
+    t(
+        "mmsg-si",
+        "mmsg Send ind., GSO",
+        "tp-mmsg",
+        Mode::Indication,
+        false,
+    ),
+    t(
+        "mmsg-si-nogso",
+        "mmsg Send ind., no GSO",
+        "tp-mmsg",
+        Mode::Indication,
+        true,
+    ),
+    t(
+        "fwd-nogso",
+        "forwarder, no GSO (alternating sizes)",
+        "fwd",
+        Mode::Forwarder,
+        true,
+    ),
+    t(
+        "fwd",
+        "forwarder, no GSO (equal sizes)",
+        "fwd",
+        Mode::Forwarder,
+        false,
+    ),
+    t(
+        "fwd-gso",
+        "forwarder + GSO",
+        "fwd-gso",
+        Mode::Forwarder,
+        false,
+    ),
+];
+
+fn dataplane_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
+    let a = env.a;
+    let peer_fwd = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let peer_fwd_gso = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let uring = env.turnpike("turnpike-uring", "uring", "10000-20999")?;
+    let mmsg = env.turnpike("turnpike-mmsg", "mmsg", "21000-31999")?;
+    let fwd = env.forwarder("forwarder", peer_fwd, false)?;
+    let fwd_gso = env.forwarder("forwarder-gso", peer_fwd_gso, true)?;
+    let pick = |s: &str| -> (&Proc, Option<SocketAddr>) {
+        match s {
+            "tp-uring" => (&uring, None),
+            "tp-mmsg" => (&mmsg, None),
+            "fwd" => (&fwd, Some(peer_fwd)),
+            _ => (&fwd_gso, Some(peer_fwd_gso)),
+        }
+    };
+    for rep in 1..=a.reps {
+        for &size in &a.sizes {
+            for &load in &a.loads {
+                for tg in &DP_TARGETS {
+                    let (srv, peer) = pick(tg.server);
+                    one_run(env, o, "sweep", rep, tg, srv, peer, size, load)?;
+                }
+            }
+            for tg in &DP_TARGETS {
+                let (srv, peer) = pick(tg.server);
+                let c = capacity(env, o, rep, tg, srv, peer, size)?;
+                eprintln!(
+                    "rep {rep} {} {size}B: capacity {:.0}k/dir ({})",
+                    tg.key,
+                    c.pps as f64 / 1000.0,
+                    c.bound
+                );
+                o.capacity.push(c);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dataplane_markdown(a: &CompareArgs, o: &Output) -> String {
+    let mut m = header(
+        a,
+        o,
+        "turnpike data plane vs the bare forwarder",
+        "bench/compare.sh --suite dataplane",
+    );
+    m.push_str("\nEach turnpike target is compared with the forwarder on the same packet pattern: no-GSO targets (payload sizes alternate SIZE/SIZE+4, so no two consecutive datagrams of a flow can be merged) with `fwd-nogso`, GSO targets (equal sizes, bursts of 8 per flow) with `fwd-gso`. `fwd` (no GSO, equal sizes) shows what the pattern alone changes.\n");
+    let reference = |tg: &Target| {
+        if tg.alternate || tg.key == "fwd" {
+            "fwd-nogso"
+        } else {
+            "fwd-gso"
+        }
+    };
+    let l0 = a.loads.first().copied().unwrap_or(0);
+    for &s in &a.sizes {
+        m.push_str(&format!(
+            "\n## {s}-byte payload\n\n| target | lossless capacity/dir (per rep) | median | vs forwarder (median of per-rep ratios) | server CPU at {}k/dir (cores) | relayed packets per server CPU-second at {}k/dir | overload: delivered/dir, up / down | GSO share (down, overload) |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+            l0 / 1000,
+            l0 / 1000,
+        ));
+        for tg in &DP_TARGETS {
+            let per: Vec<String> = o
+                .capacity
+                .iter()
+                .filter(|c| c.target == tg.key && c.size == s)
+                .map(|c| {
+                    format!(
+                        "{:.0}k{}",
+                        c.pps as f64 / 1000.0,
+                        if c.bound == "generator" { " (gen)" } else { "" }
+                    )
+                })
+                .collect();
+            let r = cap_ratio(o, tg.key, reference(tg), s);
+            let eff = med(o, "sweep", tg.key, s, l0, |r| {
+                (r.report.up.delivered_pps + r.report.down.delivered_pps)
+                    / r.report.server_cpu_cores.unwrap_or(f64::NAN)
+            });
+            m.push_str(&format!(
+                "| {} | {} | {} | {} ({}) | {} | {} | {} / {} | {}% |\n",
+                tg.label,
+                per.join(", "),
+                fmt_pps(cap_median(o, tg.key, s)),
+                fmt_f(r.map(|x| x * 100.0), 0) + "%",
+                reference(tg),
+                fmt_f(med(o, "sweep", tg.key, s, l0, cpu), 2),
+                fmt_pps(eff),
+                fmt_pps(med(o, "sweep", tg.key, s, 0, |r| r.report.up.delivered_pps)),
+                fmt_pps(med(o, "sweep", tg.key, s, 0, |r| r
+                    .report
+                    .down
+                    .delivered_pps)),
+                fmt_f(
+                    med(o, "sweep", tg.key, s, 0, |r| r.report.down.coalesced
+                        * 100.0),
+                    0
+                ),
+            ));
+        }
+    }
+    m.push_str("\n\"(gen)\": the generator could not offer more, so the figure is a lower bound. Overload = offered as fast as the generator goes (equal rates both ways); the up direction (one listening socket) loses first.\n");
+    m
+}
