@@ -216,6 +216,7 @@ pub async fn run(
             // connection (a crashed host, a partition) within a few seconds.
             Ok(e) => {
                 e.connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(1))
                     .keep_alive_timeout(Duration::from_secs(3))
                     .keep_alive_while_idle(true)

@@ -7,6 +7,7 @@ use anyhow::Context;
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use turnpike_controlplane::{ControlPlaneHandle, Credentials, Server};
 use turnpike_dataplane::{DataPlane, DataPlaneConfig};
@@ -61,11 +62,15 @@ async fn start_control_plane(cfg: &mut Config) -> anyhow::Result<(ControlPlaneHa
     let router = tonic::transport::Server::builder()
         .add_service(cp.control_plane_service())
         .add_service(cp.admin_service());
+    // Small messages on a long-lived stream: without TCP_NODELAY each would wait for
+    // Nagle and the peer's delayed ACK (tens of milliseconds a hop).
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     tokio::spawn(async move {
-        if let Err(e) = router
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-        {
+        if let Err(e) = router.serve_with_incoming(incoming).await {
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
