@@ -43,6 +43,24 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((utime + stime) / USER_HZ)
 }
 
+/// Seconds all threads of `pid` have run on a CPU and waited on a run queue for one
+/// (the first two fields of /proc/PID/task/TID/schedstat, in ns). Waiting time shows
+/// that something else competed for the core during a measurement.
+pub fn sched(pid: u32) -> Result<(f64, f64)> {
+    let mut run = 0u64;
+    let mut wait = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Ok(t) = t else { continue };
+        let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        let mut f = s.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+        run += f.next().unwrap_or(0);
+        wait += f.next().unwrap_or(0);
+    }
+    Ok((run as f64 / 1e9, wait as f64 / 1e9))
+}
+
 /// VmRSS of a process in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

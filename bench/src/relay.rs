@@ -200,6 +200,10 @@ pub struct Report {
     /// (includes softirq time and anything else running there).
     pub server_core_busy: f64,
     pub generator_core_busy: f64,
+    /// Share of the window the server's threads, and the generator's, spent waiting on a
+    /// run queue: above a few percent, something else competed for their core.
+    pub server_rq_wait: f64,
+    pub generator_rq_wait: f64,
     /// Share of the generator loop's time spent on iterations that sent or received
     /// something (the rest it spun idle).
     pub generator_loop_busy: f64,
@@ -352,6 +356,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let mut measuring = false;
     let mut win_start = t0;
     let mut cpu_srv0 = 0.0;
+    let me = std::process::id();
+    let mut sched_srv0 = (0.0, 0.0);
+    let mut sched_gen0 = (0.0, 0.0);
     let mut core_srv0 = proc::CpuTimes::default();
     let mut core_gen0 = proc::CpuTimes::default();
     let gen_cpu = cfg.gen_cpu.unwrap_or(1 - cfg.server_cpu.min(1));
@@ -381,7 +388,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
             }
             if let Some(pid) = cfg.server_pid {
                 cpu_srv0 = proc::cpu_seconds(pid)?;
+                sched_srv0 = proc::sched(pid)?;
             }
+            sched_gen0 = proc::sched(me)?;
             core_srv0 = proc::cpu_times(cfg.server_cpu)?;
             core_gen0 = proc::cpu_times(gen_cpu)?;
             busy_ns_win0 = busy_ns;
@@ -392,6 +401,11 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 Some(pid) => Some((proc::cpu_seconds(pid)? - cpu_srv0) / secs),
                 None => None,
             };
+            let srv_wait = match cfg.server_pid {
+                Some(pid) => (proc::sched(pid)?.1 - sched_srv0.1) / secs,
+                None => 0.0,
+            };
+            let gen_wait = (proc::sched(me)?.1 - sched_gen0.1) / secs;
             let core_srv = proc::cpu_times(cfg.server_cpu)?.busy_since(&core_srv0);
             let core_gen = proc::cpu_times(gen_cpu)?.busy_since(&core_gen0);
             let loop_busy = (busy_ns - busy_ns_win0) as f64 / 1e9 / secs;
@@ -407,6 +421,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 loop_busy,
                 up.hist.clone(),
                 down.hist.clone(),
+                (srv_wait, gen_wait),
             ));
         }
         let sending = el < end;
@@ -521,7 +536,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
     release(&mut flows);
     let gen_drops = proc::drops_between(&drops0, &drops1, |p| gen_ports.contains(&p));
     let srv_drops = proc::drops_between(&drops0, &drops1, |p| server_ports.contains(&p));
-    let Some((secs, up_s, up_r, dn_s, dn_r, srv_cpu, core_srv, core_gen, loop_busy, uh, dh)) =
+    let Some((secs, up_s, up_r, dn_s, dn_r, srv_cpu, core_srv, core_gen, loop_busy, uh, dh, waits)) =
         win_report
     else {
         bail!("the run ended before its measured window")
@@ -583,6 +598,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
         server_cpu_cores: srv_cpu,
         server_core_busy: core_srv,
         generator_core_busy: core_gen,
+        server_rq_wait: waits.0,
+        generator_rq_wait: waits.1,
         generator_loop_busy: loop_busy,
         server_socket_drops: srv_drops,
         generator_socket_drops: gen_drops,
