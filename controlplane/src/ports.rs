@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use ahash::AHashSet;
+use ahash::{AHashMap, AHashSet};
 use rand::Rng;
 
 /// The relay ports in use, over a configured range and a set of relay IPs.
@@ -11,6 +11,8 @@ pub struct Ports {
     min: u16,
     max: u16,
     used: AHashSet<SocketAddr>,
+    /// Ports in use per relay IP (to pick the least used IP without a scan).
+    per_ip: AHashMap<IpAddr, usize>,
 }
 
 impl Ports {
@@ -20,6 +22,7 @@ impl Ports {
             min,
             max,
             used: AHashSet::new(),
+            per_ip: AHashMap::new(),
         }
     }
 
@@ -30,17 +33,23 @@ impl Ports {
 
     /// Marks `addr` used (binding, bound, or reserved).
     pub fn take(&mut self, addr: SocketAddr) {
-        self.used.insert(addr);
+        if self.used.insert(addr) {
+            *self.per_ip.entry(addr.ip()).or_insert(0) += 1;
+        }
     }
 
     /// Frees `addr`.
     pub fn release(&mut self, addr: &SocketAddr) {
-        self.used.remove(addr);
+        if self.used.remove(addr) {
+            if let Some(n) = self.per_ip.get_mut(&addr.ip()) {
+                *n = n.saturating_sub(1);
+            }
+        }
     }
 
     /// Ports in use on `ip`.
     pub fn used_on(&self, ip: &IpAddr) -> usize {
-        self.used.iter().filter(|a| a.ip() == *ip).count()
+        self.per_ip.get(ip).copied().unwrap_or(0)
     }
 
     /// Ports in use in all.

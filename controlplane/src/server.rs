@@ -390,6 +390,16 @@ impl Server {
         self.allocations.get(&id).map(|a| Self::info(id, a))
     }
 
+    /// The user an allocation is accounted to (cheap: no summary is built).
+    pub fn account_of(&self, id: AllocationId) -> Option<&str> {
+        self.allocations.get(&id).map(|a| a.account.as_str())
+    }
+
+    /// When an allocation expires.
+    pub fn expiry_of(&self, id: AllocationId) -> Option<Millis> {
+        self.allocations.get(&id).map(|a| a.expires)
+    }
+
     /// The allocation of a 5-tuple.
     pub fn allocation_of(&self, tuple: &FiveTuple) -> Option<AllocationId> {
         self.by_tuple.get(tuple).copied()

@@ -573,11 +573,7 @@ impl Actor {
             if delta == v1::Usage::default() {
                 continue;
             }
-            let user = self
-                .server
-                .allocation(id)
-                .map(|i| i.account)
-                .unwrap_or_default();
+            let user = self.server.account_of(id).unwrap_or_default().to_owned();
             self.emit(
                 id,
                 &user,
@@ -706,11 +702,7 @@ impl Actor {
                 Body::Created(v1::AllocationCreated {
                     five_tuple: Some(tuple_to_api(tuple)),
                     relay_addresses: relays.iter().map(|r| sa(*r)).collect(),
-                    deadline_unix_millis: self
-                        .server
-                        .allocation(*id)
-                        .map(|a| a.expires.0)
-                        .unwrap_or(0),
+                    deadline_unix_millis: self.server.expiry_of(*id).map(|t| t.0).unwrap_or(0),
                 }),
             ),
             Event::Refreshed { id, deadline } => (
@@ -756,11 +748,7 @@ impl Actor {
         };
         let user = match &e {
             Event::Created { user, .. } => user.clone(),
-            _ => self
-                .server
-                .allocation(id)
-                .map(|a| a.account)
-                .unwrap_or_default(),
+            _ => self.server.account_of(id).unwrap_or_default().to_owned(),
         };
         let dp = if matches!(e, Event::Ended { .. }) {
             self.allocation_dp.remove(&id).unwrap_or_default()
