@@ -40,10 +40,10 @@ impl Ports {
 
     /// Frees `addr`.
     pub fn release(&mut self, addr: &SocketAddr) {
-        if self.used.remove(addr) {
-            if let Some(n) = self.per_ip.get_mut(&addr.ip()) {
-                *n = n.saturating_sub(1);
-            }
+        if self.used.remove(addr)
+            && let Some(n) = self.per_ip.get_mut(&addr.ip())
+        {
+            *n = n.saturating_sub(1);
         }
     }
 
