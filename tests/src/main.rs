@@ -47,10 +47,10 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Serve(flags) => load(&flags).and_then(|c| run::serve(c, true, None)),
+        Cmd::Serve(flags) => load(&flags).and_then(|c| run::serve(c, None)),
         Cmd::Controlplane(flags) => load(&flags).and_then(run::controlplane),
         Cmd::Dataplane { control, flags } => {
-            load(&flags).and_then(|c| run::serve(c, false, Some(control)))
+            load(&flags).and_then(|c| run::serve(c, Some(control)))
         }
         Cmd::Ctl(args) => ctl::run(args),
     };

@@ -94,11 +94,7 @@ async fn shutdown_signal() {
 }
 
 /// `serve` (with a control plane in process) or `dataplane` (attached to `control`).
-pub fn serve(
-    mut cfg: Config,
-    with_control_plane: bool,
-    control: Option<String>,
-) -> anyhow::Result<()> {
+pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut cp = None;
         let control = match control {
@@ -109,7 +105,6 @@ pub fn serve(
                 format!("http://{addr}")
             }
         };
-        let _ = with_control_plane;
         let (queue, punted) = PuntQueue::new(16384);
         let dp = DataPlane::start(
             DataPlaneConfig {
