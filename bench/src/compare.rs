@@ -41,13 +41,13 @@ pub struct CompareArgs {
     #[arg(long, value_enum, default_value_t = Suite::Coturn)]
     pub suite: Suite,
     /// The turnpike binary (default: next to this one).
-    #[arg(long)]
+    #[arg(long, overrides_with = "turnpike")]
     pub turnpike: Option<PathBuf>,
     /// coturn's server binary.
     #[arg(long, default_value = "turnserver")]
     pub turnserver: PathBuf,
-    /// Output directory.
-    #[arg(long, default_value = "bench/out")]
+    /// Output directory (the last one given counts).
+    #[arg(long, default_value = "bench/out", overrides_with = "out")]
     pub out: PathBuf,
     /// Repetitions (medians are quoted).
     #[arg(long, default_value_t = 3)]
