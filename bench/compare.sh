@@ -46,7 +46,16 @@ TARGET="${CARGO_TARGET_DIR:-target}"
 cargo build --release -j "${JOBS:-1}" -p turnpike -p turnpike-bench
 
 mkdir -p bench/out
-"$TARGET/release/turnpike-bench" compare --turnpike "$TARGET/release/turnpike" --out bench/out "$@"
+"$TARGET/release/turnpike-bench" compare --turnpike "$TARGET/release/turnpike" --out bench/out "$@" &
+BENCH=$!
+# Interrupted: stop the servers the harness started (its children), then the harness.
+cleanup() {
+  pkill -TERM -P "$BENCH" 2>/dev/null || true
+  kill -TERM "$BENCH" 2>/dev/null || true
+  exit 130
+}
+trap cleanup INT TERM
+wait "$BENCH"
 
 if [ "${COPY_RESULTS:-0}" = 1 ]; then
   mkdir -p bench/results

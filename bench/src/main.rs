@@ -18,7 +18,7 @@ mod svg;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 /// turnpike-bench: TURN load generator and benchmark harness.
@@ -170,10 +170,4 @@ pub fn check_loopback(a: SocketAddr) -> Result<()> {
         bail!("{a} is not a loopback address: turnpike-bench only sends to 127.0.0.0/8");
     }
     Ok(())
-}
-
-/// Parses "MIN-MAX".
-pub fn parse_range(s: &str) -> Result<(u16, u16)> {
-    let (a, b) = s.split_once('-').context("expected MIN-MAX")?;
-    Ok((a.trim().parse()?, b.trim().parse()?))
 }

@@ -824,27 +824,40 @@ fn client_payload<'a>(
 }
 
 /// TURN flows: N allocations with a permission (and a channel) for the peer socket.
+/// Handshakes that fail are tried again on new sockets (a few times): a client port
+/// the kernel hands out again can still have an allocation of an earlier run on the
+/// server (437 Allocation Mismatch) if its release was lost.
 fn setup_turn(cfg: &Config, peer: SocketAddr) -> Result<Vec<Flow>> {
-    let plan = Plan {
-        peer: Some(peer),
-        channel: cfg.mode == Mode::Channel,
-        count: cfg.clients,
-        window: cfg.clients.min(256),
-        limit: Duration::from_secs(20),
-        keep: true,
-        buffer: cfg.buffer,
-    };
-    let o = hs::handshakes(&cfg.server, &plan)?;
-    if o.sessions.len() < cfg.clients {
+    let mut sessions = Vec::with_capacity(cfg.clients);
+    let mut last_error = None;
+    for _ in 0..3 {
+        let missing = cfg.clients - sessions.len();
+        if missing == 0 {
+            break;
+        }
+        let plan = Plan {
+            peer: Some(peer),
+            channel: cfg.mode == Mode::Channel,
+            count: missing,
+            window: missing.min(256),
+            limit: Duration::from_secs(20),
+            keep: true,
+            buffer: cfg.buffer,
+        };
+        let o = hs::handshakes(&cfg.server, &plan)?;
+        sessions.extend(o.sessions);
+        last_error = o.first_error.or(last_error);
+    }
+    if sessions.len() < cfg.clients {
         bail!(
             "only {} of {} allocations succeeded: {}",
-            o.sessions.len(),
+            sessions.len(),
             cfg.clients,
-            o.first_error.unwrap_or_default()
+            last_error.unwrap_or_default()
         );
     }
-    let mut flows = Vec::with_capacity(o.sessions.len());
-    for s in o.sessions {
+    let mut flows = Vec::with_capacity(sessions.len());
+    for s in sessions {
         let relay = net::v4(
             s.relay
                 .context("allocation without an IPv4 relay address")?,
@@ -940,11 +953,11 @@ fn release(flows: &mut [Flow]) {
             let _ = f.sock.send(&out);
         }
     }
-    // Collect the answers (and anything still in flight) for up to 200 ms.
+    // Collect the answers (and anything still in flight) for up to 500 ms.
     let mut pending: Vec<usize> = (0..flows.len())
         .filter(|&i| flows[i].client.is_some())
         .collect();
-    while !pending.is_empty() && t0.elapsed() < Duration::from_millis(200) {
+    while !pending.is_empty() && t0.elapsed() < Duration::from_millis(500) {
         pending.retain(|&i| {
             let f = &mut flows[i];
             let Some(c) = f.client.as_mut() else {
