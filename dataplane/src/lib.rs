@@ -71,6 +71,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+pub mod agent;
 mod counters;
 mod engine;
 mod mmsg;

@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{BIN, EchoPeer, Outcome, Proc, Turn, echo_round, field, free_tcp_port, free_udp_port};
+use common::{EchoPeer, Outcome, Proc, Turn, echo_round, field, free_tcp_port, free_udp_port};
 
 fn exit_code(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    let out = Command::new(common::bin()).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -331,7 +331,7 @@ fn cluster_of_two_data_planes_with_drain_and_metrics() {
     }
     // Drain the first data plane: new clients there are sent to the second.
     let dp1_id = {
-        let out = Command::new(BIN)
+        let out = Command::new(common::bin())
             .args(["ctl", "--server", &control, "stats"])
             .output()
             .unwrap();
@@ -341,7 +341,7 @@ fn cluster_of_two_data_planes_with_drain_and_metrics() {
         // The data plane listening on l1.
         d1.child.id()
     };
-    let out = Command::new(BIN)
+    let out = Command::new(common::bin())
         .args([
             "ctl",
             "--server",
@@ -420,7 +420,7 @@ fn example_config_loads_and_flags_and_env_override_it() {
     let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/turnpike.toml");
     let port = free_udp_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(common::bin())
         .args([
             "serve",
             "--config",

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use turnpike_proto::client::{AllocateOptions, Client, Event};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_turnpike");
+/// The binary under test.
+pub fn bin() -> &'static std::path::Path {
+    turnpike_tests::turnpike_bin()
+}
 
 /// A running turnpike process; killed on drop.
 pub struct Proc {
@@ -20,7 +23,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-use turnpike_dataplane::{AllocationSnapshot, Change, ControlSink, DataPlaneHandle, Punted, Tuple};
+use crate::{AllocationSnapshot, Change, ControlSink, DataPlaneHandle, Punted, Tuple};
 use turnpike_proto::api::v1::{
     self, control_plane_client::ControlPlaneClient, control_plane_message, data_plane_message,
     table_change,
@@ -76,7 +76,7 @@ fn tuple_from(t: Option<&v1::FiveTuple>) -> Option<Tuple> {
     })
 }
 
-fn usage_api(u: &turnpike_dataplane::Usage) -> v1::Usage {
+fn usage_api(u: &crate::Usage) -> v1::Usage {
     v1::Usage {
         client_to_peer: Some(v1::TrafficCounters {
             packets: u.to_peer_packets,
@@ -402,7 +402,7 @@ async fn report(dp: &DataPlaneHandle, up: &mpsc::Sender<v1::DataPlaneMessage>) {
     let Ok(snapshot) = tokio::task::spawn_blocking(move || dp2.snapshot()).await else {
         return;
     };
-    let mut traffic = turnpike_dataplane::Usage::default();
+    let mut traffic = crate::Usage::default();
     for c in &counters {
         traffic.to_peer_packets += c.to_peer_packets;
         traffic.to_peer_bytes += c.to_peer_bytes;

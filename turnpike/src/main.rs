@@ -2,7 +2,6 @@
 //! the same gRPC stream as in split mode), `controlplane`, `dataplane`, and `ctl`.
 #![forbid(unsafe_code)]
 
-mod agent;
 mod config;
 mod ctl;
 mod metrics;

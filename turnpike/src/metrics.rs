@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use turnpike_controlplane::ControlPlaneHandle;
 use turnpike_dataplane::DataPlaneHandle;
 
-use crate::agent::PuntQueue;
+use turnpike_dataplane::agent::PuntQueue;
 
 /// Serves `/metrics` on `addr`.
 pub async fn spawn(

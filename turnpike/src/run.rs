@@ -12,7 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use turnpike_controlplane::{ControlPlaneHandle, Credentials, Server};
 use turnpike_dataplane::{DataPlane, DataPlaneConfig};
 
-use crate::agent::{self, Identity, PuntQueue};
+use turnpike_dataplane::agent::{self, Identity, PuntQueue};
 use crate::config::Config;
 use crate::metrics;
 
