@@ -11,12 +11,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-use crate::{AllocationSnapshot, Change, ControlSink, DataPlaneHandle, Punted, Tuple};
 use turnpike_proto::api::v1::{
     self, control_plane_client::ControlPlaneClient, control_plane_message, data_plane_message,
     table_change,
 };
 use turnpike_proto::api::{ip_from_bytes, ip_to_bytes};
+
+use crate::{AllocationSnapshot, Change, ControlSink, DataPlaneHandle, Punted, Tuple};
 
 /// Queues punted requests for the agent; drops (and counts) when the queue is full, as
 /// a router drops rather than blocks its forwarding path.

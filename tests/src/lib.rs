@@ -30,7 +30,10 @@ pub fn turnpike_bin() -> &'static PathBuf {
                 cmd.arg("--release");
             }
             let ok = cmd.status().is_ok_and(|s| s.success());
-            assert!(ok, "cannot build the turnpike binary (cargo build -p turnpike)");
+            assert!(
+                ok,
+                "cannot build the turnpike binary (cargo build -p turnpike)"
+            );
         }
         bin
     })

@@ -10,9 +10,9 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use turnpike_controlplane::{ControlPlaneHandle, Credentials, Server};
+use turnpike_dataplane::agent::{self, Identity, PuntQueue};
 use turnpike_dataplane::{DataPlane, DataPlaneConfig};
 
-use turnpike_dataplane::agent::{self, Identity, PuntQueue};
 use crate::config::Config;
 use crate::metrics;
 
