@@ -20,7 +20,7 @@ pub use policy::{Cidr, PeerPolicy, Verdict, canonical_ip};
 pub use server::{
     AllocationInfo, RestoredAllocation, Server, ServerConfig, Stats, Via, reason_phrase,
 };
-pub use service::ControlPlaneHandle;
+pub use service::{AdminAuth, ControlPlaneHandle, RequireClientCert};
 pub use types::{
     AllocationId, BindRequest, EndReason, Event, FiveTuple, Millis, Output, TableChange, Transport,
 };

@@ -12,9 +12,14 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use turnpike_proto::api::v1::{
     self, admin_server::Admin, control_plane_message, control_plane_server::ControlPlane,
@@ -35,6 +40,14 @@ fn now() -> Millis {
         .unwrap_or_default();
     Millis(d.as_millis() as u64)
 }
+
+/// How long a bind's route is kept without an acknowledgement (the state machine gives
+/// up after 5 s and answers 508).
+const BIND_ROUTE_MS: u64 = 10_000;
+/// The largest message a data plane may send (its table goes in chunks well below this).
+pub const MAX_CONTROL_MESSAGE: usize = 4 << 20;
+/// The largest Admin request.
+pub const MAX_ADMIN_MESSAGE: usize = 64 << 10;
 
 type Tx = mpsc::Sender<Result<v1::ControlPlaneMessage, Status>>;
 
@@ -103,8 +116,16 @@ struct Actor {
     conns: HashMap<u64, Conn>,
     gone: HashMap<String, Gone>,
     next_conn: u64,
+    /// Where responses for a 5-tuple go: only 5-tuples with a live allocation or a bind
+    /// in flight, so memory is bounded by allocations, never by what unauthenticated
+    /// sources send (a request's own answer goes back to where it came from).
     tuple_owner: HashMap<FiveTuple, (u64, u32)>,
-    alloc_owner: HashMap<AllocationId, (u64, u32)>,
+    /// The data plane connection and worker owning each allocation, and its 5-tuple.
+    alloc_owner: HashMap<AllocationId, (u64, u32, FiveTuple)>,
+    /// Binds sent and not yet acknowledged: the connection asked, the 5-tuple, when.
+    binds: HashMap<u64, (u64, FiveTuple, Millis)>,
+    next_sweep: Millis,
+    ownership_violations: u64,
     usage: HashMap<AllocationId, v1::Usage>,
     allocation_dp: HashMap<AllocationId, String>,
     events: broadcast::Sender<v1::Event>,
@@ -137,6 +158,9 @@ impl ControlPlaneHandle {
             next_conn: 1,
             tuple_owner: HashMap::new(),
             alloc_owner: HashMap::new(),
+            binds: HashMap::new(),
+            next_sweep: Millis(0),
+            ownership_violations: 0,
             usage: HashMap::new(),
             allocation_dp: HashMap::new(),
             events: events.clone(),
@@ -147,15 +171,32 @@ impl ControlPlaneHandle {
         ControlPlaneHandle { tx, events }
     }
 
-    /// The `ControlPlane` gRPC service.
-    pub fn control_plane_service(&self) -> v1::control_plane_server::ControlPlaneServer<Self> {
-        v1::control_plane_server::ControlPlaneServer::new(self.clone())
-            .max_decoding_message_size(64 << 20)
+    /// The `ControlPlane` gRPC service. Serve it over TLS that verifies client
+    /// certificates against the fleet CA: a stream without a verified client certificate
+    /// is refused with `Unauthenticated`. Messages above [`MAX_CONTROL_MESSAGE`] are
+    /// refused.
+    pub fn control_plane_service(
+        &self,
+    ) -> InterceptedService<v1::control_plane_server::ControlPlaneServer<Self>, RequireClientCert>
+    {
+        InterceptedService::new(
+            v1::control_plane_server::ControlPlaneServer::new(self.clone())
+                .max_decoding_message_size(MAX_CONTROL_MESSAGE),
+            RequireClientCert,
+        )
     }
 
-    /// The `Admin` gRPC service.
-    pub fn admin_service(&self) -> v1::admin_server::AdminServer<Self> {
-        v1::admin_server::AdminServer::new(self.clone())
+    /// The `Admin` gRPC service: every call must carry `authorization: Bearer TOKEN`
+    /// with one of `auth`'s tokens.
+    pub fn admin_service(
+        &self,
+        auth: AdminAuth,
+    ) -> InterceptedService<v1::admin_server::AdminServer<Self>, AdminAuth> {
+        InterceptedService::new(
+            v1::admin_server::AdminServer::new(self.clone())
+                .max_decoding_message_size(MAX_ADMIN_MESSAGE),
+            auth,
+        )
     }
 
     /// The state machine's counters (for metrics).
@@ -171,6 +212,79 @@ impl ControlPlaneHandle {
             .map_err(|_| Status::unavailable("control plane stopped"))?;
         rx.await
             .map_err(|_| Status::unavailable("control plane stopped"))
+    }
+}
+
+// ----- authentication -------------------------------------------------------------------
+
+/// Refuses a call unless the TLS layer verified a client certificate (against the CA
+/// the server's TLS configuration trusts).
+#[derive(Debug, Clone, Copy)]
+pub struct RequireClientCert;
+
+impl Interceptor for RequireClientCert {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        if req.peer_certs().is_some_and(|c| !c.is_empty()) {
+            Ok(req)
+        } else {
+            tracing::warn!(peer = ?req.remote_addr(), "ControlPlane call without a client certificate refused");
+            Err(Status::unauthenticated(
+                "a data plane must present a client certificate from the fleet CA",
+            ))
+        }
+    }
+}
+
+/// Bearer tokens that may call Admin. Compared in constant time (over SHA-256 digests,
+/// so that lengths leak nothing either).
+#[derive(Clone)]
+pub struct AdminAuth {
+    tokens: Arc<Vec<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AdminAuth({} tokens)", self.tokens.len())
+    }
+}
+
+impl AdminAuth {
+    /// Accepts any of `tokens` (empty tokens are ignored; with none, every call fails).
+    pub fn new(tokens: &[String]) -> AdminAuth {
+        AdminAuth {
+            tokens: Arc::new(
+                tokens
+                    .iter()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| Sha256::digest(t.as_bytes()).into())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
+        let ok = given.is_some_and(|g| {
+            self.tokens
+                .iter()
+                .fold(subtle::Choice::from(0), |acc, t| acc | t.ct_eq(&g))
+                .into()
+        });
+        if ok {
+            Ok(req)
+        } else {
+            tracing::warn!(peer = ?req.remote_addr(), "Admin call without a valid token refused");
+            Err(Status::unauthenticated(
+                "Admin needs authorization: Bearer TOKEN (turnpike ctl --token or TURNPIKE_ADMIN_TOKEN)",
+            ))
+        }
     }
 }
 
@@ -228,6 +342,7 @@ fn change_to_api(c: &TableChange, worker: u32) -> v1::TableChange {
                 bandwidth_limit_bytes_per_second: *bandwidth,
                 user_id: user.clone(),
                 dont_fragment: *dont_fragment,
+                username: String::new(), // MERGE: from AllocationAdd.username
             }),
         }),
         TableChange::AllocationRefresh { id, deadline } => {
@@ -340,10 +455,38 @@ impl Actor {
                 },
                 _ = tokio::time::sleep(wait) => {}
             }
+            let now = now();
             let mut out = Vec::new();
-            self.server.handle_timeout(now(), &mut out);
-            self.route(out);
+            self.server.handle_timeout(now, &mut out);
+            self.route(out, None);
+            if now >= self.next_sweep {
+                self.sweep(now);
+                self.next_sweep = now.plus_secs(1);
+            }
         }
+    }
+
+    /// Forgets routes nothing needs any more: binds never acknowledged (the state machine
+    /// has timed them out) and 5-tuples without an allocation or a bind in flight.
+    fn sweep(&mut self, now: Millis) {
+        self.binds
+            .retain(|_, (_, _, at)| now.0 < at.0.saturating_add(BIND_ROUTE_MS));
+        let binding: std::collections::HashSet<FiveTuple> =
+            self.binds.values().map(|(_, t, _)| *t).collect();
+        let server = &self.server;
+        self.tuple_owner
+            .retain(|t, _| binding.contains(t) || server.allocation_of(t).is_some());
+    }
+
+    /// Whether `conn` owns allocation `id` (a data plane may only touch its own).
+    fn owns(&mut self, conn: u64, id: AllocationId, what: &str) -> bool {
+        if self.alloc_owner.get(&id).is_some_and(|o| o.0 == conn) {
+            return true;
+        }
+        self.ownership_violations += 1;
+        let dp = self.conns.get(&conn).map(|c| c.id.as_str()).unwrap_or("?");
+        tracing::warn!(data_plane = %dp, allocation = id.0, what, "data plane touched an allocation it does not own; ignored");
+        false
     }
 
     fn command(&mut self, cmd: Cmd) {
@@ -352,17 +495,26 @@ impl Actor {
                 let conn = self.next_conn;
                 self.next_conn += 1;
                 let id = hello.data_plane_id.clone();
-                let mut version = 0;
-                if let Some(table) = &hello.table {
-                    version = table.table_version;
-                    self.restore(conn, &id, table);
+                // A data plane reconnecting before its old stream was noticed dead
+                // replaces it.
+                let stale: Vec<u64> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.id == id)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for old in stale {
+                    self.command(Cmd::Detach { conn: old });
                 }
-                tracing::info!(data_plane = %id, workers = hello.worker_count, restored = hello.table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
+                let mut hello = hello;
+                let table = hello.table.take();
+                let version = table.as_ref().map(|t| t.table_version).unwrap_or(0);
+                tracing::info!(data_plane = %id, workers = hello.worker_count, restored = table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
                 self.gone.remove(&id);
                 self.conns.insert(
                     conn,
                     Conn {
-                        id,
+                        id: id.clone(),
                         tx,
                         hello,
                         version,
@@ -372,10 +524,18 @@ impl Actor {
                         attached_at: now(),
                     },
                 );
+                if let Some(table) = &table {
+                    self.restore(conn, &id, table);
+                }
                 let _ = reply.send(conn);
             }
             Cmd::Up { conn, msg } => self.up(conn, msg),
             Cmd::Detach { conn } => {
+                // Its allocations keep relaying headless; their routes come back with its
+                // table when it reattaches.
+                self.alloc_owner.retain(|_, o| o.0 != conn);
+                self.tuple_owner.retain(|_, o| o.0 != conn);
+                self.binds.retain(|_, b| b.0 != conn);
                 if let Some(c) = self.conns.remove(&conn) {
                     tracing::warn!(data_plane = %c.id, "data plane detached");
                     self.gone.insert(
@@ -408,13 +568,13 @@ impl Actor {
                     .map(|a| self.info_to_api(&a));
                 let mut out = Vec::new();
                 self.server.revoke(AllocationId(id), &mut out);
-                self.route(out);
+                self.route(out, None);
                 let _ = reply.send(info);
             }
             Cmd::RevokeUser { user, reply } => {
                 let mut out = Vec::new();
                 let n = self.server.revoke_user(&user, &mut out);
-                self.route(out);
+                self.route(out, None);
                 let _ = reply.send(n as u64);
             }
             Cmd::Stats { reply } => {
@@ -484,14 +644,52 @@ impl Actor {
             })
     }
 
+    /// Rebuilds allocations from a data plane's table, keeping only what that data plane
+    /// can own: 5-tuples on its own listening addresses, relays on its own relay IPs, and
+    /// allocations no other attached data plane owns.
     fn restore(&mut self, conn: u64, dp: &str, table: &v1::TableSnapshot) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let listens: Vec<SocketAddr> = c
+            .hello
+            .listening_addresses
+            .iter()
+            .filter_map(|l| SocketAddr::try_from(l.address.as_ref()?).ok())
+            .collect();
+        let relay_ips: Vec<std::net::IpAddr> = c
+            .hello
+            .relay_ips
+            .iter()
+            .filter_map(|r| ip_from_bytes(&r.ip).ok())
+            .collect();
         for s in &table.allocations {
-            if let Some((r, worker)) = restored_from_api(s) {
-                self.tuple_owner.insert(r.tuple, (conn, worker));
-                self.alloc_owner.insert(r.id, (conn, worker));
-                self.allocation_dp.insert(r.id, dp.to_owned());
-                self.server.restore(r);
+            let Some((r, worker)) = restored_from_api(s) else {
+                continue;
+            };
+            let on_listen = listens.iter().any(|l| {
+                *l == r.tuple.server
+                    || (l.ip().is_unspecified() && l.port() == r.tuple.server.port())
+            });
+            let on_relays =
+                relay_ips.is_empty() || r.relays.iter().all(|a| relay_ips.contains(&a.ip()));
+            let taken = self
+                .alloc_owner
+                .get(&r.id)
+                .is_some_and(|o| o.0 != conn && self.conns.contains_key(&o.0))
+                || self
+                    .server
+                    .allocation_of(&r.tuple)
+                    .is_some_and(|id| id != r.id);
+            if !on_listen || !on_relays || taken {
+                self.ownership_violations += 1;
+                tracing::warn!(data_plane = %dp, allocation = r.id.0, on_listen, on_relays, taken, "restored allocation refused");
+                continue;
             }
+            self.tuple_owner.insert(r.tuple, (conn, worker));
+            self.alloc_owner.insert(r.id, (conn, worker, r.tuple));
+            self.allocation_dp.insert(r.id, dp.to_owned());
+            self.server.restore(r);
         }
     }
 
@@ -503,7 +701,6 @@ impl Actor {
                     return;
                 };
                 self.punted += 1;
-                self.tuple_owner.insert(tuple, (conn, p.worker_id));
                 let alternate = self.alternate_for(conn);
                 let relay_ips: Vec<std::net::IpAddr> = self
                     .conns
@@ -523,9 +720,22 @@ impl Actor {
                 let mut out = Vec::new();
                 self.server
                     .handle_via(now(), tuple, &p.datagram, &via, &mut out);
-                self.route(out);
+                self.route(out, Some((tuple, conn, p.worker_id)));
             }
             M::BindAck(ack) => {
+                match self.binds.get(&ack.request_id) {
+                    Some(&(asked, _, _)) if asked == conn => {
+                        self.binds.remove(&ack.request_id);
+                    }
+                    _ => {
+                        self.ownership_violations += 1;
+                        tracing::warn!(
+                            request = ack.request_id,
+                            "bind acknowledgement for a bind not asked of this data plane; ignored"
+                        );
+                        return;
+                    }
+                }
                 let result = match ack.outcome {
                     Some(v1::bind_ack::Outcome::Success(_)) => Ok(()),
                     Some(v1::bind_ack::Outcome::Error(e)) => Err(e.reason),
@@ -534,7 +744,7 @@ impl Actor {
                 let mut out = Vec::new();
                 self.server
                     .handle_bind_result(now(), ack.request_id, result, &mut out);
-                self.route(out);
+                self.route(out, None);
             }
             M::TableAck(a) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -567,6 +777,9 @@ impl Actor {
             .unwrap_or_default();
         for a in u.allocations {
             let id = AllocationId(a.allocation_id);
+            if !self.owns(conn, id, "usage report") {
+                continue;
+            }
             let total = a.usage.unwrap_or_default();
             let prev = self.usage.insert(id, total).unwrap_or_default();
             let delta = usage_delta(&total, &prev);
@@ -611,14 +824,23 @@ impl Actor {
     /// Routes what the state machine produced. Table changes go out before the
     /// responses: a client that has read "ChannelBind succeeded" may send on the channel
     /// at once, and the data plane must know the channel by then.
-    fn route(&mut self, out: Vec<Output>) {
+    ///
+    /// `origin` is the punted request being answered, if any: its own responses go back to
+    /// the connection and worker it came from without leaving any state behind.
+    fn route(&mut self, out: Vec<Output>, origin: Option<(FiveTuple, u64, u32)>) {
+        let owner_of = |me: &Self, t: &FiveTuple| match origin {
+            Some((o, conn, worker)) if o == *t => Some((conn, worker)),
+            _ => me.tuple_owner.get(t).copied(),
+        };
         let mut batches: HashMap<u64, Vec<v1::TableChange>> = HashMap::new();
         let mut transmits = Vec::new();
         for o in out {
             match o {
                 Output::Transmit { tuple, data } => transmits.push((tuple, data)),
                 Output::Bind(b) => {
-                    if let Some(&(conn, worker)) = self.tuple_owner.get(&b.tuple) {
+                    if let Some((conn, worker)) = owner_of(self, &b.tuple) {
+                        self.tuple_owner.insert(b.tuple, (conn, worker));
+                        self.binds.insert(b.id, (conn, b.tuple, now()));
                         self.send(
                             conn,
                             control_plane_message::Message::BindRequest(v1::BindRequest {
@@ -643,18 +865,20 @@ impl Actor {
                 Output::Table(change) => {
                     let id = change_allocation(&change);
                     if let TableChange::AllocationAdd { tuple, .. } = &change
-                        && let Some(&owner) = self.tuple_owner.get(tuple)
+                        && let Some((conn, worker)) = owner_of(self, tuple)
                     {
-                        self.alloc_owner.insert(id, owner);
-                        if let Some(c) = self.conns.get(&owner.0) {
+                        self.tuple_owner.insert(*tuple, (conn, worker));
+                        self.alloc_owner.insert(id, (conn, worker, *tuple));
+                        if let Some(c) = self.conns.get(&conn) {
                             self.allocation_dp.insert(id, c.id.clone());
                         }
                     }
-                    let Some(&(conn, worker)) = self.alloc_owner.get(&id) else {
+                    let Some(&(conn, worker, tuple)) = self.alloc_owner.get(&id) else {
                         continue;
                     };
                     if let TableChange::AllocationRemove { .. } = change {
                         self.alloc_owner.remove(&id);
+                        self.tuple_owner.remove(&tuple);
                     }
                     batches
                         .entry(conn)
@@ -679,7 +903,7 @@ impl Actor {
             );
         }
         for (tuple, data) in transmits {
-            if let Some(&(conn, worker)) = self.tuple_owner.get(&tuple) {
+            if let Some((conn, worker)) = owner_of(self, &tuple) {
                 self.send(
                     conn,
                     control_plane_message::Message::SendDatagram(v1::SendDatagram {
@@ -772,6 +996,7 @@ impl Actor {
                     bandwidth_limit_bytes_per_second: self.server.config().bandwidth_limit,
                     user_id: a.account.clone(),
                     dont_fragment: false,
+                    username: a.username.clone(),
                 }),
                 permissions: a
                     .permissions
@@ -843,6 +1068,11 @@ impl Actor {
                     .map(|(reason, packets)| v1::DropCount { reason, packets })
                     .collect(),
                 punted_requests: self.punted,
+                auth_failures: s.auth_failures,
+                rate_limited: s.rate_limited,
+                policy_denied: 0,  // MERGE
+                quota_rejected: 0, // MERGE
+                ownership_violations: self.ownership_violations,
             }),
             data_planes,
         }

@@ -101,6 +101,7 @@ fn snapshot_api(s: &AllocationSnapshot) -> v1::AllocationState {
             bandwidth_limit_bytes_per_second: s.bandwidth,
             user_id: s.user.clone(),
             dont_fragment: false,
+            username: String::new(), // MERGE: from the snapshot
         }),
         permissions: s
             .permissions
@@ -201,34 +202,34 @@ fn table(dp: &DataPlaneHandle, version: u64) -> v1::TableSnapshot {
     }
 }
 
-/// Runs the agent forever. `attached` turns true while a control plane stream is up.
+/// Allocations per table message: a large table goes as a Hello and several
+/// TableSnapshot messages, each far below the control plane's message size cap.
+const TABLE_CHUNK: usize = 2000;
+
+/// Runs the agent forever. `control` is the control plane's endpoint, with its TLS
+/// configuration (the control plane refuses a stream without a client certificate).
+/// `attached` turns true while a control plane stream is up.
 pub async fn run(
     dp: DataPlaneHandle,
     mut punted: mpsc::Receiver<Punted>,
-    control: String,
+    queue: Arc<PuntQueue>,
+    control: Endpoint,
     me: Identity,
     attached: watch::Sender<bool>,
 ) {
     let mut version = 0u64;
     let mut backoff = Duration::from_millis(100);
+    let target = control.uri().to_string();
+    // HTTP/2 keepalives notice a control plane that vanished without closing the
+    // connection (a crashed host, a partition) within a few seconds.
+    let control = control
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
     loop {
-        let channel = match Endpoint::from_shared(control.clone()) {
-            // HTTP/2 keepalives notice a control plane that vanished without closing the
-            // connection (a crashed host, a partition) within a few seconds.
-            Ok(e) => {
-                e.connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .http2_keep_alive_interval(Duration::from_secs(1))
-                    .keep_alive_timeout(Duration::from_secs(3))
-                    .keep_alive_while_idle(true)
-                    .connect()
-                    .await
-            }
-            Err(e) => {
-                tracing::error!(%control, error = %e, "bad control plane address");
-                return;
-            }
-        };
+        let channel = control.connect().await;
         let channel = match channel {
             Ok(c) => c,
             Err(e) => {
@@ -245,6 +246,21 @@ pub async fn run(
         let snapshot = tokio::task::spawn_blocking(move || table(&dp2, v))
             .await
             .ok();
+        let mut chunks = Vec::new();
+        let snapshot = snapshot.map(|mut t| {
+            while t.allocations.len() > TABLE_CHUNK {
+                let rest = t.allocations.split_off(TABLE_CHUNK);
+                chunks.push(std::mem::replace(&mut t.allocations, rest));
+            }
+            let last = std::mem::take(&mut t.allocations);
+            chunks.push(last);
+            let first = chunks.remove(0);
+            v1::TableSnapshot {
+                table_version: t.table_version,
+                allocations: first,
+                complete: chunks.is_empty(),
+            }
+        });
         let hello = v1::Hello {
             data_plane_id: me.id.clone(),
             listening_addresses: me
@@ -271,7 +287,19 @@ pub async fn run(
         let _ = up
             .send(msg(data_plane_message::Message::Hello(hello)))
             .await;
-        let mut client = ControlPlaneClient::new(channel).max_decoding_message_size(64 << 20);
+        let n = chunks.len();
+        for (i, allocations) in chunks.into_iter().enumerate() {
+            let _ = up
+                .send(msg(data_plane_message::Message::TableSnapshot(
+                    v1::TableSnapshot {
+                        table_version: version,
+                        allocations,
+                        complete: i + 1 == n,
+                    },
+                )))
+                .await;
+        }
+        let mut client = ControlPlaneClient::new(channel).max_decoding_message_size(16 << 20);
         let mut down = match client.attach(ReceiverStream::new(up_rx)).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
@@ -282,7 +310,7 @@ pub async fn run(
             }
         };
         backoff = Duration::from_millis(100);
-        tracing::info!(%control, "attached to control plane");
+        tracing::info!(control = %target, "attached to control plane");
         let _ = attached.send(true);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -300,10 +328,12 @@ pub async fn run(
                     };
                     // Never block the loop on the stream: a dead control plane would stall
                     // it. A request dropped here is retransmitted by its client.
-                    if let Err(mpsc::error::TrySendError::Closed(_)) =
-                        up.try_send(msg(data_plane_message::Message::PuntedRequest(m)))
-                    {
-                        break;
+                    match up.try_send(msg(data_plane_message::Message::PuntedRequest(m))) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            queue.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
                     }
                 }
                 _ = tick.tick() => report(&dp, &up).await,

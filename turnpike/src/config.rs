@@ -74,6 +74,26 @@ pub struct FileConfig {
     pub data_plane_id: Option<String>,
     /// Accept RFC 5766 channel numbers 0x5000..=0x7FFF.
     pub legacy_channel_numbers: Option<bool>,
+    /// The fleet CA (PEM) that signs every plane's certificate.
+    pub grpc_ca: Option<PathBuf>,
+    /// This process's certificate chain (PEM) for the planes' mutual TLS.
+    pub grpc_cert: Option<PathBuf>,
+    /// This process's private key (PEM).
+    pub grpc_key: Option<PathBuf>,
+    /// The name data planes expect in the control plane's certificate.
+    pub grpc_server_name: Option<String>,
+    /// Admin listening address (default: the gRPC port in `controlplane`, 127.0.0.1:3479
+    /// in `serve`).
+    pub admin_listen: Option<String>,
+    /// Admin bearer token.
+    pub admin_token: Option<String>,
+    /// File holding the Admin bearer token (first line).
+    pub admin_token_file: Option<PathBuf>,
+    /// Connections open at once per gRPC, Admin or metrics listener.
+    pub max_connections: Option<usize>,
+    /// Seconds without a byte from a gRPC, Admin or metrics client before its
+    /// connection is closed.
+    pub idle_timeout: Option<u64>,
 }
 
 /// The common flags (each also readable from `TURNPIKE_<NAME>`).
@@ -148,6 +168,44 @@ pub struct Flags {
     /// turnutils_uclient); RFC 8656 allows only 0x4000-0x4FFF.
     #[arg(long, env = "TURNPIKE_LEGACY_CHANNEL_NUMBERS")]
     pub legacy_channel_numbers: bool,
+    /// Fleet CA certificate (PEM) for the planes' mutual TLS (`turnpike ctl certs` makes
+    /// one).
+    #[arg(long, env = "TURNPIKE_GRPC_CA")]
+    pub grpc_ca: Option<PathBuf>,
+    /// This process's certificate (PEM) for the planes' mutual TLS.
+    #[arg(long, env = "TURNPIKE_GRPC_CERT")]
+    pub grpc_cert: Option<PathBuf>,
+    /// This process's private key (PEM).
+    #[arg(long, env = "TURNPIKE_GRPC_KEY")]
+    pub grpc_key: Option<PathBuf>,
+    /// The name expected in the control plane's certificate (default
+    /// turnpike-controlplane).
+    #[arg(long, env = "TURNPIKE_GRPC_SERVER_NAME")]
+    pub grpc_server_name: Option<String>,
+    /// Admin API listening address (default: the gRPC port for `controlplane`,
+    /// 127.0.0.1:3479 for `serve`).
+    #[arg(long, env = "TURNPIKE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Admin API bearer token (default for `serve`: generated and printed).
+    #[arg(long, env = "TURNPIKE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// File holding the Admin API bearer token.
+    #[arg(long, env = "TURNPIKE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Log format: text (default) or json.
+    #[arg(long, env = "TURNPIKE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The planes' mutual TLS material.
+#[derive(Debug, Clone)]
+pub struct GrpcTls {
+    /// Fleet CA.
+    pub ca: PathBuf,
+    /// Certificate.
+    pub cert: PathBuf,
+    /// Key.
+    pub key: PathBuf,
 }
 
 /// The validated configuration.
@@ -177,6 +235,18 @@ pub struct Config {
     pub server: ServerConfig,
     /// Data-plane id.
     pub data_plane_id: String,
+    /// Mutual TLS between the planes (None: `serve` makes certificates in memory).
+    pub grpc_tls: Option<GrpcTls>,
+    /// The name expected in the control plane's certificate.
+    pub grpc_server_name: String,
+    /// Admin address, if set.
+    pub admin_listen: Option<SocketAddr>,
+    /// Admin bearer token, if configured.
+    pub admin_token: Option<String>,
+    /// Limits of the TCP listeners.
+    pub max_connections: usize,
+    /// Idle timeout of the TCP listeners.
+    pub idle_timeout: std::time::Duration,
 }
 
 fn parse_addr(option: &str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -334,6 +404,13 @@ impl Config {
         let mut own: Vec<SocketAddr> = listen.clone();
         own.extend(grpc_listen);
         own.extend(metrics_listen);
+        if let Some(a) = flags
+            .admin_listen
+            .as_deref()
+            .or(file.admin_listen.as_deref())
+        {
+            own.extend(a.trim().parse::<SocketAddr>().ok());
+        }
         let mut server = ServerConfig {
             relay_ips: relay_ips.clone(),
             relay_ports,
@@ -373,7 +450,74 @@ impl Config {
         }
         server.legacy_channel_numbers =
             flags.legacy_channel_numbers || file.legacy_channel_numbers.unwrap_or(false);
+        let tls_parts = (
+            flags.grpc_ca.clone().or(file.grpc_ca),
+            flags.grpc_cert.clone().or(file.grpc_cert),
+            flags.grpc_key.clone().or(file.grpc_key),
+        );
+        let grpc_tls = match tls_parts {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => {
+                for (opt, p) in [
+                    ("grpc_ca (--grpc-ca)", &ca),
+                    ("grpc_cert (--grpc-cert)", &cert),
+                    ("grpc_key (--grpc-key)", &key),
+                ] {
+                    if !p.is_file() {
+                        return Err(err(opt, format!("{} is not a readable file", p.display())));
+                    }
+                }
+                Some(GrpcTls { ca, cert, key })
+            }
+            _ => {
+                return Err(err(
+                    "grpc_ca, grpc_cert, grpc_key (--grpc-ca, --grpc-cert, --grpc-key)",
+                    "give all three or none (turnpike ctl certs makes them)",
+                ));
+            }
+        };
+        let admin_listen = flags
+            .admin_listen
+            .clone()
+            .or(file.admin_listen)
+            .map(|s| parse_addr("admin_listen (--admin-listen)", &s))
+            .transpose()?;
+        let token_file = flags.admin_token_file.clone().or(file.admin_token_file);
+        let admin_token = match (flags.admin_token.clone().or(file.admin_token), token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    err(
+                        "admin_token_file (--admin-token-file)",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(text.lines().next().unwrap_or("").trim().to_owned())
+            }
+            (None, None) => None,
+        };
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(err("admin_token (--admin-token)", "at least 16 characters"));
+        }
+        let max_connections = file.max_connections.unwrap_or(256);
+        if max_connections == 0 {
+            return Err(err("max_connections", "at least 1"));
+        }
+        let idle_timeout = std::time::Duration::from_secs(file.idle_timeout.unwrap_or(120));
+        if idle_timeout.is_zero() {
+            return Err(err("idle_timeout", "at least 1 second"));
+        }
         Ok(Config {
+            grpc_tls,
+            grpc_server_name: flags
+                .grpc_server_name
+                .clone()
+                .or(file.grpc_server_name)
+                .unwrap_or_else(|| crate::tls::CONTROL_PLANE_NAME.to_owned()),
+            admin_listen,
+            admin_token,
+            max_connections,
+            idle_timeout,
             listen,
             relay_ips,
             realm,

@@ -1,15 +1,49 @@
-//! `turnpike ctl`: the admin client.
+//! `turnpike ctl`: the admin client, and the certificate helper.
 
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use tonic::transport::Endpoint;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use turnpike_proto::api::v1::{self, admin_client::AdminClient};
+
+/// Writes a line to stdout; a reader that went away (`ctl list | head`) ends the program
+/// quietly, as a command-line tool should.
+macro_rules! out {
+    ($($t:tt)*) => { emit(format_args!($($t)*)) };
+}
+
+fn emit(a: std::fmt::Arguments<'_>) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = writeln!(o, "{a}").and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("turnpike: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// Admin client options.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The control plane's gRPC address.
+    /// The Admin API's address: http:// (loopback `serve`) or https:// (TLS).
     #[arg(long, env = "TURNPIKE_SERVER", default_value = "http://127.0.0.1:3479")]
     server: String,
+    /// The Admin bearer token (`serve` prints one at start when none is configured).
+    #[arg(long, env = "TURNPIKE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the Admin bearer token.
+    #[arg(long, env = "TURNPIKE_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify an https:// server with.
+    #[arg(long, env = "TURNPIKE_CTL_CA")]
+    ca: Option<PathBuf>,
+    /// The name expected in the server's certificate.
+    #[arg(long, env = "TURNPIKE_CTL_SERVER_NAME", default_value = crate::tls::CONTROL_PLANE_NAME)]
+    server_name: String,
     #[command(subcommand)]
     cmd: CtlCmd,
 }
@@ -63,6 +97,19 @@ enum CtlCmd {
         #[arg(long, default_value = "")]
         user: String,
     },
+    /// Make the fleet's certificates: a CA (kept if DIR has one), a control-plane
+    /// certificate and one per data plane. Needs no server.
+    Certs {
+        /// Directory to write PEM files to (keys with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra names or IPs for the control plane's certificate, repeatable.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// A data plane id to issue a certificate for, repeatable.
+        #[arg(long = "data-plane")]
+        data_planes: Vec<String>,
+    },
 }
 
 /// Runs one admin command.
@@ -70,12 +117,57 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if let CtlCmd::Certs {
+        out,
+        sans,
+        data_planes,
+    } = &args.cmd
+    {
+        for p in crate::tls::write_set(out, sans, data_planes)? {
+            out!("wrote {}", p.display());
+        }
+        return Ok(());
+    }
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!(
+            "the Admin API needs a token: --token, --token-file or TURNPIKE_ADMIN_TOKEN"
+        ),
+    };
+    let bearer: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the token has characters a header cannot carry")?;
     rt.block_on(async move {
-        let channel = Endpoint::from_shared(args.server.clone())?
+        let mut endpoint = Endpoint::from_shared(args.server.clone())?
+            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        if args.server.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().domain_name(args.server_name.clone());
+            if let Some(ca) = &args.ca {
+                let pem = std::fs::read_to_string(ca)
+                    .with_context(|| format!("cannot read {}", ca.display()))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint
             .connect()
-            .await?;
-        let mut admin = AdminClient::new(channel);
+            .await
+            .with_context(|| format!("cannot reach {}", args.server))?;
+        let mut admin =
+            AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", bearer.clone());
+                Ok(req)
+            });
         match args.cmd {
+            CtlCmd::Certs { .. } => {}
             CtlCmd::List { user, data_plane } => {
                 let r = admin
                     .list_allocations(v1::ListAllocationsRequest {
@@ -86,13 +178,13 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                     })
                     .await?
                     .into_inner();
-                println!("{:#?}", r.allocations);
+                out!("{:#?}", r.allocations);
             }
             CtlCmd::Get { id } => {
                 let r = admin
                     .get_allocation(v1::GetAllocationRequest { allocation_id: id })
                     .await?;
-                println!("{:#?}", r.into_inner().allocation);
+                out!("{:#?}", r.into_inner().allocation);
             }
             CtlCmd::Revoke { id } => {
                 admin
@@ -101,7 +193,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                         reason: "ctl".into(),
                     })
                     .await?;
-                println!("revoked {id}");
+                out!("revoked {id}");
             }
             CtlCmd::RevokeUser { user } => {
                 let r = admin
@@ -110,10 +202,10 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                         reason: "ctl".into(),
                     })
                     .await?;
-                println!("revoked {}", r.into_inner().revoked);
+                out!("revoked {}", r.into_inner().revoked);
             }
             CtlCmd::Stats => {
-                println!(
+                out!(
                     "{:#?}",
                     admin.get_stats(v1::GetStatsRequest {}).await?.into_inner()
                 );
@@ -129,7 +221,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                     })
                     .await?
                     .into_inner();
-                println!("draining={} allocations={}", r.draining, r.allocations);
+                out!("draining={} allocations={}", r.draining, r.allocations);
             }
             CtlCmd::RotateSecrets { secrets } => {
                 let r = admin
@@ -137,7 +229,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                         secrets: secrets.into_iter().map(|s| s.into_bytes()).collect(),
                     })
                     .await?;
-                println!("{} secrets", r.into_inner().secret_count);
+                out!("{} secrets", r.into_inner().secret_count);
             }
             CtlCmd::Watch { user } => {
                 let mut s = admin
@@ -149,7 +241,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                     .await?
                     .into_inner();
                 while let Some(e) = s.message().await? {
-                    println!("{e:?}");
+                    out!("{e:?}");
                 }
             }
         }

@@ -4,8 +4,10 @@
 
 mod config;
 mod ctl;
+mod listener;
 mod metrics;
 mod run;
+mod tls;
 
 use clap::{Parser, Subcommand};
 
@@ -37,14 +39,14 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let format = match &cli.cmd {
+        Cmd::Serve(f) | Cmd::Controlplane(f) | Cmd::Dataplane { flags: f, .. } => {
+            f.log_format.clone()
+        }
+        Cmd::Ctl(_) => None,
+    };
+    init_logging(format.as_deref());
     let result = match cli.cmd {
         Cmd::Serve(flags) => load(&flags).and_then(|c| run::serve(c, None)),
         Cmd::Controlplane(flags) => load(&flags).and_then(run::controlplane),
@@ -56,6 +58,27 @@ fn main() {
     if let Err(e) = result {
         eprintln!("turnpike: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Logs to stderr, level from `RUST_LOG` (default info). Colour only on a terminal: a
+/// file or journald gets no escape codes. `json` writes one JSON object per line.
+fn init_logging(format: Option<&str>) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format.unwrap_or("text") {
+        "json" => builder.json().with_ansi(false).init(),
+        "text" => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        other => {
+            eprintln!(
+                "turnpike: invalid configuration: --log-format: {other:?}: expected text or json"
+            );
+            std::process::exit(64);
+        }
     }
 }
 

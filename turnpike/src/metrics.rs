@@ -14,9 +14,12 @@ use turnpike_dataplane::DataPlaneHandle;
 
 use turnpike_dataplane::agent::PuntQueue;
 
+use crate::listener::{self, Limits};
+
 /// Serves `/metrics` on `addr`.
 pub async fn spawn(
     addr: SocketAddr,
+    limits: Limits,
     cp: Option<ControlPlaneHandle>,
     dp: Option<DataPlaneHandle>,
     queue: Arc<PuntQueue>,
@@ -25,9 +28,10 @@ pub async fn spawn(
         .await
         .with_context(|| format!("cannot listen for metrics on {addr}"))?;
     println!("turnpike metrics listening on {}", listener.local_addr()?);
+    let (mut incoming, _) = listener::accept(listener, limits, "metrics");
     tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
+        while let Some(sock) = incoming.recv().await {
+            let Ok(mut sock) = sock else {
                 continue;
             };
             let (cp, dp, queue) = (cp.clone(), dp.clone(), queue.clone());

@@ -7,14 +7,16 @@ use anyhow::Context;
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
-use turnpike_controlplane::{ControlPlaneHandle, Credentials, Server};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use turnpike_controlplane::{AdminAuth, ControlPlaneHandle, Credentials, Server};
 use turnpike_dataplane::agent::{self, Identity, PuntQueue};
 use turnpike_dataplane::{DataPlane, DataPlaneConfig};
 
 use crate::config::Config;
+use crate::listener::{self, Limits};
 use crate::metrics;
+use crate::tls::{self, Pems};
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
@@ -32,8 +34,32 @@ fn random_string(n: usize) -> String {
         .collect()
 }
 
-/// Starts the control plane (actor and gRPC server); returns its handle and address.
-async fn start_control_plane(cfg: &mut Config) -> anyhow::Result<(ControlPlaneHandle, SocketAddr)> {
+/// Where the control plane serves, once started.
+struct Started {
+    cp: ControlPlaneHandle,
+    /// The ControlPlane service's address.
+    grpc: SocketAddr,
+    /// The certificates of that port (a data plane in the same process uses them too).
+    pems: Pems,
+}
+
+fn listener_limits(cfg: &Config) -> Limits {
+    Limits {
+        max_connections: cfg.max_connections,
+        idle: cfg.idle_timeout,
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str, option: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr} (set {option})"))
+}
+
+/// Starts the control plane: the actor, the ControlPlane service (mutual TLS) and the
+/// Admin service (bearer token; TLS when certificates are configured, else plain
+/// HTTP/2 on loopback only).
+async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result<Started> {
     if cfg.users.is_empty() && cfg.secrets.is_empty() {
         let password = random_string(20);
         cfg.users.push(("turnpike".to_owned(), password.clone()));
@@ -47,36 +73,111 @@ async fn start_control_plane(cfg: &mut Config) -> anyhow::Result<(ControlPlaneHa
             cfg.realm
         );
     }
+    let pems = match &cfg.grpc_tls {
+        Some(t) => Pems::load(&t.ca, &t.cert, &t.key)?,
+        None if embedded => tls::ephemeral()?.0,
+        None => {
+            eprintln!(
+                "turnpike: invalid configuration: grpc_ca, grpc_cert, grpc_key (--grpc-ca, --grpc-cert, --grpc-key): \
+                 required by the control plane (mutual TLS with its data planes; `turnpike ctl certs --out DIR` makes them)"
+            );
+            std::process::exit(64);
+        }
+    };
+    let token = match &cfg.admin_token {
+        Some(t) => t.clone(),
+        None => {
+            let t = random_string(32);
+            println!("turnpike admin token: {t} (turnpike ctl --token, or TURNPIKE_ADMIN_TOKEN)");
+            t
+        }
+    };
+    let auth = AdminAuth::new(std::slice::from_ref(&token));
     let creds = Credentials::new(&cfg.realm, &cfg.users, &cfg.secrets);
     let mut secret = [0u8; 32];
     rand::rng().fill(&mut secret);
     let server = Server::new(cfg.server.clone(), creds, secret, rand::rng().random());
     let cp = ControlPlaneHandle::spawn(server);
-    let addr = cfg
-        .grpc_listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3479)));
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for gRPC on {addr} (set --grpc-listen)"))?;
-    let local = listener.local_addr()?;
-    let router = tonic::transport::Server::builder()
-        .add_service(cp.control_plane_service())
-        .add_service(cp.admin_service());
-    // Small messages on a long-lived stream: without TCP_NODELAY each would wait for
-    // Nagle and the peer's delayed ACK (tens of milliseconds a hop).
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        s.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+
+    let default_grpc = if embedded {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        SocketAddr::from(([127, 0, 0, 1], 3479))
+    };
+    let grpc_addr = cfg.grpc_listen.unwrap_or(default_grpc);
+    let admin_addr = match cfg.admin_listen {
+        Some(a) => Some(a),
+        None if embedded => Some(SocketAddr::from(([127, 0, 0, 1], 3479))),
+        None => None,
+    };
+    let limits = listener_limits(cfg);
+    let grpc = bind(grpc_addr, "gRPC", "--grpc-listen").await?;
+    let grpc_local = grpc.local_addr()?;
+    let (incoming, _) = listener::accept(grpc, limits, "grpc");
+    let mut router = tonic::transport::Server::builder()
+        .tls_config(pems.server())
+        .context("gRPC TLS configuration")?
+        .max_concurrent_streams(64)
+        .add_service(cp.control_plane_service());
+    if admin_addr.is_none() {
+        router = router.add_service(cp.admin_service(auth.clone()));
+    }
     tokio::spawn(async move {
-        if let Err(e) = router.serve_with_incoming(incoming).await {
+        if let Err(e) = router
+            .serve_with_incoming(ReceiverStream::new(incoming))
+            .await
+        {
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
-    tracing::info!(%local, "gRPC (ControlPlane, Admin) listening");
-    println!("turnpike grpc listening on {local}");
-    Ok((cp, local))
+    tracing::info!(%grpc_local, "gRPC ControlPlane (mutual TLS) listening");
+    println!("turnpike grpc listening on {grpc_local}");
+    let admin_local = match admin_addr {
+        None => grpc_local,
+        Some(addr) => {
+            let tls = cfg.grpc_tls.is_some();
+            if !tls && !addr.ip().is_loopback() {
+                eprintln!(
+                    "turnpike: invalid configuration: admin_listen (--admin-listen): {addr}: \
+                     without certificates (--grpc-ca/--grpc-cert/--grpc-key) Admin listens on loopback only"
+                );
+                std::process::exit(64);
+            }
+            let l = bind(addr, "Admin", "--admin-listen").await?;
+            let local = l.local_addr()?;
+            let (incoming, _) = listener::accept(l, limits, "admin");
+            let mut b = tonic::transport::Server::builder();
+            if tls {
+                b = b
+                    .tls_config(pems.server())
+                    .context("Admin TLS configuration")?;
+            }
+            let router = b
+                .max_concurrent_streams(64)
+                .add_service(cp.admin_service(auth));
+            tokio::spawn(async move {
+                if let Err(e) = router
+                    .serve_with_incoming(ReceiverStream::new(incoming))
+                    .await
+                {
+                    tracing::error!(error = %e, "Admin server failed");
+                }
+            });
+            local
+        }
+    };
+    let scheme = if admin_addr.is_some() && cfg.grpc_tls.is_none() {
+        "http"
+    } else {
+        "https"
+    };
+    tracing::info!(%admin_local, "gRPC Admin listening");
+    println!("turnpike admin listening on {scheme}://{admin_local}");
+    Ok(Started {
+        cp,
+        grpc: grpc_local,
+        pems,
+    })
 }
 
 async fn shutdown_signal() {
@@ -97,14 +198,31 @@ async fn shutdown_signal() {
 pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mut cp = None;
-        let control = match control {
-            Some(c) => c,
+        let (control, pems) = match control {
+            Some(c) => {
+                let Some(t) = &cfg.grpc_tls else {
+                    eprintln!(
+                        "turnpike: invalid configuration: grpc_ca, grpc_cert, grpc_key (--grpc-ca, --grpc-cert, --grpc-key): \
+                         required by a data plane (mutual TLS with its control plane; `turnpike ctl certs` makes them)"
+                    );
+                    std::process::exit(64);
+                };
+                (c, Pems::load(&t.ca, &t.cert, &t.key)?)
+            }
             None => {
-                let (handle, addr) = start_control_plane(&mut cfg).await?;
-                cp = Some(handle);
-                format!("http://{addr}")
+                let started = start_control_plane(&mut cfg, true).await?;
+                cp = Some(started.cp);
+                (format!("https://{}", started.grpc), started.pems)
             }
         };
+        let url = match control.strip_prefix("http://") {
+            Some(rest) => format!("https://{rest}"),
+            None => control.clone(),
+        };
+        let endpoint = Endpoint::from_shared(url)
+            .with_context(|| format!("bad control plane address {control:?}"))?
+            .tls_config(pems.client(&cfg.grpc_server_name))
+            .context("gRPC TLS configuration")?;
         let (queue, punted) = PuntQueue::new(16384);
         let dp = DataPlane::start(
             DataPlaneConfig {
@@ -124,7 +242,8 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
         tokio::spawn(agent::run(
             dp.handle(),
             punted,
-            control.clone(),
+            queue.clone(),
+            endpoint,
             Identity {
                 id: cfg.data_plane_id.clone(),
                 listen: listen.clone(),
@@ -133,7 +252,8 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             attached_tx,
         ));
         if let Some(addr) = cfg.metrics_listen {
-            metrics::spawn(addr, cp.clone(), Some(dp.handle()), queue.clone()).await?;
+            metrics::spawn(addr, listener_limits(&cfg), cp.clone(), Some(dp.handle()), queue.clone())
+                .await?;
         }
         // `wait_for` returns a guard on the watched value: drop it at once, or the
         // agent's next update would block on it.
@@ -160,15 +280,12 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
 /// `controlplane`: the control plane alone.
 pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        if cfg.grpc_listen.is_none() {
-            cfg.grpc_listen = Some(SocketAddr::from(([0, 0, 0, 0], 3479)));
-        }
-        let (cp, addr) = start_control_plane(&mut cfg).await?;
+        let started = start_control_plane(&mut cfg, false).await?;
         if let Some(m) = cfg.metrics_listen {
             let (q, _rx) = PuntQueue::new(1);
-            metrics::spawn(m, Some(cp.clone()), None, q).await?;
+            metrics::spawn(m, listener_limits(&cfg), Some(started.cp.clone()), None, q).await?;
         }
-        println!("turnpike control plane ready: grpc={addr}");
+        println!("turnpike control plane ready: grpc={}", started.grpc);
         shutdown_signal().await;
         Ok(())
     })
