@@ -204,6 +204,8 @@ impl Env<'_> {
             "127.0.0.0/8",
             "--grpc-listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--workers",
             "1",
             "--io-backend",

@@ -59,6 +59,7 @@ fn allocation(id: u64, user: &str) -> Allocation {
         bandwidth_limit_bytes_per_second: 1_250_000,
         user_id: user.to_owned(),
         dont_fragment: false,
+        username: String::new(),
     }
 }
 

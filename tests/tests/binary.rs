@@ -57,7 +57,11 @@ fn serve(extra: &[&str]) -> (Proc, SocketAddr, String) {
         "--listen",
         &listen,
         "--grpc-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
         &grpc,
+        "--admin-token",
+        common::TOKEN,
         "--workers",
         "2",
         "--user",
@@ -115,10 +119,11 @@ fn relays_both_ways_on_both_backends() {
 /// back, the data plane resyncs, and requests on the old allocation succeed.
 #[test]
 fn split_mode_survives_a_control_plane_restart() {
+    let certs = common::Certs::new("split");
     let grpc = format!("127.0.0.1:{}", free_tcp_port());
-    let control = format!("http://{grpc}");
+    let control = format!("https://{grpc}");
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let cp_args = [
+    let mut cp_args: Vec<String> = [
         "controlplane",
         "--grpc-listen",
         grpc.as_str(),
@@ -128,10 +133,13 @@ fn split_mode_survives_a_control_plane_restart() {
         "127.0.0.0/8",
         "--listen",
         listen.as_str(),
-    ];
-    let mut cp = Proc::spawn(&cp_args);
+    ]
+    .map(String::from)
+    .to_vec();
+    cp_args.extend(certs.control_plane());
+    let mut cp = common::spawn_owned(&cp_args);
     cp.wait_for("control plane ready", Duration::from_secs(20));
-    let mut dp = Proc::spawn(&[
+    let mut dp_args: Vec<String> = [
         "dataplane",
         "--control",
         &control,
@@ -139,7 +147,11 @@ fn split_mode_survives_a_control_plane_restart() {
         &listen,
         "--workers",
         "2",
-    ]);
+    ]
+    .map(String::from)
+    .to_vec();
+    dp_args.extend(certs.data_plane("dp1"));
+    let mut dp = common::spawn_owned(&dp_args);
     dp.wait_for("turnpike ready", Duration::from_secs(20));
     let server: SocketAddr = listen.parse().unwrap();
     let peer = EchoPeer::start();
@@ -153,7 +165,7 @@ fn split_mode_survives_a_control_plane_restart() {
     assert_eq!(echo_round(&mut t, 0x4001, 20), 20);
     dp.wait_for("control plane stream lost", Duration::from_secs(10));
 
-    let mut cp2 = Proc::spawn(&cp_args);
+    let mut cp2 = common::spawn_owned(&cp_args);
     cp2.wait_for("control plane ready", Duration::from_secs(20));
     dp.wait_for("attached to control plane", Duration::from_secs(20));
     // The rebuilt control plane knows the allocation: requests on it succeed.
@@ -179,7 +191,12 @@ fn admin_api_lists_revokes_and_watches() {
             .connect()
             .await
             .unwrap();
-        let mut admin = AdminClient::new(ch);
+        let bearer: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {}", common::TOKEN).parse().unwrap();
+        let mut admin = AdminClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
         let mut events = admin
             .watch_events(v1::WatchEventsRequest::default())
             .await
@@ -278,14 +295,15 @@ fn admin_api_lists_revokes_and_watches() {
 fn cluster_of_two_data_planes_with_drain_and_metrics() {
     use turnpike_proto::attr::AlternateServer;
     use turnpike_proto::stun::Message;
+    let certs = common::Certs::new("cluster");
     let grpc = format!("127.0.0.1:{}", free_tcp_port());
-    let control = format!("http://{grpc}");
+    let control = format!("https://{grpc}");
     let (l1, l2) = (
         format!("127.0.0.1:{}", free_udp_port()),
         format!("127.0.0.1:{}", free_udp_port()),
     );
     let metrics = format!("127.0.0.1:{}", free_tcp_port());
-    let mut cp = Proc::spawn(&[
+    let mut args: Vec<String> = [
         "controlplane",
         "--grpc-listen",
         &grpc,
@@ -295,9 +313,14 @@ fn cluster_of_two_data_planes_with_drain_and_metrics() {
         "127.0.0.0/8",
         "--metrics-listen",
         &metrics,
-    ]);
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(certs.control_plane());
+    let mut cp = common::spawn_owned(&args);
     cp.wait_for("control plane ready", Duration::from_secs(20));
-    let mut d1 = Proc::spawn(&[
+    let dp_metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let mut args: Vec<String> = [
         "dataplane",
         "--control",
         &control,
@@ -307,9 +330,13 @@ fn cluster_of_two_data_planes_with_drain_and_metrics() {
         "1",
         "--no-pin",
         "--metrics-listen",
-        &format!("127.0.0.1:{}", free_tcp_port()),
-    ]);
-    let mut d2 = Proc::spawn(&[
+        &dp_metrics,
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(certs.data_plane("dp1"));
+    let mut d1 = common::spawn_owned(&args);
+    let mut args: Vec<String> = [
         "dataplane",
         "--control",
         &control,
@@ -318,7 +345,11 @@ fn cluster_of_two_data_planes_with_drain_and_metrics() {
         "--workers",
         "1",
         "--no-pin",
-    ]);
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(certs.data_plane("dp2"));
+    let mut d2 = common::spawn_owned(&args);
     d1.wait_for("turnpike ready", Duration::from_secs(20));
     d2.wait_for("turnpike ready", Duration::from_secs(20));
     let (s1, s2): (SocketAddr, SocketAddr) = (l1.parse().unwrap(), l2.parse().unwrap());
@@ -331,26 +362,14 @@ fn cluster_of_two_data_planes_with_drain_and_metrics() {
     }
     // Drain the first data plane: new clients there are sent to the second.
     let dp1_id = {
-        let out = Command::new(common::bin())
-            .args(["ctl", "--server", &control, "stats"])
-            .output()
-            .unwrap();
+        let out = certs.ctl(&grpc, &["stats"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "{text}");
         assert_eq!(text.matches("data_plane_id").count(), 2, "{text}");
         // The data plane listening on l1.
         d1.child.id()
     };
-    let out = Command::new(common::bin())
-        .args([
-            "ctl",
-            "--server",
-            &control,
-            "drain",
-            &format!("dp-{dp1_id}"),
-        ])
-        .output()
-        .unwrap();
+    let out = certs.ctl(&grpc, &["drain", &format!("dp-{dp1_id}")]);
     assert!(
         out.status.success(),
         "{}",
@@ -428,6 +447,8 @@ fn example_config_loads_and_flags_and_env_override_it() {
             "--listen",
             &listen,
             "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
             "127.0.0.1:0",
             "--user",
             "u:p",

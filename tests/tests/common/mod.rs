@@ -302,3 +302,104 @@ pub fn echo_round(t: &mut Turn, channel: u16, n: usize) -> usize {
     }
     got
 }
+
+/// The Admin token the tests configure.
+pub const TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// A fresh fleet certificate set (`turnpike ctl certs`) with data planes `dp1`, `dp2`.
+pub struct Certs {
+    pub dir: std::path::PathBuf,
+}
+
+impl Certs {
+    pub fn new(tag: &str) -> Certs {
+        let dir = std::env::temp_dir().join(format!("turnpike-certs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new(bin())
+            .args(["ctl", "certs", "--out"])
+            .arg(&dir)
+            .args(["--data-plane", "dp1", "--data-plane", "dp2"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Certs { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// Flags for the control plane.
+    pub fn control_plane(&self) -> Vec<String> {
+        vec![
+            "--grpc-ca".into(),
+            self.path("ca.pem"),
+            "--grpc-cert".into(),
+            self.path("controlplane.pem"),
+            "--grpc-key".into(),
+            self.path("controlplane.key"),
+            "--admin-token".into(),
+            TOKEN.into(),
+        ]
+    }
+
+    /// Flags for data plane `id` (dp1 or dp2).
+    pub fn data_plane(&self, id: &str) -> Vec<String> {
+        vec![
+            "--grpc-ca".into(),
+            self.path("ca.pem"),
+            "--grpc-cert".into(),
+            self.path(&format!("dataplane-{id}.pem")),
+            "--grpc-key".into(),
+            self.path(&format!("dataplane-{id}.key")),
+        ]
+    }
+
+    /// `turnpike ctl` against a TLS Admin port at `addr`.
+    pub fn ctl(&self, addr: &str, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .args([
+                "ctl",
+                "--server",
+                &format!("https://{addr}"),
+                "--ca",
+                &self.path("ca.pem"),
+                "--token",
+                TOKEN,
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `turnpike ctl` against a plain (loopback `serve`) Admin address.
+pub fn ctl_plain(addr: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args([
+            "ctl",
+            "--server",
+            &format!("http://{addr}"),
+            "--token",
+            TOKEN,
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Spawns `turnpike` with owned arguments.
+pub fn spawn_owned(args: &[String]) -> Proc {
+    let v: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn(&v)
+}
