@@ -21,6 +21,10 @@ fn server() -> Server {
         relay_ips: vec!["192.0.2.10".parse().unwrap()],
         relay_ports: (1024, 65535),
         unauth_rate: 0,
+        unauth_ip_rate: 0,
+        // One user makes 20k allocations per server here: no quotas.
+        user_quota: 0,
+        total_quota: 0,
         ..ServerConfig::default()
     };
     let creds = Credentials::new("bench", &[("user".into(), "password".into())], &[]);

@@ -156,17 +156,28 @@ impl PeerPolicy {
         &self.own
     }
 
-    /// Decides for a peer IP (CreatePermission). Operator deny beats operator allow, which
-    /// beats the default deny list; everything else is allowed.
+    /// Decides for a peer IP (CreatePermission).
+    ///
+    /// An address is judged in every form it has: as written, and as the IPv4 address it
+    /// embeds (see [`canonical_ip`]; for the NAT64 local-use prefix, under each layout it
+    /// may be deployed with). An operator deny rule on any form denies, so a rule written
+    /// for `64:ff9b::/96` or `2002::/16` matches as well as one for the IPv4 range. A
+    /// default-denied form is denied unless an operator allow rule covers that same form:
+    /// allowing `64:ff9b::/96` opens NAT64 to public IPv4, not to 127.0.0.1 through it.
+    /// Everything else is allowed.
     pub fn check_ip(&self, ip: IpAddr) -> Verdict {
-        let ip = canonical_ip(ip);
-        if self.deny.iter().any(|c| c.contains(&ip)) {
+        let forms = forms(ip);
+        if forms
+            .iter()
+            .any(|f| self.deny.iter().any(|c| c.contains(f)))
+        {
             return Verdict::Deny;
         }
-        if self.allow.iter().any(|c| c.contains(&ip)) {
-            return Verdict::Allow;
-        }
-        if self.default_deny.iter().any(|c| c.contains(&ip)) || is_broadcast(&ip) {
+        let default_denied = |f: &IpAddr| {
+            (self.default_deny.iter().any(|c| c.contains(f)) || is_broadcast(f))
+                && !self.allow.iter().any(|c| c.contains(f))
+        };
+        if forms.iter().any(default_denied) {
             return Verdict::Deny;
         }
         Verdict::Allow
@@ -197,10 +208,80 @@ fn is_broadcast(ip: &IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
 }
 
+/// The forms `ip` is judged in: itself, its canonical form, and for the NAT64 local-use
+/// prefix the IPv4 addresses the other layouts would decode.
+fn forms(ip: IpAddr) -> Vec<IpAddr> {
+    let mut forms = vec![ip];
+    let mut push = |f: IpAddr| {
+        if !forms.contains(&f) {
+            forms.push(f);
+        }
+    };
+    push(canonical_ip(ip));
+    if let IpAddr::V6(v6) = ip
+        && is_nat64_local(&v6)
+    {
+        for len in NAT64_LOCAL_LAYOUTS {
+            if let Some(v4) = nat64_embedded(&v6, len)
+                && !in_this_network(&v4)
+            {
+                push(IpAddr::V4(v4));
+            }
+        }
+    }
+    forms
+}
+
+/// 0.0.0.0/8: under a NAT64 layout, a field that starts with a zero octet is (almost
+/// always) the zero padding of another layout, not an address; such decodes are skipped,
+/// or a /96 layout's 8.8.8.8 read as /64 (0.0.0.8) would deny it. The canonical form is
+/// still judged whatever it is.
+fn in_this_network(v4: &Ipv4Addr) -> bool {
+    v4.octets()[0] == 0
+}
+
+/// The NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215).
+fn is_nat64_local(v6: &Ipv6Addr) -> bool {
+    let s = v6.segments();
+    s[0] == 0x0064 && s[1] == 0xFF9B && s[2] == 0x0001
+}
+
+/// The RFC 6052 layouts a network may use inside 64:ff9b:1::/48: the /48 itself, or a
+/// longer prefix carved from it. Which one a deployment uses is not visible in the
+/// address, so the policy decides on all of them.
+const NAT64_LOCAL_LAYOUTS: [u8; 4] = [48, 56, 64, 96];
+
+/// The IPv4 address embedded in `v6` under the RFC 6052 §2.2 layout for a prefix of `len`
+/// bits: the 32 bits follow the prefix, skipping bits 64..71 (the "u" octet, which must be
+/// zero). `None` for a length RFC 6052 does not define.
+fn nat64_embedded(v6: &Ipv6Addr, len: u8) -> Option<Ipv4Addr> {
+    let o = v6.octets();
+    let at: &[usize; 4] = match len {
+        32 => &[4, 5, 6, 7],
+        40 => &[5, 6, 7, 9],
+        48 => &[6, 7, 9, 10],
+        56 => &[7, 9, 10, 11],
+        64 => &[9, 10, 11, 12],
+        96 => &[12, 13, 14, 15],
+        _ => return None,
+    };
+    let mut v4 = [0u8; 4];
+    for (d, i) in v4.iter_mut().zip(at) {
+        *d = *o.get(*i)?;
+    }
+    Some(Ipv4Addr::from(v4))
+}
+
 /// Canonicalizes an address: IPv4 carried inside IPv6 (IPv4-mapped, IPv4-compatible,
-/// IPv4-translated, NAT64 64:ff9b::/96 and the local-use 64:ff9b:1::/48 with a /96 layout,
-/// 6to4 2002::/16, Teredo 2001::/32) becomes the IPv4 address packets actually reach, so
-/// that one rule covers every spelling of it.
+/// IPv4-translated, NAT64 under the well-known prefix 64:ff9b::/96 and the local-use
+/// 64:ff9b:1::/48, 6to4 2002::/16, Teredo 2001::/32) becomes the IPv4 address packets
+/// actually reach, so that one rule covers every spelling of it.
+///
+/// The local-use prefix is decoded with the RFC 6052 /48 layout (the IPv4 address in bits
+/// 48..63 and 72..87); when that yields no address (0.0.0.0/8), the deployment evidently
+/// uses a longer prefix carved from the /48, and the first of the /56, /64 and /96 layouts
+/// that yields one is taken. [`PeerPolicy::check_ip`] goes further and denies if any
+/// layout's address is denied.
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     let IpAddr::V6(v6) = ip else {
         return ip;
@@ -220,9 +301,19 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     if s[..6] == [0, 0, 0, 0, 0, 0] && u32::from(tail_v4) > 1 {
         return IpAddr::V4(tail_v4);
     }
-    // NAT64 well-known prefix 64:ff9b::/96 and local-use 64:ff9b:1::/48 (/96 layout).
-    if s[0] == 0x0064 && s[1] == 0xFF9B && (s[2..6] == [0, 0, 0, 0] || s[2] == 1) {
+    // NAT64 well-known prefix 64:ff9b::/96 (RFC 6052: only ever the /96 layout).
+    if s[0] == 0x0064 && s[1] == 0xFF9B && s[2..6] == [0, 0, 0, 0] {
         return IpAddr::V4(tail_v4);
+    }
+    // NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215).
+    if is_nat64_local(&v6) {
+        let v4 = NAT64_LOCAL_LAYOUTS
+            .iter()
+            .filter_map(|len| nat64_embedded(&v6, *len))
+            .find(|v4| !in_this_network(v4))
+            .or_else(|| nat64_embedded(&v6, 48))
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        return IpAddr::V4(v4);
     }
     // 6to4: 2002:AABB:CCDD::/48 carries AA.BB.CC.DD.
     if s[0] == 0x2002 {

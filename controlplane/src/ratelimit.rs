@@ -1,6 +1,8 @@
-//! Per-source-address rate limiting of unauthenticated requests, in bounded memory.
+//! Rate limiting of unauthenticated requests, and sampling of refusal log lines, in bounded
+//! memory. Time is passed in; nothing here reads a clock.
 
-use std::net::IpAddr;
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
 
 use ahash::AHashMap;
 
@@ -12,81 +14,182 @@ struct Bucket {
     at: Millis,
 }
 
-/// A token bucket per source IP. The table is bounded: when full, buckets that have
-/// refilled completely (idle sources) are dropped; if none has, new sources share one
-/// overflow bucket, so a flood of spoofed sources cannot grow memory.
+impl Bucket {
+    fn refill(&mut self, rate: f64, burst: f64, now: Millis) {
+        let dt = now.0.saturating_sub(self.at.0) as f64 / 1000.0;
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        self.at = now;
+    }
+}
+
+/// One tier of token buckets keyed by `K`, at most `max` of them. Sources beyond `max`
+/// share one overflow bucket (with the same rate and burst) until a sweep frees room, so a
+/// flood of spoofed sources cannot grow memory, and admission never scans the table.
 #[derive(Debug, Clone)]
-pub struct RateLimiter {
+struct Tier<K> {
     rate: f64,
     burst: f64,
-    max_sources: usize,
-    buckets: AHashMap<IpAddr, Bucket>,
+    max: usize,
+    buckets: AHashMap<K, Bucket>,
     overflow: Bucket,
 }
 
-impl RateLimiter {
-    /// `rate` requests per second per source with bursts of `burst`, tracking at most
-    /// `max_sources` sources. A rate of 0 disables limiting.
-    pub fn new(rate: u32, burst: u32, max_sources: usize) -> RateLimiter {
-        RateLimiter {
+impl<K: Hash + Eq + Copy> Tier<K> {
+    fn new(rate: u32, burst: u32, max: usize) -> Tier<K> {
+        let burst = f64::from(burst.max(1));
+        Tier {
             rate: f64::from(rate),
-            burst: f64::from(burst.max(1)),
-            max_sources,
+            burst,
+            max,
             buckets: AHashMap::new(),
             overflow: Bucket {
-                tokens: f64::from(burst.max(1)),
+                tokens: burst,
                 at: Millis(0),
             },
         }
     }
 
-    fn take(rate: f64, burst: f64, b: &mut Bucket, now: Millis) -> bool {
-        let dt = now.0.saturating_sub(b.at.0) as f64 / 1000.0;
-        b.tokens = (b.tokens + dt * rate).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    fn enabled(&self) -> bool {
+        self.rate > 0.0
     }
 
-    /// Whether one more unauthenticated request from `ip` may be answered now.
-    pub fn allow(&mut self, ip: IpAddr, now: Millis) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
+    /// The bucket of `key`, refilled to `now` (created full, or the overflow bucket).
+    fn bucket(&mut self, key: K, now: Millis) -> &mut Bucket {
         let (rate, burst) = (self.rate, self.burst);
-        if let Some(b) = self.buckets.get_mut(&ip) {
-            return Self::take(rate, burst, b, now);
-        }
-        if self.buckets.len() >= self.max_sources {
-            self.sweep(now);
-        }
-        if self.buckets.len() >= self.max_sources {
-            return Self::take(rate, burst, &mut self.overflow, now);
-        }
-        let mut b = Bucket {
-            tokens: burst,
-            at: now,
+        let full = self.buckets.len() >= self.max;
+        let b = if full && !self.buckets.contains_key(&key) {
+            &mut self.overflow
+        } else {
+            self.buckets.entry(key).or_insert(Bucket {
+                tokens: burst,
+                at: now,
+            })
         };
-        let ok = Self::take(rate, burst, &mut b, now);
-        self.buckets.insert(ip, b);
-        ok
+        b.refill(rate, burst, now);
+        b
     }
 
-    /// Drops buckets that have refilled (their sources have been quiet).
-    pub fn sweep(&mut self, now: Millis) {
+    /// Drops buckets that have refilled completely: their sources have been quiet for
+    /// `burst / rate` seconds, and a new full bucket would behave the same.
+    fn sweep(&mut self, now: Millis) {
         let (rate, burst) = (self.rate, self.burst);
         self.buckets.retain(|_, b| {
             let dt = now.0.saturating_sub(b.at.0) as f64 / 1000.0;
             b.tokens + dt * rate < burst
         });
     }
+}
 
-    /// Sources tracked now.
+/// Token buckets for unauthenticated requests on two levels:
+///
+/// * per client transport address (IP and port, the 5-tuple's client side), the tight
+///   limit: one client, one bucket. Spoofed packets starve a victim only if they carry its
+///   exact port.
+/// * per client IP, a much higher cap: many clients behind one NAT address share it
+///   without being throttled, while one host cycling through source ports is still
+///   bounded.
+///
+/// A request is admitted when both buckets have a token, and then takes one from each.
+/// Both tables are bounded by `max_sources`; beyond it new sources share an overflow
+/// bucket per level until [`RateLimiter::sweep`] (called on a timer) drops idle ones.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    by_addr: Tier<SocketAddr>,
+    by_ip: Tier<IpAddr>,
+}
+
+impl RateLimiter {
+    /// `rate` requests per second per client address with bursts of `burst`, and `ip_rate`
+    /// per client IP with bursts of `ip_burst`, tracking at most `max_sources` of each. A
+    /// rate of 0 disables that level.
+    pub fn new(
+        rate: u32,
+        burst: u32,
+        ip_rate: u32,
+        ip_burst: u32,
+        max_sources: usize,
+    ) -> RateLimiter {
+        RateLimiter {
+            by_addr: Tier::new(rate, burst, max_sources),
+            by_ip: Tier::new(ip_rate, ip_burst, max_sources),
+        }
+    }
+
+    /// Whether one more unauthenticated request from `client` may be answered now.
+    pub fn allow(&mut self, client: SocketAddr, now: Millis) -> bool {
+        // Check both before taking from either, so a request refused by one level does
+        // not use up the other's tokens.
+        let addr_ok = !self.by_addr.enabled() || self.by_addr.bucket(client, now).tokens >= 1.0;
+        let ip_ok = !self.by_ip.enabled() || self.by_ip.bucket(client.ip(), now).tokens >= 1.0;
+        if !(addr_ok && ip_ok) {
+            return false;
+        }
+        if self.by_addr.enabled() {
+            self.by_addr.bucket(client, now).tokens -= 1.0;
+        }
+        if self.by_ip.enabled() {
+            self.by_ip.bucket(client.ip(), now).tokens -= 1.0;
+        }
+        true
+    }
+
+    /// Drops buckets that have refilled (their sources have been quiet). O(tracked): call
+    /// it on a timer, not per request.
+    pub fn sweep(&mut self, now: Millis) {
+        self.by_addr.sweep(now);
+        self.by_ip.sweep(now);
+    }
+
+    /// Buckets tracked now (both levels).
     pub fn tracked(&self) -> usize {
-        self.buckets.len()
+        self.by_addr.buckets.len() + self.by_ip.buckets.len()
+    }
+}
+
+/// Samples log lines of one kind so a flood cannot fill the disk: at most `per_sec` lines
+/// in each second of `now`; the rest are counted, and the count is handed out by
+/// [`LogSampler::take_suppressed`] for one summary line.
+#[derive(Debug, Clone)]
+pub struct LogSampler {
+    per_sec: u32,
+    second: u64,
+    written: u32,
+    suppressed: u64,
+}
+
+impl LogSampler {
+    /// At most `per_sec` lines per second.
+    pub fn new(per_sec: u32) -> LogSampler {
+        LogSampler {
+            per_sec,
+            second: 0,
+            written: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line may be written at `now`; if not, it is counted as suppressed.
+    pub fn admit(&mut self, now: Millis) -> bool {
+        if now.secs() != self.second {
+            self.second = now.secs();
+            self.written = 0;
+        }
+        if self.written < self.per_sec {
+            self.written += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// The number of lines suppressed since the last call, if any.
+    pub fn take_suppressed(&mut self) -> Option<u64> {
+        (self.suppressed > 0).then(|| std::mem::take(&mut self.suppressed))
+    }
+
+    /// Whether suppressed lines wait to be summarized.
+    pub fn has_suppressed(&self) -> bool {
+        self.suppressed > 0
     }
 }

@@ -27,7 +27,7 @@ use turnpike_proto::{DecodeError, EncodeError};
 use crate::auth::{AuthError, Credentials, NonceCheck, NonceKey};
 use crate::policy::{PeerPolicy, Verdict};
 use crate::ports::Ports;
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{LogSampler, RateLimiter};
 use crate::types::{
     AllocationId, BindRequest, EndReason, Event, FiveTuple, Millis, Output, TableChange,
 };
@@ -42,6 +42,13 @@ const BIND_ATTEMPTS: u32 = 4;
 /// How long a bind may go unacknowledged (a data plane that went away) before the
 /// Allocate fails with 508 and its ports are released.
 const BIND_TIMEOUT_MS: u64 = 5_000;
+/// How often idle rate-limiter buckets are dropped and suppressed refusal log lines are
+/// summarized.
+const SWEEP_INTERVAL_MS: u64 = 1_000;
+/// Sources tracked per rate-limiter level (a bound on memory: a few MB).
+const RATE_LIMIT_SOURCES: usize = 65_536;
+/// Refusal log lines written per second and kind; the rest are summarized once a second.
+const REFUSAL_LOGS_PER_SEC: u32 = 5;
 
 /// The server's settings. Every field has a default; see [`ServerConfig::default`].
 #[derive(Debug, Clone)]
@@ -60,9 +67,17 @@ pub struct ServerConfig {
     pub channel_lifetime: u32,
     /// How long a nonce stays valid (s). Default 600.
     pub nonce_lifetime: u32,
-    /// Allocations per user; 0 is unlimited.
+    /// Allocations per user (the accounting user: for REST credentials the part after
+    /// `:`); 0 is unlimited. Default 100: far more than one client needs (an ICE agent
+    /// allocates once per component and candidate family, a conference client a few
+    /// dozen at most), and small enough that one leaked or abused credential holds under
+    /// 1 % of the default relay port range, so it cannot starve other users.
     pub user_quota: u32,
-    /// Allocations in all; 0 is unlimited.
+    /// Allocations in all; 0 is unlimited. Default 15 000: below the 16 384 ports of the
+    /// default relay range on one relay IP, so that ports stay free for EVEN-PORT
+    /// reservations (which hold a second port) and for binds being retried, and the
+    /// random port choice does not degrade into a search of a nearly full range. Lower it
+    /// with a narrower `relay_ports`, raise it with more relay IPs.
     pub total_quota: u32,
     /// Bandwidth limit per allocation and direction in bytes/s, enforced by the data plane;
     /// 0 is unlimited.
@@ -71,10 +86,23 @@ pub struct ServerConfig {
     pub max_permissions: usize,
     /// Channels per allocation; further ones get 508.
     pub max_channels: usize,
-    /// Unauthenticated requests answered per second per source IP; 0 disables the limit.
+    /// Unauthenticated requests (401/438 challenges, 400s, Binding) answered per second
+    /// per client transport address (IP and port); 0 disables this level. Default 20.
+    /// Answers a client holding an allocation (or awaiting one) needs to keep it, such as
+    /// a 438 on Refresh, are never limited.
     pub unauth_rate: u32,
-    /// Burst of unauthenticated requests per source IP.
+    /// Burst of unauthenticated requests per client transport address. Default 64: a
+    /// client needs two or three per allocation, so this only bites a flood.
     pub unauth_burst: u32,
+    /// Unauthenticated requests answered per second per client IP, across all its ports;
+    /// 0 disables this level. Default 200: far above one client's needs, so that many
+    /// clients behind one NAT address are not throttled, yet a host spraying source ports
+    /// (or spoofing a victim's address at up to this rate) does not starve the victim.
+    pub unauth_ip_rate: u32,
+    /// Burst of unauthenticated requests per client IP. Default 1000: 200 clients behind
+    /// one address starting at once, each with two or three unauthenticated exchanges
+    /// (Binding, the 401 challenge, a 438), fit in it.
+    pub unauth_ip_burst: u32,
     /// The peer policy.
     pub policy: PeerPolicy,
     /// SOFTWARE sent in authenticated responses.
@@ -94,13 +122,15 @@ impl Default for ServerConfig {
             permission_lifetime: 300,
             channel_lifetime: 600,
             nonce_lifetime: 600,
-            user_quota: 0,
-            total_quota: 0,
+            user_quota: 100,
+            total_quota: 15_000,
             bandwidth_limit: 0,
             max_permissions: 256,
             max_channels: 256,
             unauth_rate: 20,
-            unauth_burst: 40,
+            unauth_burst: 64,
+            unauth_ip_rate: 200,
+            unauth_ip_burst: 1000,
             policy: PeerPolicy::default(),
             software: Some(concat!("turnpike ", env!("CARGO_PKG_VERSION")).to_owned()),
             legacy_channel_numbers: false,
@@ -192,9 +222,12 @@ pub struct RestoredAllocation {
     pub id: AllocationId,
     /// The client 5-tuple.
     pub tuple: FiveTuple,
-    /// The accounting user (for REST users the username is not kept by the data plane:
-    /// the next authenticated request re-establishes it).
+    /// The accounting user.
     pub user: String,
+    /// The username the allocation was created with, which later requests must use
+    /// (441 otherwise). Empty when unknown (a data plane from before usernames were
+    /// kept): then the first authenticated request of the same accounting user sets it.
+    pub username: String,
     /// Relayed addresses.
     pub relays: Vec<SocketAddr>,
     /// Deadline.
@@ -218,6 +251,13 @@ pub struct Stats {
     pub auth_failures: u64,
     /// Unauthenticated requests dropped by the rate limiter.
     pub rate_limited: u64,
+    /// Peers refused by the peer policy (403 on CreatePermission or ChannelBind).
+    pub policy_denied: u64,
+    /// Allocates refused by a quota (486 per user, 508 in total).
+    pub quota_rejected: u64,
+    /// Requests answered 438 Stale Nonce (a steady rate is normal; a jump points at
+    /// clock or secret trouble between control planes).
+    pub stale_nonces: u64,
     /// Requests answered.
     pub requests: u64,
 }
@@ -247,6 +287,46 @@ pub struct Server {
     redirect: Option<SocketAddr>,
     /// Set for the duration of one `handle_via` call.
     request_relays: Vec<IpAddr>,
+    /// When the rate limiter is next swept and refusal summaries written.
+    next_sweep: Millis,
+    /// One sampler per [`Refusal`] kind.
+    refusal_logs: [LogSampler; Refusal::COUNT],
+}
+
+/// Kinds of refusal that are logged (sampled: see [`REFUSAL_LOGS_PER_SEC`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Unknown user, expired or wrong credentials, wrong realm, 441.
+    Auth,
+    /// Dropped by the rate limiter.
+    RateLimited,
+    /// A peer denied by the policy.
+    Policy,
+    /// A quota reached.
+    Quota,
+}
+
+impl Refusal {
+    const COUNT: usize = 4;
+    const ALL: [Refusal; Refusal::COUNT] = [
+        Refusal::Auth,
+        Refusal::RateLimited,
+        Refusal::Policy,
+        Refusal::Quota,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Refusal::Auth => "authentication failure",
+            Refusal::RateLimited => "rate-limited request",
+            Refusal::Policy => "peer denied by policy",
+            Refusal::Quota => "allocation quota reached",
+        }
+    }
 }
 
 /// The data plane a request arrived through, in a cluster.
@@ -262,12 +342,25 @@ pub struct Via<'a> {
 struct Reject {
     code: u16,
     reason: &'static str,
+    /// What to count and log about it, beyond the response.
+    note: Note,
+}
+
+/// Why a refusal is worth counting and logging.
+#[derive(Debug, Clone, Copy)]
+enum Note {
+    None,
+    /// The peer policy denied this peer.
+    Policy(SocketAddr),
+    /// A quota (per user or in total) was reached.
+    Quota,
 }
 
 fn reject(code: u16) -> Reject {
     Reject {
         code,
         reason: reason_phrase(code),
+        note: Note::None,
     }
 }
 
@@ -305,7 +398,13 @@ impl Server {
     /// seeds the port choice and reservation tokens.
     pub fn new(cfg: ServerConfig, creds: Credentials, nonce_secret: [u8; 32], seed: u64) -> Server {
         let nonces = NonceKey::new(nonce_secret, u64::from(cfg.nonce_lifetime));
-        let limiter = RateLimiter::new(cfg.unauth_rate, cfg.unauth_burst, 65536);
+        let limiter = RateLimiter::new(
+            cfg.unauth_rate,
+            cfg.unauth_burst,
+            cfg.unauth_ip_rate,
+            cfg.unauth_ip_burst,
+            RATE_LIMIT_SOURCES,
+        );
         let ports = Ports::new(cfg.relay_ports.0, cfg.relay_ports.1);
         Server {
             cfg,
@@ -328,6 +427,8 @@ impl Server {
             alternate: None,
             redirect: None,
             request_relays: Vec::new(),
+            next_sweep: Millis(0),
+            refusal_logs: std::array::from_fn(|_| LogSampler::new(REFUSAL_LOGS_PER_SEC)),
         }
     }
 
@@ -377,7 +478,16 @@ impl Server {
 
     /// The next instant [`Server::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        self.timers.first().map(|(t, _)| *t)
+        let timer = self.timers.first().map(|(t, _)| *t);
+        // The sweep only matters while there is something to sweep or summarize; an idle
+        // server is not woken every second.
+        let housekeeping =
+            self.limiter.tracked() > 0 || self.refusal_logs.iter().any(LogSampler::has_suppressed);
+        let sweep = housekeeping.then_some(self.next_sweep);
+        match (timer, sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Every allocation, summarized.
@@ -462,10 +572,16 @@ impl Server {
             // Indications reach the data plane's fast path; responses are not for us.
             return;
         }
+        // RFC 8489 §7.3: a message whose FINGERPRINT is wrong is discarded silently (it
+        // is not STUN, or was damaged; answering could make us an echo for other
+        // protocols).
+        if msg.verify_fingerprint().is_err() {
+            return;
+        }
         self.stats.requests += 1;
         match msg.method() {
             Method::BINDING => {
-                if !self.limit(tuple.client.ip(), now) {
+                if !self.limit(tuple.client, now) {
                     return;
                 }
                 let mut buf = [0u8; 128];
@@ -501,11 +617,12 @@ impl Server {
                     _ => self.channel_bind(now, tuple, &msg, &auth, out),
                 };
                 if let Err(r) = result {
+                    self.note_refusal(now, tuple, &auth, &r);
                     self.respond_error(tuple, &msg, Some(&auth), r, out, |_| Ok(()));
                 }
             }
             _ => {
-                if self.limit(tuple.client.ip(), now) {
+                if self.limit(tuple.client, now) {
                     self.respond_error(tuple, &msg, None, reject(400), out, |_| Ok(()));
                 }
             }
@@ -523,7 +640,7 @@ impl Server {
         }
         let t = u16::from_be_bytes([header[0], header[1]]);
         let (method, class) = stun::split_message_type(t);
-        if class != Class::Request || !self.limit(tuple.client.ip(), now) {
+        if class != Class::Request || !self.limit(tuple.client, now) {
             return;
         }
         let mut tid = [0u8; 12];
@@ -547,12 +664,66 @@ impl Server {
         }
     }
 
-    fn limit(&mut self, ip: IpAddr, now: Millis) -> bool {
-        let ok = self.limiter.allow(ip, now);
+    /// Whether an unauthenticated answer to `client` may be sent now.
+    fn limit(&mut self, client: SocketAddr, now: Millis) -> bool {
+        let ok = self.limiter.allow(client, now);
         if !ok {
             self.stats.rate_limited += 1;
+            if self.sample(Refusal::RateLimited, now) {
+                tracing::info!(%client, "unauthenticated request dropped by the rate limiter");
+            }
         }
         ok
+    }
+
+    /// As [`Server::limit`], for the answers of the authentication step. A 5-tuple that
+    /// holds an allocation, or awaits one, is always answered when it tries to
+    /// authenticate: a 438 on Refresh that went unanswered would cost it the allocation,
+    /// and spoofed floods in its name must not be able to cause that. Only requests that
+    /// carry an integrity attribute qualify: those are at least 44 bytes and, to reach a
+    /// 401/438, also carry USERNAME, REALM and NONCE, so the unlimited answers stay within
+    /// about twice the request's size and make a poor reflection amplifier.
+    fn limit_auth(&mut self, tuple: FiveTuple, msg: &Message<'_>, now: Millis) -> bool {
+        let signed = msg.has_integrity() || msg.has_integrity_sha256();
+        let holder =
+            self.by_tuple.contains_key(&tuple) || self.pending_by_tuple.contains_key(&tuple);
+        (signed && holder) || self.limit(tuple.client, now)
+    }
+
+    /// Whether a refusal line of `kind` may be logged now (sampled, so that floods cannot
+    /// fill the disk; what is held back is summarized by [`Server::handle_timeout`]).
+    fn sample(&mut self, kind: Refusal, now: Millis) -> bool {
+        self.refusal_logs
+            .get_mut(kind.index())
+            .is_some_and(|l| l.admit(now))
+    }
+
+    /// Counts and logs the policy and quota refusals of an authenticated request.
+    fn note_refusal(&mut self, now: Millis, tuple: FiveTuple, auth: &Authed, r: &Reject) {
+        match r.note {
+            Note::None => {}
+            Note::Policy(peer) => {
+                self.stats.policy_denied += 1;
+                if self.sample(Refusal::Policy, now) {
+                    tracing::warn!(client = %tuple.client, user = %auth.account, %peer, "peer denied by policy (403)");
+                }
+            }
+            Note::Quota => {
+                self.stats.quota_rejected += 1;
+                if self.sample(Refusal::Quota, now) {
+                    tracing::warn!(client = %tuple.client, user = %auth.account, code = r.code, "allocation quota reached");
+                }
+            }
+        }
+    }
+
+    /// Counts and logs an authentication failure.
+    fn auth_failed(&mut self, now: Millis, tuple: FiveTuple, username: &str, why: &str) {
+        self.stats.auth_failures += 1;
+        if self.sample(Refusal::Auth, now) {
+            // Debug formatting escapes control characters: the username is the client's.
+            tracing::warn!(client = %tuple.client, username = ?username, reason = why, "authentication failed");
+        }
     }
 
     /// Checks long-term credentials (RFC 8489 §9.2.4). On failure the error response is
@@ -578,33 +749,47 @@ impl Server {
             };
             Ok((user, msg.attr::<Realm>()?, msg.attr::<Nonce>()?))
         })();
-        let (user, nonce) = match parts {
-            Ok((Some(u), Some(_realm), Some(n))) => (u, n),
+        let (user, realm, nonce) = match parts {
+            Ok((Some(u), Some(r), Some(n))) => (u, r, n),
             _ => {
-                if self.limit(tuple.client.ip(), now) {
+                if self.limit_auth(tuple, msg, now) {
                     self.respond_error(tuple, msg, None, reject(400), out, |_| Ok(()));
                 }
                 return None;
             }
         };
         if self.nonces.check(nonce.0, now, &tuple.client) != NonceCheck::Valid {
+            self.stats.stale_nonces += 1;
             self.challenge(now, tuple, msg, 438, out);
             return None;
         }
         let algorithm = match self.negotiated_algorithm(msg) {
             Ok(a) => a,
             Err(r) => {
-                if self.limit(tuple.client.ip(), now) {
+                if self.limit_auth(tuple, msg, now) {
                     self.respond_error(tuple, msg, None, r, out, |_| Ok(()));
                 }
                 return None;
             }
         };
+        // RFC 8489 §9.2.4: the key is "the password associated with the username ... in
+        // the REALM attribute". We serve one realm and know no password in any other, so
+        // another REALM is an invalid credential: 401 carrying our REALM and a NONCE, as
+        // for an unknown username (not 400, which is for a REALM that is missing).
+        if realm.0 != self.creds.realm() {
+            self.auth_failed(now, tuple, &user, "wrong realm");
+            self.challenge(now, tuple, msg, 401, out);
+            return None;
+        }
         let sha256 = msg.has_integrity_sha256();
         let candidates = match self.creds.candidates(&user, algorithm, now) {
             Ok(c) => c,
-            Err(AuthError::UnknownUser | AuthError::Expired) => {
-                self.stats.auth_failures += 1;
+            Err(e) => {
+                let why = match e {
+                    AuthError::UnknownUser => "unknown user",
+                    AuthError::Expired => "credential expired",
+                };
+                self.auth_failed(now, tuple, &user, why);
                 self.challenge(now, tuple, msg, 401, out);
                 return None;
             }
@@ -617,7 +802,7 @@ impl Server {
             }
         });
         let Some(key) = key else {
-            self.stats.auth_failures += 1;
+            self.auth_failed(now, tuple, &user, "wrong password");
             self.challenge(now, tuple, msg, 401, out);
             return None;
         };
@@ -627,15 +812,25 @@ impl Server {
             key,
             sha256,
         };
-        // An allocation's later requests must come with the same credentials (§5).
+        // An allocation's later requests must come with the same credentials (RFC 8656
+        // §5). An allocation restored from a data plane that did not keep usernames has
+        // none: the first request of its accounting user re-establishes it.
         if let Some(id) = self.by_tuple.get(&tuple)
-            && let Some(a) = self.allocations.get(id)
-            && a.username != authed.username
-            && !a.username.is_empty()
+            && let Some(a) = self.allocations.get_mut(id)
         {
-            self.stats.auth_failures += 1;
-            self.respond_error(tuple, msg, Some(&authed), reject(441), out, |_| Ok(()));
-            return None;
+            let same = if a.username.is_empty() {
+                a.account == authed.account
+            } else {
+                a.username == authed.username
+            };
+            if !same {
+                self.auth_failed(now, tuple, &authed.username, "other credentials (441)");
+                self.respond_error(tuple, msg, Some(&authed), reject(441), out, |_| Ok(()));
+                return None;
+            }
+            if a.username.is_empty() {
+                a.username.clone_from(&authed.username);
+            }
         }
         Some(authed)
     }
@@ -675,7 +870,7 @@ impl Server {
         code: u16,
         out: &mut Vec<Output>,
     ) {
-        if !self.limit(tuple.client.ip(), now) {
+        if !self.limit_auth(tuple, msg, now) {
             return;
         }
         let nonce = self.nonces.mint(now, &tuple.client);
@@ -840,13 +1035,19 @@ impl Server {
         if self.cfg.user_quota > 0
             && self.per_user.get(&auth.account).copied().unwrap_or(0) >= self.cfg.user_quota
         {
-            return Err(reject(486));
+            return Err(Reject {
+                note: Note::Quota,
+                ..reject(486)
+            });
         }
         if self.cfg.total_quota > 0
             && (self.allocations.len() + self.pending.len()) as u64
                 >= u64::from(self.cfg.total_quota)
         {
-            return Err(reject(508));
+            return Err(Reject {
+                note: Note::Quota,
+                ..reject(508)
+            });
         }
         let lifetime = match msg.attr::<Lifetime>()? {
             Some(l) => l.0.clamp(self.cfg.default_lifetime, self.cfg.max_lifetime),
@@ -1081,6 +1282,7 @@ impl Server {
             deadline: expires,
             bandwidth: self.cfg.bandwidth_limit,
             user: p.auth.account.clone(),
+            username: p.auth.username.clone(),
             dont_fragment: p.dont_fragment,
         }));
         out.push(Output::Event(Event::Created {
@@ -1175,7 +1377,10 @@ impl Server {
             self.cfg.policy.check_ip(peer.ip())
         };
         if verdict == Verdict::Deny {
-            return Err(reject(403));
+            return Err(Reject {
+                note: Note::Policy(peer),
+                ..reject(403)
+            });
         }
         Ok(())
     }
@@ -1343,8 +1548,18 @@ impl Server {
                 }
             }
         }
-        if self.limiter.tracked() > 4096 {
+        if now >= self.next_sweep {
+            self.next_sweep = now.plus_ms(SWEEP_INTERVAL_MS);
             self.limiter.sweep(now);
+            for (kind, log) in Refusal::ALL.iter().zip(self.refusal_logs.iter_mut()) {
+                if let Some(n) = log.take_suppressed() {
+                    tracing::warn!(
+                        kind = kind.name(),
+                        suppressed = n,
+                        "{n} similar refusal log lines suppressed"
+                    );
+                }
+            }
         }
     }
 
@@ -1406,7 +1621,7 @@ impl Server {
         }
         let mut a = Allocation {
             tuple: r.tuple,
-            username: String::new(),
+            username: r.username,
             account: r.user.clone(),
             relays: r.relays,
             expires: r.expires,

@@ -331,6 +331,7 @@ fn change_to_api(c: &TableChange, worker: u32) -> v1::TableChange {
             deadline,
             bandwidth,
             user,
+            username: _,
             dont_fragment,
         } => C::AllocationAdd(v1::AllocationAdd {
             allocation: Some(v1::Allocation {
@@ -406,6 +407,7 @@ fn restored_from_api(s: &v1::AllocationState) -> Option<(RestoredAllocation, u32
         id: AllocationId(a.allocation_id),
         tuple: tuple_from_api(a.five_tuple.as_ref())?,
         user: a.user_id.clone(),
+        username: String::new(),
         relays: a
             .relay_addresses
             .iter()

@@ -70,6 +70,11 @@ pub enum TableChange {
         bandwidth: u64,
         /// The accounting user (not secret; used for usage events).
         user: String,
+        /// The username the allocation was created with (for a REST credential it embeds
+        /// the expiry, so it differs from `user`). Kept by the data plane and reported
+        /// back in a resync, so that a restarted control plane still refuses other
+        /// credentials on this allocation with 441.
+        username: String,
         /// DONT-FRAGMENT was asked: relay with the DF bit set.
         dont_fragment: bool,
     },

@@ -897,6 +897,7 @@ fn revoke_and_restore() {
             id: info.id,
             tuple: info.tuple,
             user: info.account.clone(),
+            username: info.username.clone(),
             relays: info.relays.clone(),
             expires: info.expires,
             permissions: info.permissions.clone(),

@@ -137,3 +137,74 @@ fn cidr_parsing() {
     );
     assert_eq!("fd12::1/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
 }
+
+#[test]
+fn operator_deny_rules_on_ipv6_transition_prefixes_match() {
+    // Each rule names a transition prefix as written; the address it is checked against
+    // canonicalizes to a public IPv4 address, which used to hide it from the rule.
+    let cases = [
+        ("64:ff9b::/96", "64:ff9b::808:808"),
+        ("2002::/16", "2002:808:808::1"),
+        ("2001::/32", "2001:0:4136:e378:8000:63bf:f7f7:f7f7"),
+        ("::ffff:0:0/96", "::ffff:8.8.8.8"),
+    ];
+    for (rule, addr) in cases {
+        let open = PeerPolicy::default();
+        assert_eq!(open.check_ip(ip(addr)), Verdict::Allow, "{addr}");
+        let p = PeerPolicy::new(vec![], vec![rule.parse().unwrap()], vec![]);
+        assert_eq!(p.check_ip(ip(addr)), Verdict::Deny, "{rule} {addr}");
+        assert_eq!(
+            p.check(SocketAddr::new(ip(addr), 443)),
+            Verdict::Deny,
+            "{rule} {addr}"
+        );
+        // The plain IPv4 address is not under the IPv6 rule.
+        assert_eq!(p.check_ip(ip("8.8.8.8")), Verdict::Allow, "{rule}");
+    }
+}
+
+#[test]
+fn an_allow_on_one_form_does_not_lift_a_deny_on_the_other() {
+    // Allowing the NAT64 prefix opens public IPv4 through it, not loopback or private
+    // ranges spelled through it.
+    let p = PeerPolicy::new(vec!["64:ff9b::/96".parse().unwrap()], vec![], vec![]);
+    assert_eq!(p.check_ip(ip("64:ff9b::808:808")), Verdict::Allow);
+    assert_eq!(p.check_ip(ip("64:ff9b::7f00:1")), Verdict::Deny);
+    assert_eq!(p.check_ip(ip("64:ff9b::a00:1")), Verdict::Deny);
+    // An IPv4 allow does not lift an operator deny on the IPv6 spelling.
+    let p = PeerPolicy::new(
+        vec!["10.0.0.0/8".parse().unwrap()],
+        vec!["64:ff9b::/96".parse().unwrap()],
+        vec![],
+    );
+    assert_eq!(p.check_ip(ip("10.1.2.3")), Verdict::Allow);
+    assert_eq!(p.check_ip(ip("::ffff:10.1.2.3")), Verdict::Allow);
+    assert_eq!(p.check_ip(ip("64:ff9b::a01:203")), Verdict::Deny);
+    // ...and an IPv4 allow still covers the other spellings of an allowed address.
+    assert_eq!(p.check_ip(ip("2002:a01:203::")), Verdict::Allow);
+}
+
+#[test]
+fn nat64_local_use_prefix_is_decoded_with_rfc6052_layouts() {
+    // RFC 6052 /48 layout under 64:ff9b:1::/48: 10.0 in bits 48..63, the u octet, then
+    // 0.1. Read with the /96 layout it looked like 8.8.8.8.
+    let addr = ip("64:ff9b:1:a00:0:100:808:808");
+    assert_eq!(canonical_ip(addr), ip("10.0.0.1"));
+    let p = PeerPolicy::default();
+    assert_eq!(p.check_ip(addr), Verdict::Deny);
+    assert_eq!(p.check(SocketAddr::new(addr, 3478)), Verdict::Deny);
+    // The /48 layout of a public address.
+    let public = ip("64:ff9b:1:808:8:800::");
+    assert_eq!(canonical_ip(public), ip("8.8.8.8"));
+    assert_eq!(p.check_ip(public), Verdict::Allow);
+    // A /96 carved from the local-use prefix: the /48 field is empty, the /96 one counts.
+    assert_eq!(canonical_ip(ip("64:ff9b:1::808:808")), ip("8.8.8.8"));
+    assert_eq!(p.check_ip(ip("64:ff9b:1::808:808")), Verdict::Allow);
+    assert_eq!(p.check_ip(ip("64:ff9b:1::7f00:1")), Verdict::Deny);
+    // A /64 carved from it: 127.0.0.1 after the u octet.
+    assert_eq!(canonical_ip(ip("64:ff9b:1:0:7f:0:100::")), ip("127.0.0.1"));
+    assert_eq!(p.check_ip(ip("64:ff9b:1:0:7f:0:100::")), Verdict::Deny);
+    // A /96 inside a sub-prefix whose /48 field looks public still reaches 10.0.0.1:
+    // every layout is judged.
+    assert_eq!(p.check_ip(ip("64:ff9b:1:abcd::a00:1")), Verdict::Deny);
+}
