@@ -214,6 +214,11 @@ impl Env<'_> {
             // Every client of the benchmark comes from 127.0.0.1; coturn has no such limit.
             "--unauth-rate",
             "0",
+            // The benchmark's one user holds thousands of allocations.
+            "--user-quota",
+            "0",
+            "--total-quota",
+            "0",
         ])
         .env("RUST_LOG", "warn")
         .stderr(log);

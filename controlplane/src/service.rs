@@ -331,7 +331,7 @@ fn change_to_api(c: &TableChange, worker: u32) -> v1::TableChange {
             deadline,
             bandwidth,
             user,
-            username: _,
+            username,
             dont_fragment,
         } => C::AllocationAdd(v1::AllocationAdd {
             allocation: Some(v1::Allocation {
@@ -343,7 +343,7 @@ fn change_to_api(c: &TableChange, worker: u32) -> v1::TableChange {
                 bandwidth_limit_bytes_per_second: *bandwidth,
                 user_id: user.clone(),
                 dont_fragment: *dont_fragment,
-                username: String::new(), // MERGE: from AllocationAdd.username
+                username: username.clone(),
             }),
         }),
         TableChange::AllocationRefresh { id, deadline } => {
@@ -407,7 +407,7 @@ fn restored_from_api(s: &v1::AllocationState) -> Option<(RestoredAllocation, u32
         id: AllocationId(a.allocation_id),
         tuple: tuple_from_api(a.five_tuple.as_ref())?,
         user: a.user_id.clone(),
-        username: String::new(),
+        username: a.username.clone(),
         relays: a
             .relay_addresses
             .iter()
@@ -1072,9 +1072,11 @@ impl Actor {
                 punted_requests: self.punted,
                 auth_failures: s.auth_failures,
                 rate_limited: s.rate_limited,
-                policy_denied: 0,  // MERGE
-                quota_rejected: 0, // MERGE
+                policy_denied: s.policy_denied,
+                quota_rejected: s.quota_rejected,
                 ownership_violations: self.ownership_violations,
+                user_quota: self.server.config().user_quota,
+                total_quota: self.server.config().total_quota,
             }),
             data_planes,
         }

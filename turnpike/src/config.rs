@@ -66,8 +66,12 @@ pub struct FileConfig {
     pub total_quota: Option<u32>,
     /// Bytes per second per allocation and direction, 0 = unlimited.
     pub bandwidth_limit: Option<u64>,
-    /// Unauthenticated requests per second per source IP, 0 = unlimited.
+    /// Unauthenticated requests per second per client address (IP:port), 0 = unlimited
+    /// (and no per-IP cap either).
     pub unauth_rate: Option<u32>,
+    /// Unauthenticated requests per second per source IP, all ports together (many
+    /// clients behind one NAT share it), 0 = unlimited.
+    pub unauth_ip_rate: Option<u32>,
     /// Pin workers to cores.
     pub pin_workers: Option<bool>,
     /// Data-plane identity (split mode).
@@ -158,9 +162,14 @@ pub struct Flags {
     /// Maximum allocation lifetime in seconds.
     #[arg(long, env = "TURNPIKE_MAX_LIFETIME")]
     pub max_lifetime: Option<u32>,
-    /// Unauthenticated requests per second per source IP (0: unlimited).
+    /// Unauthenticated requests per second per client IP:port (default 20; 0: no limit
+    /// at all).
     #[arg(long, env = "TURNPIKE_UNAUTH_RATE")]
     pub unauth_rate: Option<u32>,
+    /// Unauthenticated requests per second per source IP over all its ports (default
+    /// 200; 0: no per-IP cap).
+    #[arg(long, env = "TURNPIKE_UNAUTH_IP_RATE")]
+    pub unauth_ip_rate: Option<u32>,
     /// Do not pin workers to cores.
     #[arg(long, env = "TURNPIKE_NO_PIN")]
     pub no_pin: bool,
@@ -446,7 +455,15 @@ impl Config {
         }
         if let Some(v) = flags.unauth_rate.or(file.unauth_rate) {
             server.unauth_rate = v;
-            server.unauth_burst = v.saturating_mul(2).max(1);
+            server.unauth_burst = v.saturating_mul(3).max(1);
+            if v == 0 {
+                // "No limit" means none: the per-IP cap goes too.
+                server.unauth_ip_rate = 0;
+            }
+        }
+        if let Some(v) = flags.unauth_ip_rate.or(file.unauth_ip_rate) {
+            server.unauth_ip_rate = v;
+            server.unauth_ip_burst = v.saturating_mul(5).max(1);
         }
         server.legacy_channel_numbers =
             flags.legacy_channel_numbers || file.legacy_channel_numbers.unwrap_or(false);

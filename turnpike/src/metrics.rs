@@ -117,6 +117,24 @@ async fn render(
                 "Unauthenticated requests dropped by the rate limiter.",
                 s.rate_limited,
             ),
+            (
+                "turnpike_policy_denied_total",
+                "counter",
+                "Requests refused by the peer policy (403).",
+                s.policy_denied,
+            ),
+            (
+                "turnpike_quota_rejected_total",
+                "counter",
+                "Allocations refused by a quota or capacity limit (486, 508).",
+                s.quota_rejected,
+            ),
+            (
+                "turnpike_stale_nonces_total",
+                "counter",
+                "Requests answered 438 Stale Nonce.",
+                s.stale_nonces,
+            ),
         ] {
             metric(&mut o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");
