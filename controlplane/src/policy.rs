@@ -151,6 +151,18 @@ impl PeerPolicy {
         }
     }
 
+    /// Adds service sockets learned at run time (a data plane's real listening addresses,
+    /// from its Hello: in split mode the control plane's configuration does not know them,
+    /// and a configured port 0 is not the port in use).
+    pub fn add_own_sockets(&mut self, extra: impl IntoIterator<Item = SocketAddr>) {
+        for s in extra {
+            let s = SocketAddr::new(canonical_ip(s.ip()), s.port());
+            if s.port() != 0 && !self.own.contains(&s) {
+                self.own.push(s);
+            }
+        }
+    }
+
     /// The server's own service sockets, canonical.
     pub fn own_sockets(&self) -> &[SocketAddr] {
         &self.own

@@ -526,6 +526,19 @@ impl Actor {
                         attached_at: now(),
                     },
                 );
+                // Its listening sockets are never a peer (finding: ChannelBind to a data
+                // plane's own socket looped the server into itself).
+                if let Some(c) = self.conns.get(&conn) {
+                    let own: Vec<SocketAddr> = c
+                        .hello
+                        .listening_addresses
+                        .iter()
+                        .filter_map(|l| SocketAddr::try_from(l.address.as_ref()?).ok())
+                        .collect();
+                    let mut policy = self.server.config().policy.clone();
+                    policy.add_own_sockets(own);
+                    self.server.set_policy(policy);
+                }
                 if let Some(table) = &table {
                     self.restore(conn, &id, table);
                 }
