@@ -101,6 +101,38 @@ fn serve_without_arguments_is_a_working_dev_server_with_default_peer_policy() {
     // A wrong password fails.
     let mut bad = Turn::new(server, &user, "wrong");
     assert_eq!(bad.allocate(), Outcome::Failed(401));
+    // Its Admin API is on loopback and needs the printed token.
+    let token = p.wait_for("admin token", Duration::from_secs(1));
+    assert!(
+        p.seen
+            .iter()
+            .any(|l| l.contains("admin listening on http://127.0.0.1:3479"))
+    );
+    let token = token.split_whitespace().nth(3).unwrap().to_owned();
+    let out = Command::new(common::bin())
+        .args(["ctl", "--token", &token, "stats"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.kill();
+    // A control plane with no address configured listens on loopback (same port, so
+    // this runs after serve has gone).
+    let certs = common::Certs::new("default-listen");
+    let mut args = vec![
+        "controlplane".to_owned(),
+        "--user".to_owned(),
+        "u:p".to_owned(),
+    ];
+    args.extend(certs.control_plane());
+    let mut cp = common::spawn_owned(&args);
+    cp.wait_for(
+        "turnpike grpc listening on 127.0.0.1:3479",
+        Duration::from_secs(20),
+    );
 }
 
 #[test]
