@@ -19,7 +19,8 @@ pub struct Drops {
     pub no_channel: u64,
     /// The allocation's bandwidth limit was exhausted.
     pub bandwidth: u64,
-    /// The Send indication was for a denied peer.
+    /// The peer is denied (one of the server's own sockets): a Send indication or
+    /// ChannelData to it, or a datagram from it to a relay socket.
     pub denied_peer: u64,
     /// The kernel refused the send (or no socket was there to send from).
     pub send_error: u64,
@@ -46,6 +47,9 @@ pub struct WorkerCounters {
     pub control_sent: u64,
     /// Sends that carried several segments with UDP GSO.
     pub gso_sends: u64,
+    /// Channel bindings refused because their peer is denied (one of the server's own
+    /// sockets).
+    pub channels_refused: u64,
     /// Drops, by reason.
     pub dropped: Drops,
 }
@@ -87,6 +91,7 @@ pub(crate) struct Counters {
     pub(crate) binding_answered: AtomicU64,
     pub(crate) control_sent: AtomicU64,
     pub(crate) gso_sends: AtomicU64,
+    pub(crate) channels_refused: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) unexpected: AtomicU64,
     pub(crate) no_allocation: AtomicU64,
@@ -116,6 +121,7 @@ impl Counters {
             binding_answered: r(&self.binding_answered),
             control_sent: r(&self.control_sent),
             gso_sends: r(&self.gso_sends),
+            channels_refused: r(&self.channels_refused),
             dropped: Drops {
                 malformed: r(&self.malformed),
                 unexpected: r(&self.unexpected),

@@ -29,8 +29,8 @@
 //! A worker owns its sockets, table shard and buffers; the only shared state is the
 //! per-worker command queue (std `mpsc`, plus an eventfd to wake the worker), the
 //! per-worker counters (atomics written by their worker alone: a relaxed load and store,
-//! no locked instruction), and the denied-peer set (an `ArcSwap` snapshot read once per
-//! Send indication). The handle remembers which worker bound relays for a 5-tuple and
+//! no locked instruction), and the denied-peer set (an `ArcSwap` snapshot read for each
+//! Send indication, ChannelData, peer datagram and channel installed). The handle remembers which worker bound relays for a 5-tuple and
 //! so which owns each allocation; that map is behind a mutex on the control path only.
 //!
 //! # Time
@@ -62,11 +62,29 @@
 //! probed per socket; when the kernel refuses a GSO send (EIO/EINVAL) it is disabled
 //! for that socket and the group is re-sent one datagram at a time.
 //!
+//! # Peers
+//!
+//! The server's own sockets are never peers. The denied set holds
+//! [`DataPlaneConfig::denied_peers`] (or what [`DataPlaneHandle::set_denied_peers`]
+//! installed) and always the actual listening addresses (ports chosen for port 0
+//! included; a wildcard listening address denies every IP of its family on its port).
+//! A channel to a denied peer is refused when installed (counted as
+//! `channels_refused`), whatever permission the allocation has; Send indications and
+//! ChannelData to a denied peer, and datagrams from one arriving on a relay socket, are
+//! dropped as `denied_peer`. A peer with an unspecified IP is always denied.
+//!
+//! ChannelData needs a live permission for the channel's peer in both directions, as
+//! Send and Data indications do (RFC 8656 §12). Peer → client, a new channel is used
+//! only once the worker has sent the client a ChannelBind success response; until then
+//! the peer's data goes as Data indications (see `Channel` in `engine.rs`).
+//!
 //! # Bandwidth
 //!
-//! An allocation with a non-zero `bandwidth` has a token bucket per direction (bytes of
-//! application data per second, burst one second's worth, exact at millisecond steps);
-//! a datagram that does not fit is dropped and counted as `bandwidth`.
+//! An allocation with a non-zero `bandwidth` has a token bucket per direction (bytes per
+//! second, burst one second's worth, exact at millisecond steps). Each datagram costs
+//! its application bytes plus the IP and UDP headers of the datagram sent (28 bytes to
+//! an IPv4 address, 48 to IPv6), so that empty datagrams are not free; one that does not
+//! fit is dropped and counted as `bandwidth`. Usage counts application bytes only.
 #![allow(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -105,7 +123,8 @@ pub struct DataPlaneConfig {
     pub backend: Backend,
     /// Pin workers to cores.
     pub pin: bool,
-    /// Peers never relayed to (the server's own service sockets), checked on Send.
+    /// Peers never relayed to or from (the server's own service sockets). The actual
+    /// listening addresses are always added.
     pub denied_peers: Vec<SocketAddr>,
     /// SO_RCVBUF/SO_SNDBUF for every socket, in bytes.
     pub socket_buffer: usize,
@@ -173,8 +192,11 @@ pub enum Change {
         deadline: u64,
         /// Bytes per second per direction; 0 unlimited.
         bandwidth: u64,
-        /// Accounting user.
+        /// Accounting user (the account the allocation is billed to).
         user: String,
+        /// The STUN USERNAME the allocation was authenticated with, so that a control
+        /// plane rebuilding its state from the data plane's table knows who owns it.
+        username: String,
     },
     /// New deadline.
     AllocationRefresh {
@@ -253,8 +275,10 @@ pub struct AllocationSnapshot {
     pub deadline: u64,
     /// Bytes per second per direction; 0 unlimited.
     pub bandwidth: u64,
-    /// Accounting user.
+    /// Accounting user (the account the allocation is billed to).
     pub user: String,
+    /// The STUN USERNAME the allocation was authenticated with.
+    pub username: String,
     /// Installed permissions: peer IP and deadline (unix millis).
     pub permissions: Vec<(IpAddr, u64)>,
     /// Bound channels: number, peer and deadline (unix millis).
