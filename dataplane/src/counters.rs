@@ -26,6 +26,8 @@ pub struct Drops {
     pub send_error: u64,
     /// The allocation, permission or channel had passed its deadline.
     pub expired: u64,
+    /// A Binding request over its source's rate limit ([`crate::BindingLimit`]).
+    pub rate_limited: u64,
 }
 
 /// A snapshot of one worker's counters.
@@ -56,7 +58,7 @@ pub struct WorkerCounters {
 
 impl Drops {
     /// Every reason with its count, named as in metrics (`snake_case`).
-    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 10] {
         [
             ("malformed", self.malformed),
             ("unexpected", self.unexpected),
@@ -67,13 +69,14 @@ impl Drops {
             ("denied_peer", self.denied_peer),
             ("send_error", self.send_error),
             ("expired", self.expired),
+            ("rate_limited", self.rate_limited),
         ]
     }
 }
 
 impl WorkerCounters {
     /// Drops by reason: [`Drops::by_reason`] of [`WorkerCounters::dropped`].
-    pub fn drops(&self) -> [(&'static str, u64); 9] {
+    pub fn drops(&self) -> [(&'static str, u64); 10] {
         self.dropped.by_reason()
     }
 }
@@ -101,6 +104,7 @@ pub(crate) struct Counters {
     pub(crate) denied_peer: AtomicU64,
     pub(crate) send_error: AtomicU64,
     pub(crate) expired: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
 }
 
 /// Adds `n` to a counter that only the calling thread writes.
@@ -132,6 +136,7 @@ impl Counters {
                 denied_peer: r(&self.denied_peer),
                 send_error: r(&self.send_error),
                 expired: r(&self.expired),
+                rate_limited: r(&self.rate_limited),
             },
         }
     }

@@ -14,17 +14,21 @@ use std::sync::{Arc, mpsc};
 use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use turnpike_proto::attr::{ErrorCode, UnknownAttributes};
 use turnpike_proto::channel::{CHANNEL_HEADER_LEN, ChannelData};
 use turnpike_proto::demux::{PacketKind, classify};
-use turnpike_proto::stun::{Class, Message, Method, TransactionId, padded};
+use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId, padded};
 use turnpike_proto::turn::{
     MAX_DATA_INDICATION_HEADER, SendIndication, data_indication_header_len, write_binding_response,
     write_data_indication_header,
 };
 
 use crate::counters::{Counters, bump};
+use crate::limit::Limiter;
 use crate::sys;
-use crate::{AllocationKey, AllocationSnapshot, Change, ControlSink, Punted, Tuple, Usage};
+use crate::{
+    AllocationKey, AllocationSnapshot, BindingLimit, Change, ControlSink, Punted, Tuple, Usage,
+};
 
 /// Bytes reserved in front of every received payload for the header written in place.
 pub(crate) const HEADROOM: usize = MAX_DATA_INDICATION_HEADER;
@@ -52,6 +56,33 @@ pub(crate) const fn wire_overhead(to: &SocketAddr) -> usize {
 fn is_channel_bind_success(d: &[u8]) -> bool {
     Message::parse(d)
         .is_ok_and(|m| (m.method(), m.class()) == (Method::CHANNEL_BIND, Class::Success))
+}
+
+/// Answers a Binding request (RFC 8489 §7.3) into `out`: the success response, or a
+/// 420 with a short reason phrase so that the answer to a request with unknown
+/// comprehension-required attributes (each at least 4 bytes of the request, at most
+/// [`turnpike_proto::stun::MAX_UNKNOWN`] listed) is at most 24 bytes larger than the
+/// request, as the success response to an IPv6 source is: an unauthenticated answer
+/// must not amplify much.
+fn write_binding_answer(
+    out: &mut [u8],
+    req: &Message<'_>,
+    mapped: SocketAddr,
+) -> Result<usize, turnpike_proto::error::EncodeError> {
+    let unknown = req.unknown_required();
+    if unknown.is_empty() {
+        return write_binding_response(out, req, mapped);
+    }
+    let mut w = MessageWriter::new(out, Method::BINDING, Class::Error, req.transaction_id())?;
+    w.add(&ErrorCode {
+        code: 420,
+        reason: "Unknown",
+    })?;
+    w.add(&UnknownAttributes::new(unknown))?;
+    if req.has_fingerprint() {
+        w.add_fingerprint()?;
+    }
+    Ok(w.finish())
 }
 
 /// Unix time in milliseconds.
@@ -386,6 +417,8 @@ pub(crate) struct Core {
     pending: AHashMap<Tuple, Vec<PendingBind>>,
     next_sweep: u64,
     tid_state: u64,
+    /// Binding answers per source.
+    binding_limit: Limiter,
 }
 
 impl std::fmt::Debug for Core {
@@ -407,6 +440,7 @@ pub(crate) struct CoreInit {
     pub(crate) ctr: Arc<Counters>,
     pub(crate) buffers: usize,
     pub(crate) legacy_channels: bool,
+    pub(crate) binding_limit: BindingLimit,
 }
 
 impl Core {
@@ -428,6 +462,7 @@ impl Core {
             by_tuple: AHashMap::new(),
             pending: AHashMap::new(),
             next_sweep: now + SWEEP_MS,
+            binding_limit: Limiter::new(&init.binding_limit),
             tid_state: 0x9E37_79B9_7F4A_7C15
                 ^ (init.id as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
                 ^ now,
@@ -665,11 +700,15 @@ impl Core {
         buf: &mut [u8],
         len: usize,
     ) -> Option<(Token, SocketAddr, usize, usize)> {
+        if !self.binding_limit.allow(tuple.client, self.now) {
+            bump(&self.ctr.rate_limited, 1);
+            return None;
+        }
         // The answer goes in the slot right after the request.
         let at = padded(HEADROOM + len);
         let (head, tail) = buf.split_at_mut_checked(at)?;
         let msg = Message::parse(head.get(HEADROOM..HEADROOM + len)?).ok()?;
-        match write_binding_response(tail, &msg, tuple.client) {
+        match write_binding_answer(tail, &msg, tuple.client) {
             Ok(n) => {
                 bump(&self.ctr.binding_answered, 1);
                 Some((listen, tuple.client, at, n))
@@ -1031,6 +1070,7 @@ impl Core {
     }
 
     fn sweep(&mut self, now: u64) {
+        self.binding_limit.sweep(now);
         let expired: Vec<AllocationKey> = self
             .allocs
             .iter()
@@ -1144,6 +1184,7 @@ mod tests {
             ctr: Arc::new(Counters::default()),
             buffers: 0,
             legacy_channels: false,
+            binding_limit: BindingLimit::default(),
         });
         (c.unwrap_or_else(|e| panic!("{e}")), tx)
     }
@@ -1305,6 +1346,67 @@ mod tests {
         assert!(confirmed(&c, 0x4000) && !confirmed(&c, 0x4001));
         set(&mut c, 0x4000, "192.0.2.3:1");
         assert!(!confirmed(&c, 0x4000));
+    }
+
+    /// A Binding request: `unknown` comprehension-required attributes this codec does
+    /// not know, then FINGERPRINT if asked.
+    fn binding_request(unknown: u16, fingerprint: bool) -> Vec<u8> {
+        let mut buf = [0u8; 512];
+        let mut w = MessageWriter::new(
+            &mut buf,
+            Method::BINDING,
+            Class::Request,
+            TransactionId([7; 12]),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        for i in 0..unknown {
+            w.add_raw(turnpike_proto::attr::AttrType(0x7F00 + i), &[])
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        if fingerprint {
+            w.add_fingerprint().unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn binding_answers_barely_larger_than_requests() {
+        let v4 = addr("192.0.2.1:1");
+        let v6 = addr("[2001:db8::1]:1");
+        for unknown in [0, 1, 2, 7, 8, 9, 20] {
+            for fp in [false, true] {
+                let req = binding_request(unknown, fp);
+                let msg = Message::parse(&req).unwrap_or_else(|e| panic!("{e:?}"));
+                assert_eq!(msg.has_fingerprint(), fp);
+                for src in [v4, v6] {
+                    let mut out = [0u8; 512];
+                    let n = write_binding_answer(&mut out, &msg, src)
+                        .unwrap_or_else(|e| panic!("{e:?}"));
+                    let ans = Message::parse(&out[..n]).unwrap_or_else(|e| panic!("{e:?}"));
+                    let class = if unknown == 0 {
+                        Class::Success
+                    } else {
+                        Class::Error
+                    };
+                    assert_eq!((ans.method(), ans.class()), (Method::BINDING, class));
+                    if unknown > 0 {
+                        let e = ans.attr::<ErrorCode<'_>>().ok().flatten();
+                        assert_eq!(e.map(|e| e.code), Some(420));
+                        let listed = ans.attr::<UnknownAttributes<'_>>().ok().flatten();
+                        assert_eq!(
+                            listed.map(|u| u.types().count()),
+                            Some(usize::from(unknown).min(turnpike_proto::stun::MAX_UNKNOWN))
+                        );
+                    }
+                    assert!(
+                        n <= req.len() + 24,
+                        "{unknown} unknown, fingerprint {fp}, {src}: {n} bytes answer {}",
+                        req.len()
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! [`DataPlane::start`] spawns one pinned worker thread per core. Each owns an
 //! SO_REUSEPORT socket on every listening address, the relay sockets of its allocations
 //! and its shard of the relay table. Workers forward ChannelData and Send/Data
-//! indications themselves, answer Binding requests, and punt every other STUN request
+//! indications themselves, answer Binding requests (rate-limited per source, see
+//! [`BindingLimit`]; an answer is at most 24 bytes larger than its request), and punt every other STUN request
 //! to the control plane through the [`ControlSink`] given at start. The control plane's
 //! answers come back through a [`DataPlaneHandle`]: datagrams to send, relay sockets to
 //! bind, and table changes, each queued to the owning worker and applied between batches.
@@ -92,6 +93,7 @@ use std::net::{IpAddr, SocketAddr};
 pub mod agent;
 mod counters;
 mod engine;
+mod limit;
 mod mmsg;
 mod plane;
 mod sys;
@@ -131,6 +133,40 @@ pub struct DataPlaneConfig {
     /// Accept ChannelData on RFC 5766 channel numbers 0x5000..=0x7FFF too (the control
     /// plane binds them only when configured to).
     pub legacy_channel_numbers: bool,
+    /// How many Binding requests a worker answers per source.
+    pub binding_limit: BindingLimit,
+}
+
+/// How many Binding requests each worker answers per source; the others are dropped
+/// and counted as `rate_limited`. The limits are per worker: the kernel spreads one
+/// IP's ports over the workers, so one IP gets at most `workers × ip_rate` answers per
+/// second in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindingLimit {
+    /// Answers per second per source IP and port; 0 turns this limit off.
+    pub rate: u32,
+    /// Burst per source IP and port.
+    pub burst: u32,
+    /// Answers per second per source IP, all its ports together; 0 turns this limit off.
+    pub ip_rate: u32,
+    /// Burst per source IP.
+    pub ip_burst: u32,
+    /// Sources (IP and port) and, separately, IPs a worker tracks. When a table is full,
+    /// sources whose buckets have refilled are forgotten; new sources that still find no
+    /// room share one bucket.
+    pub max_sources: usize,
+}
+
+impl Default for BindingLimit {
+    fn default() -> Self {
+        BindingLimit {
+            rate: 50,
+            burst: 100,
+            ip_rate: 250,
+            ip_burst: 500,
+            max_sources: 16384,
+        }
+    }
 }
 
 impl Default for DataPlaneConfig {
@@ -143,6 +179,7 @@ impl Default for DataPlaneConfig {
             denied_peers: Vec::new(),
             socket_buffer: 4 << 20,
             legacy_channel_numbers: false,
+            binding_limit: BindingLimit::default(),
         }
     }
 }

@@ -59,6 +59,7 @@ impl Server {
             denied_peers: denied,
             socket_buffer: 1 << 20,
             legacy_channel_numbers: legacy,
+            ..DataPlaneConfig::default()
         };
         let dp = DataPlane::start(cfg, Arc::new(Sink(tx))).unwrap();
         assert_eq!(dp.backend(), backend);
@@ -98,6 +99,7 @@ impl Server {
             t.dropped.denied_peer += c.dropped.denied_peer;
             t.dropped.send_error += c.dropped.send_error;
             t.dropped.expired += c.dropped.expired;
+            t.dropped.rate_limited += c.dropped.rate_limited;
         }
         t
     }
@@ -1120,6 +1122,39 @@ fn new_channel_waits_for_bind_response(b: Backend) {
     assert_eq!(recv_cd(&client), (0x4001, b"confirmed".to_vec()));
 }
 
+/// A burst of Binding requests from one source gets at most the burst of the default
+/// limit (100, then 50/s) answered; another source is answered meanwhile.
+fn binding_rate_limited(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let start = Instant::now();
+    let req = binding_request(TransactionId([6; 12]));
+    in_rounds(
+        &s,
+        300,
+        || {
+            client.send_to(&req, s.addr).unwrap();
+        },
+        |t| t.binding_answered + t.dropped.rate_limited,
+    );
+    let t = s.total();
+    let budget = 100 + 50 * start.elapsed().as_millis() as u64 / 1000 + 1;
+    assert!(
+        t.binding_answered >= 100 && t.binding_answered <= budget,
+        "{} answered, budget {budget}",
+        t.binding_answered
+    );
+    assert_eq!(t.dropped.rate_limited, 300 - t.binding_answered);
+    for _ in 0..t.binding_answered {
+        let (d, _) = recv(&client);
+        assert!(d.len() <= req.len() + 24);
+    }
+    assert_silent(&client);
+    let other = socket("127.0.0.1");
+    other.send_to(&req, s.addr).unwrap();
+    assert_eq!(recv(&other).0.len(), 32);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -1155,4 +1190,5 @@ on_both_backends!(
     channel_needs_live_permission,
     bandwidth_counts_empty_datagrams,
     new_channel_waits_for_bind_response,
+    binding_rate_limited,
 );
