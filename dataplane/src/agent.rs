@@ -100,6 +100,8 @@ fn snapshot_api(s: &AllocationSnapshot) -> v1::AllocationState {
             deadline_unix_millis: s.deadline,
             bandwidth_limit_bytes_per_second: s.bandwidth,
             user_id: s.user.clone(),
+            // TODO(username): send s.username as v1::Allocation.username once the proto
+            // field exists, so that a restored allocation knows its owner.
             dont_fragment: false,
             username: String::new(), // MERGE: from the snapshot
         }),
@@ -139,6 +141,8 @@ fn change_from(c: v1::TableChange) -> Option<Change> {
                 deadline: a.deadline_unix_millis,
                 bandwidth: a.bandwidth_limit_bytes_per_second,
                 user: a.user_id,
+                // TODO(username): map v1::Allocation.username once the proto field exists.
+                username: String::new(),
             }
         }
         C::AllocationRefresh(r) => Change::AllocationRefresh {

@@ -19,12 +19,15 @@ pub struct Drops {
     pub no_channel: u64,
     /// The allocation's bandwidth limit was exhausted.
     pub bandwidth: u64,
-    /// The Send indication was for a denied peer.
+    /// The peer is denied (one of the server's own sockets): a Send indication or
+    /// ChannelData to it, or a datagram from it to a relay socket.
     pub denied_peer: u64,
     /// The kernel refused the send (or no socket was there to send from).
     pub send_error: u64,
     /// The allocation, permission or channel had passed its deadline.
     pub expired: u64,
+    /// A Binding request over its source's rate limit ([`crate::BindingLimit`]).
+    pub rate_limited: u64,
 }
 
 /// A snapshot of one worker's counters.
@@ -46,13 +49,16 @@ pub struct WorkerCounters {
     pub control_sent: u64,
     /// Sends that carried several segments with UDP GSO.
     pub gso_sends: u64,
+    /// Channel bindings refused because their peer is denied (one of the server's own
+    /// sockets).
+    pub channels_refused: u64,
     /// Drops, by reason.
     pub dropped: Drops,
 }
 
 impl Drops {
     /// Every reason with its count, named as in metrics (`snake_case`).
-    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 10] {
         [
             ("malformed", self.malformed),
             ("unexpected", self.unexpected),
@@ -63,13 +69,14 @@ impl Drops {
             ("denied_peer", self.denied_peer),
             ("send_error", self.send_error),
             ("expired", self.expired),
+            ("rate_limited", self.rate_limited),
         ]
     }
 }
 
 impl WorkerCounters {
     /// Drops by reason: [`Drops::by_reason`] of [`WorkerCounters::dropped`].
-    pub fn drops(&self) -> [(&'static str, u64); 9] {
+    pub fn drops(&self) -> [(&'static str, u64); 10] {
         self.dropped.by_reason()
     }
 }
@@ -87,6 +94,7 @@ pub(crate) struct Counters {
     pub(crate) binding_answered: AtomicU64,
     pub(crate) control_sent: AtomicU64,
     pub(crate) gso_sends: AtomicU64,
+    pub(crate) channels_refused: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) unexpected: AtomicU64,
     pub(crate) no_allocation: AtomicU64,
@@ -96,6 +104,7 @@ pub(crate) struct Counters {
     pub(crate) denied_peer: AtomicU64,
     pub(crate) send_error: AtomicU64,
     pub(crate) expired: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
 }
 
 /// Adds `n` to a counter that only the calling thread writes.
@@ -116,6 +125,7 @@ impl Counters {
             binding_answered: r(&self.binding_answered),
             control_sent: r(&self.control_sent),
             gso_sends: r(&self.gso_sends),
+            channels_refused: r(&self.channels_refused),
             dropped: Drops {
                 malformed: r(&self.malformed),
                 unexpected: r(&self.unexpected),
@@ -126,6 +136,7 @@ impl Counters {
                 denied_peer: r(&self.denied_peer),
                 send_error: r(&self.send_error),
                 expired: r(&self.expired),
+                rate_limited: r(&self.rate_limited),
             },
         }
     }

@@ -14,17 +14,21 @@ use std::sync::{Arc, mpsc};
 use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use turnpike_proto::attr::{ErrorCode, UnknownAttributes};
 use turnpike_proto::channel::{CHANNEL_HEADER_LEN, ChannelData};
 use turnpike_proto::demux::{PacketKind, classify};
-use turnpike_proto::stun::{Class, Message, Method, TransactionId, padded};
+use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId, padded};
 use turnpike_proto::turn::{
     MAX_DATA_INDICATION_HEADER, SendIndication, data_indication_header_len, write_binding_response,
     write_data_indication_header,
 };
 
 use crate::counters::{Counters, bump};
+use crate::limit::Limiter;
 use crate::sys;
-use crate::{AllocationKey, AllocationSnapshot, Change, ControlSink, Punted, Tuple, Usage};
+use crate::{
+    AllocationKey, AllocationSnapshot, BindingLimit, Change, ControlSink, Punted, Tuple, Usage,
+};
 
 /// Bytes reserved in front of every received payload for the header written in place.
 pub(crate) const HEADROOM: usize = MAX_DATA_INDICATION_HEADER;
@@ -38,6 +42,48 @@ pub(crate) const RECV_CAP: usize = SLOT - HEADROOM - TAILROOM;
 pub(crate) const UNCLAIMED_BIND_MS: u64 = 30_000;
 /// How often expired entries are swept.
 pub(crate) const SWEEP_MS: u64 = 1_000;
+
+/// What the bandwidth limit charges per datagram on top of its application bytes: the
+/// IP and UDP headers of the datagram sent to `to`, so that empty datagrams are not free.
+pub(crate) const fn wire_overhead(to: &SocketAddr) -> usize {
+    match to {
+        SocketAddr::V4(_) => 20 + 8,
+        SocketAddr::V6(_) => 40 + 8,
+    }
+}
+
+/// Whether a datagram the control plane sends is a ChannelBind success response.
+fn is_channel_bind_success(d: &[u8]) -> bool {
+    Message::parse(d)
+        .is_ok_and(|m| (m.method(), m.class()) == (Method::CHANNEL_BIND, Class::Success))
+}
+
+/// Answers a Binding request (RFC 8489 §7.3) into `out`: the success response, or a
+/// 420 with a short reason phrase so that the answer to a request with unknown
+/// comprehension-required attributes (each at least 4 bytes of the request, at most
+/// [`turnpike_proto::stun::MAX_UNKNOWN`] listed) is at most 24 bytes larger than the
+/// request, as the success response to an IPv6 source is: an unauthenticated answer
+/// must not amplify much.
+fn write_binding_answer(
+    out: &mut [u8],
+    req: &Message<'_>,
+    mapped: SocketAddr,
+) -> Result<usize, turnpike_proto::error::EncodeError> {
+    let unknown = req.unknown_required();
+    if unknown.is_empty() {
+        return write_binding_response(out, req, mapped);
+    }
+    let mut w = MessageWriter::new(out, Method::BINDING, Class::Error, req.transaction_id())?;
+    w.add(&ErrorCode {
+        code: 420,
+        reason: "Unknown",
+    })?;
+    w.add(&UnknownAttributes::new(unknown))?;
+    if req.has_fingerprint() {
+        w.add_fingerprint()?;
+    }
+    Ok(w.finish())
+}
 
 /// Unix time in milliseconds.
 pub(crate) fn unix_millis() -> u64 {
@@ -203,15 +249,53 @@ struct Alloc {
     deadline: u64,
     bandwidth: u64,
     user: String,
+    username: String,
     perms: AHashMap<IpAddr, u64>,
-    channels: AHashMap<u16, (SocketAddr, u64)>,
+    /// Bound channels by number; see [`Channel`] for when the peer → client direction
+    /// may use them.
+    channels: AHashMap<u16, Channel>,
     peer_channel: AHashMap<SocketAddr, u16>,
     up: Bucket,
     down: Bucket,
     usage: Usage,
 }
 
+/// A bound channel.
+///
+/// Client → peer, a channel forwards as soon as it is installed. Peer → client, a
+/// channel installed by a new [`Change::ChannelSet`] starts unconfirmed and the peer's
+/// data goes out as Data indications (which every client accepts) until the worker has
+/// sent this allocation's client a ChannelBind success response; then it goes out as
+/// ChannelData. Some clients (libnice) drop ChannelData on a channel whose bind they
+/// have not seen confirmed, and the control plane installs the channel before it
+/// answers, so forwarding ChannelData at once would lose the first burst of a call.
+/// A `ChannelSet` for the same number and the same peer (a refresh) keeps the state; a
+/// channel already in the table when the data plane reattaches to a control plane stays
+/// as it was (those the control plane restores from the `Hello` are not reinstalled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Channel {
+    peer: SocketAddr,
+    deadline: u64,
+    /// The client has been sent a ChannelBind success response since it was installed.
+    confirmed: bool,
+}
+
 impl Alloc {
+    /// Whether a permission for `ip` is installed and live; counts the drop if not.
+    fn permits(&self, ip: &IpAddr, now: u64, ctr: &Counters) -> bool {
+        match self.perms.get(ip) {
+            None => {
+                bump(&ctr.no_permission, 1);
+                false
+            }
+            Some(&d) if now >= d => {
+                bump(&ctr.expired, 1);
+                false
+            }
+            Some(_) => true,
+        }
+    }
+
     fn relay_for(&self, peer: &SocketAddr) -> Option<Token> {
         match peer {
             SocketAddr::V4(_) => self.relay_v4,
@@ -280,8 +364,11 @@ impl Denied {
         d
     }
 
-    fn contains(&self, a: &SocketAddr) -> bool {
-        self.exact.contains(a)
+    /// Whether `a` (canonical) is denied. An unspecified IP (0.0.0.0, ::) is always
+    /// denied: sent to, it reaches this host.
+    pub(crate) fn contains(&self, a: &SocketAddr) -> bool {
+        a.ip().is_unspecified()
+            || self.exact.contains(a)
             || self
                 .any_ip
                 .iter()
@@ -330,6 +417,8 @@ pub(crate) struct Core {
     pending: AHashMap<Tuple, Vec<PendingBind>>,
     next_sweep: u64,
     tid_state: u64,
+    /// Binding answers per source.
+    binding_limit: Limiter,
 }
 
 impl std::fmt::Debug for Core {
@@ -351,6 +440,7 @@ pub(crate) struct CoreInit {
     pub(crate) ctr: Arc<Counters>,
     pub(crate) buffers: usize,
     pub(crate) legacy_channels: bool,
+    pub(crate) binding_limit: BindingLimit,
 }
 
 impl Core {
@@ -372,6 +462,7 @@ impl Core {
             by_tuple: AHashMap::new(),
             pending: AHashMap::new(),
             next_sweep: now + SWEEP_MS,
+            binding_limit: Limiter::new(&init.binding_limit),
             tid_state: 0x9E37_79B9_7F4A_7C15
                 ^ (init.id as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
                 ^ now,
@@ -495,12 +586,21 @@ impl Core {
                 };
                 let (channel, n) = (cd.channel, cd.payload.len());
                 let a = self.live_alloc_by_tuple(&tuple)?;
-                let Some(&(peer, deadline)) = a.channels.get(&channel) else {
+                let Some(&Channel { peer, deadline, .. }) = a.channels.get(&channel) else {
                     bump(&self.ctr.no_channel, 1);
                     return None;
                 };
                 if self.now >= deadline {
                     bump(&self.ctr.expired, 1);
+                    return None;
+                }
+                // A channel's peer needs a live permission too (RFC 8656 §12), and the
+                // server's own sockets are never peers, whatever the table says.
+                if !a.permits(&peer.ip(), self.now, &self.ctr) {
+                    return None;
+                }
+                if self.denied.load().contains(&peer) {
+                    bump(&self.ctr.denied_peer, 1);
                     return None;
                 }
                 let from = self.admit_to_peer(&tuple, &peer, n)?;
@@ -525,21 +625,12 @@ impl Core {
                         // Where DATA lies in the slot: its offset from the slot's start.
                         let start = ind.data.as_ptr() as usize - buf.as_ptr() as usize;
                         let a = self.live_alloc_by_tuple(&tuple)?;
-                        let perm = a.perms.get(&peer.ip()).copied();
                         if self.denied.load().contains(&peer) {
                             bump(&self.ctr.denied_peer, 1);
                             return None;
                         }
-                        match perm {
-                            None => {
-                                bump(&self.ctr.no_permission, 1);
-                                return None;
-                            }
-                            Some(d) if self.now >= d => {
-                                bump(&self.ctr.expired, 1);
-                                return None;
-                            }
-                            Some(_) => {}
+                        if !a.permits(&peer.ip(), self.now, &self.ctr) {
+                            return None;
                         }
                         let from = self.admit_to_peer(&tuple, &peer, n)?;
                         Some((from, peer, start, n))
@@ -591,7 +682,7 @@ impl Core {
             bump(&self.ctr.send_error, 1);
             return None;
         };
-        if !a.up.take(a.bandwidth, now, n) {
+        if !a.up.take(a.bandwidth, now, n + wire_overhead(peer)) {
             bump(&self.ctr.bandwidth, 1);
             return None;
         }
@@ -609,11 +700,15 @@ impl Core {
         buf: &mut [u8],
         len: usize,
     ) -> Option<(Token, SocketAddr, usize, usize)> {
+        if !self.binding_limit.allow(tuple.client, self.now) {
+            bump(&self.ctr.rate_limited, 1);
+            return None;
+        }
         // The answer goes in the slot right after the request.
         let at = padded(HEADROOM + len);
         let (head, tail) = buf.split_at_mut_checked(at)?;
         let msg = Message::parse(head.get(HEADROOM..HEADROOM + len)?).ok()?;
-        match write_binding_response(tail, &msg, tuple.client) {
+        match write_binding_answer(tail, &msg, tuple.client) {
             Ok(n) => {
                 bump(&self.ctr.binding_answered, 1);
                 Some((listen, tuple.client, at, n))
@@ -636,6 +731,13 @@ impl Core {
     ) -> Option<(Token, SocketAddr, usize, usize)> {
         let now = self.now;
         let tid = self.next_tid();
+        let peer = canonical(peer);
+        // Nothing from the server's own sockets is relayed: a datagram from a listening
+        // socket to a relay socket is a loop (the server answering its own relay).
+        if self.denied.load().contains(&peer) {
+            bump(&self.ctr.denied_peer, 1);
+            return None;
+        }
         let Some(a) = self.allocs.get_mut(&id) else {
             bump(&self.ctr.no_allocation, 1);
             return None;
@@ -644,29 +746,25 @@ impl Core {
             bump(&self.ctr.expired, 1);
             return None;
         }
-        match a.perms.get(&peer.ip()) {
-            None => {
-                bump(&self.ctr.no_permission, 1);
-                return None;
-            }
-            Some(&d) if now >= d => {
-                bump(&self.ctr.expired, 1);
-                return None;
-            }
-            Some(_) => {}
+        if !a.permits(&peer.ip(), now, &self.ctr) {
+            return None;
         }
         let Some(listen) = a.listen else {
             bump(&self.ctr.send_error, 1);
             return None;
         };
-        if !a.down.take(a.bandwidth, now, len) {
+        if !a
+            .down
+            .take(a.bandwidth, now, len + wire_overhead(&a.tuple.client))
+        {
             bump(&self.ctr.bandwidth, 1);
             return None;
         }
+        // Unconfirmed channels are not used in this direction yet (see `Channel`).
         let channel = a.peer_channel.get(&peer).copied().filter(|c| {
             a.channels
                 .get(c)
-                .is_some_and(|&(p, d)| p == peer && now < d)
+                .is_some_and(|ch| ch.peer == peer && ch.confirmed && now < ch.deadline)
         });
         let (start, total) = match channel {
             Some(c) => {
@@ -710,6 +808,9 @@ impl Core {
                     .listen_token(&tuple.local)
                     .and_then(|t| self.socks.get(t))
                     .is_some_and(|e| e.sock.send_to(&data, &SockAddr::from(tuple.client)).is_ok());
+                if ok && is_channel_bind_success(&data) {
+                    self.confirm_channels(&tuple);
+                }
                 bump(
                     if ok {
                         &self.ctr.control_sent
@@ -733,6 +834,20 @@ impl Core {
                 let _ = tx.send(self.snapshot());
             }
             Command::Shutdown => {}
+        }
+    }
+
+    /// The client of `tuple` has been sent a ChannelBind success response: its
+    /// allocation's channels may carry ChannelData to it from now on.
+    fn confirm_channels(&mut self, tuple: &Tuple) {
+        if let Some(a) = self
+            .by_tuple
+            .get(tuple)
+            .and_then(|id| self.allocs.get_mut(id))
+        {
+            for ch in a.channels.values_mut() {
+                ch.confirmed = true;
+            }
         }
     }
 
@@ -799,6 +914,7 @@ impl Core {
                 deadline,
                 bandwidth,
                 user,
+                username,
             } => {
                 self.remove_alloc(id);
                 if let Some(&old) = self.by_tuple.get(&tuple) {
@@ -847,6 +963,7 @@ impl Core {
                         deadline,
                         bandwidth,
                         user,
+                        username,
                         perms: AHashMap::new(),
                         channels: AHashMap::new(),
                         peer_channel: AHashMap::new(),
@@ -878,13 +995,32 @@ impl Core {
                 peer,
                 deadline,
             } => {
-                if let Some(a) = self.allocs.get_mut(&id) {
-                    let peer = canonical(peer);
-                    if let Some((old_peer, _)) = a.channels.insert(channel, (peer, deadline))
-                        && old_peer != peer
-                        && a.peer_channel.get(&old_peer) == Some(&channel)
+                let peer = canonical(peer);
+                if self.denied.load().contains(&peer) {
+                    bump(&self.ctr.channels_refused, 1);
+                    tracing::warn!(
+                        worker = self.id,
+                        id,
+                        channel,
+                        %peer,
+                        "channel to a denied peer (one of the server's own sockets) refused"
+                    );
+                } else if let Some(a) = self.allocs.get_mut(&id) {
+                    // A refresh (same number, same peer) keeps its confirmation.
+                    let confirmed = a
+                        .channels
+                        .get(&channel)
+                        .is_some_and(|c| c.peer == peer && c.confirmed);
+                    let new = Channel {
+                        peer,
+                        deadline,
+                        confirmed,
+                    };
+                    if let Some(old) = a.channels.insert(channel, new)
+                        && old.peer != peer
+                        && a.peer_channel.get(&old.peer) == Some(&channel)
                     {
-                        a.peer_channel.remove(&old_peer);
+                        a.peer_channel.remove(&old.peer);
                     }
                     // A peer is bound to one channel at most: the newest wins.
                     if let Some(old) = a.peer_channel.insert(peer, channel)
@@ -896,7 +1032,7 @@ impl Core {
             }
             Change::ChannelRemove { id, channel } => {
                 if let Some(a) = self.allocs.get_mut(&id)
-                    && let Some((peer, _)) = a.channels.remove(&channel)
+                    && let Some(Channel { peer, .. }) = a.channels.remove(&channel)
                     && a.peer_channel.get(&peer) == Some(&channel)
                 {
                     a.peer_channel.remove(&peer);
@@ -934,6 +1070,7 @@ impl Core {
     }
 
     fn sweep(&mut self, now: u64) {
+        self.binding_limit.sweep(now);
         let expired: Vec<AllocationKey> = self
             .allocs
             .iter()
@@ -945,7 +1082,7 @@ impl Core {
         }
         for a in self.allocs.values_mut() {
             a.perms.retain(|_, &mut d| now < d);
-            a.channels.retain(|_, &mut (_, d)| now < d);
+            a.channels.retain(|_, c| now < c.deadline);
             let channels = &a.channels;
             a.peer_channel.retain(|_, c| channels.contains_key(c));
         }
@@ -976,8 +1113,13 @@ impl Core {
                 deadline: a.deadline,
                 bandwidth: a.bandwidth,
                 user: a.user.clone(),
+                username: a.username.clone(),
                 permissions: a.perms.iter().map(|(&ip, &d)| (ip, d)).collect(),
-                channels: a.channels.iter().map(|(&c, &(p, d))| (c, p, d)).collect(),
+                channels: a
+                    .channels
+                    .iter()
+                    .map(|(&c, ch)| (c, ch.peer, ch.deadline))
+                    .collect(),
                 usage: a.usage,
             })
             .collect()
@@ -1028,16 +1170,21 @@ mod tests {
     }
 
     fn core() -> (Core, mpsc::Sender<Command>) {
+        core_denying(Denied::default())
+    }
+
+    fn core_denying(denied: Denied) -> (Core, mpsc::Sender<Command>) {
         let (tx, rx) = mpsc::channel();
         let c = Core::new(CoreInit {
             id: 0,
             listen: Vec::new(),
             rx,
             sink: Arc::new(NoSink),
-            denied: Arc::new(ArcSwap::from_pointee(Denied::default())),
+            denied: Arc::new(ArcSwap::from_pointee(denied)),
             ctr: Arc::new(Counters::default()),
             buffers: 0,
             legacy_channels: false,
+            binding_limit: BindingLimit::default(),
         });
         (c.unwrap_or_else(|e| panic!("{e}")), tx)
     }
@@ -1068,6 +1215,7 @@ mod tests {
             deadline: 100_000,
             bandwidth: 0,
             user: String::new(),
+            username: String::new(),
         });
         let peer = addr("192.0.2.1:9");
         c.apply(Change::PermissionSet {
@@ -1123,5 +1271,166 @@ mod tests {
         assert!(!d.contains(&a("10.0.0.1:3479")));
         assert!(d.contains(&a("192.0.2.1:5349")));
         assert!(!d.contains(&a("[2001:db8::1]:5349")));
+        // Unspecified IPs reach this host, whatever the port.
+        assert!(d.contains(&a("0.0.0.0:1")));
+        assert!(d.contains(&a("[::]:1")));
+    }
+
+    /// An allocation with no relay socket, for table-only tests.
+    fn bare_alloc(c: &mut Core, id: AllocationKey) -> Tuple {
+        let tuple = Tuple {
+            client: addr("192.0.2.9:1000"),
+            local: addr("127.0.0.1:3478"),
+        };
+        c.apply(Change::AllocationAdd {
+            id,
+            tuple,
+            relays: Vec::new(),
+            deadline: u64::MAX,
+            bandwidth: 0,
+            user: "u".into(),
+            username: "name".into(),
+        });
+        tuple
+    }
+
+    #[test]
+    fn channel_to_denied_peer_refused() {
+        // A wildcard listen on port 3478: any IP on that port is the server's own.
+        let (mut c, _tx) = core_denying(Denied::new([addr("0.0.0.0:3478")]));
+        bare_alloc(&mut c, 1);
+        for peer in ["192.0.2.1:3478", "0.0.0.0:9", "[::ffff:10.0.0.1]:3478"] {
+            c.apply(Change::ChannelSet {
+                id: 1,
+                channel: 0x4000,
+                peer: addr(peer),
+                deadline: u64::MAX,
+            });
+        }
+        c.apply(Change::ChannelSet {
+            id: 1,
+            channel: 0x4001,
+            peer: addr("192.0.2.1:3479"),
+            deadline: u64::MAX,
+        });
+        let snap = c.snapshot();
+        assert_eq!(
+            snap[0].channels,
+            vec![(0x4001, addr("192.0.2.1:3479"), u64::MAX)]
+        );
+        assert_eq!(snap[0].username, "name");
+        assert_eq!(c.ctr.snapshot().channels_refused, 3);
+    }
+
+    #[test]
+    fn channels_confirmed_by_bind_response() {
+        let (mut c, _tx) = core();
+        let tuple = bare_alloc(&mut c, 1);
+        let set = |c: &mut Core, channel, peer: &str| {
+            c.apply(Change::ChannelSet {
+                id: 1,
+                channel,
+                peer: addr(peer),
+                deadline: u64::MAX,
+            })
+        };
+        let confirmed = |c: &Core, channel| c.allocs[&1].channels[&channel].confirmed;
+        set(&mut c, 0x4000, "192.0.2.1:1");
+        assert!(!confirmed(&c, 0x4000));
+        c.confirm_channels(&tuple);
+        assert!(confirmed(&c, 0x4000));
+        // A refresh keeps the state; a new channel, or a number moved to another peer,
+        // starts over.
+        set(&mut c, 0x4000, "192.0.2.1:1");
+        set(&mut c, 0x4001, "192.0.2.2:1");
+        assert!(confirmed(&c, 0x4000) && !confirmed(&c, 0x4001));
+        set(&mut c, 0x4000, "192.0.2.3:1");
+        assert!(!confirmed(&c, 0x4000));
+    }
+
+    /// A Binding request: `unknown` comprehension-required attributes this codec does
+    /// not know, then FINGERPRINT if asked.
+    fn binding_request(unknown: u16, fingerprint: bool) -> Vec<u8> {
+        let mut buf = [0u8; 512];
+        let mut w = MessageWriter::new(
+            &mut buf,
+            Method::BINDING,
+            Class::Request,
+            TransactionId([7; 12]),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        for i in 0..unknown {
+            w.add_raw(turnpike_proto::attr::AttrType(0x7F00 + i), &[])
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        if fingerprint {
+            w.add_fingerprint().unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        let n = w.finish();
+        buf[..n].to_vec()
+    }
+
+    #[test]
+    fn binding_answers_barely_larger_than_requests() {
+        let v4 = addr("192.0.2.1:1");
+        let v6 = addr("[2001:db8::1]:1");
+        for unknown in [0, 1, 2, 7, 8, 9, 20] {
+            for fp in [false, true] {
+                let req = binding_request(unknown, fp);
+                let msg = Message::parse(&req).unwrap_or_else(|e| panic!("{e:?}"));
+                assert_eq!(msg.has_fingerprint(), fp);
+                for src in [v4, v6] {
+                    let mut out = [0u8; 512];
+                    let n = write_binding_answer(&mut out, &msg, src)
+                        .unwrap_or_else(|e| panic!("{e:?}"));
+                    let ans = Message::parse(&out[..n]).unwrap_or_else(|e| panic!("{e:?}"));
+                    let class = if unknown == 0 {
+                        Class::Success
+                    } else {
+                        Class::Error
+                    };
+                    assert_eq!((ans.method(), ans.class()), (Method::BINDING, class));
+                    if unknown > 0 {
+                        let e = ans.attr::<ErrorCode<'_>>().ok().flatten();
+                        assert_eq!(e.map(|e| e.code), Some(420));
+                        let listed = ans.attr::<UnknownAttributes<'_>>().ok().flatten();
+                        assert_eq!(
+                            listed.map(|u| u.types().count()),
+                            Some(usize::from(unknown).min(turnpike_proto::stun::MAX_UNKNOWN))
+                        );
+                    }
+                    assert!(
+                        n <= req.len() + 24,
+                        "{unknown} unknown, fingerprint {fp}, {src}: {n} bytes answer {}",
+                        req.len()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn channel_bind_success_recognised() {
+        let mut buf = [0u8; 64];
+        let tid = TransactionId([1; 12]);
+        let mut msg = |method, class| {
+            let w = turnpike_proto::stun::MessageWriter::new(&mut buf, method, class, tid)
+                .unwrap_or_else(|_| unreachable!());
+            let n = w.finish();
+            buf[..n].to_vec()
+        };
+        assert!(is_channel_bind_success(&msg(
+            Method::CHANNEL_BIND,
+            Class::Success
+        )));
+        assert!(!is_channel_bind_success(&msg(
+            Method::CHANNEL_BIND,
+            Class::Error
+        )));
+        assert!(!is_channel_bind_success(&msg(
+            Method::REFRESH,
+            Class::Success
+        )));
+        assert!(!is_channel_bind_success(&[0x01, 0x09]));
     }
 }

@@ -3,7 +3,8 @@
 //! [`DataPlane::start`] spawns one pinned worker thread per core. Each owns an
 //! SO_REUSEPORT socket on every listening address, the relay sockets of its allocations
 //! and its shard of the relay table. Workers forward ChannelData and Send/Data
-//! indications themselves, answer Binding requests, and punt every other STUN request
+//! indications themselves, answer Binding requests (rate-limited per source, see
+//! [`BindingLimit`]; an answer is at most 24 bytes larger than its request), and punt every other STUN request
 //! to the control plane through the [`ControlSink`] given at start. The control plane's
 //! answers come back through a [`DataPlaneHandle`]: datagrams to send, relay sockets to
 //! bind, and table changes, each queued to the owning worker and applied between batches.
@@ -29,8 +30,8 @@
 //! A worker owns its sockets, table shard and buffers; the only shared state is the
 //! per-worker command queue (std `mpsc`, plus an eventfd to wake the worker), the
 //! per-worker counters (atomics written by their worker alone: a relaxed load and store,
-//! no locked instruction), and the denied-peer set (an `ArcSwap` snapshot read once per
-//! Send indication). The handle remembers which worker bound relays for a 5-tuple and
+//! no locked instruction), and the denied-peer set (an `ArcSwap` snapshot read for each
+//! Send indication, ChannelData, peer datagram and channel installed). The handle remembers which worker bound relays for a 5-tuple and
 //! so which owns each allocation; that map is behind a mutex on the control path only.
 //!
 //! # Time
@@ -62,11 +63,29 @@
 //! probed per socket; when the kernel refuses a GSO send (EIO/EINVAL) it is disabled
 //! for that socket and the group is re-sent one datagram at a time.
 //!
+//! # Peers
+//!
+//! The server's own sockets are never peers. The denied set holds
+//! [`DataPlaneConfig::denied_peers`] (or what [`DataPlaneHandle::set_denied_peers`]
+//! installed) and always the actual listening addresses (ports chosen for port 0
+//! included; a wildcard listening address denies every IP of its family on its port).
+//! A channel to a denied peer is refused when installed (counted as
+//! `channels_refused`), whatever permission the allocation has; Send indications and
+//! ChannelData to a denied peer, and datagrams from one arriving on a relay socket, are
+//! dropped as `denied_peer`. A peer with an unspecified IP is always denied.
+//!
+//! ChannelData needs a live permission for the channel's peer in both directions, as
+//! Send and Data indications do (RFC 8656 §12). Peer → client, a new channel is used
+//! only once the worker has sent the client a ChannelBind success response; until then
+//! the peer's data goes as Data indications (see `Channel` in `engine.rs`).
+//!
 //! # Bandwidth
 //!
-//! An allocation with a non-zero `bandwidth` has a token bucket per direction (bytes of
-//! application data per second, burst one second's worth, exact at millisecond steps);
-//! a datagram that does not fit is dropped and counted as `bandwidth`.
+//! An allocation with a non-zero `bandwidth` has a token bucket per direction (bytes per
+//! second, burst one second's worth, exact at millisecond steps). Each datagram costs
+//! its application bytes plus the IP and UDP headers of the datagram sent (28 bytes to
+//! an IPv4 address, 48 to IPv6), so that empty datagrams are not free; one that does not
+//! fit is dropped and counted as `bandwidth`. Usage counts application bytes only.
 #![allow(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -74,6 +93,7 @@ use std::net::{IpAddr, SocketAddr};
 pub mod agent;
 mod counters;
 mod engine;
+mod limit;
 mod mmsg;
 mod plane;
 mod sys;
@@ -105,13 +125,48 @@ pub struct DataPlaneConfig {
     pub backend: Backend,
     /// Pin workers to cores.
     pub pin: bool,
-    /// Peers never relayed to (the server's own service sockets), checked on Send.
+    /// Peers never relayed to or from (the server's own service sockets). The actual
+    /// listening addresses are always added.
     pub denied_peers: Vec<SocketAddr>,
     /// SO_RCVBUF/SO_SNDBUF for every socket, in bytes.
     pub socket_buffer: usize,
     /// Accept ChannelData on RFC 5766 channel numbers 0x5000..=0x7FFF too (the control
     /// plane binds them only when configured to).
     pub legacy_channel_numbers: bool,
+    /// How many Binding requests a worker answers per source.
+    pub binding_limit: BindingLimit,
+}
+
+/// How many Binding requests each worker answers per source; the others are dropped
+/// and counted as `rate_limited`. The limits are per worker: the kernel spreads one
+/// IP's ports over the workers, so one IP gets at most `workers × ip_rate` answers per
+/// second in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindingLimit {
+    /// Answers per second per source IP and port; 0 turns this limit off.
+    pub rate: u32,
+    /// Burst per source IP and port.
+    pub burst: u32,
+    /// Answers per second per source IP, all its ports together; 0 turns this limit off.
+    pub ip_rate: u32,
+    /// Burst per source IP.
+    pub ip_burst: u32,
+    /// Sources (IP and port) and, separately, IPs a worker tracks. When a table is full,
+    /// sources whose buckets have refilled are forgotten; new sources that still find no
+    /// room share one bucket.
+    pub max_sources: usize,
+}
+
+impl Default for BindingLimit {
+    fn default() -> Self {
+        BindingLimit {
+            rate: 50,
+            burst: 100,
+            ip_rate: 250,
+            ip_burst: 500,
+            max_sources: 16384,
+        }
+    }
 }
 
 impl Default for DataPlaneConfig {
@@ -124,6 +179,7 @@ impl Default for DataPlaneConfig {
             denied_peers: Vec::new(),
             socket_buffer: 4 << 20,
             legacy_channel_numbers: false,
+            binding_limit: BindingLimit::default(),
         }
     }
 }
@@ -173,8 +229,11 @@ pub enum Change {
         deadline: u64,
         /// Bytes per second per direction; 0 unlimited.
         bandwidth: u64,
-        /// Accounting user.
+        /// Accounting user (the account the allocation is billed to).
         user: String,
+        /// The STUN USERNAME the allocation was authenticated with, so that a control
+        /// plane rebuilding its state from the data plane's table knows who owns it.
+        username: String,
     },
     /// New deadline.
     AllocationRefresh {
@@ -253,8 +312,10 @@ pub struct AllocationSnapshot {
     pub deadline: u64,
     /// Bytes per second per direction; 0 unlimited.
     pub bandwidth: u64,
-    /// Accounting user.
+    /// Accounting user (the account the allocation is billed to).
     pub user: String,
+    /// The STUN USERNAME the allocation was authenticated with.
+    pub username: String,
     /// Installed permissions: peer IP and deadline (unix millis).
     pub permissions: Vec<(IpAddr, u64)>,
     /// Bound channels: number, peer and deadline (unix millis).

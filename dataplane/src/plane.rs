@@ -148,6 +148,7 @@ impl DataPlane {
                 ctr: Arc::clone(&ctr),
                 buffers: cfg.socket_buffer,
                 legacy_channels: cfg.legacy_channel_numbers,
+                binding_limit: cfg.binding_limit,
             };
             let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let worker_wake = Arc::clone(&wake);

@@ -59,6 +59,7 @@ impl Server {
             denied_peers: denied,
             socket_buffer: 1 << 20,
             legacy_channel_numbers: legacy,
+            ..DataPlaneConfig::default()
         };
         let dp = DataPlane::start(cfg, Arc::new(Sink(tx))).unwrap();
         assert_eq!(dp.backend(), backend);
@@ -88,6 +89,7 @@ impl Server {
             t.binding_answered += c.binding_answered;
             t.control_sent += c.control_sent;
             t.gso_sends += c.gso_sends;
+            t.channels_refused += c.channels_refused;
             t.dropped.malformed += c.dropped.malformed;
             t.dropped.unexpected += c.dropped.unexpected;
             t.dropped.no_allocation += c.dropped.no_allocation;
@@ -97,6 +99,7 @@ impl Server {
             t.dropped.denied_peer += c.dropped.denied_peer;
             t.dropped.send_error += c.dropped.send_error;
             t.dropped.expired += c.dropped.expired;
+            t.dropped.rate_limited += c.dropped.rate_limited;
         }
         t
     }
@@ -158,9 +161,24 @@ impl Server {
             deadline,
             bandwidth,
             user: "alice".into(),
+            username: "alice@example.org".into(),
         }]);
         self.sync();
-        Alloc { id, relay }
+        Alloc {
+            id,
+            relay,
+            worker,
+            tuple,
+        }
+    }
+
+    /// Sends `client` a ChannelBind success response from the worker owning `a`, as the
+    /// control plane does after installing a channel, and receives it: from then on the
+    /// allocation's channels carry the peers' data as ChannelData.
+    fn confirm(&self, a: &Alloc, client: &UdpSocket) {
+        let r = channel_bind_success(TransactionId([3; 12]));
+        self.h.send(a.worker, a.tuple, r.clone());
+        assert_eq!(recv(client), (r, self.addr));
     }
 
     /// Binds a free relay port (found by binding port 0 and letting go of it; retried if
@@ -204,6 +222,15 @@ impl Drop for Server {
 struct Alloc {
     id: AllocationKey,
     relay: SocketAddr,
+    worker: usize,
+    tuple: Tuple,
+}
+
+fn channel_bind_success(tid: TransactionId) -> Vec<u8> {
+    let mut buf = [0u8; 64];
+    let w = MessageWriter::new(&mut buf, Method::CHANNEL_BIND, Class::Success, tid).unwrap();
+    let n = w.finish();
+    buf[..n].to_vec()
 }
 
 fn socket(ip: &str) -> UdpSocket {
@@ -296,6 +323,7 @@ fn channel_data_both_ways(b: Backend) {
     let a = s.allocate(&client, 1, far(), 0);
     s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
+    s.confirm(&a, &client);
     let mut bytes = 0;
     for (i, n) in [1usize, 1400, 2, 3].into_iter().enumerate() {
         let p = payload(n, i as u8);
@@ -417,10 +445,12 @@ fn channel_rebinding(b: Backend) {
         chan(a.id, 0x4abc, aa, far()),
     ]);
     s.sync();
+    s.confirm(&a, &client);
     send_cd(&client, s.addr, 0x4abc, b"to a");
     assert_eq!(recv(&pa).0, b"to a");
     s.h.apply(vec![chan(a.id, 0x4abc, ab, far())]);
     s.sync();
+    s.confirm(&a, &client);
     send_cd(&client, s.addr, 0x4abc, b"to b");
     assert_eq!(recv(&pb).0, b"to b");
     // A lost its channel: its data comes as a Data indication; B's on the channel.
@@ -597,8 +627,14 @@ fn snapshot_and_remove(b: Backend) {
     assert_eq!(snap.len(), 1);
     let e = &snap[0];
     assert_eq!(
-        (e.id, e.deadline, e.bandwidth, e.user.as_str()),
-        (9, deadline, 5000, "alice")
+        (
+            e.id,
+            e.deadline,
+            e.bandwidth,
+            e.user.as_str(),
+            e.username.as_str()
+        ),
+        (9, deadline, 5000, "alice", "alice@example.org")
     );
     assert_eq!(e.tuple.client, client.local_addr().unwrap());
     assert_eq!(e.relays, vec![a.relay]);
@@ -625,6 +661,7 @@ fn burst_in_order(b: Backend) {
     let a = s.allocate(&client, 10, far(), 0);
     s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
+    s.confirm(&a, &client);
     // Within the peer's default receive buffer.
     const N: u8 = 50;
     for i in 0..N {
@@ -657,6 +694,7 @@ fn gso_bursts(b: Backend) {
     let a = s.allocate(&client, 11, far(), 0);
     s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
+    s.confirm(&a, &client);
     const N: u8 = 32;
     for round in 0..50u8 {
         for i in 0..N {
@@ -718,6 +756,7 @@ fn flood_then_still_forwarding(b: Backend) {
     let a = s.allocate(&client, 12, far(), 0);
     s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
+    s.confirm(&a, &client);
     let mut frame = vec![0u8; 68];
     let n = Client::channel_data(0x4000, &[0xAA; 64], &mut frame).unwrap();
     let start = Instant::now();
@@ -802,6 +841,7 @@ fn legacy_channel_numbers(b: Backend) {
         let a = s.allocate(&client, 1, far(), 0);
         s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x5960, pa, far())]);
         s.sync();
+        s.confirm(&a, &client);
         let frame = [0x59, 0x60, 0x00, 0x03, b'a', b'b', b'c'];
         client.send_to(&frame, s.addr).unwrap();
         if legacy {
@@ -813,6 +853,306 @@ fn legacy_channel_numbers(b: Backend) {
             assert_silent(&peer);
         }
     }
+}
+
+fn binding_request(tid: TransactionId) -> Vec<u8> {
+    let mut buf = [0u8; 64];
+    let w = MessageWriter::new(&mut buf, Method::BINDING, Class::Request, tid).unwrap();
+    let n = w.finish();
+    buf[..n].to_vec()
+}
+
+/// The server's own listening socket is never a peer: a channel to it is refused even
+/// with a permission for its IP, and what the listening socket sends to a relay socket
+/// (the server answering its own relay) is not relayed.
+fn own_listening_address_unreachable(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let a = s.allocate(&client, 13, far(), 0);
+    s.h.apply(vec![
+        perm(a.id, &s.addr, far()),
+        chan(a.id, 0x4000, s.addr, far()),
+    ]);
+    s.sync();
+    s.confirm(&a, &client);
+    s.wait_counters("channel refused", |t| t.channels_refused == 1);
+    assert!(s.h.snapshot()[0].channels.is_empty());
+    // A Binding request wrapped in ChannelData to the server itself goes nowhere.
+    let binding = binding_request(TransactionId([5; 12]));
+    send_cd(&client, s.addr, 0x4000, &binding);
+    s.wait_counters("no_channel", |t| t.dropped.no_channel == 1);
+    // A Send indication to it neither.
+    send_ind(&client, s.addr, s.addr, &binding);
+    s.wait_counters("denied (send)", |t| t.dropped.denied_peer == 1);
+    // The listening socket sending to the relay: dropped at the relay.
+    let looped = Tuple {
+        client: a.relay,
+        local: s.addr,
+    };
+    s.h.send(a.worker, looped, binding.clone());
+    s.wait_counters("denied (from own socket)", |t| t.dropped.denied_peer == 2);
+    let t = s.total();
+    assert_eq!(
+        (t.binding_answered, t.to_peer_packets, t.to_client_packets),
+        (0, 0, 0),
+        "{t:?}"
+    );
+    assert_silent(&client);
+}
+
+/// A peer denied after its channel was installed is no longer reachable through it, and
+/// what it sends is not relayed.
+fn denied_after_channel_install(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let peer = socket("127.0.0.1");
+    let pa = peer.local_addr().unwrap();
+    let a = s.allocate(&client, 14, far(), 0);
+    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.sync();
+    s.confirm(&a, &client);
+    send_cd(&client, s.addr, 0x4000, b"before");
+    assert_eq!(recv(&peer).0, b"before");
+    s.h.set_denied_peers(vec![pa]);
+    send_cd(&client, s.addr, 0x4000, b"after");
+    s.wait_counters("denied (channel)", |t| t.dropped.denied_peer == 1);
+    peer.send_to(b"after", a.relay).unwrap();
+    s.wait_counters("denied (from peer)", |t| t.dropped.denied_peer == 2);
+    assert_silent(&peer);
+    assert_silent(&client);
+}
+
+/// ChannelData needs a live permission for the channel's peer, both ways: a channel
+/// outliving its permission stops forwarding at the permission's deadline.
+fn channel_needs_live_permission(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let peer = socket("127.0.0.1");
+    let pa = peer.local_addr().unwrap();
+    let a = s.allocate(&client, 15, far(), 0);
+    let short = now_ms() + 1000;
+    s.h.apply(vec![perm(a.id, &pa, short), chan(a.id, 0x4000, pa, far())]);
+    s.sync();
+    s.confirm(&a, &client);
+    send_cd(&client, s.addr, 0x4000, b"in time");
+    assert_eq!(recv(&peer).0, b"in time");
+    peer.send_to(b"in time", a.relay).unwrap();
+    assert_eq!(recv_cd(&client), (0x4000, b"in time".to_vec()));
+    // Bounded: the deadline is at most a second away.
+    while now_ms() <= short + 5 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Expired, or already swept away (then counted as missing).
+    let gone = |t: &WorkerCounters| t.dropped.expired + t.dropped.no_permission;
+    send_cd(&client, s.addr, 0x4000, b"late");
+    s.wait_counters("expired permission", |t| gone(t) == 1);
+    peer.send_to(b"late", a.relay).unwrap();
+    s.wait_counters("expired permission (peer)", |t| gone(t) == 2);
+    // No permission at all, the channel still bound.
+    s.h.apply(vec![Change::PermissionRemove {
+        id: a.id,
+        peer: pa.ip(),
+    }]);
+    s.sync();
+    send_cd(&client, s.addr, 0x4000, b"none");
+    s.wait_counters("no permission", |t| gone(t) == 3);
+    peer.send_to(b"none", a.relay).unwrap();
+    s.wait_counters("no permission (peer)", |t| gone(t) == 4);
+    assert_silent(&peer);
+    assert_silent(&client);
+    let t = s.total();
+    assert_eq!((t.to_peer_packets, t.to_client_packets), (1, 1));
+}
+
+/// Relays `n` datagrams with `send` in rounds of 100, each round waiting until the
+/// worker has accounted for it (relayed or dropped for bandwidth), so that no datagram
+/// is lost in a socket buffer.
+fn in_rounds(s: &Server, n: u64, send: impl Fn(), done: impl Fn(&WorkerCounters) -> u64) {
+    let base = done(&s.total());
+    let mut sent = 0;
+    while sent < n {
+        for _ in 0..100.min(n - sent) {
+            send();
+            sent += 1;
+        }
+        s.wait_counters("a round accounted for", |t| done(t) - base == sent);
+    }
+}
+
+/// Empty datagrams cost their IP and UDP headers against the bandwidth limit: at
+/// 1000 B/s, a flood of empty ChannelData, Send indications and peer datagrams relays
+/// about one datagram per 28 bytes of budget, not all of them.
+fn bandwidth_counts_empty_datagrams(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let peer = socket("127.0.0.1");
+    let pa = peer.local_addr().unwrap();
+    let start = Instant::now();
+    let a = s.allocate(&client, 16, far(), 1000);
+    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.sync();
+    s.confirm(&a, &client);
+    // The budget so far: a burst of 1000 bytes plus 1000 per second, 28 per datagram.
+    let budget = || (1000 + start.elapsed().as_millis() as u64) / 28 + 1;
+    in_rounds(
+        &s,
+        1000,
+        || send_cd(&client, s.addr, 0x4000, &[]),
+        |t| t.to_peer_packets + t.dropped.bandwidth,
+    );
+    in_rounds(
+        &s,
+        1000,
+        || send_ind(&client, s.addr, pa, &[]),
+        |t| t.to_peer_packets + t.dropped.bandwidth,
+    );
+    let up = s.total();
+    assert!(
+        up.to_peer_packets >= 1 && up.to_peer_packets <= budget(),
+        "{} relayed, budget {}",
+        up.to_peer_packets,
+        budget()
+    );
+    for _ in 0..up.to_peer_packets {
+        assert_eq!(recv(&peer).0, b"");
+    }
+    assert_silent(&peer);
+    in_rounds(
+        &s,
+        2000,
+        || {
+            peer.send_to(&[], a.relay).unwrap();
+        },
+        |t| t.to_client_packets + t.dropped.bandwidth,
+    );
+    let down = s.total();
+    assert!(
+        down.to_client_packets >= 1 && down.to_client_packets <= budget(),
+        "{} relayed, budget {}",
+        down.to_client_packets,
+        budget()
+    );
+    assert_eq!(down.to_client_bytes, 0);
+}
+
+/// What a libnice client keeps of what it receives: ChannelData only once it has seen
+/// its ChannelBind confirmed, Data indications always.
+#[derive(Default)]
+struct Libnice {
+    confirmed: bool,
+    kept: Vec<Vec<u8>>,
+    lost: usize,
+}
+
+impl Libnice {
+    fn recv(&mut self, s: &UdpSocket) {
+        let (d, _) = recv(s);
+        if let Ok(cd) = ChannelData::parse(&d) {
+            if self.confirmed {
+                self.kept.push(cd.payload.to_vec());
+            } else {
+                self.lost += 1;
+            }
+            return;
+        }
+        let m = Message::parse(&d).unwrap();
+        match (m.method(), m.class()) {
+            (Method::CHANNEL_BIND, Class::Success) => self.confirmed = true,
+            (Method::DATA, Class::Indication) => self
+                .kept
+                .push(m.attr::<Data<'_>>().unwrap().unwrap().0.to_vec()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A new channel carries the peer's data as Data indications until the client has been
+/// sent the ChannelBind success response, then as ChannelData; nothing of a burst sent
+/// right after the bind is lost to a client that drops ChannelData on unconfirmed
+/// channels. A refresh keeps the channel confirmed; another new channel starts over.
+fn new_channel_waits_for_bind_response(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let peer = socket("127.0.0.1");
+    let pa = peer.local_addr().unwrap();
+    let a = s.allocate(&client, 17, far(), 0);
+    // The control plane installs the channel, then answers: the answer not sent yet.
+    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.sync();
+    // Client → peer works at once.
+    send_cd(&client, s.addr, 0x4000, b"up");
+    assert_eq!(recv(&peer).0, b"up");
+    peer.send_to(b"early", a.relay).unwrap();
+    assert_eq!(recv_data_ind(&client), (pa, b"early".to_vec()));
+    // The answer, and a burst from the peer right behind it.
+    let mut nice = Libnice::default();
+    s.h.send(
+        a.worker,
+        a.tuple,
+        channel_bind_success(TransactionId([4; 12])),
+    );
+    const N: u8 = 32;
+    for i in 0..N {
+        peer.send_to(&payload(100, i), a.relay).unwrap();
+    }
+    for _ in 0..=N {
+        nice.recv(&client);
+    }
+    assert!(nice.confirmed);
+    assert_eq!(nice.lost, 0);
+    let sent: Vec<Vec<u8>> = (0..N).map(|i| payload(100, i)).collect();
+    assert_eq!(nice.kept, sent);
+    // From now on, ChannelData.
+    peer.send_to(b"late", a.relay).unwrap();
+    assert_eq!(recv_cd(&client), (0x4000, b"late".to_vec()));
+    // A refresh keeps it confirmed.
+    s.h.apply(vec![chan(a.id, 0x4000, pa, far())]);
+    s.sync();
+    peer.send_to(b"refreshed", a.relay).unwrap();
+    assert_eq!(recv_cd(&client), (0x4000, b"refreshed".to_vec()));
+    // A new channel starts unconfirmed.
+    let other = socket("127.0.0.1");
+    let oa = other.local_addr().unwrap();
+    s.h.apply(vec![perm(a.id, &oa, far()), chan(a.id, 0x4001, oa, far())]);
+    s.sync();
+    other.send_to(b"new", a.relay).unwrap();
+    assert_eq!(recv_data_ind(&client), (oa, b"new".to_vec()));
+    s.confirm(&a, &client);
+    other.send_to(b"confirmed", a.relay).unwrap();
+    assert_eq!(recv_cd(&client), (0x4001, b"confirmed".to_vec()));
+}
+
+/// A burst of Binding requests from one source gets at most the burst of the default
+/// limit (100, then 50/s) answered; another source is answered meanwhile.
+fn binding_rate_limited(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let start = Instant::now();
+    let req = binding_request(TransactionId([6; 12]));
+    in_rounds(
+        &s,
+        300,
+        || {
+            client.send_to(&req, s.addr).unwrap();
+        },
+        |t| t.binding_answered + t.dropped.rate_limited,
+    );
+    let t = s.total();
+    let budget = 100 + 50 * start.elapsed().as_millis() as u64 / 1000 + 1;
+    assert!(
+        t.binding_answered >= 100 && t.binding_answered <= budget,
+        "{} answered, budget {budget}",
+        t.binding_answered
+    );
+    assert_eq!(t.dropped.rate_limited, 300 - t.binding_answered);
+    for _ in 0..t.binding_answered {
+        let (d, _) = recv(&client);
+        assert!(d.len() <= req.len() + 24);
+    }
+    assert_silent(&client);
+    let other = socket("127.0.0.1");
+    other.send_to(&req, s.addr).unwrap();
+    assert_eq!(recv(&other).0.len(), 32);
 }
 
 macro_rules! on_both_backends {
@@ -845,4 +1185,10 @@ on_both_backends!(
     unknown_relay_data_dropped,
     shutdown_closes_sockets,
     legacy_channel_numbers,
+    own_listening_address_unreachable,
+    denied_after_channel_install,
+    channel_needs_live_permission,
+    bandwidth_counts_empty_datagrams,
+    new_channel_waits_for_bind_response,
+    binding_rate_limited,
 );
