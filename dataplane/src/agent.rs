@@ -100,10 +100,9 @@ fn snapshot_api(s: &AllocationSnapshot) -> v1::AllocationState {
             deadline_unix_millis: s.deadline,
             bandwidth_limit_bytes_per_second: s.bandwidth,
             user_id: s.user.clone(),
-            // TODO(username): send s.username as v1::Allocation.username once the proto
-            // field exists, so that a restored allocation knows its owner.
             dont_fragment: false,
-            username: String::new(), // MERGE: from the snapshot
+            // A control plane rebuilding from this table keeps the 441 check.
+            username: s.username.clone(),
         }),
         permissions: s
             .permissions
@@ -141,8 +140,7 @@ fn change_from(c: v1::TableChange) -> Option<Change> {
                 deadline: a.deadline_unix_millis,
                 bandwidth: a.bandwidth_limit_bytes_per_second,
                 user: a.user_id,
-                // TODO(username): map v1::Allocation.username once the proto field exists.
-                username: String::new(),
+                username: a.username,
             }
         }
         C::AllocationRefresh(r) => Change::AllocationRefresh {

@@ -126,7 +126,7 @@ fn grpc_refuses_unauthenticated_callers_and_foreign_data_planes() {
         assert!(is_unauthenticated(
             admin
                 .rotate_secrets(v1::RotateSecretsRequest {
-                    secrets: vec![b"attacker".to_vec().into()]
+                    secrets: vec![b"attacker".to_vec()]
                 })
                 .await
         ));
