@@ -137,6 +137,7 @@ struct Actor {
 #[derive(Debug, Clone)]
 pub struct ControlPlaneHandle {
     tx: mpsc::Sender<Cmd>,
+    quotas: (u32, u32),
     events: broadcast::Sender<v1::Event>,
 }
 
@@ -149,6 +150,7 @@ impl std::fmt::Debug for Cmd {
 impl ControlPlaneHandle {
     /// Starts the actor owning `server` on the current tokio runtime.
     pub fn spawn(server: Server) -> ControlPlaneHandle {
+        let quotas = (server.config().user_quota, server.config().total_quota);
         let (tx, rx) = mpsc::channel(4096);
         let (events, _) = broadcast::channel(4096);
         let actor = Actor {
@@ -168,7 +170,7 @@ impl ControlPlaneHandle {
             punted: 0,
         };
         tokio::spawn(actor.run(rx));
-        ControlPlaneHandle { tx, events }
+        ControlPlaneHandle { tx, quotas, events }
     }
 
     /// The `ControlPlane` gRPC service. Serve it over TLS that verifies client
@@ -197,6 +199,11 @@ impl ControlPlaneHandle {
                 .max_decoding_message_size(MAX_ADMIN_MESSAGE),
             auth,
         )
+    }
+
+    /// The allocation quotas in force: per user, in all (0: unlimited).
+    pub fn quotas(&self) -> (u32, u32) {
+        self.quotas
     }
 
     /// The state machine's counters (for metrics).

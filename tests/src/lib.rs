@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// The `turnpike` binary under test: `$TURNPIKE_BIN` if set, else the one cargo builds
-/// beside this test executable (built with `cargo build -p turnpike` when missing).
+/// beside this test executable, brought up to date with `cargo build -p turnpike`.
 pub fn turnpike_bin() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -22,10 +22,11 @@ pub fn turnpike_bin() -> &'static PathBuf {
             .map(PathBuf::from)
             .unwrap_or_default();
         let bin = dir.join("turnpike");
-        if !bin.exists() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        // Under `cargo test` the binary is not rebuilt by cargo itself (it belongs to
+        // another package): build it once, so that a test never runs a stale binary.
+        if let Some(cargo) = std::env::var_os("CARGO") {
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "-p", "turnpike"]);
+            cmd.args(["build", "--quiet", "-p", "turnpike"]);
             if dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -35,6 +36,7 @@ pub fn turnpike_bin() -> &'static PathBuf {
                 "cannot build the turnpike binary (cargo build -p turnpike)"
             );
         }
+        assert!(bin.exists(), "no turnpike binary at {}", bin.display());
         bin
     })
 }

@@ -462,6 +462,10 @@ fn data_plane_metrics_count_relayed_packets_per_worker() {
         "{text}"
     );
     assert!(!text.contains("username"), "no per-user labels");
+    assert!(
+        text.contains("turnpike_quota_allocations{scope=\"user\"} 100"),
+        "{text}"
+    );
 }
 
 /// The annotated example config loads; flags override it, and environment variables

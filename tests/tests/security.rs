@@ -516,3 +516,33 @@ fn accept_loop_does_not_spin_at_the_descriptor_limit() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Finding 13: logs to a pipe carry no colour codes; `--log-format json` writes JSON lines.
+#[test]
+fn logs_have_no_escape_codes_off_a_terminal_and_json_is_available() {
+    for json in [false, true] {
+        let listen = format!("127.0.0.1:{}", free_udp_port());
+        let mut args = vec![
+            "serve",
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ];
+        if json {
+            args.extend(["--log-format", "json"]);
+        }
+        let mut p = Proc::spawn(&args);
+        p.wait_for("turnpike ready", Duration::from_secs(20));
+        let line = p.wait_for("data plane attached", Duration::from_secs(10));
+        assert!(!line.contains('\u{1b}'), "{line:?}");
+        if json {
+            assert!(
+                line.starts_with('{') && line.contains("\"level\":\"INFO\""),
+                "{line}"
+            );
+        }
+    }
+}

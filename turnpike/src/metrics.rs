@@ -139,6 +139,21 @@ async fn render(
             metric(&mut o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");
         }
+        let (user_quota, total_quota) = cp.quotas();
+        metric(
+            &mut o,
+            "turnpike_quota_allocations",
+            "gauge",
+            "Allocation quotas in force (0: unlimited).",
+        );
+        let _ = writeln!(
+            o,
+            "turnpike_quota_allocations{{scope=\"user\"}} {user_quota}"
+        );
+        let _ = writeln!(
+            o,
+            "turnpike_quota_allocations{{scope=\"total\"}} {total_quota}"
+        );
     }
     if let Some(dp) = dp {
         let workers = dp.counters();
