@@ -102,11 +102,11 @@ pub struct CompareArgs {
 }
 
 /// A process started by the harness, stopped when dropped.
-struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Child,
-    pid: u32,
-    addr: SocketAddr,
+    pub(crate) pid: u32,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Drop for Proc {
@@ -136,7 +136,7 @@ fn free_port() -> Result<u16> {
 
 /// Starts `cmd` and waits for a stdout line starting with `ready`, whose
 /// `listen=ADDR` names the address.
-fn start_with_ready_line(name: &str, mut cmd: Command, ready: &str) -> Result<Proc> {
+pub(crate) fn start_with_ready_line(name: &str, mut cmd: Command, ready: &str) -> Result<Proc> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()

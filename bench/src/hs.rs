@@ -3,7 +3,7 @@
 //! pipelined up to a window and bounded in count and time. Used to set up the relay
 //! flows, and by the `alloc` and `idle` subcommands.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,8 @@ pub struct Plan {
     pub keep: bool,
     /// SO_RCVBUF/SO_SNDBUF of each client socket (0: the default).
     pub buffer: usize,
+    /// The loopback address the client sockets bind (any of 127.0.0.0/8).
+    pub source: IpAddr,
 }
 
 /// The outcome of a batch of handshakes.
@@ -95,7 +97,7 @@ pub fn handshakes(server: &ServerArgs, plan: &Plan) -> Result<Outcome> {
     let mut lat = hist()?;
     let mut last_scan = t0;
     let mut spent: Vec<UdpSocket> = Vec::new();
-    let bind: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let bind = SocketAddr::new(plan.source, 0);
     loop {
         let now = Instant::now();
         if now.duration_since(t0) > plan.limit {
@@ -289,6 +291,7 @@ pub fn refresh_all(
         limit,
         keep: true,
         buffer: 0,
+        source: IpAddr::V4(Ipv4Addr::LOCALHOST),
     };
     loop {
         let now = Instant::now();
@@ -406,6 +409,7 @@ pub fn alloc_rate(
         limit,
         keep: false,
         buffer: 0,
+        source: IpAddr::V4(Ipv4Addr::LOCALHOST),
     };
     let o = handshakes(server, &plan)?;
     let secs = o.elapsed.as_secs_f64();
@@ -467,6 +471,7 @@ pub fn idle_rss(
         limit,
         keep: true,
         buffer: 0,
+        source: IpAddr::V4(Ipv4Addr::LOCALHOST),
     };
     let mut o = handshakes(server, &plan)?;
     if o.sessions.is_empty() {

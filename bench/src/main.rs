@@ -13,6 +13,7 @@ mod net;
 mod payload;
 mod proc;
 mod relay;
+mod soak;
 mod svg;
 
 use std::net::SocketAddr;
@@ -44,6 +45,9 @@ enum Cmd {
     Forwarder(forwarder::ForwarderArgs),
     /// turnpike vs coturn vs the bare forwarder, side by side, on pinned cores.
     Compare(compare::CompareArgs),
+    /// A short soak (not in CI): allocation churn plus a spoofed-source flood while a
+    /// legitimate client keeps allocating and relaying; starts `turnpike serve` itself.
+    Soak(soak::SoakArgs),
 }
 
 /// How to reach a TURN server.
@@ -160,6 +164,7 @@ fn main() -> Result<()> {
         }
         Cmd::Forwarder(a) => forwarder::run(&a)?,
         Cmd::Compare(a) => compare::run(&a)?,
+        Cmd::Soak(a) => soak::run(&a)?,
     }
     Ok(())
 }

@@ -843,6 +843,7 @@ fn setup_turn(cfg: &Config, peer: SocketAddr) -> Result<Vec<Flow>> {
             limit: Duration::from_secs(20),
             keep: true,
             buffer: cfg.buffer,
+            source: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         };
         let o = hs::handshakes(&cfg.server, &plan)?;
         sessions.extend(o.sessions);
