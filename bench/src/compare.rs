@@ -190,38 +190,16 @@ impl Env<'_> {
     fn turnpike(&self, name: &str, backend: &str, ports: &str) -> Result<Proc> {
         let log = std::fs::File::create(self.a.out.join(format!("{name}.log")))?;
         let mut c = self.taskset(&self.turnpike);
-        c.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--relay-ports",
-            ports,
-            "--user",
-            "bench:bench",
-            "--realm",
-            "bench",
-            "--allow-peer",
-            "127.0.0.0/8",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--io-backend",
-            backend,
-            "--no-pin",
-            // Every client of the benchmark comes from 127.0.0.1; coturn has no such limit.
-            "--unauth-rate",
-            "0",
-            // The benchmark's one user holds thousands of allocations.
-            "--user-quota",
-            "0",
-            "--total-quota",
-            "0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stderr(log);
+        c.args(serve_args(ports))
+            .args([
+                "--io-backend",
+                backend,
+                // Every client of the benchmark comes from 127.0.0.1; coturn has no such limit.
+                "--unauth-rate",
+                "0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stderr(log);
         start_with_ready_line(name, c, "turnpike ready:")
     }
 
@@ -1660,4 +1638,34 @@ fn dataplane_markdown(a: &CompareArgs, o: &Output) -> String {
     }
     m.push_str("\n\"(gen)\": the generator could not offer more, so the figure is a lower bound. Overload = offered as fast as the generator goes (equal rates both ways); the up direction (one listening socket) loses first.\n");
     m
+}
+
+/// The `turnpike serve` flags every benchmark run uses: loopback, one unpinned worker
+/// (the harness pins the process), relay ports `ports`, the user bench:bench, loopback
+/// peers allowed, no quotas (the benchmark's one user holds thousands of allocations).
+pub(crate) fn serve_args(ports: &str) -> Vec<&str> {
+    vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--relay-ports",
+        ports,
+        "--user",
+        "bench:bench",
+        "--realm",
+        "bench",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--no-pin",
+        "--user-quota",
+        "0",
+        "--total-quota",
+        "0",
+    ]
 }

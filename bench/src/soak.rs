@@ -95,32 +95,9 @@ fn start_server(a: &SoakArgs) -> Result<Proc> {
     c.arg("-c")
         .arg(a.server_cpu.to_string())
         .arg(&a.turnpike)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--relay-ports",
-            &a.relay_ports,
-            "--user",
-            "bench:bench",
-            "--realm",
-            "bench",
-            "--allow-peer",
-            "127.0.0.0/8",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--no-pin",
-            // The churn's one user holds many allocations at once. The unauthenticated
-            // rate limits keep their defaults: the flood is what they are for.
-            "--user-quota",
-            "0",
-            "--total-quota",
-            "0",
-        ])
+        // The unauthenticated rate limits keep their defaults: the flood is what they
+        // are for.
+        .args(crate::compare::serve_args(&a.relay_ports))
         .env("RUST_LOG", "warn")
         .stderr(log);
     start_with_ready_line("turnpike", c, "turnpike ready:")

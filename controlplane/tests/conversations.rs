@@ -26,7 +26,7 @@ fn peer() -> SocketAddr {
 /// An authenticated request built by hand (MD5 key), for cases the client won't produce.
 fn signed<F>(
     h: &Harness,
-    t: harness_tuple::T,
+    t: turnpike_controlplane::FiveTuple,
     method: Method,
     user: &str,
     pass: &str,
@@ -36,24 +36,7 @@ fn signed<F>(
 where
     F: FnOnce(&mut MessageWriter<'_>),
 {
-    let nonce = h.server.mint_nonce(h.now, &t.client);
-    let mut buf = vec![0u8; 1024];
-    let mut w =
-        MessageWriter::new(&mut buf, method, Class::Request, TransactionId([tid; 12])).unwrap();
-    fill(&mut w);
-    w.add(&Username(user)).unwrap();
-    w.add(&Realm(REALM)).unwrap();
-    w.add(&Nonce(&nonce)).unwrap();
-    w.add_integrity(&long_term_key_md5(user, REALM, pass))
-        .unwrap();
-    w.add_fingerprint().unwrap();
-    let n = w.finish();
-    buf.truncate(n);
-    buf
-}
-
-mod harness_tuple {
-    pub type T = turnpike_controlplane::FiveTuple;
+    harness::signed_request(h, t.client, method, user, pass, REALM, tid, fill)
 }
 
 fn alice() -> Client {

@@ -11,8 +11,7 @@ use turnpike_controlplane::{
     Cidr, Credentials, FiveTuple, Millis, PeerPolicy, RestoredAllocation, ServerConfig,
     TableChange, rest_password,
 };
-use turnpike_proto::attr::{Lifetime, Nonce, Realm, RequestedTransport, Username};
-use turnpike_proto::auth::long_term_key_md5;
+use turnpike_proto::attr::{Lifetime, Nonce, Realm, RequestedTransport};
 use turnpike_proto::client::Client;
 use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
@@ -37,38 +36,6 @@ fn unsigned(method: Method, tid: u32) -> Vec<u8> {
     if method == Method::ALLOCATE {
         w.add(&RequestedTransport(17)).unwrap();
     }
-    w.add_fingerprint().unwrap();
-    let n = w.finish();
-    buf.truncate(n);
-    buf
-}
-
-/// A request signed with `user`'s MD5 key for `REALM`, carrying REALM `realm` and a fresh
-/// nonce for `t`.
-#[allow(clippy::too_many_arguments)]
-fn signed_with_realm<F>(
-    h: &Harness,
-    t: FiveTuple,
-    method: Method,
-    user: &str,
-    pass: &str,
-    realm: &str,
-    tid: u8,
-    fill: F,
-) -> Vec<u8>
-where
-    F: FnOnce(&mut MessageWriter<'_>),
-{
-    let nonce = h.server.mint_nonce(h.now, &t.client);
-    let mut buf = vec![0u8; 1024];
-    let mut w =
-        MessageWriter::new(&mut buf, method, Class::Request, TransactionId([tid; 12])).unwrap();
-    fill(&mut w);
-    w.add(&Username(user)).unwrap();
-    w.add(&Realm(realm)).unwrap();
-    w.add(&Nonce(&nonce)).unwrap();
-    w.add_integrity(&long_term_key_md5(user, REALM, pass))
-        .unwrap();
     w.add_fingerprint().unwrap();
     let n = w.finish();
     buf.truncate(n);
@@ -248,9 +215,9 @@ fn one_credential_cannot_take_every_relay_port_by_default() {
 fn a_wrong_fingerprint_is_discarded_silently() {
     let mut h = Harness::new(config());
     let t = tuple("203.0.113.1:40000");
-    let mut req = signed_with_realm(
+    let mut req = harness::signed_request(
         &h,
-        t,
+        t.client,
         Method::ALLOCATE,
         "alice",
         "wonderland",
@@ -280,9 +247,9 @@ fn another_realm_gets_401_with_ours() {
     let mut h = Harness::new(config());
     let t = tuple("203.0.113.1:40000");
     // Signed with the right key, but claiming another realm.
-    let req = signed_with_realm(
+    let req = harness::signed_request(
         &h,
-        t,
+        t.client,
         Method::ALLOCATE,
         "alice",
         "wonderland",
@@ -318,7 +285,7 @@ fn restored(h: &Harness, username: &str) -> RestoredAllocation {
 }
 
 fn refresh_as(h: &mut Harness, t: FiveTuple, user: &str, pass: &str, tid: u8) -> Option<u16> {
-    let req = signed_with_realm(h, t, Method::REFRESH, user, pass, REALM, tid, |w| {
+    let req = harness::signed_request(h, t.client, Method::REFRESH, user, pass, REALM, tid, |w| {
         w.add(&Lifetime(600)).unwrap();
     });
     error_code(&h.deliver(t, &req)[0])

@@ -171,19 +171,7 @@ fn split_mode_survives_a_control_plane_restart() {
     cp_args.extend(certs.control_plane());
     let mut cp = common::spawn_owned(&cp_args);
     cp.wait_for("control plane ready", Duration::from_secs(20));
-    let mut dp_args: Vec<String> = [
-        "dataplane",
-        "--control",
-        &control,
-        "--listen",
-        &listen,
-        "--workers",
-        "2",
-    ]
-    .map(String::from)
-    .to_vec();
-    dp_args.extend(certs.data_plane("dp1"));
-    let mut dp = common::spawn_owned(&dp_args);
+    let mut dp = certs.spawn_data_plane("dp1", &control, &listen, &["--workers", "2"]);
     dp.wait_for("turnpike ready", Duration::from_secs(20));
     let server: SocketAddr = listen.parse().unwrap();
     let peer = EchoPeer::start();
@@ -223,12 +211,7 @@ fn admin_api_lists_revokes_and_watches() {
             .connect()
             .await
             .unwrap();
-        let bearer: tonic::metadata::MetadataValue<_> =
-            format!("Bearer {}", common::TOKEN).parse().unwrap();
-        let mut admin = AdminClient::with_interceptor(ch, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", bearer.clone());
-            Ok(r)
-        });
+        let mut admin = AdminClient::with_interceptor(ch, common::add_token);
         let mut events = admin
             .watch_events(v1::WatchEventsRequest::default())
             .await
@@ -352,36 +335,14 @@ fn cluster_of_two_data_planes_with_drain_and_metrics() {
     let mut cp = common::spawn_owned(&args);
     cp.wait_for("control plane ready", Duration::from_secs(20));
     let dp_metrics = format!("127.0.0.1:{}", free_tcp_port());
-    let mut args: Vec<String> = [
-        "dataplane",
-        "--control",
+    let one = ["--workers", "1", "--no-pin"];
+    let mut d1 = certs.spawn_data_plane(
+        "dp1",
         &control,
-        "--listen",
         &l1,
-        "--workers",
-        "1",
-        "--no-pin",
-        "--metrics-listen",
-        &dp_metrics,
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(certs.data_plane("dp1"));
-    let mut d1 = common::spawn_owned(&args);
-    let mut args: Vec<String> = [
-        "dataplane",
-        "--control",
-        &control,
-        "--listen",
-        &l2,
-        "--workers",
-        "1",
-        "--no-pin",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(certs.data_plane("dp2"));
-    let mut d2 = common::spawn_owned(&args);
+        &[&one[..], &["--metrics-listen", &dp_metrics]].concat(),
+    );
+    let mut d2 = certs.spawn_data_plane("dp2", &control, &l2, &one);
     d1.wait_for("turnpike ready", Duration::from_secs(20));
     d2.wait_for("turnpike ready", Duration::from_secs(20));
     let (s1, s2): (SocketAddr, SocketAddr) = (l1.parse().unwrap(), l2.parse().unwrap());

@@ -190,20 +190,12 @@ fn grpc_refuses_unauthenticated_callers_and_foreign_data_planes() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("user_quota: 100"));
     // A data plane with a foreign certificate never attaches.
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let mut args: Vec<String> = [
-        "dataplane",
-        "--control",
+    let mut dp = other.spawn_data_plane(
+        "dp1",
         &format!("https://{grpc}"),
-        "--listen",
         &listen,
-        "--workers",
-        "1",
-        "--no-pin",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(other.data_plane("dp1"));
-    let mut dp = spawn_owned(&args);
+        &["--workers", "1", "--no-pin"],
+    );
     dp.wait_for("turnpike ready", Duration::from_secs(30));
     let out = certs.ctl(&grpc, &["stats"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -267,20 +259,12 @@ fn data_plane_listening_socket_is_never_a_peer_in_split_mode() {
     let certs = Certs::new("own");
     let (_cp, grpc) = control_plane(&certs, &["--allow-peer", "127.0.0.0/8"]);
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let mut args: Vec<String> = [
-        "dataplane",
-        "--control",
+    let mut dp = certs.spawn_data_plane(
+        "dp1",
         &format!("https://{grpc}"),
-        "--listen",
         &listen,
-        "--workers",
-        "1",
-        "--no-pin",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(certs.data_plane("dp1"));
-    let mut dp = spawn_owned(&args);
+        &["--workers", "1", "--no-pin"],
+    );
     dp.wait_for("attached to control plane", Duration::from_secs(30));
     let server: SocketAddr = listen.parse().unwrap();
     let mut t = Turn::new(server, "u", "p");
@@ -326,11 +310,7 @@ fn spoofed_flood_leaves_control_plane_memory_flat() {
         .await
         .unwrap();
         let admin_ch = channel(&grpc, &certs.path("ca.pem"), None).await.unwrap();
-        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
-        let mut admin = AdminClient::with_interceptor(admin_ch, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", bearer.clone());
-            Ok(r)
-        });
+        let mut admin = AdminClient::with_interceptor(admin_ch, common::add_token);
         let (tx, rx) = tokio::sync::mpsc::channel::<v1::DataPlaneMessage>(4096);
         tx.send(hello("flood", listen)).await.unwrap();
         let mut down = ControlPlaneClient::new(ch)

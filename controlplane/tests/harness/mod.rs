@@ -8,8 +8,10 @@ use std::net::SocketAddr;
 use turnpike_controlplane::{
     Credentials, FiveTuple, Millis, Output, Server, ServerConfig, TableChange, Transport,
 };
+use turnpike_proto::attr::{Nonce, Realm, Username};
+use turnpike_proto::auth::long_term_key_md5;
 use turnpike_proto::client::{Client, Event};
-use turnpike_proto::stun::Message;
+use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
 /// The start of the virtual clock: 2026-01-01T00:00:00Z.
 pub const T0: Millis = Millis(1_767_225_600_000);
@@ -204,4 +206,37 @@ pub fn error_code(resp: &[u8]) -> Option<u16> {
         .ok()
         .flatten()
         .map(|e| e.code)
+}
+
+/// An authenticated request built by hand (MD5 key, a fresh nonce for `client`, REALM
+/// `realm`), for cases the sans-IO client won't produce. `fill` adds attributes before
+/// the credentials.
+#[allow(clippy::too_many_arguments)]
+pub fn signed_request<F>(
+    h: &Harness,
+    client: SocketAddr,
+    method: Method,
+    user: &str,
+    pass: &str,
+    realm: &str,
+    tid: u8,
+    fill: F,
+) -> Vec<u8>
+where
+    F: FnOnce(&mut MessageWriter<'_>),
+{
+    let nonce = h.server.mint_nonce(h.now, &client);
+    let mut buf = vec![0u8; 1024];
+    let mut w =
+        MessageWriter::new(&mut buf, method, Class::Request, TransactionId([tid; 12])).unwrap();
+    fill(&mut w);
+    w.add(&Username(user)).unwrap();
+    w.add(&Realm(realm)).unwrap();
+    w.add(&Nonce(&nonce)).unwrap();
+    w.add_integrity(&long_term_key_md5(user, REALM, pass))
+        .unwrap();
+    w.add_fingerprint().unwrap();
+    let n = w.finish();
+    buf.truncate(n);
+    buf
 }

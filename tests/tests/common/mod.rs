@@ -359,6 +359,17 @@ impl Certs {
         ]
     }
 
+    /// Starts `turnpike dataplane` as `id` (dp1 or dp2), attached to `control`
+    /// (https://ADDR), listening on `listen`, with `extra` flags.
+    pub fn spawn_data_plane(&self, id: &str, control: &str, listen: &str, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = ["dataplane", "--control", control, "--listen", listen]
+            .map(String::from)
+            .to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(self.data_plane(id));
+        spawn_owned(&args)
+    }
+
     /// `turnpike ctl` against a TLS Admin port at `addr`.
     pub fn ctl(&self, addr: &str, args: &[&str]) -> std::process::Output {
         Command::new(bin())
@@ -402,4 +413,11 @@ pub fn ctl_plain(addr: &str, args: &[&str]) -> std::process::Output {
 pub fn spawn_owned(args: &[String]) -> Proc {
     let v: Vec<&str> = args.iter().map(String::as_str).collect();
     Proc::spawn(&v)
+}
+
+/// An Admin client interceptor that carries [`TOKEN`].
+pub fn add_token(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let bearer = format!("Bearer {TOKEN}").parse().unwrap();
+    r.metadata_mut().insert("authorization", bearer);
+    Ok(r)
 }
