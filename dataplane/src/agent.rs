@@ -158,11 +158,6 @@ fn change_from(c: v1::TableChange) -> Option<Change> {
                 deadline: perm.deadline_unix_millis,
             }
         }
-        C::PermissionRefresh(p) => Change::PermissionSet {
-            id: p.allocation_id,
-            peer: ip_from_bytes(&p.peer_ip).ok()?,
-            deadline: p.deadline_unix_millis,
-        },
         C::PermissionRemove(p) => Change::PermissionRemove {
             id: p.allocation_id,
             peer: ip_from_bytes(&p.peer_ip).ok()?,
@@ -176,7 +171,6 @@ fn change_from(c: v1::TableChange) -> Option<Change> {
                 deadline: ch.deadline_unix_millis,
             }
         }
-        C::ChannelRefresh(_) => return None,
         C::ChannelRemove(c) => Change::ChannelRemove {
             id: c.allocation_id,
             channel: u16::try_from(c.channel_number).ok()?,

@@ -9,6 +9,8 @@
 //! - [`demux`]: the RFC 7983 first-byte demultiplexer.
 //! - [`turn`]: fast-path helpers for Send and Data indications and Binding responses.
 //! - [`client`]: a sans-IO TURN client, reused by tests and the load generator.
+//! - [`plane`]: the plane-to-plane contract, typed once (5-tuple, allocation id, table
+//!   change, table snapshot, bind error), with its conversions to the gRPC messages.
 //! - [`api`]: the gRPC API (`turnpike.v1`): the control-plane/data-plane stream and the
 //!   admin service, generated from `proto/proto/turnpike/v1/*.proto`.
 //!
@@ -25,6 +27,7 @@ pub mod channel;
 pub mod client;
 pub mod demux;
 pub mod error;
+pub mod plane;
 pub mod stun;
 pub mod turn;
 

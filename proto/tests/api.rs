@@ -143,19 +143,9 @@ fn table_change_batch_round_trips() -> TestResult {
             allocation_id: 42,
             permission: Some(permission()),
         }),
-        Change::PermissionRefresh(PermissionRefresh {
-            allocation_id: 42,
-            peer_ip: ip_to_bytes(PEER.ip()),
-            deadline_unix_millis: DEADLINE + 300_000,
-        }),
         Change::ChannelAdd(ChannelAdd {
             allocation_id: 42,
             channel: Some(channel()),
-        }),
-        Change::ChannelRefresh(ChannelRefresh {
-            allocation_id: 42,
-            channel_number: 0x4000,
-            deadline_unix_millis: DEADLINE + 600_000,
         }),
         Change::ChannelRemove(ChannelRemove {
             allocation_id: 42,

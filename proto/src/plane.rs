@@ -1,0 +1,723 @@
+//! The plane-to-plane contract, typed once: what the control plane and the data plane say
+//! to each other about 5-tuples, allocations, relay-table changes, table snapshots and
+//! relay-port binds. Both planes use these types; the conversions to and from the gRPC
+//! messages of [`crate::api::v1`] are written here and nowhere else.
+//!
+//! Times are [`Millis`], unix milliseconds: deadlines cross the wire as absolute times so
+//! that they survive reconnects and restarts.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::api::v1::{self, table_change};
+use crate::api::{ip_from_bytes, ip_to_bytes};
+
+/// A point in time: milliseconds since the Unix epoch. Sans-IO code never reads a clock;
+/// the caller passes `now` in, and tests pass a virtual clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    /// `self + secs` seconds.
+    pub fn plus_secs(self, secs: u64) -> Millis {
+        Millis(self.0.saturating_add(secs.saturating_mul(1000)))
+    }
+
+    /// `self + ms` milliseconds.
+    pub fn plus_ms(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+
+    /// Whole seconds since the epoch.
+    pub fn secs(self) -> u64 {
+        self.0 / 1000
+    }
+}
+
+/// The transport a client reached the server over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Transport {
+    /// UDP.
+    #[default]
+    Udp,
+    /// TCP.
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+}
+
+/// A client's 5-tuple: transport, the client's address and the server address it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    /// The transport.
+    pub transport: Transport,
+    /// The client's (reflexive) address.
+    pub client: SocketAddr,
+    /// The server's listening address the client sent to.
+    pub server: SocketAddr,
+}
+
+impl FiveTuple {
+    /// A UDP 5-tuple.
+    pub fn udp(client: SocketAddr, server: SocketAddr) -> FiveTuple {
+        FiveTuple {
+            transport: Transport::Udp,
+            client,
+            server,
+        }
+    }
+}
+
+/// An allocation's identity, chosen by the control plane, unique within a cell and never
+/// reused; carried through resyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct AllocationId(pub u64);
+
+/// A change to a data plane's relay table. Every entry carries the deadline at which the
+/// data plane stops forwarding for it, even if no removal arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableChange {
+    /// A new allocation, on relay sockets bound earlier for the same 5-tuple.
+    AllocationAdd {
+        /// The allocation.
+        id: AllocationId,
+        /// The client's 5-tuple.
+        tuple: FiveTuple,
+        /// Its relayed addresses (one per family).
+        relays: Vec<SocketAddr>,
+        /// When it expires.
+        deadline: Millis,
+        /// Bandwidth limit in bytes per second per direction; 0 is unlimited.
+        bandwidth: u64,
+        /// The accounting user (not secret; used for usage events).
+        user: String,
+        /// The username the allocation was created with (for a REST credential it embeds
+        /// the expiry, so it differs from `user`). Kept by the data plane and reported
+        /// back in a resync, so that a restarted control plane still refuses other
+        /// credentials on this allocation with 441.
+        username: String,
+        /// DONT-FRAGMENT was asked: relay with the DF bit set.
+        dont_fragment: bool,
+    },
+    /// A Refresh moved the deadline.
+    AllocationRefresh {
+        /// The allocation.
+        id: AllocationId,
+        /// The new deadline.
+        deadline: Millis,
+    },
+    /// The allocation is gone: its relay sockets are closed.
+    AllocationRemove {
+        /// The allocation.
+        id: AllocationId,
+    },
+    /// A permission was installed or refreshed.
+    PermissionSet {
+        /// The allocation.
+        id: AllocationId,
+        /// The peer IP.
+        peer: IpAddr,
+        /// When it expires.
+        deadline: Millis,
+    },
+    /// A permission expired.
+    PermissionRemove {
+        /// The allocation.
+        id: AllocationId,
+        /// The peer IP.
+        peer: IpAddr,
+    },
+    /// A channel was bound or refreshed.
+    ChannelSet {
+        /// The allocation.
+        id: AllocationId,
+        /// The channel number.
+        channel: u16,
+        /// The peer.
+        peer: SocketAddr,
+        /// When it expires.
+        deadline: Millis,
+    },
+    /// A channel expired.
+    ChannelRemove {
+        /// The allocation.
+        id: AllocationId,
+        /// The channel number.
+        channel: u16,
+    },
+}
+
+impl TableChange {
+    /// The allocation the change is about.
+    pub fn allocation(&self) -> AllocationId {
+        match self {
+            TableChange::AllocationAdd { id, .. }
+            | TableChange::AllocationRefresh { id, .. }
+            | TableChange::AllocationRemove { id }
+            | TableChange::PermissionSet { id, .. }
+            | TableChange::PermissionRemove { id, .. }
+            | TableChange::ChannelSet { id, .. }
+            | TableChange::ChannelRemove { id, .. } => *id,
+        }
+    }
+}
+
+/// Packets and bytes relayed in one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Traffic {
+    /// Datagrams.
+    pub packets: u64,
+    /// Application bytes (payload, without TURN framing).
+    pub bytes: u64,
+}
+
+/// Traffic relayed for an allocation, cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Client → peer.
+    pub to_peer: Traffic,
+    /// Peer → client.
+    pub to_client: Traffic,
+}
+
+/// One row of a data plane's relay table, as it reports it after (re)attaching: what a
+/// control plane rebuilds its state from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllocationSnapshot {
+    /// The allocation.
+    pub id: AllocationId,
+    /// The worker that owns it.
+    pub worker: u32,
+    /// The client 5-tuple.
+    pub tuple: Option<FiveTuple>,
+    /// Relay addresses.
+    pub relays: Vec<SocketAddr>,
+    /// When forwarding stops.
+    pub deadline: Millis,
+    /// Bytes per second per direction; 0 unlimited.
+    pub bandwidth: u64,
+    /// The accounting user.
+    pub user: String,
+    /// The username the allocation authenticated with (empty: unknown).
+    pub username: String,
+    /// DONT-FRAGMENT.
+    pub dont_fragment: bool,
+    /// Installed permissions: peer IP and deadline.
+    pub permissions: Vec<(IpAddr, Millis)>,
+    /// Bound channels: number, peer and deadline.
+    pub channels: Vec<(u16, SocketAddr, Millis)>,
+    /// Traffic relayed so far.
+    pub usage: Usage,
+}
+
+/// A request to a data plane to open relay sockets for an allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindRequest {
+    /// Echoed in the acknowledgement.
+    pub id: u64,
+    /// The client whose allocation this is (the data plane gives the sockets to the worker
+    /// that owns this 5-tuple).
+    pub tuple: FiveTuple,
+    /// The relay addresses to bind (all or none).
+    pub relays: Vec<SocketAddr>,
+}
+
+/// Why a data plane could not bind relay sockets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// The port is taken (another process, or a socket not yet closed): try another.
+    #[error("address in use")]
+    AddressInUse,
+    /// The relay IP is not on this host.
+    #[error("address not available")]
+    AddressNotAvailable,
+    /// The request named no worker or addresses this data plane can serve.
+    #[error("invalid bind request: {0}")]
+    Invalid(String),
+    /// No data plane to ask (detached, or it never answered).
+    #[error("no data plane")]
+    NoDataPlane,
+    /// Any other system error.
+    #[error("system error: {0}")]
+    System(String),
+}
+
+impl BindError {
+    /// The error of a failed `bind(2)`.
+    pub fn from_io(e: &std::io::Error) -> BindError {
+        match e.kind() {
+            std::io::ErrorKind::AddrInUse => BindError::AddressInUse,
+            std::io::ErrorKind::AddrNotAvailable => BindError::AddressNotAvailable,
+            _ => BindError::System(e.to_string()),
+        }
+    }
+}
+
+/// A gRPC message that does not make a valid contract value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    /// A required field is missing.
+    #[error("missing field {0}")]
+    Missing(&'static str),
+    /// A field has a value out of range.
+    #[error("invalid field {0}")]
+    Invalid(&'static str),
+}
+
+// ----- conversions to and from turnpike.v1 ---------------------------------------------
+
+impl From<Transport> for v1::Transport {
+    fn from(t: Transport) -> v1::Transport {
+        match t {
+            Transport::Udp => v1::Transport::Udp,
+            Transport::Tcp => v1::Transport::Tcp,
+            Transport::Tls => v1::Transport::Tls,
+        }
+    }
+}
+
+impl From<&FiveTuple> for v1::FiveTuple {
+    fn from(t: &FiveTuple) -> v1::FiveTuple {
+        v1::FiveTuple {
+            transport: v1::Transport::from(t.transport) as i32,
+            client: Some(t.client.into()),
+            server: Some(t.server.into()),
+        }
+    }
+}
+
+impl TryFrom<&v1::FiveTuple> for FiveTuple {
+    type Error = ConvertError;
+    fn try_from(t: &v1::FiveTuple) -> Result<FiveTuple, ConvertError> {
+        let transport = match v1::Transport::try_from(t.transport) {
+            Ok(v1::Transport::Udp) => Transport::Udp,
+            Ok(v1::Transport::Tcp) => Transport::Tcp,
+            Ok(v1::Transport::Tls) => Transport::Tls,
+            _ => return Err(ConvertError::Invalid("five_tuple.transport")),
+        };
+        let addr = |a: Option<&v1::SocketAddress>, name| {
+            SocketAddr::try_from(a.ok_or(ConvertError::Missing(name))?)
+                .map_err(|_| ConvertError::Invalid(name))
+        };
+        Ok(FiveTuple {
+            transport,
+            client: addr(t.client.as_ref(), "five_tuple.client")?,
+            server: addr(t.server.as_ref(), "five_tuple.server")?,
+        })
+    }
+}
+
+/// A 5-tuple field that must be present.
+pub fn tuple_from_api(t: Option<&v1::FiveTuple>) -> Result<FiveTuple, ConvertError> {
+    FiveTuple::try_from(t.ok_or(ConvertError::Missing("five_tuple"))?)
+}
+
+impl From<Usage> for v1::Usage {
+    fn from(u: Usage) -> v1::Usage {
+        let t = |t: Traffic| {
+            Some(v1::TrafficCounters {
+                packets: t.packets,
+                bytes: t.bytes,
+            })
+        };
+        v1::Usage {
+            client_to_peer: t(u.to_peer),
+            peer_to_client: t(u.to_client),
+        }
+    }
+}
+
+impl From<&v1::Usage> for Usage {
+    fn from(u: &v1::Usage) -> Usage {
+        let t = |t: &Option<v1::TrafficCounters>| {
+            let t = t.unwrap_or_default();
+            Traffic {
+                packets: t.packets,
+                bytes: t.bytes,
+            }
+        };
+        Usage {
+            to_peer: t(&u.client_to_peer),
+            to_client: t(&u.peer_to_client),
+        }
+    }
+}
+
+fn channel_number(n: u32) -> Result<u16, ConvertError> {
+    u16::try_from(n).map_err(|_| ConvertError::Invalid("channel_number"))
+}
+
+fn peer_ip(b: &[u8]) -> Result<IpAddr, ConvertError> {
+    ip_from_bytes(b).map_err(|_| ConvertError::Invalid("peer_ip"))
+}
+
+fn socket(a: Option<&v1::SocketAddress>, name: &'static str) -> Result<SocketAddr, ConvertError> {
+    SocketAddr::try_from(a.ok_or(ConvertError::Missing(name))?)
+        .map_err(|_| ConvertError::Invalid(name))
+}
+
+impl TableChange {
+    /// The gRPC form, for the data plane worker `worker` (carried by AllocationAdd; the
+    /// other changes are routed by allocation id).
+    pub fn to_api(&self, worker: u32) -> v1::TableChange {
+        use table_change::Change as C;
+        let change = match self {
+            TableChange::AllocationAdd {
+                id,
+                tuple,
+                relays,
+                deadline,
+                bandwidth,
+                user,
+                username,
+                dont_fragment,
+            } => C::AllocationAdd(v1::AllocationAdd {
+                allocation: Some(v1::Allocation {
+                    allocation_id: id.0,
+                    worker_id: worker,
+                    five_tuple: Some(tuple.into()),
+                    relay_addresses: relays.iter().map(|r| (*r).into()).collect(),
+                    deadline_unix_millis: deadline.0,
+                    bandwidth_limit_bytes_per_second: *bandwidth,
+                    user_id: user.clone(),
+                    dont_fragment: *dont_fragment,
+                    username: username.clone(),
+                }),
+            }),
+            TableChange::AllocationRefresh { id, deadline } => {
+                C::AllocationRefresh(v1::AllocationRefresh {
+                    allocation_id: id.0,
+                    deadline_unix_millis: deadline.0,
+                })
+            }
+            TableChange::AllocationRemove { id } => C::AllocationRemove(v1::AllocationRemove {
+                allocation_id: id.0,
+            }),
+            TableChange::PermissionSet { id, peer, deadline } => {
+                C::PermissionAdd(v1::PermissionAdd {
+                    allocation_id: id.0,
+                    permission: Some(v1::Permission {
+                        peer_ip: ip_to_bytes(*peer),
+                        deadline_unix_millis: deadline.0,
+                    }),
+                })
+            }
+            TableChange::PermissionRemove { id, peer } => {
+                C::PermissionRemove(v1::PermissionRemove {
+                    allocation_id: id.0,
+                    peer_ip: ip_to_bytes(*peer),
+                })
+            }
+            TableChange::ChannelSet {
+                id,
+                channel,
+                peer,
+                deadline,
+            } => C::ChannelAdd(v1::ChannelAdd {
+                allocation_id: id.0,
+                channel: Some(v1::Channel {
+                    channel_number: u32::from(*channel),
+                    peer: Some((*peer).into()),
+                    deadline_unix_millis: deadline.0,
+                }),
+            }),
+            TableChange::ChannelRemove { id, channel } => C::ChannelRemove(v1::ChannelRemove {
+                allocation_id: id.0,
+                channel_number: u32::from(*channel),
+            }),
+        };
+        v1::TableChange {
+            change: Some(change),
+        }
+    }
+
+    /// From the gRPC form: the change, and the worker an AllocationAdd names (0 for the
+    /// other changes).
+    pub fn from_api(c: &v1::TableChange) -> Result<(TableChange, u32), ConvertError> {
+        use table_change::Change as C;
+        let missing = ConvertError::Missing;
+        Ok(match c.change.as_ref().ok_or(missing("change"))? {
+            C::AllocationAdd(a) => {
+                let a = a.allocation.as_ref().ok_or(missing("allocation"))?;
+                (
+                    TableChange::AllocationAdd {
+                        id: AllocationId(a.allocation_id),
+                        tuple: tuple_from_api(a.five_tuple.as_ref())?,
+                        relays: a
+                            .relay_addresses
+                            .iter()
+                            .map(|r| socket(Some(r), "relay_addresses"))
+                            .collect::<Result<_, _>>()?,
+                        deadline: Millis(a.deadline_unix_millis),
+                        bandwidth: a.bandwidth_limit_bytes_per_second,
+                        user: a.user_id.clone(),
+                        username: a.username.clone(),
+                        dont_fragment: a.dont_fragment,
+                    },
+                    a.worker_id,
+                )
+            }
+            C::AllocationRefresh(r) => (
+                TableChange::AllocationRefresh {
+                    id: AllocationId(r.allocation_id),
+                    deadline: Millis(r.deadline_unix_millis),
+                },
+                0,
+            ),
+            C::AllocationRemove(r) => (
+                TableChange::AllocationRemove {
+                    id: AllocationId(r.allocation_id),
+                },
+                0,
+            ),
+            C::PermissionAdd(p) => {
+                let perm = p.permission.as_ref().ok_or(missing("permission"))?;
+                (
+                    TableChange::PermissionSet {
+                        id: AllocationId(p.allocation_id),
+                        peer: peer_ip(&perm.peer_ip)?,
+                        deadline: Millis(perm.deadline_unix_millis),
+                    },
+                    0,
+                )
+            }
+            C::PermissionRemove(p) => (
+                TableChange::PermissionRemove {
+                    id: AllocationId(p.allocation_id),
+                    peer: peer_ip(&p.peer_ip)?,
+                },
+                0,
+            ),
+            C::ChannelAdd(ch) => {
+                let c = ch.channel.as_ref().ok_or(missing("channel"))?;
+                (
+                    TableChange::ChannelSet {
+                        id: AllocationId(ch.allocation_id),
+                        channel: channel_number(c.channel_number)?,
+                        peer: socket(c.peer.as_ref(), "channel.peer")?,
+                        deadline: Millis(c.deadline_unix_millis),
+                    },
+                    0,
+                )
+            }
+            C::ChannelRemove(ch) => (
+                TableChange::ChannelRemove {
+                    id: AllocationId(ch.allocation_id),
+                    channel: channel_number(ch.channel_number)?,
+                },
+                0,
+            ),
+        })
+    }
+}
+
+impl From<&AllocationSnapshot> for v1::AllocationState {
+    fn from(s: &AllocationSnapshot) -> v1::AllocationState {
+        v1::AllocationState {
+            allocation: Some(v1::Allocation {
+                allocation_id: s.id.0,
+                worker_id: s.worker,
+                five_tuple: s.tuple.as_ref().map(Into::into),
+                relay_addresses: s.relays.iter().map(|r| (*r).into()).collect(),
+                deadline_unix_millis: s.deadline.0,
+                bandwidth_limit_bytes_per_second: s.bandwidth,
+                user_id: s.user.clone(),
+                dont_fragment: s.dont_fragment,
+                username: s.username.clone(),
+            }),
+            permissions: s
+                .permissions
+                .iter()
+                .map(|(ip, t)| v1::Permission {
+                    peer_ip: ip_to_bytes(*ip),
+                    deadline_unix_millis: t.0,
+                })
+                .collect(),
+            channels: s
+                .channels
+                .iter()
+                .map(|(c, p, t)| v1::Channel {
+                    channel_number: u32::from(*c),
+                    peer: Some((*p).into()),
+                    deadline_unix_millis: t.0,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<&v1::AllocationState> for AllocationSnapshot {
+    type Error = ConvertError;
+    fn try_from(s: &v1::AllocationState) -> Result<AllocationSnapshot, ConvertError> {
+        let a = s
+            .allocation
+            .as_ref()
+            .ok_or(ConvertError::Missing("allocation"))?;
+        Ok(AllocationSnapshot {
+            id: AllocationId(a.allocation_id),
+            worker: a.worker_id,
+            tuple: Some(tuple_from_api(a.five_tuple.as_ref())?),
+            relays: a
+                .relay_addresses
+                .iter()
+                .map(|r| socket(Some(r), "relay_addresses"))
+                .collect::<Result<_, _>>()?,
+            deadline: Millis(a.deadline_unix_millis),
+            bandwidth: a.bandwidth_limit_bytes_per_second,
+            user: a.user_id.clone(),
+            username: a.username.clone(),
+            dont_fragment: a.dont_fragment,
+            permissions: s
+                .permissions
+                .iter()
+                .map(|p| Ok((peer_ip(&p.peer_ip)?, Millis(p.deadline_unix_millis))))
+                .collect::<Result<_, ConvertError>>()?,
+            channels: s
+                .channels
+                .iter()
+                .map(|c| {
+                    Ok((
+                        channel_number(c.channel_number)?,
+                        socket(c.peer.as_ref(), "channel.peer")?,
+                        Millis(c.deadline_unix_millis),
+                    ))
+                })
+                .collect::<Result<_, ConvertError>>()?,
+            usage: Usage::default(),
+        })
+    }
+}
+
+impl From<&BindError> for v1::BindError {
+    fn from(e: &BindError) -> v1::BindError {
+        let code = match e {
+            BindError::AddressInUse => v1::BindErrorCode::AddressInUse,
+            BindError::AddressNotAvailable => v1::BindErrorCode::AddressNotAvailable,
+            BindError::Invalid(_) => v1::BindErrorCode::InvalidRequest,
+            BindError::NoDataPlane => v1::BindErrorCode::UnknownWorker,
+            BindError::System(_) => v1::BindErrorCode::System,
+        };
+        v1::BindError {
+            code: code as i32,
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<&v1::BindError> for BindError {
+    fn from(e: &v1::BindError) -> BindError {
+        match v1::BindErrorCode::try_from(e.code) {
+            Ok(v1::BindErrorCode::AddressInUse) => BindError::AddressInUse,
+            Ok(v1::BindErrorCode::AddressNotAvailable) => BindError::AddressNotAvailable,
+            Ok(v1::BindErrorCode::InvalidRequest) => BindError::Invalid(e.reason.clone()),
+            Ok(v1::BindErrorCode::UnknownWorker) => BindError::NoDataPlane,
+            _ => BindError::System(e.reason.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn tuple() -> FiveTuple {
+        FiveTuple {
+            transport: Transport::Tls,
+            client: "198.51.100.1:5000".parse().unwrap(),
+            server: "[2001:db8::1]:443".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn every_table_change_round_trips() {
+        let id = AllocationId(7);
+        let changes = [
+            TableChange::AllocationAdd {
+                id,
+                tuple: tuple(),
+                relays: vec!["192.0.2.1:50000".parse().unwrap()],
+                deadline: Millis(9),
+                bandwidth: 1000,
+                user: "u".into(),
+                username: "1700000000:u".into(),
+                dont_fragment: true,
+            },
+            TableChange::AllocationRefresh {
+                id,
+                deadline: Millis(10),
+            },
+            TableChange::AllocationRemove { id },
+            TableChange::PermissionSet {
+                id,
+                peer: "203.0.113.9".parse().unwrap(),
+                deadline: Millis(11),
+            },
+            TableChange::PermissionRemove {
+                id,
+                peer: "2001:db8::9".parse().unwrap(),
+            },
+            TableChange::ChannelSet {
+                id,
+                channel: 0x4001,
+                peer: "203.0.113.9:7".parse().unwrap(),
+                deadline: Millis(12),
+            },
+            TableChange::ChannelRemove {
+                id,
+                channel: 0x4001,
+            },
+        ];
+        for c in changes {
+            let worker = if matches!(c, TableChange::AllocationAdd { .. }) { 3 } else { 0 };
+            let back = TableChange::from_api(&c.to_api(worker)).unwrap();
+            assert_eq!(back, (c.clone(), worker));
+            assert_eq!(back.0.allocation(), id);
+        }
+    }
+
+    #[test]
+    fn snapshots_and_bind_errors_round_trip() {
+        let s = AllocationSnapshot {
+            id: AllocationId(5),
+            worker: 1,
+            tuple: Some(tuple()),
+            relays: vec!["192.0.2.1:50000".parse().unwrap()],
+            deadline: Millis(99),
+            bandwidth: 0,
+            user: "u".into(),
+            username: "u".into(),
+            dont_fragment: false,
+            permissions: vec![("203.0.113.9".parse().unwrap(), Millis(5))],
+            channels: vec![(0x4000, "203.0.113.9:7".parse().unwrap(), Millis(6))],
+            usage: Usage::default(),
+        };
+        let api = v1::AllocationState::from(&s);
+        assert_eq!(AllocationSnapshot::try_from(&api).unwrap(), s);
+        for e in [
+            BindError::AddressInUse,
+            BindError::AddressNotAvailable,
+            BindError::Invalid("x".into()),
+            BindError::NoDataPlane,
+        ] {
+            let api = v1::BindError::from(&e);
+            let back = BindError::from(&api);
+            assert_eq!(std::mem::discriminant(&back), std::mem::discriminant(&e));
+        }
+    }
+
+    #[test]
+    fn bad_messages_are_errors_not_panics() {
+        assert!(TableChange::from_api(&v1::TableChange { change: None }).is_err());
+        let bad = v1::TableChange {
+            change: Some(table_change::Change::ChannelRemove(v1::ChannelRemove {
+                allocation_id: 1,
+                channel_number: 70_000,
+            })),
+        };
+        assert_eq!(
+            TableChange::from_api(&bad),
+            Err(ConvertError::Invalid("channel_number"))
+        );
+        assert!(tuple_from_api(None).is_err());
+    }
+}
