@@ -17,10 +17,9 @@ pub mod types;
 
 pub use auth::{Credentials, rest_password};
 pub use policy::{Cidr, PeerPolicy, Verdict, canonical_ip};
-pub use server::{
-    AllocationInfo, RestoredAllocation, Server, ServerConfig, Stats, Via, reason_phrase,
-};
+pub use server::{AllocationInfo, Server, ServerConfig, Stats, Via, reason_phrase};
 pub use service::{AdminAuth, ControlPlaneHandle, RequireClientCert};
 pub use types::{
-    AllocationId, BindRequest, EndReason, Event, FiveTuple, Millis, Output, TableChange, Transport,
+    AllocationId, AllocationSnapshot, BindError, BindRequest, EndReason, Event, FiveTuple, Millis,
+    Output, TableChange, Transport,
 };

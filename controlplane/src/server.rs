@@ -29,7 +29,8 @@ use crate::policy::{PeerPolicy, Verdict};
 use crate::ports::Ports;
 use crate::ratelimit::{LogSampler, RateLimiter};
 use crate::types::{
-    AllocationId, BindRequest, EndReason, Event, FiveTuple, Millis, Output, TableChange,
+    AllocationId, AllocationSnapshot, BindError, BindRequest, EndReason, Event, FiveTuple, Millis,
+    Output, TableChange,
 };
 
 /// The password algorithms offered, in order of preference (RFC 8489 §9.2.1).
@@ -212,29 +213,6 @@ pub struct AllocationInfo {
     /// Permitted peer IPs.
     pub permissions: Vec<(IpAddr, Millis)>,
     /// Bound channels.
-    pub channels: Vec<(u16, SocketAddr, Millis)>,
-}
-
-/// An allocation as a data plane reports it in a resync, for rebuilding state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RestoredAllocation {
-    /// The allocation's id.
-    pub id: AllocationId,
-    /// The client 5-tuple.
-    pub tuple: FiveTuple,
-    /// The accounting user.
-    pub user: String,
-    /// The username the allocation was created with, which later requests must use
-    /// (441 otherwise). Empty when unknown (a data plane from before usernames were
-    /// kept): then the first authenticated request of the same accounting user sets it.
-    pub username: String,
-    /// Relayed addresses.
-    pub relays: Vec<SocketAddr>,
-    /// Deadline.
-    pub expires: Millis,
-    /// Permissions.
-    pub permissions: Vec<(IpAddr, Millis)>,
-    /// Channels.
     pub channels: Vec<(u16, SocketAddr, Millis)>,
 }
 
@@ -1165,7 +1143,7 @@ impl Server {
         &mut self,
         now: Millis,
         id: u64,
-        result: Result<(), String>,
+        result: Result<(), BindError>,
         out: &mut Vec<Output>,
     ) {
         let Some(mut p) = self.pending.remove(&id) else {
@@ -1610,8 +1588,10 @@ impl Server {
     }
 
     /// Rebuilds an allocation a data plane reported after a control-plane restart. Its
-    /// ports are marked used and its timers armed; ids above it are not reused.
-    pub fn restore(&mut self, r: RestoredAllocation) {
+    /// ports are marked used and its timers armed; ids above it are not reused. An empty
+    /// `username` is unknown (a data plane from before usernames were kept): then the
+    /// first authenticated request of the same accounting user sets it.
+    pub fn restore(&mut self, r: AllocationSnapshot) {
         if self.allocations.contains_key(&r.id) || self.by_tuple.contains_key(&r.tuple) {
             return;
         }
@@ -1624,7 +1604,7 @@ impl Server {
             username: r.username,
             account: r.user.clone(),
             relays: r.relays,
-            expires: r.expires,
+            expires: r.deadline,
             created_at: Millis(0),
             permissions: AHashMap::new(),
             channels: AHashMap::new(),
@@ -1632,7 +1612,7 @@ impl Server {
             allocate_tid: None,
             allocate_response: Vec::new(),
         };
-        self.timers.insert((r.expires, Timer::Allocation(r.id)));
+        self.timers.insert((r.deadline, Timer::Allocation(r.id)));
         for (ip, t) in r.permissions {
             a.permissions.insert(ip, t);
             self.timers.insert((t, Timer::Permission(r.id, ip)));

@@ -23,13 +23,15 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use turnpike_proto::api::v1::{
     self, admin_server::Admin, control_plane_message, control_plane_server::ControlPlane,
-    data_plane_message, table_change,
+    data_plane_message,
 };
 use turnpike_proto::api::{ip_from_bytes, ip_to_bytes};
+use turnpike_proto::plane::tuple_from_api;
 
-use crate::server::{AllocationInfo, RestoredAllocation, Server};
+use crate::server::{AllocationInfo, Server};
 use crate::types::{
-    AllocationId, EndReason, Event, FiveTuple, Millis, Output, TableChange, Transport,
+    AllocationId, AllocationSnapshot, BindError, EndReason, Event, FiveTuple, Millis, Output,
+    TableChange,
 };
 
 /// The wall clock, read only here: the core is given `now`.
@@ -301,151 +303,6 @@ fn sa(a: SocketAddr) -> v1::SocketAddress {
     v1::SocketAddress::from(a)
 }
 
-fn tuple_to_api(t: &FiveTuple) -> v1::FiveTuple {
-    let transport = match t.transport {
-        Transport::Udp => v1::Transport::Udp,
-        Transport::Tcp => v1::Transport::Tcp,
-        Transport::Tls => v1::Transport::Tls,
-    };
-    v1::FiveTuple {
-        transport: transport as i32,
-        client: Some(sa(t.client)),
-        server: Some(sa(t.server)),
-    }
-}
-
-fn tuple_from_api(t: Option<&v1::FiveTuple>) -> Option<FiveTuple> {
-    let t = t?;
-    let transport = match v1::Transport::try_from(t.transport).ok()? {
-        v1::Transport::Tcp => Transport::Tcp,
-        v1::Transport::Tls => Transport::Tls,
-        _ => Transport::Udp,
-    };
-    Some(FiveTuple {
-        transport,
-        client: SocketAddr::try_from(t.client.as_ref()?).ok()?,
-        server: SocketAddr::try_from(t.server.as_ref()?).ok()?,
-    })
-}
-
-fn change_to_api(c: &TableChange, worker: u32) -> v1::TableChange {
-    use table_change::Change as C;
-    let change = match c {
-        TableChange::AllocationAdd {
-            id,
-            tuple,
-            relays,
-            deadline,
-            bandwidth,
-            user,
-            username,
-            dont_fragment,
-        } => C::AllocationAdd(v1::AllocationAdd {
-            allocation: Some(v1::Allocation {
-                allocation_id: id.0,
-                worker_id: worker,
-                five_tuple: Some(tuple_to_api(tuple)),
-                relay_addresses: relays.iter().map(|r| sa(*r)).collect(),
-                deadline_unix_millis: deadline.0,
-                bandwidth_limit_bytes_per_second: *bandwidth,
-                user_id: user.clone(),
-                dont_fragment: *dont_fragment,
-                username: username.clone(),
-            }),
-        }),
-        TableChange::AllocationRefresh { id, deadline } => {
-            C::AllocationRefresh(v1::AllocationRefresh {
-                allocation_id: id.0,
-                deadline_unix_millis: deadline.0,
-            })
-        }
-        TableChange::AllocationRemove { id } => C::AllocationRemove(v1::AllocationRemove {
-            allocation_id: id.0,
-        }),
-        TableChange::PermissionSet { id, peer, deadline } => C::PermissionAdd(v1::PermissionAdd {
-            allocation_id: id.0,
-            permission: Some(v1::Permission {
-                peer_ip: ip_to_bytes(*peer),
-                deadline_unix_millis: deadline.0,
-            }),
-        }),
-        TableChange::PermissionRemove { id, peer } => C::PermissionRemove(v1::PermissionRemove {
-            allocation_id: id.0,
-            peer_ip: ip_to_bytes(*peer),
-        }),
-        TableChange::ChannelSet {
-            id,
-            channel,
-            peer,
-            deadline,
-        } => C::ChannelAdd(v1::ChannelAdd {
-            allocation_id: id.0,
-            channel: Some(v1::Channel {
-                channel_number: u32::from(*channel),
-                peer: Some(sa(*peer)),
-                deadline_unix_millis: deadline.0,
-            }),
-        }),
-        TableChange::ChannelRemove { id, channel } => C::ChannelRemove(v1::ChannelRemove {
-            allocation_id: id.0,
-            channel_number: u32::from(*channel),
-        }),
-    };
-    v1::TableChange {
-        change: Some(change),
-    }
-}
-
-fn change_allocation(c: &TableChange) -> AllocationId {
-    match c {
-        TableChange::AllocationAdd { id, .. }
-        | TableChange::AllocationRefresh { id, .. }
-        | TableChange::AllocationRemove { id }
-        | TableChange::PermissionSet { id, .. }
-        | TableChange::PermissionRemove { id, .. }
-        | TableChange::ChannelSet { id, .. }
-        | TableChange::ChannelRemove { id, .. } => *id,
-    }
-}
-
-fn restored_from_api(s: &v1::AllocationState) -> Option<(RestoredAllocation, u32)> {
-    let a = s.allocation.as_ref()?;
-    let r = RestoredAllocation {
-        id: AllocationId(a.allocation_id),
-        tuple: tuple_from_api(a.five_tuple.as_ref())?,
-        user: a.user_id.clone(),
-        username: a.username.clone(),
-        relays: a
-            .relay_addresses
-            .iter()
-            .filter_map(|r| SocketAddr::try_from(r).ok())
-            .collect(),
-        expires: Millis(a.deadline_unix_millis),
-        permissions: s
-            .permissions
-            .iter()
-            .filter_map(|p| {
-                Some((
-                    ip_from_bytes(&p.peer_ip).ok()?,
-                    Millis(p.deadline_unix_millis),
-                ))
-            })
-            .collect(),
-        channels: s
-            .channels
-            .iter()
-            .filter_map(|c| {
-                Some((
-                    u16::try_from(c.channel_number).ok()?,
-                    SocketAddr::try_from(c.peer.as_ref()?).ok()?,
-                    Millis(c.deadline_unix_millis),
-                ))
-            })
-            .collect(),
-    };
-    Some((r, a.worker_id))
-}
-
 // ----- the actor ------------------------------------------------------------------------
 
 impl Actor {
@@ -690,9 +547,10 @@ impl Actor {
             .filter_map(|r| ip_from_bytes(&r.ip).ok())
             .collect();
         for s in &table.allocations {
-            let Some((r, worker)) = restored_from_api(s) else {
+            let Ok(r) = AllocationSnapshot::try_from(s) else {
                 continue;
             };
+            let worker = r.worker;
             let on_listen = listens.iter().any(|l| {
                 *l == r.tuple.server
                     || (l.ip().is_unspecified() && l.port() == r.tuple.server.port())
@@ -723,7 +581,7 @@ impl Actor {
         use data_plane_message::Message as M;
         match msg {
             M::PuntedRequest(p) => {
-                let Some(tuple) = tuple_from_api(p.five_tuple.as_ref()) else {
+                let Ok(tuple) = tuple_from_api(p.five_tuple.as_ref()) else {
                     return;
                 };
                 self.punted += 1;
@@ -764,8 +622,8 @@ impl Actor {
                 }
                 let result = match ack.outcome {
                     Some(v1::bind_ack::Outcome::Success(_)) => Ok(()),
-                    Some(v1::bind_ack::Outcome::Error(e)) => Err(e.reason),
-                    None => Err("empty bind acknowledgement".to_owned()),
+                    Some(v1::bind_ack::Outcome::Error(e)) => Err(BindError::from(&e)),
+                    None => Err(BindError::Invalid("empty bind acknowledgement".to_owned())),
                 };
                 let mut out = Vec::new();
                 self.server
@@ -873,7 +731,7 @@ impl Actor {
                                 request_id: b.id,
                                 worker_id: worker,
                                 relay_addresses: b.relays.iter().map(|r| sa(*r)).collect(),
-                                five_tuple: Some(tuple_to_api(&b.tuple)),
+                                five_tuple: Some((&b.tuple).into()),
                                 claim_deadline_unix_millis: now().plus_secs(30).0,
                                 ..Default::default()
                             }),
@@ -883,13 +741,13 @@ impl Actor {
                         self.server.handle_bind_result(
                             now(),
                             b.id,
-                            Err("no data plane".into()),
+                            Err(BindError::NoDataPlane),
                             &mut sink,
                         );
                     }
                 }
                 Output::Table(change) => {
-                    let id = change_allocation(&change);
+                    let id = change.allocation();
                     if let TableChange::AllocationAdd { tuple, .. } = &change
                         && let Some((conn, worker)) = owner_of(self, tuple)
                     {
@@ -906,10 +764,7 @@ impl Actor {
                         self.alloc_owner.remove(&id);
                         self.tuple_owner.remove(&tuple);
                     }
-                    batches
-                        .entry(conn)
-                        .or_default()
-                        .push(change_to_api(&change, worker));
+                    batches.entry(conn).or_default().push(change.to_api(worker));
                 }
                 Output::Event(e) => self.lifecycle(e),
             }
@@ -934,7 +789,7 @@ impl Actor {
                     conn,
                     control_plane_message::Message::SendDatagram(v1::SendDatagram {
                         worker_id: worker,
-                        five_tuple: Some(tuple_to_api(&tuple)),
+                        five_tuple: Some((&tuple).into()),
                         datagram: data.into(),
                     }),
                 );
@@ -950,7 +805,7 @@ impl Actor {
             } => (
                 *id,
                 Body::Created(v1::AllocationCreated {
-                    five_tuple: Some(tuple_to_api(tuple)),
+                    five_tuple: Some(tuple.into()),
                     relay_addresses: relays.iter().map(|r| sa(*r)).collect(),
                     deadline_unix_millis: self.server.expiry_of(*id).map(|t| t.0).unwrap_or(0),
                 }),
@@ -1016,7 +871,7 @@ impl Actor {
                 allocation: Some(v1::Allocation {
                     allocation_id: a.id.0,
                     worker_id: worker,
-                    five_tuple: Some(tuple_to_api(&a.tuple)),
+                    five_tuple: Some((&a.tuple).into()),
                     relay_addresses: a.relays.iter().map(|r| sa(*r)).collect(),
                     deadline_unix_millis: a.expires.0,
                     bandwidth_limit_bytes_per_second: self.server.config().bandwidth_limit,

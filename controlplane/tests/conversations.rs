@@ -875,17 +875,7 @@ fn revoke_and_restore() {
     // A new control plane rebuilt from the data plane's table serves the old allocation.
     let mut h2 = Harness::new(config());
     h2.now = h.now;
-    h2.server
-        .restore(turnpike_controlplane::RestoredAllocation {
-            id: info.id,
-            tuple: info.tuple,
-            user: info.account.clone(),
-            username: info.username.clone(),
-            relays: info.relays.clone(),
-            expires: info.expires,
-            permissions: info.permissions.clone(),
-            channels: info.channels.clone(),
-        });
+    h2.server.restore(harness::snapshot(&info, &info.username));
     let mut req = Vec::new();
     c.refresh(h2.now.0, 600, &mut req).unwrap();
     assert_eq!(h2.run(&mut c, t, &req), Ev::Refreshed(600));

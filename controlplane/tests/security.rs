@@ -8,7 +8,7 @@ mod harness;
 use harness::{Ev, Harness, REALM, config, error_code, tuple};
 use turnpike_controlplane::ratelimit::LogSampler;
 use turnpike_controlplane::{
-    Cidr, Credentials, FiveTuple, Millis, PeerPolicy, RestoredAllocation, ServerConfig,
+    AllocationSnapshot, Cidr, Credentials, FiveTuple, Millis, PeerPolicy, ServerConfig,
     TableChange, rest_password,
 };
 use turnpike_proto::attr::{Lifetime, Nonce, Realm, RequestedTransport};
@@ -270,18 +270,8 @@ fn another_realm_gets_401_with_ours() {
 
 // ----- finding 10: usernames across a restart -------------------------------------------
 
-fn restored(h: &Harness, username: &str) -> RestoredAllocation {
-    let info = h.server.allocations().next().unwrap();
-    RestoredAllocation {
-        id: info.id,
-        tuple: info.tuple,
-        user: info.account.clone(),
-        username: username.to_owned(),
-        relays: info.relays.clone(),
-        expires: info.expires,
-        permissions: info.permissions.clone(),
-        channels: info.channels.clone(),
-    }
+fn restored(h: &Harness, username: &str) -> AllocationSnapshot {
+    harness::snapshot(&h.server.allocations().next().unwrap(), username)
 }
 
 fn refresh_as(h: &mut Harness, t: FiveTuple, user: &str, pass: &str, tid: u8) -> Option<u16> {

@@ -181,14 +181,14 @@ pub struct Usage {
 
 /// One row of a data plane's relay table, as it reports it after (re)attaching: what a
 /// control plane rebuilds its state from.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocationSnapshot {
     /// The allocation.
     pub id: AllocationId,
     /// The worker that owns it.
     pub worker: u32,
     /// The client 5-tuple.
-    pub tuple: Option<FiveTuple>,
+    pub tuple: FiveTuple,
     /// Relay addresses.
     pub relays: Vec<SocketAddr>,
     /// When forwarding stops.
@@ -516,7 +516,7 @@ impl From<&AllocationSnapshot> for v1::AllocationState {
             allocation: Some(v1::Allocation {
                 allocation_id: s.id.0,
                 worker_id: s.worker,
-                five_tuple: s.tuple.as_ref().map(Into::into),
+                five_tuple: Some((&s.tuple).into()),
                 relay_addresses: s.relays.iter().map(|r| (*r).into()).collect(),
                 deadline_unix_millis: s.deadline.0,
                 bandwidth_limit_bytes_per_second: s.bandwidth,
@@ -555,7 +555,7 @@ impl TryFrom<&v1::AllocationState> for AllocationSnapshot {
         Ok(AllocationSnapshot {
             id: AllocationId(a.allocation_id),
             worker: a.worker_id,
-            tuple: Some(tuple_from_api(a.five_tuple.as_ref())?),
+            tuple: tuple_from_api(a.five_tuple.as_ref())?,
             relays: a
                 .relay_addresses
                 .iter()
@@ -668,7 +668,11 @@ mod tests {
             },
         ];
         for c in changes {
-            let worker = if matches!(c, TableChange::AllocationAdd { .. }) { 3 } else { 0 };
+            let worker = if matches!(c, TableChange::AllocationAdd { .. }) {
+                3
+            } else {
+                0
+            };
             let back = TableChange::from_api(&c.to_api(worker)).unwrap();
             assert_eq!(back, (c.clone(), worker));
             assert_eq!(back.0.allocation(), id);
@@ -680,7 +684,7 @@ mod tests {
         let s = AllocationSnapshot {
             id: AllocationId(5),
             worker: 1,
-            tuple: Some(tuple()),
+            tuple: tuple(),
             relays: vec!["192.0.2.1:50000".parse().unwrap()],
             deadline: Millis(99),
             bandwidth: 0,

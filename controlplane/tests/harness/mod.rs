@@ -120,7 +120,7 @@ impl Harness {
                     Output::Bind(b) => {
                         let r = if self.fail_binds > 0 {
                             self.fail_binds -= 1;
-                            Err("address in use".to_owned())
+                            Err(turnpike_controlplane::BindError::AddressInUse)
                         } else {
                             Ok(())
                         };
@@ -239,4 +239,25 @@ where
     let n = w.finish();
     buf.truncate(n);
     buf
+}
+
+/// What a data plane would report for allocation `info` in a resync, with `username`.
+pub fn snapshot(
+    info: &turnpike_controlplane::AllocationInfo,
+    username: &str,
+) -> turnpike_controlplane::AllocationSnapshot {
+    turnpike_controlplane::AllocationSnapshot {
+        id: info.id,
+        worker: 0,
+        tuple: info.tuple,
+        relays: info.relays.clone(),
+        deadline: info.expires,
+        bandwidth: 0,
+        user: info.account.clone(),
+        username: username.to_owned(),
+        dont_fragment: false,
+        permissions: info.permissions.clone(),
+        channels: info.channels.clone(),
+        usage: Default::default(),
+    }
 }
