@@ -4,10 +4,13 @@
 //!
 //! [`Server`] takes `(now, 5-tuple, datagram)` and appends [`Output`]s: responses to send,
 //! relay sockets to bind, relay-table changes and lifecycle events. It reads no clock and
-//! does no I/O (enforced by `clippy.toml`'s `disallowed-methods`).
+//! does no I/O (enforced by `clippy.toml`'s `disallowed-methods`). [`Cluster`] wraps it
+//! for a cell of data planes (who owns what, drain, restore), also sans-IO; `service`
+//! is the gRPC plumbing around the cluster, with the one clock read per turn.
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cluster;
 pub mod policy;
 pub mod ports;
 pub mod ratelimit;
@@ -16,6 +19,7 @@ pub mod service;
 pub mod types;
 
 pub use auth::{Credentials, rest_password};
+pub use cluster::{Cluster, ClusterOutput, ConnId, DrainError};
 pub use policy::{Cidr, PeerPolicy, Verdict, canonical_ip};
 pub use server::{AllocationInfo, Server, ServerConfig, Stats, Via, reason_phrase};
 pub use service::{AdminAuth, ControlPlaneHandle, RequireClientCert};

@@ -8,7 +8,6 @@
 //! allocation, lifecycle and usage events to every watcher.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -22,17 +21,12 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use turnpike_proto::api::v1::{
-    self, admin_server::Admin, control_plane_message, control_plane_server::ControlPlane,
-    data_plane_message,
+    self, admin_server::Admin, control_plane_server::ControlPlane, data_plane_message,
 };
-use turnpike_proto::api::{ip_from_bytes, ip_to_bytes};
-use turnpike_proto::plane::tuple_from_api;
 
-use crate::server::{AllocationInfo, Server};
-use crate::types::{
-    AllocationId, AllocationSnapshot, BindError, EndReason, Event, FiveTuple, Millis, Output,
-    TableChange,
-};
+use crate::cluster::{Cluster, ClusterOutput, ConnId};
+use crate::server::Server;
+use crate::types::{AllocationId, Millis};
 
 /// The wall clock, read only here: the core is given `now`.
 #[allow(clippy::disallowed_methods)]
@@ -43,9 +37,6 @@ fn now() -> Millis {
     Millis(d.as_millis() as u64)
 }
 
-/// How long a bind's route is kept without an acknowledgement (the state machine gives
-/// up after 5 s and answers 508).
-const BIND_ROUTE_MS: u64 = 10_000;
 /// The largest message a data plane may send (its table goes in chunks well below this).
 pub const MAX_CONTROL_MESSAGE: usize = 4 << 20;
 /// The largest Admin request.
@@ -57,14 +48,14 @@ enum Cmd {
     Attach {
         hello: v1::Hello,
         tx: Tx,
-        reply: oneshot::Sender<u64>,
+        reply: oneshot::Sender<ConnId>,
     },
     Up {
-        conn: u64,
+        conn: ConnId,
         msg: data_plane_message::Message,
     },
     Detach {
-        conn: u64,
+        conn: ConnId,
     },
     List {
         user: String,
@@ -96,43 +87,12 @@ enum Cmd {
     },
 }
 
-struct Conn {
-    id: String,
-    tx: Tx,
-    hello: v1::Hello,
-    version: u64,
-    acked: u64,
-    draining: bool,
-    load: Option<v1::LoadReport>,
-    attached_at: Millis,
-}
-
-/// A data plane that has gone away: kept for stats.
-struct Gone {
-    hello: v1::Hello,
-    at: Millis,
-}
-
+/// The task that owns the cell: the gRPC plumbing around [`Cluster`]. It reads the clock
+/// once per turn, feeds the cluster, and carries out what comes out.
 struct Actor {
-    server: Server,
-    conns: HashMap<u64, Conn>,
-    gone: HashMap<String, Gone>,
-    next_conn: u64,
-    /// Where responses for a 5-tuple go: only 5-tuples with a live allocation or a bind
-    /// in flight, so memory is bounded by allocations, never by what unauthenticated
-    /// sources send (a request's own answer goes back to where it came from).
-    tuple_owner: HashMap<FiveTuple, (u64, u32)>,
-    /// The data plane connection and worker owning each allocation, and its 5-tuple.
-    alloc_owner: HashMap<AllocationId, (u64, u32, FiveTuple)>,
-    /// Binds sent and not yet acknowledged: the connection asked, the 5-tuple, when.
-    binds: HashMap<u64, (u64, FiveTuple, Millis)>,
-    next_sweep: Millis,
-    ownership_violations: u64,
-    usage: HashMap<AllocationId, v1::Usage>,
-    allocation_dp: HashMap<AllocationId, String>,
+    cluster: Cluster,
+    txs: HashMap<ConnId, Tx>,
     events: broadcast::Sender<v1::Event>,
-    sequence: u64,
-    punted: u64,
 }
 
 /// Handles to the running control plane.
@@ -156,20 +116,9 @@ impl ControlPlaneHandle {
         let (tx, rx) = mpsc::channel(4096);
         let (events, _) = broadcast::channel(4096);
         let actor = Actor {
-            server,
-            conns: HashMap::new(),
-            gone: HashMap::new(),
-            next_conn: 1,
-            tuple_owner: HashMap::new(),
-            alloc_owner: HashMap::new(),
-            binds: HashMap::new(),
-            next_sweep: Millis(0),
-            ownership_violations: 0,
-            usage: HashMap::new(),
-            allocation_dp: HashMap::new(),
+            cluster: Cluster::new(server),
+            txs: HashMap::new(),
             events: events.clone(),
-            sequence: 0,
-            punted: 0,
         };
         tokio::spawn(actor.run(rx));
         ControlPlaneHandle { tx, quotas, events }
@@ -297,696 +246,108 @@ impl Interceptor for AdminAuth {
     }
 }
 
-// ----- conversions ----------------------------------------------------------------------
-
-fn sa(a: SocketAddr) -> v1::SocketAddress {
-    v1::SocketAddress::from(a)
-}
-
 // ----- the actor ------------------------------------------------------------------------
 
 impl Actor {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         loop {
             let wait = self
-                .server
+                .cluster
                 .poll_timeout()
                 .map(|t| Duration::from_millis(t.0.saturating_sub(now().0)))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
-            tokio::select! {
+            let cmd = tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.command(cmd),
+                    Some(cmd) => Some(cmd),
                     None => return,
                 },
-                _ = tokio::time::sleep(wait) => {}
-            }
+                _ = tokio::time::sleep(wait) => None,
+            };
+            // The one clock read of this turn.
             let now = now();
-            let mut out = Vec::new();
-            self.server.handle_timeout(now, &mut out);
-            self.route(out, None);
-            if now >= self.next_sweep {
-                self.sweep(now);
-                self.next_sweep = now.plus_secs(1);
+            if let Some(cmd) = cmd {
+                self.command(now, cmd);
             }
+            self.cluster.handle_timeout(now);
+            self.flush();
         }
     }
 
-    /// Forgets routes nothing needs any more: binds never acknowledged (the state machine
-    /// has timed them out) and 5-tuples without an allocation or a bind in flight.
-    fn sweep(&mut self, now: Millis) {
-        self.binds
-            .retain(|_, (_, _, at)| now.0 < at.0.saturating_add(BIND_ROUTE_MS));
-        let binding: std::collections::HashSet<FiveTuple> =
-            self.binds.values().map(|(_, t, _)| *t).collect();
-        let server = &self.server;
-        self.tuple_owner
-            .retain(|t, _| binding.contains(t) || server.allocation_of(t).is_some());
-    }
-
-    /// Whether `conn` owns allocation `id` (a data plane may only touch its own).
-    fn owns(&mut self, conn: u64, id: AllocationId, what: &str) -> bool {
-        match self.alloc_owner.get(&id) {
-            Some(o) if o.0 == conn => return true,
-            // Ended a moment ago (its last usage report crossed the removal): not a
-            // violation, just too late.
-            None if self.server.account_of(id).is_none() => return false,
-            _ => {}
-        }
-        self.ownership_violations += 1;
-        let dp = self.conns.get(&conn).map(|c| c.id.as_str()).unwrap_or("?");
-        tracing::warn!(data_plane = %dp, allocation = id.0, what, "data plane touched an allocation it does not own; ignored");
-        false
-    }
-
-    fn command(&mut self, cmd: Cmd) {
+    fn command(&mut self, now: Millis, cmd: Cmd) {
+        let c = &mut self.cluster;
         match cmd {
             Cmd::Attach { hello, tx, reply } => {
-                let conn = self.next_conn;
-                self.next_conn += 1;
-                let id = hello.data_plane_id.clone();
-                // A data plane reconnecting before its old stream was noticed dead
-                // replaces it.
-                let stale: Vec<u64> = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| c.id == id)
-                    .map(|(k, _)| *k)
-                    .collect();
-                for old in stale {
-                    self.command(Cmd::Detach { conn: old });
-                }
-                let mut hello = hello;
-                let table = hello.table.take();
-                let version = table.as_ref().map(|t| t.table_version).unwrap_or(0);
-                tracing::info!(data_plane = %id, workers = hello.worker_count, restored = table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
-                self.gone.remove(&id);
-                self.conns.insert(
-                    conn,
-                    Conn {
-                        id: id.clone(),
-                        tx,
-                        hello,
-                        version,
-                        acked: version,
-                        draining: false,
-                        load: None,
-                        attached_at: now(),
-                    },
-                );
-                // Its listening sockets are never a peer (finding: ChannelBind to a data
-                // plane's own socket looped the server into itself).
-                if let Some(c) = self.conns.get(&conn) {
-                    let own: Vec<SocketAddr> = c
-                        .hello
-                        .listening_addresses
-                        .iter()
-                        .filter_map(|l| SocketAddr::try_from(l.address.as_ref()?).ok())
-                        .collect();
-                    let mut policy = self.server.config().policy.clone();
-                    policy.add_own_sockets(own);
-                    self.server.set_policy(policy);
-                }
-                if let Some(table) = &table {
-                    self.restore(conn, &id, table);
-                }
+                let conn = c.attach(now, hello);
+                // A stream replaced by this one (same data plane id) is closed by
+                // dropping its sender.
+                self.txs.retain(|k, _| c.is_attached(*k));
+                self.txs.insert(conn, tx);
                 let _ = reply.send(conn);
             }
-            Cmd::Up { conn, msg } => self.up(conn, msg),
+            Cmd::Up { conn, msg } => c.handle_message(now, conn, msg),
             Cmd::Detach { conn } => {
-                // Its allocations keep relaying headless; their routes come back with its
-                // table when it reattaches.
-                self.alloc_owner.retain(|_, o| o.0 != conn);
-                self.tuple_owner.retain(|_, o| o.0 != conn);
-                self.binds.retain(|_, b| b.0 != conn);
-                if let Some(c) = self.conns.remove(&conn) {
-                    tracing::warn!(data_plane = %c.id, "data plane detached");
-                    self.gone.insert(
-                        c.id.clone(),
-                        Gone {
-                            hello: c.hello,
-                            at: now(),
-                        },
-                    );
-                }
+                c.detach(now, conn);
+                self.txs.remove(&conn);
             }
             Cmd::List {
                 user,
                 data_plane,
                 reply,
             } => {
-                let list = self
-                    .server
-                    .allocations()
-                    .filter(|a| user.is_empty() || a.account == user || a.username == user)
-                    .map(|a| self.info_to_api(&a))
-                    .filter(|i| data_plane.is_empty() || i.data_plane_id == data_plane)
-                    .collect();
-                let _ = reply.send(list);
+                let _ = reply.send(c.list(&user, &data_plane));
             }
             Cmd::Revoke { id, reply } => {
-                let info = self
-                    .server
-                    .allocation(AllocationId(id))
-                    .map(|a| self.info_to_api(&a));
-                let mut out = Vec::new();
-                self.server.revoke(AllocationId(id), &mut out);
-                self.route(out, None);
-                let _ = reply.send(info);
+                let _ = reply.send(c.revoke(now, AllocationId(id)));
             }
             Cmd::RevokeUser { user, reply } => {
-                let mut out = Vec::new();
-                let n = self.server.revoke_user(&user, &mut out);
-                self.route(out, None);
-                let _ = reply.send(n as u64);
+                let _ = reply.send(c.revoke_user(now, &user));
             }
             Cmd::Stats { reply } => {
-                let _ = reply.send(self.stats());
+                let _ = reply.send(c.stats());
             }
             Cmd::Drain {
                 data_plane,
                 draining,
                 reply,
             } => {
-                let mut found = false;
-                for c in self.conns.values_mut() {
-                    if c.id == data_plane || data_plane.is_empty() {
-                        found = true;
-                        c.draining = draining;
-                        let _ = c.tx.try_send(Ok(v1::ControlPlaneMessage {
-                            message: Some(control_plane_message::Message::Drain(v1::Drain {
-                                draining,
-                            })),
-                        }));
-                    }
-                }
-                // New allocations go elsewhere; with every data plane draining, 508.
-                let any_open = self.conns.values().any(|c| !c.draining);
-                self.server.set_draining(!any_open, None);
-                let allocations = self
-                    .allocation_dp
-                    .values()
-                    .filter(|d| **d == data_plane || data_plane.is_empty())
-                    .count() as u64;
-                let _ = reply.send(if found {
-                    Ok(v1::DrainDataPlaneResponse {
-                        draining,
-                        allocations,
-                    })
-                } else {
-                    Err(Status::not_found(format!(
-                        "no data plane {data_plane:?} attached"
-                    )))
-                });
+                let r = c
+                    .drain(now, &data_plane, draining)
+                    .map_err(|e| Status::not_found(e.to_string()));
+                let _ = reply.send(r);
             }
             Cmd::ServerStats { reply } => {
-                let _ = reply.send(self.server.stats());
+                let _ = reply.send(c.server().stats());
             }
             Cmd::Rotate { secrets, reply } => {
-                let n = secrets.len() as u32;
-                self.server.credentials_mut().set_secrets(secrets);
-                let _ = reply.send(n);
+                let _ = reply.send(c.rotate_secrets(secrets));
             }
         }
     }
 
-    /// Where new allocations arriving at data plane `conn` should go instead: nowhere if
-    /// it is open; else the least loaded open data plane's first listening address.
-    fn alternate_for(&self, conn: u64) -> Option<SocketAddr> {
-        if !self.conns.get(&conn)?.draining {
-            return None;
-        }
-        self.conns
-            .iter()
-            .filter(|(id, c)| **id != conn && !c.draining)
-            .min_by_key(|(_, c)| c.load.as_ref().map(|l| l.allocations).unwrap_or(0))
-            .and_then(|(_, c)| {
-                let l = c.hello.listening_addresses.first()?;
-                let a = l.advertised.as_ref().or(l.address.as_ref())?;
-                SocketAddr::try_from(a).ok()
-            })
-    }
-
-    /// Rebuilds allocations from a data plane's table, keeping only what that data plane
-    /// can own: 5-tuples on its own listening addresses, relays on its own relay IPs, and
-    /// allocations no other attached data plane owns.
-    fn restore(&mut self, conn: u64, dp: &str, table: &v1::TableSnapshot) {
-        let Some(c) = self.conns.get(&conn) else {
-            return;
-        };
-        let listens: Vec<SocketAddr> = c
-            .hello
-            .listening_addresses
-            .iter()
-            .filter_map(|l| SocketAddr::try_from(l.address.as_ref()?).ok())
-            .collect();
-        let relay_ips: Vec<std::net::IpAddr> = c
-            .hello
-            .relay_ips
-            .iter()
-            .filter_map(|r| ip_from_bytes(&r.ip).ok())
-            .collect();
-        for s in &table.allocations {
-            let Ok(r) = AllocationSnapshot::try_from(s) else {
-                continue;
-            };
-            let worker = r.worker;
-            let on_listen = listens.iter().any(|l| {
-                *l == r.tuple.server
-                    || (l.ip().is_unspecified() && l.port() == r.tuple.server.port())
-            });
-            let on_relays =
-                relay_ips.is_empty() || r.relays.iter().all(|a| relay_ips.contains(&a.ip()));
-            let taken = self
-                .alloc_owner
-                .get(&r.id)
-                .is_some_and(|o| o.0 != conn && self.conns.contains_key(&o.0))
-                || self
-                    .server
-                    .allocation_of(&r.tuple)
-                    .is_some_and(|id| id != r.id);
-            if !on_listen || !on_relays || taken {
-                self.ownership_violations += 1;
-                tracing::warn!(data_plane = %dp, allocation = r.id.0, on_listen, on_relays, taken, "restored allocation refused");
-                continue;
-            }
-            self.tuple_owner.insert(r.tuple, (conn, worker));
-            self.alloc_owner.insert(r.id, (conn, worker, r.tuple));
-            self.allocation_dp.insert(r.id, dp.to_owned());
-            self.server.restore(r);
-        }
-    }
-
-    fn up(&mut self, conn: u64, msg: data_plane_message::Message) {
-        use data_plane_message::Message as M;
-        match msg {
-            M::PuntedRequest(p) => {
-                let Ok(tuple) = tuple_from_api(p.five_tuple.as_ref()) else {
-                    return;
-                };
-                self.punted += 1;
-                let alternate = self.alternate_for(conn);
-                let relay_ips: Vec<std::net::IpAddr> = self
-                    .conns
-                    .get(&conn)
-                    .map(|c| {
-                        c.hello
-                            .relay_ips
-                            .iter()
-                            .filter_map(|r| ip_from_bytes(&r.ip).ok())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let via = crate::server::Via {
-                    relay_ips: &relay_ips,
-                    alternate,
-                };
-                let mut out = Vec::new();
-                self.server
-                    .handle_via(now(), tuple, &p.datagram, &via, &mut out);
-                self.route(out, Some((tuple, conn, p.worker_id)));
-            }
-            M::BindAck(ack) => {
-                match self.binds.get(&ack.request_id) {
-                    Some(&(asked, _, _)) if asked == conn => {
-                        self.binds.remove(&ack.request_id);
-                    }
-                    _ => {
-                        self.ownership_violations += 1;
-                        tracing::warn!(
-                            request = ack.request_id,
-                            "bind acknowledgement for a bind not asked of this data plane; ignored"
-                        );
-                        return;
-                    }
-                }
-                let result = match ack.outcome {
-                    Some(v1::bind_ack::Outcome::Success(_)) => Ok(()),
-                    Some(v1::bind_ack::Outcome::Error(e)) => Err(BindError::from(&e)),
-                    None => Err(BindError::Invalid("empty bind acknowledgement".to_owned())),
-                };
-                let mut out = Vec::new();
-                self.server
-                    .handle_bind_result(now(), ack.request_id, result, &mut out);
-                self.route(out, None);
-            }
-            M::TableAck(a) => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.acked = c.acked.max(a.table_version);
-                }
-            }
-            M::LoadReport(l) => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.load = Some(l);
-                }
-            }
-            M::UsageReport(u) => self.usage_report(conn, u),
-            M::TableSnapshot(t) => {
-                let dp = self
-                    .conns
-                    .get(&conn)
-                    .map(|c| c.id.clone())
-                    .unwrap_or_default();
-                self.restore(conn, &dp, &t);
-            }
-            M::Hello(_) => {}
-        }
-    }
-
-    fn usage_report(&mut self, conn: u64, u: v1::UsageReport) {
-        let dp = self
-            .conns
-            .get(&conn)
-            .map(|c| c.id.clone())
-            .unwrap_or_default();
-        for a in u.allocations {
-            let id = AllocationId(a.allocation_id);
-            if !self.owns(conn, id, "usage report") {
-                continue;
-            }
-            let total = a.usage.unwrap_or_default();
-            let prev = self.usage.insert(id, total).unwrap_or_default();
-            let delta = usage_delta(&total, &prev);
-            if delta == v1::Usage::default() {
-                continue;
-            }
-            let user = self.server.account_of(id).unwrap_or_default().to_owned();
-            self.emit(
-                id,
-                &user,
-                &dp,
-                v1::event::Body::Usage(v1::UsageUpdate {
-                    total: Some(total),
-                    delta: Some(delta),
-                }),
-            );
-        }
-    }
-
-    fn emit(&mut self, id: AllocationId, user: &str, dp: &str, body: v1::event::Body) {
-        self.sequence += 1;
-        let _ = self.events.send(v1::Event {
-            sequence: self.sequence,
-            timestamp_unix_millis: now().0,
-            allocation_id: id.0,
-            user_id: user.to_owned(),
-            data_plane_id: dp.to_owned(),
-            body: Some(body),
-        });
-    }
-
-    fn send(&self, conn: u64, msg: control_plane_message::Message) {
-        if let Some(c) = self.conns.get(&conn)
-            && c.tx
-                .try_send(Ok(v1::ControlPlaneMessage { message: Some(msg) }))
-                .is_err()
-        {
-            tracing::warn!(data_plane = %c.id, "data plane stream full; message dropped");
-        }
-    }
-
-    /// Routes what the state machine produced. Table changes go out before the
-    /// responses: a client that has read "ChannelBind succeeded" may send on the channel
-    /// at once, and the data plane must know the channel by then.
-    ///
-    /// `origin` is the punted request being answered, if any: its own responses go back to
-    /// the connection and worker it came from without leaving any state behind.
-    fn route(&mut self, out: Vec<Output>, origin: Option<(FiveTuple, u64, u32)>) {
-        let owner_of = |me: &Self, t: &FiveTuple| match origin {
-            Some((o, conn, worker)) if o == *t => Some((conn, worker)),
-            _ => me.tuple_owner.get(t).copied(),
-        };
-        let mut batches: HashMap<u64, Vec<v1::TableChange>> = HashMap::new();
-        let mut transmits = Vec::new();
-        for o in out {
+    /// Carries out what the cluster produced: messages onto data-plane streams (never
+    /// blocking: a full stream drops, and says so), events to watchers.
+    fn flush(&mut self) {
+        let mut dropped = 0u64;
+        while let Some(o) = self.cluster.poll_output() {
             match o {
-                Output::Transmit { tuple, data } => transmits.push((tuple, data)),
-                Output::Bind(b) => {
-                    if let Some((conn, worker)) = owner_of(self, &b.tuple) {
-                        self.tuple_owner.insert(b.tuple, (conn, worker));
-                        self.binds.insert(b.id, (conn, b.tuple, now()));
-                        self.send(
-                            conn,
-                            control_plane_message::Message::BindRequest(v1::BindRequest {
-                                request_id: b.id,
-                                worker_id: worker,
-                                relay_addresses: b.relays.iter().map(|r| sa(*r)).collect(),
-                                five_tuple: Some((&b.tuple).into()),
-                                claim_deadline_unix_millis: now().plus_secs(30).0,
-                                ..Default::default()
-                            }),
-                        );
-                    } else {
-                        let mut sink = Vec::new();
-                        self.server.handle_bind_result(
-                            now(),
-                            b.id,
-                            Err(BindError::NoDataPlane),
-                            &mut sink,
-                        );
-                    }
-                }
-                Output::Table(change) => {
-                    let id = change.allocation();
-                    if let TableChange::AllocationAdd { tuple, .. } = &change
-                        && let Some((conn, worker)) = owner_of(self, tuple)
+                ClusterOutput::Send { conn, msg } => {
+                    if let Some(tx) = self.txs.get(&conn)
+                        && tx
+                            .try_send(Ok(v1::ControlPlaneMessage { message: Some(msg) }))
+                            .is_err()
                     {
-                        self.tuple_owner.insert(*tuple, (conn, worker));
-                        self.alloc_owner.insert(id, (conn, worker, *tuple));
-                        if let Some(c) = self.conns.get(&conn) {
-                            self.allocation_dp.insert(id, c.id.clone());
-                        }
+                        dropped += 1;
                     }
-                    let Some(&(conn, worker, tuple)) = self.alloc_owner.get(&id) else {
-                        continue;
-                    };
-                    if let TableChange::AllocationRemove { .. } = change {
-                        self.alloc_owner.remove(&id);
-                        self.tuple_owner.remove(&tuple);
-                    }
-                    batches.entry(conn).or_default().push(change.to_api(worker));
                 }
-                Output::Event(e) => self.lifecycle(e),
-            }
-        }
-        for (conn, changes) in batches {
-            let Some(c) = self.conns.get_mut(&conn) else {
-                continue;
-            };
-            c.version += 1;
-            let version = c.version;
-            self.send(
-                conn,
-                control_plane_message::Message::TableChanges(v1::TableChangeBatch {
-                    table_version: version,
-                    changes,
-                }),
-            );
-        }
-        for (tuple, data) in transmits {
-            if let Some((conn, worker)) = owner_of(self, &tuple) {
-                self.send(
-                    conn,
-                    control_plane_message::Message::SendDatagram(v1::SendDatagram {
-                        worker_id: worker,
-                        five_tuple: Some((&tuple).into()),
-                        datagram: data.into(),
-                    }),
-                );
-            }
-        }
-    }
-
-    fn lifecycle(&mut self, e: Event) {
-        use v1::event::Body;
-        let (id, body) = match &e {
-            Event::Created {
-                id, tuple, relays, ..
-            } => (
-                *id,
-                Body::Created(v1::AllocationCreated {
-                    five_tuple: Some(tuple.into()),
-                    relay_addresses: relays.iter().map(|r| sa(*r)).collect(),
-                    deadline_unix_millis: self.server.expiry_of(*id).map(|t| t.0).unwrap_or(0),
-                }),
-            ),
-            Event::Refreshed { id, deadline } => (
-                *id,
-                Body::Refreshed(v1::AllocationRefreshed {
-                    deadline_unix_millis: deadline.0,
-                }),
-            ),
-            Event::PermissionAdded { id, peer } => (
-                *id,
-                Body::PermissionAdded(v1::PermissionAdded {
-                    permission: Some(v1::Permission {
-                        peer_ip: ip_to_bytes(*peer),
-                        deadline_unix_millis: 0,
-                    }),
-                }),
-            ),
-            Event::ChannelBound { id, channel, peer } => (
-                *id,
-                Body::ChannelAdded(v1::ChannelAdded {
-                    channel: Some(v1::Channel {
-                        channel_number: u32::from(*channel),
-                        peer: Some(sa(*peer)),
-                        deadline_unix_millis: 0,
-                    }),
-                }),
-            ),
-            Event::Ended { id, reason } => {
-                let reason = match reason {
-                    EndReason::Deleted => v1::DeletionReason::Released,
-                    EndReason::Expired => v1::DeletionReason::Expired,
-                    EndReason::Revoked => v1::DeletionReason::Revoked,
-                };
-                (
-                    *id,
-                    Body::Deleted(v1::AllocationDeleted {
-                        reason: reason as i32,
-                        detail: String::new(),
-                        usage: self.usage.remove(id),
-                    }),
-                )
-            }
-        };
-        let user = match &e {
-            Event::Created { user, .. } => user.clone(),
-            _ => self.server.account_of(id).unwrap_or_default().to_owned(),
-        };
-        let dp = if matches!(e, Event::Ended { .. }) {
-            self.allocation_dp.remove(&id).unwrap_or_default()
-        } else {
-            self.allocation_dp.get(&id).cloned().unwrap_or_default()
-        };
-        self.emit(id, &user, &dp, body);
-    }
-
-    fn info_to_api(&self, a: &AllocationInfo) -> v1::AllocationInfo {
-        let worker = self.alloc_owner.get(&a.id).map(|o| o.1).unwrap_or(0);
-        v1::AllocationInfo {
-            data_plane_id: self.allocation_dp.get(&a.id).cloned().unwrap_or_default(),
-            state: Some(v1::AllocationState {
-                allocation: Some(v1::Allocation {
-                    allocation_id: a.id.0,
-                    worker_id: worker,
-                    five_tuple: Some((&a.tuple).into()),
-                    relay_addresses: a.relays.iter().map(|r| sa(*r)).collect(),
-                    deadline_unix_millis: a.expires.0,
-                    bandwidth_limit_bytes_per_second: self.server.config().bandwidth_limit,
-                    user_id: a.account.clone(),
-                    dont_fragment: false,
-                    username: a.username.clone(),
-                }),
-                permissions: a
-                    .permissions
-                    .iter()
-                    .map(|(ip, t)| v1::Permission {
-                        peer_ip: ip_to_bytes(*ip),
-                        deadline_unix_millis: t.0,
-                    })
-                    .collect(),
-                channels: a
-                    .channels
-                    .iter()
-                    .map(|(c, p, t)| v1::Channel {
-                        channel_number: u32::from(*c),
-                        peer: Some(sa(*p)),
-                        deadline_unix_millis: t.0,
-                    })
-                    .collect(),
-            }),
-            usage: self.usage.get(&a.id).copied(),
-            created_unix_millis: a.created_at.0,
-        }
-    }
-
-    fn stats(&self) -> v1::GetStatsResponse {
-        let s = self.server.stats();
-        let mut traffic = v1::Usage::default();
-        let mut drops: HashMap<i32, u64> = HashMap::new();
-        let mut data_planes = Vec::new();
-        for c in self.conns.values() {
-            if let Some(l) = &c.load {
-                add_usage(&mut traffic, l.traffic.as_ref());
-                for d in &l.drops {
-                    *drops.entry(d.reason).or_default() += d.packets;
+                ClusterOutput::Event(e) => {
+                    let _ = self.events.send(e);
                 }
             }
-            data_planes.push(v1::DataPlaneStats {
-                data_plane_id: c.id.clone(),
-                version: c.hello.version.clone(),
-                attached: true,
-                draining: c.draining,
-                worker_count: c.hello.worker_count,
-                listening_addresses: c.hello.listening_addresses.clone(),
-                acked_table_version: c.acked,
-                load: c.load.clone(),
-                attached_changed_unix_millis: c.attached_at.0,
-            });
         }
-        for (id, g) in &self.gone {
-            data_planes.push(v1::DataPlaneStats {
-                data_plane_id: id.clone(),
-                version: g.hello.version.clone(),
-                attached: false,
-                worker_count: g.hello.worker_count,
-                attached_changed_unix_millis: g.at.0,
-                ..Default::default()
-            });
+        if dropped > 0 {
+            tracing::warn!(dropped, "data plane stream full; messages dropped");
         }
-        let users: std::collections::HashSet<String> =
-            self.server.allocations().map(|a| a.account).collect();
-        v1::GetStatsResponse {
-            totals: Some(v1::ServerStats {
-                allocations: s.allocations,
-                users: users.len() as u64,
-                data_planes_attached: self.conns.len() as u32,
-                traffic: Some(traffic),
-                drops: drops
-                    .into_iter()
-                    .map(|(reason, packets)| v1::DropCount { reason, packets })
-                    .collect(),
-                punted_requests: self.punted,
-                auth_failures: s.auth_failures,
-                rate_limited: s.rate_limited,
-                policy_denied: s.policy_denied,
-                quota_rejected: s.quota_rejected,
-                ownership_violations: self.ownership_violations,
-                user_quota: self.server.config().user_quota,
-                total_quota: self.server.config().total_quota,
-            }),
-            data_planes,
-        }
-    }
-}
-
-fn add_usage(total: &mut v1::Usage, u: Option<&v1::Usage>) {
-    let Some(u) = u else {
-        return;
-    };
-    let add = |t: &mut Option<v1::TrafficCounters>, x: &Option<v1::TrafficCounters>| {
-        let x = x.unwrap_or_default();
-        let t = t.get_or_insert_with(Default::default);
-        t.packets += x.packets;
-        t.bytes += x.bytes;
-    };
-    add(&mut total.client_to_peer, &u.client_to_peer);
-    add(&mut total.peer_to_client, &u.peer_to_client);
-}
-
-fn usage_delta(now: &v1::Usage, prev: &v1::Usage) -> v1::Usage {
-    let d = |a: &Option<v1::TrafficCounters>, b: &Option<v1::TrafficCounters>| {
-        let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
-        Some(v1::TrafficCounters {
-            packets: a.packets.saturating_sub(b.packets),
-            bytes: a.bytes.saturating_sub(b.bytes),
-        })
-    };
-    v1::Usage {
-        client_to_peer: d(&now.client_to_peer, &prev.client_to_peer),
-        peer_to_client: d(&now.peer_to_client, &prev.peer_to_client),
     }
 }
 

@@ -1,0 +1,436 @@
+//! The cell as a sans-IO state machine: several data planes attached to one [`Cluster`],
+//! driven with a virtual clock and real sans-IO TURN clients. No sockets, no sleeps.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use std::net::SocketAddr;
+
+use harness::{REALM, T0, config};
+use turnpike_controlplane::{
+    AllocationSnapshot, Cluster, ClusterOutput, ConnId, Credentials, FiveTuple, Millis, Server,
+    ServerConfig,
+};
+use turnpike_proto::api::v1::{self, control_plane_message as down, data_plane_message as up};
+use turnpike_proto::attr::{AlternateServer, ErrorCode};
+use turnpike_proto::client::{Client, Event};
+use turnpike_proto::plane::TableChange;
+use turnpike_proto::stun::Message;
+
+const DP1: &str = "192.0.2.10:3478";
+const DP2: &str = "192.0.2.20:3478";
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn hello(id: &str, listen: &str, table: Vec<v1::AllocationState>) -> v1::Hello {
+    let listen = addr(listen);
+    v1::Hello {
+        data_plane_id: id.to_owned(),
+        listening_addresses: vec![v1::ListeningAddress {
+            transport: v1::Transport::Udp as i32,
+            address: Some(listen.into()),
+            advertised: None,
+        }],
+        relay_ips: vec![v1::RelayIp {
+            ip: turnpike_proto::api::ip_to_bytes(listen.ip()),
+            advertised_ip: Vec::new(),
+        }],
+        worker_count: 4,
+        version: "test".into(),
+        table: (!table.is_empty()).then_some(v1::TableSnapshot {
+            table_version: 10,
+            allocations: table,
+            complete: true,
+        }),
+    }
+}
+
+/// A cell and what it sent, per data-plane stream.
+struct Cell {
+    cluster: Cluster,
+    now: Millis,
+    sent: Vec<(ConnId, down::Message)>,
+    /// Binds are acknowledged by this stream (normally the one asked).
+    ack_from: Option<ConnId>,
+}
+
+fn cell(cfg: ServerConfig) -> Cell {
+    let creds = Credentials::new(REALM, &[("alice".into(), "wonderland".into())], &[]);
+    Cell {
+        cluster: Cluster::new(Server::new(cfg, creds, [42; 32], 7)),
+        now: T0,
+        sent: Vec::new(),
+        ack_from: None,
+    }
+}
+
+impl Cell {
+    fn collect(&mut self) -> Vec<(ConnId, down::Message)> {
+        let mut new = Vec::new();
+        while let Some(o) = self.cluster.poll_output() {
+            if let ClusterOutput::Send { conn, msg } = o {
+                new.push((conn, msg));
+            }
+        }
+        self.sent.extend(new.iter().cloned());
+        new
+    }
+
+    fn punt(&mut self, conn: ConnId, worker: u32, t: FiveTuple, data: &[u8]) {
+        self.cluster.handle_message(
+            self.now,
+            conn,
+            up::Message::PuntedRequest(v1::PuntedRequest {
+                worker_id: worker,
+                five_tuple: Some((&t).into()),
+                datagram: data.to_vec().into(),
+                received_unix_micros: 0,
+            }),
+        );
+    }
+
+    /// Delivers `req` through data plane `conn`, worker `worker`, acknowledges binds,
+    /// feeds the datagrams sent back to `t` to the client, follows 401/438 retries.
+    fn run(
+        &mut self,
+        c: &mut Client,
+        conn: ConnId,
+        worker: u32,
+        t: FiveTuple,
+        req: &[u8],
+    ) -> Result<(), u16> {
+        let mut req = req.to_vec();
+        for _ in 0..8 {
+            self.punt(conn, worker, t, &req);
+            let mut answers = Vec::new();
+            let mut pending = self.collect();
+            while !pending.is_empty() {
+                let mut next = Vec::new();
+                for (to, m) in pending {
+                    match m {
+                        down::Message::BindRequest(b) => {
+                            assert_eq!(to, conn, "the bind goes to the data plane of the request");
+                            assert_eq!(b.worker_id, worker, "and to its worker");
+                            let from = self.ack_from.unwrap_or(to);
+                            self.cluster.handle_message(
+                                self.now,
+                                from,
+                                up::Message::BindAck(v1::BindAck {
+                                    request_id: b.request_id,
+                                    outcome: Some(v1::bind_ack::Outcome::Success(
+                                        v1::BindSuccess::default(),
+                                    )),
+                                }),
+                            );
+                            next.extend(self.collect());
+                        }
+                        down::Message::SendDatagram(d) => {
+                            assert_eq!(to, conn, "answers go back where the request came from");
+                            assert_eq!(d.worker_id, worker);
+                            if FiveTuple::try_from(d.five_tuple.as_ref().unwrap()).unwrap() == t {
+                                answers.push(d.datagram);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                pending = next;
+            }
+            let mut retry = Vec::new();
+            for a in &answers {
+                match c.handle(self.now.0, a, &mut retry) {
+                    Event::Retry => {}
+                    Event::Failed { code, .. } => return Err(code),
+                    Event::None => {}
+                    _ => return Ok(()),
+                }
+            }
+            if retry.is_empty() {
+                return Err(0);
+            }
+            req = retry;
+        }
+        Err(0)
+    }
+
+    fn allocate(
+        &mut self,
+        c: &mut Client,
+        conn: ConnId,
+        worker: u32,
+        t: FiveTuple,
+    ) -> Result<(), u16> {
+        let mut req = Vec::new();
+        c.allocate(self.now.0, Default::default(), &mut req)
+            .unwrap();
+        self.run(c, conn, worker, t, &req)
+    }
+
+    fn changes_to(&self, conn: ConnId) -> Vec<(TableChange, u32)> {
+        self.sent
+            .iter()
+            .filter(|(to, _)| *to == conn)
+            .filter_map(|(_, m)| match m {
+                down::Message::TableChanges(b) => Some(b.changes.clone()),
+                _ => None,
+            })
+            .flatten()
+            .map(|c| TableChange::from_api(&c).unwrap())
+            .collect()
+    }
+
+    fn advance(&mut self, secs: u64) {
+        self.now = self.now.plus_secs(secs);
+        self.cluster.handle_timeout(self.now);
+        self.collect();
+    }
+}
+
+fn tuple(client: &str, server: &str) -> FiveTuple {
+    FiveTuple::udp(addr(client), addr(server))
+}
+
+fn alice() -> Client {
+    Client::new("alice", "wonderland", 1)
+}
+
+#[test]
+fn binds_answers_and_table_changes_go_to_the_data_plane_and_worker_of_the_client() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let dp2 = cell.cluster.attach(T0, hello("dp2", DP2, vec![]));
+    let t1 = tuple("203.0.113.1:4000", DP1);
+    let t2 = tuple("203.0.113.2:4000", DP2);
+    let (mut a, mut b) = (alice(), Client::new("alice", "wonderland", 2));
+    assert_eq!(cell.allocate(&mut a, dp1, 3, t1), Ok(()));
+    assert_eq!(cell.allocate(&mut b, dp2, 1, t2), Ok(()));
+    let adds = |cell: &Cell, conn| {
+        cell.changes_to(conn)
+            .into_iter()
+            .filter_map(|(c, w)| match c {
+                TableChange::AllocationAdd { tuple, relays, .. } => Some((tuple, relays, w)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let (on1, on2) = (adds(&cell, dp1), adds(&cell, dp2));
+    assert_eq!(on1.len(), 1);
+    assert_eq!(on2.len(), 1);
+    // Each data plane gets its own allocation, for the worker that holds the 5-tuple,
+    // relayed from its own relay IP.
+    assert_eq!(
+        (on1[0].0, on1[0].2, on1[0].1[0].ip()),
+        (t1, 3, addr(DP1).ip())
+    );
+    assert_eq!(
+        (on2[0].0, on2[0].2, on2[0].1[0].ip()),
+        (t2, 1, addr(DP2).ip())
+    );
+    assert_eq!(cell.cluster.routes(), 2);
+}
+
+#[test]
+fn a_bind_acknowledged_by_another_data_plane_is_ignored() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let dp2 = cell.cluster.attach(T0, hello("dp2", DP2, vec![]));
+    cell.ack_from = Some(dp2);
+    let r = cell.allocate(&mut alice(), dp1, 0, tuple("203.0.113.1:4000", DP1));
+    assert!(r.is_err(), "no allocation from a forged acknowledgement");
+    assert!(cell.changes_to(dp1).is_empty() && cell.changes_to(dp2).is_empty());
+    let stats = cell.cluster.stats();
+    assert_eq!(stats.totals.unwrap().ownership_violations, 1);
+}
+
+#[test]
+fn unauthenticated_requests_leave_no_routes() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    for i in 0..20_000u32 {
+        let client = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 1024));
+        let mut req = Vec::new();
+        Client::new("x", "y", u64::from(i))
+            .allocate(T0.0, Default::default(), &mut req)
+            .unwrap();
+        cell.punt(dp1, 0, FiveTuple::udp(client, addr(DP1)), &req);
+        cell.collect();
+    }
+    assert_eq!(cell.cluster.routes(), 0);
+}
+
+#[test]
+fn drain_sends_new_clients_to_the_least_loaded_open_data_plane() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let dp2 = cell.cluster.attach(T0, hello("dp2", DP2, vec![]));
+    let dp3 = cell
+        .cluster
+        .attach(T0, hello("dp3", "192.0.2.30:3478", vec![]));
+    let load = |n| {
+        up::Message::LoadReport(v1::LoadReport {
+            allocations: n,
+            ..Default::default()
+        })
+    };
+    cell.cluster.handle_message(T0, dp2, load(50));
+    cell.cluster.handle_message(T0, dp3, load(5));
+    let r = cell.cluster.drain(T0, "dp1", true).unwrap();
+    assert!(r.draining);
+    assert!(
+        cell.collect()
+            .iter()
+            .any(|(to, m)| *to == dp1 && matches!(m, down::Message::Drain(d) if d.draining))
+    );
+    // A new Allocate at dp1 is sent to dp3 (least loaded), with 300.
+    let t = tuple("203.0.113.1:4000", DP1);
+    let mut c = alice();
+    assert_eq!(cell.allocate(&mut c, dp1, 0, t), Err(300));
+    let last = cell
+        .sent
+        .iter()
+        .rev()
+        .find_map(|(_, m)| match m {
+            down::Message::SendDatagram(d) => Some(d.datagram.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let m = Message::parse(&last).unwrap();
+    assert_eq!(m.attr::<ErrorCode>().unwrap().unwrap().code, 300);
+    assert_eq!(
+        m.attr::<AlternateServer>().unwrap().unwrap().0,
+        addr("192.0.2.30:3478")
+    );
+    // Undrained, it serves again; an unknown data plane is an error.
+    cell.cluster.drain(T0, "dp1", false).unwrap();
+    assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Ok(()));
+    assert!(cell.cluster.drain(T0, "nope", true).is_err());
+}
+
+#[test]
+fn a_reattached_data_plane_restores_its_allocations_and_routes() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let t = tuple("203.0.113.1:4000", DP1);
+    let mut c = alice();
+    assert_eq!(cell.allocate(&mut c, dp1, 2, t), Ok(()));
+    let info = cell.cluster.list("", "")[0].clone();
+    cell.cluster.detach(T0, dp1);
+    assert_eq!(
+        cell.cluster.routes(),
+        0,
+        "a detached data plane's routes go"
+    );
+    // It comes back (a new stream) with its table: requests on the allocation succeed
+    // and are answered on the new stream, to the worker in the table.
+    let state = info.state.unwrap();
+    let dp1b = cell
+        .cluster
+        .attach(T0.plus_secs(5), hello("dp1", DP1, vec![state]));
+    cell.now = T0.plus_secs(5);
+    let mut req = Vec::new();
+    c.refresh(cell.now.0, 600, &mut req).unwrap();
+    assert_eq!(cell.run(&mut c, dp1b, 2, t, &req), Ok(()));
+    assert!(
+        cell.changes_to(dp1b)
+            .iter()
+            .any(|(ch, _)| matches!(ch, TableChange::AllocationRefresh { .. }))
+    );
+}
+
+#[test]
+fn a_data_plane_cannot_restore_what_it_does_not_own() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let t = tuple("203.0.113.1:4000", DP1);
+    assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Ok(()));
+    let state = cell.cluster.list("", "")[0].state.clone().unwrap();
+    // dp2 claims dp1's allocation (its 5-tuple is on dp1's listening address).
+    let _dp2 = cell
+        .cluster
+        .attach(T0, hello("dp2", DP2, vec![state.clone()]));
+    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
+    // And an invented allocation on dp2's own address with someone else's relay IP.
+    let mut fake = AllocationSnapshot::try_from(&state).unwrap();
+    fake.id = turnpike_controlplane::AllocationId(999);
+    fake.tuple = tuple("203.0.113.9:1", DP2);
+    let _dp2 = cell
+        .cluster
+        .attach(T0, hello("dp2", DP2, vec![(&fake).into()]));
+    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 2);
+    assert_eq!(cell.cluster.list("", "").len(), 1);
+}
+
+#[test]
+fn expiry_removes_the_allocation_on_its_owner_and_forgets_its_route() {
+    let mut cfg = config();
+    cfg.default_lifetime = 600;
+    let mut cell = cell(cfg);
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let t = tuple("203.0.113.1:4000", DP1);
+    assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Ok(()));
+    assert_eq!(cell.cluster.routes(), 1);
+    cell.advance(599);
+    assert!(
+        !cell
+            .changes_to(dp1)
+            .iter()
+            .any(|(c, _)| matches!(c, TableChange::AllocationRemove { .. }))
+    );
+    cell.advance(2);
+    assert!(
+        cell.changes_to(dp1)
+            .iter()
+            .any(|(c, _)| matches!(c, TableChange::AllocationRemove { .. }))
+    );
+    cell.advance(2);
+    assert_eq!(cell.cluster.routes(), 0);
+    // Batches are numbered per data plane, strictly increasing.
+    let versions: Vec<u64> = cell
+        .sent
+        .iter()
+        .filter_map(|(_, m)| match m {
+            down::Message::TableChanges(b) => Some(b.table_version),
+            _ => None,
+        })
+        .collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+}
+
+#[test]
+fn usage_reports_count_only_for_owned_allocations() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let dp2 = cell.cluster.attach(T0, hello("dp2", DP2, vec![]));
+    assert_eq!(
+        cell.allocate(&mut alice(), dp1, 0, tuple("203.0.113.1:4000", DP1)),
+        Ok(())
+    );
+    let id = cell.cluster.list("", "")[0]
+        .state
+        .as_ref()
+        .unwrap()
+        .allocation
+        .as_ref()
+        .unwrap()
+        .allocation_id;
+    let report = |bytes| {
+        up::Message::UsageReport(v1::UsageReport {
+            sampled_unix_millis: 0,
+            allocations: vec![v1::AllocationUsage {
+                allocation_id: id,
+                usage: Some(v1::Usage {
+                    client_to_peer: Some(v1::TrafficCounters { packets: 1, bytes }),
+                    peer_to_client: None,
+                }),
+                closed: false,
+            }],
+        })
+    };
+    cell.cluster.handle_message(T0, dp2, report(1_000_000_000));
+    cell.cluster.handle_message(T0, dp1, report(100));
+    let usage = cell.cluster.list("", "")[0].usage.unwrap();
+    assert_eq!(usage.client_to_peer.unwrap().bytes, 100);
+    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
+}
