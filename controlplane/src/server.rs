@@ -32,6 +32,9 @@ use crate::types::{
     AllocationId, BindRequest, EndReason, Event, FiveTuple, Millis, Output, TableChange,
 };
 
+// The table lives in proto, next to ERROR-CODE; the control plane still exports it.
+pub use turnpike_proto::reason::reason_phrase;
+
 /// The password algorithms offered, in order of preference (RFC 8489 §9.2.1).
 const OFFERED_ALGORITHMS: [PasswordAlgorithmId; 2] =
     [PasswordAlgorithmId::SHA256, PasswordAlgorithmId::MD5];
@@ -340,8 +343,8 @@ pub struct Via<'a> {
 
 /// Where a request's processing stopped with an error response.
 struct Reject {
+    /// The ERROR-CODE; its phrase comes from [`reason_phrase`].
     code: u16,
-    reason: &'static str,
     /// What to count and log about it, beyond the response.
     note: Note,
 }
@@ -359,30 +362,7 @@ enum Note {
 fn reject(code: u16) -> Reject {
     Reject {
         code,
-        reason: reason_phrase(code),
         note: Note::None,
-    }
-}
-
-/// The reason phrases of the error codes the server produces (RFC 8489 §14.8,
-/// RFC 8656 §19).
-pub fn reason_phrase(code: u16) -> &'static str {
-    match code {
-        300 => "Try Alternate",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        420 => "Unknown Attribute",
-        437 => "Allocation Mismatch",
-        438 => "Stale Nonce",
-        440 => "Address Family not Supported",
-        441 => "Wrong Credentials",
-        442 => "Unsupported Transport Protocol",
-        443 => "Peer Address Family Mismatch",
-        486 => "Allocation Quota Reached",
-        500 => "Server Error",
-        508 => "Insufficient Capacity",
-        _ => "Error",
     }
 }
 
@@ -650,12 +630,7 @@ impl Server {
         else {
             return;
         };
-        if w.add(&ErrorCode {
-            code: 400,
-            reason: "Bad Request",
-        })
-        .is_ok()
-        {
+        if w.add(&ErrorCode::standard(400)).is_ok() {
             let n = w.finish();
             out.push(Output::Transmit {
                 tuple,
@@ -933,10 +908,7 @@ impl Server {
             );
         }
         let res = self.respond(msg, Class::Error, auth, |w| {
-            w.add(&ErrorCode {
-                code: r.code,
-                reason: r.reason,
-            })?;
+            w.add(&ErrorCode::standard(r.code))?;
             fill(w)
         });
         if let Ok(data) = res {
@@ -1019,10 +991,7 @@ impl Server {
                 Some(alt) => {
                     let data = self
                         .respond(msg, Class::Error, Some(auth), |w| {
-                            w.add(&ErrorCode {
-                                code: 300,
-                                reason: reason_phrase(300),
-                            })?;
+                            w.add(&ErrorCode::standard(300))?;
                             w.add(&attr::AlternateServer(alt)).map(|_| ())
                         })
                         .map_err(|_| reject(500))?;
@@ -1195,10 +1164,7 @@ impl Server {
             return;
         };
         let ok = (|| -> Result<(), EncodeError> {
-            w.add(&ErrorCode {
-                code,
-                reason: reason_phrase(code),
-            })?;
+            w.add(&ErrorCode::standard(code))?;
             if p.auth.sha256 {
                 w.add_integrity_sha256(&p.auth.key)?;
             } else {
