@@ -19,6 +19,7 @@ use turnpike_proto::attr::{
     Realm, RequestedAddressFamily, RequestedTransport, ReservationToken, UnknownAttributes,
     Userhash, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
+use turnpike_proto::auth::IntegrityKey;
 use turnpike_proto::stun::{
     self, Class, HEADER_LEN, Message, MessageWriter, Method, TransactionId,
 };
@@ -32,6 +33,9 @@ use crate::types::{
     AllocationId, AllocationSnapshot, BindError, BindRequest, EndReason, Event, FiveTuple, Millis,
     Output, TableChange,
 };
+
+// The table lives in proto, next to ERROR-CODE; the control plane still exports it.
+pub use turnpike_proto::reason::reason_phrase;
 
 /// The password algorithms offered, in order of preference (RFC 8489 §9.2.1).
 const OFFERED_ALGORITHMS: [PasswordAlgorithmId; 2] =
@@ -144,8 +148,9 @@ impl Default for ServerConfig {
 struct Authed {
     username: String,
     account: String,
-    key: Vec<u8>,
-    sha256: bool,
+    /// The key that verified the request, for the integrity attribute it came with:
+    /// responses are sealed with the same one.
+    key: IntegrityKey,
 }
 
 #[derive(Debug, Clone)]
@@ -318,8 +323,8 @@ pub struct Via<'a> {
 
 /// Where a request's processing stopped with an error response.
 struct Reject {
+    /// The ERROR-CODE; its phrase comes from [`reason_phrase`].
     code: u16,
-    reason: &'static str,
     /// What to count and log about it, beyond the response.
     note: Note,
 }
@@ -337,30 +342,7 @@ enum Note {
 fn reject(code: u16) -> Reject {
     Reject {
         code,
-        reason: reason_phrase(code),
         note: Note::None,
-    }
-}
-
-/// The reason phrases of the error codes the server produces (RFC 8489 §14.8,
-/// RFC 8656 §19).
-pub fn reason_phrase(code: u16) -> &'static str {
-    match code {
-        300 => "Try Alternate",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        420 => "Unknown Attribute",
-        437 => "Allocation Mismatch",
-        438 => "Stale Nonce",
-        440 => "Address Family not Supported",
-        441 => "Wrong Credentials",
-        442 => "Unsupported Transport Protocol",
-        443 => "Peer Address Family Mismatch",
-        486 => "Allocation Quota Reached",
-        500 => "Server Error",
-        508 => "Insufficient Capacity",
-        _ => "Error",
     }
 }
 
@@ -628,12 +610,7 @@ impl Server {
         else {
             return;
         };
-        if w.add(&ErrorCode {
-            code: 400,
-            reason: "Bad Request",
-        })
-        .is_ok()
-        {
+        if w.add(&ErrorCode::standard(400)).is_ok() {
             let n = w.finish();
             out.push(Output::Transmit {
                 tuple,
@@ -759,7 +736,12 @@ impl Server {
             self.challenge(now, tuple, msg, 401, out);
             return None;
         }
-        let sha256 = msg.has_integrity_sha256();
+        // MESSAGE-INTEGRITY-SHA256 is checked when present, even next to MESSAGE-INTEGRITY.
+        let integrity_key = if msg.has_integrity_sha256() {
+            IntegrityKey::Sha256
+        } else {
+            IntegrityKey::Sha1
+        };
         let candidates = match self.creds.candidates(&user, algorithm, now) {
             Ok(c) => c,
             Err(e) => {
@@ -772,13 +754,11 @@ impl Server {
                 return None;
             }
         };
-        let key = candidates.keys.into_iter().find(|k| {
-            if sha256 {
-                msg.verify_integrity_sha256(k).is_ok()
-            } else {
-                msg.verify_integrity(k).is_ok()
-            }
-        });
+        let key = candidates
+            .keys
+            .into_iter()
+            .map(integrity_key)
+            .find(|k| msg.verify(k).is_ok());
         let Some(key) = key else {
             self.auth_failed(now, tuple, &user, "wrong password");
             self.challenge(now, tuple, msg, 401, out);
@@ -788,7 +768,6 @@ impl Server {
             username: user,
             account: candidates.account,
             key,
-            sha256,
         };
         // An allocation's later requests must come with the same credentials (RFC 8656
         // §5). An allocation restored from a data plane that did not keep usernames has
@@ -871,23 +850,22 @@ impl Server {
     where
         F: FnOnce(&mut MessageWriter<'_>) -> Result<(), EncodeError>,
     {
-        let mut buf = vec![0u8; 1024];
-        let mut w = MessageWriter::new(&mut buf, msg.method(), class, msg.transaction_id())?;
-        fill(&mut w)?;
-        if let Some(a) = auth {
-            if let Some(s) = &self.cfg.software {
-                w.add(&attr::Software(s))?;
-            }
-            if a.sha256 {
-                w.add_integrity_sha256(&a.key)?;
-            } else {
-                w.add_integrity(&a.key)?;
-            }
+        build_response(
+            msg.method(),
+            class,
+            msg.transaction_id(),
+            1024,
+            auth.map(|a| self.tail(a)),
+            fill,
+        )
+    }
+
+    /// The tail of responses to an authenticated request: SOFTWARE and its key.
+    fn tail<'a>(&'a self, auth: &'a Authed) -> Tail<'a> {
+        Tail {
+            software: self.cfg.software.as_deref(),
+            key: &auth.key,
         }
-        w.add_fingerprint()?;
-        let n = w.finish();
-        buf.truncate(n);
-        Ok(buf)
     }
 
     fn respond_error<F>(
@@ -911,10 +889,7 @@ impl Server {
             );
         }
         let res = self.respond(msg, Class::Error, auth, |w| {
-            w.add(&ErrorCode {
-                code: r.code,
-                reason: r.reason,
-            })?;
+            w.add(&ErrorCode::standard(r.code))?;
             fill(w)
         });
         if let Ok(data) = res {
@@ -997,10 +972,7 @@ impl Server {
                 Some(alt) => {
                     let data = self
                         .respond(msg, Class::Error, Some(auth), |w| {
-                            w.add(&ErrorCode {
-                                code: 300,
-                                reason: reason_phrase(300),
-                            })?;
+                            w.add(&ErrorCode::standard(300))?;
                             w.add(&attr::AlternateServer(alt)).map(|_| ())
                         })
                         .map_err(|_| reject(500))?;
@@ -1168,29 +1140,23 @@ impl Server {
     }
 
     fn fail_pending(&self, p: &PendingAllocate, code: u16, out: &mut Vec<Output>) {
-        let mut buf = vec![0u8; 256];
-        let Ok(mut w) = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Error, p.tid) else {
-            return;
+        // This answer has never carried SOFTWARE.
+        let tail = Tail {
+            software: None,
+            key: &p.auth.key,
         };
-        let ok = (|| -> Result<(), EncodeError> {
-            w.add(&ErrorCode {
-                code,
-                reason: reason_phrase(code),
-            })?;
-            if p.auth.sha256 {
-                w.add_integrity_sha256(&p.auth.key)?;
-            } else {
-                w.add_integrity(&p.auth.key)?;
-            }
-            w.add_fingerprint()?;
-            Ok(())
-        })();
-        if ok.is_ok() {
-            let n = w.finish();
-            buf.truncate(n);
+        let built = build_response(
+            Method::ALLOCATE,
+            Class::Error,
+            p.tid,
+            256,
+            Some(tail),
+            |w| w.add(&ErrorCode::standard(code)).map(|_| ()),
+        );
+        if let Ok(data) = built {
             out.push(Output::Transmit {
                 tuple: p.tuple,
-                data: buf,
+                data,
             });
         }
     }
@@ -1214,42 +1180,37 @@ impl Server {
             token = Some(t);
         }
         // Build the response (kept for retransmissions of this Allocate).
-        let mut buf = vec![0u8; 512];
-        let built = (|| -> Result<usize, EncodeError> {
-            let mut w = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Success, p.tid)?;
-            for r in &p.relays {
-                w.add(&XorRelayedAddress(*r))?;
-            }
-            if p.v6_error {
-                w.add(&AddressErrorCode {
-                    family: Family::V6,
-                    code: 440,
-                    reason: reason_phrase(440),
-                })?;
-            }
-            w.add(&Lifetime(p.lifetime))?;
-            if let Some(t) = token {
-                w.add(&ReservationToken(t))?;
-            }
-            w.add(&XorMappedAddress(p.tuple.client))?;
-            if let Some(s) = &self.cfg.software {
-                w.add(&attr::Software(s))?;
-            }
-            if p.auth.sha256 {
-                w.add_integrity_sha256(&p.auth.key)?;
-            } else {
-                w.add_integrity(&p.auth.key)?;
-            }
-            w.add_fingerprint()?;
-            Ok(w.finish())
-        })();
-        let Ok(n) = built else {
+        let built = build_response(
+            Method::ALLOCATE,
+            Class::Success,
+            p.tid,
+            512,
+            Some(self.tail(&p.auth)),
+            |w| {
+                for r in &p.relays {
+                    w.add(&XorRelayedAddress(*r))?;
+                }
+                if p.v6_error {
+                    w.add(&AddressErrorCode {
+                        family: Family::V6,
+                        code: 440,
+                        reason: reason_phrase(440),
+                    })?;
+                }
+                w.add(&Lifetime(p.lifetime))?;
+                if let Some(t) = token {
+                    w.add(&ReservationToken(t))?;
+                }
+                w.add(&XorMappedAddress(p.tuple.client))?;
+                Ok(())
+            },
+        );
+        let Ok(buf) = built else {
             for a in &p.relays {
                 self.ports.release(a);
             }
             return;
         };
-        buf.truncate(n);
         *self.per_user.entry(p.auth.account.clone()).or_insert(0) += 1;
         self.by_tuple.insert(p.tuple, id);
         self.timers.insert((expires, Timer::Allocation(id)));
@@ -1650,4 +1611,43 @@ impl Server {
     pub fn realm(&self) -> &str {
         self.creds.realm()
     }
+}
+
+/// What closes a response to an authenticated request.
+struct Tail<'a> {
+    /// SOFTWARE, when configured.
+    software: Option<&'a str>,
+    /// The key of the request's integrity attribute, for the same attribute here.
+    key: &'a IntegrityKey,
+}
+
+/// Builds a response in a buffer of `capacity` bytes: the header, the attributes `fill`
+/// adds, then with `tail` (an authenticated request) SOFTWARE and MESSAGE-INTEGRITY or
+/// MESSAGE-INTEGRITY-SHA256, and FINGERPRINT. Every response the server writes is closed
+/// here but two: Binding responses (`turn::write_binding_response`, shared with the data
+/// plane) and the 400 to a request that does not parse, which has no FINGERPRINT.
+fn build_response<F>(
+    method: Method,
+    class: Class,
+    tid: TransactionId,
+    capacity: usize,
+    tail: Option<Tail<'_>>,
+    fill: F,
+) -> Result<Vec<u8>, EncodeError>
+where
+    F: FnOnce(&mut MessageWriter<'_>) -> Result<(), EncodeError>,
+{
+    let mut buf = vec![0u8; capacity];
+    let mut w = MessageWriter::new(&mut buf, method, class, tid)?;
+    fill(&mut w)?;
+    if let Some(t) = tail {
+        if let Some(s) = t.software {
+            w.add(&attr::Software(s))?;
+        }
+        w.add_integrity_with(t.key)?;
+    }
+    w.add_fingerprint()?;
+    let n = w.finish();
+    buf.truncate(n);
+    Ok(buf)
 }

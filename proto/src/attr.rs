@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::error::DecodeError;
+use crate::reason::reason_phrase;
 use crate::stun::{MAGIC_COOKIE, TransactionId, be16, be32};
 
 /// An attribute type code.
@@ -478,6 +479,16 @@ pub struct ErrorCode<'a> {
     pub code: u16,
     /// The reason phrase, UTF-8, fewer than 128 characters.
     pub reason: &'a str,
+}
+
+impl ErrorCode<'static> {
+    /// ERROR-CODE `code` with its reason phrase from [`reason_phrase`].
+    pub fn standard(code: u16) -> Self {
+        ErrorCode {
+            code,
+            reason: reason_phrase(code),
+        }
+    }
 }
 
 impl<'a> Attribute<'a> for ErrorCode<'a> {

@@ -17,12 +17,15 @@ use crate::stun::HEADER_LEN;
 /// The XOR constant of FINGERPRINT ("STUN" in ASCII).
 pub const FINGERPRINT_XOR: u32 = 0x5354_554E;
 
-/// A key for message integrity, and which attribute it is used with.
+/// A key for message integrity, and which attribute it is used with. The attribute does
+/// not follow from the key: a long-term key of either PASSWORD-ALGORITHM (MD5 or SHA-256)
+/// may sign either attribute, whichever the request carried.
 #[derive(Clone, PartialEq, Eq)]
 pub enum IntegrityKey {
-    /// MESSAGE-INTEGRITY (HMAC-SHA1) with an MD5 long-term key or a short-term password.
+    /// MESSAGE-INTEGRITY (HMAC-SHA1) with a long-term key or a short-term password.
     Sha1(Vec<u8>),
-    /// MESSAGE-INTEGRITY-SHA256 with a SHA-256 long-term key.
+    /// MESSAGE-INTEGRITY-SHA256 (HMAC-SHA256) with a long-term key or a short-term
+    /// password.
     Sha256(Vec<u8>),
 }
 

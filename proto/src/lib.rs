@@ -5,6 +5,7 @@
 //!   [`stun::MessageWriter`] into caller-owned buffers.
 //! - [`attr`]: STUN/TURN/ICE attributes, typed.
 //! - [`auth`]: long-term credential keys, MESSAGE-INTEGRITY(-SHA256), FINGERPRINT.
+//! - [`reason`]: the reason phrases of error codes.
 //! - [`channel`]: TURN ChannelData frames and stream framing.
 //! - [`demux`]: the RFC 7983 first-byte demultiplexer.
 //! - [`turn`]: fast-path helpers for Send and Data indications and Binding responses.
@@ -28,6 +29,7 @@ pub mod client;
 pub mod demux;
 pub mod error;
 pub mod plane;
+pub mod reason;
 pub mod stun;
 pub mod turn;
 

@@ -94,10 +94,7 @@ pub fn write_binding_response(
     if unknown.is_empty() {
         w.add(&attr::XorMappedAddress(mapped))?;
     } else {
-        w.add(&attr::ErrorCode {
-            code: 420,
-            reason: "Unknown Attribute",
-        })?;
+        w.add(&attr::ErrorCode::standard(420))?;
         w.add(&attr::UnknownAttributes::new(unknown))?;
     }
     if req.has_fingerprint() {
