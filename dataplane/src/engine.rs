@@ -17,10 +17,12 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use turnpike_proto::attr::{ErrorCode, UnknownAttributes};
 use turnpike_proto::channel::{CHANNEL_HEADER_LEN, ChannelData};
 use turnpike_proto::demux::{PacketKind, classify};
-use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId, padded};
+use turnpike_proto::stun::{
+    Class, ClassicBindingRequest, Message, MessageWriter, Method, TransactionId, padded,
+};
 use turnpike_proto::turn::{
     MAX_DATA_INDICATION_HEADER, SendIndication, data_indication_header_len, write_binding_response,
-    write_data_indication_header,
+    write_classic_binding_response, write_data_indication_header,
 };
 
 use crate::counters::{Counters, bump};
@@ -608,6 +610,11 @@ impl Core {
             }
             PacketKind::Stun => {
                 let Ok(msg) = Message::parse(pkt) else {
+                    // RFC 5389 §12.2: an RFC 3489 client's Binding request (no magic
+                    // cookie) is answered too; any other message without it is dropped.
+                    if ClassicBindingRequest::parse(pkt).is_some() {
+                        return self.answer_binding(listen, tuple, buf, len);
+                    }
                     bump(&self.ctr.malformed, 1);
                     return None;
                 };
@@ -693,6 +700,8 @@ impl Core {
         Some(from)
     }
 
+    /// Answers a Binding request, RFC 5389 or classic RFC 3489, if its source is within
+    /// the Binding rate limit.
     fn answer_binding(
         &mut self,
         listen: Token,
@@ -707,8 +716,16 @@ impl Core {
         // The answer goes in the slot right after the request.
         let at = padded(HEADROOM + len);
         let (head, tail) = buf.split_at_mut_checked(at)?;
-        let msg = Message::parse(head.get(HEADROOM..HEADROOM + len)?).ok()?;
-        match write_binding_answer(tail, &msg, tuple.client) {
+        let req = head.get(HEADROOM..HEADROOM + len)?;
+        let answer = match Message::parse(req) {
+            Ok(msg) => write_binding_answer(tail, &msg, tuple.client),
+            Err(_) => write_classic_binding_response(
+                tail,
+                &ClassicBindingRequest::parse(req)?,
+                tuple.client,
+            ),
+        };
+        match answer {
             Ok(n) => {
                 bump(&self.ctr.binding_answered, 1);
                 Some((listen, tuple.client, at, n))

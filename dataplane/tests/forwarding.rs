@@ -11,7 +11,7 @@ use turnpike_dataplane::{
     AllocationKey, Backend, Change, ControlSink, DataPlane, DataPlaneConfig, DataPlaneHandle,
     Punted, Tuple, WorkerCounters,
 };
-use turnpike_proto::attr::{Data, XorMappedAddress, XorPeerAddress};
+use turnpike_proto::attr::{Attribute, Data, MappedAddress, XorMappedAddress, XorPeerAddress};
 use turnpike_proto::channel::ChannelData;
 use turnpike_proto::client::Client;
 use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
@@ -520,6 +520,42 @@ fn binding_answered(b: Backend) {
     assert!(m.verify_fingerprint().unwrap());
     let t = s.wait_counters("binding", |t| t.binding_answered == 1);
     assert_eq!(t.punted, 0);
+}
+
+/// A classic RFC 3489 Binding request (no magic cookie, a 16-byte transaction id, a
+/// CHANGE-REQUEST that is ignored) is answered with MAPPED-ADDRESS and the id echoed, on
+/// IPv4 and IPv6; other messages without the cookie are dropped, not punted.
+fn classic_binding_answered(b: Backend) {
+    for ip in ["127.0.0.1", "::1"] {
+        let s = Server::start(b, ip, Vec::new());
+        let client = socket(ip);
+        let tid: [u8; 16] = std::array::from_fn(|i| 0x30 + i as u8);
+        let mut req = vec![0x00, 0x01, 0x00, 0x08];
+        req.extend(tid);
+        req.extend([0x00, 0x03, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00]);
+        client.send_to(&req, s.addr).unwrap();
+        let (d, from) = recv(&client);
+        assert_eq!(from, s.addr);
+        let me = client.local_addr().unwrap();
+        let alen = if me.is_ipv4() { 8 } else { 20 };
+        assert_eq!(d.len(), 20 + 4 + alen, "{d:02x?}");
+        assert_eq!(d[..4], [0x01, 0x01, 0x00, 4 + alen as u8]);
+        assert_eq!(d[4..20], tid);
+        assert_eq!(d[20..24], [0x00, 0x01, 0x00, alen as u8]);
+        let mapped = MappedAddress::decode(&d[24..], &TransactionId::default()).unwrap();
+        assert_eq!(mapped.0, me);
+        s.wait_counters("classic binding", |t| t.binding_answered == 1);
+
+        // An Allocate request and a Binding success response without the cookie.
+        for typ in [[0x00, 0x03], [0x01, 0x01]] {
+            req[..2].copy_from_slice(&typ);
+            client.send_to(&req, s.addr).unwrap();
+        }
+        let t = s.wait_counters("malformed", |t| t.dropped.malformed == 2);
+        assert_eq!((t.binding_answered, t.punted), (1, 0));
+        assert!(s.punts.try_recv().is_err());
+        assert_silent(&client);
+    }
 }
 
 fn other_stun_punted(b: Backend) {
@@ -1122,18 +1158,27 @@ fn new_channel_waits_for_bind_response(b: Backend) {
     assert_eq!(recv_cd(&client), (0x4001, b"confirmed".to_vec()));
 }
 
-/// A burst of Binding requests from one source gets at most the burst of the default
-/// limit (100, then 50/s) answered; another source is answered meanwhile.
+/// A burst of Binding requests from one source, every other one a classic RFC 3489
+/// request, gets at most the burst of the default limit (100, then 50/s) answered;
+/// another source is answered meanwhile.
 fn binding_rate_limited(b: Backend) {
     let s = Server::v4(b);
     let client = socket("127.0.0.1");
     let start = Instant::now();
     let req = binding_request(TransactionId([6; 12]));
+    let classic = [&[0, 1, 0, 0][..], &[6; 16]].concat();
+    let sent = std::cell::Cell::new(0u32);
     in_rounds(
         &s,
         300,
         || {
-            client.send_to(&req, s.addr).unwrap();
+            sent.set(sent.get() + 1);
+            let d = if sent.get().is_multiple_of(2) {
+                &classic
+            } else {
+                &req
+            };
+            client.send_to(d, s.addr).unwrap();
         },
         |t| t.binding_answered + t.dropped.rate_limited,
     );
@@ -1145,10 +1190,13 @@ fn binding_rate_limited(b: Backend) {
         t.binding_answered
     );
     assert_eq!(t.dropped.rate_limited, 300 - t.binding_answered);
+    let mut classic_answers = 0;
     for _ in 0..t.binding_answered {
         let (d, _) = recv(&client);
         assert!(d.len() <= req.len() + 24);
+        classic_answers += usize::from(d[4..20] == classic[4..20]);
     }
+    assert!(classic_answers >= 50, "{classic_answers} classic answers");
     assert_silent(&client);
     let other = socket("127.0.0.1");
     other.send_to(&req, s.addr).unwrap();
@@ -1175,6 +1223,7 @@ on_both_backends!(
     channel_rebinding,
     channel_data_padding_and_length,
     binding_answered,
+    classic_binding_answered,
     other_stun_punted,
     denied_peer_dropped,
     bandwidth_limited,

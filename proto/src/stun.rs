@@ -122,6 +122,50 @@ pub fn looks_like_stun(buf: &[u8]) -> bool {
     }
 }
 
+/// The 128-bit transaction id of a classic RFC 3489 message: bytes 4..20 of the header,
+/// whose first four RFC 5389 turned into the magic cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ClassicTransactionId(pub [u8; 16]);
+
+/// A classic RFC 3489 Binding request: a Binding request without the magic cookie, which
+/// RFC 5389 §12.2 says a server SHOULD still answer, with MAPPED-ADDRESS and the request's
+/// 16-byte transaction id ([`crate::turn::write_classic_binding_response`]).
+///
+/// Only the header is read. The attributes are not looked at, so RFC 3489's
+/// CHANGE-REQUEST and RESPONSE-ADDRESS are not supported: the answer always goes from the
+/// address the request reached to the address it came from, and carries neither
+/// SOURCE-ADDRESS nor CHANGED-ADDRESS. An RFC 3489 client's NAT-type tests that rely on
+/// them are not meaningful against this server; the mapped address is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassicBindingRequest {
+    tid: ClassicTransactionId,
+}
+
+impl ClassicBindingRequest {
+    /// Recognises a classic Binding request that is exactly the datagram `buf`: message
+    /// type 0x0001, a length that is a multiple of 4 and accounts for every byte after the
+    /// header, and no magic cookie (a message with the cookie is RFC 5389 or later: parse
+    /// it with [`Message::parse`]). Anything else, including a classic message of another
+    /// type, is `None`.
+    pub fn parse(buf: &[u8]) -> Option<ClassicBindingRequest> {
+        let typ = be16(buf, 0)?;
+        let len = usize::from(be16(buf, 2)?);
+        let tid: [u8; 16] = buf.get(4..HEADER_LEN)?.try_into().ok()?;
+        let classic = typ == message_type(Method::BINDING, Class::Request)
+            && len % 4 == 0
+            && HEADER_LEN + len == buf.len()
+            && be32(buf, 4) != Some(MAGIC_COOKIE);
+        classic.then_some(ClassicBindingRequest {
+            tid: ClassicTransactionId(tid),
+        })
+    }
+
+    /// The 16-byte transaction id the response echoes.
+    pub fn transaction_id(&self) -> ClassicTransactionId {
+        self.tid
+    }
+}
+
 /// Where one attribute lies in the message: type, and the value's offset and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct AttrSlot {

@@ -3,9 +3,11 @@
 
 use std::net::SocketAddr;
 
-use crate::attr::{self, Attribute, Data, XorPeerAddress};
+use crate::attr::{self, Attribute, Data, MappedAddress, XorPeerAddress};
 use crate::error::{DecodeError, EncodeError};
-use crate::stun::{Class, HEADER_LEN, Message, MessageWriter, Method, TransactionId, padded};
+use crate::stun::{
+    Class, ClassicBindingRequest, HEADER_LEN, Message, MessageWriter, Method, TransactionId, padded,
+};
 
 /// The most headroom a Data indication header needs (IPv6 peer): 20 (STUN header) + 24
 /// (XOR-PEER-ADDRESS) + 4 (DATA attribute header).
@@ -101,4 +103,26 @@ pub fn write_binding_response(
         w.add_fingerprint()?;
     }
     Ok(w.finish())
+}
+
+/// Answers a classic RFC 3489 Binding request (RFC 5389 §12.2): a success response whose
+/// header carries the request's 16-byte transaction id where the magic cookie would be,
+/// with MAPPED-ADDRESS (not XOR-MAPPED-ADDRESS, which an RFC 3489 client does not know)
+/// and nothing else: 32 bytes for an IPv4 `mapped`, 44 for IPv6 (family 0x02 of
+/// RFC 5389; RFC 3489 defined IPv4 only). Returns the response's length.
+pub fn write_classic_binding_response(
+    out: &mut [u8],
+    req: &ClassicBindingRequest,
+    mapped: SocketAddr,
+) -> Result<usize, EncodeError> {
+    let [c0, c1, c2, c3, rest @ ..] = req.transaction_id().0;
+    let mut w = MessageWriter::new(out, Method::BINDING, Class::Success, TransactionId(rest))?;
+    // MAPPED-ADDRESS is not XORed, so the cookie the writer puts in bytes 4..8 matters to
+    // nothing it writes: it is replaced by the first four bytes of the classic id.
+    w.add(&MappedAddress(mapped))?;
+    let n = w.finish();
+    out.get_mut(4..8)
+        .ok_or(EncodeError::BufferTooSmall)?
+        .copy_from_slice(&[c0, c1, c2, c3]);
+    Ok(n)
 }

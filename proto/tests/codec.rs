@@ -16,10 +16,12 @@ use turnpike_proto::auth::{long_term_key_sha256, userhash};
 use turnpike_proto::channel::{ChannelData, Frame, next_frame};
 use turnpike_proto::demux::{PacketKind, classify};
 use turnpike_proto::stun::{
-    Class, HEADER_LEN, MAX_ATTRIBUTES, Message, MessageWriter, Method, TransactionId,
+    Class, ClassicBindingRequest, ClassicTransactionId, HEADER_LEN, MAX_ATTRIBUTES, Message,
+    MessageWriter, Method, TransactionId,
 };
 use turnpike_proto::turn::{
-    SendIndication, data_indication_header_len, write_data_indication_header,
+    SendIndication, data_indication_header_len, write_classic_binding_response,
+    write_data_indication_header,
 };
 
 const TID: TransactionId = TransactionId([7; 12]);
@@ -605,13 +607,19 @@ proptest! {
 
     /// Arbitrary bytes, and arbitrary bytes behind a valid header, never panic.
     #[test]
-    fn garbage_never_panics(body in proptest::collection::vec(any::<u8>(), 0..600), valid_header in any::<bool>()) {
+    fn garbage_never_panics(body in proptest::collection::vec(any::<u8>(), 0..600), valid_header in any::<bool>(), classic in any::<bool>()) {
         let mut buf = body.clone();
         if valid_header && buf.len() >= 20 {
             let len = ((buf.len() - 20) & !3) as u16;
             buf[0] &= 0x3F;
             buf[2..4].copy_from_slice(&len.to_be_bytes());
-            buf[4..8].copy_from_slice(&0x2112A442u32.to_be_bytes());
+            if classic {
+                // A classic Binding request's header, attributes of random bytes.
+                buf[..2].copy_from_slice(&[0x00, 0x01]);
+                buf.truncate(20 + usize::from(len));
+            } else {
+                buf[4..8].copy_from_slice(&0x2112A442u32.to_be_bytes());
+            }
         }
         if let Ok(m) = Message::parse(&buf) {
             for a in m.raw_attributes() {
@@ -626,10 +634,99 @@ proptest! {
             let _ = m.attr::<UnknownAttributes>().map(|u| u.map(|u| u.types().count()));
             let _ = SendIndication::from_message(&m);
         }
+        if let Some(c) = ClassicBindingRequest::parse(&buf) {
+            prop_assert!(Message::parse(&buf).is_err());
+            let mut out = [0u8; 44];
+            for n in 0..=out.len() {
+                let _ = write_classic_binding_response(&mut out[..n], &c, "[::1]:9".parse().unwrap());
+            }
+        }
         let _ = ChannelData::parse(&buf);
         let _ = next_frame(&buf);
         let _ = classify(&buf);
     }
+}
+
+/// A classic RFC 3489 Binding request, built by hand: no magic cookie, a 16-byte
+/// transaction id, and a CHANGE-REQUEST (0x0003) asking for nothing, as `stun`-style
+/// clients send in their first test.
+fn classic_binding_request() -> Vec<u8> {
+    let mut req = vec![0x00, 0x01, 0x00, 0x08];
+    req.extend(0xA0u8..0xB0);
+    req.extend([0x00, 0x03, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00]);
+    req
+}
+
+#[test]
+fn classic_binding_answered_with_mapped_address() {
+    let req = classic_binding_request();
+    assert_eq!(
+        Message::parse(&req).unwrap_err(),
+        DecodeError::BadMagicCookie
+    );
+    let c = ClassicBindingRequest::parse(&req).unwrap();
+    let tid: [u8; 16] = core::array::from_fn(|i| 0xA0 + i as u8);
+    assert_eq!(c.transaction_id(), ClassicTransactionId(tid));
+
+    let mut out = [0xEEu8; 64];
+    let n =
+        write_classic_binding_response(&mut out, &c, "192.0.2.1:32853".parse().unwrap()).unwrap();
+    let mut want = vec![0x01, 0x01, 0x00, 0x0C];
+    want.extend(tid);
+    want.extend([0x00, 0x01, 0x00, 0x08, 0x00, 0x01, 0x80, 0x55, 192, 0, 2, 1]);
+    assert_eq!(&out[..n], &want[..]);
+
+    let v6: SocketAddr = "[2001:db8::1:2]:3478".parse().unwrap();
+    let n = write_classic_binding_response(&mut out, &c, v6).unwrap();
+    let mut want = vec![0x01, 0x01, 0x00, 0x18];
+    want.extend(tid);
+    want.extend([0x00, 0x01, 0x00, 0x14, 0x00, 0x02, 0x0D, 0x96]);
+    want.extend([
+        0x20, 0x01, 0x0D, 0xB8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0, 0x02,
+    ]);
+    assert_eq!(&out[..n], &want[..]);
+    // MAPPED-ADDRESS reads back with the codec's own decoder.
+    let value = &out[HEADER_LEN + 4..n];
+    assert_eq!(
+        <attr::MappedAddress as attr::Attribute>::decode(value, &TID)
+            .unwrap()
+            .0,
+        v6
+    );
+
+    for short in 0..n {
+        assert!(write_classic_binding_response(&mut out[..short], &c, v6).is_err());
+    }
+}
+
+#[test]
+fn only_classic_binding_requests_are_classic() {
+    let req = classic_binding_request();
+    // Without attributes, as RFC 3489 clients also send it.
+    assert!(ClassicBindingRequest::parse(&[&[0, 1, 0, 0][..], &[9; 16]].concat()).is_some());
+    // Truncated anywhere, or with bytes the length does not account for.
+    for n in 0..req.len() {
+        assert_eq!(ClassicBindingRequest::parse(&req[..n]), None, "{n} bytes");
+    }
+    assert_eq!(
+        ClassicBindingRequest::parse(&[&req[..], &[0; 4]].concat()),
+        None
+    );
+    let with = |at: usize, b: &[u8]| {
+        let mut r = req.clone();
+        r[at..at + b.len()].copy_from_slice(b);
+        ClassicBindingRequest::parse(&r)
+    };
+    // A length that is not a multiple of 4.
+    assert_eq!(with(2, &[0x00, 0x07]), None);
+    // Other methods and classes without the cookie: an Allocate request, a Binding
+    // indication and success response, and a type with the top bits set.
+    for typ in [[0x00, 0x03], [0x00, 0x11], [0x01, 0x01], [0xC0, 0x01]] {
+        assert_eq!(with(0, &typ), None, "{typ:02x?}");
+    }
+    // With the cookie it is a modern request, for `Message::parse`.
+    assert_eq!(with(4, &0x2112A442u32.to_be_bytes()), None);
+    assert!(ClassicBindingRequest::parse(&binding_with_software()).is_none());
 }
 
 #[test]

@@ -124,3 +124,28 @@ class UdpEcho:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def summarize(results: list[Result], ci: bool) -> tuple[str, int]:
+    """The run's last line and exit status. A failure fails the run; under CI a skip
+    does too, so that a green CI run means every third-party client really ran (a
+    missing browser or Python package is a SKIP locally).
+
+    >>> r = lambda s: Result("t", s, 0.0)
+    >>> summarize([r("PASS"), r("SKIP")], ci=False)
+    ('1 passed, 0 failed, 1 skipped', 0)
+    >>> summarize([r("PASS"), r("SKIP")], ci=True)
+    ('1 passed, 0 failed, 1 skipped (CI is set: a skipped test fails the run)', 1)
+    >>> summarize([r("PASS"), r("FAIL")], ci=False)
+    ('1 passed, 1 failed, 0 skipped', 1)
+    >>> summarize([r("PASS")], ci=True)
+    ('1 passed, 0 failed, 0 skipped', 0)
+    """
+    n_pass = sum(r.status == "PASS" for r in results)
+    n_fail = sum(r.status == "FAIL" for r in results)
+    n_skip = sum(r.status == "SKIP" for r in results)
+    line = f"{n_pass} passed, {n_fail} failed, {n_skip} skipped"
+    skip_fails = ci and n_skip > 0
+    if skip_fails:
+        line += " (CI is set: a skipped test fails the run)"
+    return line, 1 if n_fail or skip_fails else 0

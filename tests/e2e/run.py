@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """End-to-end tests of a TURN server with third-party clients.
 
-    run.py [--list] [-v] [GROUP ...]      GROUP: uclient aioice chromium policy
+    run.py [--list] [--self-test] [-v] [GROUP ...]      GROUP: uclient aioice chromium policy
 
 Each group gets a fresh server started from TURN_SERVER_CMD (see server.py and
 README.md); every test prints PASS/FAIL/SKIP with its time, the run ends with a line
-"N passed, N failed, N skipped" and exits 1 if anything failed.
+"N passed, N failed, N skipped" and exits 1 if anything failed, or, when the
+environment has CI=true (or 1, yes, on), if anything was skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import doctest
 import importlib
 import os
 import secrets
@@ -23,7 +25,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import Ctx, Fail, Skip, env_flag  # noqa: E402
+import common  # noqa: E402
+from common import Ctx, Fail, Skip, env_flag, summarize  # noqa: E402
 from server import Creds, ServerUnderTest, server_templates  # noqa: E402
 
 # group name -> module; each module has run(ctx) and uses ctx.server (loopback allowed)
@@ -66,11 +69,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("groups", nargs="*", help="groups to run (default: all)")
     ap.add_argument("--list", action="store_true", help="list the groups and exit")
+    ap.add_argument("--self-test", action="store_true",
+                    help="only check the runner's own summary logic (doctests) and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="print details of passing tests")
     args = ap.parse_args()
     if args.list:
         print("\n".join(GROUPS))
         return 0
+    # The exit status is what CI trusts: check its logic before every run (milliseconds).
+    selftest = doctest.testmod(common)
+    if selftest.failed or args.self_test:
+        print(f"e2e: runner self-test: {selftest.attempted - selftest.failed}/{selftest.attempted} passed")
+        return 1 if selftest.failed else 0
     groups = args.groups or list(GROUPS)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
@@ -110,17 +120,19 @@ def main() -> int:
         ctx.record("e2e run", "FAIL", time.monotonic() - t_start, str(e))
     signal.alarm(0)
 
-    n_pass = sum(r.status == "PASS" for r in ctx.results)
-    n_fail = sum(r.status == "FAIL" for r in ctx.results)
-    n_skip = sum(r.status == "SKIP" for r in ctx.results)
+    ci = env_flag("CI")
+    line, status = summarize(ctx.results, ci)
     print(f"e2e: total {time.monotonic() - t_start:.1f}s")
-    if n_fail:
-        print("e2e: failed: " + "; ".join(r.name for r in ctx.results if r.status == "FAIL"))
+    for what in ("FAIL", "SKIP") if ci else ("FAIL",):
+        names = [r.name for r in ctx.results if r.status == what]
+        if names:
+            print(f"e2e: {'failed' if what == 'FAIL' else 'skipped'}: " + "; ".join(names))
+    if status:
         print(f"e2e: logs kept in {workroot}")
     elif not keep and not os.environ.get("E2E_OUT"):
         shutil.rmtree(workroot, ignore_errors=True)
-    print(f"{n_pass} passed, {n_fail} failed, {n_skip} skipped")
-    return 1 if n_fail else 0
+    print(line)
+    return status
 
 
 if __name__ == "__main__":
