@@ -33,6 +33,8 @@ pub enum Suite {
     /// turnpike's data plane (both backends, ChannelData and Send, GSO on and off) vs
     /// the forwarder, at max load.
     Dataplane,
+    /// Allocations per second only: turnpike vs coturn, fresh servers each repetition.
+    Alloc,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -438,7 +440,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     if a.loads.is_empty() {
         a.loads = match a.suite {
             Suite::Coturn => vec![25_000, 50_000, 100_000, 200_000, 0],
-            Suite::Dataplane => vec![100_000, 200_000, 0],
+            Suite::Dataplane | Suite::Alloc => vec![100_000, 200_000, 0],
         };
     }
     let a = &a;
@@ -496,6 +498,10 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             dataplane_suite(&env, &mut o)?;
             "dataplane"
         }
+        Suite::Alloc => {
+            alloc_runs(&env, &mut o)?;
+            "alloc"
+        }
     };
     o.load_after = proc::loadavg();
     eprintln!("done in {:.0} s", t0.elapsed().as_secs_f64());
@@ -504,6 +510,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     let md = match a.suite {
         Suite::Coturn => coturn_markdown(a, &o),
         Suite::Dataplane => dataplane_markdown(a, &o),
+        Suite::Alloc => alloc_markdown(a, &o),
     };
     let mdp = a.out.join(format!("{name}.md"));
     std::fs::write(&mdp, &md)?;
@@ -702,33 +709,7 @@ fn coturn_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
             }
         }
     }
-    // Allocations per second, each repetition on fresh servers.
-    for rep in 1..=a.reps {
-        for srv in ["turnpike", "coturn"] {
-            let p = if srv == "turnpike" {
-                env.turnpike("turnpike-alloc", &a.backend, "10000-31999")?
-            } else {
-                env.coturn("coturn-alloc", (10000, 31999))?
-            };
-            let server = ServerArgs {
-                server: p.addr,
-                user: "bench".into(),
-                password: "bench".into(),
-                realm: "bench".into(),
-            };
-            let r = hs::alloc_rate(&server, a.alloc_count, 256, Duration::from_secs(20))?;
-            eprintln!("rep {rep} {srv}: {}", r.summary());
-            o.alloc.push(RepValue {
-                rep,
-                server: if srv == "turnpike" {
-                    "turnpike"
-                } else {
-                    "coturn"
-                },
-                value: r,
-            });
-        }
-    }
+    alloc_runs(env, o)?;
     // Idle memory, once per server (it varies little between runs).
     for srv in ["turnpike", "coturn"] {
         let p = if srv == "turnpike" {
@@ -1310,31 +1291,11 @@ fn coturn_markdown(a: &CompareArgs, o: &Output) -> String {
             }
         }
     }
-    let alloc = |s: &str| {
-        median(
-            o.alloc
-                .iter()
-                .filter(|x| x.server == s)
-                .map(|x| x.value.per_second)
-                .collect(),
-        )
-    };
-    let alloc_ratio = median(
-        o.alloc
-            .iter()
-            .filter(|x| x.server == "turnpike")
-            .filter_map(|t| {
-                o.alloc
-                    .iter()
-                    .find(|c| c.server == "coturn" && c.rep == t.rep)
-                    .map(|c| t.value.per_second / c.value.per_second)
-            })
-            .collect(),
-    );
+    let (tp_alloc, co_alloc, alloc_ratio) = alloc_medians(o);
     m.push_str(&format!(
         "| allocations/s (Allocate with 401 + CreatePermission + ChannelBind, 256 in flight) | – | {} | {} | {} | ≥ 10 | {} |\n",
-        fmt_f(alloc("turnpike"), 0),
-        fmt_f(alloc("coturn"), 0),
+        fmt_f(tp_alloc, 0),
+        fmt_f(co_alloc, 0),
         fmt_f(alloc_ratio, 1),
         verdict(alloc_ratio.map(|r| r >= 10.0))
     ));
@@ -1668,4 +1629,98 @@ pub(crate) fn serve_args(ports: &str) -> Vec<&str> {
         "--total-quota",
         "0",
     ]
+}
+
+/// Allocations per second, each repetition on fresh servers, turnpike and coturn
+/// interleaved.
+fn alloc_runs(env: &Env<'_>, o: &mut Output) -> Result<()> {
+    let a = env.a;
+    for rep in 1..=a.reps {
+        for srv in ["turnpike", "coturn"] {
+            let p = if srv == "turnpike" {
+                env.turnpike("turnpike-alloc", &a.backend, "10000-31999")?
+            } else {
+                env.coturn("coturn-alloc", (10000, 31999))?
+            };
+            let server = ServerArgs {
+                server: p.addr,
+                user: "bench".into(),
+                password: "bench".into(),
+                realm: "bench".into(),
+            };
+            let r = hs::alloc_rate(&server, a.alloc_count, 256, Duration::from_secs(20))?;
+            eprintln!("rep {rep} {srv}: {}", r.summary());
+            o.alloc.push(RepValue {
+                rep,
+                server: if srv == "turnpike" {
+                    "turnpike"
+                } else {
+                    "coturn"
+                },
+                value: r,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The median allocation rate of `server` over the repetitions, and turnpike/coturn (the
+/// median of per-repetition ratios).
+fn alloc_medians(o: &Output) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let alloc = |s: &str| {
+        median(
+            o.alloc
+                .iter()
+                .filter(|x| x.server == s)
+                .map(|x| x.value.per_second)
+                .collect(),
+        )
+    };
+    let ratio = median(
+        o.alloc
+            .iter()
+            .filter(|x| x.server == "turnpike")
+            .filter_map(|t| {
+                o.alloc
+                    .iter()
+                    .find(|c| c.server == "coturn" && c.rep == t.rep)
+                    .map(|c| t.value.per_second / c.value.per_second)
+            })
+            .collect(),
+    );
+    (alloc("turnpike"), alloc("coturn"), ratio)
+}
+
+fn alloc_markdown(a: &CompareArgs, o: &Output) -> String {
+    let (tp, co, ratio) = alloc_medians(o);
+    let mut m = format!(
+        "# Allocations per second: turnpike vs coturn\n\n- Date: {}\n- Machine: {}\n- coturn: {}\n- Servers pinned to cpu {}, the generator to cpu {}; {} handshakes per run (new socket: Allocate, 401, Allocate, CreatePermission, ChannelBind), 256 in flight, {} repetitions on fresh servers.\n\n| rep | turnpike/s | coturn/s |\n|---|---|---|\n",
+        o.date,
+        o.machine,
+        o.settings.get("coturn").cloned().unwrap_or_default(),
+        a.server_cpu,
+        a.gen_cpu,
+        a.alloc_count,
+        a.reps
+    );
+    for rep in 1..=a.reps {
+        let v = |s: &str| {
+            o.alloc
+                .iter()
+                .find(|x| x.server == s && x.rep == rep)
+                .map(|x| x.value.per_second)
+        };
+        m.push_str(&format!(
+            "| {rep} | {} | {} |\n",
+            fmt_f(v("turnpike"), 0),
+            fmt_f(v("coturn"), 0)
+        ));
+    }
+    m.push_str(&format!(
+        "\nMedians: turnpike {}/s, coturn {}/s, ratio {} (target ≥ 10).\n",
+        fmt_f(tp, 0),
+        fmt_f(co, 0),
+        fmt_f(ratio, 2)
+    ));
+    m
 }

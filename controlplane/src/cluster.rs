@@ -31,9 +31,6 @@ use crate::types::{
 /// How long a bind's route is kept without an acknowledgement (the state machine gives
 /// up after 5 s and answers 508).
 const BIND_ROUTE_MS: u64 = 10_000;
-/// How long a relay socket bound for an Allocate may wait for its AllocationAdd before
-/// the data plane closes it.
-const CLAIM_SECS: u64 = 30;
 
 /// One data plane's stream, as the cluster numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -102,6 +99,8 @@ pub struct Cluster {
     sequence: u64,
     punted: u64,
     out: VecDeque<ClusterOutput>,
+    /// The operator's reason for a revocation in progress, for its Ended event.
+    revoke_reasons: HashMap<AllocationId, String>,
 }
 
 impl Cluster {
@@ -123,6 +122,7 @@ impl Cluster {
             sequence: 0,
             punted: 0,
             out: VecDeque::new(),
+            revoke_reasons: HashMap::new(),
         }
     }
 
@@ -259,22 +259,53 @@ impl Cluster {
         self.server.allocation(id).map(|a| self.info_to_api(&a))
     }
 
-    /// Revokes an allocation; returns it as it was.
-    pub fn revoke(&mut self, now: Millis, id: AllocationId) -> Option<v1::AllocationInfo> {
+    /// Revokes an allocation for `reason` (logged, and the detail of its Ended event);
+    /// returns it as it was.
+    pub fn revoke(
+        &mut self,
+        now: Millis,
+        id: AllocationId,
+        reason: &str,
+    ) -> Option<v1::AllocationInfo> {
         self.now = now;
-        let info = self.allocation(id);
+        let info = self.allocation(id)?;
+        tracing::info!(
+            allocation = id.0,
+            reason,
+            "allocation revoked by an operator"
+        );
+        self.revoke_reasons.insert(id, reason.to_owned());
         let mut out = Vec::new();
         self.server.revoke(id, &mut out);
         self.route(out, None);
-        info
+        self.revoke_reasons.remove(&id);
+        Some(info)
     }
 
-    /// Revokes every allocation of `user`; returns how many.
-    pub fn revoke_user(&mut self, now: Millis, user: &str) -> u64 {
+    /// Revokes every allocation of `user` for `reason`; returns how many.
+    pub fn revoke_user(&mut self, now: Millis, user: &str, reason: &str) -> u64 {
         self.now = now;
+        let ids: Vec<AllocationId> = self
+            .server
+            .allocations()
+            .filter(|a| a.account == user)
+            .map(|a| a.id)
+            .collect();
+        tracing::info!(
+            user,
+            reason,
+            allocations = ids.len(),
+            "user's allocations revoked by an operator"
+        );
+        for id in &ids {
+            self.revoke_reasons.insert(*id, reason.to_owned());
+        }
         let mut out = Vec::new();
         let n = self.server.revoke_user(user, &mut out);
         self.route(out, None);
+        for id in &ids {
+            self.revoke_reasons.remove(id);
+        }
         n as u64
     }
 
@@ -365,8 +396,7 @@ impl Cluster {
             .min_by_key(|(_, c)| c.load.as_ref().map(|l| l.allocations).unwrap_or(0))
             .and_then(|(_, c)| {
                 let l = c.hello.listening_addresses.first()?;
-                let a = l.advertised.as_ref().or(l.address.as_ref())?;
-                SocketAddr::try_from(a).ok()
+                SocketAddr::try_from(l.address.as_ref()?).ok()
             })
     }
 
@@ -485,6 +515,9 @@ impl Cluster {
             }
             M::UsageReport(u) => self.usage_report(conn, u),
             M::TableSnapshot(t) => {
+                if t.complete {
+                    tracing::info!(data_plane = %self.conns.get(&conn).map(|c| c.id.as_str()).unwrap_or("?"), "table snapshot complete");
+                }
                 let dp = self
                     .conns
                     .get(&conn)
@@ -571,8 +604,6 @@ impl Cluster {
                                 worker_id: worker,
                                 relay_addresses: b.relays.iter().map(|r| sa(*r)).collect(),
                                 five_tuple: Some((&b.tuple).into()),
-                                claim_deadline_unix_millis: self.now.plus_secs(CLAIM_SECS).0,
-                                ..Default::default()
                             }),
                         );
                     } else {
@@ -655,22 +686,27 @@ impl Cluster {
                     deadline_unix_millis: deadline.0,
                 }),
             ),
-            Event::PermissionAdded { id, peer } => (
+            Event::PermissionAdded { id, peer, deadline } => (
                 *id,
                 Body::PermissionAdded(v1::PermissionAdded {
                     permission: Some(v1::Permission {
                         peer_ip: ip_to_bytes(*peer),
-                        deadline_unix_millis: 0,
+                        deadline_unix_millis: deadline.0,
                     }),
                 }),
             ),
-            Event::ChannelBound { id, channel, peer } => (
+            Event::ChannelBound {
+                id,
+                channel,
+                peer,
+                deadline,
+            } => (
                 *id,
                 Body::ChannelAdded(v1::ChannelAdded {
                     channel: Some(v1::Channel {
                         channel_number: u32::from(*channel),
                         peer: Some(sa(*peer)),
-                        deadline_unix_millis: 0,
+                        deadline_unix_millis: deadline.0,
                     }),
                 }),
             ),
@@ -684,7 +720,7 @@ impl Cluster {
                     *id,
                     Body::Deleted(v1::AllocationDeleted {
                         reason: reason as i32,
-                        detail: String::new(),
+                        detail: self.revoke_reasons.remove(id).unwrap_or_default(),
                         usage: self.usage.remove(id),
                     }),
                 )

@@ -1372,7 +1372,11 @@ impl Server {
         if let Some(old) = old {
             self.timers.remove(&(old, Timer::Permission(id, ip)));
         } else {
-            out.push(Output::Event(Event::PermissionAdded { id, peer: ip }));
+            out.push(Output::Event(Event::PermissionAdded {
+                id,
+                peer: ip,
+                deadline,
+            }));
         }
         self.timers.insert((deadline, Timer::Permission(id, ip)));
         out.push(Output::Table(TableChange::PermissionSet {
@@ -1427,7 +1431,12 @@ impl Server {
         if let Some((_, old)) = a.channels.insert(channel, (peer, deadline)) {
             self.timers.remove(&(old, Timer::Channel(id, channel)));
         } else {
-            out.push(Output::Event(Event::ChannelBound { id, channel, peer }));
+            out.push(Output::Event(Event::ChannelBound {
+                id,
+                channel,
+                peer,
+                deadline,
+            }));
         }
         a.peer_channel.insert(peer, channel);
         self.timers.insert((deadline, Timer::Channel(id, channel)));
@@ -1586,15 +1595,6 @@ impl Server {
         *self.per_user.entry(r.user).or_insert(0) += 1;
         self.by_tuple.insert(r.tuple, r.id);
         self.allocations.insert(r.id, a);
-    }
-
-    /// Forgets everything a data plane owned (it disconnected for good). Its allocations
-    /// end without table changes: the data plane that held them is gone.
-    pub fn forget(&mut self, ids: &[AllocationId]) {
-        let mut sink = Vec::new();
-        for id in ids {
-            self.remove_allocation(*id, EndReason::Expired, &mut sink);
-        }
     }
 
     /// A fresh nonce for `client` (for tests and tools).

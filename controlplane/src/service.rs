@@ -64,10 +64,12 @@ enum Cmd {
     },
     Revoke {
         id: u64,
+        reason: String,
         reply: oneshot::Sender<Option<v1::AllocationInfo>>,
     },
     RevokeUser {
         user: String,
+        reason: String,
         reply: oneshot::Sender<u64>,
     },
     Stats {
@@ -297,11 +299,15 @@ impl Actor {
             } => {
                 let _ = reply.send(c.list(&user, &data_plane));
             }
-            Cmd::Revoke { id, reply } => {
-                let _ = reply.send(c.revoke(now, AllocationId(id)));
+            Cmd::Revoke { id, reason, reply } => {
+                let _ = reply.send(c.revoke(now, AllocationId(id), &reason));
             }
-            Cmd::RevokeUser { user, reply } => {
-                let _ = reply.send(c.revoke_user(now, &user));
+            Cmd::RevokeUser {
+                user,
+                reason,
+                reply,
+            } => {
+                let _ = reply.send(c.revoke_user(now, &user, &reason));
             }
             Cmd::Stats { reply } => {
                 let _ = reply.send(c.stats());
@@ -471,8 +477,9 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::RevokeAllocationRequest>,
     ) -> Result<Response<v1::RevokeAllocationResponse>, Status> {
-        let id = request.into_inner().allocation_id;
-        match self.ask(|reply| Cmd::Revoke { id, reply }).await? {
+        let r = request.into_inner();
+        let (id, reason) = (r.allocation_id, r.reason);
+        match self.ask(|reply| Cmd::Revoke { id, reason, reply }).await? {
             Some(a) => Ok(Response::new(v1::RevokeAllocationResponse {
                 allocation: Some(a),
             })),
@@ -484,11 +491,18 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::RevokeUserAllocationsRequest>,
     ) -> Result<Response<v1::RevokeUserAllocationsResponse>, Status> {
-        let user = request.into_inner().user_id;
+        let r = request.into_inner();
+        let (user, reason) = (r.user_id, r.reason);
         if user.is_empty() {
             return Err(Status::invalid_argument("user_id is required"));
         }
-        let revoked = self.ask(|reply| Cmd::RevokeUser { user, reply }).await?;
+        let revoked = self
+            .ask(|reply| Cmd::RevokeUser {
+                user,
+                reason,
+                reply,
+            })
+            .await?;
         Ok(Response::new(v1::RevokeUserAllocationsResponse { revoked }))
     }
 

@@ -47,6 +47,8 @@ pub enum Event {
         id: AllocationId,
         /// The peer IP.
         peer: std::net::IpAddr,
+        /// When it expires.
+        deadline: Millis,
     },
     /// A channel was bound.
     ChannelBound {
@@ -56,6 +58,8 @@ pub enum Event {
         channel: u16,
         /// The peer.
         peer: SocketAddr,
+        /// When it expires.
+        deadline: Millis,
     },
     /// An allocation ended.
     Ended {

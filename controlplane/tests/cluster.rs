@@ -31,11 +31,9 @@ fn hello(id: &str, listen: &str, table: Vec<v1::AllocationState>) -> v1::Hello {
         listening_addresses: vec![v1::ListeningAddress {
             transport: v1::Transport::Udp as i32,
             address: Some(listen.into()),
-            advertised: None,
         }],
         relay_ips: vec![v1::RelayIp {
             ip: turnpike_proto::api::ip_to_bytes(listen.ip()),
-            advertised_ip: Vec::new(),
         }],
         worker_count: 4,
         version: "test".into(),
@@ -86,7 +84,6 @@ impl Cell {
                 worker_id: worker,
                 five_tuple: Some((&t).into()),
                 datagram: data.to_vec().into(),
-                received_unix_micros: 0,
             }),
         );
     }
@@ -417,14 +414,12 @@ fn usage_reports_count_only_for_owned_allocations() {
         .allocation_id;
     let report = |bytes| {
         up::Message::UsageReport(v1::UsageReport {
-            sampled_unix_millis: 0,
             allocations: vec![v1::AllocationUsage {
                 allocation_id: id,
                 usage: Some(v1::Usage {
                     client_to_peer: Some(v1::TrafficCounters { packets: 1, bytes }),
                     peer_to_client: None,
                 }),
-                closed: false,
             }],
         })
     };

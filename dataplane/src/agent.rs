@@ -265,7 +265,6 @@ pub async fn run(
                 .map(|a| v1::ListeningAddress {
                     transport: v1::Transport::Udp as i32,
                     address: Some((*a).into()),
-                    advertised: None,
                 })
                 .collect(),
             relay_ips: me
@@ -273,7 +272,6 @@ pub async fn run(
                 .iter()
                 .map(|ip| v1::RelayIp {
                     ip: ip_to_bytes(*ip),
-                    advertised_ip: Vec::new(),
                 })
                 .collect(),
             worker_count: dp.workers() as u32,
@@ -320,7 +318,6 @@ pub async fn run(
                         worker_id: p.worker as u32,
                         five_tuple: Some(tuple_api(&p.tuple)),
                         datagram: p.data.into(),
-                        received_unix_micros: unix_millis() * 1000,
                     };
                     // Never block the loop on the stream: a dead control plane would stall
                     // it. A request dropped here is retransmitted by its client.
@@ -392,13 +389,6 @@ async fn apply(
                 table_version: batch.table_version,
             })));
         }
-        M::ResyncRequest(_) => {
-            let _ = up
-                .send(msg(data_plane_message::Message::TableSnapshot(table(
-                    dp, *version,
-                ))))
-                .await;
-        }
         M::Drain(d) => {
             tracing::info!(draining = d.draining, "drain state from control plane");
         }
@@ -407,10 +397,7 @@ async fn apply(
 
 fn bind_ack(id: u64, r: Result<(), String>, relays: &[SocketAddr]) -> v1::DataPlaneMessage {
     let outcome = match r {
-        Ok(()) => v1::bind_ack::Outcome::Success(v1::BindSuccess {
-            relay_address: relays.first().map(|a| (*a).into()),
-            reserved_address: None,
-        }),
+        Ok(()) => v1::bind_ack::Outcome::Success(v1::BindSuccess {}),
         Err(reason) => v1::bind_ack::Outcome::Error(v1::BindError {
             code: v1::BindErrorCode::AddressInUse as i32,
             reason,
@@ -447,13 +434,11 @@ async fn report(dp: &DataPlaneHandle, up: &mpsc::Sender<v1::DataPlaneMessage>) {
         .send(msg(data_plane_message::Message::LoadReport(load)))
         .await;
     let usage = v1::UsageReport {
-        sampled_unix_millis: unix_millis(),
         allocations: snapshot
             .iter()
             .map(|s| v1::AllocationUsage {
                 allocation_id: s.id,
                 usage: Some(usage_api(&s.usage)),
-                closed: false,
             })
             .collect(),
     };

@@ -195,17 +195,14 @@ fn hello_with_resync_round_trips() -> TestResult {
             ListeningAddress {
                 transport: Transport::Udp.into(),
                 address: Some(SERVER.into()),
-                advertised: Some(SocketAddr::from(([203, 0, 113, 5], 3478)).into()),
             },
             ListeningAddress {
                 transport: Transport::Tls.into(),
                 address: Some(v6_server.into()),
-                advertised: None,
             },
         ],
         relay_ips: vec![RelayIp {
             ip: ip_to_bytes(RELAY.ip()),
-            advertised_ip: vec![203, 0, 113, 5],
         }],
         worker_count: 2,
         version: "0.1.0".to_owned(),
@@ -449,7 +446,6 @@ async fn attach_carries_punted_request_and_send_datagram() -> TestResult {
                 worker_id: 3,
                 five_tuple: Some(five_tuple()),
                 datagram: ALLOCATE_REQUEST.to_vec().into(),
-                received_unix_micros: 1_700_000_000_000_000,
             })),
         };
         let (up, up_rx) = mpsc::channel(4);

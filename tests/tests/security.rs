@@ -69,7 +69,6 @@ fn hello(id: &str, listen: SocketAddr) -> v1::DataPlaneMessage {
             listening_addresses: vec![v1::ListeningAddress {
                 transport: v1::Transport::Udp as i32,
                 address: Some(listen.into()),
-                advertised: None,
             }],
             worker_count: 1,
             ..Default::default()
@@ -335,7 +334,6 @@ fn spoofed_flood_leaves_control_plane_memory_flat() {
                             server: Some(listen.into()),
                         }),
                         datagram: refresh_request(i).into(),
-                        received_unix_micros: 0,
                     })),
                 };
                 tx.send(m).await.unwrap();
