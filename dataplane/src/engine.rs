@@ -27,7 +27,8 @@ use crate::counters::{Counters, bump};
 use crate::limit::Limiter;
 use crate::sys;
 use crate::{
-    AllocationKey, AllocationSnapshot, BindingLimit, Change, ControlSink, Punted, Tuple, Usage,
+    AllocationId, AllocationSnapshot, BindError, BindingLimit, ControlSink, FiveTuple, Millis,
+    Punted, TableChange, Usage,
 };
 
 /// Bytes reserved in front of every received payload for the header written in place.
@@ -125,7 +126,7 @@ pub(crate) enum Owner {
     /// Bound by `bind`, not yet claimed by an `AllocationAdd`.
     Pending,
     /// Claimed by this allocation.
-    Alloc(AllocationKey),
+    Alloc(AllocationId),
 }
 
 /// What a socket is for.
@@ -239,7 +240,7 @@ impl Bucket {
 
 #[derive(Debug)]
 struct Alloc {
-    tuple: Tuple,
+    tuple: FiveTuple,
     relays: Vec<SocketAddr>,
     relay_tokens: Vec<Token>,
     relay_v4: Option<Token>,
@@ -250,6 +251,8 @@ struct Alloc {
     bandwidth: u64,
     user: String,
     username: String,
+    /// DONT-FRAGMENT was asked: its relay sockets send with DF set.
+    dont_fragment: bool,
     perms: AHashMap<IpAddr, u64>,
     /// Bound channels by number; see [`Channel`] for when the peer → client direction
     /// may use them.
@@ -263,7 +266,7 @@ struct Alloc {
 /// A bound channel.
 ///
 /// Client → peer, a channel forwards as soon as it is installed. Peer → client, a
-/// channel installed by a new [`Change::ChannelSet`] starts unconfirmed and the peer's
+/// channel installed by a new [`TableChange::ChannelSet`] starts unconfirmed and the peer's
 /// data goes out as Data indications (which every client accepts) until the worker has
 /// sent this allocation's client a ChannelBind success response; then it goes out as
 /// ChannelData. Some clients (libnice) drop ChannelData on a channel whose bind they
@@ -315,15 +318,15 @@ struct PendingBind {
 /// A request from the handle to a worker.
 pub(crate) enum Command {
     /// Send a control-plane datagram to a client.
-    Send { tuple: Tuple, data: Vec<u8> },
+    Send { tuple: FiveTuple, data: Vec<u8> },
     /// Bind relay sockets.
     Bind {
-        tuple: Tuple,
+        tuple: FiveTuple,
         relays: Vec<SocketAddr>,
-        done: Box<dyn FnOnce(Result<(), String>) + Send>,
+        done: Box<dyn FnOnce(Result<(), BindError>) + Send>,
     },
     /// Apply table changes.
-    Apply(Vec<Change>),
+    Apply(Vec<TableChange>),
     /// Report every allocation.
     Snapshot(mpsc::Sender<Vec<AllocationSnapshot>>),
     /// Stop.
@@ -412,9 +415,9 @@ pub(crate) struct Core {
     denied: Arc<ArcSwap<Denied>>,
     buffers: usize,
     listens: Vec<(SocketAddr, Token)>,
-    allocs: AHashMap<AllocationKey, Alloc>,
-    by_tuple: AHashMap<Tuple, AllocationKey>,
-    pending: AHashMap<Tuple, Vec<PendingBind>>,
+    allocs: AHashMap<AllocationId, Alloc>,
+    by_tuple: AHashMap<FiveTuple, AllocationId>,
+    pending: AHashMap<FiveTuple, Vec<PendingBind>>,
     next_sweep: u64,
     tid_state: u64,
     /// Binding answers per source.
@@ -525,6 +528,7 @@ impl Core {
         slot: u32,
         outs: &mut Vec<Out>,
     ) {
+        bump(&self.ctr.received, 1);
         if truncated || len > RECV_CAP || buf.len() < SLOT {
             bump(&self.ctr.malformed, 1);
             return;
@@ -534,7 +538,7 @@ impl Core {
         };
         let local = entry.local;
         let out = match entry.role {
-            Role::Listen => self.client_datagram(token, Tuple { client: src, local }, buf, len),
+            Role::Listen => self.client_datagram(token, FiveTuple::udp(src, local), buf, len),
             Role::Relay(Owner::Alloc(id)) => self.peer_datagram(id, src, buf, len),
             Role::Relay(Owner::Pending) => {
                 bump(&self.ctr.no_allocation, 1);
@@ -567,7 +571,7 @@ impl Core {
     fn client_datagram(
         &mut self,
         listen: Token,
-        tuple: Tuple,
+        tuple: FiveTuple,
         buf: &mut [u8],
         len: usize,
     ) -> Option<(Token, SocketAddr, usize, usize)> {
@@ -658,7 +662,7 @@ impl Core {
     }
 
     /// The allocation of a 5-tuple, counted as a drop if it is missing or expired.
-    fn live_alloc_by_tuple(&self, tuple: &Tuple) -> Option<&Alloc> {
+    fn live_alloc_by_tuple(&self, tuple: &FiveTuple) -> Option<&Alloc> {
         let Some(a) = self.by_tuple.get(tuple).and_then(|id| self.allocs.get(id)) else {
             bump(&self.ctr.no_allocation, 1);
             return None;
@@ -672,7 +676,7 @@ impl Core {
 
     /// The last checks before relaying `n` bytes to `peer`: the relay socket of the
     /// peer's family and the bandwidth limit; accounts the packet.
-    fn admit_to_peer(&mut self, tuple: &Tuple, peer: &SocketAddr, n: usize) -> Option<Token> {
+    fn admit_to_peer(&mut self, tuple: &FiveTuple, peer: &SocketAddr, n: usize) -> Option<Token> {
         let now = self.now;
         let a = self
             .by_tuple
@@ -686,8 +690,8 @@ impl Core {
             bump(&self.ctr.bandwidth, 1);
             return None;
         }
-        a.usage.to_peer_packets += 1;
-        a.usage.to_peer_bytes += n as u64;
+        a.usage.to_peer.packets += 1;
+        a.usage.to_peer.bytes += n as u64;
         bump(&self.ctr.to_peer_packets, 1);
         bump(&self.ctr.to_peer_bytes, n as u64);
         Some(from)
@@ -696,7 +700,7 @@ impl Core {
     fn answer_binding(
         &mut self,
         listen: Token,
-        tuple: Tuple,
+        tuple: FiveTuple,
         buf: &mut [u8],
         len: usize,
     ) -> Option<(Token, SocketAddr, usize, usize)> {
@@ -724,7 +728,7 @@ impl Core {
     /// indication, its header written into the headroom in front of the payload.
     fn peer_datagram(
         &mut self,
-        id: AllocationKey,
+        id: AllocationId,
         peer: SocketAddr,
         buf: &mut [u8],
         len: usize,
@@ -783,8 +787,8 @@ impl Core {
                 (start, end - start)
             }
         };
-        a.usage.to_client_packets += 1;
-        a.usage.to_client_bytes += len as u64;
+        a.usage.to_client.packets += 1;
+        a.usage.to_client.bytes += len as u64;
         bump(&self.ctr.to_client_packets, 1);
         bump(&self.ctr.to_client_bytes, len as u64);
         Some((listen, a.tuple.client, start, total))
@@ -805,7 +809,7 @@ impl Core {
         match cmd {
             Command::Send { tuple, data } => {
                 let ok = self
-                    .listen_token(&tuple.local)
+                    .listen_token(&tuple.server)
                     .and_then(|t| self.socks.get(t))
                     .is_some_and(|e| e.sock.send_to(&data, &SockAddr::from(tuple.client)).is_ok());
                 if ok && is_channel_bind_success(&data) {
@@ -839,7 +843,7 @@ impl Core {
 
     /// The client of `tuple` has been sent a ChannelBind success response: its
     /// allocation's channels may carry ChannelData to it from now on.
-    fn confirm_channels(&mut self, tuple: &Tuple) {
+    fn confirm_channels(&mut self, tuple: &FiveTuple) {
         if let Some(a) = self
             .by_tuple
             .get(tuple)
@@ -851,16 +855,19 @@ impl Core {
         }
     }
 
-    fn bind(&mut self, tuple: Tuple, relays: Vec<SocketAddr>) -> Result<(), String> {
+    fn bind(&mut self, tuple: FiveTuple, relays: Vec<SocketAddr>) -> Result<(), BindError> {
         if relays.is_empty() {
-            return Err("no relay address to bind".into());
+            return Err(BindError::Invalid("no relay address to bind".into()));
         }
         let mut socks = Vec::with_capacity(relays.len());
         for &r in &relays {
             match udp_socket(r, false, self.buffers) {
                 Ok(s) => socks.push(s),
                 // The sockets bound so far close as `socks` drops: all or none.
-                Err(e) => return Err(format!("bind {r}: {e}")),
+                Err(e) => {
+                    tracing::debug!(worker = self.id, relay = %r, error = %e, "relay bind failed");
+                    return Err(BindError::from_io(&e));
+                }
             }
         }
         let mut tokens = Vec::with_capacity(socks.len());
@@ -893,7 +900,7 @@ impl Core {
         }
     }
 
-    fn remove_alloc(&mut self, id: AllocationKey) {
+    fn remove_alloc(&mut self, id: AllocationId) {
         if let Some(a) = self.allocs.remove(&id) {
             if self.by_tuple.get(&a.tuple) == Some(&id) {
                 self.by_tuple.remove(&a.tuple);
@@ -904,10 +911,10 @@ impl Core {
         }
     }
 
-    pub(crate) fn apply(&mut self, change: Change) {
+    pub(crate) fn apply(&mut self, change: TableChange) {
         let now = self.now;
         match change {
-            Change::AllocationAdd {
+            TableChange::AllocationAdd {
                 id,
                 tuple,
                 relays,
@@ -915,7 +922,9 @@ impl Core {
                 bandwidth,
                 user,
                 username,
+                dont_fragment,
             } => {
+                let deadline = deadline.0;
                 self.remove_alloc(id);
                 if let Some(&old) = self.by_tuple.get(&tuple) {
                     self.remove_alloc(old);
@@ -924,7 +933,7 @@ impl Core {
                 if tokens.is_empty() && !relays.is_empty() {
                     tracing::warn!(
                         worker = self.id,
-                        id,
+                        id = id.0,
                         ?tuple,
                         ?relays,
                         "AllocationAdd without bound relay sockets"
@@ -935,17 +944,23 @@ impl Core {
                 for &t in &tokens {
                     if let Some(e) = self.socks.get_mut(t) {
                         e.role = Role::Relay(Owner::Alloc(id));
+                        if dont_fragment
+                            && let Err(err) =
+                                sys::set_dont_fragment(e.sock.as_fd(), e.local.is_ipv6())
+                        {
+                            tracing::warn!(worker = self.id, id = id.0, relay = %e.local, error = %err, "DONT-FRAGMENT not set on relay socket");
+                        }
                         match e.local {
                             SocketAddr::V4(_) => relay_v4 = Some(t),
                             SocketAddr::V6(_) => relay_v6 = Some(t),
                         }
                     }
                 }
-                let listen = self.listen_token(&tuple.local);
+                let listen = self.listen_token(&tuple.server);
                 if listen.is_none() {
                     tracing::warn!(
                         worker = self.id,
-                        id,
+                        id = id.0,
                         ?tuple,
                         "AllocationAdd for a local address not listened on"
                     );
@@ -964,6 +979,7 @@ impl Core {
                         bandwidth,
                         user,
                         username,
+                        dont_fragment,
                         perms: AHashMap::new(),
                         channels: AHashMap::new(),
                         peer_channel: AHashMap::new(),
@@ -973,34 +989,35 @@ impl Core {
                     },
                 );
             }
-            Change::AllocationRefresh { id, deadline } => {
+            TableChange::AllocationRefresh { id, deadline } => {
                 if let Some(a) = self.allocs.get_mut(&id) {
-                    a.deadline = deadline;
+                    a.deadline = deadline.0;
                 }
             }
-            Change::AllocationRemove { id } => self.remove_alloc(id),
-            Change::PermissionSet { id, peer, deadline } => {
+            TableChange::AllocationRemove { id } => self.remove_alloc(id),
+            TableChange::PermissionSet { id, peer, deadline } => {
                 if let Some(a) = self.allocs.get_mut(&id) {
-                    a.perms.insert(peer.to_canonical(), deadline);
+                    a.perms.insert(peer.to_canonical(), deadline.0);
                 }
             }
-            Change::PermissionRemove { id, peer } => {
+            TableChange::PermissionRemove { id, peer } => {
                 if let Some(a) = self.allocs.get_mut(&id) {
                     a.perms.remove(&peer.to_canonical());
                 }
             }
-            Change::ChannelSet {
+            TableChange::ChannelSet {
                 id,
                 channel,
                 peer,
                 deadline,
             } => {
                 let peer = canonical(peer);
+                let deadline = deadline.0;
                 if self.denied.load().contains(&peer) {
                     bump(&self.ctr.channels_refused, 1);
                     tracing::warn!(
                         worker = self.id,
-                        id,
+                        id = id.0,
                         channel,
                         %peer,
                         "channel to a denied peer (one of the server's own sockets) refused"
@@ -1030,7 +1047,7 @@ impl Core {
                     }
                 }
             }
-            Change::ChannelRemove { id, channel } => {
+            TableChange::ChannelRemove { id, channel } => {
                 if let Some(a) = self.allocs.get_mut(&id)
                     && let Some(Channel { peer, .. }) = a.channels.remove(&channel)
                     && a.peer_channel.get(&peer) == Some(&channel)
@@ -1042,7 +1059,7 @@ impl Core {
     }
 
     /// Takes the pending relay sockets bound for `tuple` with exactly these addresses.
-    fn claim(&mut self, tuple: &Tuple, relays: &[SocketAddr]) -> Vec<Token> {
+    fn claim(&mut self, tuple: &FiveTuple, relays: &[SocketAddr]) -> Vec<Token> {
         let Some(list) = self.pending.get_mut(tuple) else {
             return Vec::new();
         };
@@ -1071,7 +1088,7 @@ impl Core {
 
     fn sweep(&mut self, now: u64) {
         self.binding_limit.sweep(now);
-        let expired: Vec<AllocationKey> = self
+        let expired: Vec<AllocationId> = self
             .allocs
             .iter()
             .filter(|(_, a)| now >= a.deadline)
@@ -1107,18 +1124,19 @@ impl Core {
             .iter()
             .map(|(&id, a)| AllocationSnapshot {
                 id,
-                worker: self.id,
-                tuple: a.tuple,
+                worker: self.id as u32,
+                tuple: Some(a.tuple),
                 relays: a.relays.clone(),
-                deadline: a.deadline,
+                deadline: Millis(a.deadline),
                 bandwidth: a.bandwidth,
                 user: a.user.clone(),
                 username: a.username.clone(),
-                permissions: a.perms.iter().map(|(&ip, &d)| (ip, d)).collect(),
+                dont_fragment: a.dont_fragment,
+                permissions: a.perms.iter().map(|(&ip, &d)| (ip, Millis(d))).collect(),
                 channels: a
                     .channels
                     .iter()
-                    .map(|(&c, ch)| (c, ch.peer, ch.deadline))
+                    .map(|(&c, ch)| (c, ch.peer, Millis(ch.deadline)))
                     .collect(),
                 usage: a.usage,
             })
@@ -1192,14 +1210,8 @@ mod tests {
     #[test]
     fn sweep_closes_unclaimed_relays_and_expired_entries() {
         let (mut c, _tx) = core();
-        let t1 = Tuple {
-            client: addr("127.0.0.1:1"),
-            local: addr("127.0.0.1:2"),
-        };
-        let t2 = Tuple {
-            client: addr("127.0.0.1:3"),
-            local: addr("127.0.0.1:2"),
-        };
+        let t1 = FiveTuple::udp(addr("127.0.0.1:1"), addr("127.0.0.1:2"));
+        let t2 = FiveTuple::udp(addr("127.0.0.1:3"), addr("127.0.0.1:2"));
         let any = vec![addr("127.0.0.1:0")];
         c.now = 1_000;
         assert_eq!(c.bind(t1, any.clone()), Ok(()));
@@ -1208,26 +1220,27 @@ mod tests {
             panic!("{:?}", c.io_ops);
         };
         c.io_ops.clear();
-        c.apply(Change::AllocationAdd {
-            id: 7,
+        c.apply(TableChange::AllocationAdd {
+            id: AllocationId(7),
             tuple: t2,
             relays: any,
-            deadline: 100_000,
+            deadline: Millis(100_000),
             bandwidth: 0,
             user: String::new(),
             username: String::new(),
+            dont_fragment: false,
         });
         let peer = addr("192.0.2.1:9");
-        c.apply(Change::PermissionSet {
-            id: 7,
+        c.apply(TableChange::PermissionSet {
+            id: AllocationId(7),
             peer: peer.ip(),
-            deadline: 2_000,
+            deadline: Millis(2_000),
         });
-        c.apply(Change::ChannelSet {
-            id: 7,
+        c.apply(TableChange::ChannelSet {
+            id: AllocationId(7),
             channel: 0x4000,
             peer,
-            deadline: 2_000,
+            deadline: Millis(2_000),
         });
         c.sweep(1_999);
         assert_eq!(
@@ -1261,6 +1274,44 @@ mod tests {
     }
 
     #[test]
+    fn dont_fragment_reaches_relay_sockets() {
+        let (mut c, _tx) = core();
+        let mut next = 1;
+        for (relay, v6) in [("127.0.0.1:0", false), ("[::1]:0", true)] {
+            for df in [false, true] {
+                let tuple = FiveTuple::udp(addr(&format!("192.0.2.1:{next}")), addr("127.0.0.1:2"));
+                let relays = vec![addr(relay)];
+                if c.bind(tuple, relays.clone()).is_err() {
+                    // No IPv6 loopback here.
+                    assert!(v6);
+                    continue;
+                }
+                let Some(&IoOp::Register(t)) = c.io_ops.last() else {
+                    panic!("{:?}", c.io_ops);
+                };
+                c.apply(TableChange::AllocationAdd {
+                    id: AllocationId(next),
+                    tuple,
+                    relays,
+                    deadline: Millis(u64::MAX),
+                    bandwidth: 0,
+                    user: String::new(),
+                    username: String::new(),
+                    dont_fragment: df,
+                });
+                next += 1;
+                let fd = c.socks.fd(t).unwrap_or_else(|| panic!("no socket"));
+                assert_eq!(sys::dont_fragment(fd, v6).ok(), Some(df), "{relay} {df}");
+            }
+        }
+        let snap = c.snapshot();
+        assert_eq!(
+            snap.iter().filter(|s| s.dont_fragment).count(),
+            snap.len() / 2
+        );
+    }
+
+    #[test]
     fn denied_wildcards() {
         let d = Denied::new([
             "10.0.0.1:3478".parse().unwrap_or_else(|_| unreachable!()),
@@ -1277,19 +1328,17 @@ mod tests {
     }
 
     /// An allocation with no relay socket, for table-only tests.
-    fn bare_alloc(c: &mut Core, id: AllocationKey) -> Tuple {
-        let tuple = Tuple {
-            client: addr("192.0.2.9:1000"),
-            local: addr("127.0.0.1:3478"),
-        };
-        c.apply(Change::AllocationAdd {
+    fn bare_alloc(c: &mut Core, id: AllocationId) -> FiveTuple {
+        let tuple = FiveTuple::udp(addr("192.0.2.9:1000"), addr("127.0.0.1:3478"));
+        c.apply(TableChange::AllocationAdd {
             id,
             tuple,
             relays: Vec::new(),
-            deadline: u64::MAX,
+            deadline: Millis(u64::MAX),
             bandwidth: 0,
             user: "u".into(),
             username: "name".into(),
+            dont_fragment: false,
         });
         tuple
     }
@@ -1298,25 +1347,25 @@ mod tests {
     fn channel_to_denied_peer_refused() {
         // A wildcard listen on port 3478: any IP on that port is the server's own.
         let (mut c, _tx) = core_denying(Denied::new([addr("0.0.0.0:3478")]));
-        bare_alloc(&mut c, 1);
+        bare_alloc(&mut c, AllocationId(1));
         for peer in ["192.0.2.1:3478", "0.0.0.0:9", "[::ffff:10.0.0.1]:3478"] {
-            c.apply(Change::ChannelSet {
-                id: 1,
+            c.apply(TableChange::ChannelSet {
+                id: AllocationId(1),
                 channel: 0x4000,
                 peer: addr(peer),
-                deadline: u64::MAX,
+                deadline: Millis(u64::MAX),
             });
         }
-        c.apply(Change::ChannelSet {
-            id: 1,
+        c.apply(TableChange::ChannelSet {
+            id: AllocationId(1),
             channel: 0x4001,
             peer: addr("192.0.2.1:3479"),
-            deadline: u64::MAX,
+            deadline: Millis(u64::MAX),
         });
         let snap = c.snapshot();
         assert_eq!(
             snap[0].channels,
-            vec![(0x4001, addr("192.0.2.1:3479"), u64::MAX)]
+            vec![(0x4001, addr("192.0.2.1:3479"), Millis(u64::MAX))]
         );
         assert_eq!(snap[0].username, "name");
         assert_eq!(c.ctr.snapshot().channels_refused, 3);
@@ -1325,16 +1374,16 @@ mod tests {
     #[test]
     fn channels_confirmed_by_bind_response() {
         let (mut c, _tx) = core();
-        let tuple = bare_alloc(&mut c, 1);
+        let tuple = bare_alloc(&mut c, AllocationId(1));
         let set = |c: &mut Core, channel, peer: &str| {
-            c.apply(Change::ChannelSet {
-                id: 1,
+            c.apply(TableChange::ChannelSet {
+                id: AllocationId(1),
                 channel,
                 peer: addr(peer),
-                deadline: u64::MAX,
+                deadline: Millis(u64::MAX),
             })
         };
-        let confirmed = |c: &Core, channel| c.allocs[&1].channels[&channel].confirmed;
+        let confirmed = |c: &Core, channel| c.allocs[&AllocationId(1)].channels[&channel].confirmed;
         set(&mut c, 0x4000, "192.0.2.1:1");
         assert!(!confirmed(&c, 0x4000));
         c.confirm_channels(&tuple);

@@ -31,8 +31,10 @@
 //! per-worker command queue (std `mpsc`, plus an eventfd to wake the worker), the
 //! per-worker counters (atomics written by their worker alone: a relaxed load and store,
 //! no locked instruction), and the denied-peer set (an `ArcSwap` snapshot read for each
-//! Send indication, ChannelData, peer datagram and channel installed). The handle remembers which worker bound relays for a 5-tuple and
-//! so which owns each allocation; that map is behind a mutex on the control path only.
+//! Send indication, ChannelData, peer datagram and channel installed). An
+//! `AllocationAdd` names its worker (the one the control plane asked to bind its relay
+//! sockets); the handle remembers it to route the allocation's later changes, in a map
+//! behind a mutex on the control path only.
 //!
 //! # Time
 //!
@@ -88,7 +90,7 @@
 //! fit is dropped and counted as `bandwidth`. Usage counts application bytes only.
 #![allow(unsafe_code)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 pub mod agent;
 mod counters;
@@ -101,6 +103,11 @@ mod uring;
 
 pub use counters::{Drops, WorkerCounters};
 pub use plane::{DataPlane, DataPlaneHandle};
+/// The plane-to-plane contract the data plane speaks, re-exported for its users.
+pub use turnpike_proto::plane::{
+    AllocationId, AllocationSnapshot, BindError, FiveTuple, Millis, TableChange, Traffic,
+    Transport, Usage,
+};
 
 /// Which I/O backend the workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -184,22 +191,13 @@ impl Default for DataPlaneConfig {
     }
 }
 
-/// A client 5-tuple as the data plane sees it (UDP only for now).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    /// The client's address.
-    pub client: SocketAddr,
-    /// The local (listening) address it sent to.
-    pub local: SocketAddr,
-}
-
 /// A STUN request a worker hands to the control plane.
 #[derive(Debug, Clone)]
 pub struct Punted {
     /// The worker that received it (and owns the 5-tuple).
     pub worker: usize,
     /// The 5-tuple.
-    pub tuple: Tuple,
+    pub tuple: FiveTuple,
     /// The datagram.
     pub data: Vec<u8>,
 }
@@ -209,117 +207,4 @@ pub struct Punted {
 pub trait ControlSink: Send + Sync + 'static {
     /// A punted STUN request.
     fn punt(&self, p: Punted);
-}
-
-/// An allocation's identity (the control plane's id).
-pub type AllocationKey = u64;
-
-/// A relay-table change, applied by the worker that owns the allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// Install an allocation whose relay sockets were bound by [`DataPlaneHandle::bind`].
-    AllocationAdd {
-        /// The allocation.
-        id: AllocationKey,
-        /// The client 5-tuple.
-        tuple: Tuple,
-        /// Relay addresses (bound earlier under the same 5-tuple).
-        relays: Vec<SocketAddr>,
-        /// Unix millis at which forwarding stops.
-        deadline: u64,
-        /// Bytes per second per direction; 0 unlimited.
-        bandwidth: u64,
-        /// Accounting user (the account the allocation is billed to).
-        user: String,
-        /// The STUN USERNAME the allocation was authenticated with, so that a control
-        /// plane rebuilding its state from the data plane's table knows who owns it.
-        username: String,
-    },
-    /// New deadline.
-    AllocationRefresh {
-        /// The allocation.
-        id: AllocationKey,
-        /// Unix millis.
-        deadline: u64,
-    },
-    /// Remove and close its relay sockets.
-    AllocationRemove {
-        /// The allocation.
-        id: AllocationKey,
-    },
-    /// Install or refresh a permission.
-    PermissionSet {
-        /// The allocation.
-        id: AllocationKey,
-        /// Peer IP.
-        peer: IpAddr,
-        /// Unix millis.
-        deadline: u64,
-    },
-    /// Remove a permission.
-    PermissionRemove {
-        /// The allocation.
-        id: AllocationKey,
-        /// Peer IP.
-        peer: IpAddr,
-    },
-    /// Bind or refresh a channel.
-    ChannelSet {
-        /// The allocation.
-        id: AllocationKey,
-        /// Channel number.
-        channel: u16,
-        /// Peer.
-        peer: SocketAddr,
-        /// Unix millis.
-        deadline: u64,
-    },
-    /// Remove a channel.
-    ChannelRemove {
-        /// The allocation.
-        id: AllocationKey,
-        /// Channel number.
-        channel: u16,
-    },
-}
-
-/// What an allocation has relayed so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Datagrams relayed from the client to peers.
-    pub to_peer_packets: u64,
-    /// Application bytes relayed from the client to peers.
-    pub to_peer_bytes: u64,
-    /// Datagrams relayed from peers to the client.
-    pub to_client_packets: u64,
-    /// Application bytes relayed from peers to the client.
-    pub to_client_bytes: u64,
-}
-
-/// One live allocation as a worker holds it: what the control plane needs to rebuild its
-/// state after a restart, and to report usage.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllocationSnapshot {
-    /// The allocation.
-    pub id: AllocationKey,
-    /// The worker that owns it.
-    pub worker: usize,
-    /// The client 5-tuple.
-    pub tuple: Tuple,
-    /// Relay addresses.
-    pub relays: Vec<SocketAddr>,
-    /// Unix millis at which forwarding stops.
-    pub deadline: u64,
-    /// Bytes per second per direction; 0 unlimited.
-    pub bandwidth: u64,
-    /// Accounting user (the account the allocation is billed to).
-    pub user: String,
-    /// The STUN USERNAME the allocation was authenticated with.
-    pub username: String,
-    /// Installed permissions: peer IP and deadline (unix millis).
-    pub permissions: Vec<(IpAddr, u64)>,
-    /// Bound channels: number, peer and deadline (unix millis).
-    pub channels: Vec<(u16, SocketAddr, u64)>,
-    /// Traffic relayed so far.
-    pub usage: Usage,
 }
