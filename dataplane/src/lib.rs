@@ -9,6 +9,32 @@
 //! answers come back through a [`DataPlaneHandle`]: datagrams to send, relay sockets to
 //! bind, and table changes, each queued to the owning worker and applied between batches.
 //!
+//! # Where things are
+//!
+//! A datagram's way from arrival to forwarding:
+//! 1. a backend (`uring.rs` or `mmsg.rs`) receives it into a 4 KiB slot on a socket of
+//!    the worker's slab (`slab.rs`, which creates and owns every socket; a socket is a
+//!    `Token` everywhere else) and hands it to the worker (`worker.rs`), with the clock
+//!    value the backend read once for this loop turn;
+//! 2. the worker passes it to the sans-IO core (`engine.rs`: `Core::handle_datagram`,
+//!    which owns no socket, reads no clock and sends nothing);
+//! 3. the core looks up the socket's role and the allocation in its table
+//!    (`table.rs`: allocations, permissions, channels, bandwidth buckets, deadlines and
+//!    the sweep) and decides (`path.rs`: one function per direction, each check in
+//!    order, every drop counted by reason);
+//! 4. the decision comes out as one `Output`: a `Transmit` (a byte range of the same
+//!    slot, from a socket to an address), a `Punt` for the control plane, a `Reply`, or
+//!    a socket to close or to set DONT-FRAGMENT on;
+//! 5. the worker acts on the others and returns the transmits to the backend, which
+//!    sends them in batches (GSO groups, sendmmsg or io_uring SendMsg).
+//!
+//! Control commands from the [`DataPlaneHandle`] take the same way: the worker binds
+//! relay sockets in its slab and tells the core (`Core::relays_bound`), and passes
+//! table changes (`Core::handle_change`) and control-plane answers (`Core::reply`).
+//! The deterministic tests of the forwarding rules drive `Core` with a virtual clock
+//! (`engine/tests.rs`); `tests/forwarding.rs` runs the same rules end to end on both
+//! backends.
+//!
 //! # Packet path
 //!
 //! Every receive buffer is a 4 KiB slot with the payload at offset 48
@@ -38,10 +64,10 @@
 //!
 //! # Time
 //!
-//! Deadlines are unix milliseconds. Each worker reads the clock once per loop turn and
-//! compares every allocation, permission and channel deadline against it, so an entry
-//! stops forwarding at its deadline even if no one removes it (drops counted as
-//! `expired`). A sweep once a second removes expired entries, closes the relay sockets
+//! Deadlines are unix milliseconds ([`Millis`]). Each worker reads the clock once per
+//! loop turn and passes it to the core, which compares every allocation, permission
+//! and channel deadline against it, so an entry stops forwarding at its deadline even
+//! if no one removes it (drops counted as `expired`). A sweep once a second removes expired entries, closes the relay sockets
 //! of expired allocations, and closes relay sockets bound but not claimed by an
 //! `AllocationAdd` within 30 s.
 //!
@@ -50,7 +76,7 @@
 //! [`Backend::Auto`] probes io_uring on a throwaway thread (ring with
 //! SINGLE_ISSUER|DEFER_TASKRUN, opcodes, EXT_ARG, buffer-ring registration, Linux 6.10
 //! features for multishot recvmsg) and falls back to [`Backend::Mmsg`]. Both backends
-//! share the forwarding decision (`engine.rs`) and differ only in I/O:
+//! share the worker (`worker.rs`) and its core (`engine.rs`) and differ only in I/O:
 //! - io_uring: one provided buffer ring of 1024 slots, a multishot `RecvMsgMulti` per
 //!   socket (re-armed when it ends, e.g. on ENOBUFS after the ring ran dry), a
 //!   `SendMsg` per datagram or GSO group from a fixed arena of send slots, and one
@@ -79,7 +105,7 @@
 //! ChannelData needs a live permission for the channel's peer in both directions, as
 //! Send and Data indications do (RFC 8656 §12). Peer → client, a new channel is used
 //! only once the worker has sent the client a ChannelBind success response; until then
-//! the peer's data goes as Data indications (see `Channel` in `engine.rs`).
+//! the peer's data goes as Data indications (see `Channel` in `table.rs`).
 //!
 //! # Bandwidth
 //!
@@ -97,9 +123,13 @@ mod counters;
 mod engine;
 mod limit;
 mod mmsg;
+mod path;
 mod plane;
+mod slab;
 mod sys;
+mod table;
 mod uring;
+mod worker;
 
 pub use counters::{Drops, WorkerCounters};
 pub use plane::{DataPlane, DataPlaneHandle};

@@ -12,7 +12,9 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::Socket;
 
 use crate::counters::{Counters, WorkerCounters};
-use crate::engine::{Command, Core, CoreInit, Denied, udp_socket};
+use crate::slab::udp_socket;
+use crate::table::Denied;
+use crate::worker::{Command, Worker, WorkerInit};
 use crate::{
     AllocationId, AllocationSnapshot, Backend, BindError, ControlSink, DataPlaneConfig, FiveTuple,
     TableChange, mmsg, uring,
@@ -136,7 +138,7 @@ impl DataPlane {
             )?);
             let ctr = Arc::new(Counters::default());
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-            let init = CoreInit {
+            let init = WorkerInit {
                 id,
                 listen,
                 rx,
@@ -157,7 +159,7 @@ impl DataPlane {
                     {
                         tracing::warn!(worker = id, core = c.id, "could not pin worker");
                     }
-                    let core = match Core::new(init) {
+                    let core = match Worker::new(init) {
                         Ok(c) => c,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
