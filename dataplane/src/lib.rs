@@ -26,7 +26,8 @@
 //!    slot, from a socket to an address), a `Punt` for the control plane, a `Reply`, or
 //!    a socket to close or to set DONT-FRAGMENT on;
 //! 5. the worker acts on the others and returns the transmits to the backend, which
-//!    sends them in batches (GSO groups, sendmmsg or io_uring SendMsg).
+//!    sends them in batches: GSO groups and the GSO-refusal fallback are shared
+//!    (`batch.rs`), the calls are its own (sendmmsg, or io_uring SendMsg).
 //!
 //! Control commands from the [`DataPlaneHandle`] take the same way: the worker binds
 //! relay sockets in its slab and tells the core (`Core::relays_bound`), and passes
@@ -121,6 +122,7 @@
 use std::net::SocketAddr;
 
 pub mod agent;
+mod batch;
 mod counters;
 mod engine;
 mod limit;

@@ -8,6 +8,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::EventFd;
 
+use crate::batch::{group_end, gso_refused, report_ready};
 use crate::counters::bump;
 use crate::engine::{HEADROOM, RECV_CAP, SLOT, Transmit};
 use crate::slab::Token;
@@ -16,42 +17,10 @@ use crate::worker::{IoOp, Worker, unix_millis};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 pub(crate) const BATCH: usize = 64;
-/// Most GSO segments in one send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
-pub(crate) const MAX_SEGS: usize = 64;
-/// Most bytes in one GSO send (a UDP datagram's payload limit, with margin).
-pub(crate) const GSO_MAX_BYTES: usize = 63 * 1024;
 /// recvmmsg rounds per ready socket and loop turn before others get their turn.
 const ROUNDS: usize = 4;
 /// The epoll token of the wake-up eventfd.
 const WAKE: u64 = u64::MAX;
-
-/// The end of the group of outputs starting at `i` (before `end`) that one send can
-/// carry: with `gso`, consecutive datagrams of the same size from the same socket to the
-/// same destination.
-pub(crate) fn group_end(outs: &[Transmit], i: usize, end: usize, gso: bool) -> usize {
-    let Some(first) = outs.get(i) else {
-        return end;
-    };
-    let mut j = i + 1;
-    if gso && first.len > 0 {
-        let len = first.len as usize;
-        while j < end
-            && j - i < MAX_SEGS
-            && (j - i + 1) * len <= GSO_MAX_BYTES
-            && outs
-                .get(j)
-                .is_some_and(|o| o.from == first.from && o.to == first.to && o.len == first.len)
-        {
-            j += 1;
-        }
-    }
-    j
-}
-
-/// Whether a failed GSO send means the kernel or device will not do GSO here.
-pub(crate) fn gso_refused(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL))
-}
 
 struct Mmsg {
     epoll: Epoll,
@@ -73,18 +42,11 @@ pub(crate) fn run(
     wake: Arc<EventFd>,
     ready: mpsc::SyncSender<io::Result<()>>,
 ) -> io::Result<()> {
-    let mut m = match Mmsg::new(&wake) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-            return Err(e);
-        }
-    };
-    if let Err(e) = m.apply_io_ops(&mut worker) {
-        let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-        return Err(e);
-    }
-    let _ = ready.send(Ok(()));
+    let started = Mmsg::new(&wake).and_then(|mut m| {
+        m.apply_io_ops(&mut worker)?;
+        Ok(m)
+    });
+    let mut m = report_ready(&ready, started)?;
     let mut events = vec![EpollEvent::empty(); 64];
     loop {
         let wait = worker
@@ -277,11 +239,7 @@ impl Mmsg {
                 }
                 Err(e) => {
                     let (a, b) = self.s_groups[0];
-                    if b - a > 1 && gso_refused(&e) {
-                        tracing::info!(worker = worker.id, error = %e, "UDP GSO refused: disabled on this socket");
-                        if let Some(entry) = worker.socks.get_mut(from) {
-                            entry.gso = false;
-                        }
+                    if gso_refused(worker, from, b - a, &e) {
                         continue;
                     }
                     if e.kind() == io::ErrorKind::WouldBlock {

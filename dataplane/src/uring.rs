@@ -28,9 +28,9 @@ use io_uring::types::{Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use nix::sys::eventfd::EventFd;
 
+use crate::batch::{MAX_SEGS, group_end, gso_refused, report_ready};
 use crate::counters::bump;
 use crate::engine::{HEADROOM, SLOT, TAILROOM, Transmit};
-use crate::mmsg::{MAX_SEGS, group_end};
 use crate::slab::Token;
 use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
 use crate::worker::{IoOp, Worker, unix_millis};
@@ -286,15 +286,11 @@ pub(crate) fn run(
     wake: Arc<EventFd>,
     ready: mpsc::SyncSender<io::Result<()>>,
 ) -> io::Result<()> {
-    let mut u = match Uring::new(&wake) {
-        Ok(u) => u,
-        Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-            return Err(e);
-        }
-    };
-    u.apply_io_ops(&mut worker);
-    let _ = ready.send(Ok(()));
+    let started = Uring::new(&wake).map(|mut u| {
+        u.apply_io_ops(&mut worker);
+        u
+    });
+    let mut u = report_ready(&ready, started)?;
     let r = u.serve(&mut worker);
     worker.close_all();
     u.apply_io_ops(&mut worker);
@@ -679,18 +675,14 @@ impl Uring {
             if nseg > 1 {
                 bump(&worker.ctr.gso_sends, 1);
             }
-        } else if nseg > 1
-            && matches!(-res, libc::EIO | libc::EINVAL)
-            && self
-                .recv
-                .get(from.0 as usize)
-                .is_some_and(|st| st.gen_ == from_gen)
-            && let (Some(e), Some(to)) = (worker.socks.get_mut(from), to)
+        } else if self
+            .recv
+            .get(from.0 as usize)
+            .is_some_and(|st| st.gen_ == from_gen)
+            && let Some(to) = to
+            && gso_refused(worker, from, nseg, &io::Error::from_raw_os_error(-res))
         {
-            // The kernel or device refuses GSO here: never again on this socket, and
-            // this group goes out one datagram at a time from the same buffers.
-            tracing::info!(worker = worker.id, error = %io::Error::from_raw_os_error(-res), "UDP GSO refused: disabled on this socket");
-            e.gso = false;
+            // This group goes out one datagram at a time from the same buffers.
             let base = self.bufs.bufs.as_ptr() as usize;
             let iovs: Vec<(u16, u32)> = (0..nseg)
                 .map(|k| {
