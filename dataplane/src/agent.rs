@@ -61,6 +61,7 @@ pub struct Identity {
     pub relay_ips: Vec<IpAddr>,
 }
 
+// The report timestamps: the agent is the data plane's I/O shell, not its core.
 #[allow(clippy::disallowed_methods)]
 fn unix_millis() -> u64 {
     std::time::SystemTime::now()

@@ -711,6 +711,8 @@ impl Uring {
     }
 
     /// Waits until every receive has ended and every send completed; `true` if so.
+    // A wall-clock bound on shutdown, not forwarding time.
+    #[allow(clippy::disallowed_methods)]
     fn drain(&mut self, worker: &mut Worker) -> bool {
         let deadline = Instant::now() + DRAIN;
         // The eventfd poll too.

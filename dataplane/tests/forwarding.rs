@@ -2,6 +2,8 @@
 //! plane). Every test runs on both backends.
 
 #![allow(clippy::unwrap_used)]
+// End to end on real sockets: these tests wait on the real clock.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, mpsc};
