@@ -11,13 +11,13 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+use turnpike_proto::api::ip_to_bytes;
 use turnpike_proto::api::v1::{
     self, control_plane_client::ControlPlaneClient, control_plane_message, data_plane_message,
-    table_change,
 };
-use turnpike_proto::api::{ip_from_bytes, ip_to_bytes};
+use turnpike_proto::plane::{BindError, TableChange, Usage, tuple_from_api};
 
-use crate::{AllocationSnapshot, Change, ControlSink, DataPlaneHandle, Punted, Tuple};
+use crate::{AllocationSnapshot, ControlSink, DataPlaneHandle, Drops, Punted, WorkerCounters};
 
 /// Queues punted requests for the agent; drops (and counts) when the queue is full, as
 /// a router drops rather than blocks its forwarding path.
@@ -61,123 +61,7 @@ pub struct Identity {
     pub relay_ips: Vec<IpAddr>,
 }
 
-fn tuple_api(t: &Tuple) -> v1::FiveTuple {
-    v1::FiveTuple {
-        transport: v1::Transport::Udp as i32,
-        client: Some(t.client.into()),
-        server: Some(t.local.into()),
-    }
-}
-
-fn tuple_from(t: Option<&v1::FiveTuple>) -> Option<Tuple> {
-    let t = t?;
-    Some(Tuple {
-        client: SocketAddr::try_from(t.client.as_ref()?).ok()?,
-        local: SocketAddr::try_from(t.server.as_ref()?).ok()?,
-    })
-}
-
-fn usage_api(u: &crate::Usage) -> v1::Usage {
-    v1::Usage {
-        client_to_peer: Some(v1::TrafficCounters {
-            packets: u.to_peer_packets,
-            bytes: u.to_peer_bytes,
-        }),
-        peer_to_client: Some(v1::TrafficCounters {
-            packets: u.to_client_packets,
-            bytes: u.to_client_bytes,
-        }),
-    }
-}
-
-fn snapshot_api(s: &AllocationSnapshot) -> v1::AllocationState {
-    v1::AllocationState {
-        allocation: Some(v1::Allocation {
-            allocation_id: s.id,
-            worker_id: s.worker as u32,
-            five_tuple: Some(tuple_api(&s.tuple)),
-            relay_addresses: s.relays.iter().map(|r| (*r).into()).collect(),
-            deadline_unix_millis: s.deadline,
-            bandwidth_limit_bytes_per_second: s.bandwidth,
-            user_id: s.user.clone(),
-            dont_fragment: false,
-            // A control plane rebuilding from this table keeps the 441 check.
-            username: s.username.clone(),
-        }),
-        permissions: s
-            .permissions
-            .iter()
-            .map(|(ip, t)| v1::Permission {
-                peer_ip: ip_to_bytes(*ip),
-                deadline_unix_millis: *t,
-            })
-            .collect(),
-        channels: s
-            .channels
-            .iter()
-            .map(|(c, p, t)| v1::Channel {
-                channel_number: u32::from(*c),
-                peer: Some((*p).into()),
-                deadline_unix_millis: *t,
-            })
-            .collect(),
-    }
-}
-
-fn change_from(c: v1::TableChange) -> Option<Change> {
-    use table_change::Change as C;
-    Some(match c.change? {
-        C::AllocationAdd(a) => {
-            let a = a.allocation?;
-            Change::AllocationAdd {
-                id: a.allocation_id,
-                tuple: tuple_from(a.five_tuple.as_ref())?,
-                relays: a
-                    .relay_addresses
-                    .iter()
-                    .filter_map(|r| SocketAddr::try_from(r).ok())
-                    .collect(),
-                deadline: a.deadline_unix_millis,
-                bandwidth: a.bandwidth_limit_bytes_per_second,
-                user: a.user_id,
-                username: a.username,
-            }
-        }
-        C::AllocationRefresh(r) => Change::AllocationRefresh {
-            id: r.allocation_id,
-            deadline: r.deadline_unix_millis,
-        },
-        C::AllocationRemove(r) => Change::AllocationRemove {
-            id: r.allocation_id,
-        },
-        C::PermissionAdd(p) => {
-            let perm = p.permission?;
-            Change::PermissionSet {
-                id: p.allocation_id,
-                peer: ip_from_bytes(&perm.peer_ip).ok()?,
-                deadline: perm.deadline_unix_millis,
-            }
-        }
-        C::PermissionRemove(p) => Change::PermissionRemove {
-            id: p.allocation_id,
-            peer: ip_from_bytes(&p.peer_ip).ok()?,
-        },
-        C::ChannelAdd(c) => {
-            let ch = c.channel?;
-            Change::ChannelSet {
-                id: c.allocation_id,
-                channel: u16::try_from(ch.channel_number).ok()?,
-                peer: SocketAddr::try_from(ch.peer.as_ref()?).ok()?,
-                deadline: ch.deadline_unix_millis,
-            }
-        }
-        C::ChannelRemove(c) => Change::ChannelRemove {
-            id: c.allocation_id,
-            channel: u16::try_from(c.channel_number).ok()?,
-        },
-    })
-}
-
+// The report timestamps: the agent is the data plane's I/O shell, not its core.
 #[allow(clippy::disallowed_methods)]
 fn unix_millis() -> u64 {
     std::time::SystemTime::now()
@@ -193,7 +77,11 @@ fn msg(m: data_plane_message::Message) -> v1::DataPlaneMessage {
 fn table(dp: &DataPlaneHandle, version: u64) -> v1::TableSnapshot {
     v1::TableSnapshot {
         table_version: version,
-        allocations: dp.snapshot().iter().map(snapshot_api).collect(),
+        allocations: dp
+            .snapshot()
+            .iter()
+            .map(v1::AllocationState::from)
+            .collect(),
         complete: true,
     }
 }
@@ -316,7 +204,7 @@ pub async fn run(
                 Some(p) = punted.recv() => {
                     let m = v1::PuntedRequest {
                         worker_id: p.worker as u32,
-                        five_tuple: Some(tuple_api(&p.tuple)),
+                        five_tuple: Some((&p.tuple).into()),
                         datagram: p.data.into(),
                     };
                     // Never block the loop on the stream: a dead control plane would stall
@@ -329,7 +217,7 @@ pub async fn run(
                         Err(mpsc::error::TrySendError::Closed(_)) => break,
                     }
                 }
-                _ = tick.tick() => report(&dp, &up).await,
+                _ = tick.tick() => report(&dp, &queue, &up).await,
             }
         }
         let _ = attached.send(false);
@@ -350,39 +238,51 @@ async fn apply(
         return;
     };
     match m {
-        M::SendDatagram(s) => {
-            if let Some(t) = tuple_from(s.five_tuple.as_ref()) {
-                dp.send(s.worker_id as usize, t, s.datagram.to_vec());
-            }
-        }
+        M::SendDatagram(s) => match tuple_from_api(s.five_tuple.as_ref()) {
+            Ok(t) => dp.send(s.worker_id as usize, t, s.datagram.to_vec()),
+            Err(e) => tracing::warn!(error = %e, "SendDatagram dropped"),
+        },
         M::BindRequest(b) => {
-            let relays: Vec<SocketAddr> = b
-                .relay_addresses
-                .iter()
-                .filter_map(|r| SocketAddr::try_from(r).ok())
-                .collect();
             let id = b.request_id;
             let up = up.clone();
-            let Some(tuple) = tuple_from(b.five_tuple.as_ref()) else {
-                let _ = up.try_send(bind_ack(
-                    id,
-                    Err("bind request without 5-tuple".into()),
-                    &relays,
-                ));
-                return;
+            let relays = b
+                .relay_addresses
+                .iter()
+                .map(SocketAddr::try_from)
+                .collect::<Result<Vec<_>, _>>();
+            let (tuple, relays) = match (tuple_from_api(b.five_tuple.as_ref()), relays) {
+                (Ok(t), Ok(r)) => (t, r),
+                (Err(e), _) => {
+                    let e = BindError::Invalid(e.to_string());
+                    let _ = up.try_send(bind_ack(id, Err(e)));
+                    return;
+                }
+                (_, Err(_)) => {
+                    let e = BindError::Invalid("invalid relay address".into());
+                    let _ = up.try_send(bind_ack(id, Err(e)));
+                    return;
+                }
             };
-            let first = relays.clone();
             dp.bind(
                 b.worker_id as usize,
                 tuple,
                 relays,
                 Box::new(move |r| {
-                    let _ = up.try_send(bind_ack(id, r, &first));
+                    let _ = up.try_send(bind_ack(id, r));
                 }),
             );
         }
         M::TableChanges(batch) => {
-            let changes: Vec<Change> = batch.changes.into_iter().filter_map(change_from).collect();
+            let changes = batch
+                .changes
+                .iter()
+                .filter_map(|c| match TableChange::from_api(c) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "invalid table change dropped");
+                        None
+                    }
+                });
             dp.apply(changes);
             *version = batch.table_version;
             let _ = up.try_send(msg(data_plane_message::Message::TableAck(v1::TableAck {
@@ -395,13 +295,10 @@ async fn apply(
     }
 }
 
-fn bind_ack(id: u64, r: Result<(), String>, relays: &[SocketAddr]) -> v1::DataPlaneMessage {
+fn bind_ack(id: u64, r: Result<(), BindError>) -> v1::DataPlaneMessage {
     let outcome = match r {
         Ok(()) => v1::bind_ack::Outcome::Success(v1::BindSuccess {}),
-        Err(reason) => v1::bind_ack::Outcome::Error(v1::BindError {
-            code: v1::BindErrorCode::AddressInUse as i32,
-            reason,
-        }),
+        Err(e) => v1::bind_ack::Outcome::Error(v1::BindError::from(&e)),
     };
     msg(data_plane_message::Message::BindAck(v1::BindAck {
         request_id: id,
@@ -409,26 +306,92 @@ fn bind_ack(id: u64, r: Result<(), String>, relays: &[SocketAddr]) -> v1::DataPl
     }))
 }
 
-async fn report(dp: &DataPlaneHandle, up: &mpsc::Sender<v1::DataPlaneMessage>) {
+/// Drop counts by the reasons of the API, summed over `counters` plus the punted
+/// requests dropped because the queue to the control plane was full; reasons with no
+/// drop are left out.
+fn drop_counts(counters: &[WorkerCounters], punts_dropped: u64) -> Vec<v1::DropCount> {
+    use v1::DropReason as R;
+    let mut total = Drops::default();
+    for c in counters {
+        let d = &c.dropped;
+        total.malformed += d.malformed;
+        total.unexpected += d.unexpected;
+        total.no_allocation += d.no_allocation;
+        total.no_permission += d.no_permission;
+        total.no_channel += d.no_channel;
+        total.bandwidth += d.bandwidth;
+        total.denied_peer += d.denied_peer;
+        total.send_error += d.send_error;
+        total.expired += d.expired;
+        total.rate_limited += d.rate_limited;
+    }
+    // `unexpected` (well-formed, not for the data plane) and `expired` (an entry past its
+    // deadline) have no reason of their own in the API: they count as unspecified.
+    let reasons = [
+        (R::Malformed, total.malformed),
+        (R::NoAllocation, total.no_allocation),
+        (R::NoPermission, total.no_permission),
+        (R::NoChannel, total.no_channel),
+        (R::BandwidthLimit, total.bandwidth),
+        (R::PeerPolicy, total.denied_peer),
+        (R::RateLimited, total.rate_limited),
+        (R::QueueFull, punts_dropped),
+        (R::SendError, total.send_error),
+        (R::Unspecified, total.unexpected + total.expired),
+    ];
+    reasons
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .map(|(reason, packets)| v1::DropCount {
+            reason: reason as i32,
+            packets,
+        })
+        .collect()
+}
+
+/// Each worker's load: its allocations (counted in `snapshot`) and received datagrams.
+fn worker_loads(
+    counters: &[WorkerCounters],
+    snapshot: &[AllocationSnapshot],
+) -> Vec<v1::WorkerLoad> {
+    let mut allocations = vec![0u64; counters.len()];
+    for s in snapshot {
+        if let Some(n) = allocations.get_mut(s.worker as usize) {
+            *n += 1;
+        }
+    }
+    counters
+        .iter()
+        .zip(allocations)
+        .enumerate()
+        .map(|(w, (c, allocations))| v1::WorkerLoad {
+            worker_id: w as u32,
+            allocations,
+            received_packets: c.received_packets,
+        })
+        .collect()
+}
+
+async fn report(dp: &DataPlaneHandle, queue: &PuntQueue, up: &mpsc::Sender<v1::DataPlaneMessage>) {
     let counters = dp.counters();
     // The snapshot waits for every worker's answer: off the async threads.
     let dp2 = dp.clone();
     let Ok(snapshot) = tokio::task::spawn_blocking(move || dp2.snapshot()).await else {
         return;
     };
-    let mut traffic = crate::Usage::default();
+    let mut traffic = Usage::default();
     for c in &counters {
-        traffic.to_peer_packets += c.to_peer_packets;
-        traffic.to_peer_bytes += c.to_peer_bytes;
-        traffic.to_client_packets += c.to_client_packets;
-        traffic.to_client_bytes += c.to_client_bytes;
+        traffic.to_peer.packets += c.to_peer_packets;
+        traffic.to_peer.bytes += c.to_peer_bytes;
+        traffic.to_client.packets += c.to_client_packets;
+        traffic.to_client.bytes += c.to_client_bytes;
     }
     let load = v1::LoadReport {
         sampled_unix_millis: unix_millis(),
         allocations: snapshot.len() as u64,
-        traffic: Some(usage_api(&traffic)),
-        drops: Vec::new(),
-        workers: Vec::new(),
+        traffic: Some(traffic.into()),
+        drops: drop_counts(&counters, queue.dropped.load(Ordering::Relaxed)),
+        workers: worker_loads(&counters, &snapshot),
     };
     let _ = up
         .send(msg(data_plane_message::Message::LoadReport(load)))
@@ -437,8 +400,8 @@ async fn report(dp: &DataPlaneHandle, up: &mpsc::Sender<v1::DataPlaneMessage>) {
         allocations: snapshot
             .iter()
             .map(|s| v1::AllocationUsage {
-                allocation_id: s.id,
-                usage: Some(usage_api(&s.usage)),
+                allocation_id: s.id.0,
+                usage: Some(s.usage.into()),
             })
             .collect(),
     };

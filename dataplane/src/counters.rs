@@ -52,6 +52,8 @@ pub struct WorkerCounters {
     /// Channel bindings refused because their peer is denied (one of the server's own
     /// sockets).
     pub channels_refused: u64,
+    /// Datagrams received, on listening and relay sockets, whatever became of them.
+    pub received_packets: u64,
     /// Drops, by reason.
     pub dropped: Drops,
 }
@@ -95,6 +97,7 @@ pub(crate) struct Counters {
     pub(crate) control_sent: AtomicU64,
     pub(crate) gso_sends: AtomicU64,
     pub(crate) channels_refused: AtomicU64,
+    pub(crate) received: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) unexpected: AtomicU64,
     pub(crate) no_allocation: AtomicU64,
@@ -126,6 +129,7 @@ impl Counters {
             control_sent: r(&self.control_sent),
             gso_sends: r(&self.gso_sends),
             channels_refused: r(&self.channels_refused),
+            received_packets: r(&self.received),
             dropped: Drops {
                 malformed: r(&self.malformed),
                 unexpected: r(&self.unexpected),

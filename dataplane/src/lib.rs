@@ -9,6 +9,33 @@
 //! answers come back through a [`DataPlaneHandle`]: datagrams to send, relay sockets to
 //! bind, and table changes, each queued to the owning worker and applied between batches.
 //!
+//! # Where things are
+//!
+//! A datagram's way from arrival to forwarding:
+//! 1. a backend (`uring.rs` or `mmsg.rs`) receives it into a 4 KiB slot on a socket of
+//!    the worker's slab (`slab.rs`, which creates and owns every socket; a socket is a
+//!    `Token` everywhere else) and hands it to the worker (`worker.rs`), with the clock
+//!    value the backend read once for this loop turn;
+//! 2. the worker passes it to the sans-IO core (`engine.rs`: `Core::handle_datagram`,
+//!    which owns no socket, reads no clock and sends nothing);
+//! 3. the core looks up the socket's role and the allocation in its table
+//!    (`table.rs`: allocations, permissions, channels, bandwidth buckets, deadlines and
+//!    the sweep) and decides (`path.rs`: one function per direction, each check in
+//!    order, every drop counted by reason);
+//! 4. the decision comes out as one `Output`: a `Transmit` (a byte range of the same
+//!    slot, from a socket to an address), a `Punt` for the control plane, a `Reply`, or
+//!    a socket to close or to set DONT-FRAGMENT on;
+//! 5. the worker acts on the others and returns the transmits to the backend, which
+//!    sends them in batches: GSO groups and the GSO-refusal fallback are shared
+//!    (`batch.rs`), the calls are its own (sendmmsg, or io_uring SendMsg).
+//!
+//! Control commands from the [`DataPlaneHandle`] take the same way: the worker binds
+//! relay sockets in its slab and tells the core (`Core::relays_bound`), and passes
+//! table changes (`Core::handle_change`) and control-plane answers (`Core::reply`).
+//! The deterministic tests of the forwarding rules drive `Core` with a virtual clock
+//! (`engine/tests.rs`); `tests/forwarding.rs` runs the same rules end to end on both
+//! backends.
+//!
 //! # Packet path
 //!
 //! Every receive buffer is a 4 KiB slot with the payload at offset 48
@@ -31,15 +58,17 @@
 //! per-worker command queue (std `mpsc`, plus an eventfd to wake the worker), the
 //! per-worker counters (atomics written by their worker alone: a relaxed load and store,
 //! no locked instruction), and the denied-peer set (an `ArcSwap` snapshot read for each
-//! Send indication, ChannelData, peer datagram and channel installed). The handle remembers which worker bound relays for a 5-tuple and
-//! so which owns each allocation; that map is behind a mutex on the control path only.
+//! Send indication, ChannelData, peer datagram and channel installed). An
+//! `AllocationAdd` names its worker (the one the control plane asked to bind its relay
+//! sockets); the handle remembers it to route the allocation's later changes, in a map
+//! behind a mutex on the control path only.
 //!
 //! # Time
 //!
-//! Deadlines are unix milliseconds. Each worker reads the clock once per loop turn and
-//! compares every allocation, permission and channel deadline against it, so an entry
-//! stops forwarding at its deadline even if no one removes it (drops counted as
-//! `expired`). A sweep once a second removes expired entries, closes the relay sockets
+//! Deadlines are unix milliseconds ([`Millis`]). Each worker reads the clock once per
+//! loop turn and passes it to the core, which compares every allocation, permission
+//! and channel deadline against it, so an entry stops forwarding at its deadline even
+//! if no one removes it (drops counted as `expired`). A sweep once a second removes expired entries, closes the relay sockets
 //! of expired allocations, and closes relay sockets bound but not claimed by an
 //! `AllocationAdd` within 30 s.
 //!
@@ -48,7 +77,7 @@
 //! [`Backend::Auto`] probes io_uring on a throwaway thread (ring with
 //! SINGLE_ISSUER|DEFER_TASKRUN, opcodes, EXT_ARG, buffer-ring registration, Linux 6.10
 //! features for multishot recvmsg) and falls back to [`Backend::Mmsg`]. Both backends
-//! share the forwarding decision (`engine.rs`) and differ only in I/O:
+//! share the worker (`worker.rs`) and its core (`engine.rs`) and differ only in I/O:
 //! - io_uring: one provided buffer ring of 1024 slots, a multishot `RecvMsgMulti` per
 //!   socket (re-armed when it ends, e.g. on ENOBUFS after the ring ran dry), a
 //!   `SendMsg` per datagram or GSO group from a fixed arena of send slots, and one
@@ -77,7 +106,7 @@
 //! ChannelData needs a live permission for the channel's peer in both directions, as
 //! Send and Data indications do (RFC 8656 §12). Peer → client, a new channel is used
 //! only once the worker has sent the client a ChannelBind success response; until then
-//! the peer's data goes as Data indications (see `Channel` in `engine.rs`).
+//! the peer's data goes as Data indications (see `Channel` in `table.rs`).
 //!
 //! # Bandwidth
 //!
@@ -86,21 +115,36 @@
 //! its application bytes plus the IP and UDP headers of the datagram sent (28 bytes to
 //! an IPv4 address, 48 to IPv6), so that empty datagrams are not free; one that does not
 //! fit is dropped and counted as `bandwidth`. Usage counts application bytes only.
-#![allow(unsafe_code)]
+// `unsafe` is denied workspace-wide and allowed only on the modules that talk to the
+// kernel (raw socket calls, recvmmsg/sendmmsg, io_uring); each block says why it holds.
+#![warn(clippy::undocumented_unsafe_blocks)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 pub mod agent;
+mod batch;
 mod counters;
 mod engine;
 mod limit;
+#[allow(unsafe_code)]
 mod mmsg;
+mod path;
 mod plane;
+mod slab;
+#[allow(unsafe_code)]
 mod sys;
+mod table;
+#[allow(unsafe_code)]
 mod uring;
+mod worker;
 
 pub use counters::{Drops, WorkerCounters};
 pub use plane::{DataPlane, DataPlaneHandle};
+/// The plane-to-plane contract the data plane speaks, re-exported for its users.
+pub use turnpike_proto::plane::{
+    AllocationId, AllocationSnapshot, BindError, FiveTuple, Millis, TableChange, Traffic,
+    Transport, Usage,
+};
 
 /// Which I/O backend the workers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -184,22 +228,13 @@ impl Default for DataPlaneConfig {
     }
 }
 
-/// A client 5-tuple as the data plane sees it (UDP only for now).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    /// The client's address.
-    pub client: SocketAddr,
-    /// The local (listening) address it sent to.
-    pub local: SocketAddr,
-}
-
 /// A STUN request a worker hands to the control plane.
 #[derive(Debug, Clone)]
 pub struct Punted {
     /// The worker that received it (and owns the 5-tuple).
     pub worker: usize,
     /// The 5-tuple.
-    pub tuple: Tuple,
+    pub tuple: FiveTuple,
     /// The datagram.
     pub data: Vec<u8>,
 }
@@ -209,117 +244,4 @@ pub struct Punted {
 pub trait ControlSink: Send + Sync + 'static {
     /// A punted STUN request.
     fn punt(&self, p: Punted);
-}
-
-/// An allocation's identity (the control plane's id).
-pub type AllocationKey = u64;
-
-/// A relay-table change, applied by the worker that owns the allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
-    /// Install an allocation whose relay sockets were bound by [`DataPlaneHandle::bind`].
-    AllocationAdd {
-        /// The allocation.
-        id: AllocationKey,
-        /// The client 5-tuple.
-        tuple: Tuple,
-        /// Relay addresses (bound earlier under the same 5-tuple).
-        relays: Vec<SocketAddr>,
-        /// Unix millis at which forwarding stops.
-        deadline: u64,
-        /// Bytes per second per direction; 0 unlimited.
-        bandwidth: u64,
-        /// Accounting user (the account the allocation is billed to).
-        user: String,
-        /// The STUN USERNAME the allocation was authenticated with, so that a control
-        /// plane rebuilding its state from the data plane's table knows who owns it.
-        username: String,
-    },
-    /// New deadline.
-    AllocationRefresh {
-        /// The allocation.
-        id: AllocationKey,
-        /// Unix millis.
-        deadline: u64,
-    },
-    /// Remove and close its relay sockets.
-    AllocationRemove {
-        /// The allocation.
-        id: AllocationKey,
-    },
-    /// Install or refresh a permission.
-    PermissionSet {
-        /// The allocation.
-        id: AllocationKey,
-        /// Peer IP.
-        peer: IpAddr,
-        /// Unix millis.
-        deadline: u64,
-    },
-    /// Remove a permission.
-    PermissionRemove {
-        /// The allocation.
-        id: AllocationKey,
-        /// Peer IP.
-        peer: IpAddr,
-    },
-    /// Bind or refresh a channel.
-    ChannelSet {
-        /// The allocation.
-        id: AllocationKey,
-        /// Channel number.
-        channel: u16,
-        /// Peer.
-        peer: SocketAddr,
-        /// Unix millis.
-        deadline: u64,
-    },
-    /// Remove a channel.
-    ChannelRemove {
-        /// The allocation.
-        id: AllocationKey,
-        /// Channel number.
-        channel: u16,
-    },
-}
-
-/// What an allocation has relayed so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Datagrams relayed from the client to peers.
-    pub to_peer_packets: u64,
-    /// Application bytes relayed from the client to peers.
-    pub to_peer_bytes: u64,
-    /// Datagrams relayed from peers to the client.
-    pub to_client_packets: u64,
-    /// Application bytes relayed from peers to the client.
-    pub to_client_bytes: u64,
-}
-
-/// One live allocation as a worker holds it: what the control plane needs to rebuild its
-/// state after a restart, and to report usage.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllocationSnapshot {
-    /// The allocation.
-    pub id: AllocationKey,
-    /// The worker that owns it.
-    pub worker: usize,
-    /// The client 5-tuple.
-    pub tuple: Tuple,
-    /// Relay addresses.
-    pub relays: Vec<SocketAddr>,
-    /// Unix millis at which forwarding stops.
-    pub deadline: u64,
-    /// Bytes per second per direction; 0 unlimited.
-    pub bandwidth: u64,
-    /// Accounting user (the account the allocation is billed to).
-    pub user: String,
-    /// The STUN USERNAME the allocation was authenticated with.
-    pub username: String,
-    /// Installed permissions: peer IP and deadline (unix millis).
-    pub permissions: Vec<(IpAddr, u64)>,
-    /// Bound channels: number, peer and deadline (unix millis).
-    pub channels: Vec<(u16, SocketAddr, u64)>,
-    /// Traffic relayed so far.
-    pub usage: Usage,
 }

@@ -8,48 +8,19 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::EventFd;
 
+use crate::batch::{group_end, gso_refused, report_ready};
 use crate::counters::bump;
-use crate::engine::{Core, HEADROOM, IoOp, Out, RECV_CAP, SLOT, Token, unix_millis};
+use crate::engine::{HEADROOM, RECV_CAP, SLOT, Transmit};
+use crate::slab::Token;
 use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
+use crate::worker::{IoOp, Worker, unix_millis};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 pub(crate) const BATCH: usize = 64;
-/// Most GSO segments in one send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
-pub(crate) const MAX_SEGS: usize = 64;
-/// Most bytes in one GSO send (a UDP datagram's payload limit, with margin).
-pub(crate) const GSO_MAX_BYTES: usize = 63 * 1024;
 /// recvmmsg rounds per ready socket and loop turn before others get their turn.
 const ROUNDS: usize = 4;
 /// The epoll token of the wake-up eventfd.
 const WAKE: u64 = u64::MAX;
-
-/// The end of the group of outputs starting at `i` (before `end`) that one send can
-/// carry: with `gso`, consecutive datagrams of the same size from the same socket to the
-/// same destination.
-pub(crate) fn group_end(outs: &[Out], i: usize, end: usize, gso: bool) -> usize {
-    let Some(first) = outs.get(i) else {
-        return end;
-    };
-    let mut j = i + 1;
-    if gso && first.len > 0 {
-        let len = first.len as usize;
-        while j < end
-            && j - i < MAX_SEGS
-            && (j - i + 1) * len <= GSO_MAX_BYTES
-            && outs
-                .get(j)
-                .is_some_and(|o| o.from == first.from && o.to == first.to && o.len == first.len)
-        {
-            j += 1;
-        }
-    }
-    j
-}
-
-/// Whether a failed GSO send means the kernel or device will not do GSO here.
-pub(crate) fn gso_refused(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL))
-}
 
 struct Mmsg {
     epoll: Epoll,
@@ -57,7 +28,7 @@ struct Mmsg {
     names: Box<[RawName]>,
     iovs: Box<[libc::iovec]>,
     hdrs: Box<[libc::mmsghdr]>,
-    outs: Vec<Out>,
+    outs: Vec<Transmit>,
     s_hdrs: Box<[libc::mmsghdr]>,
     s_iovs: Box<[libc::iovec]>,
     s_names: Box<[RawName]>,
@@ -67,31 +38,28 @@ struct Mmsg {
 
 /// Runs a worker on epoll + recvmmsg/sendmmsg until it is told to stop.
 pub(crate) fn run(
-    mut core: Core,
+    mut worker: Worker,
     wake: Arc<EventFd>,
     ready: mpsc::SyncSender<io::Result<()>>,
 ) -> io::Result<()> {
-    let mut m = match Mmsg::new(&wake) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-            return Err(e);
-        }
-    };
-    if let Err(e) = m.apply_io_ops(&mut core) {
-        let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-        return Err(e);
-    }
-    let _ = ready.send(Ok(()));
+    let started = Mmsg::new(&wake).and_then(|mut m| {
+        m.apply_io_ops(&mut worker)?;
+        Ok(m)
+    });
+    let mut m = report_ready(&ready, started)?;
     let mut events = vec![EpollEvent::empty(); 64];
     loop {
-        let wait = core.next_sweep().saturating_sub(unix_millis()).min(1000) as u16;
+        let wait = worker
+            .poll_timeout()
+            .0
+            .saturating_sub(unix_millis().0)
+            .min(1000) as u16;
         let n = match m.epoll.wait(&mut events, EpollTimeout::from(wait)) {
             Ok(n) => n,
             Err(Errno::EINTR) => 0,
             Err(e) => return Err(e.into()),
         };
-        core.now = unix_millis();
+        worker.now = unix_millis();
         for ev in events.iter().take(n) {
             if ev.data() == WAKE {
                 let _ = wake.read();
@@ -99,19 +67,19 @@ pub(crate) fn run(
             }
             let t = Token(ev.data() as u32);
             for _ in 0..ROUNDS {
-                if m.recv_batch(&mut core, t) < BATCH {
+                if m.recv_batch(&mut worker, t) < BATCH {
                     break;
                 }
             }
         }
-        if core.handle_commands() {
+        if worker.handle_commands() {
             break;
         }
-        core.maybe_sweep();
-        m.apply_io_ops(&mut core)?;
+        worker.handle_timeout();
+        m.apply_io_ops(&mut worker)?;
     }
-    core.close_all();
-    m.apply_io_ops(&mut core)
+    worker.close_all();
+    m.apply_io_ops(&mut worker)
 }
 
 impl Mmsg {
@@ -133,24 +101,24 @@ impl Mmsg {
         })
     }
 
-    fn apply_io_ops(&mut self, core: &mut Core) -> io::Result<()> {
-        if core.io_ops.is_empty() {
+    fn apply_io_ops(&mut self, worker: &mut Worker) -> io::Result<()> {
+        if worker.io_ops.is_empty() {
             // Most turns: keep the queue's capacity rather than take and free it.
             return Ok(());
         }
-        for op in std::mem::take(&mut core.io_ops) {
+        for op in std::mem::take(&mut worker.io_ops) {
             match op {
                 IoOp::Register(t) => {
-                    if let Some(fd) = core.socks.fd(t) {
+                    if let Some(fd) = worker.socks.fd(t) {
                         self.epoll
                             .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, u64::from(t.0)))?;
                     }
                 }
                 IoOp::Close(t) => {
-                    if let Some(fd) = core.socks.fd(t) {
+                    if let Some(fd) = worker.socks.fd(t) {
                         let _ = self.epoll.delete(fd);
                     }
-                    core.socks.release(t);
+                    worker.socks.release(t);
                 }
             }
         }
@@ -158,7 +126,7 @@ impl Mmsg {
     }
 
     /// One recvmmsg on `t` and the sends it causes; returns the datagrams received.
-    fn recv_batch(&mut self, core: &mut Core, t: Token) -> usize {
+    fn recv_batch(&mut self, worker: &mut Worker, t: Token) -> usize {
         let base = self.bufs.as_mut_ptr();
         for i in 0..BATCH {
             self.iovs[i] = libc::iovec {
@@ -174,7 +142,7 @@ impl Mmsg {
             h.msg_hdr.msg_iov = &raw mut self.iovs[i];
             h.msg_hdr.msg_iovlen = 1;
         }
-        let Some(fd) = core.socks.fd(t) else {
+        let Some(fd) = worker.socks.fd(t) else {
             return 0;
         };
         // SAFETY: every header points at its own name and iovec in `self`, and each
@@ -182,7 +150,7 @@ impl Mmsg {
         let n = match unsafe { sys::recvmmsg(fd, &mut self.hdrs) } {
             Ok(n) => n,
             Err(e) => {
-                tracing::debug!(worker = core.id, error = %e, "recvmmsg failed");
+                tracing::debug!(worker = worker.id, error = %e, "recvmmsg failed");
                 return 0;
             }
         };
@@ -192,36 +160,36 @@ impl Mmsg {
             let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             let namelen = (h.msg_hdr.msg_namelen as usize).min(NAME_LEN);
             let Some(src) = sys::parse_name(&self.names[i].0[..namelen]) else {
-                bump(&core.ctr.malformed, 1);
+                bump(&worker.ctr.malformed, 1);
                 continue;
             };
             let slot = &mut self.bufs[i * SLOT..(i + 1) * SLOT];
-            core.on_datagram(t, src, slot, len, truncated, i as u32, &mut self.outs);
+            worker.on_datagram(t, src, slot, len, truncated, i as u32, &mut self.outs);
         }
-        self.flush(core);
+        self.flush(worker);
         n
     }
 
     /// Sends every output of the batch: grouped by socket, one sendmmsg per socket and
     /// up to [`BATCH`] messages, equal-size runs to one destination merged with GSO.
-    fn flush(&mut self, core: &mut Core) {
+    fn flush(&mut self, worker: &mut Worker) {
         self.outs.sort_unstable_by_key(|o| (o.from, o.seq));
         let mut i = 0;
         while i < self.outs.len() {
             let from = self.outs[i].from;
             let end = i + self.outs[i..].iter().take_while(|o| o.from == from).count();
-            self.send_run(core, from, i, end);
+            self.send_run(worker, from, i, end);
             i = end;
         }
         self.outs.clear();
     }
 
-    fn send_run(&mut self, core: &mut Core, from: Token, start: usize, end: usize) {
+    fn send_run(&mut self, worker: &mut Worker, from: Token, start: usize, end: usize) {
         let base = self.bufs.as_ptr();
         let mut i = start;
         while i < end {
-            let Some(entry) = core.socks.get(from) else {
-                bump(&core.ctr.send_error, (end - i) as u64);
+            let Some(entry) = worker.socks.get(from) else {
+                bump(&worker.ctr.send_error, (end - i) as u64);
                 return;
             };
             let gso = entry.gso;
@@ -264,25 +232,21 @@ impl Mmsg {
                     let sent = sent.clamp(1, nmsg);
                     for &(a, b) in &self.s_groups[..sent] {
                         if b - a > 1 {
-                            bump(&core.ctr.gso_sends, 1);
+                            bump(&worker.ctr.gso_sends, 1);
                         }
                     }
                     i = self.s_groups[sent - 1].1;
                 }
                 Err(e) => {
                     let (a, b) = self.s_groups[0];
-                    if b - a > 1 && gso_refused(&e) {
-                        tracing::info!(worker = core.id, error = %e, "UDP GSO refused: disabled on this socket");
-                        if let Some(entry) = core.socks.get_mut(from) {
-                            entry.gso = false;
-                        }
+                    if gso_refused(worker, from, b - a, &e) {
                         continue;
                     }
                     if e.kind() == io::ErrorKind::WouldBlock {
-                        bump(&core.ctr.send_error, (end - i) as u64);
+                        bump(&worker.ctr.send_error, (end - i) as u64);
                         return;
                     }
-                    bump(&core.ctr.send_error, (b - a) as u64);
+                    bump(&worker.ctr.send_error, (b - a) as u64);
                     i = b;
                 }
             }

@@ -12,10 +12,12 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::Socket;
 
 use crate::counters::{Counters, WorkerCounters};
-use crate::engine::{Command, Core, CoreInit, Denied, udp_socket};
+use crate::slab::udp_socket;
+use crate::table::Denied;
+use crate::worker::{Command, Worker, WorkerInit};
 use crate::{
-    AllocationKey, AllocationSnapshot, Backend, Change, ControlSink, DataPlaneConfig, Tuple, mmsg,
-    uring,
+    AllocationId, AllocationSnapshot, Backend, BindError, ControlSink, DataPlaneConfig, FiveTuple,
+    TableChange, mmsg, uring,
 };
 
 /// How long [`DataPlaneHandle::snapshot`] waits for a worker's answer.
@@ -54,13 +56,10 @@ struct Queue {
     wake: Arc<EventFd>,
 }
 
-#[derive(Default)]
-struct Routes {
-    /// The worker that bound relay sockets for a 5-tuple.
-    by_tuple: AHashMap<Tuple, usize>,
-    /// The worker that owns an allocation, and its 5-tuple.
-    by_id: AHashMap<AllocationKey, (usize, Tuple)>,
-}
+/// The worker that owns each allocation, learnt from its `AllocationAdd` (which names
+/// the worker the control plane asked to bind its relay sockets) and used to route the
+/// allocation's later changes, which name none.
+type Routes = AHashMap<AllocationId, usize>;
 
 struct Shared {
     queues: Vec<Queue>,
@@ -139,7 +138,7 @@ impl DataPlane {
             )?);
             let ctr = Arc::new(Counters::default());
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-            let init = CoreInit {
+            let init = WorkerInit {
                 id,
                 listen,
                 rx,
@@ -160,7 +159,7 @@ impl DataPlane {
                     {
                         tracing::warn!(worker = id, core = c.id, "could not pin worker");
                     }
-                    let core = match Core::new(init) {
+                    let core = match Worker::new(init) {
                         Ok(c) => c,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -271,26 +270,23 @@ impl DataPlaneHandle {
     }
 
     /// Sends a control-plane answer to `tuple.client` from the listening socket on
-    /// `tuple.local` of `worker`.
-    pub fn send(&self, worker: usize, tuple: Tuple, data: Vec<u8>) {
+    /// `tuple.server` of `worker`.
+    pub fn send(&self, worker: usize, tuple: FiveTuple, data: Vec<u8>) {
         if self.push(worker, Command::Send { tuple, data }).is_err() {
             tracing::debug!(worker, "send to a missing or stopped worker dropped");
         }
     }
 
     /// Binds UDP relay sockets on `relays` (all or none) on `worker`, for the allocation
-    /// of `tuple` that a later [`Change::AllocationAdd`] installs; `done` is called from
-    /// the worker with the outcome. Sockets not claimed within 30 s are closed.
+    /// of `tuple` that a later [`TableChange::AllocationAdd`] installs; `done` is called
+    /// from the worker with the outcome. Sockets not claimed within 30 s are closed.
     pub fn bind(
         &self,
         worker: usize,
-        tuple: Tuple,
+        tuple: FiveTuple,
         relays: Vec<SocketAddr>,
-        done: Box<dyn FnOnce(Result<(), String>) + Send>,
+        done: Box<dyn FnOnce(Result<(), BindError>) + Send>,
     ) {
-        if let Ok(mut r) = self.shared.routes.lock() {
-            r.by_tuple.insert(tuple, worker);
-        }
         if let Err(Command::Bind { done, .. }) = self.push(
             worker,
             Command::Bind {
@@ -299,40 +295,42 @@ impl DataPlaneHandle {
                 done,
             },
         ) {
-            done(Err(format!("no running worker {worker}")));
+            done(Err(BindError::Invalid(format!(
+                "no running worker {worker}"
+            ))));
         }
     }
 
-    /// Applies table changes, each on the worker that owns its allocation: the worker
-    /// that bound the relay sockets of the allocation's 5-tuple. Changes for an unknown
-    /// allocation are dropped.
-    pub fn apply(&self, changes: Vec<Change>) {
+    /// Applies table changes, each on the worker that owns its allocation. Each change
+    /// comes with the worker a [`TableChange::AllocationAdd`] names (the one asked to
+    /// [`bind`](Self::bind) its relay sockets), as [`TableChange::from_api`] returns it;
+    /// the other changes go to the worker their allocation was added on, whatever number
+    /// they come with. Changes for an unknown allocation or worker are dropped.
+    pub fn apply(&self, changes: impl IntoIterator<Item = (TableChange, u32)>) {
         let n = self.workers();
-        let mut per: Vec<Vec<Change>> = (0..n).map(|_| Vec::new()).collect();
+        let mut per: Vec<Vec<TableChange>> = (0..n).map(|_| Vec::new()).collect();
         {
             let Ok(mut r) = self.shared.routes.lock() else {
                 return;
             };
-            for c in changes {
+            for (c, add_worker) in changes {
                 let worker = match &c {
-                    Change::AllocationAdd { id, tuple, .. } => {
-                        let w = r.by_tuple.get(tuple).copied();
-                        if let Some(w) = w {
-                            r.by_id.insert(*id, (w, *tuple));
+                    TableChange::AllocationAdd { id, .. } => {
+                        let w = add_worker as usize;
+                        if w < n {
+                            r.insert(*id, w);
+                            Some(w)
+                        } else {
+                            r.remove(id);
+                            None
                         }
-                        w
                     }
-                    Change::AllocationRemove { id } => r.by_id.remove(id).map(|(w, tuple)| {
-                        if r.by_tuple.get(&tuple) == Some(&w) {
-                            r.by_tuple.remove(&tuple);
-                        }
-                        w
-                    }),
-                    Change::AllocationRefresh { id, .. }
-                    | Change::PermissionSet { id, .. }
-                    | Change::PermissionRemove { id, .. }
-                    | Change::ChannelSet { id, .. }
-                    | Change::ChannelRemove { id, .. } => r.by_id.get(id).map(|&(w, _)| w),
+                    TableChange::AllocationRemove { id } => r.remove(id),
+                    TableChange::AllocationRefresh { id, .. }
+                    | TableChange::PermissionSet { id, .. }
+                    | TableChange::PermissionRemove { id, .. }
+                    | TableChange::ChannelSet { id, .. }
+                    | TableChange::ChannelRemove { id, .. } => r.get(id).copied(),
                 };
                 match worker.and_then(|w| per.get_mut(w)) {
                     Some(v) => v.push(c),

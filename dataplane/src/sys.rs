@@ -115,21 +115,59 @@ pub(crate) fn set_buffers(sock: &socket2::Socket, bytes: usize) {
     }
 }
 
-/// Whether the kernel knows UDP GSO on this socket (Linux 4.18+).
-pub(crate) fn gso_supported(fd: BorrowedFd<'_>) -> bool {
+fn getsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `fd` is live; `v` and `len` are valid for writes of the sizes given.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_SEGMENT,
+            level,
+            name,
             (&raw mut v).cast(),
             &raw mut len,
         )
     };
-    rc == 0
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether the kernel knows UDP GSO on this socket (Linux 4.18+).
+pub(crate) fn gso_supported(fd: BorrowedFd<'_>) -> bool {
+    getsockopt_int(fd, libc::SOL_UDP, UDP_SEGMENT).is_ok()
+}
+
+/// Sends every datagram of this socket with the DF bit set and no local fragmentation
+/// (RFC 8656 §7.2 DONT-FRAGMENT): `IP_MTU_DISCOVER = IP_PMTUDISC_DO` on IPv4,
+/// `IPV6_DONTFRAG` on IPv6 (which has no DF bit: the sender just never fragments).
+pub(crate) fn set_dont_fragment(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1)
+    } else {
+        setsockopt_int(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
+    }
+}
+
+/// Whether [`set_dont_fragment`] is in effect on this socket.
+#[cfg(test)]
+pub(crate) fn dont_fragment(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<bool> {
+    Ok(if ipv6 {
+        getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG)? == 1
+    } else {
+        getsockopt_int(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)? == libc::IP_PMTUDISC_DO
+    })
 }
 
 /// Space for one `UDP_SEGMENT` control message (a u16 value), 8-byte aligned.

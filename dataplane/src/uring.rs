@@ -28,10 +28,12 @@ use io_uring::types::{Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use nix::sys::eventfd::EventFd;
 
+use crate::batch::{MAX_SEGS, group_end, gso_refused, report_ready};
 use crate::counters::bump;
-use crate::engine::{Core, HEADROOM, IoOp, Out, SLOT, TAILROOM, Token, unix_millis};
-use crate::mmsg::{MAX_SEGS, group_end};
+use crate::engine::{HEADROOM, SLOT, TAILROOM, Transmit};
+use crate::slab::Token;
 use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
+use crate::worker::{IoOp, Worker, unix_millis};
 
 /// Provided receive buffers per worker (a power of two). With DEFER_TASKRUN one enter
 /// completes at most ~33 receives per socket, and sends give their buffers back at the
@@ -211,7 +213,7 @@ struct Uring {
     recv: Vec<RecvState>,
     rearm: Vec<Token>,
     release: Vec<Token>,
-    outs: Vec<Out>,
+    outs: Vec<Transmit>,
     cqes: Vec<(u64, i32, u32)>,
     wake_fd: RawFd,
     wake_armed: bool,
@@ -280,29 +282,25 @@ fn probe_here() -> io::Result<()> {
 
 /// Runs a worker on io_uring until it is told to stop.
 pub(crate) fn run(
-    mut core: Core,
+    mut worker: Worker,
     wake: Arc<EventFd>,
     ready: mpsc::SyncSender<io::Result<()>>,
 ) -> io::Result<()> {
-    let mut u = match Uring::new(&wake) {
-        Ok(u) => u,
-        Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-            return Err(e);
-        }
-    };
-    u.apply_io_ops(&mut core);
-    let _ = ready.send(Ok(()));
-    let r = u.serve(&mut core);
-    core.close_all();
-    u.apply_io_ops(&mut core);
-    let drained = u.drain(&mut core);
+    let started = Uring::new(&wake).map(|mut u| {
+        u.apply_io_ops(&mut worker);
+        u
+    });
+    let mut u = report_ready(&ready, started)?;
+    let r = u.serve(&mut worker);
+    worker.close_all();
+    u.apply_io_ops(&mut worker);
+    let drained = u.drain(&mut worker);
     if drained {
         let _ = u.ring.submitter().unregister_buf_ring(BGID);
         drop(u);
     } else {
         tracing::warn!(
-            worker = core.id,
+            worker = worker.id,
             "io_uring did not drain at shutdown: leaking its buffers"
         );
         std::mem::forget(u);
@@ -372,8 +370,8 @@ impl Uring {
         self.wake_armed = true;
     }
 
-    fn arm_recv(&mut self, core: &Core, t: Token) {
-        let Some(fd) = core.socks.fd(t).map(|f| f.as_raw_fd()) else {
+    fn arm_recv(&mut self, worker: &Worker, t: Token) {
+        let Some(fd) = worker.socks.fd(t).map(|f| f.as_raw_fd()) else {
             return;
         };
         let Some(st) = self.recv.get_mut(t.0 as usize) else {
@@ -387,12 +385,12 @@ impl Uring {
         self.push(e);
     }
 
-    fn apply_io_ops(&mut self, core: &mut Core) {
-        if core.io_ops.is_empty() {
+    fn apply_io_ops(&mut self, worker: &mut Worker) {
+        if worker.io_ops.is_empty() {
             // Most turns: keep the queue's capacity rather than take and free it.
             return;
         }
-        for op in std::mem::take(&mut core.io_ops) {
+        for op in std::mem::take(&mut worker.io_ops) {
             match op {
                 IoOp::Register(t) => {
                     let i = t.0 as usize;
@@ -402,7 +400,7 @@ impl Uring {
                     let st = &mut self.recv[i];
                     st.gen_ = st.gen_.wrapping_add(1) & 0xFF_FFFF;
                     st.closing = false;
-                    self.arm_recv(core, t);
+                    self.arm_recv(worker, t);
                 }
                 IoOp::Close(t) => {
                     let Some(st) = self.recv.get_mut(t.0 as usize) else {
@@ -425,11 +423,12 @@ impl Uring {
         }
     }
 
-    fn serve(&mut self, core: &mut Core) -> io::Result<()> {
+    fn serve(&mut self, worker: &mut Worker) -> io::Result<()> {
         loop {
-            let wait_ms = core
-                .next_sweep()
-                .saturating_sub(unix_millis())
+            let wait_ms = worker
+                .poll_timeout()
+                .0
+                .saturating_sub(unix_millis().0)
                 .clamp(1, 1000);
             let ts = Timespec::from(Duration::from_millis(wait_ms));
             let args = SubmitArgs::new().timespec(&ts);
@@ -447,15 +446,15 @@ impl Uring {
             // Everything queued before this enter is now the kernel's: descriptors of
             // closed sockets may go.
             for t in self.release.drain(..) {
-                core.socks.release(t);
+                worker.socks.release(t);
             }
-            core.now = unix_millis();
-            self.reap(core);
-            if core.handle_commands() {
+            worker.now = unix_millis();
+            self.reap(worker);
+            if worker.handle_commands() {
                 return Ok(());
             }
-            core.maybe_sweep();
-            self.apply_io_ops(core);
+            worker.handle_timeout();
+            self.apply_io_ops(worker);
             let mut i = 0;
             while let Some(&t) = self.rearm.get(i) {
                 if self
@@ -463,7 +462,7 @@ impl Uring {
                     .get(t.0 as usize)
                     .is_some_and(|s| !s.closing && !s.armed)
                 {
-                    self.arm_recv(core, t);
+                    self.arm_recv(worker, t);
                 }
                 i += 1;
             }
@@ -475,7 +474,7 @@ impl Uring {
     }
 
     /// Handles every completion, flushing the sends they cause every [`CQE_BATCH`].
-    fn reap(&mut self, core: &mut Core) {
+    fn reap(&mut self, worker: &mut Worker) {
         loop {
             self.cqes.clear();
             {
@@ -490,10 +489,10 @@ impl Uring {
             }
             let cqes = std::mem::take(&mut self.cqes);
             for &(ud, res, flags) in &cqes {
-                self.complete(core, ud, res, flags);
+                self.complete(worker, ud, res, flags);
             }
             self.cqes = cqes;
-            self.flush(core);
+            self.flush(worker);
         }
         if self.recycled {
             self.bufs.publish();
@@ -515,11 +514,11 @@ impl Uring {
         }
     }
 
-    fn complete(&mut self, core: &mut Core, ud: u64, res: i32, flags: u32) {
+    fn complete(&mut self, worker: &mut Worker, ud: u64, res: i32, flags: u32) {
         let (kind, gen_, idx) = split_user_data(ud);
         match kind {
-            KIND_RECV => self.complete_recv(core, Token(idx), gen_, res, flags),
-            KIND_SEND => self.complete_send(core, idx as usize, res),
+            KIND_RECV => self.complete_recv(worker, Token(idx), gen_, res, flags),
+            KIND_SEND => self.complete_send(worker, idx as usize, res),
             KIND_WAKE => {
                 let mut v = [0u8; 8];
                 // SAFETY: reads 8 bytes into an 8-byte buffer from our eventfd
@@ -533,12 +532,12 @@ impl Uring {
         }
     }
 
-    fn complete_recv(&mut self, core: &mut Core, t: Token, gen_: u32, res: i32, flags: u32) {
+    fn complete_recv(&mut self, worker: &mut Worker, t: Token, gen_: u32, res: i32, flags: u32) {
         let st = self.recv.get(t.0 as usize).copied().unwrap_or_default();
         let current = st.gen_ == gen_;
         if let Some(bid) = cqueue::buffer_select(flags) {
             if res > 0 && current && !st.closing {
-                self.deliver(core, t, bid, res as usize);
+                self.deliver(worker, t, bid, res as usize);
             } else {
                 self.recycle(bid);
             }
@@ -551,7 +550,7 @@ impl Uring {
                 self.release.push(t);
             } else {
                 if res < 0 && res != -libc::ENOBUFS {
-                    tracing::debug!(worker = core.id, error = %io::Error::from_raw_os_error(-res), "multishot recvmsg ended");
+                    tracing::debug!(worker = worker.id, error = %io::Error::from_raw_os_error(-res), "multishot recvmsg ended");
                 }
                 self.rearm.push(t);
             }
@@ -559,7 +558,7 @@ impl Uring {
     }
 
     /// A datagram in buffer `bid`: `[recvmsg_out][name][payload]`, payload at HEADROOM.
-    fn deliver(&mut self, core: &mut Core, t: Token, bid: u16, written: usize) {
+    fn deliver(&mut self, worker: &mut Worker, t: Token, bid: u16, written: usize) {
         // SAFETY: the completion just handed `bid` back; nothing else refers to it.
         let slot = unsafe { self.bufs.slot(bid) };
         let word = |at: usize| {
@@ -571,12 +570,12 @@ impl Uring {
         let truncated = mflags & libc::MSG_TRUNC as usize != 0 || HEADROOM + payloadlen > written;
         let src = sys::parse_name(&slot[RECVMSG_OUT..RECVMSG_OUT + namelen.min(NAME_LEN)]);
         let Some(src) = src else {
-            bump(&core.ctr.malformed, 1);
+            bump(&worker.ctr.malformed, 1);
             self.recycle(bid);
             return;
         };
         let before = self.outs.len();
-        core.on_datagram(
+        worker.on_datagram(
             t,
             src,
             slot,
@@ -593,7 +592,7 @@ impl Uring {
     }
 
     /// Turns the batch's outputs into SendMsg entries, GSO groups merged.
-    fn flush(&mut self, core: &mut Core) {
+    fn flush(&mut self, worker: &mut Worker) {
         if self.outs.is_empty() {
             return;
         }
@@ -601,9 +600,9 @@ impl Uring {
         outs.sort_unstable_by_key(|o| (o.from, o.seq));
         let mut i = 0;
         while i < outs.len() {
-            let gso = core.socks.get(outs[i].from).map(|e| e.gso);
+            let gso = worker.socks.get(outs[i].from).map(|e| e.gso);
             let g = group_end(&outs, i, outs.len(), gso.unwrap_or(false));
-            self.send(core, &outs[i..g]);
+            self.send(worker, &outs[i..g]);
             i = g;
         }
         outs.clear();
@@ -611,17 +610,17 @@ impl Uring {
     }
 
     /// Submits one SendMsg for a group of outputs from one socket to one destination.
-    fn send(&mut self, core: &mut Core, group: &[Out]) {
+    fn send(&mut self, worker: &mut Worker, group: &[Transmit]) {
         let Some(first) = group.first() else {
             return;
         };
-        let fd = core
+        let fd = worker
             .socks
             .get(first.from)
             .filter(|e| !e.closing)
             .map(|e| e.sock.as_raw_fd());
         let (Some(fd), Some(idx)) = (fd, self.free_slots.pop()) else {
-            bump(&core.ctr.send_error, group.len() as u64);
+            bump(&worker.ctr.send_error, group.len() as u64);
             for o in group {
                 self.unref(o.slot as u16);
             }
@@ -661,7 +660,7 @@ impl Uring {
         self.push(e);
     }
 
-    fn complete_send(&mut self, core: &mut Core, idx: usize, res: i32) {
+    fn complete_send(&mut self, worker: &mut Worker, idx: usize, res: i32) {
         let Some(s) = self.slots.get(idx) else {
             return;
         };
@@ -674,20 +673,16 @@ impl Uring {
         self.free_slots.push(idx);
         if res >= 0 {
             if nseg > 1 {
-                bump(&core.ctr.gso_sends, 1);
+                bump(&worker.ctr.gso_sends, 1);
             }
-        } else if nseg > 1
-            && matches!(-res, libc::EIO | libc::EINVAL)
-            && self
-                .recv
-                .get(from.0 as usize)
-                .is_some_and(|st| st.gen_ == from_gen)
-            && let (Some(e), Some(to)) = (core.socks.get_mut(from), to)
+        } else if self
+            .recv
+            .get(from.0 as usize)
+            .is_some_and(|st| st.gen_ == from_gen)
+            && let Some(to) = to
+            && gso_refused(worker, from, nseg, &io::Error::from_raw_os_error(-res))
         {
-            // The kernel or device refuses GSO here: never again on this socket, and
-            // this group goes out one datagram at a time from the same buffers.
-            tracing::info!(worker = core.id, error = %io::Error::from_raw_os_error(-res), "UDP GSO refused: disabled on this socket");
-            e.gso = false;
+            // This group goes out one datagram at a time from the same buffers.
             let base = self.bufs.bufs.as_ptr() as usize;
             let iovs: Vec<(u16, u32)> = (0..nseg)
                 .map(|k| {
@@ -696,7 +691,7 @@ impl Uring {
                 })
                 .collect();
             for (k, (bid, start)) in iovs.into_iter().enumerate() {
-                let o = Out {
+                let o = Transmit {
                     from,
                     to,
                     slot: u32::from(bid),
@@ -704,11 +699,11 @@ impl Uring {
                     len: seg_len,
                     seq: k as u32,
                 };
-                self.send(core, &[o]);
+                self.send(worker, &[o]);
             }
             return;
         } else {
-            bump(&core.ctr.send_error, nseg as u64);
+            bump(&worker.ctr.send_error, nseg as u64);
         }
         for &bid in &bids[..nseg] {
             self.unref(bid);
@@ -716,7 +711,9 @@ impl Uring {
     }
 
     /// Waits until every receive has ended and every send completed; `true` if so.
-    fn drain(&mut self, core: &mut Core) -> bool {
+    // A wall-clock bound on shutdown, not forwarding time.
+    #[allow(clippy::disallowed_methods)]
+    fn drain(&mut self, worker: &mut Worker) -> bool {
         let deadline = Instant::now() + DRAIN;
         // The eventfd poll too.
         let e = opcode::AsyncCancel::new(user_data(KIND_WAKE, 0, 0))
@@ -742,12 +739,12 @@ impl Uring {
                     ) => {}
                 Err(_) => return false,
             }
-            self.reap(core);
+            self.reap(worker);
             // No re-arming while draining.
             self.rearm.clear();
         }
         for t in self.release.drain(..) {
-            core.socks.release(t);
+            worker.socks.release(t);
         }
         true
     }

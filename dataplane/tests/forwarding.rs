@@ -2,14 +2,16 @@
 //! plane). Every test runs on both backends.
 
 #![allow(clippy::unwrap_used)]
+// End to end on real sockets: these tests wait on the real clock.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use turnpike_dataplane::{
-    AllocationKey, Backend, Change, ControlSink, DataPlane, DataPlaneConfig, DataPlaneHandle,
-    Punted, Tuple, WorkerCounters,
+    AllocationId, Backend, ControlSink, DataPlane, DataPlaneConfig, DataPlaneHandle, FiveTuple,
+    Millis, Punted, TableChange, WorkerCounters,
 };
 use turnpike_proto::attr::{Attribute, Data, MappedAddress, XorMappedAddress, XorPeerAddress};
 use turnpike_proto::channel::ChannelData;
@@ -135,34 +137,28 @@ impl Server {
         client.send_to(&buf[..n], self.addr).unwrap();
         let p = self.punts.recv_timeout(WAIT).unwrap();
         assert_eq!(p.tuple.client, client.local_addr().unwrap());
-        assert_eq!(p.tuple.local, self.addr);
+        assert_eq!(p.tuple.server, self.addr);
         assert_eq!(p.data, &buf[..n]);
         p.worker
     }
 
     /// Binds a relay for `client` and installs an allocation (no permission, no channel).
-    fn allocate(
-        &self,
-        client: &UdpSocket,
-        id: AllocationKey,
-        deadline: u64,
-        bandwidth: u64,
-    ) -> Alloc {
+    fn allocate(&self, client: &UdpSocket, id: u64, deadline: u64, bandwidth: u64) -> Alloc {
+        let id = AllocationId(id);
         let worker = self.owner(client);
-        let tuple = Tuple {
-            client: client.local_addr().unwrap(),
-            local: self.addr,
-        };
+        let tuple = FiveTuple::udp(client.local_addr().unwrap(), self.addr);
         let relay = self.bind_relay(worker, tuple);
-        self.h.apply(vec![Change::AllocationAdd {
+        let add = TableChange::AllocationAdd {
             id,
             tuple,
             relays: vec![relay],
-            deadline,
+            deadline: Millis(deadline),
             bandwidth,
             user: "alice".into(),
             username: "alice@example.org".into(),
-        }]);
+            dont_fragment: false,
+        };
+        self.h.apply([(add, worker as u32)]);
         self.sync();
         Alloc {
             id,
@@ -183,7 +179,7 @@ impl Server {
 
     /// Binds a free relay port (found by binding port 0 and letting go of it; retried if
     /// something else takes it meanwhile).
-    fn bind_relay(&self, worker: usize, tuple: Tuple) -> SocketAddr {
+    fn bind_relay(&self, worker: usize, tuple: FiveTuple) -> SocketAddr {
         for _ in 0..20 {
             let relay = UdpSocket::bind(SocketAddr::new(self.addr.ip(), 0))
                 .unwrap()
@@ -205,6 +201,11 @@ impl Server {
         panic!("no free relay port");
     }
 
+    /// Applies changes other than `AllocationAdd` (which name no worker).
+    fn apply(&self, changes: Vec<TableChange>) {
+        self.h.apply(changes.into_iter().map(|c| (c, 0)));
+    }
+
     /// Returns once every worker has applied every command queued before.
     fn sync(&self) {
         let _ = self.h.snapshot();
@@ -220,10 +221,10 @@ impl Drop for Server {
 }
 
 struct Alloc {
-    id: AllocationKey,
+    id: AllocationId,
     relay: SocketAddr,
     worker: usize,
-    tuple: Tuple,
+    tuple: FiveTuple,
 }
 
 fn channel_bind_success(tid: TransactionId) -> Vec<u8> {
@@ -298,20 +299,20 @@ fn recv_data_ind(client: &UdpSocket) -> (SocketAddr, Vec<u8>) {
     (peer, data)
 }
 
-fn perm(id: AllocationKey, peer: &SocketAddr, deadline: u64) -> Change {
-    Change::PermissionSet {
+fn perm(id: AllocationId, peer: &SocketAddr, deadline: u64) -> TableChange {
+    TableChange::PermissionSet {
         id,
         peer: peer.ip(),
-        deadline,
+        deadline: Millis(deadline),
     }
 }
 
-fn chan(id: AllocationKey, channel: u16, peer: SocketAddr, deadline: u64) -> Change {
-    Change::ChannelSet {
+fn chan(id: AllocationId, channel: u16, peer: SocketAddr, deadline: u64) -> TableChange {
+    TableChange::ChannelSet {
         id,
         channel,
         peer,
-        deadline,
+        deadline: Millis(deadline),
     }
 }
 
@@ -321,7 +322,7 @@ fn channel_data_both_ways(b: Backend) {
     let peer = socket("127.0.0.1");
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 1, far(), 0);
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     s.confirm(&a, &client);
     let mut bytes = 0;
@@ -342,8 +343,8 @@ fn channel_data_both_ways(b: Backend) {
     );
     let snap = s.h.snapshot();
     assert_eq!(snap.len(), 1);
-    assert_eq!(snap[0].usage.to_peer_packets, 4);
-    assert_eq!(snap[0].usage.to_client_bytes, bytes);
+    assert_eq!(snap[0].usage.to_peer.packets, 4);
+    assert_eq!(snap[0].usage.to_client.bytes, bytes);
     assert_eq!(snap[0].channels, vec![(0x4000, pa, snap[0].channels[0].2)]);
 }
 
@@ -353,7 +354,7 @@ fn send_and_data_indications_on(b: Backend, ip: &str) {
     let peer = socket(ip);
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 2, far(), 0);
-    s.h.apply(vec![perm(a.id, &pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far())]);
     s.sync();
     for (i, n) in [1usize, 1400, 3, 4, 5].into_iter().enumerate() {
         let p = payload(n, i as u8);
@@ -406,7 +407,7 @@ fn expired_entries_dropped(b: Backend) {
     let a = s.allocate(&client, 4, far(), 0);
     let past = now_ms() - 1;
     // An expired permission drops Send and peer data.
-    s.h.apply(vec![perm(a.id, &pa, past)]);
+    s.apply(vec![perm(a.id, &pa, past)]);
     s.sync();
     send_ind(&client, s.addr, pa, b"late");
     s.wait_counters("expired permission", |t| t.dropped.expired == 1);
@@ -414,16 +415,16 @@ fn expired_entries_dropped(b: Backend) {
     s.wait_counters("expired permission (peer)", |t| t.dropped.expired == 2);
     // An expired channel drops ChannelData; the peer's data then comes as a Data
     // indication.
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4002, pa, past)]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4002, pa, past)]);
     s.sync();
     send_cd(&client, s.addr, 0x4002, b"late");
     s.wait_counters("expired channel", |t| t.dropped.expired == 3);
     peer.send_to(b"back", a.relay).unwrap();
     assert_eq!(recv_data_ind(&client), (pa, b"back".to_vec()));
     // An expired allocation drops everything, even before any sweep.
-    s.h.apply(vec![Change::AllocationRefresh {
+    s.apply(vec![TableChange::AllocationRefresh {
         id: a.id,
-        deadline: past,
+        deadline: Millis(past),
     }]);
     s.sync();
     send_ind(&client, s.addr, pa, b"gone");
@@ -439,7 +440,7 @@ fn channel_rebinding(b: Backend) {
     let pb = socket("127.0.0.1");
     let (aa, ab) = (pa.local_addr().unwrap(), pb.local_addr().unwrap());
     let a = s.allocate(&client, 5, far(), 0);
-    s.h.apply(vec![
+    s.apply(vec![
         perm(a.id, &aa, far()),
         perm(a.id, &ab, far()),
         chan(a.id, 0x4abc, aa, far()),
@@ -448,7 +449,7 @@ fn channel_rebinding(b: Backend) {
     s.confirm(&a, &client);
     send_cd(&client, s.addr, 0x4abc, b"to a");
     assert_eq!(recv(&pa).0, b"to a");
-    s.h.apply(vec![chan(a.id, 0x4abc, ab, far())]);
+    s.apply(vec![chan(a.id, 0x4abc, ab, far())]);
     s.sync();
     s.confirm(&a, &client);
     send_cd(&client, s.addr, 0x4abc, b"to b");
@@ -459,7 +460,7 @@ fn channel_rebinding(b: Backend) {
     pb.send_to(b"from b", a.relay).unwrap();
     assert_eq!(recv_cd(&client), (0x4abc, b"from b".to_vec()));
     // Removing the channel falls back to Data indications too.
-    s.h.apply(vec![Change::ChannelRemove {
+    s.apply(vec![TableChange::ChannelRemove {
         id: a.id,
         channel: 0x4abc,
     }]);
@@ -475,7 +476,7 @@ fn channel_data_padding_and_length(b: Backend) {
     let peer = socket("127.0.0.1");
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 6, far(), 0);
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     // Padded to a multiple of four (as over streams): accepted, padding not relayed.
     client
@@ -563,10 +564,7 @@ fn other_stun_punted(b: Backend) {
     let client = socket("127.0.0.1");
     let worker = s.owner(&client);
     assert!(worker < s.h.workers());
-    let tuple = Tuple {
-        client: client.local_addr().unwrap(),
-        local: s.addr,
-    };
+    let tuple = FiveTuple::udp(client.local_addr().unwrap(), s.addr);
     // The control plane's answer goes back from the same worker.
     let mut buf = [0u8; 64];
     let w = MessageWriter::new(
@@ -602,12 +600,12 @@ fn denied_peer_dropped(b: Backend) {
     let s = Server::start(b, "127.0.0.1", vec![pa]);
     let client = socket("127.0.0.1");
     let a = s.allocate(&client, 7, far(), 0);
-    s.h.apply(vec![perm(a.id, &pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far())]);
     s.sync();
     send_ind(&client, s.addr, pa, b"no");
     s.wait_counters("denied", |t| t.dropped.denied_peer == 1);
     // The server's own listening address is denied too.
-    s.h.apply(vec![perm(a.id, &s.addr, far())]);
+    s.apply(vec![perm(a.id, &s.addr, far())]);
     s.sync();
     send_ind(&client, s.addr, s.addr, b"loop");
     s.wait_counters("denied self", |t| t.dropped.denied_peer == 2);
@@ -625,7 +623,7 @@ fn bandwidth_limited(b: Backend) {
     // 1000 B/s, burst 1000 bytes: of five 400-byte datagrams sent at once, two or
     // (with a little refill) three pass.
     let a = s.allocate(&client, 8, far(), 1000);
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     for i in 0..5 {
         send_cd(&client, s.addr, 0x4000, &payload(400, i));
@@ -655,7 +653,7 @@ fn snapshot_and_remove(b: Backend) {
     let pa = peer.local_addr().unwrap();
     let deadline = far();
     let a = s.allocate(&client, 9, deadline, 5000);
-    s.h.apply(vec![
+    s.apply(vec![
         perm(a.id, &pa, deadline),
         chan(a.id, 0x4fff, pa, deadline),
     ]);
@@ -670,13 +668,19 @@ fn snapshot_and_remove(b: Backend) {
             e.user.as_str(),
             e.username.as_str()
         ),
-        (9, deadline, 5000, "alice", "alice@example.org")
+        (
+            AllocationId(9),
+            Millis(deadline),
+            5000,
+            "alice",
+            "alice@example.org"
+        )
     );
-    assert_eq!(e.tuple.client, client.local_addr().unwrap());
+    assert_eq!(Some(e.tuple.client), client.local_addr().ok());
     assert_eq!(e.relays, vec![a.relay]);
-    assert_eq!(e.permissions, vec![(pa.ip(), deadline)]);
-    assert_eq!(e.channels, vec![(0x4fff, pa, deadline)]);
-    s.h.apply(vec![Change::AllocationRemove { id: a.id }]);
+    assert_eq!(e.permissions, vec![(pa.ip(), Millis(deadline))]);
+    assert_eq!(e.channels, vec![(0x4fff, pa, Millis(deadline))]);
+    s.apply(vec![TableChange::AllocationRemove { id: a.id }]);
     assert!(s.h.snapshot().is_empty());
     // The relay socket is closed: its port can be bound again.
     let deadline = Instant::now() + WAIT;
@@ -685,7 +689,7 @@ fn snapshot_and_remove(b: Backend) {
         std::thread::sleep(Duration::from_millis(2));
     }
     // Changes for a removed allocation are ignored.
-    s.h.apply(vec![perm(a.id, &pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far())]);
     assert!(s.h.snapshot().is_empty());
 }
 
@@ -695,7 +699,7 @@ fn burst_in_order(b: Backend) {
     let peer = socket("127.0.0.1");
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 10, far(), 0);
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     s.confirm(&a, &client);
     // Within the peer's default receive buffer.
@@ -728,7 +732,7 @@ fn gso_bursts(b: Backend) {
     let peer = socket("127.0.0.1");
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 11, far(), 0);
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     s.confirm(&a, &client);
     const N: u8 = 32;
@@ -790,7 +794,7 @@ fn flood_then_still_forwarding(b: Backend) {
     let peer = socket("127.0.0.1");
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 12, far(), 0);
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     s.confirm(&a, &client);
     let mut frame = vec![0u8; 68];
@@ -823,10 +827,7 @@ fn unknown_relay_data_dropped(b: Backend) {
     let client = socket("127.0.0.1");
     let peer = socket("127.0.0.1");
     let worker = s.owner(&client);
-    let tuple = Tuple {
-        client: client.local_addr().unwrap(),
-        local: s.addr,
-    };
+    let tuple = FiveTuple::udp(client.local_addr().unwrap(), s.addr);
     // Bound but not yet claimed: nothing is relayed.
     let relay = s.bind_relay(worker, tuple);
     peer.send_to(b"early", relay).unwrap();
@@ -855,14 +856,7 @@ fn shutdown_closes_sockets(b: Backend) {
     s.dp.take().unwrap().shutdown();
     UdpSocket::bind(addr).unwrap();
     // The handle outlives the data plane harmlessly.
-    s.h.send(
-        0,
-        Tuple {
-            client: addr,
-            local: addr,
-        },
-        vec![1],
-    );
+    s.h.send(0, FiveTuple::udp(addr, addr), vec![1]);
     assert!(s.h.snapshot().is_empty());
 }
 
@@ -875,7 +869,7 @@ fn legacy_channel_numbers(b: Backend) {
         let peer = socket("127.0.0.1");
         let pa = peer.local_addr().unwrap();
         let a = s.allocate(&client, 1, far(), 0);
-        s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x5960, pa, far())]);
+        s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x5960, pa, far())]);
         s.sync();
         s.confirm(&a, &client);
         let frame = [0x59, 0x60, 0x00, 0x03, b'a', b'b', b'c'];
@@ -905,7 +899,7 @@ fn own_listening_address_unreachable(b: Backend) {
     let s = Server::v4(b);
     let client = socket("127.0.0.1");
     let a = s.allocate(&client, 13, far(), 0);
-    s.h.apply(vec![
+    s.apply(vec![
         perm(a.id, &s.addr, far()),
         chan(a.id, 0x4000, s.addr, far()),
     ]);
@@ -921,10 +915,7 @@ fn own_listening_address_unreachable(b: Backend) {
     send_ind(&client, s.addr, s.addr, &binding);
     s.wait_counters("denied (send)", |t| t.dropped.denied_peer == 1);
     // The listening socket sending to the relay: dropped at the relay.
-    let looped = Tuple {
-        client: a.relay,
-        local: s.addr,
-    };
+    let looped = FiveTuple::udp(a.relay, s.addr);
     s.h.send(a.worker, looped, binding.clone());
     s.wait_counters("denied (from own socket)", |t| t.dropped.denied_peer == 2);
     let t = s.total();
@@ -944,7 +935,7 @@ fn denied_after_channel_install(b: Backend) {
     let peer = socket("127.0.0.1");
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 14, far(), 0);
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     s.confirm(&a, &client);
     send_cd(&client, s.addr, 0x4000, b"before");
@@ -967,7 +958,7 @@ fn channel_needs_live_permission(b: Backend) {
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 15, far(), 0);
     let short = now_ms() + 1000;
-    s.h.apply(vec![perm(a.id, &pa, short), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, short), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     s.confirm(&a, &client);
     send_cd(&client, s.addr, 0x4000, b"in time");
@@ -985,7 +976,7 @@ fn channel_needs_live_permission(b: Backend) {
     peer.send_to(b"late", a.relay).unwrap();
     s.wait_counters("expired permission (peer)", |t| gone(t) == 2);
     // No permission at all, the channel still bound.
-    s.h.apply(vec![Change::PermissionRemove {
+    s.apply(vec![TableChange::PermissionRemove {
         id: a.id,
         peer: pa.ip(),
     }]);
@@ -1025,7 +1016,7 @@ fn bandwidth_counts_empty_datagrams(b: Backend) {
     let pa = peer.local_addr().unwrap();
     let start = Instant::now();
     let a = s.allocate(&client, 16, far(), 1000);
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     s.confirm(&a, &client);
     // The budget so far: a burst of 1000 bytes plus 1000 per second, 28 per datagram.
@@ -1113,7 +1104,7 @@ fn new_channel_waits_for_bind_response(b: Backend) {
     let pa = peer.local_addr().unwrap();
     let a = s.allocate(&client, 17, far(), 0);
     // The control plane installs the channel, then answers: the answer not sent yet.
-    s.h.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![perm(a.id, &pa, far()), chan(a.id, 0x4000, pa, far())]);
     s.sync();
     // Client → peer works at once.
     send_cd(&client, s.addr, 0x4000, b"up");
@@ -1142,14 +1133,14 @@ fn new_channel_waits_for_bind_response(b: Backend) {
     peer.send_to(b"late", a.relay).unwrap();
     assert_eq!(recv_cd(&client), (0x4000, b"late".to_vec()));
     // A refresh keeps it confirmed.
-    s.h.apply(vec![chan(a.id, 0x4000, pa, far())]);
+    s.apply(vec![chan(a.id, 0x4000, pa, far())]);
     s.sync();
     peer.send_to(b"refreshed", a.relay).unwrap();
     assert_eq!(recv_cd(&client), (0x4000, b"refreshed".to_vec()));
     // A new channel starts unconfirmed.
     let other = socket("127.0.0.1");
     let oa = other.local_addr().unwrap();
-    s.h.apply(vec![perm(a.id, &oa, far()), chan(a.id, 0x4001, oa, far())]);
+    s.apply(vec![perm(a.id, &oa, far()), chan(a.id, 0x4001, oa, far())]);
     s.sync();
     other.send_to(b"new", a.relay).unwrap();
     assert_eq!(recv_data_ind(&client), (oa, b"new".to_vec()));

@@ -1,0 +1,395 @@
+//! What both backends share around the sans-IO [`Core`]: the socket slab, the clock
+//! read once per loop turn, the command queue from the handle, and acting on the core's
+//! outputs (punts to the control plane, control-plane replies, closes, socket options).
+//! A backend receives into its slots, calls [`Worker::on_datagram`], and sends the
+//! [`Transmit`]s it gets back in its own batches.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::{Arc, mpsc};
+
+use arc_swap::ArcSwap;
+use socket2::{SockAddr, Socket};
+
+use crate::counters::{Counters, bump};
+use crate::engine::{Core, CoreConfig, Output, Transmit};
+use crate::slab::{Sockets, Token};
+use crate::sys;
+use crate::table::Denied;
+use crate::{
+    AllocationSnapshot, BindError, BindingLimit, ControlSink, FiveTuple, Millis, TableChange,
+};
+
+/// Unix time in milliseconds: the workers' one clock read, once per loop turn.
+#[allow(clippy::disallowed_methods)]
+pub(crate) fn unix_millis() -> Millis {
+    Millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    )
+}
+
+/// A socket change the backend must reflect in its poller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IoOp {
+    /// Start receiving on this socket.
+    Register(Token),
+    /// Stop receiving and call [`Sockets::release`] once the kernel holds no more
+    /// reference to the socket's pending operations.
+    Close(Token),
+}
+
+/// A request from the handle to a worker.
+pub(crate) enum Command {
+    /// Send a control-plane datagram to a client.
+    Send { tuple: FiveTuple, data: Vec<u8> },
+    /// Bind relay sockets.
+    Bind {
+        tuple: FiveTuple,
+        relays: Vec<SocketAddr>,
+        done: Box<dyn FnOnce(Result<(), BindError>) + Send>,
+    },
+    /// Apply table changes.
+    Apply(Vec<TableChange>),
+    /// Report every allocation.
+    Snapshot(mpsc::Sender<Vec<AllocationSnapshot>>),
+    /// Stop.
+    Shutdown,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Send { tuple, data } => write!(f, "Send({tuple:?}, {} bytes)", data.len()),
+            Command::Bind { tuple, relays, .. } => write!(f, "Bind({tuple:?}, {relays:?})"),
+            Command::Apply(c) => write!(f, "Apply({} changes)", c.len()),
+            Command::Snapshot(_) => f.write_str("Snapshot"),
+            Command::Shutdown => f.write_str("Shutdown"),
+        }
+    }
+}
+
+/// Everything a worker starts with.
+pub(crate) struct WorkerInit {
+    pub(crate) id: usize,
+    pub(crate) listen: Vec<Socket>,
+    pub(crate) rx: mpsc::Receiver<Command>,
+    pub(crate) sink: Arc<dyn ControlSink>,
+    pub(crate) denied: Arc<ArcSwap<Denied>>,
+    pub(crate) ctr: Arc<Counters>,
+    pub(crate) buffers: usize,
+    pub(crate) legacy_channels: bool,
+    pub(crate) binding_limit: BindingLimit,
+}
+
+/// One worker, whatever its backend: the core, the sockets and the control queue.
+pub(crate) struct Worker {
+    pub(crate) id: usize,
+    pub(crate) socks: Sockets,
+    pub(crate) ctr: Arc<Counters>,
+    /// Socket changes for the backend's poller.
+    pub(crate) io_ops: Vec<IoOp>,
+    /// The clock of this loop turn, set by the backend.
+    pub(crate) now: Millis,
+    core: Core,
+    rx: mpsc::Receiver<Command>,
+    sink: Arc<dyn ControlSink>,
+    buffers: usize,
+    outputs: Vec<Output>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    pub(crate) fn new(init: WorkerInit) -> io::Result<Worker> {
+        let now = unix_millis();
+        let core = Core::new(
+            now,
+            CoreConfig {
+                id: init.id,
+                legacy_channels: init.legacy_channels,
+                binding_limit: init.binding_limit,
+                denied: init.denied,
+                ctr: Arc::clone(&init.ctr),
+            },
+        );
+        let mut w = Worker {
+            id: init.id,
+            socks: Sockets::default(),
+            ctr: init.ctr,
+            io_ops: Vec::with_capacity(64),
+            now,
+            core,
+            rx: init.rx,
+            sink: init.sink,
+            buffers: init.buffers,
+            outputs: Vec::with_capacity(64),
+        };
+        for sock in init.listen {
+            let (t, local) = w.socks.insert(sock)?;
+            w.core.add_listen(t, local);
+            w.io_ops.push(IoOp::Register(t));
+        }
+        Ok(w)
+    }
+
+    /// A datagram of `len` bytes received on `t` from `src` into receive slot number
+    /// `slot` (`buf`, payload at [`crate::engine::HEADROOM`]); what must be sent from
+    /// that slot is pushed to `transmits`, in order.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_datagram(
+        &mut self,
+        t: Token,
+        src: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+        truncated: bool,
+        slot: u32,
+        transmits: &mut Vec<Transmit>,
+    ) {
+        let mut outputs = std::mem::take(&mut self.outputs);
+        self.core
+            .handle_datagram(self.now, t, src, buf, len, truncated, slot, &mut outputs);
+        self.act(&mut outputs, transmits);
+        self.outputs = outputs;
+    }
+
+    /// Acts on the core's outputs; transmits (which name receive slots) go to
+    /// `transmits` for the backend to batch.
+    fn act(&mut self, outputs: &mut Vec<Output>, transmits: &mut Vec<Transmit>) {
+        for o in outputs.drain(..) {
+            match o {
+                Output::Transmit(mut tx) => {
+                    tx.seq = transmits.len() as u32;
+                    transmits.push(tx);
+                }
+                Output::Punt(p) => self.sink.punt(p),
+                Output::Reply { from, to, data } => {
+                    // Rare (control-plane answers) and owning its bytes: sent at once
+                    // rather than through the backend's batches of receive slots.
+                    let ok = self
+                        .socks
+                        .get(from)
+                        .is_some_and(|e| e.sock.send_to(&data, &SockAddr::from(to)).is_ok());
+                    bump(
+                        if ok {
+                            &self.ctr.control_sent
+                        } else {
+                            &self.ctr.send_error
+                        },
+                        1,
+                    );
+                }
+                Output::Close(t) => self.close(t),
+                Output::DontFragment(t) => {
+                    if let Some(e) = self.socks.get(t)
+                        && let Err(err) = sys::set_dont_fragment(e.sock.as_fd(), e.local.is_ipv6())
+                    {
+                        tracing::warn!(worker = self.id, relay = %e.local, error = %err, "DONT-FRAGMENT not set on relay socket");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Outputs that cannot carry transmits (control commands, timeouts).
+    fn act_control(&mut self, mut outputs: Vec<Output>) {
+        let mut none = Vec::new();
+        self.act(&mut outputs, &mut none);
+        debug_assert!(none.is_empty());
+        self.outputs = outputs;
+    }
+
+    fn close(&mut self, t: Token) {
+        if let Some(e) = self.socks.get_mut(t)
+            && !e.closing
+        {
+            e.closing = true;
+            self.io_ops.push(IoOp::Close(t));
+        }
+    }
+
+    /// Applies every queued command; `true` when the worker must stop.
+    pub(crate) fn handle_commands(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Command::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return true,
+                Ok(cmd) => self.command(cmd),
+                Err(mpsc::TryRecvError::Empty) => return false,
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        let mut out = std::mem::take(&mut self.outputs);
+        match cmd {
+            Command::Send { tuple, data } => self.core.reply(tuple, data, &mut out),
+            Command::Bind {
+                tuple,
+                relays,
+                done,
+            } => match self.socks.bind_relays(&relays, self.buffers) {
+                Ok(tokens) => {
+                    self.io_ops
+                        .extend(tokens.iter().map(|&t| IoOp::Register(t)));
+                    let bound = relays.into_iter().zip(tokens).collect();
+                    self.core.relays_bound(self.now, tuple, bound);
+                    done(Ok(()));
+                }
+                Err(e) => done(Err(e)),
+            },
+            Command::Apply(changes) => {
+                for c in changes {
+                    self.core.handle_change(self.now, c, &mut out);
+                }
+            }
+            Command::Snapshot(tx) => {
+                let _ = tx.send(self.core.snapshot());
+            }
+            Command::Shutdown => {}
+        }
+        self.act_control(out);
+    }
+
+    /// Runs the core's timers if due (the sweep).
+    pub(crate) fn handle_timeout(&mut self) {
+        let mut out = std::mem::take(&mut self.outputs);
+        self.core.handle_timeout(self.now, &mut out);
+        self.act_control(out);
+    }
+
+    /// When [`Worker::handle_timeout`] next has work.
+    pub(crate) fn poll_timeout(&self) -> Millis {
+        self.core.poll_timeout()
+    }
+
+    /// Closes everything at shutdown.
+    pub(crate) fn close_all(&mut self) {
+        let all: Vec<Token> = self.socks.tokens().collect();
+        for t in all {
+            self.close(t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AllocationId, Punted};
+
+    struct NoSink;
+
+    impl ControlSink for NoSink {
+        fn punt(&self, _: Punted) {}
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap_or_else(|_| unreachable!())
+    }
+
+    fn worker() -> (Worker, mpsc::Sender<Command>) {
+        let (tx, rx) = mpsc::channel();
+        let w = Worker::new(WorkerInit {
+            id: 0,
+            listen: Vec::new(),
+            rx,
+            sink: Arc::new(NoSink),
+            denied: Arc::new(ArcSwap::from_pointee(Denied::default())),
+            ctr: Arc::new(Counters::default()),
+            buffers: 0,
+            legacy_channels: false,
+            binding_limit: BindingLimit::default(),
+        });
+        (w.unwrap_or_else(|e| panic!("{e}")), tx)
+    }
+
+    /// Binds `relay` for `tuple` through the command queue; the token bound, if any.
+    fn bind(
+        w: &mut Worker,
+        tx: &mpsc::Sender<Command>,
+        tuple: FiveTuple,
+        relay: &str,
+    ) -> Option<Token> {
+        let (done_tx, done_rx) = mpsc::channel();
+        let _ = tx.send(Command::Bind {
+            tuple,
+            relays: vec![addr(relay)],
+            done: Box::new(move |r| {
+                let _ = done_tx.send(r);
+            }),
+        });
+        assert!(!w.handle_commands());
+        done_rx.recv().ok()?.ok()?;
+        match w.io_ops.pop() {
+            Some(IoOp::Register(t)) => Some(t),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn dont_fragment_reaches_relay_sockets() {
+        let (mut w, tx) = worker();
+        let mut next = 1;
+        let mut with_df = 0;
+        for (relay, v6) in [("127.0.0.1:0", false), ("[::1]:0", true)] {
+            for df in [false, true] {
+                let tuple = FiveTuple::udp(addr(&format!("192.0.2.1:{next}")), addr("127.0.0.1:2"));
+                let Some(t) = bind(&mut w, &tx, tuple, relay) else {
+                    // No IPv6 loopback here.
+                    assert!(v6);
+                    continue;
+                };
+                let add = TableChange::AllocationAdd {
+                    id: AllocationId(next),
+                    tuple,
+                    relays: vec![addr(relay)],
+                    deadline: Millis(u64::MAX),
+                    bandwidth: 0,
+                    user: String::new(),
+                    username: String::new(),
+                    dont_fragment: df,
+                };
+                let _ = tx.send(Command::Apply(vec![add]));
+                assert!(!w.handle_commands());
+                next += 1;
+                with_df += u32::from(df);
+                let fd = w.socks.fd(t).unwrap_or_else(|| panic!("no socket"));
+                assert_eq!(sys::dont_fragment(fd, v6).ok(), Some(df), "{relay} {df}");
+            }
+        }
+        let snap = w.core.snapshot();
+        assert_eq!(
+            snap.iter().filter(|s| s.dont_fragment).count() as u32,
+            with_df
+        );
+    }
+
+    #[test]
+    fn failed_bind_is_all_or_none_and_typed() {
+        let (mut w, tx) = worker();
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let taken = taken.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (done_tx, done_rx) = mpsc::channel();
+        let _ = tx.send(Command::Bind {
+            tuple: FiveTuple::udp(addr("192.0.2.1:1"), addr("127.0.0.1:2")),
+            relays: vec![addr("127.0.0.1:0"), taken],
+            done: Box::new(move |r| {
+                let _ = done_tx.send(r);
+            }),
+        });
+        assert!(!w.handle_commands());
+        assert_eq!(done_rx.recv().ok(), Some(Err(BindError::AddressInUse)));
+        assert!(w.io_ops.is_empty());
+        assert_eq!(w.socks.tokens().count(), 0);
+    }
+}
