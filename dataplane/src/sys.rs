@@ -18,11 +18,9 @@ pub(crate) struct RawName(pub(crate) [u8; NAME_LEN]);
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
 
-/// `SO_SNDBUFFORCE` and `SO_RCVBUFFORCE` (asm-generic values, x86-64 and aarch64).
-const SO_SNDBUFFORCE: libc::c_int = 32;
-const SO_RCVBUFFORCE: libc::c_int = 33;
 /// `UDP_SEGMENT` (linux/udp.h): the GSO segment size, as a socket option or a cmsg.
-pub(crate) const UDP_SEGMENT: libc::c_int = 103;
+pub(crate) use libc::UDP_SEGMENT;
+use libc::{SO_RCVBUFFORCE, SO_SNDBUFFORCE};
 
 /// Reads a socket address the kernel wrote (`sockaddr_in` or `sockaddr_in6`) from bytes.
 /// IPv4-mapped IPv6 addresses are returned as IPv4.

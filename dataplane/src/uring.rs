@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use io_uring::types::{Fd, SubmitArgs, Timespec};
+use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use nix::sys::eventfd::EventFd;
 
@@ -96,15 +96,6 @@ impl Drop for PageMem {
     }
 }
 
-/// `struct io_uring_buf`, one entry of a provided buffer ring.
-#[repr(C)]
-struct RawBuf {
-    addr: u64,
-    len: u32,
-    bid: u16,
-    resv: u16,
-}
-
 /// The provided buffer ring and the buffers it hands out.
 struct BufRing {
     ring: PageMem,
@@ -115,7 +106,7 @@ struct BufRing {
 impl BufRing {
     fn new() -> io::Result<BufRing> {
         let mut r = BufRing {
-            ring: PageMem::new(usize::from(NBUF) * std::mem::size_of::<RawBuf>())?,
+            ring: PageMem::new(usize::from(NBUF) * std::mem::size_of::<BufRingEntry>())?,
             bufs: PageMem::new(usize::from(NBUF) * SLOT)?,
             tail: 0,
         };
@@ -129,25 +120,26 @@ impl BufRing {
     /// Queues buffer `bid` for the kernel (visible at the next [`BufRing::publish`]).
     fn push(&mut self, bid: u16) {
         let idx = usize::from(self.tail & (NBUF - 1));
-        let base = self.ring.as_ptr().cast::<RawBuf>();
+        let base = self.ring.as_ptr().cast::<BufRingEntry>();
         let addr = self.bufs.as_ptr() as u64 + u64::from(bid) * SLOT as u64;
         // SAFETY: `idx < NBUF` entries fit the ring allocation; the entry at the tail
-        // is not the kernel's until the tail moves past it, and only its addr, len and
-        // bid fields are written (entry 0's `resv` is the shared tail).
-        unsafe {
-            let e = base.add(idx);
-            (&raw mut (*e).addr).write(addr);
-            (&raw mut (*e).len).write((SLOT - TAILROOM) as u32);
-            (&raw mut (*e).bid).write(bid);
-        }
+        // is not the kernel's until the tail moves past it, and the setters write only
+        // its addr, len and bid fields (entry 0's `resv` is the shared tail).
+        let e = unsafe { &mut *base.add(idx) };
+        e.set_addr(addr);
+        e.set_len((SLOT - TAILROOM) as u32);
+        e.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
     }
 
     /// Makes the pushed buffers visible to the kernel.
     fn publish(&self) {
-        // SAFETY: the tail is the u16 at offset 14 of entry 0 (its `resv`), 2-aligned in
-        // a page-aligned allocation; the kernel reads it concurrently, hence atomic.
-        let tail = unsafe { &*self.ring.as_ptr().add(14).cast::<AtomicU16>() };
+        // SAFETY: the ring is a page-aligned allocation of initialized entries, so
+        // `BufRingEntry::tail` of its base is entry 0's `resv`, the shared tail, a
+        // 2-aligned u16; the kernel reads it concurrently, hence atomic.
+        let tail = unsafe {
+            &*BufRingEntry::tail(self.ring.as_ptr().cast::<BufRingEntry>()).cast::<AtomicU16>()
+        };
         tail.store(self.tail, Ordering::Release);
     }
 
