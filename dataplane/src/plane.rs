@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -54,6 +55,9 @@ impl std::fmt::Debug for DataPlaneHandle {
 struct Queue {
     tx: mpsc::Sender<Command>,
     wake: Arc<EventFd>,
+    /// Whether the worker has been woken and not yet drained its queue: a burst of
+    /// commands costs one eventfd write, not one each.
+    notified: Arc<AtomicBool>,
 }
 
 /// The worker that owns each allocation, learnt from its `AllocationAdd` (which names
@@ -138,10 +142,12 @@ impl DataPlane {
             )?);
             let ctr = Arc::new(Counters::default());
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+            let notified = Arc::new(AtomicBool::new(false));
             let init = WorkerInit {
                 id,
                 listen,
                 rx,
+                notified: Arc::clone(&notified),
                 sink: Arc::clone(&sink),
                 denied: Arc::clone(&denied),
                 ctr: Arc::clone(&ctr),
@@ -181,7 +187,7 @@ impl DataPlane {
                     return Err(e);
                 }
             };
-            queues.push(Queue { tx, wake });
+            queues.push(Queue { tx, wake, notified });
             counters.push(ctr);
             threads.push(thread);
             readies.push(ready_rx);
@@ -259,8 +265,10 @@ impl DataPlaneHandle {
             return Err(cmd);
         };
         q.tx.send(cmd).map_err(|e| e.0)?;
-        // A failed wake means the counter is saturated: the worker is awake anyway.
-        let _ = q.wake.write(1);
+        if !q.notified.swap(true, Ordering::SeqCst) {
+            // A failed wake means the counter is saturated: the worker is awake anyway.
+            let _ = q.wake.write(1);
+        }
         Ok(())
     }
 

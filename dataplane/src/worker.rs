@@ -77,6 +77,9 @@ pub(crate) struct WorkerInit {
     pub(crate) id: usize,
     pub(crate) listen: Vec<Socket>,
     pub(crate) rx: mpsc::Receiver<Command>,
+    /// Set by a producer that has written the wake eventfd; cleared before the queue is
+    /// drained (see [`Worker::handle_commands`]).
+    pub(crate) notified: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) sink: Arc<dyn ControlSink>,
     pub(crate) denied: Arc<ArcSwap<Denied>>,
     pub(crate) ctr: Arc<Counters>,
@@ -96,6 +99,7 @@ pub(crate) struct Worker {
     pub(crate) now: Millis,
     core: Core,
     rx: mpsc::Receiver<Command>,
+    notified: Arc<std::sync::atomic::AtomicBool>,
     sink: Arc<dyn ControlSink>,
     buffers: usize,
     outputs: Vec<Output>,
@@ -131,6 +135,7 @@ impl Worker {
             now,
             core,
             rx: init.rx,
+            notified: init.notified,
             sink: init.sink,
             buffers: init.buffers,
             outputs: Vec::with_capacity(64),
@@ -221,6 +226,10 @@ impl Worker {
 
     /// Applies every queued command; `true` when the worker must stop.
     pub(crate) fn handle_commands(&mut self) -> bool {
+        // Cleared before draining: a command queued after this point sets it again and
+        // wakes the worker; one queued before is seen by the loop below.
+        self.notified
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         loop {
             match self.rx.try_recv() {
                 Ok(Command::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => return true,
@@ -303,6 +312,7 @@ mod tests {
             id: 0,
             listen: Vec::new(),
             rx,
+            notified: Arc::default(),
             sink: Arc::new(NoSink),
             denied: Arc::new(ArcSwap::from_pointee(Denied::default())),
             ctr: Arc::new(Counters::default()),
