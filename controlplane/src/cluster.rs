@@ -62,6 +62,8 @@ pub enum DrainError {
 struct Conn {
     id: String,
     hello: v1::Hello,
+    /// Its relay IPs (from the Hello): new allocations arriving there relay from them.
+    relay_ips: Vec<std::net::IpAddr>,
     version: u64,
     acked: u64,
     draining: bool,
@@ -101,6 +103,13 @@ pub struct Cluster {
     out: VecDeque<ClusterOutput>,
     /// The operator's reason for a revocation in progress, for its Ended event.
     revoke_reasons: HashMap<AllocationId, String>,
+    /// This turn's table changes per data plane, sent as one batch by `flush`.
+    pending_tables: HashMap<ConnId, Vec<v1::TableChange>>,
+    /// This turn's datagrams, sent per data plane as one message by `flush`.
+    pending_sends: Vec<(ConnId, v1::SendDatagram)>,
+    /// Reused buffers of the per-request path.
+    scratch_out: Vec<Output>,
+    scratch_ips: Vec<std::net::IpAddr>,
 }
 
 impl Cluster {
@@ -123,6 +132,10 @@ impl Cluster {
             punted: 0,
             out: VecDeque::new(),
             revoke_reasons: HashMap::new(),
+            pending_tables: HashMap::new(),
+            pending_sends: Vec::new(),
+            scratch_out: Vec::new(),
+            scratch_ips: Vec::new(),
         }
     }
 
@@ -136,8 +149,13 @@ impl Cluster {
         self.conns.contains_key(&conn)
     }
 
-    /// The next output, if any.
+    /// The next output, if any. The table changes and datagrams of everything handled
+    /// since the last drain go out together: one table batch and one datagram message per
+    /// data plane.
     pub fn poll_output(&mut self) -> Option<ClusterOutput> {
+        if self.out.is_empty() {
+            self.flush();
+        }
         self.out.pop_front()
     }
 
@@ -162,7 +180,7 @@ impl Cluster {
         self.now = now;
         let mut out = Vec::new();
         self.server.handle_timeout(now, &mut out);
-        self.route(out, None);
+        self.route(&mut out, None);
         if now >= self.next_sweep {
             self.sweep(now);
             self.next_sweep = now.plus_secs(1);
@@ -200,10 +218,16 @@ impl Cluster {
         let mut policy = self.server.config().policy.clone();
         policy.add_own_sockets(own);
         self.server.set_policy(policy);
+        let relay_ips = hello
+            .relay_ips
+            .iter()
+            .filter_map(|r| ip_from_bytes(&r.ip).ok())
+            .collect();
         self.conns.insert(
             conn,
             Conn {
                 id: id.clone(),
+                relay_ips,
                 hello,
                 version,
                 acked: version,
@@ -277,7 +301,7 @@ impl Cluster {
         self.revoke_reasons.insert(id, reason.to_owned());
         let mut out = Vec::new();
         self.server.revoke(id, &mut out);
-        self.route(out, None);
+        self.route(&mut out, None);
         self.revoke_reasons.remove(&id);
         Some(info)
     }
@@ -302,7 +326,7 @@ impl Cluster {
         }
         let mut out = Vec::new();
         let n = self.server.revoke_user(user, &mut out);
-        self.route(out, None);
+        self.route(&mut out, None);
         for id in &ids {
             self.revoke_reasons.remove(id);
         }
@@ -450,34 +474,40 @@ impl Cluster {
         }
     }
 
+    /// A STUN request a worker of `conn` punted: answered (through the TURN state
+    /// machine) back to that connection and worker.
+    fn punted_request(&mut self, conn: ConnId, p: v1::PuntedRequest) {
+        let Ok(tuple) = tuple_from_api(p.five_tuple.as_ref()) else {
+            return;
+        };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        self.punted += 1;
+        let relay_ips = std::mem::take(&mut self.scratch_ips);
+        let mut relay_ips = relay_ips;
+        relay_ips.clear();
+        relay_ips.extend_from_slice(&c.relay_ips);
+        let via = crate::server::Via {
+            relay_ips: &relay_ips,
+            alternate: self.alternate_for(conn),
+        };
+        let mut out = std::mem::take(&mut self.scratch_out);
+        self.server
+            .handle_via(self.now, tuple, &p.datagram, &via, &mut out);
+        self.scratch_ips = relay_ips;
+        self.route(&mut out, Some((tuple, conn, p.worker_id)));
+        self.scratch_out = out;
+    }
+
     fn up(&mut self, conn: ConnId, msg: data_plane_message::Message) {
         use data_plane_message::Message as M;
         match msg {
-            M::PuntedRequest(p) => {
-                let Ok(tuple) = tuple_from_api(p.five_tuple.as_ref()) else {
-                    return;
-                };
-                self.punted += 1;
-                let alternate = self.alternate_for(conn);
-                let relay_ips: Vec<std::net::IpAddr> = self
-                    .conns
-                    .get(&conn)
-                    .map(|c| {
-                        c.hello
-                            .relay_ips
-                            .iter()
-                            .filter_map(|r| ip_from_bytes(&r.ip).ok())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let via = crate::server::Via {
-                    relay_ips: &relay_ips,
-                    alternate,
-                };
-                let mut out = Vec::new();
-                self.server
-                    .handle_via(self.now, tuple, &p.datagram, &via, &mut out);
-                self.route(out, Some((tuple, conn, p.worker_id)));
+            M::PuntedRequest(p) => self.punted_request(conn, p),
+            M::PuntedRequests(batch) => {
+                for p in batch.requests {
+                    self.punted_request(conn, p);
+                }
             }
             M::BindAck(ack) => {
                 match self.binds.get(&ack.request_id) {
@@ -501,7 +531,7 @@ impl Cluster {
                 let mut out = Vec::new();
                 self.server
                     .handle_bind_result(self.now, ack.request_id, result, &mut out);
-                self.route(out, None);
+                self.route(&mut out, None);
             }
             M::TableAck(a) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
@@ -583,14 +613,13 @@ impl Cluster {
     ///
     /// `origin` is the punted request being answered, if any: its own responses go back to
     /// the connection and worker it came from without leaving any state behind.
-    fn route(&mut self, out: Vec<Output>, origin: Option<(FiveTuple, ConnId, u32)>) {
+    fn route(&mut self, out: &mut Vec<Output>, origin: Option<(FiveTuple, ConnId, u32)>) {
         let owner_of = |me: &Self, t: &FiveTuple| match origin {
             Some((o, conn, worker)) if o == *t => Some((conn, worker)),
             _ => me.tuple_owner.get(t).copied(),
         };
-        let mut batches: HashMap<ConnId, Vec<v1::TableChange>> = HashMap::new();
         let mut transmits = Vec::new();
-        for o in out {
+        for o in out.drain(..) {
             match o {
                 Output::Transmit { tuple, data } => transmits.push((tuple, data)),
                 Output::Bind(b) => {
@@ -634,12 +663,36 @@ impl Cluster {
                         self.alloc_owner.remove(&id);
                         self.tuple_owner.remove(&tuple);
                     }
-                    batches.entry(conn).or_default().push(change.to_api(worker));
+                    self.pending_tables
+                        .entry(conn)
+                        .or_default()
+                        .push(change.to_api(worker));
                 }
                 Output::Event(e) => self.lifecycle(e),
             }
         }
-        for (conn, changes) in batches {
+        for (tuple, data) in transmits {
+            if let Some((conn, worker)) = owner_of(self, &tuple) {
+                self.pending_sends.push((
+                    conn,
+                    v1::SendDatagram {
+                        worker_id: worker,
+                        five_tuple: Some((&tuple).into()),
+                        datagram: data.into(),
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Ends a turn (the caller drains the outputs): each data plane gets the table changes of the turn as one numbered
+    /// batch, then the datagrams of the turn as one message. Table changes go out before
+    /// the responses: a client that has read "ChannelBind succeeded" may send on the
+    /// channel at once, and the data plane must know the channel by then.
+    fn flush(&mut self) {
+        let mut tables: Vec<(ConnId, Vec<v1::TableChange>)> = self.pending_tables.drain().collect();
+        tables.sort_by_key(|(c, _)| *c);
+        for (conn, changes) in tables {
             let Some(c) = self.conns.get_mut(&conn) else {
                 continue;
             };
@@ -653,17 +706,23 @@ impl Cluster {
                 }),
             );
         }
-        for (tuple, data) in transmits {
-            if let Some((conn, worker)) = owner_of(self, &tuple) {
-                self.send(
-                    conn,
-                    control_plane_message::Message::SendDatagram(v1::SendDatagram {
-                        worker_id: worker,
-                        five_tuple: Some((&tuple).into()),
-                        datagram: data.into(),
-                    }),
-                );
+        let mut sends = std::mem::take(&mut self.pending_sends);
+        // Stable: each data plane's datagrams keep their order.
+        sends.sort_by_key(|(c, _)| *c);
+        let mut it = sends.into_iter().peekable();
+        while let Some((conn, first)) = it.next() {
+            let mut batch = vec![first];
+            while let Some((_, d)) = it.next_if(|(c, _)| *c == conn) {
+                batch.push(d);
             }
+            let msg = if batch.len() == 1 {
+                control_plane_message::Message::SendDatagram(batch.remove(0))
+            } else {
+                control_plane_message::Message::SendDatagrams(v1::SendDatagrams {
+                    datagrams: batch,
+                })
+            };
+            self.send(conn, msg);
         }
     }
 

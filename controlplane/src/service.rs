@@ -37,6 +37,8 @@ fn now() -> Millis {
     Millis(d.as_millis() as u64)
 }
 
+/// Most commands handled in one turn of the actor.
+const TURN_COMMANDS: usize = 256;
 /// The largest message a data plane may send (its table goes in chunks well below this).
 pub const MAX_CONTROL_MESSAGE: usize = 4 << 20;
 /// The largest Admin request.
@@ -270,6 +272,14 @@ impl Actor {
             let now = now();
             if let Some(cmd) = cmd {
                 self.command(now, cmd);
+                // Whatever else is queued joins this turn, so that its answers and table
+                // changes go out in as few stream messages as possible.
+                for _ in 0..TURN_COMMANDS {
+                    match rx.try_recv() {
+                        Ok(cmd) => self.command(now, cmd),
+                        Err(_) => break,
+                    }
+                }
             }
             self.cluster.handle_timeout(now);
             self.flush();

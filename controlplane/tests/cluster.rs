@@ -429,3 +429,34 @@ fn usage_reports_count_only_for_owned_allocations() {
     assert_eq!(usage.client_to_peer.unwrap().bytes, 100);
     assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
 }
+
+#[test]
+fn a_batch_of_requests_is_answered_in_one_message() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let requests = (0..3u16)
+        .map(|i| {
+            let mut req = Vec::new();
+            Client::new("alice", "wonderland", u64::from(i))
+                .allocate(T0.0, Default::default(), &mut req)
+                .unwrap();
+            v1::PuntedRequest {
+                worker_id: 1,
+                five_tuple: Some((&tuple(&format!("203.0.113.1:{}", 4000 + i), DP1)).into()),
+                datagram: req.into(),
+            }
+        })
+        .collect();
+    cell.cluster.handle_message(
+        T0,
+        dp1,
+        up::Message::PuntedRequests(v1::PuntedRequests { requests }),
+    );
+    let sent = cell.collect();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let down::Message::SendDatagrams(d) = &sent[0].1 else {
+        panic!("{sent:?}");
+    };
+    assert_eq!(d.datagrams.len(), 3);
+    assert!(d.datagrams.iter().all(|d| d.worker_id == 1));
+}

@@ -202,17 +202,28 @@ pub async fn run(
                     _ => break,
                 },
                 Some(p) = punted.recv() => {
-                    let m = v1::PuntedRequest {
-                        worker_id: p.worker as u32,
-                        five_tuple: Some((&p.tuple).into()),
-                        datagram: p.data.into(),
+                    // Whatever else is queued goes in the same stream message.
+                    let mut batch = vec![punted_api(p)];
+                    while batch.len() < PUNT_BATCH {
+                        match punted.try_recv() {
+                            Ok(p) => batch.push(punted_api(p)),
+                            Err(_) => break,
+                        }
+                    }
+                    let n = batch.len() as u64;
+                    let m = if batch.len() == 1 {
+                        data_plane_message::Message::PuntedRequest(batch.remove(0))
+                    } else {
+                        data_plane_message::Message::PuntedRequests(v1::PuntedRequests {
+                            requests: batch,
+                        })
                     };
                     // Never block the loop on the stream: a dead control plane would stall
                     // it. A request dropped here is retransmitted by its client.
-                    match up.try_send(msg(data_plane_message::Message::PuntedRequest(m))) {
+                    match up.try_send(msg(m)) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {
-                            queue.dropped.fetch_add(1, Ordering::Relaxed);
+                            queue.dropped.fetch_add(n, Ordering::Relaxed);
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => break,
                     }
@@ -238,10 +249,12 @@ async fn apply(
         return;
     };
     match m {
-        M::SendDatagram(s) => match tuple_from_api(s.five_tuple.as_ref()) {
-            Ok(t) => dp.send(s.worker_id as usize, t, s.datagram.to_vec()),
-            Err(e) => tracing::warn!(error = %e, "SendDatagram dropped"),
-        },
+        M::SendDatagram(s) => send_datagram(dp, s),
+        M::SendDatagrams(batch) => {
+            for s in batch.datagrams {
+                send_datagram(dp, s);
+            }
+        }
         M::BindRequest(b) => {
             let id = b.request_id;
             let up = up.clone();
@@ -292,6 +305,24 @@ async fn apply(
         M::Drain(d) => {
             tracing::info!(draining = d.draining, "drain state from control plane");
         }
+    }
+}
+
+/// Most punted requests in one stream message.
+const PUNT_BATCH: usize = 256;
+
+fn punted_api(p: Punted) -> v1::PuntedRequest {
+    v1::PuntedRequest {
+        worker_id: p.worker as u32,
+        five_tuple: Some((&p.tuple).into()),
+        datagram: p.data.into(),
+    }
+}
+
+fn send_datagram(dp: &DataPlaneHandle, s: v1::SendDatagram) {
+    match tuple_from_api(s.five_tuple.as_ref()) {
+        Ok(t) => dp.send(s.worker_id as usize, t, s.datagram.to_vec()),
+        Err(e) => tracing::warn!(error = %e, "SendDatagram dropped"),
     }
 }
 
