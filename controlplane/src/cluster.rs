@@ -32,6 +32,9 @@ use crate::types::{
 /// up after 5 s and answers 508).
 const BIND_ROUTE_MS: u64 = 10_000;
 
+/// Pool binds are numbered from here, apart from the TURN server's binds (from 1).
+const POOL_BIND_IDS: u64 = 1 << 63;
+
 /// One data plane's stream, as the cluster numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
@@ -107,6 +110,14 @@ pub struct Cluster {
     pending_tables: HashMap<ConnId, Vec<v1::TableChange>>,
     /// This turn's datagrams, sent per data plane as one message by `flush`.
     pending_sends: Vec<(ConnId, v1::SendDatagram)>,
+    /// Relay sockets each worker of each data plane holds bound in advance, ready for a
+    /// plain Allocate (see [`crate::Via::pool`]).
+    pools: HashMap<(ConnId, u32), Vec<SocketAddr>>,
+    /// A pooled socket was taken during this message: refill at its end.
+    pool_taken: bool,
+    /// Pool binds in flight: the worker asked and the address.
+    pool_binds: HashMap<u64, (ConnId, u32, SocketAddr)>,
+    next_pool_bind: u64,
     /// Reused buffers of the per-request path.
     scratch_out: Vec<Output>,
     scratch_ips: Vec<std::net::IpAddr>,
@@ -134,6 +145,10 @@ impl Cluster {
             revoke_reasons: HashMap::new(),
             pending_tables: HashMap::new(),
             pending_sends: Vec::new(),
+            pools: HashMap::new(),
+            pool_taken: false,
+            pool_binds: HashMap::new(),
+            next_pool_bind: POOL_BIND_IDS,
             scratch_out: Vec::new(),
             scratch_ips: Vec::new(),
         }
@@ -183,7 +198,59 @@ impl Cluster {
         self.route(&mut out, None);
         if now >= self.next_sweep {
             self.sweep(now);
+            self.refill_pools();
             self.next_sweep = now.plus_secs(1);
+        }
+    }
+
+    /// Relay sockets held bound in advance by all data planes (for metrics and tests).
+    pub fn pooled(&self) -> usize {
+        self.pools.values().map(Vec::len).sum()
+    }
+
+    /// Asks every worker whose pool is below the configured size for more sockets: a
+    /// port is reserved in the TURN server's bookkeeping and bound by the worker.
+    fn refill_pools(&mut self) {
+        let per_ip = self.server.config().relay_pool;
+        if per_ip == 0 {
+            return;
+        }
+        let mut asks = Vec::new();
+        for (&conn, c) in &self.conns {
+            if c.draining {
+                continue;
+            }
+            for worker in 0..c.hello.worker_count {
+                let ready = self.pools.get(&(conn, worker));
+                for ip in &c.relay_ips {
+                    let have = ready.map_or(0, |r| r.iter().filter(|a| a.ip() == *ip).count())
+                        + self
+                            .pool_binds
+                            .values()
+                            .filter(|(k, w, a)| *k == conn && *w == worker && a.ip() == *ip)
+                            .count();
+                    for _ in have..per_ip {
+                        asks.push((conn, worker, *ip));
+                    }
+                }
+            }
+        }
+        for (conn, worker, ip) in asks {
+            let Some(addr) = self.server.reserve_relay(ip) else {
+                return;
+            };
+            let id = self.next_pool_bind;
+            self.next_pool_bind += 1;
+            self.pool_binds.insert(id, (conn, worker, addr));
+            self.send(
+                conn,
+                control_plane_message::Message::BindRequest(v1::BindRequest {
+                    request_id: id,
+                    worker_id: worker,
+                    relay_addresses: vec![sa(addr)],
+                    five_tuple: None,
+                }),
+            );
         }
     }
 
@@ -239,6 +306,7 @@ impl Cluster {
         if let Some(table) = &table {
             self.restore(conn, &id, table);
         }
+        self.refill_pools();
         conn
     }
 
@@ -249,6 +317,24 @@ impl Cluster {
         self.alloc_owner.retain(|_, o| o.0 != conn);
         self.tuple_owner.retain(|_, o| o.0 != conn);
         self.binds.retain(|_, b| b.0 != conn);
+        // Its pooled sockets go with the stream (the data plane closes them when it
+        // reattaches): their ports are free again.
+        let mut freed: Vec<SocketAddr> = Vec::new();
+        self.pools.retain(|(k, _), ready| {
+            if *k == conn {
+                freed.append(ready);
+            }
+            *k != conn
+        });
+        self.pool_binds.retain(|_, (k, _, a)| {
+            if *k == conn {
+                freed.push(*a);
+            }
+            *k != conn
+        });
+        for a in freed {
+            self.server.release_relay(a);
+        }
         if let Some(c) = self.conns.remove(&conn) {
             tracing::warn!(data_plane = %c.id, "data plane detached");
             self.gone.insert(
@@ -265,6 +351,9 @@ impl Cluster {
     pub fn handle_message(&mut self, now: Millis, conn: ConnId, msg: data_plane_message::Message) {
         self.now = now;
         self.up(conn, msg);
+        if std::mem::take(&mut self.pool_taken) {
+            self.refill_pools();
+        }
     }
 
     /// Every allocation, for the admin API, filtered by user (account or username) and
@@ -488,14 +577,29 @@ impl Cluster {
         let mut relay_ips = relay_ips;
         relay_ips.clear();
         relay_ips.extend_from_slice(&c.relay_ips);
+        let key = (conn, p.worker_id);
+        let mut pool = self.pools.remove(&key).unwrap_or_default();
         let via = crate::server::Via {
             relay_ips: &relay_ips,
             alternate: self.alternate_for(conn),
+            pool: &pool,
         };
         let mut out = std::mem::take(&mut self.scratch_out);
         self.server
             .handle_via(self.now, tuple, &p.datagram, &via, &mut out);
         self.scratch_ips = relay_ips;
+        // A pooled socket an allocation took leaves the pool, and is replaced at the end
+        // of this message (off the allocation's path).
+        let before = pool.len();
+        for o in &out {
+            if let Output::Table(TableChange::AllocationAdd { relays, .. }) = o {
+                pool.retain(|a| !relays.contains(a));
+            }
+        }
+        self.pool_taken |= pool.len() < before;
+        if !pool.is_empty() {
+            self.pools.insert(key, pool);
+        }
         self.route(&mut out, Some((tuple, conn, p.worker_id)));
         self.scratch_out = out;
     }
@@ -507,6 +611,29 @@ impl Cluster {
             M::PuntedRequests(batch) => {
                 for p in batch.requests {
                     self.punted_request(conn, p);
+                }
+            }
+            M::BindAck(ack) if ack.request_id >= POOL_BIND_IDS => {
+                let Some(&(asked, worker, addr)) = self.pool_binds.get(&ack.request_id) else {
+                    return;
+                };
+                if asked != conn {
+                    self.ownership_violations += 1;
+                    tracing::warn!(
+                        request = ack.request_id,
+                        "pool bind acknowledged by another data plane; ignored"
+                    );
+                    return;
+                }
+                self.pool_binds.remove(&ack.request_id);
+                match ack.outcome {
+                    Some(v1::bind_ack::Outcome::Success(_)) => {
+                        self.pools.entry((conn, worker)).or_default().push(addr);
+                    }
+                    other => {
+                        tracing::debug!(%addr, outcome = ?other, "pool bind failed; the port is released");
+                        self.server.release_relay(addr);
+                    }
                 }
             }
             M::BindAck(ack) => {
@@ -707,6 +834,8 @@ impl Cluster {
             );
         }
         let mut sends = std::mem::take(&mut self.pending_sends);
+        // Memory follows the load: what a burst needed is not kept.
+        self.scratch_out.shrink_to(64);
         // Stable: each data plane's datagrams keep their order.
         sends.sort_by_key(|(c, _)| *c);
         let mut it = sends.into_iter().peekable();

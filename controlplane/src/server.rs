@@ -37,6 +37,18 @@ use crate::types::{
 // The table lives in proto, next to ERROR-CODE; the control plane still exports it.
 pub use turnpike_proto::reason::reason_phrase;
 
+/// A relay socket of `pool` a plain Allocate can take: one family, no EVEN-PORT, on one
+/// of its relay IPs.
+fn pooled(p: &PendingAllocate, pool: &[SocketAddr]) -> Option<SocketAddr> {
+    if p.even || p.token.is_some() || p.families.len() != 1 {
+        return None;
+    }
+    let f = *p.families.first()?;
+    pool.iter()
+        .copied()
+        .find(|a| Family::of(&a.ip()) == f && p.relay_ips.contains(&a.ip()))
+}
+
 /// The password algorithms offered, in order of preference (RFC 8489 §9.2.1).
 const OFFERED_ALGORITHMS: [PasswordAlgorithmId; 2] =
     [PasswordAlgorithmId::SHA256, PasswordAlgorithmId::MD5];
@@ -115,6 +127,10 @@ pub struct ServerConfig {
     /// Accept the RFC 5766 channel range 0x4000..=0x7FFF (RFC 8656 allows only
     /// 0x4000..=0x4FFF). Off by default.
     pub legacy_channel_numbers: bool,
+    /// Relay sockets each data-plane worker keeps bound in advance per relay IP, so that
+    /// a plain Allocate needs no bind round trip (refilled once a second). 0 turns the
+    /// pool off. Default 8.
+    pub relay_pool: usize,
 }
 
 impl Default for ServerConfig {
@@ -139,6 +155,7 @@ impl Default for ServerConfig {
             policy: PeerPolicy::default(),
             software: Some(concat!("turnpike ", env!("CARGO_PKG_VERSION")).to_owned()),
             legacy_channel_numbers: false,
+            relay_pool: 8,
         }
     }
 }
@@ -268,8 +285,6 @@ pub struct Server {
     alternate: Option<SocketAddr>,
     /// Set for the duration of one `handle_via` call.
     redirect: Option<SocketAddr>,
-    /// Set for the duration of one `handle_via` call.
-    request_relays: Vec<IpAddr>,
     /// When the rate limiter is next swept and refusal summaries written.
     next_sweep: Millis,
     /// One sampler per [`Refusal`] kind.
@@ -319,6 +334,10 @@ pub struct Via<'a> {
     pub relay_ips: &'a [IpAddr],
     /// Set when that data plane takes no new allocations: where to send them instead.
     pub alternate: Option<SocketAddr>,
+    /// Relay sockets the worker of the request holds bound in advance (reserved with
+    /// [`Server::reserve_relay`]): a plain Allocate takes one and needs no bind round
+    /// trip; the caller sees which in the `AllocationAdd`'s relays.
+    pub pool: &'a [SocketAddr],
 }
 
 /// Where a request's processing stopped with an error response.
@@ -386,7 +405,6 @@ impl Server {
             draining: false,
             alternate: None,
             redirect: None,
-            request_relays: Vec::new(),
             next_sweep: Millis(0),
             refusal_logs: std::array::from_fn(|_| LogSampler::new(REFUSAL_LOGS_PER_SEC)),
         }
@@ -514,13 +532,18 @@ impl Server {
         out: &mut Vec<Output>,
     ) {
         self.redirect = via.alternate;
-        self.request_relays = via.relay_ips.to_vec();
-        self.dispatch(now, tuple, data, out);
+        self.dispatch(now, tuple, data, via, out);
         self.redirect = None;
-        self.request_relays.clear();
     }
 
-    fn dispatch(&mut self, now: Millis, tuple: FiveTuple, data: &[u8], out: &mut Vec<Output>) {
+    fn dispatch(
+        &mut self,
+        now: Millis,
+        tuple: FiveTuple,
+        data: &[u8],
+        via: &Via<'_>,
+        out: &mut Vec<Output>,
+    ) {
         let msg = match Message::parse(data) {
             Ok(m) => m,
             Err(_) => {
@@ -569,7 +592,7 @@ impl Server {
                     return;
                 }
                 let result = match msg.method() {
-                    Method::ALLOCATE => self.allocate(now, tuple, &msg, &auth, out),
+                    Method::ALLOCATE => self.allocate(now, tuple, &msg, &auth, via, out),
                     Method::REFRESH => self.refresh(now, tuple, &msg, &auth, out),
                     Method::CREATE_PERMISSION => {
                         self.create_permission(now, tuple, &msg, &auth, out)
@@ -924,6 +947,7 @@ impl Server {
         tuple: FiveTuple,
         msg: &Message<'_>,
         auth: &Authed,
+        via: &Via<'_>,
         out: &mut Vec<Output>,
     ) -> Result<(), Reject> {
         if let Some(id) = self.by_tuple.get(&tuple) {
@@ -1003,10 +1027,10 @@ impl Server {
             Some(l) => l.0.clamp(self.cfg.default_lifetime, self.cfg.max_lifetime),
             None => self.cfg.default_lifetime,
         };
-        let relay_ips = if self.request_relays.is_empty() {
+        let relay_ips = if via.relay_ips.is_empty() {
             self.cfg.relay_ips.clone()
         } else {
-            self.request_relays.clone()
+            via.relay_ips.to_vec()
         };
         let has_family = |f: Family| relay_ips.iter().any(|ip| Family::of(ip) == f);
         let mut families = match (requested, additional) {
@@ -1054,11 +1078,32 @@ impl Server {
             // The port stays marked used: it moves from the reservation to this allocation.
             pending.relays = vec![addr];
             pending.token = Some(t.0);
+        } else if let Some(addr) = pooled(&pending, via.pool) {
+            // A socket bound in advance on the worker: no bind round trip. Its port was
+            // marked used when it was reserved for the pool.
+            pending.relays = vec![addr];
+            self.finish_allocate(now, pending, out);
+            return Ok(());
         } else if !self.pick_relays(&mut pending) {
             return Err(reject(508));
         }
         self.start_bind(now, pending, out);
         Ok(())
+    }
+
+    /// Reserves a free relay port on `ip` (marked used) for a socket a data plane binds in
+    /// advance; see [`Via::pool`]. `None` when the range is full.
+    pub fn reserve_relay(&mut self, ip: IpAddr) -> Option<SocketAddr> {
+        let port = self.ports.pick(&mut self.rng, ip, false, false)?;
+        let addr = SocketAddr::new(ip, port);
+        self.ports.take(addr);
+        Some(addr)
+    }
+
+    /// Gives back a port reserved with [`Server::reserve_relay`] and never used by an
+    /// allocation (its bind failed, or its data plane went away).
+    pub fn release_relay(&mut self, addr: SocketAddr) {
+        self.ports.release(&addr);
     }
 
     /// Chooses relay addresses for every family of `p` and marks them used.

@@ -37,8 +37,8 @@ fn now() -> Millis {
     Millis(d.as_millis() as u64)
 }
 
-/// Most commands handled in one turn of the actor.
-const TURN_COMMANDS: usize = 256;
+/// Most commands handled in one turn of the actor (bounds what one turn buffers).
+const TURN_COMMANDS: usize = 32;
 /// The largest message a data plane may send (its table goes in chunks well below this).
 pub const MAX_CONTROL_MESSAGE: usize = 4 << 20;
 /// The largest Admin request.

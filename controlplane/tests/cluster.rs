@@ -460,3 +460,89 @@ fn a_batch_of_requests_is_answered_in_one_message() {
     assert_eq!(d.datagrams.len(), 3);
     assert!(d.datagrams.iter().all(|d| d.worker_id == 1));
 }
+
+#[test]
+fn a_plain_allocate_takes_a_pooled_relay_without_a_bind_round_trip() {
+    let mut cfg = config();
+    cfg.relay_pool = 2;
+    let mut cell = cell(cfg);
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    // Attaching asks each of its 4 workers for 2 pooled sockets (one relay IP).
+    let asks: Vec<v1::BindRequest> = cell
+        .collect()
+        .into_iter()
+        .filter_map(|(to, m)| match m {
+            down::Message::BindRequest(b) if to == dp1 => Some(b),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asks.len(), 8);
+    assert!(
+        asks.iter()
+            .all(|b| b.five_tuple.is_none() && b.relay_addresses.len() == 1)
+    );
+    for b in &asks {
+        cell.cluster.handle_message(
+            T0,
+            dp1,
+            up::Message::BindAck(v1::BindAck {
+                request_id: b.request_id,
+                outcome: Some(v1::bind_ack::Outcome::Success(v1::BindSuccess {})),
+            }),
+        );
+    }
+    assert_eq!(cell.cluster.pooled(), 8);
+    let pooled_w3: Vec<SocketAddr> = asks
+        .iter()
+        .filter(|b| b.worker_id == 3)
+        .map(|b| SocketAddr::try_from(&b.relay_addresses[0]).unwrap())
+        .collect();
+    // Worker 3's client allocates: no BindRequest for it, a pooled relay of worker 3.
+    cell.sent.clear();
+    let t = tuple("203.0.113.1:4000", DP1);
+    assert_eq!(cell.allocate(&mut alice(), dp1, 3, t), Ok(()));
+    assert!(
+        !cell
+            .sent
+            .iter()
+            .any(|(_, m)| matches!(m, down::Message::BindRequest(b) if b.five_tuple.is_some()))
+    );
+    // The taken socket is replaced at once, off the allocation's path.
+    assert_eq!(
+        cell.sent
+            .iter()
+            .filter(|(_, m)| matches!(m, down::Message::BindRequest(b) if b.five_tuple.is_none() && b.worker_id == 3))
+            .count(),
+        1
+    );
+    let relays: Vec<SocketAddr> = cell
+        .changes_to(dp1)
+        .into_iter()
+        .find_map(|(c, w)| match c {
+            TableChange::AllocationAdd { relays, .. } => Some((relays, w)),
+            _ => None,
+        })
+        .map(|(r, w)| {
+            assert_eq!(w, 3);
+            r
+        })
+        .unwrap();
+    assert!(
+        pooled_w3.contains(&relays[0]),
+        "{relays:?} not from {pooled_w3:?}"
+    );
+    // (The harness acknowledged that bind: the pool is full again.)
+    assert_eq!(cell.cluster.pooled(), 8);
+    // Full pools: the sweep asks for nothing more.
+    cell.sent.clear();
+    cell.advance(1);
+    assert!(
+        !cell
+            .sent
+            .iter()
+            .any(|(_, m)| matches!(m, down::Message::BindRequest(_)))
+    );
+    // A detached data plane's pool is gone (its ports are free again).
+    cell.cluster.detach(T0, dp1);
+    assert_eq!(cell.cluster.pooled(), 0);
+}

@@ -937,6 +937,7 @@ fn redirecting_instance_sends_new_allocations_elsewhere_but_serves_old_ones() {
     let via = Via {
         relay_ips: &[],
         alternate: Some(alt),
+        pool: &[],
     };
     let mut out = Vec::new();
     h.server.handle_via(h.now, t2, &req, &via, &mut out);
@@ -1011,6 +1012,7 @@ fn relay_address_comes_from_the_receiving_data_plane() {
         &Via {
             relay_ips: &ips,
             alternate: None,
+            pool: &[],
         },
         &mut out,
     );
@@ -1032,6 +1034,7 @@ fn relay_address_comes_from_the_receiving_data_plane() {
         &Via {
             relay_ips: &ips,
             alternate: None,
+            pool: &[],
         },
         &mut out,
     );

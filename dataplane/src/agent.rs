@@ -145,6 +145,9 @@ pub async fn run(
                 complete: chunks.is_empty(),
             }
         });
+        // Pooled relay sockets are known only to the control plane that reserved their
+        // ports: a (re)attach starts with empty pools, which the control plane refills.
+        dp.clear_pool();
         let hello = v1::Hello {
             data_plane_id: me.id.clone(),
             listening_addresses: me
@@ -263,27 +266,22 @@ async fn apply(
                 .iter()
                 .map(SocketAddr::try_from)
                 .collect::<Result<Vec<_>, _>>();
-            let (tuple, relays) = match (tuple_from_api(b.five_tuple.as_ref()), relays) {
-                (Ok(t), Ok(r)) => (t, r),
-                (Err(e), _) => {
-                    let e = BindError::Invalid(e.to_string());
-                    let _ = up.try_send(bind_ack(id, Err(e)));
-                    return;
-                }
-                (_, Err(_)) => {
-                    let e = BindError::Invalid("invalid relay address".into());
-                    let _ = up.try_send(bind_ack(id, Err(e)));
-                    return;
-                }
+            let Ok(relays) = relays else {
+                let e = BindError::Invalid("invalid relay address".into());
+                let _ = up.try_send(bind_ack(id, Err(e)));
+                return;
             };
-            dp.bind(
-                b.worker_id as usize,
-                tuple,
-                relays,
-                Box::new(move |r| {
-                    let _ = up.try_send(bind_ack(id, r));
-                }),
-            );
+            let done: Box<dyn FnOnce(Result<(), BindError>) + Send> = Box::new(move |r| {
+                let _ = up.try_send(bind_ack(id, r));
+            });
+            match b.five_tuple.as_ref() {
+                // No 5-tuple: a socket for the worker's pool.
+                None => dp.bind_pool(b.worker_id as usize, relays, done),
+                Some(t) => match tuple_from_api(Some(t)) {
+                    Ok(tuple) => dp.bind(b.worker_id as usize, tuple, relays, done),
+                    Err(e) => done(Err(BindError::Invalid(e.to_string()))),
+                },
+            }
         }
         M::TableChanges(batch) => {
             let changes = batch
@@ -309,7 +307,7 @@ async fn apply(
 }
 
 /// Most punted requests in one stream message.
-const PUNT_BATCH: usize = 256;
+const PUNT_BATCH: usize = 64;
 
 fn punted_api(p: Punted) -> v1::PuntedRequest {
     v1::PuntedRequest {

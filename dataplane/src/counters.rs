@@ -54,6 +54,8 @@ pub struct WorkerCounters {
     pub channels_refused: u64,
     /// Datagrams received, on listening and relay sockets, whatever became of them.
     pub received_packets: u64,
+    /// Relay sockets held bound in advance for the next allocations (a gauge).
+    pub relay_pool: u64,
     /// Drops, by reason.
     pub dropped: Drops,
 }
@@ -98,6 +100,7 @@ pub(crate) struct Counters {
     pub(crate) gso_sends: AtomicU64,
     pub(crate) channels_refused: AtomicU64,
     pub(crate) received: AtomicU64,
+    pub(crate) relay_pool: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) unexpected: AtomicU64,
     pub(crate) no_allocation: AtomicU64,
@@ -116,6 +119,12 @@ pub(crate) fn bump(c: &AtomicU64, n: u64) {
     c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
 }
 
+/// Sets a gauge that only the calling thread writes.
+#[inline]
+pub(crate) fn bump_set(c: &AtomicU64, v: usize) {
+    c.store(v as u64, Relaxed);
+}
+
 impl Counters {
     pub(crate) fn snapshot(&self) -> WorkerCounters {
         let r = |c: &AtomicU64| c.load(Relaxed);
@@ -130,6 +139,7 @@ impl Counters {
             gso_sends: r(&self.gso_sends),
             channels_refused: r(&self.channels_refused),
             received_packets: r(&self.received),
+            relay_pool: r(&self.relay_pool),
             dropped: Drops {
                 malformed: r(&self.malformed),
                 unexpected: r(&self.unexpected),

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use turnpike_proto::turn::MAX_DATA_INDICATION_HEADER;
 
-use crate::counters::{Counters, bump};
+use crate::counters::{Counters, bump, bump_set};
 use crate::limit::Limiter;
 use crate::path::is_channel_bind_success;
 use crate::slab::Token;
@@ -148,6 +148,21 @@ impl Core {
         self.table.relays_bound(now.0, tuple, relays);
     }
 
+    /// The worker bound relay sockets in advance (the pool): a later `AllocationAdd`
+    /// naming their addresses claims them, whatever its 5-tuple.
+    pub(crate) fn pool_bound(&mut self, now: Millis, relays: Vec<(SocketAddr, Token)>) {
+        self.now = now.0;
+        self.table.pool_bound(relays);
+        bump_set(&self.ctr.relay_pool, self.table.pooled());
+    }
+
+    /// Closes the pooled relay sockets (the control plane that reserved their ports is
+    /// gone).
+    pub(crate) fn clear_pool(&mut self, out: &mut Vec<Output>) {
+        self.table.clear_pool(out);
+        bump_set(&self.ctr.relay_pool, 0);
+    }
+
     /// A datagram of `len` bytes arrived on socket `t` from `src`, in `buf` (one receive
     /// slot, index `slot`, payload at [`HEADROOM`]); pushes at most one output.
     #[allow(clippy::too_many_arguments)]
@@ -202,6 +217,7 @@ impl Core {
         let denied = self.denied.load();
         self.table
             .apply(self.id, now.0, change, &denied, &self.ctr, out);
+        bump_set(&self.ctr.relay_pool, self.table.pooled());
     }
 
     /// The control plane answers the client of `tuple` with `data`: sent from the

@@ -295,6 +295,36 @@ impl DataPlaneHandle {
         relays: Vec<SocketAddr>,
         done: Box<dyn FnOnce(Result<(), BindError>) + Send>,
     ) {
+        self.bind_for(worker, Some(tuple), relays, done);
+    }
+
+    /// Binds UDP relay sockets on `relays` (each on its own) on `worker` in advance, for
+    /// the pool: a later [`TableChange::AllocationAdd`] naming their addresses claims
+    /// them, whatever its 5-tuple. Pooled sockets stay until [`Self::clear_pool`].
+    pub fn bind_pool(
+        &self,
+        worker: usize,
+        relays: Vec<SocketAddr>,
+        done: Box<dyn FnOnce(Result<(), BindError>) + Send>,
+    ) {
+        self.bind_for(worker, None, relays, done);
+    }
+
+    /// Closes every worker's pooled relay sockets (a control plane that reserved their
+    /// ports is gone; the next one fills the pools again).
+    pub fn clear_pool(&self) {
+        for w in 0..self.workers() {
+            let _ = self.push(w, Command::ClearPool);
+        }
+    }
+
+    fn bind_for(
+        &self,
+        worker: usize,
+        tuple: Option<FiveTuple>,
+        relays: Vec<SocketAddr>,
+        done: Box<dyn FnOnce(Result<(), BindError>) + Send>,
+    ) {
         if let Err(Command::Bind { done, .. }) = self.push(
             worker,
             Command::Bind {

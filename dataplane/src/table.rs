@@ -191,6 +191,10 @@ pub(crate) struct Table {
     pub(crate) allocs: AHashMap<AllocationId, Alloc>,
     by_tuple: AHashMap<FiveTuple, AllocationId>,
     pending: AHashMap<FiveTuple, Vec<PendingBind>>,
+    /// Relay sockets bound in advance for no 5-tuple yet: the control plane hands one to
+    /// a plain Allocate and names it in the `AllocationAdd`. Never closed by the sweep;
+    /// closed when the data plane reattaches (a new control plane does not know them).
+    pool: AHashMap<SocketAddr, Token>,
 }
 
 impl Table {
@@ -280,8 +284,39 @@ impl Table {
         }
     }
 
-    /// Takes the pending relay sockets bound for `tuple` with exactly these addresses.
+    /// Relay sockets were bound in advance, for the pool.
+    pub(crate) fn pool_bound(&mut self, relays: Vec<(SocketAddr, Token)>) {
+        for (a, t) in relays {
+            self.set_role(t, Some(Role::Relay(Owner::Pending)));
+            self.pool.insert(a, t);
+        }
+    }
+
+    /// Closes every pooled socket.
+    pub(crate) fn clear_pool(&mut self, out: &mut Vec<Output>) {
+        let pooled: Vec<Token> = self.pool.drain().map(|(_, t)| t).collect();
+        for t in pooled {
+            self.close(t, out);
+        }
+    }
+
+    /// Relay sockets in the pool.
+    pub(crate) fn pooled(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Takes the pending relay sockets bound for `tuple` with exactly these addresses, or
+    /// else the pooled sockets of these addresses.
     fn claim(&mut self, tuple: &FiveTuple, relays: &[SocketAddr]) -> Vec<(SocketAddr, Token)> {
+        if !self.pending.contains_key(tuple)
+            && !relays.is_empty()
+            && relays.iter().all(|r| self.pool.contains_key(r))
+        {
+            return relays
+                .iter()
+                .filter_map(|r| Some((*r, self.pool.remove(r)?)))
+                .collect();
+        }
         let Some(list) = self.pending.get_mut(tuple) else {
             return Vec::new();
         };

@@ -46,14 +46,16 @@ pub(crate) enum IoOp {
 pub(crate) enum Command {
     /// Send a control-plane datagram to a client.
     Send { tuple: FiveTuple, data: Vec<u8> },
-    /// Bind relay sockets.
+    /// Bind relay sockets: for the allocation of `tuple`, or for the pool (`None`).
     Bind {
-        tuple: FiveTuple,
+        tuple: Option<FiveTuple>,
         relays: Vec<SocketAddr>,
         done: Box<dyn FnOnce(Result<(), BindError>) + Send>,
     },
     /// Apply table changes.
     Apply(Vec<TableChange>),
+    /// Close the pooled relay sockets.
+    ClearPool,
     /// Report every allocation.
     Snapshot(mpsc::Sender<Vec<AllocationSnapshot>>),
     /// Stop.
@@ -66,6 +68,7 @@ impl std::fmt::Debug for Command {
             Command::Send { tuple, data } => write!(f, "Send({tuple:?}, {} bytes)", data.len()),
             Command::Bind { tuple, relays, .. } => write!(f, "Bind({tuple:?}, {relays:?})"),
             Command::Apply(c) => write!(f, "Apply({} changes)", c.len()),
+            Command::ClearPool => f.write_str("ClearPool"),
             Command::Snapshot(_) => f.write_str("Snapshot"),
             Command::Shutdown => f.write_str("Shutdown"),
         }
@@ -252,7 +255,10 @@ impl Worker {
                     self.io_ops
                         .extend(tokens.iter().map(|&t| IoOp::Register(t)));
                     let bound = relays.into_iter().zip(tokens).collect();
-                    self.core.relays_bound(self.now, tuple, bound);
+                    match tuple {
+                        Some(tuple) => self.core.relays_bound(self.now, tuple, bound),
+                        None => self.core.pool_bound(self.now, bound),
+                    }
                     done(Ok(()));
                 }
                 Err(e) => done(Err(e)),
@@ -262,6 +268,7 @@ impl Worker {
                     self.core.handle_change(self.now, c, &mut out);
                 }
             }
+            Command::ClearPool => self.core.clear_pool(&mut out),
             Command::Snapshot(tx) => {
                 let _ = tx.send(self.core.snapshot());
             }
@@ -332,7 +339,7 @@ mod tests {
     ) -> Option<Token> {
         let (done_tx, done_rx) = mpsc::channel();
         let _ = tx.send(Command::Bind {
-            tuple,
+            tuple: Some(tuple),
             relays: vec![addr(relay)],
             done: Box::new(move |r| {
                 let _ = done_tx.send(r);
@@ -391,7 +398,7 @@ mod tests {
         let taken = taken.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let (done_tx, done_rx) = mpsc::channel();
         let _ = tx.send(Command::Bind {
-            tuple: FiveTuple::udp(addr("192.0.2.1:1"), addr("127.0.0.1:2")),
+            tuple: Some(FiveTuple::udp(addr("192.0.2.1:1"), addr("127.0.0.1:2"))),
             relays: vec![addr("127.0.0.1:0"), taken],
             done: Box::new(move |r| {
                 let _ = done_tx.send(r);

@@ -78,6 +78,9 @@ pub struct FileConfig {
     pub data_plane_id: Option<String>,
     /// Accept RFC 5766 channel numbers 0x5000..=0x7FFF.
     pub legacy_channel_numbers: Option<bool>,
+    /// Relay sockets each data-plane worker keeps bound in advance per relay IP, so that
+    /// an Allocate needs no bind round trip; 0 turns the pool off.
+    pub relay_pool: Option<usize>,
     /// The fleet CA (PEM) that signs every plane's certificate.
     pub grpc_ca: Option<PathBuf>,
     /// This process's certificate chain (PEM) for the planes' mutual TLS.
@@ -177,6 +180,9 @@ pub struct Flags {
     /// turnutils_uclient); RFC 8656 allows only 0x4000-0x4FFF.
     #[arg(long, env = "TURNPIKE_LEGACY_CHANNEL_NUMBERS")]
     pub legacy_channel_numbers: bool,
+    /// Relay sockets each worker keeps bound in advance per relay IP (default 8; 0: off).
+    #[arg(long, env = "TURNPIKE_RELAY_POOL")]
+    pub relay_pool: Option<usize>,
     /// Fleet CA certificate (PEM) for the planes' mutual TLS (`turnpike ctl certs` makes
     /// one).
     #[arg(long, env = "TURNPIKE_GRPC_CA")]
@@ -464,6 +470,12 @@ impl Config {
         if let Some(v) = flags.unauth_ip_rate.or(file.unauth_ip_rate) {
             server.unauth_ip_rate = v;
             server.unauth_ip_burst = v.saturating_mul(5).max(1);
+        }
+        if let Some(v) = flags.relay_pool.or(file.relay_pool) {
+            if v > 1024 {
+                return Err(err("relay_pool (--relay-pool)", "at most 1024"));
+            }
+            server.relay_pool = v;
         }
         server.legacy_channel_numbers =
             flags.legacy_channel_numbers || file.legacy_channel_numbers.unwrap_or(false);

@@ -218,6 +218,19 @@ async fn render(
         }
         metric(
             &mut o,
+            "turnpike_relay_pool_sockets",
+            "gauge",
+            "Relay sockets bound in advance for the next allocations, by worker.",
+        );
+        for (w, c) in workers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "turnpike_relay_pool_sockets{{worker=\"{w}\"}} {}",
+                c.relay_pool
+            );
+        }
+        metric(
+            &mut o,
             "turnpike_punt_queue_dropped_total",
             "counter",
             "Punted requests dropped because the queue to the control plane was full.",

@@ -68,6 +68,7 @@ pub fn config() -> ServerConfig {
         relay_ips: vec!["192.0.2.10".parse().expect("ip")],
         relay_ports: (50000, 50099),
         unauth_rate: 0,
+        relay_pool: 0,
         ..ServerConfig::default()
     }
 }

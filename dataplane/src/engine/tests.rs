@@ -572,3 +572,49 @@ fn binding_answers_barely_larger_than_requests() {
         }
     }
 }
+
+#[test]
+fn a_pooled_relay_is_claimed_by_address_kept_by_the_sweep_and_closed_on_clear() {
+    let mut h = H::new(Denied::default(), BindingLimit::default());
+    let other = addr("192.0.2.10:50001");
+    h.core
+        .pool_bound(Millis(T0), vec![(relay(), RELAY), (other, Token(2))]);
+    assert_eq!(
+        h.core
+            .ctr
+            .relay_pool
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    // The sweep leaves pooled sockets alone, however long they wait.
+    h.now = T0 + 10 * UNCLAIMED_BIND_MS;
+    assert!(h.timeout().is_empty());
+    // An AllocationAdd naming a pooled address claims it, for any 5-tuple.
+    let out = h.change(TableChange::AllocationAdd {
+        id: ID,
+        tuple: tuple(),
+        relays: vec![relay()],
+        deadline: Millis(FAR),
+        bandwidth: 0,
+        user: String::new(),
+        username: String::new(),
+        dont_fragment: false,
+    });
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(h.core.snapshot()[0].relays, vec![relay()]);
+    assert_eq!(
+        h.core
+            .ctr
+            .relay_pool
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Clearing the pool closes what is left, not the allocation's relay.
+    let mut out = Vec::new();
+    h.core.clear_pool(&mut out);
+    assert!(
+        matches!(&out[..], [Output::Close(t)] if *t != RELAY),
+        "{out:?}"
+    );
+    assert_eq!(h.core.snapshot().len(), 1);
+}
