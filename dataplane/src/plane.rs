@@ -377,10 +377,12 @@ impl DataPlaneHandle {
                     }
                 }
             }
-        }
-        for (w, changes) in per.into_iter().enumerate() {
-            if !changes.is_empty() {
-                let _ = self.push(w, Command::Apply(changes));
+            // Queued under the lock: a snapshot (which prunes the routes) sees a route
+            // only once its AllocationAdd is ahead of the snapshot in the worker's queue.
+            for (w, changes) in per.into_iter().enumerate() {
+                if !changes.is_empty() {
+                    let _ = self.push(w, Command::Apply(changes));
+                }
             }
         }
     }
@@ -393,21 +395,45 @@ impl DataPlaneHandle {
     /// Every live allocation of every worker, with its permissions, channels, deadlines
     /// and usage. Waits for each worker to answer between two batches (at most a few
     /// seconds for one that does not).
+    ///
+    /// Routes of allocations the workers no longer have (expired while no control
+    /// plane was attached to remove them) are forgotten here.
     pub fn snapshot(&self) -> Vec<AllocationSnapshot> {
         let mut waiting = Vec::with_capacity(self.workers());
-        for w in 0..self.workers() {
-            let (tx, rx) = mpsc::channel();
-            if self.push(w, Command::Snapshot(tx)).is_ok() {
-                waiting.push(rx);
+        let known: Vec<AllocationId> = {
+            let Ok(r) = self.shared.routes.lock() else {
+                return Vec::new();
+            };
+            for w in 0..self.workers() {
+                let (tx, rx) = mpsc::channel();
+                if self.push(w, Command::Snapshot(tx)).is_ok() {
+                    waiting.push(rx);
+                }
+            }
+            r.keys().copied().collect()
+        };
+        let mut all = Vec::new();
+        let mut complete = waiting.len() == self.workers();
+        for rx in waiting {
+            match rx.recv_timeout(SNAPSHOT_WAIT) {
+                Ok(mut v) => all.append(&mut v),
+                Err(_) => complete = false,
             }
         }
-        let mut all = Vec::new();
-        for rx in waiting {
-            if let Ok(mut v) = rx.recv_timeout(SNAPSHOT_WAIT) {
-                all.append(&mut v);
+        if complete && let Ok(mut r) = self.shared.routes.lock() {
+            let live: ahash::AHashSet<AllocationId> = all.iter().map(|a| a.id).collect();
+            for id in known {
+                if !live.contains(&id) {
+                    r.remove(&id);
+                }
             }
         }
         all
+    }
+
+    /// Allocations whose later changes this handle can route (for tests).
+    pub fn routed(&self) -> usize {
+        self.shared.routes.lock().map_or(0, |r| r.len())
     }
 
     /// Replaces the peers never relayed to (the listening addresses stay denied).

@@ -1194,6 +1194,24 @@ fn binding_rate_limited(b: Backend) {
     assert_eq!(recv(&other).0.len(), 32);
 }
 
+/// An allocation that expires with no control plane to remove it leaves no route
+/// behind in the handle once a snapshot has seen it gone.
+fn expired_allocation_route_forgotten(b: Backend) {
+    let s = Server::v4(b);
+    let client = socket("127.0.0.1");
+    let a = s.allocate(&client, 21, now_ms() + 300, 0);
+    assert_eq!(s.h.routed(), 1);
+    // Expired, then swept by the worker (once a second), then seen gone by a snapshot.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if s.h.snapshot().is_empty() && s.h.routed() == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "route of {:?} kept", a.id);
+    }
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -1231,4 +1249,5 @@ on_both_backends!(
     bandwidth_counts_empty_datagrams,
     new_channel_waits_for_bind_response,
     binding_rate_limited,
+    expired_allocation_route_forgotten,
 );
