@@ -930,36 +930,20 @@ impl Cluster {
         let worker = self.alloc_owner.get(&a.id).map(|o| o.1).unwrap_or(0);
         v1::AllocationInfo {
             data_plane_id: self.allocation_dp.get(&a.id).cloned().unwrap_or_default(),
-            state: Some(v1::AllocationState {
-                allocation: Some(v1::Allocation {
-                    allocation_id: a.id.0,
-                    worker_id: worker,
-                    five_tuple: Some((&a.tuple).into()),
-                    relay_addresses: a.relays.iter().map(|r| sa(*r)).collect(),
-                    deadline_unix_millis: a.expires.0,
-                    bandwidth_limit_bytes_per_second: self.server.config().bandwidth_limit,
-                    user_id: a.account.clone(),
-                    dont_fragment: false,
-                    username: a.username.clone(),
-                }),
-                permissions: a
-                    .permissions
-                    .iter()
-                    .map(|(ip, t)| v1::Permission {
-                        peer_ip: ip_to_bytes(*ip),
-                        deadline_unix_millis: t.0,
-                    })
-                    .collect(),
-                channels: a
-                    .channels
-                    .iter()
-                    .map(|(c, p, t)| v1::Channel {
-                        channel_number: u32::from(*c),
-                        peer: Some(sa(*p)),
-                        deadline_unix_millis: t.0,
-                    })
-                    .collect(),
-            }),
+            state: Some(v1::AllocationState::from(&AllocationSnapshot {
+                id: a.id,
+                worker,
+                tuple: a.tuple,
+                relays: a.relays.clone(),
+                deadline: a.expires,
+                bandwidth: self.server.config().bandwidth_limit,
+                user: a.account.clone(),
+                username: a.username.clone(),
+                dont_fragment: false,
+                permissions: a.permissions.clone(),
+                channels: a.channels.clone(),
+                usage: Default::default(),
+            })),
             usage: self.usage.get(&a.id).copied(),
             created_unix_millis: a.created_at.0,
         }

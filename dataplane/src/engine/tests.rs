@@ -73,16 +73,7 @@ impl H {
         let mut h = H::new(Denied::new([server()]), BindingLimit::default());
         h.core
             .relays_bound(Millis(T0), tuple(), vec![(relay(), RELAY)]);
-        let out = h.change(TableChange::AllocationAdd {
-            id: ID,
-            tuple: tuple(),
-            relays: vec![relay()],
-            deadline: Millis(deadline),
-            bandwidth,
-            user: "u".into(),
-            username: "name".into(),
-            dont_fragment: false,
-        });
+        let out = h.change(add(deadline, bandwidth, false));
         assert!(out.is_empty(), "{out:?}");
         h
     }
@@ -151,6 +142,20 @@ impl H {
 
     fn drops(&self) -> Drops {
         self.core.ctr.snapshot().dropped
+    }
+}
+
+/// AllocationAdd of allocation [`ID`] for [`tuple`] on [`relay`].
+fn add(deadline: u64, bandwidth: u64, dont_fragment: bool) -> TableChange {
+    TableChange::AllocationAdd {
+        id: ID,
+        tuple: tuple(),
+        relays: vec![relay()],
+        deadline: Millis(deadline),
+        bandwidth,
+        user: "u".into(),
+        username: "name".into(),
+        dont_fragment,
     }
 }
 
@@ -324,16 +329,7 @@ fn sweep_closes_unclaimed_relays() {
     h.now = T0 + UNCLAIMED_BIND_MS - 1 + SWEEP_MS;
     assert!(matches!(&h.timeout()[..], [Output::Close(RELAY)]));
     // An AllocationAdd after that finds no relay socket.
-    let out = h.change(TableChange::AllocationAdd {
-        id: ID,
-        tuple: tuple(),
-        relays: vec![relay()],
-        deadline: Millis(FAR),
-        bandwidth: 0,
-        user: String::new(),
-        username: String::new(),
-        dont_fragment: true,
-    });
+    let out = h.change(add(FAR, 0, true));
     assert!(out.is_empty(), "{out:?}");
 }
 
@@ -342,16 +338,7 @@ fn allocation_add_claims_relays_and_asks_for_dont_fragment() {
     let mut h = H::new(Denied::default(), BindingLimit::default());
     h.core
         .relays_bound(Millis(T0), tuple(), vec![(relay(), RELAY)]);
-    let out = h.change(TableChange::AllocationAdd {
-        id: ID,
-        tuple: tuple(),
-        relays: vec![relay()],
-        deadline: Millis(FAR),
-        bandwidth: 0,
-        user: String::new(),
-        username: String::new(),
-        dont_fragment: true,
-    });
+    let out = h.change(add(FAR, 0, true));
     assert!(matches!(&out[..], [Output::DontFragment(RELAY)]), "{out:?}");
     assert!(h.core.snapshot()[0].dont_fragment);
     // Removing it closes the relay.
@@ -590,16 +577,7 @@ fn a_pooled_relay_is_claimed_by_address_kept_by_the_sweep_and_closed_on_clear() 
     h.now = T0 + 10 * UNCLAIMED_BIND_MS;
     assert!(h.timeout().is_empty());
     // An AllocationAdd naming a pooled address claims it, for any 5-tuple.
-    let out = h.change(TableChange::AllocationAdd {
-        id: ID,
-        tuple: tuple(),
-        relays: vec![relay()],
-        deadline: Millis(FAR),
-        bandwidth: 0,
-        user: String::new(),
-        username: String::new(),
-        dont_fragment: false,
-    });
+    let out = h.change(add(FAR, 0, false));
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(h.core.snapshot()[0].relays, vec![relay()]);
     assert_eq!(
