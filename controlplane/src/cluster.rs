@@ -682,8 +682,30 @@ impl Cluster {
                     .unwrap_or_default();
                 self.restore(conn, &dp, &t);
             }
+            M::ConnectionClosed(c) => self.connection_closed(conn, &c),
             M::Hello(_) => {}
         }
+    }
+
+    /// A client connection of data plane `conn` closed: its allocation ends (the data
+    /// plane removed it already; the removal it is sent is a no-op there).
+    fn connection_closed(&mut self, conn: ConnId, c: &v1::ConnectionClosed) {
+        let tuple = match tuple_from_api(c.five_tuple.as_ref()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "ConnectionClosed without a valid 5-tuple; ignored");
+                return;
+            }
+        };
+        let Some(id) = self.server.allocation_of(&tuple) else {
+            return;
+        };
+        if !self.owns(conn, id, "connection closed") {
+            return;
+        }
+        let mut out = Vec::new();
+        self.server.connection_closed(id, &mut out);
+        self.route(&mut out, None);
     }
 
     fn usage_report(&mut self, conn: ConnId, u: v1::UsageReport) {
@@ -903,6 +925,7 @@ impl Cluster {
                     EndReason::Deleted => v1::DeletionReason::Released,
                     EndReason::Expired => v1::DeletionReason::Expired,
                     EndReason::Revoked => v1::DeletionReason::Revoked,
+                    EndReason::ConnectionClosed => v1::DeletionReason::ConnectionClosed,
                 };
                 (
                     *id,

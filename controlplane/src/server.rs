@@ -1588,6 +1588,12 @@ impl Server {
         existed
     }
 
+    /// The client's TCP or TLS connection of allocation `id` closed: the allocation
+    /// ends (RFC 8656 §3.1).
+    pub fn connection_closed(&mut self, id: AllocationId, out: &mut Vec<Output>) {
+        self.remove_allocation(id, EndReason::ConnectionClosed, out);
+    }
+
     /// Revokes every allocation of a user (admin). Returns how many.
     pub fn revoke_user(&mut self, account: &str, out: &mut Vec<Output>) -> usize {
         let ids: Vec<_> = self

@@ -18,6 +18,8 @@ pub enum EndReason {
     Expired,
     /// An operator revoked it.
     Revoked,
+    /// The client's TCP or TLS connection closed.
+    ConnectionClosed,
 }
 
 /// Lifecycle events (for the admin API's watch).

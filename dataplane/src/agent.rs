@@ -17,20 +17,22 @@ use turnpike_proto::api::v1::{
 };
 use turnpike_proto::plane::{BindError, TableChange, Usage, tuple_from_api};
 
-use crate::{AllocationSnapshot, ControlSink, DataPlaneHandle, Drops, Punted, WorkerCounters};
+use crate::{
+    AllocationSnapshot, ControlSink, DataPlaneHandle, Drops, FiveTuple, Punted, WorkerCounters,
+};
 
 /// Queues punted requests for the agent; drops (and counts) when the queue is full, as
 /// a router drops rather than blocks its forwarding path.
 #[derive(Debug)]
 pub struct PuntQueue {
-    tx: mpsc::Sender<Punted>,
+    tx: mpsc::Sender<Upward>,
     /// Requests dropped because the queue was full.
     pub dropped: AtomicU64,
 }
 
 impl PuntQueue {
     /// A queue of `depth` requests and its receiving end.
-    pub fn new(depth: usize) -> (Arc<PuntQueue>, mpsc::Receiver<Punted>) {
+    pub fn new(depth: usize) -> (Arc<PuntQueue>, mpsc::Receiver<Upward>) {
         let (tx, rx) = mpsc::channel(depth);
         (
             Arc::new(PuntQueue {
@@ -42,9 +44,31 @@ impl PuntQueue {
     }
 }
 
+/// What the workers hand the agent for the control plane.
+#[derive(Debug)]
+pub enum Upward {
+    /// A punted request.
+    Punt(Punted),
+    /// A client connection closed (its allocation ended).
+    Closed {
+        /// The worker.
+        worker: usize,
+        /// The connection's 5-tuple.
+        tuple: FiveTuple,
+    },
+}
+
 impl ControlSink for PuntQueue {
     fn punt(&self, p: Punted) {
-        if self.tx.try_send(p).is_err() {
+        if self.tx.try_send(Upward::Punt(p)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn connection_closed(&self, worker: usize, tuple: FiveTuple) {
+        // Dropped only when the queue is full: the control plane then ends the
+        // allocation at its expiry instead (its relay sockets are closed already).
+        if self.tx.try_send(Upward::Closed { worker, tuple }).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -55,8 +79,10 @@ impl ControlSink for PuntQueue {
 pub struct Identity {
     /// Its id.
     pub id: String,
-    /// Its listening addresses.
+    /// Its UDP listening addresses.
     pub listen: Vec<SocketAddr>,
+    /// Its TCP and TLS listening addresses.
+    pub streams: Vec<(crate::Transport, SocketAddr)>,
     /// Its relay IPs.
     pub relay_ips: Vec<IpAddr>,
 }
@@ -95,7 +121,7 @@ const TABLE_CHUNK: usize = 2000;
 /// `attached` turns true while a control plane stream is up.
 pub async fn run(
     dp: DataPlaneHandle,
-    mut punted: mpsc::Receiver<Punted>,
+    mut punted: mpsc::Receiver<Upward>,
     queue: Arc<PuntQueue>,
     control: Endpoint,
     me: Identity,
@@ -157,6 +183,10 @@ pub async fn run(
                     transport: v1::Transport::Udp as i32,
                     address: Some((*a).into()),
                 })
+                .chain(me.streams.iter().map(|(t, a)| v1::ListeningAddress {
+                    transport: v1::Transport::from(*t) as i32,
+                    address: Some((*a).into()),
+                }))
                 .collect(),
             relay_ips: me
                 .relay_ips
@@ -205,13 +235,40 @@ pub async fn run(
                     _ => break,
                 },
                 Some(p) = punted.recv() => {
-                    // Whatever else is queued goes in the same stream message.
-                    let mut batch = vec![punted_api(p)];
-                    while batch.len() < PUNT_BATCH {
+                    // Whatever else is queued goes in the same stream message; a closed
+                    // connection goes in a message of its own, in order.
+                    let mut batch = Vec::new();
+                    let mut closed = None;
+                    match p {
+                        Upward::Punt(p) => batch.push(punted_api(p)),
+                        Upward::Closed { worker, tuple } => closed = Some((worker, tuple)),
+                    }
+                    while closed.is_none() && batch.len() < PUNT_BATCH {
                         match punted.try_recv() {
-                            Ok(p) => batch.push(punted_api(p)),
+                            Ok(Upward::Punt(p)) => batch.push(punted_api(p)),
+                            Ok(Upward::Closed { worker, tuple }) => closed = Some((worker, tuple)),
                             Err(_) => break,
                         }
+                    }
+                    if let Some((worker, tuple)) = closed {
+                        let m = msg(data_plane_message::Message::ConnectionClosed(
+                            v1::ConnectionClosed {
+                                worker_id: worker as u32,
+                                five_tuple: Some((&tuple).into()),
+                            },
+                        ));
+                        if !batch.is_empty() {
+                            let b = std::mem::take(&mut batch);
+                            if up.try_send(msg(data_plane_message::Message::PuntedRequests(
+                                v1::PuntedRequests { requests: b },
+                            ))).is_err() {
+                                queue.dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if up.try_send(m).is_err() {
+                            queue.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
                     }
                     let n = batch.len() as u64;
                     let m = if batch.len() == 1 {

@@ -58,6 +58,97 @@ pub struct WorkerCounters {
     pub relay_pool: u64,
     /// Drops, by reason.
     pub dropped: Drops,
+    /// Client connections over TCP and TLS.
+    pub streams: StreamStats,
+}
+
+/// A snapshot of one worker's connection counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// TCP connections accepted.
+    pub accepted_tcp: u64,
+    /// TLS connections accepted.
+    pub accepted_tls: u64,
+    /// TCP connections open now (a gauge).
+    pub open_tcp: u64,
+    /// TLS connections open now (a gauge).
+    pub open_tls: u64,
+    /// Connections closed, for whatever reason.
+    pub closed: u64,
+    /// Connections refused (connection limits) and accepts that failed.
+    pub refused: u64,
+    /// Accepts that failed (out of descriptors, or the client gave up).
+    pub accept_errors: u64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_failures: u64,
+    /// Connections closed for malformed framing or a bad PROXY header.
+    pub framing_errors: u64,
+    /// Messages larger than the largest relayed datagram, skipped.
+    pub oversize: u64,
+    /// Messages to a client dropped because its send queue was full (a slow client).
+    pub send_dropped: u64,
+    /// Connections closed for idleness (no allocation) or a late handshake.
+    pub idle_closed: u64,
+}
+
+impl StreamStats {
+    /// Every counter with its metric name (`snake_case`); the gauges are not included.
+    pub fn counters(&self) -> [(&'static str, u64); 11] {
+        [
+            ("accepted_tcp", self.accepted_tcp),
+            ("accepted_tls", self.accepted_tls),
+            ("closed", self.closed),
+            ("refused", self.refused),
+            ("accept_errors", self.accept_errors),
+            ("tls_handshakes", self.tls_handshakes),
+            ("tls_failures", self.tls_failures),
+            ("framing_errors", self.framing_errors),
+            ("oversize", self.oversize),
+            ("send_dropped", self.send_dropped),
+            ("idle_closed", self.idle_closed),
+        ]
+    }
+}
+
+/// The live connection counters of one worker (see [`StreamStats`]).
+#[derive(Debug, Default)]
+pub(crate) struct StreamCounters {
+    pub(crate) accepted_tcp: AtomicU64,
+    pub(crate) accepted_tls: AtomicU64,
+    pub(crate) open_tcp: AtomicU64,
+    pub(crate) open_tls: AtomicU64,
+    pub(crate) closed: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) accept_errors: AtomicU64,
+    pub(crate) tls_handshakes: AtomicU64,
+    pub(crate) tls_failures: AtomicU64,
+    pub(crate) framing_errors: AtomicU64,
+    pub(crate) oversize: AtomicU64,
+    pub(crate) send_dropped: AtomicU64,
+    pub(crate) idle_closed: AtomicU64,
+}
+
+impl StreamCounters {
+    fn snapshot(&self) -> StreamStats {
+        let r = |c: &AtomicU64| c.load(Relaxed);
+        StreamStats {
+            accepted_tcp: r(&self.accepted_tcp),
+            accepted_tls: r(&self.accepted_tls),
+            open_tcp: r(&self.open_tcp),
+            open_tls: r(&self.open_tls),
+            closed: r(&self.closed),
+            refused: r(&self.refused),
+            accept_errors: r(&self.accept_errors),
+            tls_handshakes: r(&self.tls_handshakes),
+            tls_failures: r(&self.tls_failures),
+            framing_errors: r(&self.framing_errors),
+            oversize: r(&self.oversize),
+            send_dropped: r(&self.send_dropped),
+            idle_closed: r(&self.idle_closed),
+        }
+    }
 }
 
 impl Drops {
@@ -111,6 +202,7 @@ pub(crate) struct Counters {
     pub(crate) send_error: AtomicU64,
     pub(crate) expired: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
+    pub(crate) streams: StreamCounters,
 }
 
 /// Adds `n` to a counter that only the calling thread writes.
@@ -152,6 +244,7 @@ impl Counters {
                 expired: r(&self.expired),
                 rate_limited: r(&self.rate_limited),
             },
+            streams: self.streams.snapshot(),
         }
     }
 }

@@ -206,6 +206,62 @@ impl Core {
         }
     }
 
+    /// A client connection (TCP or TLS) `t` now carries `tuple`; `false` if another
+    /// connection already has that 5-tuple.
+    pub(crate) fn conn_opened(&mut self, t: Token, tuple: FiveTuple) -> bool {
+        self.table.add_conn(tuple, t)
+    }
+
+    /// Client connection `t` of `tuple` closed: its allocation is removed at once (its
+    /// relay sockets closed); returns it, for the control plane to be told.
+    pub(crate) fn conn_closed(
+        &mut self,
+        t: Token,
+        tuple: &FiveTuple,
+        out: &mut Vec<Output>,
+    ) -> Option<crate::AllocationId> {
+        self.table.remove_conn(tuple, t, out)
+    }
+
+    /// Whether the 5-tuple has a live allocation (a connection without one is closed
+    /// after the stream idle timeout).
+    pub(crate) fn has_allocation(&self, tuple: &FiveTuple, now: Millis) -> bool {
+        self.table.has_live_allocation(tuple, now.0)
+    }
+
+    /// One framed message (STUN or ChannelData) of `len` bytes from the client of
+    /// connection `t`, in `buf` (a slot-sized scratch buffer, message at
+    /// [`HEADROOM`]): decided exactly like a datagram on a listening socket. A
+    /// [`Output::Transmit`] names `slot` and a range of `buf`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn handle_message(
+        &mut self,
+        now: Millis,
+        t: Token,
+        tuple: FiveTuple,
+        buf: &mut [u8],
+        len: usize,
+        slot: u32,
+        out: &mut Vec<Output>,
+    ) {
+        self.now = now.0;
+        bump(&self.ctr.received, 1);
+        if len > RECV_CAP || buf.len() < SLOT {
+            bump(&self.ctr.malformed, 1);
+            return;
+        }
+        if let Some((from, to, start, n)) = self.client_datagram(t, tuple, buf, len, out) {
+            out.push(Output::Transmit(Transmit {
+                from,
+                to,
+                slot,
+                start: start as u32,
+                len: n as u32,
+                seq: 0,
+            }));
+        }
+    }
+
     /// Applies a relay-table change.
     pub(crate) fn handle_change(
         &mut self,
@@ -224,7 +280,7 @@ impl Core {
     /// listening socket the client uses. A ChannelBind success response confirms the
     /// allocation's channels (see `Channel` in `table.rs`).
     pub(crate) fn reply(&mut self, tuple: FiveTuple, data: Vec<u8>, out: &mut Vec<Output>) {
-        let Some(from) = self.table.listen_token(&tuple.server) else {
+        let Some(from) = self.table.client_token(&tuple) else {
             bump(&self.ctr.send_error, 1);
             return;
         };

@@ -130,7 +130,10 @@ mod limit;
 mod mmsg;
 mod path;
 mod plane;
+mod proxy;
 mod slab;
+mod stream;
+mod streams;
 #[allow(unsafe_code)]
 mod sys;
 mod table;
@@ -138,8 +141,9 @@ mod table;
 mod uring;
 mod worker;
 
-pub use counters::{Drops, WorkerCounters};
+pub use counters::{Drops, StreamStats, WorkerCounters};
 pub use plane::{DataPlane, DataPlaneHandle};
+pub use streams::{StreamLimits, StreamListen};
 /// The plane-to-plane contract the data plane speaks, re-exported for its users.
 pub use turnpike_proto::plane::{
     AllocationId, AllocationSnapshot, BindError, FiveTuple, Millis, TableChange, Traffic,
@@ -179,6 +183,14 @@ pub struct DataPlaneConfig {
     pub legacy_channel_numbers: bool,
     /// How many Binding requests a worker answers per source.
     pub binding_limit: BindingLimit,
+    /// TCP and TLS addresses clients connect to (each worker has its own SO_REUSEPORT
+    /// socket on each and serves the connections it accepts).
+    pub streams: Vec<StreamListen>,
+    /// The TLS server configuration of the TLS listeners; replace it (certificate
+    /// reload) and new connections use the new one while open ones keep theirs.
+    pub tls: Option<std::sync::Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
+    /// Limits of client connections.
+    pub stream_limits: StreamLimits,
 }
 
 /// How many Binding requests each worker answers per source; the others are dropped
@@ -224,6 +236,9 @@ impl Default for DataPlaneConfig {
             socket_buffer: 4 << 20,
             legacy_channel_numbers: false,
             binding_limit: BindingLimit::default(),
+            streams: Vec::new(),
+            tls: None,
+            stream_limits: StreamLimits::default(),
         }
     }
 }
@@ -244,4 +259,8 @@ pub struct Punted {
 pub trait ControlSink: Send + Sync + 'static {
     /// A punted STUN request.
     fn punt(&self, p: Punted);
+    /// The client connection (TCP or TLS) of `tuple` on worker `worker` closed: its
+    /// allocation, if any, has ended (RFC 8656 §3.1); the data plane has removed it
+    /// already.
+    fn connection_closed(&self, worker: usize, tuple: FiveTuple);
 }

@@ -11,7 +11,7 @@ use nix::sys::eventfd::EventFd;
 use crate::batch::{group_end, gso_refused, report_ready};
 use crate::counters::bump;
 use crate::engine::{HEADROOM, RECV_CAP, SLOT, Transmit};
-use crate::slab::Token;
+use crate::slab::{Kind, Token};
 use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
 use crate::worker::{IoOp, Worker, unix_millis};
 
@@ -21,6 +21,10 @@ pub(crate) const BATCH: usize = 64;
 const ROUNDS: usize = 4;
 /// The epoll token of the wake-up eventfd.
 const WAKE: u64 = u64::MAX;
+/// Bytes read from a connection at a time (into the receive buffers, free between
+/// batches).
+const STREAM_READ: usize = 64 * 1024;
+const _: () = assert!(STREAM_READ <= BATCH * SLOT);
 
 struct Mmsg {
     epoll: Epoll,
@@ -34,6 +38,7 @@ struct Mmsg {
     s_names: Box<[RawName]>,
     s_cmsgs: Box<[GsoCmsg]>,
     s_groups: Box<[(usize, usize)]>,
+    dirty: Vec<Token>,
 }
 
 /// Runs a worker on epoll + recvmmsg/sendmmsg until it is told to stop.
@@ -66,16 +71,35 @@ pub(crate) fn run(
                 continue;
             }
             let t = Token(ev.data() as u32);
-            for _ in 0..ROUNDS {
-                if m.recv_batch(&mut worker, t) < BATCH {
-                    break;
+            match worker.socks.kind(t) {
+                Some(Kind::Udp) => {
+                    for _ in 0..ROUNDS {
+                        if m.recv_batch(&mut worker, t) < BATCH {
+                            break;
+                        }
+                    }
                 }
+                Some(Kind::Listener(_)) => worker.accept_ready(t),
+                Some(Kind::Stream) => {
+                    let f = ev.events();
+                    if f.contains(EpollFlags::EPOLLOUT) {
+                        worker.mark_dirty(t);
+                    }
+                    if f.intersects(
+                        EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
+                    ) {
+                        let scratch = m.bufs.get_mut(..STREAM_READ).unwrap_or_default();
+                        worker.stream_readable(t, scratch);
+                    }
+                }
+                None => {}
             }
         }
         if worker.handle_commands() {
             break;
         }
         worker.handle_timeout();
+        m.flush_streams(&mut worker);
         m.apply_io_ops(&mut worker)?;
     }
     worker.close_all();
@@ -98,6 +122,7 @@ impl Mmsg {
             s_names: vec![RawName::default(); BATCH].into_boxed_slice(),
             s_cmsgs: vec![GsoCmsg::default(); BATCH].into_boxed_slice(),
             s_groups: vec![(0, 0); BATCH].into_boxed_slice(),
+            dirty: Vec::new(),
         })
     }
 
@@ -114,6 +139,11 @@ impl Mmsg {
                             .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, u64::from(t.0)))?;
                     }
                 }
+                IoOp::Pause(t) => {
+                    if let Some(fd) = worker.socks.fd(t) {
+                        let _ = self.epoll.delete(fd);
+                    }
+                }
                 IoOp::Close(t) => {
                     if let Some(fd) = worker.socks.fd(t) {
                         let _ = self.epoll.delete(fd);
@@ -123,6 +153,39 @@ impl Mmsg {
             }
         }
         Ok(())
+    }
+
+    /// Sends what the connections marked dirty have queued; a connection whose socket is
+    /// full waits for EPOLLOUT, one that drained stops waiting for it.
+    fn flush_streams(&mut self, worker: &mut Worker) {
+        worker.take_dirty(&mut self.dirty);
+        for i in 0..self.dirty.len() {
+            let t = self.dirty[i];
+            let done = match worker.flush_stream(t) {
+                Ok(done) => done,
+                Err(reason) => {
+                    worker.close_stream(t, reason);
+                    continue;
+                }
+            };
+            let Some(e) = worker.socks.get_mut(t) else {
+                continue;
+            };
+            let Some(c) = e.stream.as_deref_mut() else {
+                continue;
+            };
+            if c.want_write == done {
+                c.want_write = !done;
+                let mut flags = EpollFlags::EPOLLIN;
+                if !done {
+                    flags |= EpollFlags::EPOLLOUT;
+                }
+                let mut ev = EpollEvent::new(flags, u64::from(t.0));
+                if let Err(err) = self.epoll.modify(e.sock.as_fd(), &mut ev) {
+                    tracing::debug!(error = %err, "epoll modify failed");
+                }
+            }
+        }
     }
 
     /// One recvmmsg on `t` and the sends it causes; returns the datagrams received.

@@ -13,12 +13,13 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::Socket;
 
 use crate::counters::{Counters, WorkerCounters};
-use crate::slab::udp_socket;
+use crate::slab::{tcp_listener, udp_socket};
+use crate::streams::{ListenerKind, StreamShared};
 use crate::table::Denied;
 use crate::worker::{Command, Worker, WorkerInit};
 use crate::{
     AllocationId, AllocationSnapshot, Backend, BindError, ControlSink, DataPlaneConfig, FiveTuple,
-    TableChange, mmsg, uring,
+    StreamListen, TableChange, mmsg, uring,
 };
 
 /// How long [`DataPlaneHandle::snapshot`] waits for a worker's answer.
@@ -32,6 +33,7 @@ pub struct DataPlane {
     handle: DataPlaneHandle,
     threads: Vec<JoinHandle<()>>,
     local: Vec<SocketAddr>,
+    stream_local: Vec<StreamListen>,
     backend: Backend,
 }
 
@@ -122,6 +124,43 @@ impl DataPlane {
             local.push(actual);
         }
 
+        let mut stream_socks: Vec<Vec<(Socket, ListenerKind)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        let mut stream_local = Vec::with_capacity(cfg.streams.len());
+        for l in &cfg.streams {
+            if l.tls && cfg.tls.is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "TLS listener {} without a TLS configuration (certificate)",
+                        l.addr
+                    ),
+                ));
+            }
+            let kind = ListenerKind {
+                tls: l.tls,
+                proxy: l.proxy_protocol,
+            };
+            let mut actual = l.addr;
+            for socks in stream_socks.iter_mut() {
+                let s = tcp_listener(actual, 1024).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on TCP {actual}: {e}"))
+                })?;
+                if actual.port() == 0 {
+                    actual = s.local_addr()?.as_socket().ok_or_else(|| {
+                        io::Error::other("listening socket without an IP address")
+                    })?;
+                }
+                socks.push((s, kind));
+            }
+            stream_local.push(StreamListen { addr: actual, ..*l });
+        }
+        let streams = Arc::new(StreamShared::new(
+            cfg.tls.clone(),
+            cfg.stream_limits,
+            cfg.legacy_channel_numbers,
+        ));
+
         let denied = Arc::new(ArcSwap::from_pointee(Denied::new(
             cfg.denied_peers.iter().chain(&local).copied(),
         )));
@@ -135,7 +174,7 @@ impl DataPlane {
         let mut counters = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         let mut readies = Vec::with_capacity(n);
-        for (id, listen) in per_worker.into_iter().enumerate() {
+        for (id, (listen, listen_streams)) in per_worker.into_iter().zip(stream_socks).enumerate() {
             let (tx, rx) = mpsc::channel();
             let wake = Arc::new(EventFd::from_flags(
                 EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
@@ -154,6 +193,8 @@ impl DataPlane {
                 buffers: cfg.socket_buffer,
                 legacy_channels: cfg.legacy_channel_numbers,
                 binding_limit: cfg.binding_limit,
+                listen_streams,
+                streams: Arc::clone(&streams),
             };
             let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let worker_wake = Arc::clone(&wake);
@@ -213,6 +254,7 @@ impl DataPlane {
             },
             threads,
             local,
+            stream_local,
             backend,
         })
     }
@@ -225,6 +267,11 @@ impl DataPlane {
     /// The listening addresses, port 0 resolved to the port chosen.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.local.clone()
+    }
+
+    /// The TCP and TLS listening addresses, port 0 resolved to the port chosen.
+    pub fn stream_addrs(&self) -> Vec<StreamListen> {
+        self.stream_local.clone()
     }
 
     /// The backend in use: [`Backend::Uring`] or [`Backend::Mmsg`].

@@ -15,11 +15,26 @@ use crate::sys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct Token(pub(crate) u32);
 
+/// What a socket of the worker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// UDP: a listening socket or a relay socket.
+    Udp,
+    /// A TCP listening socket clients connect to (plain TCP or TLS).
+    Listener(crate::streams::ListenerKind),
+    /// A client connection (TCP or TLS), its state in [`SockEntry::stream`].
+    Stream,
+}
+
 /// One socket of the worker.
 #[derive(Debug)]
 pub(crate) struct SockEntry {
     pub(crate) sock: Socket,
     pub(crate) local: SocketAddr,
+    pub(crate) kind: Kind,
+    /// The connection state of a [`Kind::Stream`] socket (taken out while the worker
+    /// works on it).
+    pub(crate) stream: Option<Box<crate::streams::Conn>>,
     /// UDP GSO may be used (probed at creation, cleared when the kernel refuses).
     pub(crate) gso: bool,
     /// Closed by the core; the backend still has to let go of it.
@@ -36,16 +51,27 @@ pub(crate) struct Sockets {
 }
 
 impl Sockets {
-    /// Adds a bound socket; its local address is read back (port 0 resolved).
+    /// Adds a bound UDP socket; its local address is read back (port 0 resolved).
     pub(crate) fn insert(&mut self, sock: Socket) -> io::Result<(Token, SocketAddr)> {
+        self.insert_kind(sock, Kind::Udp)
+    }
+
+    /// Adds a socket of any kind; its local address is read back (port 0 resolved).
+    pub(crate) fn insert_kind(
+        &mut self,
+        sock: Socket,
+        kind: Kind,
+    ) -> io::Result<(Token, SocketAddr)> {
         let local = sock
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::other("socket without an IP address"))?;
-        let gso = sys::gso_supported(sock.as_fd());
+        let gso = kind == Kind::Udp && sys::gso_supported(sock.as_fd());
         let e = SockEntry {
             sock,
             local,
+            kind,
+            stream: None,
             gso,
             closing: false,
         };
@@ -107,6 +133,11 @@ impl Sockets {
         self.entries.get_mut(t.0 as usize).and_then(Option::as_mut)
     }
 
+    /// What socket `t` is (`None` once released).
+    pub(crate) fn kind(&self, t: Token) -> Option<Kind> {
+        self.get(t).map(|e| e.kind)
+    }
+
     pub(crate) fn fd(&self, t: Token) -> Option<BorrowedFd<'_>> {
         self.get(t).map(|e| e.sock.as_fd())
     }
@@ -143,5 +174,21 @@ pub(crate) fn udp_socket(addr: SocketAddr, reuse_port: bool, buffers: usize) -> 
     }
     sys::set_buffers(&s, buffers);
     s.bind(&addr.into())?;
+    Ok(s)
+}
+
+/// Creates a non-blocking TCP listening socket bound to `addr` (SO_REUSEPORT, so that
+/// every worker has its own and the kernel spreads connections over them).
+pub(crate) fn tcp_listener(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_cloexec(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
     Ok(s)
 }

@@ -10,7 +10,7 @@ use ahash::{AHashMap, AHashSet};
 use crate::counters::{Counters, bump};
 use crate::engine::{Output, UNCLAIMED_BIND_MS};
 use crate::slab::Token;
-use crate::{AllocationId, AllocationSnapshot, FiveTuple, Millis, TableChange, Usage};
+use crate::{AllocationId, AllocationSnapshot, FiveTuple, Millis, TableChange, Transport, Usage};
 
 /// Who a relay socket belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +188,9 @@ pub(crate) struct Table {
     /// The role of every socket the core knows, by token.
     roles: Vec<Option<Role>>,
     listens: Vec<(SocketAddr, Token)>,
+    /// Client connections (TCP or TLS) by their 5-tuple: the socket their allocation's
+    /// traffic and the control plane's answers go out on.
+    conns: AHashMap<FiveTuple, Token>,
     pub(crate) allocs: AHashMap<AllocationId, Alloc>,
     by_tuple: AHashMap<FiveTuple, AllocationId>,
     pending: AHashMap<FiveTuple, Vec<PendingBind>>,
@@ -223,6 +226,54 @@ impl Table {
             .iter()
             .find(|(a, _)| a == local)
             .map(|&(_, t)| t)
+    }
+
+    /// The socket a client's traffic goes out on: the listening socket of a UDP
+    /// 5-tuple, or the connection of a TCP/TLS one.
+    pub(crate) fn client_token(&self, tuple: &FiveTuple) -> Option<Token> {
+        match tuple.transport {
+            Transport::Udp => self.listen_token(&tuple.server),
+            Transport::Tcp | Transport::Tls => self.conns.get(tuple).copied(),
+        }
+    }
+
+    /// A client connection was established with this 5-tuple; `false` (and nothing
+    /// changed) if another connection has it (two proxied connections claiming one
+    /// client address).
+    pub(crate) fn add_conn(&mut self, tuple: FiveTuple, t: Token) -> bool {
+        match self.conns.entry(tuple) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(t);
+                true
+            }
+        }
+    }
+
+    /// A client connection closed: its allocation, if any, is removed at once (RFC 8656
+    /// §3.1: the allocation of a TCP/TLS 5-tuple ends with its connection), its relay
+    /// sockets closed. Returns the allocation removed.
+    pub(crate) fn remove_conn(
+        &mut self,
+        tuple: &FiveTuple,
+        t: Token,
+        out: &mut Vec<Output>,
+    ) -> Option<AllocationId> {
+        if self.conns.get(tuple) != Some(&t) {
+            return None;
+        }
+        self.conns.remove(tuple);
+        let id = self.by_tuple.get(tuple).copied()?;
+        self.remove_alloc(id, out);
+        Some(id)
+    }
+
+    /// Whether `tuple` has a live allocation.
+    pub(crate) fn has_live_allocation(&self, tuple: &FiveTuple, now: u64) -> bool {
+        self.by_tuple
+            .get(tuple)
+            .and_then(|id| self.allocs.get(id))
+            .is_some_and(|a| now < a.deadline)
     }
 
     /// Relay sockets were bound for `tuple`; a later `AllocationAdd` claims them.
@@ -381,13 +432,13 @@ impl Table {
                         out.push(Output::DontFragment(t));
                     }
                 }
-                let listen = self.listen_token(&tuple.server);
+                let listen = self.client_token(&tuple);
                 if listen.is_none() {
                     tracing::warn!(
                         worker,
                         id = id.0,
                         ?tuple,
-                        "AllocationAdd for a local address not listened on"
+                        "AllocationAdd for a local address not listened on or a connection already closed"
                     );
                 }
                 self.by_tuple.insert(tuple, id);

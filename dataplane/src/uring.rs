@@ -31,7 +31,7 @@ use nix::sys::eventfd::EventFd;
 use crate::batch::{MAX_SEGS, group_end, gso_refused, report_ready};
 use crate::counters::bump;
 use crate::engine::{HEADROOM, SLOT, TAILROOM, Transmit};
-use crate::slab::Token;
+use crate::slab::{Kind, Token};
 use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
 use crate::worker::{IoOp, Worker, unix_millis};
 
@@ -59,6 +59,8 @@ const KIND_RECV: u64 = 1;
 const KIND_SEND: u64 = 2;
 const KIND_WAKE: u64 = 3;
 const KIND_CANCEL: u64 = 4;
+/// A `Send` of a client connection's queued bytes.
+const KIND_STREAM_SEND: u64 = 5;
 
 fn user_data(kind: u64, gen_: u32, idx: u32) -> u64 {
     (kind << 56) | ((u64::from(gen_) & 0xFF_FFFF) << 32) | u64::from(idx)
@@ -192,6 +194,10 @@ struct RecvState {
     gen_: u32,
     armed: bool,
     closing: bool,
+    /// A connection's `Send` is in flight (its queue's buffer is the kernel's).
+    sending: bool,
+    /// A listener paused after failed accepts: not re-armed until registered again.
+    paused: bool,
 }
 
 struct Uring {
@@ -206,6 +212,7 @@ struct Uring {
     rearm: Vec<Token>,
     release: Vec<Token>,
     outs: Vec<Transmit>,
+    dirty: Vec<Token>,
     cqes: Vec<(u64, i32, u32)>,
     wake_fd: RawFd,
     wake_armed: bool,
@@ -243,6 +250,9 @@ fn probe_here() -> io::Result<()> {
         ("RecvMsg", opcode::RecvMsgMulti::CODE),
         ("SendMsg", opcode::SendMsg::CODE),
         ("PollAdd", opcode::PollAdd::CODE),
+        ("Accept", opcode::AcceptMulti::CODE),
+        ("Recv", opcode::RecvMulti::CODE),
+        ("Send", opcode::Send::CODE),
         ("AsyncCancel", opcode::AsyncCancel::CODE),
     ] {
         if !p.is_supported(code) {
@@ -328,6 +338,7 @@ impl Uring {
             rearm: Vec::new(),
             release: Vec::new(),
             outs: Vec::with_capacity(CQE_BATCH),
+            dirty: Vec::new(),
             cqes: Vec::with_capacity(CQE_BATCH),
             wake_fd: wake.as_raw_fd(),
             wake_armed: false,
@@ -371,10 +382,63 @@ impl Uring {
         };
         st.armed = true;
         let ud = user_data(KIND_RECV, st.gen_, t.0);
-        let e = opcode::RecvMsgMulti::new(Fd(fd), &raw const *self.recv_hdr, BGID)
-            .build()
-            .user_data(ud);
-        self.push(e);
+        let e = match worker.socks.kind(t) {
+            Some(Kind::Listener(_)) => opcode::AcceptMulti::new(Fd(fd))
+                .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                .build(),
+            // Stream bytes land at the start of a provided buffer.
+            Some(Kind::Stream) => opcode::RecvMulti::new(Fd(fd), BGID).build(),
+            _ => opcode::RecvMsgMulti::new(Fd(fd), &raw const *self.recv_hdr, BGID).build(),
+        };
+        self.push(e.user_data(ud));
+    }
+
+    /// Starts a `Send` for every connection with bytes queued and none in flight.
+    fn flush_streams(&mut self, worker: &mut Worker) {
+        worker.take_dirty(&mut self.dirty);
+        for i in 0..self.dirty.len() {
+            let t = self.dirty[i];
+            let Some(st) = self.recv.get(t.0 as usize).copied() else {
+                continue;
+            };
+            if st.sending || st.closing {
+                // Its completion marks it dirty again if more is queued.
+                continue;
+            }
+            let Some((fd, ptr, len)) = worker.stream_send_start(t) else {
+                continue;
+            };
+            if let Some(st) = self.recv.get_mut(t.0 as usize) {
+                st.sending = true;
+            }
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            // SAFETY (for `push`): `ptr..ptr+len` is the connection's in-flight send
+            // buffer, which its queue neither moves nor changes until `stream_sent`, and
+            // the socket (and the connection with it) is released only after this
+            // completion (`sending`).
+            let e = opcode::Send::new(Fd(fd), ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data(KIND_STREAM_SEND, st.gen_, t.0));
+            self.push(e);
+        }
+    }
+
+    fn complete_stream_send(&mut self, worker: &mut Worker, t: Token, gen_: u32, res: i32) {
+        let Some(st) = self.recv.get_mut(t.0 as usize) else {
+            return;
+        };
+        if st.gen_ != gen_ {
+            return;
+        }
+        st.sending = false;
+        if st.closing {
+            if !st.armed {
+                self.release.push(t);
+            }
+            return;
+        }
+        worker.stream_sent(t, res);
     }
 
     fn apply_io_ops(&mut self, worker: &mut Worker) {
@@ -390,24 +454,45 @@ impl Uring {
                         self.recv.resize(i + 1, RecvState::default());
                     }
                     let st = &mut self.recv[i];
+                    if st.armed && st.paused {
+                        // A resumed listener whose accept was never cancelled.
+                        st.paused = false;
+                        continue;
+                    }
                     st.gen_ = st.gen_.wrapping_add(1) & 0xFF_FFFF;
                     st.closing = false;
+                    st.paused = false;
+                    st.sending = false;
                     self.arm_recv(worker, t);
+                }
+                IoOp::Pause(t) => {
+                    if let Some(st) = self.recv.get_mut(t.0 as usize) {
+                        st.paused = true;
+                    }
                 }
                 IoOp::Close(t) => {
                     let Some(st) = self.recv.get_mut(t.0 as usize) else {
                         self.release.push(t);
                         continue;
                     };
-                    if st.armed {
-                        st.closing = true;
-                        let target = user_data(KIND_RECV, st.gen_, t.0);
+                    st.closing = true;
+                    let (armed, sending, gen_) = (st.armed, st.sending, st.gen_);
+                    if armed {
+                        let target = user_data(KIND_RECV, gen_, t.0);
                         let e = opcode::AsyncCancel::new(target)
                             .build()
                             .user_data(user_data(KIND_CANCEL, 0, 0));
                         self.push(e);
-                    } else {
-                        st.closing = true;
+                    }
+                    if sending {
+                        // A send to a client that stopped reading may never finish.
+                        let target = user_data(KIND_STREAM_SEND, gen_, t.0);
+                        let e = opcode::AsyncCancel::new(target)
+                            .build()
+                            .user_data(user_data(KIND_CANCEL, 0, 0));
+                        self.push(e);
+                    }
+                    if !armed && !sending {
                         self.release.push(t);
                     }
                 }
@@ -446,13 +531,14 @@ impl Uring {
                 return Ok(());
             }
             worker.handle_timeout();
+            self.flush_streams(worker);
             self.apply_io_ops(worker);
             let mut i = 0;
             while let Some(&t) = self.rearm.get(i) {
                 if self
                     .recv
                     .get(t.0 as usize)
-                    .is_some_and(|s| !s.closing && !s.armed)
+                    .is_some_and(|s| !s.closing && !s.armed && !s.paused)
                 {
                     self.arm_recv(worker, t);
                 }
@@ -485,6 +571,7 @@ impl Uring {
             }
             self.cqes = cqes;
             self.flush(worker);
+            self.flush_streams(worker);
         }
         if self.recycled {
             self.bufs.publish();
@@ -511,6 +598,7 @@ impl Uring {
         match kind {
             KIND_RECV => self.complete_recv(worker, Token(idx), gen_, res, flags),
             KIND_SEND => self.complete_send(worker, idx as usize, res),
+            KIND_STREAM_SEND => self.complete_stream_send(worker, Token(idx), gen_, res),
             KIND_WAKE => {
                 let mut v = [0u8; 8];
                 // SAFETY: reads 8 bytes into an 8-byte buffer from our eventfd
@@ -525,6 +613,11 @@ impl Uring {
     }
 
     fn complete_recv(&mut self, worker: &mut Worker, t: Token, gen_: u32, res: i32, flags: u32) {
+        match worker.socks.kind(t) {
+            Some(Kind::Listener(_)) => return self.complete_accept(worker, t, gen_, res, flags),
+            Some(Kind::Stream) => return self.complete_stream_recv(worker, t, gen_, res, flags),
+            _ => {}
+        }
         let st = self.recv.get(t.0 as usize).copied().unwrap_or_default();
         let current = st.gen_ == gen_;
         if let Some(bid) = cqueue::buffer_select(flags) {
@@ -544,6 +637,76 @@ impl Uring {
                 if res < 0 && res != -libc::ENOBUFS {
                     tracing::debug!(worker = worker.id, error = %io::Error::from_raw_os_error(-res), "multishot recvmsg ended");
                 }
+                self.rearm.push(t);
+            }
+        }
+    }
+
+    /// A multishot accept on listener `t` completed: `res` is a new connection's
+    /// descriptor, or an error.
+    fn complete_accept(&mut self, worker: &mut Worker, t: Token, gen_: u32, res: i32, flags: u32) {
+        let st = self.recv.get(t.0 as usize).copied().unwrap_or_default();
+        let current = st.gen_ == gen_;
+        if res >= 0 {
+            // SAFETY: a successful accept completion hands us a new descriptor that
+            // nothing else owns.
+            let sock = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(res) };
+            if current && !st.closing {
+                match sock.peer_addr().ok().and_then(|a| a.as_socket()) {
+                    Some(peer) => worker.on_accept(t, sock, peer),
+                    None => bump(&worker.ctr.streams.accept_errors, 1),
+                }
+            }
+        }
+        if !cqueue::more(flags) && current {
+            if let Some(s) = self.recv.get_mut(t.0 as usize) {
+                s.armed = false;
+            }
+            if st.closing {
+                self.release.push(t);
+                return;
+            }
+            let paused = res < 0 && worker.accept_failed(t, &io::Error::from_raw_os_error(-res));
+            if !paused {
+                self.rearm.push(t);
+            }
+        }
+    }
+
+    /// Bytes of connection `t` in buffer `bid` (at its start), its end of stream
+    /// (`res` 0), or an error.
+    fn complete_stream_recv(
+        &mut self,
+        worker: &mut Worker,
+        t: Token,
+        gen_: u32,
+        res: i32,
+        flags: u32,
+    ) {
+        let st = self.recv.get(t.0 as usize).copied().unwrap_or_default();
+        let current = st.gen_ == gen_;
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            if res > 0 && current && !st.closing {
+                // SAFETY: the completion just handed `bid` back; nothing else refers
+                // to it until it is recycled below.
+                let slot = unsafe { self.bufs.slot(bid) };
+                worker.on_stream_data(t, slot.get(..res as usize).unwrap_or_default());
+            }
+            self.recycle(bid);
+        }
+        if !cqueue::more(flags) && current {
+            if let Some(s) = self.recv.get_mut(t.0 as usize) {
+                s.armed = false;
+            }
+            if st.closing {
+                if !st.sending {
+                    self.release.push(t);
+                }
+            } else if res == 0 {
+                worker.stream_eof(t, false);
+            } else if res < 0 && res != -libc::ENOBUFS {
+                worker.stream_eof(t, true);
+            } else {
                 self.rearm.push(t);
             }
         }
@@ -713,7 +876,7 @@ impl Uring {
             .user_data(user_data(KIND_CANCEL, 0, 0));
         self.push(e);
         loop {
-            let armed = self.recv.iter().any(|s| s.armed);
+            let armed = self.recv.iter().any(|s| s.armed || s.sending);
             if !armed && self.in_flight_sends == 0 && !self.wake_armed {
                 break;
             }

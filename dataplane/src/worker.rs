@@ -13,8 +13,9 @@ use arc_swap::ArcSwap;
 use socket2::{SockAddr, Socket};
 
 use crate::counters::{Counters, bump};
-use crate::engine::{Core, CoreConfig, Output, Transmit};
-use crate::slab::{Sockets, Token};
+use crate::engine::{Core, CoreConfig, Output, SLOT, Transmit};
+use crate::slab::{Kind, Sockets, Token};
+use crate::streams::{ListenerKind, StreamShared};
 use crate::sys;
 use crate::table::Denied;
 use crate::{
@@ -40,6 +41,9 @@ pub(crate) enum IoOp {
     /// Stop receiving and call [`Sockets::release`] once the kernel holds no more
     /// reference to the socket's pending operations.
     Close(Token),
+    /// Stop accepting on this listener for a while (accepts fail for lack of
+    /// descriptors); a `Register` resumes it.
+    Pause(Token),
 }
 
 /// A request from the handle to a worker.
@@ -89,6 +93,32 @@ pub(crate) struct WorkerInit {
     pub(crate) buffers: usize,
     pub(crate) legacy_channels: bool,
     pub(crate) binding_limit: BindingLimit,
+    /// TCP/TLS listening sockets (this worker's own SO_REUSEPORT ones).
+    pub(crate) listen_streams: Vec<(Socket, ListenerKind)>,
+    pub(crate) streams: Arc<StreamShared>,
+}
+
+/// Logs a kind of refusal at most once every few seconds, with how many were not
+/// logged (a flood must not flood the log); each refusal is counted elsewhere.
+#[derive(Debug, Default)]
+pub(crate) struct Refusals {
+    last: u64,
+    quiet: u64,
+    now: u64,
+}
+
+impl Refusals {
+    const EVERY_MS: u64 = 5_000;
+
+    pub(crate) fn log(&mut self, what: &'static str, peer: SocketAddr) {
+        if self.last == 0 || self.now.saturating_sub(self.last) >= Self::EVERY_MS {
+            tracing::warn!(%peer, not_logged = self.quiet, "{what}");
+            self.last = self.now.max(1);
+            self.quiet = 0;
+        } else {
+            self.quiet += 1;
+        }
+    }
 }
 
 /// One worker, whatever its backend: the core, the sockets and the control queue.
@@ -100,12 +130,26 @@ pub(crate) struct Worker {
     pub(crate) io_ops: Vec<IoOp>,
     /// The clock of this loop turn, set by the backend.
     pub(crate) now: Millis,
-    core: Core,
+    pub(crate) core: Core,
     rx: mpsc::Receiver<Command>,
     notified: Arc<std::sync::atomic::AtomicBool>,
-    sink: Arc<dyn ControlSink>,
+    pub(crate) sink: Arc<dyn ControlSink>,
     buffers: usize,
-    outputs: Vec<Output>,
+    pub(crate) outputs: Vec<Output>,
+    /// What connections share (TLS configuration, limits, counts).
+    pub(crate) streams: Arc<StreamShared>,
+    pub(crate) refusals: Refusals,
+    /// Open connections: TCP, TLS.
+    pub(crate) open_streams: [usize; 2],
+    /// Connections with something to send (see `streams.rs`).
+    pub(crate) dirty: Vec<Token>,
+    /// A slot-sized buffer a connection's message is copied into for the core.
+    pub(crate) scratch: Vec<u8>,
+    /// Plaintext read out of TLS sessions.
+    pub(crate) plain: Vec<u8>,
+    /// Listeners paused until a time (accept backoff).
+    paused: Vec<(Token, u64)>,
+    next_stream_sweep: u64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -142,10 +186,22 @@ impl Worker {
             sink: init.sink,
             buffers: init.buffers,
             outputs: Vec::with_capacity(64),
+            streams: init.streams,
+            refusals: Refusals::default(),
+            open_streams: [0; 2],
+            dirty: Vec::new(),
+            scratch: vec![0; SLOT],
+            plain: Vec::new(),
+            paused: Vec::new(),
+            next_stream_sweep: now.0.saturating_add(1_000),
         };
         for sock in init.listen {
             let (t, local) = w.socks.insert(sock)?;
             w.core.add_listen(t, local);
+            w.io_ops.push(IoOp::Register(t));
+        }
+        for (sock, kind) in init.listen_streams {
+            let (t, _) = w.socks.insert_kind(sock, Kind::Listener(kind))?;
             w.io_ops.push(IoOp::Register(t));
         }
         Ok(w)
@@ -168,20 +224,33 @@ impl Worker {
         let mut outputs = std::mem::take(&mut self.outputs);
         self.core
             .handle_datagram(self.now, t, src, buf, len, truncated, slot, &mut outputs);
-        self.act(&mut outputs, transmits);
+        self.act(&mut outputs, transmits, buf);
         self.outputs = outputs;
     }
 
     /// Acts on the core's outputs; transmits (which name receive slots) go to
-    /// `transmits` for the backend to batch.
-    fn act(&mut self, outputs: &mut Vec<Output>, transmits: &mut Vec<Transmit>) {
+    /// `transmits` for the backend to batch, except those to a client connection, whose
+    /// bytes (in `slot`) go into its send queue.
+    fn act(&mut self, outputs: &mut Vec<Output>, transmits: &mut Vec<Transmit>, slot: &[u8]) {
         for o in outputs.drain(..) {
             match o {
                 Output::Transmit(mut tx) => {
+                    if self.socks.kind(tx.from) == Some(Kind::Stream) {
+                        let range = tx.start as usize..(tx.start + tx.len) as usize;
+                        match slot.get(range) {
+                            Some(bytes) => self.stream_send(tx.from, bytes),
+                            None => bump(&self.ctr.send_error, 1),
+                        }
+                        continue;
+                    }
                     tx.seq = transmits.len() as u32;
                     transmits.push(tx);
                 }
                 Output::Punt(p) => self.sink.punt(p),
+                Output::Reply { from, data, .. } if self.socks.kind(from) == Some(Kind::Stream) => {
+                    self.stream_send(from, &data);
+                    bump(&self.ctr.control_sent, 1);
+                }
                 Output::Reply { from, to, data } => {
                     // Rare (control-plane answers) and owning its bytes: sent at once
                     // rather than through the backend's batches of receive slots.
@@ -211,14 +280,14 @@ impl Worker {
     }
 
     /// Outputs that cannot carry transmits (control commands, timeouts).
-    fn act_control(&mut self, mut outputs: Vec<Output>) {
+    pub(crate) fn act_control(&mut self, mut outputs: Vec<Output>) {
         let mut none = Vec::new();
-        self.act(&mut outputs, &mut none);
+        self.act(&mut outputs, &mut none, &[]);
         debug_assert!(none.is_empty());
         self.outputs = outputs;
     }
 
-    fn close(&mut self, t: Token) {
+    pub(crate) fn close(&mut self, t: Token) {
         if let Some(e) = self.socks.get_mut(t)
             && !e.closing
         {
@@ -277,16 +346,54 @@ impl Worker {
         self.act_control(out);
     }
 
-    /// Runs the core's timers if due (the sweep).
+    /// Runs the core's timers if due (the sweep), the connections' sweep, and resumes
+    /// paused listeners.
     pub(crate) fn handle_timeout(&mut self) {
         let mut out = std::mem::take(&mut self.outputs);
         self.core.handle_timeout(self.now, &mut out);
         self.act_control(out);
+        self.refusals.now = self.now.0;
+        if self.now.0 >= self.next_stream_sweep {
+            self.next_stream_sweep = self.now.0.saturating_add(1_000);
+            self.sweep_streams();
+        }
+        if !self.paused.is_empty() {
+            let now = self.now.0;
+            let mut resume = Vec::new();
+            self.paused.retain(|&(t, until)| {
+                let due = now >= until;
+                if due {
+                    resume.push(t);
+                }
+                !due
+            });
+            for t in resume {
+                if self.socks.get(t).is_some_and(|e| !e.closing) {
+                    self.io_ops.push(IoOp::Register(t));
+                }
+            }
+        }
+    }
+
+    /// Stops accepting on listener `t` for `ms` milliseconds.
+    pub(crate) fn pause_listener(&mut self, t: Token, ms: u64) {
+        if self.paused.iter().any(|&(p, _)| p == t) {
+            return;
+        }
+        self.paused.push((t, self.now.0.saturating_add(ms)));
+        self.io_ops.push(IoOp::Pause(t));
     }
 
     /// When [`Worker::handle_timeout`] next has work.
     pub(crate) fn poll_timeout(&self) -> Millis {
-        self.core.poll_timeout()
+        let core = self.core.poll_timeout().0.min(self.next_stream_sweep);
+        let paused = self
+            .paused
+            .iter()
+            .map(|&(_, u)| u)
+            .min()
+            .unwrap_or(u64::MAX);
+        Millis(core.min(paused))
     }
 
     /// Closes everything at shutdown.
@@ -307,6 +414,7 @@ mod tests {
 
     impl ControlSink for NoSink {
         fn punt(&self, _: Punted) {}
+        fn connection_closed(&self, _: usize, _: FiveTuple) {}
     }
 
     fn addr(s: &str) -> SocketAddr {
@@ -326,6 +434,8 @@ mod tests {
             buffers: 0,
             legacy_channels: false,
             binding_limit: BindingLimit::default(),
+            listen_streams: Vec::new(),
+            streams: Arc::new(StreamShared::new(None, Default::default(), false)),
         });
         (w.unwrap_or_else(|e| panic!("{e}")), tx)
     }

@@ -26,6 +26,8 @@ impl ControlSink for Sink {
     fn punt(&self, p: Punted) {
         let _ = self.0.send(p);
     }
+
+    fn connection_closed(&self, _: usize, _: FiveTuple) {}
 }
 
 fn now_ms() -> u64 {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Deserialize;
 use turnpike_controlplane::{Cidr, PeerPolicy, ServerConfig};
-use turnpike_dataplane::Backend;
+use turnpike_dataplane::{Backend, StreamLimits, StreamListen};
 
 /// A configuration error: the option it concerns and what is wrong. Exit code 64.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +101,69 @@ pub struct FileConfig {
     /// Seconds without a byte from a gRPC, Admin or metrics client before its
     /// connection is closed.
     pub idle_timeout: Option<u64>,
+    /// TURN over TCP listening addresses (default: the UDP ones, same ports).
+    pub listen_tcp: Option<Vec<String>>,
+    /// TURN over TLS listening addresses (default when a certificate is configured:
+    /// the UDP IPs, port 5349).
+    pub listen_tls: Option<Vec<String>>,
+    /// No TCP listener by default.
+    pub no_tcp: Option<bool>,
+    /// TCP/TLS listening addresses whose connections start with a PROXY protocol
+    /// header (v1 or v2; behind an L4 load balancer).
+    pub proxy_protocol: Option<Vec<String>>,
+    /// TURN over TLS certificates.
+    pub tls: Option<TlsFile>,
+    /// Client connections (TCP and TLS).
+    pub streams: Option<StreamsFile>,
+}
+
+/// One string or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// `[tls]`: certificate chains and keys (PEM), paired in order; with several, the one
+/// whose names match the client's SNI is used, else the first.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsFile {
+    /// Certificate chain file(s).
+    pub cert: Option<OneOrMany>,
+    /// Private key file(s).
+    pub key: Option<OneOrMany>,
+    /// Make a self-signed development certificate at start.
+    pub self_signed: Option<bool>,
+}
+
+/// `[streams]`: limits of client connections.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsFile {
+    /// Connections open at once, all workers together.
+    pub max_connections: Option<usize>,
+    /// Connections open at once per client IP (0: no limit).
+    pub max_per_ip: Option<usize>,
+    /// Seconds a connection may stay without a live allocation.
+    pub idle_timeout: Option<u64>,
+    /// Seconds a TLS handshake or PROXY header may take.
+    pub handshake_timeout: Option<u64>,
+    /// Bytes queued towards one client at most (a slow client loses the newest
+    /// relayed messages beyond it).
+    pub send_buffer: Option<usize>,
 }
 
 /// The common flags (each also readable from `TURNPIKE_<NAME>`).
@@ -210,6 +273,56 @@ pub struct Flags {
     /// Log format: text (default) or json.
     #[arg(long, env = "TURNPIKE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// TURN over TCP listening address, repeatable (default: every UDP listening
+    /// address, same port).
+    #[arg(
+        long = "listen-tcp",
+        env = "TURNPIKE_LISTEN_TCP",
+        value_delimiter = ','
+    )]
+    pub listen_tcp: Vec<String>,
+    /// TURN over TLS listening address, repeatable (default when a certificate is
+    /// configured: every UDP listening IP, port 5349).
+    #[arg(
+        long = "listen-tls",
+        env = "TURNPIKE_LISTEN_TLS",
+        value_delimiter = ','
+    )]
+    pub listen_tls: Vec<String>,
+    /// No TCP listener unless --listen-tcp names one.
+    #[arg(long, env = "TURNPIKE_NO_TCP")]
+    pub no_tcp: bool,
+    /// TLS certificate chain (PEM), repeatable: paired in order with --tls-key; with
+    /// several, SNI picks the one whose names match (else the first). Reloaded on SIGHUP
+    /// and when the files change.
+    #[arg(long = "tls-cert", env = "TURNPIKE_TLS_CERT", value_delimiter = ',')]
+    pub tls_cert: Vec<PathBuf>,
+    /// TLS private key (PEM), repeatable, paired with --tls-cert.
+    #[arg(long = "tls-key", env = "TURNPIKE_TLS_KEY", value_delimiter = ',')]
+    pub tls_key: Vec<PathBuf>,
+    /// Make a self-signed TLS certificate at start (development only) and print its
+    /// SHA-256 fingerprint.
+    #[arg(long, env = "TURNPIKE_TLS_SELF_SIGNED")]
+    pub tls_self_signed: bool,
+    /// A TCP/TLS listening address whose connections start with a PROXY protocol v1/v2
+    /// header (behind an L4 load balancer), repeatable.
+    #[arg(
+        long = "proxy-protocol",
+        env = "TURNPIKE_PROXY_PROTOCOL",
+        value_delimiter = ','
+    )]
+    pub proxy_protocol: Vec<String>,
+}
+
+/// Where the TURN-over-TLS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// No TLS.
+    None,
+    /// PEM files: (certificate chain, key) pairs.
+    Files(Vec<(PathBuf, PathBuf)>),
+    /// A self-signed certificate made at start.
+    SelfSigned,
 }
 
 /// The planes' mutual TLS material.
@@ -262,6 +375,12 @@ pub struct Config {
     pub max_connections: usize,
     /// Idle timeout of the TCP listeners.
     pub idle_timeout: std::time::Duration,
+    /// TURN over TCP and TLS listening addresses.
+    pub streams: Vec<StreamListen>,
+    /// The TLS certificate.
+    pub tls: TlsSource,
+    /// Limits of client connections.
+    pub stream_limits: StreamLimits,
 }
 
 fn parse_addr(option: &str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -287,7 +406,7 @@ fn pick<T>(flag: Vec<T>, file: Option<Vec<T>>) -> Vec<T> {
 impl Config {
     /// Merges file, environment and flags, and validates.
     pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
-        let file: FileConfig = match &flags.config {
+        let mut file: FileConfig = match &flags.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| err("--config", format!("cannot read {}: {e}", path.display())))?;
@@ -295,6 +414,14 @@ impl Config {
                     .map_err(|e| err("--config", format!("{}: {e}", path.display())))?
             }
             None => FileConfig::default(),
+        };
+        let file_streams = FileStreams {
+            listen_tcp: file.listen_tcp.take(),
+            listen_tls: file.listen_tls.take(),
+            no_tcp: file.no_tcp.take(),
+            proxy: file.proxy_protocol.take(),
+            tls: file.tls.take(),
+            limits: file.streams.take(),
         };
         let listen_s = pick(flags.listen.clone(), file.listen);
         let listen = if listen_s.is_empty() {
@@ -416,6 +543,7 @@ impl Config {
         if workers > 1024 {
             return Err(err("workers (--workers)", "at most 1024"));
         }
+        let (streams, tls, stream_limits) = streams_config(flags, &file_streams, &listen)?;
         let mut own: Vec<SocketAddr> = listen.clone();
         own.extend(grpc_listen);
         own.extend(metrics_listen);
@@ -547,6 +675,9 @@ impl Config {
             admin_token,
             max_connections,
             idle_timeout,
+            streams,
+            tls,
+            stream_limits,
             listen,
             relay_ips,
             realm,
@@ -563,4 +694,169 @@ impl Config {
                 .unwrap_or_else(|| format!("dp-{}", std::process::id())),
         })
     }
+}
+
+/// The stream parts of the file, taken out before the rest is consumed.
+struct FileStreams {
+    listen_tcp: Option<Vec<String>>,
+    listen_tls: Option<Vec<String>>,
+    no_tcp: Option<bool>,
+    proxy: Option<Vec<String>>,
+    tls: Option<TlsFile>,
+    limits: Option<StreamsFile>,
+}
+
+/// The TCP and TLS listeners, the certificate source and the connection limits.
+fn streams_config(
+    flags: &Flags,
+    file: &FileStreams,
+    udp: &[SocketAddr],
+) -> Result<(Vec<StreamListen>, TlsSource, StreamLimits), ConfigError> {
+    let tls_file = file.tls.as_ref();
+    let certs: Vec<PathBuf> = if flags.tls_cert.is_empty() {
+        tls_file
+            .and_then(|t| t.cert.clone())
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+            .into_iter()
+            .map(PathBuf::from)
+            .collect()
+    } else {
+        flags.tls_cert.clone()
+    };
+    let keys: Vec<PathBuf> = if flags.tls_key.is_empty() {
+        tls_file
+            .and_then(|t| t.key.clone())
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+            .into_iter()
+            .map(PathBuf::from)
+            .collect()
+    } else {
+        flags.tls_key.clone()
+    };
+    if certs.len() != keys.len() {
+        return Err(err(
+            "tls.cert, tls.key (--tls-cert, --tls-key)",
+            format!(
+                "{} certificate(s) and {} key(s): give them in pairs",
+                certs.len(),
+                keys.len()
+            ),
+        ));
+    }
+    for p in certs.iter().chain(&keys) {
+        if !p.is_file() {
+            return Err(err(
+                "tls.cert, tls.key (--tls-cert, --tls-key)",
+                format!("{} is not a readable file", p.display()),
+            ));
+        }
+    }
+    let self_signed =
+        flags.tls_self_signed || tls_file.and_then(|t| t.self_signed).unwrap_or(false);
+    let tls = match (certs.is_empty(), self_signed) {
+        (false, true) => {
+            return Err(err(
+                "tls.self_signed (--tls-self-signed)",
+                "not with a configured certificate",
+            ));
+        }
+        (false, false) => TlsSource::Files(certs.into_iter().zip(keys).collect()),
+        (true, true) => TlsSource::SelfSigned,
+        (true, false) => TlsSource::None,
+    };
+    let parse_all = |option: &str, v: &[String]| -> Result<Vec<SocketAddr>, ConfigError> {
+        v.iter().map(|s| parse_addr(option, s)).collect()
+    };
+    let tcp_s = pick(flags.listen_tcp.clone(), file.listen_tcp.clone());
+    let no_tcp = flags.no_tcp || file.no_tcp.unwrap_or(false);
+    let tcp = if tcp_s.is_empty() {
+        if no_tcp { Vec::new() } else { udp.to_vec() }
+    } else {
+        parse_all("listen_tcp (--listen-tcp)", &tcp_s)?
+    };
+    let tls_s = pick(flags.listen_tls.clone(), file.listen_tls.clone());
+    let tls_addrs = if tls_s.is_empty() {
+        if tls == TlsSource::None {
+            Vec::new()
+        } else {
+            let mut v: Vec<SocketAddr> = Vec::new();
+            for a in udp {
+                let a = SocketAddr::new(a.ip(), 5349);
+                if !v.contains(&a) {
+                    v.push(a);
+                }
+            }
+            v
+        }
+    } else {
+        if tls == TlsSource::None {
+            return Err(err(
+                "listen_tls (--listen-tls)",
+                "needs a certificate: tls.cert and tls.key (--tls-cert, --tls-key) or --tls-self-signed",
+            ));
+        }
+        parse_all("listen_tls (--listen-tls)", &tls_s)?
+    };
+    let proxy = parse_all(
+        "proxy_protocol (--proxy-protocol)",
+        &pick(flags.proxy_protocol.clone(), file.proxy.clone()),
+    )?;
+    let mut streams: Vec<StreamListen> = Vec::new();
+    for (addrs, is_tls) in [(&tcp, false), (&tls_addrs, true)] {
+        for &addr in addrs.iter() {
+            if streams.iter().any(|s| s.addr == addr) {
+                return Err(err(
+                    "listen_tcp, listen_tls (--listen-tcp, --listen-tls)",
+                    format!("{addr} is listed twice"),
+                ));
+            }
+            streams.push(StreamListen {
+                addr,
+                tls: is_tls,
+                proxy_protocol: proxy.contains(&addr),
+            });
+        }
+    }
+    if let Some(p) = proxy
+        .iter()
+        .find(|p| !streams.iter().any(|s| s.addr == **p))
+    {
+        return Err(err(
+            "proxy_protocol (--proxy-protocol)",
+            format!("{p} is not a TCP or TLS listening address"),
+        ));
+    }
+    let mut limits = StreamLimits::default();
+    if let Some(l) = &file.limits {
+        if let Some(v) = l.max_connections {
+            limits.max_connections = v;
+        }
+        if let Some(v) = l.max_per_ip {
+            limits.max_per_ip = v;
+        }
+        if let Some(v) = l.idle_timeout {
+            limits.idle_ms = v.saturating_mul(1000);
+        }
+        if let Some(v) = l.handshake_timeout {
+            limits.handshake_ms = v.saturating_mul(1000);
+        }
+        if let Some(v) = l.send_buffer {
+            limits.send_buffer = v;
+        }
+    }
+    if limits.max_connections == 0 {
+        return Err(err("streams.max_connections", "at least 1"));
+    }
+    if limits.idle_ms == 0 || limits.handshake_ms == 0 {
+        return Err(err(
+            "streams.idle_timeout, streams.handshake_timeout",
+            "at least 1 second",
+        ));
+    }
+    if limits.send_buffer < 16 * 1024 {
+        return Err(err("streams.send_buffer", "at least 16384 bytes"));
+    }
+    Ok((streams, tls, limits))
 }

@@ -8,6 +8,8 @@ mod listener;
 mod metrics;
 mod run;
 mod tls;
+mod tls_clients;
+mod turn_tls;
 
 use clap::{Parser, Subcommand};
 

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use turnpike_controlplane::{AdminAuth, ControlPlaneHandle, Credentials, Server};
 use turnpike_dataplane::agent::{self, Identity, PuntQueue};
-use turnpike_dataplane::{DataPlane, DataPlaneConfig};
+use turnpike_dataplane::{DataPlane, DataPlaneConfig, Transport};
 
 use crate::config::Config;
 use crate::listener::{self, Limits};
@@ -230,6 +230,7 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             .tls_config(pems.client(&cfg.grpc_server_name))
             .context("gRPC TLS configuration")?;
         let (queue, punted) = PuntQueue::new(16384);
+        let tls = crate::turn_tls::start(&cfg)?;
         let dp = DataPlane::start(
             DataPlaneConfig {
                 listen: cfg.listen.clone(),
@@ -238,12 +239,20 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
                 pin: cfg.pin,
                 denied_peers: cfg.server.policy.own_sockets().to_vec(),
                 legacy_channel_numbers: cfg.server.legacy_channel_numbers,
+                streams: cfg.streams.clone(),
+                tls,
+                stream_limits: cfg.stream_limits,
                 ..DataPlaneConfig::default()
             },
             queue.clone(),
         )
         .context("cannot start the data plane")?;
         let listen = dp.local_addrs();
+        let stream_addrs: Vec<(Transport, std::net::SocketAddr)> = dp
+            .stream_addrs()
+            .iter()
+            .map(|s| (if s.tls { Transport::Tls } else { Transport::Tcp }, s.addr))
+            .collect();
         let (attached_tx, mut attached) = watch::channel(false);
         tokio::spawn(agent::run(
             dp.handle(),
@@ -253,6 +262,7 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             Identity {
                 id: cfg.data_plane_id.clone(),
                 listen: listen.clone(),
+                streams: stream_addrs.clone(),
                 relay_ips: cfg.relay_ips.clone(),
             },
             attached_tx,
@@ -270,9 +280,21 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             tracing::warn!(%control, "not attached to a control plane yet; relaying existing allocations only");
         }
         let listen_s: Vec<String> = listen.iter().map(ToString::to_string).collect();
+        let tcp_s: Vec<String> = stream_addrs
+            .iter()
+            .filter(|(t, _)| *t == Transport::Tcp)
+            .map(|(_, a)| a.to_string())
+            .collect();
+        let tls_s: Vec<String> = stream_addrs
+            .iter()
+            .filter(|(t, _)| *t == Transport::Tls)
+            .map(|(_, a)| a.to_string())
+            .collect();
         println!(
-            "turnpike ready: listen={} backend={:?} workers={} control={control}",
+            "turnpike ready: listen={} tcp={} tls={} backend={:?} workers={} control={control}",
             listen_s.join(","),
+            tcp_s.join(","),
+            tls_s.join(","),
             dp.backend(),
             dp.handle().workers()
         );
