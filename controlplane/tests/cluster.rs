@@ -546,3 +546,45 @@ fn a_plain_allocate_takes_a_pooled_relay_without_a_bind_round_trip() {
     cell.cluster.detach(T0, dp1);
     assert_eq!(cell.cluster.pooled(), 0);
 }
+
+/// A TCP client's allocation ends when its connection closes (RFC 8656 §3.1), on the
+/// word of the data plane that owns it only.
+#[test]
+fn a_closed_connection_ends_its_allocation_on_its_owner_only() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let dp2 = cell.cluster.attach(T0, hello("dp2", DP2, vec![]));
+    let t = FiveTuple {
+        transport: turnpike_controlplane::Transport::Tcp,
+        client: addr("203.0.113.1:4000"),
+        server: addr(DP1),
+    };
+    assert_eq!(cell.allocate(&mut alice(), dp1, 1, t), Ok(()));
+    assert_eq!(cell.cluster.routes(), 1);
+    let closed = || {
+        up::Message::ConnectionClosed(v1::ConnectionClosed {
+            worker_id: 1,
+            five_tuple: Some((&t).into()),
+        })
+    };
+    let removed = |cell: &Cell, conn| {
+        cell.changes_to(conn)
+            .iter()
+            .any(|(c, _)| matches!(c, TableChange::AllocationRemove { .. }))
+    };
+    // Another data plane cannot end it.
+    cell.cluster.handle_message(cell.now, dp2, closed());
+    cell.collect();
+    assert!(!removed(&cell, dp1) && !removed(&cell, dp2));
+    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
+    // Its own data plane does: the allocation and its route are gone at once.
+    cell.cluster.handle_message(cell.now, dp1, closed());
+    cell.collect();
+    assert!(removed(&cell, dp1));
+    assert_eq!(cell.cluster.stats().totals.unwrap().allocations, 0);
+    cell.advance(1);
+    assert_eq!(cell.cluster.routes(), 0);
+    // A late or repeated notice is harmless.
+    cell.cluster.handle_message(cell.now, dp1, closed());
+    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
+}

@@ -231,6 +231,40 @@ async fn render(
         }
         metric(
             &mut o,
+            "turnpike_connections",
+            "gauge",
+            "Client connections open, by transport (tcp, tls) and worker.",
+        );
+        for (w, c) in workers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "turnpike_connections{{transport=\"tcp\",worker=\"{w}\"}} {}",
+                c.streams.open_tcp
+            );
+            let _ = writeln!(
+                o,
+                "turnpike_connections{{transport=\"tls\",worker=\"{w}\"}} {}",
+                c.streams.open_tls
+            );
+        }
+        metric(
+            &mut o,
+            "turnpike_connection_events_total",
+            "counter",
+            "Client connection events (accepted by transport, closed, refused, TLS \
+             handshakes and failures, framing errors, oversize messages, send-buffer drops, \
+             idle closes), by worker.",
+        );
+        for (w, c) in workers.iter().enumerate() {
+            for (event, v) in c.streams.counters() {
+                let _ = writeln!(
+                    o,
+                    "turnpike_connection_events_total{{event=\"{event}\",worker=\"{w}\"}} {v}"
+                );
+            }
+        }
+        metric(
+            &mut o,
             "turnpike_punt_queue_dropped_total",
             "counter",
             "Punted requests dropped because the queue to the control plane was full.",

@@ -596,3 +596,79 @@ fn a_pooled_relay_is_claimed_by_address_kept_by_the_sweep_and_closed_on_clear() 
     );
     assert_eq!(h.core.snapshot().len(), 1);
 }
+
+/// A TCP client's allocation: its messages come from the connection, everything to it
+/// goes out on the connection's token, and closing the connection ends it at once.
+#[test]
+fn tcp_connection_carries_its_allocation_and_ends_it() {
+    const CONN: Token = Token(7);
+    let tcp = FiveTuple {
+        transport: crate::Transport::Tcp,
+        client: client(),
+        server: server(),
+    };
+    let mut h = H::new(Denied::new([server()]), BindingLimit::default());
+    assert!(h.core.conn_opened(CONN, tcp));
+    // Another connection cannot claim the same 5-tuple (a PROXY header lying).
+    assert!(!h.core.conn_opened(Token(8), tcp));
+    h.core.relays_bound(Millis(T0), tcp, vec![(relay(), RELAY)]);
+    let out = h.change(TableChange::AllocationAdd {
+        id: ID,
+        tuple: tcp,
+        relays: vec![relay()],
+        deadline: Millis(FAR),
+        bandwidth: 0,
+        user: "u".into(),
+        username: "name".into(),
+        dont_fragment: false,
+    });
+    assert!(out.is_empty(), "{out:?}");
+    h.permit(peer(), FAR);
+    h.channel(0x4000, peer(), FAR);
+
+    // Client → peer: the message, framed by the worker, goes through the same rules.
+    let cd = channel_data(0x4000, b"hello");
+    let mut buf = vec![0u8; SLOT];
+    buf[HEADROOM..HEADROOM + cd.len()].copy_from_slice(&cd);
+    let mut out = Vec::new();
+    h.core
+        .handle_message(Millis(h.now), CONN, tcp, &mut buf, cd.len(), 0, &mut out);
+    match out.as_slice() {
+        [Output::Transmit(tx)] => {
+            assert_eq!((tx.from, tx.to), (RELAY, peer()));
+            let at = tx.start as usize;
+            assert_eq!(&buf[at..at + tx.len as usize], b"hello");
+        }
+        o => panic!("{o:?}"),
+    }
+    // The same bytes on the UDP listening socket belong to another 5-tuple.
+    assert!(h.client_sends(&cd).is_empty());
+
+    // Peer → client: out on the connection (a Data indication until the bind is
+    // confirmed by a ChannelBind success sent on that connection).
+    match h.peer_sends(peer(), b"back").as_slice() {
+        [Did::Send(t, to, d)] => {
+            assert_eq!((*t, *to), (CONN, client()));
+            assert_eq!(data_indication(d), (peer(), b"back".to_vec()));
+        }
+        o => panic!("{o:?}"),
+    }
+    // A control-plane answer to the TCP client goes out on the connection too.
+    let mut out = Vec::new();
+    h.core
+        .reply(tcp, message(Method::REFRESH, Class::Success), &mut out);
+    assert!(
+        matches!(out.as_slice(), [Output::Reply { from: CONN, .. }]),
+        "{out:?}"
+    );
+
+    // The connection closes: the allocation ends now, its relay socket closes.
+    let mut out = Vec::new();
+    assert_eq!(h.core.conn_closed(CONN, &tcp, &mut out), Some(ID));
+    assert!(matches!(out.as_slice(), [Output::Close(RELAY)]), "{out:?}");
+    assert!(!h.core.has_allocation(&tcp, Millis(h.now)));
+    assert!(h.peer_sends(peer(), b"late").is_empty());
+    // Closing again, or closing a connection that never had the tuple, does nothing.
+    assert_eq!(h.core.conn_closed(CONN, &tcp, &mut out), None);
+    assert_eq!(h.core.conn_closed(Token(8), &tcp, &mut out), None);
+}
