@@ -463,7 +463,13 @@ impl Worker {
 
     /// Bytes arrived on connection `t`.
     pub(crate) fn on_stream_data(&mut self, t: Token, data: &[u8]) {
-        let Some(mut conn) = self.socks.get_mut(t).and_then(|e| e.stream.take()) else {
+        // Bytes that arrive after the worker decided to close are ignored.
+        let Some(mut conn) = self
+            .socks
+            .get_mut(t)
+            .filter(|e| !e.closing)
+            .and_then(|e| e.stream.take())
+        else {
             return;
         };
         let r = self.stream_input(t, &mut conn, data);
