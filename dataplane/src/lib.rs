@@ -130,6 +130,9 @@ mod limit;
 mod mmsg;
 mod path;
 mod plane;
+// PROXY protocol headers in front of TURN over TCP/TLS (see `stream`).
+#[allow(dead_code)]
+mod proxy;
 mod slab;
 // TURN over TCP/TLS: the worker integration is written separately.
 #[allow(dead_code)]
