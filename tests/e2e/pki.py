@@ -7,6 +7,8 @@
                                     reject it
     wrong.test.pem / wrong.test.key the same, for DNS:wrong.test: a server that serves it
                                     must be rejected by a client that asked for turn.test
+    untrusted-ca.pem                another CA that signed nothing here: a client that
+                                    trusts only it must reject the server
 
 The certificates are fine for Chromium's verifier too: X.509 v3, subjectAltName,
 extendedKeyUsage serverAuth, validity of days, not years. Keys are PKCS#8 PEM
@@ -41,6 +43,7 @@ class Pki:
     ca: str                 # CA certificate, PEM
     server: CertFiles       # DNS:turn.test
     wrong: CertFiles        # DNS:wrong.test
+    untrusted_ca: str       # a CA that signed neither certificate
 
     def spki_sha256_b64(self, pem: str) -> str:
         """base64(SHA-256(SubjectPublicKeyInfo DER)) of a certificate: the form
@@ -74,18 +77,24 @@ def _leaf(d: str, name: str) -> CertFiles:
     return CertFiles(name, pem, key)
 
 
+def _ca(d: str, stem: str, cn: str) -> str:
+    _openssl("req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", f"{stem}.key", "-out", f"{stem}.pem", "-days", DAYS,
+             "-sha256", "-subj", f"/CN={cn}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    return os.path.join(d, f"{stem}.pem")
+
+
 def make_pki(d: str) -> Pki:
-    """Create the CA and both server certificates in folder d (made if needed)."""
+    """Create the CAs and both server certificates in folder d (made if needed)."""
     if shutil.which("openssl") is None:
         raise RuntimeError("the openssl CLI is not installed (tests/scripts/setup-deps.sh)")
     os.makedirs(d, exist_ok=True)
-    _openssl("req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", DAYS, "-sha256",
-             "-subj", "/CN=turnpike e2e test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    return Pki(dir=d, ca=os.path.join(d, "ca.pem"),
-               server=_leaf(d, SERVER_NAME), wrong=_leaf(d, WRONG_NAME))
+    ca = _ca(d, "ca", "turnpike e2e test CA")
+    untrusted = _ca(d, "untrusted-ca", "turnpike e2e untrusted CA")
+    return Pki(dir=d, ca=ca, server=_leaf(d, SERVER_NAME), wrong=_leaf(d, WRONG_NAME),
+               untrusted_ca=untrusted)
 
 
 def spki_sha256_b64(pem_path: str) -> str:

@@ -37,6 +37,7 @@ GROUPS = {
     "aioice": "t_aioice",
     "chromium": "t_chromium",
     "policy": "t_policy",
+    "uclient-tcp": "t_uclient_tcp",
 }
 
 
