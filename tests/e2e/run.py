@@ -38,6 +38,7 @@ GROUPS = {
     "chromium": "t_chromium",
     "policy": "t_policy",
     "uclient-tcp": "t_uclient_tcp",
+    "aioice-tcp": "t_aioice_tcp",
 }
 
 
