@@ -39,6 +39,7 @@ GROUPS = {
     "policy": "t_policy",
     "uclient-tcp": "t_uclient_tcp",
     "aioice-tcp": "t_aioice_tcp",
+    "chromium-tcp": "t_chromium_tcp",
 }
 
 
