@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end tests of a TURN server with third-party clients.
 
-    run.py [--list] [--self-test] [-v] [GROUP ...]      GROUP: uclient aioice chromium policy
+    run.py [--list] [--self-test] [-v] [GROUP ...]
+        GROUP: uclient aioice chromium policy uclient-tcp aioice-tcp chromium-tcp
 
 Each group gets a fresh server started from TURN_SERVER_CMD (see server.py and
 README.md); every test prints PASS/FAIL/SKIP with its time, the run ends with a line
