@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -86,10 +86,10 @@ impl ResolvesServerCert for BySni {
         self.keys
             .iter()
             .find(|k| {
-                k.end_entity_cert().is_ok_and(|der| {
-                    webpki::EndEntityCert::try_from(der)
-                        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
-                })
+                k.end_entity_cert()
+                    .ok()
+                    .and_then(|der| ParsedCertificate::try_from(der).ok())
+                    .is_some_and(|c| rustls::client::verify_server_name(&c, &name).is_ok())
             })
             .cloned()
             .or(first)
@@ -216,27 +216,34 @@ pub fn spawn_every(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot watch SIGHUP")?;
+    // What was loaded is what the files are now: a change right after this call is
+    // noticed, whenever the task first runs.
+    let mut seen = stamps(&pairs);
     Ok(tokio::spawn(async move {
-        let mut seen = stamps(&pairs);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A change is loaded once the files have stayed the same for one check: a
+        // renewal that writes the certificate, then the key, is loaded once, whole.
+        let mut settling: Option<Vec<_>> = None;
         loop {
             let why = tokio::select! {
                 _ = hup.recv() => "SIGHUP",
                 _ = tick.tick() => {
                     let now = stamps(&pairs);
                     if now == seen {
+                        settling = None;
                         continue;
                     }
-                    seen = now;
+                    if settling.as_ref() != Some(&now) {
+                        settling = Some(now);
+                        continue;
+                    }
                     "files changed"
                 }
             };
-            // A writer may still be busy with the second file of a pair: a failed load
-            // is retried at the next change or tick.
-            if !reload(&pairs, &swap, why) {
-                seen.clear();
-            }
+            settling = None;
+            seen = stamps(&pairs);
+            reload(&pairs, &swap, why);
         }
     }))
 }
