@@ -113,6 +113,13 @@ pub struct Cluster {
     /// Relay sockets each worker of each data plane holds bound in advance, ready for a
     /// plain Allocate (see [`crate::Via::pool`]).
     pools: HashMap<(ConnId, u32), Vec<SocketAddr>>,
+    /// Where the fleet says new allocations go instead (this instance is drained or
+    /// loaded; see `fleet.rs`), if anywhere.
+    fleet: Option<crate::fleet::Alternates>,
+    /// The fleet drained this instance.
+    fleet_draining: bool,
+    /// Every data plane of the cell is drained.
+    cell_drained: bool,
     /// A pooled socket was taken during this message: refill at its end.
     pool_taken: bool,
     /// Pool binds in flight: the worker asked and the address.
@@ -146,6 +153,9 @@ impl Cluster {
             pending_tables: HashMap::new(),
             pending_sends: Vec::new(),
             pools: HashMap::new(),
+            fleet: None,
+            fleet_draining: false,
+            cell_drained: false,
             pool_taken: false,
             pool_binds: HashMap::new(),
             next_pool_bind: POOL_BIND_IDS,
@@ -450,8 +460,9 @@ impl Cluster {
                 control_plane_message::Message::Drain(v1::Drain { draining }),
             );
         }
-        let any_open = self.conns.values().any(|c| !c.draining);
-        self.server.set_draining(!any_open, None);
+        self.cell_drained = !self.conns.values().any(|c| !c.draining);
+        self.server
+            .set_draining(self.cell_drained || self.fleet_draining, None);
         let allocations = self
             .allocation_dp
             .values()
@@ -461,6 +472,22 @@ impl Cluster {
             draining,
             allocations,
         })
+    }
+
+    /// The fleet's decision for this instance: `draining` (take no new allocations:
+    /// they get 300 to `alternates`, or 508 without one), and where new allocations go
+    /// instead while it redirects (`alternates`, set for a drained or loaded instance).
+    pub fn set_fleet(&mut self, draining: bool, alternates: Option<crate::fleet::Alternates>) {
+        if draining != self.fleet_draining {
+            tracing::info!(draining, "instance drain state from the fleet");
+        }
+        if alternates.as_ref().map(|a| &a.instance) != self.fleet.as_ref().map(|a| &a.instance) {
+            tracing::info!(to = ?alternates.as_ref().map(|a| a.instance.as_str()), "new allocations redirected");
+        }
+        self.fleet_draining = draining;
+        self.server
+            .set_draining(self.cell_drained || self.fleet_draining, None);
+        self.fleet = alternates;
     }
 
     /// Replaces the TURN REST secrets; returns how many are in force.
@@ -588,9 +615,19 @@ impl Cluster {
         relay_ips.extend_from_slice(&c.relay_ips);
         let key = (conn, p.worker_id);
         let mut pool = self.pools.remove(&key).unwrap_or_default();
+        // A drained data plane sends its clients to another of the cell; an instance
+        // that redirects (drained, or loaded: see `fleet.rs`) to another of the fleet.
+        let (alternate, domain) = match self.alternate_for(conn, tuple.transport) {
+            Some(a) => (Some(a), None),
+            None => match &self.fleet {
+                Some(f) => (f.for_transport(tuple.transport), f.tls_domain.as_deref()),
+                None => (None, None),
+            },
+        };
         let via = crate::server::Via {
             relay_ips: &relay_ips,
-            alternate: self.alternate_for(conn, tuple.transport),
+            alternate,
+            alternate_domain: domain,
             pool: &pool,
         };
         let mut out = std::mem::take(&mut self.scratch_out);

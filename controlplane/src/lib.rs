@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod fleet;
 pub mod policy;
 pub mod ports;
 pub mod ratelimit;

@@ -285,6 +285,7 @@ pub struct Server {
     alternate: Option<SocketAddr>,
     /// Set for the duration of one `handle_via` call.
     redirect: Option<SocketAddr>,
+    redirect_domain: Option<String>,
     /// When the rate limiter is next swept and refusal summaries written.
     next_sweep: Millis,
     /// One sampler per [`Refusal`] kind.
@@ -334,6 +335,9 @@ pub struct Via<'a> {
     pub relay_ips: &'a [IpAddr],
     /// Set when that data plane takes no new allocations: where to send them instead.
     pub alternate: Option<SocketAddr>,
+    /// The name of the alternate's TLS certificate: sent as ALTERNATE-DOMAIN to a
+    /// client on TLS (RFC 8489 §14.15), so that it can verify the server it is sent to.
+    pub alternate_domain: Option<&'a str>,
     /// Relay sockets the worker of the request holds bound in advance (reserved with
     /// [`Server::reserve_relay`]): a plain Allocate takes one and needs no bind round
     /// trip; the caller sees which in the `AllocationAdd`'s relays.
@@ -405,6 +409,7 @@ impl Server {
             draining: false,
             alternate: None,
             redirect: None,
+            redirect_domain: None,
             next_sweep: Millis(0),
             refusal_logs: std::array::from_fn(|_| LogSampler::new(REFUSAL_LOGS_PER_SEC)),
         }
@@ -532,8 +537,13 @@ impl Server {
         out: &mut Vec<Output>,
     ) {
         self.redirect = via.alternate;
+        self.redirect_domain = via
+            .alternate_domain
+            .filter(|_| tuple.transport == crate::types::Transport::Tls)
+            .map(str::to_owned);
         self.dispatch(now, tuple, data, via, out);
         self.redirect = None;
+        self.redirect_domain = None;
     }
 
     fn dispatch(
@@ -994,10 +1004,15 @@ impl Server {
         if self.draining || self.redirect.is_some() {
             return match self.redirect.or(self.alternate) {
                 Some(alt) => {
+                    let domain = self.redirect_domain.take();
                     let data = self
                         .respond(msg, Class::Error, Some(auth), |w| {
                             w.add(&ErrorCode::standard(300))?;
-                            w.add(&attr::AlternateServer(alt)).map(|_| ())
+                            w.add(&attr::AlternateServer(alt))?;
+                            if let Some(d) = domain.as_deref() {
+                                w.add(&attr::AlternateDomain(d))?;
+                            }
+                            Ok(())
                         })
                         .map_err(|_| reject(500))?;
                     out.push(Output::Transmit { tuple, data });

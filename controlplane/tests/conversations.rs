@@ -937,6 +937,7 @@ fn redirecting_instance_sends_new_allocations_elsewhere_but_serves_old_ones() {
     let via = Via {
         relay_ips: &[],
         alternate: Some(alt),
+        alternate_domain: None,
         pool: &[],
     };
     let mut out = Vec::new();
@@ -953,6 +954,36 @@ fn redirecting_instance_sends_new_allocations_elsewhere_but_serves_old_ones() {
             .unwrap()
             .0,
         alt
+    );
+    // No ALTERNATE-DOMAIN for a UDP client; a TLS client gets the alternate's TLS name
+    // (RFC 8489 §14.15), to verify the server it is sent to.
+    assert!(
+        Message::parse(data)
+            .unwrap()
+            .attr::<attr::AlternateDomain<'_>>()
+            .unwrap()
+            .is_none()
+    );
+    let t3 = turnpike_controlplane::FiveTuple {
+        transport: turnpike_controlplane::Transport::Tls,
+        ..tuple("203.0.113.3:40000")
+    };
+    let req = signed(&h, t3, Method::ALLOCATE, "bob", "builder", 3, |w| {
+        w.add(&RequestedTransport(17)).unwrap();
+    });
+    let tls_via = Via {
+        alternate_domain: Some("b.turn.example"),
+        ..via
+    };
+    let mut out = Vec::new();
+    h.server.handle_via(h.now, t3, &req, &tls_via, &mut out);
+    let Some(Output::Transmit { data, .. }) = out.first() else {
+        panic!("{out:?}");
+    };
+    let m = Message::parse(data).unwrap();
+    assert_eq!(
+        m.attr::<attr::AlternateDomain<'_>>().unwrap().map(|d| d.0),
+        Some("b.turn.example")
     );
     // The existing allocation is refreshed as usual.
     let mut req = Vec::new();
@@ -1012,6 +1043,7 @@ fn relay_address_comes_from_the_receiving_data_plane() {
         &Via {
             relay_ips: &ips,
             alternate: None,
+            alternate_domain: None,
             pool: &[],
         },
         &mut out,
@@ -1034,6 +1066,7 @@ fn relay_address_comes_from_the_receiving_data_plane() {
         &Via {
             relay_ips: &ips,
             alternate: None,
+            alternate_domain: None,
             pool: &[],
         },
         &mut out,
