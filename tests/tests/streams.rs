@@ -198,18 +198,18 @@ impl Metrics {
             .sum()
     }
 
-    /// A connection counter (`accepted_tcp`, `oversize`, `send_dropped`...), summed over
-    /// workers; `None` while the endpoint does not export it.
-    fn stream_counter(&self, counter: &str) -> Option<u64> {
-        let names: Vec<&str> = self
-            .0
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split(['{', ' ']).next())
-            .filter(|m| m.starts_with("turnpike_") && m.contains(counter))
-            .collect();
-        let name = *names.first()?;
-        Some(self.sum(name, ""))
+    /// A connection event counter (`accepted_tcp`, `oversize`, `send_dropped`...),
+    /// summed over workers.
+    fn connection_events(&self, event: &str) -> u64 {
+        assert!(
+            self.0.contains(&format!("event=\"{event}\"")),
+            "no connection event {event:?} exported:\n{}",
+            self.0
+        );
+        self.sum(
+            "turnpike_connection_events_total",
+            &format!("event=\"{event}\""),
+        )
     }
 }
 
@@ -343,10 +343,12 @@ fn tcp_relays_channel_data_and_indications(backend: &str) {
         "the Admin API lists the allocation as TCP"
     );
     let m = s.metrics();
-    match m.stream_counter("accepted_tcp") {
-        Some(n) => assert!(n >= 1, "accepted_tcp {n}"),
-        None => eprintln!("metrics: no accepted_tcp counter exported"),
-    }
+    assert!(m.connection_events("accepted_tcp") >= 1);
+    assert_eq!(
+        m.sum("turnpike_connections", "transport=\"tcp\""),
+        1,
+        "open TCP connections"
+    );
     assert!(m.sum("turnpike_relayed_packets_total", "to_client") >= 202);
 }
 
@@ -421,14 +423,12 @@ fn tls_relays_and_negotiates_alpn_and_versions(backend: &str) {
     let mut t = turn_tls(addr, client_config(&ca.cert, &[], Some(ALPN)), USER, PASS);
     quick_relay(&mut t, &peer, "after failed handshakes");
     let m = s.metrics();
-    match m.stream_counter("tls_handshakes") {
-        Some(n) => assert!(n >= 5, "tls_handshakes {n}"),
-        None => eprintln!("metrics: no tls_handshakes counter exported"),
-    }
-    match m.stream_counter("tls_failures") {
-        Some(n) => assert!(n >= 1, "tls_failures {n}"),
-        None => eprintln!("metrics: no tls_failures counter exported"),
-    }
+    assert!(m.connection_events("accepted_tls") >= 7);
+    assert!(m.connection_events("tls_handshakes") >= 5);
+    assert!(
+        m.connection_events("tls_failures") >= 2,
+        "two handshakes failed on the client's side"
+    );
     assert!(s.alive(), "{}", s.output());
 }
 
@@ -570,13 +570,11 @@ fn framing_skips_an_oversize_message_and_goes_on(backend: &str) {
         4,
         "only the 4 normal messages reached the peer"
     );
-    match (
-        before.stream_counter("oversize"),
-        after.stream_counter("oversize"),
-    ) {
-        (Some(a), Some(b)) => assert_eq!(b - a, 2, "oversize counter"),
-        _ => eprintln!("metrics: no oversize counter exported"),
-    }
+    assert_eq!(
+        after.connection_events("oversize") - before.connection_events("oversize"),
+        2,
+        "oversize messages counted"
+    );
 }
 
 fn framing_garbage_first_byte_closes_the_connection(backend: &str) {
@@ -587,7 +585,10 @@ fn framing_garbage_first_byte_closes_the_connection(backend: &str) {
     quick_relay(&mut good, &peer, "bystander");
     for garbage in [
         &[0xFFu8, 0xFF, 0xFF, 0xFF][..],
-        b"GET / HTTP/1.1\r\n\r\n",
+        // 'P' (0x50) is ChannelData only with the legacy channel numbers.
+        b"PUT / HTTP/1.1\r\n\r\n",
+        // A TLS ClientHello's record header on the plain TCP port.
+        &[0x16, 0x03, 0x01, 0x00, 0x04, 1, 0, 0, 0],
         &[0x80, 0, 0, 4, 1, 2, 3, 4],
     ] {
         let mut bad = TurnStream::tcp(s.tcp[0], USER, PASS);
@@ -609,10 +610,8 @@ fn framing_garbage_first_byte_closes_the_connection(backend: &str) {
     let mut t2 = TurnStream::tcp(s.tcp[0], USER, PASS);
     quick_relay(&mut t2, &peer, "after garbage");
     echo(&mut good, CHANNEL, 3, "bystander after garbage");
-    match s.metrics().stream_counter("framing_errors") {
-        Some(n) => assert!(n >= 4, "framing_errors {n}"),
-        None => eprintln!("metrics: no framing_errors counter exported"),
-    }
+    let n = s.metrics().connection_events("framing_errors");
+    assert!(n >= 4, "framing_errors {n}");
 }
 
 // 5.
@@ -660,6 +659,13 @@ fn closing_the_connection_deletes_the_allocation(backend: &str) {
         before,
         "datagrams to the old relayed address were relayed"
     );
+    let m = s.metrics();
+    assert_eq!(
+        m.sum("turnpike_connections", ""),
+        0,
+        "connections still open"
+    );
+    assert!(m.connection_events("closed") >= 1);
 }
 
 // 6.
@@ -714,10 +720,9 @@ fn slow_reader_loses_messages_not_memory(backend: &str) {
     let delta = |name: &str, label: &str| after.sum(name, label) - before.sum(name, label);
     eprintln!(
         "{backend}: flood of {sent} x {SIZE} B in {took:?}; relayed to clients {}, \
-         received by workers {}; RSS {rss_before} -> {rss_after} KiB; send_dropped {:?}; B echo rounds {rounds}",
+         RSS {rss_before} -> {rss_after} KiB; send_dropped {}; B echo rounds {rounds}",
         delta("turnpike_relayed_packets_total", "to_client"),
-        delta("turnpike_received_packets_total", ""),
-        after.stream_counter("send_dropped"),
+        after.connection_events("send_dropped"),
     );
     assert!(s.alive(), "the server died: {}", s.output());
     assert!(
@@ -725,10 +730,10 @@ fn slow_reader_loses_messages_not_memory(backend: &str) {
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
     echo(&mut b, CHANNEL, 10, "B after flood");
-    match after.stream_counter("send_dropped") {
-        Some(n) => assert!(n > 0, "a client that reads nothing lost nothing"),
-        None => eprintln!("metrics: no send_dropped counter exported"),
-    }
+    assert!(
+        after.connection_events("send_dropped") > 0,
+        "a client that reads nothing lost nothing"
+    );
     drop(a);
 }
 
@@ -800,10 +805,8 @@ fn idle_connections_without_allocation_are_closed(backend: &str) {
     assert_eq!(loris_answered, 0, "the slow loris got an answer");
     // The allocated client, silent all this time, is still served.
     echo(&mut kept, CHANNEL, 3, "allocated, after the idle timeout");
-    match s.metrics().stream_counter("idle_closed") {
-        Some(n) => assert!(n >= 2, "idle_closed {n}"),
-        None => eprintln!("metrics: no idle_closed counter exported"),
-    }
+    let n = s.metrics().connection_events("idle_closed");
+    assert!(n >= 2, "idle_closed {n}");
 }
 
 // 8.
@@ -929,5 +932,11 @@ fn tls_certificate_reload_on_sighup(backend: &str) {
     };
     echo(&mut c1, CHANNEL, 20, "client 1 after reload");
     quick_relay(&mut c2, &peer, "client 2");
+    let m = s.metrics();
+    assert!(
+        m.sum("turnpike_tls_reloads_total", "outcome=\"ok\"") >= 1,
+        "no successful reload counted"
+    );
+    assert_eq!(m.sum("turnpike_tls_reloads_total", "outcome=\"failed\""), 0);
     assert!(s.alive(), "{}", s.output());
 }
