@@ -50,6 +50,7 @@ on_both_backends!(
     closing_the_connection_deletes_the_allocation,
     slow_reader_loses_messages_not_memory,
     idle_connections_without_allocation_are_closed,
+    late_handshakes_and_proxy_headers_are_closed,
     proxy_protocol_v2_and_v1_set_the_client_address,
     tls_certificate_reload_on_sighup,
 );
@@ -807,6 +808,71 @@ fn idle_connections_without_allocation_are_closed(backend: &str) {
     echo(&mut kept, CHANNEL, 3, "allocated, after the idle timeout");
     let n = s.metrics().connection_events("idle_closed");
     assert!(n >= 2, "idle_closed {n}");
+}
+
+/// A TLS handshake or PROXY header not done within `handshake_timeout` closes the
+/// connection (whatever `idle_timeout` says).
+fn late_handshakes_and_proxy_headers_are_closed(backend: &str) {
+    let dir = std::env::temp_dir().join(format!("turnpike-hs-{backend}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("streams.toml");
+    std::fs::write(
+        &cfg,
+        "[streams]\nhandshake_timeout = 2\nidle_timeout = 30\n",
+    )
+    .unwrap();
+    let ca = TestCa::new();
+    let files = CertFiles::write(&format!("late-{backend}"), &ca.issue(SERVER_NAME, 1));
+    let (tls_addr, proxy_addr) = (
+        format!("127.0.0.1:{}", free_tcp_port()),
+        format!("127.0.0.1:{}", free_tcp_port()),
+    );
+    let s = Server::start(
+        backend,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--tls-cert",
+            files.cert_str(),
+            "--tls-key",
+            files.key_str(),
+            "--listen-tls",
+            &tls_addr,
+            "--listen-tcp",
+            &proxy_addr,
+            "--proxy-protocol",
+            &proxy_addr,
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let (tls, proxy): (SocketAddr, SocketAddr) =
+        (tls_addr.parse().unwrap(), proxy_addr.parse().unwrap());
+    // Silent on the TLS port; half a PROXY header; half a ClientHello.
+    let mut silent = TurnStream::over(tcp_connect(tls), USER, PASS);
+    let mut half_proxy = TurnStream::over(tcp_connect(proxy), USER, PASS);
+    half_proxy.send_raw(b"PROXY TCP4 192.0.2.1 ").unwrap();
+    let mut half_hello = TurnStream::over(tcp_connect(tls), USER, PASS);
+    half_hello
+        .send_raw(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+        .unwrap();
+    for (name, t) in [
+        ("silent TLS", &mut silent),
+        ("half a PROXY header", &mut half_proxy),
+        ("half a ClientHello", &mut half_hello),
+    ] {
+        match t.wait_closed(Duration::from_secs(6)) {
+            // The three started together; the first waits for the whole timeout.
+            Ended::Closed(d) => assert!(d <= Duration::from_secs(4), "{name}: closed after {d:?}"),
+            Ended::Open => panic!("{name}: open after 6 s (handshake_timeout = 2)"),
+        }
+    }
+    // A complete handshake in time is served.
+    let peer = EchoPeer::start();
+    let mut t = turn_tls(tls, client_config(&ca.cert, &[], Some(ALPN)), USER, PASS);
+    quick_relay(&mut t, &peer, "TLS in time");
+    let m = s.metrics();
+    assert!(m.connection_events("tls_failures") >= 2);
+    assert!(m.connection_events("idle_closed") >= 3);
 }
 
 // 8.
