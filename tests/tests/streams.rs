@@ -47,6 +47,7 @@ on_both_backends!(
     framing_relays_fifty_messages_from_one_write,
     framing_skips_an_oversize_message_and_goes_on,
     framing_garbage_first_byte_closes_the_connection,
+    legacy_channel_numbers_are_framed,
     closing_the_connection_deletes_the_allocation,
     slow_reader_loses_messages_not_memory,
     idle_connections_without_allocation_are_closed,
@@ -613,6 +614,31 @@ fn framing_garbage_first_byte_closes_the_connection(backend: &str) {
     echo(&mut good, CHANNEL, 3, "bystander after garbage");
     let n = s.metrics().connection_events("framing_errors");
     assert!(n >= 4, "framing_errors {n}");
+}
+
+/// With `--legacy-channel-numbers`, ChannelData on 0x5000..=0x7FFE (RFC 5766) is framed
+/// over TCP like any other, both ways.
+fn legacy_channel_numbers_are_framed(backend: &str) {
+    const LEGACY: u16 = 0x7FFE;
+    let s = Server::start(backend, &["--legacy-channel-numbers"]);
+    let peer = EchoPeer::start();
+    let mut t = TurnStream::tcp(s.tcp[0], USER, PASS);
+    assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+    assert_eq!(t.bind(LEGACY, peer.addr), Outcome::Ok);
+    for i in 0..8 {
+        let payload = odd_payload(i);
+        t.send_channel(LEGACY, &payload).unwrap();
+        let frame = t.next_frame(SHORT).unwrap().expect("no echo");
+        let mut want = LEGACY.to_be_bytes().to_vec();
+        want.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+        want.extend_from_slice(&payload);
+        assert!(
+            frame.bytes == want,
+            "message {i}: {:02x?}",
+            &frame.bytes[..4]
+        );
+        assert_eq!(frame.padding, padded(want.len()) - want.len());
+    }
 }
 
 // 5.
