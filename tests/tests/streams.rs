@@ -326,7 +326,7 @@ fn relay_checks<S: Read + Write>(
     );
 }
 
-// 1.
+// Relaying over TCP.
 
 fn tcp_relays_channel_data_and_indications(backend: &str) {
     let s = Server::start(backend, &[]);
@@ -354,7 +354,7 @@ fn tcp_relays_channel_data_and_indications(backend: &str) {
     assert!(m.sum("turnpike_relayed_packets_total", "to_client") >= 202);
 }
 
-// 2.
+// Relaying over TLS; ALPN, versions, certificate names.
 
 fn tls_relays_and_negotiates_alpn_and_versions(backend: &str) {
     let ca = TestCa::new();
@@ -434,7 +434,7 @@ fn tls_relays_and_negotiates_alpn_and_versions(backend: &str) {
     assert!(s.alive(), "{}", s.output());
 }
 
-// 3.
+// Binding over TCP.
 
 fn tcp_binding_reports_the_tcp_source_address(backend: &str) {
     let s = Server::start(backend, &[]);
@@ -448,7 +448,7 @@ fn tcp_binding_reports_the_tcp_source_address(backend: &str) {
     assert_eq!(t2.binding(), Ok(local2));
 }
 
-// 4.
+// Framing.
 
 /// Writes `bytes` one at a time, each in its own segment as far as the sender can make
 /// it (TCP_NODELAY, a pause after each).
@@ -641,7 +641,7 @@ fn legacy_channel_numbers_are_framed(backend: &str) {
     }
 }
 
-// 5.
+// An allocation lives as long as its connection.
 
 fn closing_the_connection_deletes_the_allocation(backend: &str) {
     let s = Server::start(backend, &[]);
@@ -695,7 +695,7 @@ fn closing_the_connection_deletes_the_allocation(backend: &str) {
     assert!(m.connection_events("closed") >= 1);
 }
 
-// 6.
+// Slow readers.
 
 fn slow_reader_loses_messages_not_memory(backend: &str) {
     const FLOOD: usize = 40_000;
@@ -764,7 +764,7 @@ fn slow_reader_loses_messages_not_memory(backend: &str) {
     drop(a);
 }
 
-// 7.
+// Idle and late connections.
 
 fn idle_connections_without_allocation_are_closed(backend: &str) {
     let dir = std::env::temp_dir().join(format!("turnpike-idle-{backend}-{}", std::process::id()));
@@ -901,7 +901,7 @@ fn late_handshakes_and_proxy_headers_are_closed(backend: &str) {
     assert!(m.connection_events("idle_closed") >= 3);
 }
 
-// 8.
+// PROXY protocol.
 
 /// A PROXY protocol v2 header (PROXY command, TCP over IPv4) for `src` -> `dst`.
 fn proxy_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
@@ -970,7 +970,7 @@ fn proxy_protocol_v2_and_v1_set_the_client_address(backend: &str) {
     }
 }
 
-// 9.
+// Certificate reload.
 
 fn tls_certificate_reload_on_sighup(backend: &str) {
     let ca = TestCa::new();
