@@ -1,6 +1,9 @@
 //! Helpers for end-to-end tests against the real `turnpike` binary.
 #![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)]
 
+pub mod stream;
+pub mod tls;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
