@@ -22,7 +22,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use turnpike_proto::turn::MAX_DATA_INDICATION_HEADER;
 
-use crate::counters::{Counters, bump, bump_set};
+use crate::counters::{Counters, bump, bump_set, unbump};
 use crate::limit::Limiter;
 use crate::path::is_channel_bind_success;
 use crate::slab::Token;
@@ -260,6 +260,18 @@ impl Core {
                 seq: 0,
             }));
         }
+    }
+
+    /// A datagram relayed to the client of `tuple` (`payload` application bytes) was
+    /// dropped after the decision (its connection's send queue was full): it is not
+    /// counted as relayed, for the allocation's usage or the worker's counters.
+    pub(crate) fn uncount_to_client(&mut self, tuple: &FiveTuple, payload: usize) {
+        if let Some(a) = self.table.by_tuple_mut(tuple) {
+            a.usage.to_client.packets = a.usage.to_client.packets.saturating_sub(1);
+            a.usage.to_client.bytes = a.usage.to_client.bytes.saturating_sub(payload as u64);
+        }
+        unbump(&self.ctr.to_client_packets, 1);
+        unbump(&self.ctr.to_client_bytes, payload as u64);
     }
 
     /// Applies a relay-table change.

@@ -754,9 +754,15 @@ impl Worker {
         }
     }
 
+    /// The 5-tuple of connection `t`, once known.
+    pub(crate) fn stream_tuple(&self, t: Token) -> Option<FiveTuple> {
+        self.socks.get(t)?.stream.as_ref()?.tuple
+    }
+
     /// Queues `msg` (a relayed datagram with its TURN header, a Binding answer or a
-    /// control-plane answer) towards the client of connection `t`.
-    pub(crate) fn stream_send(&mut self, t: Token, msg: &[u8]) {
+    /// control-plane answer) towards the client of connection `t`; `false` when it was
+    /// dropped (a full queue: counted as `send_dropped`; or no such connection).
+    pub(crate) fn stream_send(&mut self, t: Token, msg: &[u8]) -> bool {
         let ok = match self.socks.get_mut(t) {
             Some(e) if !e.closing => match e.stream.as_deref_mut() {
                 Some(c) => write_message(c.tls.as_deref_mut(), &mut c.out, msg),
@@ -764,7 +770,7 @@ impl Worker {
             },
             _ => {
                 bump(&self.ctr.send_error, 1);
-                return;
+                return false;
             }
         };
         if ok {
@@ -772,6 +778,7 @@ impl Worker {
         } else {
             bump(&self.ctr.streams.send_dropped, 1);
         }
+        ok
     }
 
     pub(crate) fn mark_dirty(&mut self, t: Token) {

@@ -224,22 +224,32 @@ impl Worker {
         let mut outputs = std::mem::take(&mut self.outputs);
         self.core
             .handle_datagram(self.now, t, src, buf, len, truncated, slot, &mut outputs);
-        self.act(&mut outputs, transmits, buf);
+        self.act(&mut outputs, transmits, buf, len);
         self.outputs = outputs;
     }
 
     /// Acts on the core's outputs; transmits (which name receive slots) go to
     /// `transmits` for the backend to batch, except those to a client connection, whose
-    /// bytes (in `slot`) go into its send queue.
-    fn act(&mut self, outputs: &mut Vec<Output>, transmits: &mut Vec<Transmit>, slot: &[u8]) {
+    /// bytes (in `slot`) go into its send queue; one its queue has no room for is
+    /// dropped, and the `payload` bytes it relayed are not counted as relayed.
+    fn act(
+        &mut self,
+        outputs: &mut Vec<Output>,
+        transmits: &mut Vec<Transmit>,
+        slot: &[u8],
+        payload: usize,
+    ) {
         for o in outputs.drain(..) {
             match o {
                 Output::Transmit(mut tx) => {
                     if self.socks.kind(tx.from) == Some(Kind::Stream) {
                         let range = tx.start as usize..(tx.start + tx.len) as usize;
-                        match slot.get(range) {
+                        let sent = match slot.get(range) {
                             Some(bytes) => self.stream_send(tx.from, bytes),
-                            None => bump(&self.ctr.send_error, 1),
+                            None => false,
+                        };
+                        if !sent && let Some(tuple) = self.stream_tuple(tx.from) {
+                            self.core.uncount_to_client(&tuple, payload);
                         }
                         continue;
                     }
@@ -282,7 +292,7 @@ impl Worker {
     /// Outputs that cannot carry transmits (control commands, timeouts).
     pub(crate) fn act_control(&mut self, mut outputs: Vec<Output>) {
         let mut none = Vec::new();
-        self.act(&mut outputs, &mut none, &[]);
+        self.act(&mut outputs, &mut none, &[], 0);
         debug_assert!(none.is_empty());
         self.outputs = outputs;
     }
