@@ -118,6 +118,8 @@ pub struct Cluster {
     fleet: Option<crate::fleet::Alternates>,
     /// The fleet drained this instance.
     fleet_draining: bool,
+    /// Users revoked fleet-wide.
+    revoked_users: std::collections::HashSet<String>,
     /// Every data plane of the cell is drained.
     cell_drained: bool,
     /// A pooled socket was taken during this message: refill at its end.
@@ -155,6 +157,7 @@ impl Cluster {
             pools: HashMap::new(),
             fleet: None,
             fleet_draining: false,
+            revoked_users: std::collections::HashSet::new(),
             cell_drained: false,
             pool_taken: false,
             pool_binds: HashMap::new(),
@@ -488,6 +491,20 @@ impl Cluster {
         self.server
             .set_draining(self.cell_drained || self.fleet_draining, None);
         self.fleet = alternates;
+    }
+
+    /// Replaces the set of revoked users (refused whatever their credentials); the
+    /// allocations of each user newly in the set are revoked now. Returns how many.
+    pub fn set_revoked_users(&mut self, now: Millis, users: Vec<String>) -> u64 {
+        let mut ended = 0;
+        for u in &users {
+            if !self.revoked_users.contains(u) {
+                ended += self.revoke_user(now, u, "user revoked");
+            }
+        }
+        self.revoked_users = users.iter().cloned().collect();
+        self.server.set_revoked_users(users);
+        ended
     }
 
     /// Replaces the TURN REST secrets; returns how many are in force.

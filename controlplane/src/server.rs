@@ -286,6 +286,8 @@ pub struct Server {
     /// Set for the duration of one `handle_via` call.
     redirect: Option<SocketAddr>,
     redirect_domain: Option<String>,
+    /// Users refused whatever their credentials (revoked fleet-wide).
+    revoked: std::collections::HashSet<String>,
     /// When the rate limiter is next swept and refusal summaries written.
     next_sweep: Millis,
     /// One sampler per [`Refusal`] kind.
@@ -410,6 +412,7 @@ impl Server {
             alternate: None,
             redirect: None,
             redirect_domain: None,
+            revoked: std::collections::HashSet::new(),
             next_sweep: Millis(0),
             refusal_logs: std::array::from_fn(|_| LogSampler::new(REFUSAL_LOGS_PER_SEC)),
         }
@@ -797,6 +800,15 @@ impl Server {
             self.challenge(now, tuple, msg, 401, out);
             return None;
         };
+        // A revoked user (by username or accounting user) is refused like a wrong
+        // credential, whatever it signed with.
+        if !self.revoked.is_empty()
+            && (self.revoked.contains(&user) || self.revoked.contains(&candidates.account))
+        {
+            self.auth_failed(now, tuple, &user, "revoked user");
+            self.challenge(now, tuple, msg, 401, out);
+            return None;
+        }
         let authed = Authed {
             username: user,
             account: candidates.account,
@@ -1607,6 +1619,13 @@ impl Server {
     /// ends (RFC 8656 §3.1).
     pub fn connection_closed(&mut self, id: AllocationId, out: &mut Vec<Output>) {
         self.remove_allocation(id, EndReason::ConnectionClosed, out);
+    }
+
+    /// Users refused from now on, whatever their credentials (username or accounting
+    /// user), replacing the previous set; their allocations are revoked separately
+    /// ([`Server::revoke_user`]).
+    pub fn set_revoked_users(&mut self, users: impl IntoIterator<Item = String>) {
+        self.revoked = users.into_iter().collect();
     }
 
     /// Revokes every allocation of a user (admin). Returns how many.

@@ -89,6 +89,14 @@ enum Cmd {
     ServerStats {
         reply: oneshot::Sender<crate::server::Stats>,
     },
+    Fleet {
+        draining: bool,
+        alternates: Option<crate::fleet::Alternates>,
+    },
+    Revoked {
+        users: Vec<String>,
+        reply: oneshot::Sender<u64>,
+    },
 }
 
 /// The task that owns the cell: the gRPC plumbing around [`Cluster`]. It reads the clock
@@ -164,6 +172,48 @@ impl ControlPlaneHandle {
     /// The state machine's counters (for metrics).
     pub async fn server_stats(&self) -> Result<crate::server::Stats, Status> {
         self.ask(|reply| Cmd::ServerStats { reply }).await
+    }
+
+    /// The cell's statistics (what `ctl stats` shows).
+    pub async fn stats(&self) -> Result<v1::GetStatsResponse, Status> {
+        self.ask(|reply| Cmd::Stats { reply }).await
+    }
+
+    /// Replaces the TURN REST secrets (newest first); returns how many are in force.
+    pub async fn rotate_secrets(&self, secrets: Vec<String>) -> Result<u32, Status> {
+        self.ask(|reply| Cmd::Rotate { secrets, reply }).await
+    }
+
+    /// Revokes every allocation of `user`; returns how many.
+    pub async fn revoke_user(&self, user: &str, reason: &str) -> Result<u64, Status> {
+        let (user, reason) = (user.to_owned(), reason.to_owned());
+        self.ask(|reply| Cmd::RevokeUser {
+            user,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// Replaces the users revoked fleet-wide (see [`Cluster::set_revoked_users`]);
+    /// returns how many allocations ended.
+    pub async fn set_revoked_users(&self, users: Vec<String>) -> Result<u64, Status> {
+        self.ask(|reply| Cmd::Revoked { users, reply }).await
+    }
+
+    /// The fleet's decision for this instance (see [`Cluster::set_fleet`]).
+    pub async fn set_fleet(
+        &self,
+        draining: bool,
+        alternates: Option<crate::fleet::Alternates>,
+    ) -> Result<(), Status> {
+        self.tx
+            .send(Cmd::Fleet {
+                draining,
+                alternates,
+            })
+            .await
+            .map_err(|_| Status::unavailable("control plane stopped"))
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
@@ -337,6 +387,13 @@ impl Actor {
             }
             Cmd::Rotate { secrets, reply } => {
                 let _ = reply.send(c.rotate_secrets(secrets));
+            }
+            Cmd::Fleet {
+                draining,
+                alternates,
+            } => c.set_fleet(draining, alternates),
+            Cmd::Revoked { users, reply } => {
+                let _ = reply.send(c.set_revoked_users(now, users));
             }
         }
     }

@@ -629,3 +629,32 @@ fn drain_redirects_a_stream_client_to_the_same_transport() {
         addr("192.0.2.20:443")
     );
 }
+
+/// A user revoked fleet-wide loses its allocations and is refused afterwards, whatever
+/// its credentials; taken off the list, it is served again.
+#[test]
+fn a_revoked_user_is_refused_and_loses_its_allocations() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let t = tuple("203.0.113.1:4000", DP1);
+    assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Ok(()));
+    assert_eq!(cell.cluster.set_revoked_users(T0, vec!["alice".into()]), 1);
+    cell.collect();
+    assert!(
+        cell.changes_to(dp1)
+            .iter()
+            .any(|(c, _)| matches!(c, TableChange::AllocationRemove { .. }))
+    );
+    let t2 = tuple("203.0.113.2:4000", DP1);
+    assert_eq!(
+        cell.allocate(&mut Client::new("alice", "wonderland", 9), dp1, 0, t2),
+        Err(401)
+    );
+    // Already revoked: nothing more ends.
+    assert_eq!(cell.cluster.set_revoked_users(T0, vec!["alice".into()]), 0);
+    cell.cluster.set_revoked_users(T0, Vec::new());
+    assert_eq!(
+        cell.allocate(&mut Client::new("alice", "wonderland", 10), dp1, 0, t2),
+        Ok(())
+    );
+}
