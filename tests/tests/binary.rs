@@ -473,3 +473,39 @@ fn example_config_loads_and_flags_and_env_override_it() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// SIGTERM with a drain grace: new allocations are refused (508: no other instance is
+/// known), the existing one keeps relaying, and the process exits as soon as it ends.
+#[test]
+fn sigterm_drains_then_exits_when_the_last_allocation_ends() {
+    let (mut p, server, _admin) = serve(&["--drain-grace", "30", "--allow-peer", "127.0.0.0/8"]);
+    let peer = EchoPeer::start();
+    let mut t = Turn::new(server, "u", "p");
+    assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+    assert_eq!(t.bind(0x4000, peer.addr), Outcome::Ok);
+    assert_eq!(echo_round(&mut t, 0x4000, 5), 5);
+    let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    p.wait_for("turnpike draining: 1 allocations", Duration::from_secs(5));
+    let mut late = Turn::new(server, "u", "p");
+    assert_eq!(late.allocate(), Outcome::Failed(508));
+    assert_eq!(
+        echo_round(&mut t, 0x4000, 5),
+        5,
+        "relaying stopped while draining"
+    );
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "exited with an allocation left"
+    );
+    assert_eq!(t.refresh(0), Outcome::Ok);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("still running 5 s after its last allocation ended");
+}

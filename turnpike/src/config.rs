@@ -115,6 +115,8 @@ pub struct FileConfig {
     pub tls: Option<TlsFile>,
     /// Client connections (TCP and TLS).
     pub streams: Option<StreamsFile>,
+    /// Seconds SIGTERM drains before the process exits (0: exit at once).
+    pub drain_grace: Option<u64>,
 }
 
 /// One string or a list of them.
@@ -312,6 +314,11 @@ pub struct Flags {
         value_delimiter = ','
     )]
     pub proxy_protocol: Vec<String>,
+    /// Seconds SIGTERM drains before exiting: no new allocations (redirected or 508),
+    /// existing ones relay until they end or this passes (default 0: exit at once;
+    /// SIGINT always exits at once).
+    #[arg(long, env = "TURNPIKE_DRAIN_GRACE")]
+    pub drain_grace: Option<u64>,
 }
 
 /// Where the TURN-over-TLS certificate comes from.
@@ -381,6 +388,8 @@ pub struct Config {
     pub tls: TlsSource,
     /// Limits of client connections.
     pub stream_limits: StreamLimits,
+    /// How long SIGTERM drains.
+    pub drain_grace: std::time::Duration,
 }
 
 fn parse_addr(option: &str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -678,6 +687,9 @@ impl Config {
             streams,
             tls,
             stream_limits,
+            drain_grace: std::time::Duration::from_secs(
+                flags.drain_grace.or(file.drain_grace).unwrap_or(0),
+            ),
             listen,
             relay_ips,
             realm,

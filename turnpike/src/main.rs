@@ -4,6 +4,7 @@
 
 mod config;
 mod ctl;
+mod drain;
 mod listener;
 mod metrics;
 mod run;

@@ -194,20 +194,6 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     })
 }
 
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-}
-
 /// `serve` (with a control plane in process) or `dataplane` (attached to `control`).
 pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
     runtime(1)?.block_on(async move {
@@ -238,6 +224,8 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             .tls_config(pems.client(&cfg.grpc_server_name))
             .context("gRPC TLS configuration")?;
         let (queue, punted) = PuntQueue::new(16384);
+        // Set while draining (SIGTERM): the fleet registry publishes it.
+        let (draining, _draining_rx) = watch::channel(false);
         let tls = crate::turn_tls::start(&cfg)?;
         let dp = DataPlane::start(
             DataPlaneConfig {
@@ -306,7 +294,12 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             dp.backend(),
             dp.handle().workers()
         );
-        shutdown_signal().await;
+        let stop = crate::drain::signal().await;
+        if let (crate::drain::Stop::Drain, Some(cp)) = (stop, &cp)
+            && !cfg.drain_grace.is_zero()
+        {
+            crate::drain::drain(cp, cfg.drain_grace, &draining).await;
+        }
         tracing::info!("shutting down");
         tokio::task::spawn_blocking(move || dp.shutdown()).await?;
         Ok(())
@@ -322,7 +315,10 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
             metrics::spawn(m, listener_limits(&cfg), Some(started.cp.clone()), None, q).await?;
         }
         println!("turnpike control plane ready: grpc={}", started.grpc);
-        shutdown_signal().await;
+        if crate::drain::signal().await == crate::drain::Stop::Drain && !cfg.drain_grace.is_zero() {
+            let (draining, _) = watch::channel(false);
+            crate::drain::drain(&started.cp, cfg.drain_grace, &draining).await;
+        }
         Ok(())
     })
 }

@@ -1,0 +1,76 @@
+//! Stopping for maintenance: SIGTERM drains (no new allocations — redirected to another
+//! instance of the fleet when one is known, else refused with 508 — while the existing
+//! ones keep relaying until they end or `drain_grace` passes), then the process exits.
+//! SIGINT, a second signal, or a grace of 0 stop at once.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use turnpike_controlplane::ControlPlaneHandle;
+
+/// How the process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT (Ctrl-C): at once.
+    Now,
+    /// SIGTERM: drain first.
+    Drain,
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn signal() -> Stop {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return Stop::Now;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => Stop::Now,
+        _ = term.recv() => Stop::Drain,
+    }
+}
+
+/// Drains the instance of `cp` for at most `grace`: marks it drained (`draining` tells
+/// the fleet registry, which redirects its new clients), then waits until it holds no
+/// allocation, the grace passes, or another signal arrives.
+pub async fn drain(cp: &ControlPlaneHandle, grace: Duration, draining: &watch::Sender<bool>) {
+    let _ = draining.send(true);
+    if cp.set_fleet(true, None).await.is_err() {
+        return;
+    }
+    let left = |s: &turnpike_proto::api::v1::GetStatsResponse| {
+        s.totals.as_ref().map_or(0, |t| t.allocations)
+    };
+    let start = left(&cp.stats().await.unwrap_or_default());
+    tracing::info!(
+        allocations = start,
+        grace_secs = grace.as_secs(),
+        "draining: new allocations go elsewhere; waiting for the existing ones to end"
+    );
+    println!(
+        "turnpike draining: {start} allocations, up to {} s",
+        grace.as_secs()
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("drain grace over; stopping with allocations left");
+                return;
+            }
+            _ = signal() => {
+                tracing::warn!("second signal: stopping now");
+                return;
+            }
+        }
+        let n = left(&cp.stats().await.unwrap_or_default());
+        if n == 0 {
+            tracing::info!("drained: no allocation left");
+            return;
+        }
+    }
+}
