@@ -54,6 +54,7 @@ on_both_backends!(
     late_handshakes_and_proxy_headers_are_closed,
     proxy_protocol_v2_and_v1_set_the_client_address,
     tls_certificate_reload_on_sighup,
+    connections_per_ip_are_capped,
 );
 
 /// A `serve` process with TCP (and optionally TLS) listeners.
@@ -396,6 +397,12 @@ fn tls_relays_and_negotiates_alpn_and_versions(backend: &str) {
     assert_eq!(t.io.conn.alpn_protocol(), None);
     quick_relay(&mut t, &peer, "no ALPN");
 
+    // Other protocols only (plain rustls would refuse with no_application_protocol):
+    // served, without ALPN.
+    let mut t = turn_tls(addr, client_config(&ca.cert, &[], Some(b"h2")), USER, PASS);
+    assert_eq!(t.io.conn.alpn_protocol(), None);
+    quick_relay(&mut t, &peer, "ALPN h2 only");
+
     // TLS 1.2 only, TLS 1.3 only.
     for (version, want) in [
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
@@ -446,6 +453,51 @@ fn tcp_binding_reports_the_tcp_source_address(backend: &str) {
     let mut t2 = TurnStream::tcp(s.tcp[0], USER, PASS);
     let local2 = t2.local_addr();
     assert_eq!(t2.binding(), Ok(local2));
+}
+
+fn connections_per_ip_are_capped(backend: &str) {
+    let dir = std::env::temp_dir().join(format!("turnpike-cap-{backend}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("streams.toml");
+    std::fs::write(&cfg, "[streams]\nmax_per_ip = 3\n").unwrap();
+    let s = Server::start(backend, &["--config", cfg.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let before = s.metrics().connection_events("refused");
+    let mut open: Vec<_> = (0..3)
+        .map(|_| {
+            let mut t = TurnStream::tcp(s.tcp[0], USER, PASS);
+            let local = t.local_addr();
+            assert_eq!(t.binding(), Ok(local));
+            t
+        })
+        .collect();
+    // The fourth from the same IP is closed at once, unanswered.
+    let mut fourth = TurnStream::tcp(s.tcp[0], USER, PASS);
+    let _ = fourth.send_raw(&binding_request([4; 12]));
+    assert!(
+        matches!(fourth.wait_closed(SHORT), Ended::Closed(_)),
+        "a fourth connection from one IP was served"
+    );
+    assert_eq!(s.metrics().connection_events("refused"), before + 1);
+    // The three keep working; when one goes, a new one is served.
+    for t in &mut open {
+        let local = t.local_addr();
+        assert_eq!(t.binding(), Ok(local));
+    }
+    drop(open.pop());
+    let started = Instant::now();
+    loop {
+        let mut t = TurnStream::tcp(s.tcp[0], USER, PASS);
+        let local = t.local_addr();
+        if t.binding() == Ok(local) {
+            break;
+        }
+        assert!(
+            started.elapsed() < SHORT,
+            "no room after a connection closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // Framing.
