@@ -6,11 +6,13 @@
 //! relay sockets to bind, relay-table changes and lifecycle events. It reads no clock and
 //! does no I/O (enforced by `clippy.toml`'s `disallowed-methods`). [`Cluster`] wraps it
 //! for a cell of data planes (who owns what, drain, restore), also sans-IO; `service`
-//! is the gRPC plumbing around the cluster, with the one clock read per turn.
+//! is the gRPC plumbing around the cluster, with the one clock read per turn. [`etcd`] is
+//! a client of etcd's v3 API (registry, leases, watches, leader election).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod cluster;
+pub mod etcd;
 pub mod fleet;
 pub mod policy;
 pub mod ports;

@@ -14,6 +14,8 @@
 //!   change, table snapshot, bind error), with its conversions to the gRPC messages.
 //! - [`api`]: the gRPC API (`turnpike.v1`): the control-plane/data-plane stream and the
 //!   admin service, generated from `proto/proto/turnpike/v1/*.proto`.
+//! - [`etcd`]: the client side of etcd's v3 gRPC API (KV, Watch, Lease, Election), from
+//!   the `.proto` files vendored into `proto/proto/etcd`.
 //!
 //! # Fuzzing
 //!
@@ -28,6 +30,7 @@ pub mod channel;
 pub mod client;
 pub mod demux;
 pub mod error;
+pub mod etcd;
 pub mod plane;
 pub mod reason;
 pub mod stun;

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Idempotent installer of everything the end-to-end tests (tests/e2e) need, for a bare
-# Debian 12 CI machine, run as root. A second run does no work and returns quickly.
+# Idempotent installer of everything the end-to-end tests (tests/e2e) and the etcd
+# integration tests (controlplane/tests/etcd.rs) need, for a bare Debian 12 CI machine,
+# run as root. A second run does no work and returns quickly.
 #
 #   apt:  coturn (turnserver, turnutils_uclient, turnutils_peer), chromium, iproute2,
 #         nftables, procps, openssl (the per-run test PKI of the TLS tests),
-#         libnss3-tools (certutil: the NSS database by which Chromium trusts the test CA)
+#         libnss3-tools (certutil: the NSS database by which Chromium trusts the test CA),
+#         etcd-server (etcd, started by the tests on loopback ports of their own),
+#         etcd-client (etcdctl, which compacts history for the compaction test)
 #   venv: tests/e2e/.venv with the pinned packages of tests/e2e/requirements.txt
 #
-# Installing coturn must not leave a system turnserver running on 3478: package scripts
-# are kept from starting services (policy-rc.d answers 101 during the install), and the
-# unit is disabled where systemd is present.
+# Installing coturn or etcd-server must not leave a system turnserver running on 3478 or
+# a system etcd on 2379: package scripts are kept from starting services (policy-rc.d
+# answers 101 during the install), and the units are disabled where systemd is present.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 
-APT_PKGS=(coturn chromium iproute2 nftables procps openssl libnss3-tools)
+APT_PKGS=(coturn chromium iproute2 nftables procps openssl libnss3-tools etcd-server etcd-client)
 # The binary each package must provide (a package counts as installed only if it is there).
 declare -A PROBE=(
   [coturn]=/usr/bin/turnserver
@@ -24,6 +27,8 @@ declare -A PROBE=(
   [procps]=/usr/bin/pgrep
   [openssl]=/usr/bin/openssl
   [libnss3-tools]=/usr/bin/certutil
+  [etcd-server]=/usr/bin/etcd
+  [etcd-client]=/usr/bin/etcdctl
 )
 
 SUDO=""
@@ -57,12 +62,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
   trap - EXIT
 fi
 
-# Never leave the distribution's coturn service enabled or running.
+# Never leave the distribution's coturn or etcd service enabled or running.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  if systemctl is-enabled --quiet coturn 2>/dev/null; then $SUDO systemctl disable --now coturn >/dev/null 2>&1 || true; fi
-  if systemctl is-active --quiet coturn 2>/dev/null; then $SUDO systemctl stop coturn >/dev/null 2>&1 || true; fi
-elif [ -f /var/run/turnserver.pid ] || [ -f /run/turnserver/turnserver.pid ]; then
-  $SUDO service coturn stop >/dev/null 2>&1 || true
+  for unit in coturn etcd; do
+    if systemctl is-enabled --quiet "$unit" 2>/dev/null; then $SUDO systemctl disable --now "$unit" >/dev/null 2>&1 || true; fi
+    if systemctl is-active --quiet "$unit" 2>/dev/null; then $SUDO systemctl stop "$unit" >/dev/null 2>&1 || true; fi
+  done
+else
+  if [ -f /var/run/turnserver.pid ] || [ -f /run/turnserver/turnserver.pid ]; then
+    $SUDO service coturn stop >/dev/null 2>&1 || true
+  fi
+  if [ -x /etc/init.d/etcd ] && $SUDO service etcd status >/dev/null 2>&1; then
+    $SUDO service etcd stop >/dev/null 2>&1 || true
+  fi
 fi
 
 # Python venv with pinned packages.
