@@ -117,6 +117,31 @@ pub struct FileConfig {
     pub streams: Option<StreamsFile>,
     /// Seconds SIGTERM drains before the process exits (0: exit at once).
     pub drain_grace: Option<u64>,
+    /// `[fleet]`: coordination with the other instances through etcd.
+    pub fleet: Option<FleetFile>,
+}
+
+/// `[fleet]`: the fleet on etcd.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetFile {
+    /// etcd endpoints (e.g. "http://10.0.0.1:2379").
+    pub etcd: Option<Vec<String>>,
+    /// The fleet's name: its key prefix in etcd.
+    pub name: Option<String>,
+    /// This instance's id in the fleet (default: the host name).
+    pub instance_id: Option<String>,
+    /// Region label: redirects stay within a region.
+    pub region: Option<String>,
+    /// Zone label.
+    pub zone: Option<String>,
+    /// The name of this instance's TLS certificate, sent as ALTERNATE-DOMAIN when another
+    /// instance redirects a TLS client here.
+    pub tls_domain: Option<String>,
+    /// Redirect new allocations at or above this load (0 to 1).
+    pub redirect_load: Option<f64>,
+    /// Serve locally again at or below this load.
+    pub resume_load: Option<f64>,
 }
 
 /// One string or a list of them.
@@ -319,6 +344,43 @@ pub struct Flags {
     /// SIGINT always exits at once).
     #[arg(long, env = "TURNPIKE_DRAIN_GRACE")]
     pub drain_grace: Option<u64>,
+    /// etcd endpoint of the fleet registry, repeatable (none: a standalone instance).
+    #[arg(long = "etcd", env = "TURNPIKE_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The fleet's name (its key prefix in etcd; default "default").
+    #[arg(long, env = "TURNPIKE_FLEET")]
+    pub fleet: Option<String>,
+    /// This instance's id in the fleet (default: the host name).
+    #[arg(long, env = "TURNPIKE_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Region label (redirects stay within a region).
+    #[arg(long, env = "TURNPIKE_REGION")]
+    pub region: Option<String>,
+    /// Zone label.
+    #[arg(long, env = "TURNPIKE_ZONE")]
+    pub zone: Option<String>,
+    /// Redirect new allocations at or above this load, 0 to 1 (default 0.85).
+    #[arg(long, env = "TURNPIKE_REDIRECT_LOAD")]
+    pub redirect_load: Option<f64>,
+}
+
+/// The fleet settings, when etcd is configured.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Fleet name.
+    pub name: String,
+    /// Instance id.
+    pub instance_id: String,
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// TLS name for ALTERNATE-DOMAIN.
+    pub tls_domain: Option<String>,
+    /// Redirect thresholds.
+    pub redirect: turnpike_controlplane::fleet::RedirectConfig,
 }
 
 /// Where the TURN-over-TLS certificate comes from.
@@ -390,6 +452,8 @@ pub struct Config {
     pub stream_limits: StreamLimits,
     /// How long SIGTERM drains.
     pub drain_grace: std::time::Duration,
+    /// The fleet on etcd, if configured.
+    pub fleet: Option<FleetConfig>,
 }
 
 fn parse_addr(option: &str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -690,6 +754,7 @@ impl Config {
             drain_grace: std::time::Duration::from_secs(
                 flags.drain_grace.or(file.drain_grace).unwrap_or(0),
             ),
+            fleet: fleet_config(flags, file.fleet.take())?,
             listen,
             relay_ips,
             realm,
@@ -871,4 +936,77 @@ fn streams_config(
         return Err(err("streams.send_buffer", "at least 16384 bytes"));
     }
     Ok((streams, tls, limits))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("turnpike-{}", std::process::id()))
+}
+
+/// The fleet settings from flags and `[fleet]`; `None` without etcd endpoints.
+fn fleet_config(
+    flags: &Flags,
+    file: Option<FleetFile>,
+) -> Result<Option<FleetConfig>, ConfigError> {
+    let file = file.unwrap_or_default();
+    let etcd = pick(flags.etcd.clone(), file.etcd);
+    if etcd.is_empty() {
+        return Ok(None);
+    }
+    for e in &etcd {
+        if !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err(err(
+                "fleet.etcd (--etcd)",
+                format!("{e:?}: expected http://HOST:PORT"),
+            ));
+        }
+    }
+    let name = flags
+        .fleet
+        .clone()
+        .or(file.name)
+        .unwrap_or_else(|| "default".into());
+    let instance_id = flags
+        .instance_id
+        .clone()
+        .or(file.instance_id)
+        .unwrap_or_else(host_name);
+    for (opt, v) in [
+        ("fleet.name (--fleet)", &name),
+        ("fleet.instance_id (--instance-id)", &instance_id),
+    ] {
+        if v.is_empty() || v.contains('/') || v.len() > 128 {
+            return Err(err(opt, format!("{v:?}: 1 to 128 characters, no '/'")));
+        }
+    }
+    let mut redirect = turnpike_controlplane::fleet::RedirectConfig::default();
+    if let Some(h) = flags.redirect_load.or(file.redirect_load) {
+        redirect.high = h;
+    }
+    if let Some(l) = file.resume_load {
+        redirect.low = l;
+    } else {
+        redirect.low = (redirect.high - 0.15).max(0.0);
+    }
+    if !(0.0..=1.0).contains(&redirect.high)
+        || !(0.0..=1.0).contains(&redirect.low)
+        || redirect.low >= redirect.high
+    {
+        return Err(err(
+            "fleet.redirect_load, fleet.resume_load (--redirect-load)",
+            "loads between 0 and 1, resume below redirect",
+        ));
+    }
+    Ok(Some(FleetConfig {
+        etcd,
+        name,
+        instance_id,
+        region: flags.region.clone().or(file.region).unwrap_or_default(),
+        zone: flags.zone.clone().or(file.zone).unwrap_or_default(),
+        tls_domain: file.tls_domain,
+        redirect,
+    }))
 }

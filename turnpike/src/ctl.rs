@@ -97,6 +97,23 @@ enum CtlCmd {
         #[arg(long, default_value = "")]
         user: String,
     },
+    /// The fleet on etcd: instances, drain, shared secrets and revoked users. Talks to
+    /// etcd directly (no Admin token: etcd's own access control applies).
+    Fleet {
+        /// etcd endpoint, repeatable.
+        #[arg(
+            long = "etcd",
+            env = "TURNPIKE_ETCD",
+            value_delimiter = ',',
+            required = true
+        )]
+        etcd: Vec<String>,
+        /// The fleet's name.
+        #[arg(long, env = "TURNPIKE_FLEET", default_value = "default")]
+        fleet: String,
+        #[command(subcommand)]
+        cmd: FleetCmd,
+    },
     /// Make the fleet's certificates: a CA (kept if DIR has one), a control-plane
     /// certificate and one per data plane. Needs no server.
     Certs {
@@ -110,6 +127,124 @@ enum CtlCmd {
         #[arg(long = "data-plane")]
         data_planes: Vec<String>,
     },
+}
+
+/// Fleet commands (through etcd).
+#[derive(Debug, Subcommand)]
+enum FleetCmd {
+    /// The live instances with their load.
+    Instances,
+    /// Drain an instance (no new allocations: redirected elsewhere in the fleet).
+    Drain {
+        /// Instance id.
+        instance: String,
+        /// Undo.
+        #[arg(long)]
+        undrain: bool,
+    },
+    /// Replace the TURN REST API secrets of every instance (newest first).
+    RotateSecrets {
+        /// The secrets.
+        #[arg(required = true)]
+        secrets: Vec<String>,
+    },
+    /// Refuse a user everywhere and end its allocations.
+    RevokeUser {
+        /// The user (username or accounting user).
+        user: String,
+        /// Why (kept with the revocation).
+        #[arg(long, default_value = "revoked by an operator")]
+        reason: String,
+    },
+    /// Take a user off the revoked list.
+    UnrevokeUser {
+        /// The user.
+        user: String,
+    },
+}
+
+async fn fleet_cmd(etcd: &[String], fleet: &str, cmd: FleetCmd) -> anyhow::Result<()> {
+    use turnpike_controlplane::etcd::Etcd;
+    use turnpike_controlplane::fleet::InstanceRecord;
+    let e = Etcd::connect(etcd).await?;
+    let prefix = crate::fleet::prefix(fleet);
+    match cmd {
+        FleetCmd::Instances => {
+            let listing = e.get_prefix(&format!("{prefix}instances/")).await?;
+            let drains = e.get_prefix(&format!("{prefix}drain/")).await?;
+            out!(
+                "{:<24} {:<10} {:>8} {:>9} {:>10} {:>5}  {:<9} addresses",
+                "instance",
+                "region",
+                "allocs",
+                "capacity",
+                "pkts/s",
+                "cpu%",
+                "state"
+            );
+            for (_, v) in listing.entries {
+                let Ok(r) = serde_json::from_slice::<InstanceRecord>(&v) else {
+                    continue;
+                };
+                let drained = r.draining
+                    || drains
+                        .entries
+                        .iter()
+                        .any(|(k, _)| k.ends_with(&format!("/{}", r.id)));
+                let addrs: Vec<String> = r
+                    .udp
+                    .iter()
+                    .map(|a| format!("udp:{a}"))
+                    .chain(r.tcp.iter().map(|a| format!("tcp:{a}")))
+                    .chain(r.tls.iter().map(|a| format!("tls:{a}")))
+                    .collect();
+                out!(
+                    "{:<24} {:<10} {:>8} {:>9} {:>10} {:>5.1}  {:<9} {}",
+                    r.id,
+                    r.region,
+                    r.allocations,
+                    r.capacity,
+                    r.packets_per_sec,
+                    r.cpu * 100.0,
+                    if drained { "draining" } else { "open" },
+                    addrs.join(" ")
+                );
+            }
+        }
+        FleetCmd::Drain { instance, undrain } => {
+            let key = format!("{prefix}drain/{instance}");
+            if undrain {
+                e.delete(&key).await?;
+                out!("{instance}: open");
+            } else {
+                e.put(&key, b"1", None).await?;
+                out!("{instance}: draining");
+            }
+        }
+        FleetCmd::RotateSecrets { secrets } => {
+            if secrets.iter().any(String::is_empty) {
+                anyhow::bail!("a secret may not be empty");
+            }
+            let json = serde_json::to_vec(&secrets)?;
+            e.put(&format!("{prefix}config/secrets"), &json, None)
+                .await?;
+            out!("{} secret(s) in force fleet-wide", secrets.len());
+        }
+        FleetCmd::RevokeUser { user, reason } => {
+            e.put(
+                &format!("{prefix}config/revoked/{user}"),
+                reason.as_bytes(),
+                None,
+            )
+            .await?;
+            out!("{user}: revoked fleet-wide");
+        }
+        FleetCmd::UnrevokeUser { user } => {
+            e.delete(&format!("{prefix}config/revoked/{user}")).await?;
+            out!("{user}: no longer revoked");
+        }
+    }
+    Ok(())
 }
 
 /// Runs one admin command.
@@ -127,6 +262,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             out!("wrote {}", p.display());
         }
         return Ok(());
+    }
+    if let CtlCmd::Fleet { etcd, fleet, cmd } = args.cmd {
+        return rt.block_on(fleet_cmd(&etcd, &fleet, cmd));
     }
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
@@ -167,7 +305,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 Ok(req)
             });
         match args.cmd {
-            CtlCmd::Certs { .. } => {}
+            CtlCmd::Certs { .. } | CtlCmd::Fleet { .. } => {}
             CtlCmd::List { user, data_plane } => {
                 let r = admin
                     .list_allocations(v1::ListAllocationsRequest {

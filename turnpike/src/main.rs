@@ -5,6 +5,7 @@
 mod config;
 mod ctl;
 mod drain;
+mod fleet;
 mod listener;
 mod metrics;
 mod run;

@@ -225,7 +225,7 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             .context("gRPC TLS configuration")?;
         let (queue, punted) = PuntQueue::new(16384);
         // Set while draining (SIGTERM): the fleet registry publishes it.
-        let (draining, _draining_rx) = watch::channel(false);
+        let (draining, _) = watch::channel(false);
         let tls = crate::turn_tls::start(&cfg)?;
         let dp = DataPlane::start(
             DataPlaneConfig {
@@ -266,6 +266,40 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
         if let Some(addr) = cfg.metrics_listen {
             metrics::spawn(addr, listener_limits(&cfg), cp.clone(), Some(dp.handle()), queue.clone())
                 .await?;
+        }
+        if let (Some(f), Some(cp)) = (&cfg.fleet, &cp) {
+            let base = turnpike_controlplane::fleet::InstanceRecord {
+                id: f.instance_id.clone(),
+                region: f.region.clone(),
+                zone: f.zone.clone(),
+                udp: listen.clone(),
+                tcp: stream_addrs
+                    .iter()
+                    .filter(|(t, _)| *t == Transport::Tcp)
+                    .map(|(_, a)| *a)
+                    .collect(),
+                tls: stream_addrs
+                    .iter()
+                    .filter(|(t, _)| *t == Transport::Tls)
+                    .map(|(_, a)| *a)
+                    .collect(),
+                tls_domain: f.tls_domain.clone(),
+                relay_ips: cfg.relay_ips.clone(),
+                ..Default::default()
+            };
+            let settings = crate::fleet::FleetSettings {
+                etcd: f.etcd.clone(),
+                fleet: f.name.clone(),
+                id: f.instance_id.clone(),
+                redirect: f.redirect,
+            };
+            tokio::spawn(crate::fleet::run(
+                settings,
+                cp.clone(),
+                Some(dp.handle()),
+                base,
+                draining.subscribe(),
+            ));
         }
         // `wait_for` returns a guard on the watched value: drop it at once, or the
         // agent's next update would block on it.

@@ -1,0 +1,346 @@
+//! The fleet on etcd (`--etcd URL`): this instance's record in the registry, the
+//! configuration every instance shares, and the redirection of new allocations.
+//!
+//! Keys, under `/turnpike/<fleet>/`:
+//! - `instances/<id>`: this instance's [`InstanceRecord`] (JSON), attached to a lease of
+//!   [`LEASE_TTL`] seconds kept alive, rewritten every [`REPORT`] with its measured load;
+//!   a dead instance's record goes when its lease expires;
+//! - `config/secrets`: the TURN REST secrets (JSON array, newest first);
+//! - `config/revoked/<user>`: users refused everywhere (the value is the reason);
+//! - `drain/<id>`: present while an operator drains instance `<id>`.
+//!
+//! Everything is watched: a change reaches every instance as fast as etcd delivers it.
+//! When etcd is unreachable the instance keeps serving with the last configuration it
+//! had, keeps its allocations, and stops redirecting (it cannot see the others); it
+//! registers again when etcd is back.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use turnpike_controlplane::ControlPlaneHandle;
+use turnpike_controlplane::etcd::{Etcd, EtcdError, LeaseId, WatchEvent};
+use turnpike_controlplane::fleet::{FleetView, InstanceRecord, RedirectConfig};
+use turnpike_dataplane::DataPlaneHandle;
+
+/// Seconds a record outlives its instance.
+pub const LEASE_TTL: i64 = 10;
+/// How often the record is rewritten with fresh load figures.
+pub const REPORT: Duration = Duration::from_secs(2);
+
+/// What the fleet task needs to know.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// The fleet's name (the key prefix).
+    pub fleet: String,
+    /// This instance's id.
+    pub id: String,
+    /// When to redirect.
+    pub redirect: RedirectConfig,
+}
+
+impl FleetSettings {
+    /// `/turnpike/<fleet>/`.
+    pub fn prefix(&self) -> String {
+        prefix(&self.fleet)
+    }
+}
+
+/// The key prefix of fleet `fleet`.
+pub fn prefix(fleet: &str) -> String {
+    format!("/turnpike/{fleet}/")
+}
+
+/// The unix time in milliseconds (records carry it; the registry loop is I/O).
+#[allow(clippy::disallowed_methods)]
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// CPU seconds used so far by the data-plane worker threads (`turnpike-dp-*`).
+fn worker_cpu_secs() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    // /proc counts CPU time in clock ticks of USER_HZ, 100 per second on Linux.
+    let ticks_per_sec = 100.0;
+    let mut total = 0u64;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("turnpike-dp-") {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += num(11) + num(12);
+    }
+    total as f64 / ticks_per_sec
+}
+
+/// Measures this instance's load between two reports.
+struct Meter {
+    last_at: tokio::time::Instant,
+    last_packets: u64,
+    last_cpu: f64,
+}
+
+impl Meter {
+    fn new(dp: Option<&DataPlaneHandle>) -> Meter {
+        Meter {
+            last_at: tokio::time::Instant::now(),
+            last_packets: packets(dp),
+            last_cpu: worker_cpu_secs(),
+        }
+    }
+
+    /// (packets/s, busy fraction of the workers' cores) since the last call.
+    fn sample(&mut self, dp: Option<&DataPlaneHandle>) -> (u64, f64) {
+        let now = tokio::time::Instant::now();
+        let secs = now.duration_since(self.last_at).as_secs_f64().max(0.001);
+        let p = packets(dp);
+        let cpu = worker_cpu_secs();
+        let workers = dp.map_or(1, DataPlaneHandle::workers).max(1) as f64;
+        let pps = (p.saturating_sub(self.last_packets) as f64 / secs) as u64;
+        let busy = ((cpu - self.last_cpu).max(0.0) / secs / workers).clamp(0.0, 1.0);
+        self.last_at = now;
+        self.last_packets = p;
+        self.last_cpu = cpu;
+        (pps, busy)
+    }
+}
+
+fn packets(dp: Option<&DataPlaneHandle>) -> u64 {
+    dp.map_or(0, |d| {
+        d.counters()
+            .iter()
+            .map(|c| c.to_peer_packets + c.to_client_packets)
+            .sum()
+    })
+}
+
+/// The shared configuration as last read from etcd.
+#[derive(Debug, Default)]
+struct Shared {
+    secrets: Option<Vec<String>>,
+    revoked: BTreeSet<String>,
+    drained: bool,
+}
+
+/// Runs the fleet task forever: registers `base` (this instance's addresses and labels)
+/// and keeps the control plane's fleet state current. `draining` is set on SIGTERM.
+pub async fn run(
+    settings: FleetSettings,
+    cp: ControlPlaneHandle,
+    dp: Option<DataPlaneHandle>,
+    base: InstanceRecord,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut view = FleetView::new(&settings.id, settings.redirect);
+    let mut shared = Shared::default();
+    let mut backoff = Duration::from_millis(200);
+    let mut meter = Meter::new(dp.as_ref());
+    loop {
+        let r = session(
+            &settings,
+            &cp,
+            dp.as_ref(),
+            &base,
+            &mut draining,
+            &mut view,
+            &mut shared,
+            &mut meter,
+            &mut backoff,
+        )
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "fleet registry unavailable: serving with the last configuration, not redirecting");
+        }
+        // Nobody can be seen: serve locally (or refuse, if drained).
+        view.clear();
+        let drained = *draining.borrow() || shared.drained;
+        let _ = cp.set_fleet(drained, None).await;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    settings: &FleetSettings,
+    cp: &ControlPlaneHandle,
+    dp: Option<&DataPlaneHandle>,
+    base: &InstanceRecord,
+    draining: &mut watch::Receiver<bool>,
+    view: &mut FleetView,
+    shared: &mut Shared,
+    meter: &mut Meter,
+    backoff: &mut Duration,
+) -> anyhow::Result<()> {
+    let etcd = Etcd::connect(&settings.etcd).await?;
+    let prefix = settings.prefix();
+    let me_key = format!("{prefix}instances/{}", settings.id);
+    let lease = etcd.lease_grant(LEASE_TTL).await?;
+    let mut keep = etcd.keep_alive(lease).await?;
+    let listing = etcd.get_prefix(&prefix).await?;
+    view.clear();
+    let mut fresh = Shared::default();
+    for (k, v) in &listing.entries {
+        apply(&prefix, &settings.id, k, Some(v), view, &mut fresh);
+    }
+    push_shared(cp, shared, fresh).await;
+    let mut events = etcd.watch_prefix(&prefix, listing.revision + 1).await?;
+    tracing::info!(endpoint = %etcd.endpoint(), lease = %lease, instances = view.others().count() + 1, "registered in the fleet");
+    *backoff = Duration::from_millis(200);
+    let mut tick = tokio::time::interval(REPORT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            loss = keep.lost() => {
+                anyhow::bail!("registry lease lost: {loss}");
+            }
+            ev = events.recv() => {
+                let mut next = Shared {
+                    secrets: shared.secrets.clone(),
+                    revoked: shared.revoked.clone(),
+                    drained: shared.drained,
+                };
+                match ev {
+                    Some(WatchEvent::Put { key, value, .. }) => {
+                        apply(&prefix, &settings.id, &key, Some(&value), view, &mut next);
+                    }
+                    Some(WatchEvent::Delete { key, .. }) => {
+                        apply(&prefix, &settings.id, &key, None, view, &mut next);
+                    }
+                    Some(WatchEvent::Compacted { .. }) | None => {
+                        anyhow::bail!("registry watch ended; reading the registry again");
+                    }
+                }
+                let drained_changed = next.drained != shared.drained;
+                push_shared(cp, shared, next).await;
+                if drained_changed {
+                    report(&etcd, cp, dp, base, draining, view, shared, meter, &me_key, lease).await?;
+                }
+            }
+            _ = tick.tick() => {
+                report(&etcd, cp, dp, base, draining, view, shared, meter, &me_key, lease).await?;
+            }
+            _ = draining.changed() => {
+                report(&etcd, cp, dp, base, draining, view, shared, meter, &me_key, lease).await?;
+            }
+        }
+    }
+}
+
+/// Writes this instance's record and hands the control plane the fleet's decision.
+#[allow(clippy::too_many_arguments)]
+async fn report(
+    etcd: &Etcd,
+    cp: &ControlPlaneHandle,
+    dp: Option<&DataPlaneHandle>,
+    base: &InstanceRecord,
+    draining: &watch::Receiver<bool>,
+    view: &mut FleetView,
+    shared: &Shared,
+    meter: &mut Meter,
+    me_key: &str,
+    lease: LeaseId,
+) -> Result<(), EtcdError> {
+    let stats = cp.stats().await.unwrap_or_default();
+    let (pps, cpu) = meter.sample(dp);
+    let now = unix_ms();
+    let me = InstanceRecord {
+        allocations: stats.totals.as_ref().map_or(0, |t| t.allocations),
+        capacity: u64::from(cp.quotas().1),
+        packets_per_sec: pps,
+        cpu,
+        draining: *draining.borrow() || shared.drained,
+        updated_ms: now,
+        ..base.clone()
+    };
+    let json = serde_json::to_vec(&me).unwrap_or_default();
+    etcd.put(me_key, &json, Some(lease)).await?;
+    let alternates = view.decide(&me, now);
+    let _ = cp.set_fleet(me.draining, alternates).await;
+    Ok(())
+}
+
+/// Applies one key of the fleet prefix (its value, or `None` once deleted).
+fn apply(
+    prefix: &str,
+    me: &str,
+    key: &str,
+    value: Option<&[u8]>,
+    view: &mut FleetView,
+    shared: &mut Shared,
+) {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return;
+    };
+    if let Some(id) = rest.strip_prefix("instances/") {
+        match value.map(serde_json::from_slice::<InstanceRecord>) {
+            Some(Ok(r)) if r.id == id => view.upsert(r),
+            Some(Ok(_)) | Some(Err(_)) => {
+                tracing::warn!(key, "unreadable instance record ignored");
+            }
+            None => view.remove(id),
+        }
+    } else if rest == "config/secrets" {
+        shared.secrets = match value.map(serde_json::from_slice::<Vec<String>>) {
+            Some(Ok(s)) if !s.is_empty() && s.iter().all(|x| !x.is_empty()) => Some(s),
+            Some(_) => {
+                tracing::warn!(key, "unreadable or empty secret list ignored");
+                shared.secrets.clone()
+            }
+            None => None,
+        };
+    } else if let Some(user) = rest.strip_prefix("config/revoked/") {
+        if value.is_some() {
+            shared.revoked.insert(user.to_owned());
+        } else {
+            shared.revoked.remove(user);
+        }
+    } else if rest.strip_prefix("drain/") == Some(me) {
+        shared.drained = value.is_some();
+    }
+}
+
+/// Hands the control plane what changed in the shared configuration.
+async fn push_shared(cp: &ControlPlaneHandle, current: &mut Shared, next: Shared) {
+    if next.secrets != current.secrets
+        && let Some(s) = &next.secrets
+    {
+        match cp.rotate_secrets(s.clone()).await {
+            Ok(n) => tracing::info!(secrets = n, "TURN REST secrets from the fleet"),
+            Err(e) => tracing::warn!(error = %e, "secrets from the fleet not applied"),
+        }
+    }
+    if next.revoked != current.revoked {
+        match cp
+            .set_revoked_users(next.revoked.iter().cloned().collect())
+            .await
+        {
+            Ok(ended) => tracing::info!(
+                users = next.revoked.len(),
+                ended,
+                "revoked users from the fleet"
+            ),
+            Err(e) => tracing::warn!(error = %e, "revoked users from the fleet not applied"),
+        }
+    }
+    if next.drained != current.drained {
+        tracing::info!(drained = next.drained, "drain from the fleet");
+    }
+    *current = next;
+}
