@@ -493,6 +493,12 @@ impl Cluster {
         self.fleet = alternates;
     }
 
+    /// The allocations each user holds on the other instances of the fleet (counted
+    /// against the per-user quota).
+    pub fn set_fleet_user_counts(&mut self, counts: std::collections::HashMap<String, u32>) {
+        self.server.set_fleet_user_counts(counts);
+    }
+
     /// Replaces the set of revoked users (refused whatever their credentials); the
     /// allocations of each user newly in the set are revoked now. Returns how many.
     pub fn set_revoked_users(&mut self, now: Millis, users: Vec<String>) -> u64 {

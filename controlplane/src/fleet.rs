@@ -48,6 +48,13 @@ pub struct InstanceRecord {
     pub cpu: f64,
     /// Drained: takes no new allocations.
     pub draining: bool,
+    /// Its Admin API (`http://` on loopback or `https://`), for fleet-wide admin.
+    #[serde(default)]
+    pub admin: Option<String>,
+    /// Its users holding at least [`heavy_threshold`] allocations, with their counts: the
+    /// other instances count them against the per-user quota.
+    #[serde(default)]
+    pub users: std::collections::BTreeMap<String, u32>,
     /// When it wrote this record, unix milliseconds.
     pub updated_ms: u64,
 }
@@ -74,6 +81,16 @@ impl InstanceRecord {
         .copied()
     }
 }
+
+/// The smallest local count of a user that an instance publishes: a tenth of the
+/// per-user quota (at least 1). A user below it on every instance can exceed the quota
+/// fleet-wide by at most `threshold - 1` allocations per instance.
+pub fn heavy_threshold(user_quota: u32) -> u32 {
+    (user_quota / 10).max(1)
+}
+
+/// How many users a record lists at most (the heaviest).
+pub const MAX_PUBLISHED_USERS: usize = 1000;
 
 /// When an instance redirects.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -170,6 +187,21 @@ impl FleetView {
     /// Whether this instance redirects for load now.
     pub fn overloaded(&self) -> bool {
         self.overloaded
+    }
+
+    /// The allocations each user holds on the other live instances (records fresher
+    /// than [`RedirectConfig::stale_ms`]).
+    pub fn user_counts(&self, now_ms: u64) -> std::collections::HashMap<String, u32> {
+        let mut m = std::collections::HashMap::new();
+        for r in self.others.values() {
+            if now_ms.saturating_sub(r.updated_ms) >= self.cfg.stale_ms {
+                continue;
+            }
+            for (u, n) in &r.users {
+                *m.entry(u.clone()).or_insert(0) += *n;
+            }
+        }
+        m
     }
 
     /// Updates the redirection state from this instance's own record at `now`; returns

@@ -274,6 +274,9 @@ pub struct Server {
     allocations: AHashMap<AllocationId, Allocation>,
     by_tuple: AHashMap<FiveTuple, AllocationId>,
     per_user: AHashMap<String, u32>,
+    /// Allocations of each user on the other instances of the fleet (as far as the
+    /// registry says; see `fleet.rs`), counted against the per-user quota too.
+    fleet_users: AHashMap<String, u32>,
     pending: AHashMap<u64, PendingAllocate>,
     pending_by_tuple: AHashMap<FiveTuple, u64>,
     reservations: AHashMap<[u8; 8], (SocketAddr, Millis)>,
@@ -401,6 +404,7 @@ impl Server {
             allocations: AHashMap::new(),
             by_tuple: AHashMap::new(),
             per_user: AHashMap::new(),
+            fleet_users: AHashMap::new(),
             pending: AHashMap::new(),
             pending_by_tuple: AHashMap::new(),
             reservations: AHashMap::new(),
@@ -1034,7 +1038,9 @@ impl Server {
             };
         }
         if self.cfg.user_quota > 0
-            && self.per_user.get(&auth.account).copied().unwrap_or(0) >= self.cfg.user_quota
+            && self.per_user.get(&auth.account).copied().unwrap_or(0)
+                + self.fleet_users.get(&auth.account).copied().unwrap_or(0)
+                >= self.cfg.user_quota
         {
             return Err(Reject {
                 note: Note::Quota,
@@ -1619,6 +1625,26 @@ impl Server {
     /// ends (RFC 8656 §3.1).
     pub fn connection_closed(&mut self, id: AllocationId, out: &mut Vec<Output>) {
         self.remove_allocation(id, EndReason::ConnectionClosed, out);
+    }
+
+    /// The allocations each user holds on the other instances of the fleet, replacing
+    /// the previous counts: the per-user quota counts them with this server's own.
+    pub fn set_fleet_user_counts(&mut self, counts: impl IntoIterator<Item = (String, u32)>) {
+        self.fleet_users = counts.into_iter().collect();
+    }
+
+    /// The users holding at least `min` allocations here, with their counts, at most
+    /// `limit` of them, the largest first (what this instance tells the fleet).
+    pub fn heavy_users(&self, min: u32, limit: usize) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .per_user
+            .iter()
+            .filter(|(_, n)| **n >= min.max(1))
+            .map(|(u, n)| (u.clone(), *n))
+            .collect();
+        v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(limit);
+        v
     }
 
     /// Users refused from now on, whatever their credentials (username or accounting

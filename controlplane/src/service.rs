@@ -92,6 +92,11 @@ enum Cmd {
     Fleet {
         draining: bool,
         alternates: Option<crate::fleet::Alternates>,
+        users: Option<HashMap<String, u32>>,
+    },
+    HeavyUsers {
+        min: u32,
+        reply: oneshot::Sender<Vec<(String, u32)>>,
     },
     Revoked {
         users: Vec<String>,
@@ -195,22 +200,35 @@ impl ControlPlaneHandle {
         .await
     }
 
+    /// The users holding at least `min` allocations here (the heaviest first).
+    pub async fn heavy_users(&self, min: u32) -> Result<Vec<(String, u32)>, Status> {
+        self.ask(|reply| Cmd::HeavyUsers { min, reply }).await
+    }
+
+    /// The per-user allocation quota (0: unlimited).
+    pub fn user_quota(&self) -> u32 {
+        self.quotas.0
+    }
+
     /// Replaces the users revoked fleet-wide (see [`Cluster::set_revoked_users`]);
     /// returns how many allocations ended.
     pub async fn set_revoked_users(&self, users: Vec<String>) -> Result<u64, Status> {
         self.ask(|reply| Cmd::Revoked { users, reply }).await
     }
 
-    /// The fleet's decision for this instance (see [`Cluster::set_fleet`]).
+    /// The fleet's decision for this instance (see [`Cluster::set_fleet`]), and the
+    /// allocations each user holds on the other instances (`None`: unchanged).
     pub async fn set_fleet(
         &self,
         draining: bool,
         alternates: Option<crate::fleet::Alternates>,
+        users: Option<HashMap<String, u32>>,
     ) -> Result<(), Status> {
         self.tx
             .send(Cmd::Fleet {
                 draining,
                 alternates,
+                users,
             })
             .await
             .map_err(|_| Status::unavailable("control plane stopped"))
@@ -391,7 +409,19 @@ impl Actor {
             Cmd::Fleet {
                 draining,
                 alternates,
-            } => c.set_fleet(draining, alternates),
+                users,
+            } => {
+                c.set_fleet(draining, alternates);
+                if let Some(u) = users {
+                    c.set_fleet_user_counts(u);
+                }
+            }
+            Cmd::HeavyUsers { min, reply } => {
+                let _ = reply.send(
+                    c.server()
+                        .heavy_users(min, crate::fleet::MAX_PUBLISHED_USERS),
+                );
+            }
             Cmd::Revoked { users, reply } => {
                 let _ = reply.send(c.set_revoked_users(now, users));
             }

@@ -143,6 +143,8 @@ fn instance(etcd: &str, fleet: &str, n: u8, extra: &[&str]) -> Instance {
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
+        "--admin-token",
+        common::TOKEN,
         "--workers",
         "1",
         "--user",
@@ -440,4 +442,83 @@ fn an_etcd_outage_keeps_instances_serving_and_the_registry_heals() {
     });
     eprintln!("registry healed {healed:?} after etcd came back");
     assert_eq!(echo_round(&mut before, 0x4000, 5), 5);
+}
+
+#[test]
+fn fleet_wide_admin_and_per_user_quota() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = EtcdProc::start();
+    let url = etcd.url();
+    let fleet = fleet_name("admin");
+    let quota = ["--user-quota", "4"];
+    let all: Vec<Instance> = (2..=4).map(|n| instance(&url, &fleet, n, &quota)).collect();
+    // Two allocations of "u" on i2 and two on i3: the quota of 4 is used up fleet-wide.
+    let mut held = Vec::new();
+    for i in &all[..2] {
+        for _ in 0..2 {
+            let mut t = Turn::new(i.udp, "u", "p");
+            assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+            held.push(t);
+        }
+    }
+    // Once the registry has the counts (within one report), i4 refuses a fifth.
+    let waited = eventually("the fleet-wide quota on i4", Duration::from_secs(6), || {
+        let mut t = Turn::new(all[2].udp, "u", "p");
+        match t.allocate() {
+            Outcome::Failed(486) => true,
+            Outcome::Allocated(_) => {
+                assert_eq!(t.refresh(0), Outcome::Ok);
+                false
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+    eprintln!("fleet-wide quota enforced {waited:?} after the allocations");
+    // Another user is not affected.
+    let mut v = Turn::new(all[2].udp, "v", "q");
+    assert!(matches!(v.allocate(), Outcome::Allocated(_)));
+
+    // The fleet's allocations, listed through any instance's registry entry.
+    let out = Command::new(common::bin())
+        .args([
+            "ctl",
+            "--token",
+            common::TOKEN,
+            "fleet",
+            "--etcd",
+            &url,
+            "--fleet",
+            &fleet,
+        ])
+        .args(["list", "--user", "u"])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in ["i2", "i3"] {
+        assert_eq!(
+            listing
+                .lines()
+                .filter(|l| l.starts_with(&format!("{id} ")))
+                .count(),
+            2,
+            "{listing}"
+        );
+    }
+    assert!(!listing.lines().any(|l| l.starts_with("i4 ")), "{listing}");
+    eventually(
+        "fleet stats with 5 allocations",
+        Duration::from_secs(6),
+        || ctl_fleet(&url, &fleet, &["stats"]).contains("fleet: 3 instances, allocations 5"),
+    );
+    for t in &mut held {
+        assert_eq!(t.refresh(0), Outcome::Ok);
+    }
+    assert_eq!(v.refresh(0), Outcome::Ok);
 }

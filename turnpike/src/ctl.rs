@@ -134,6 +134,20 @@ enum CtlCmd {
 enum FleetCmd {
     /// The live instances with their load.
     Instances,
+    /// Statistics per instance and for the fleet.
+    Stats,
+    /// Allocations on every instance (through each one's Admin API; needs the token).
+    List {
+        /// Only this user's.
+        #[arg(long, default_value = "")]
+        user: String,
+    },
+    /// Lifecycle events from every instance, merged (needs the token).
+    Watch {
+        /// Only this user's.
+        #[arg(long, default_value = "")]
+        user: String,
+    },
     /// Drain an instance (no new allocations: redirected elsewhere in the fleet).
     Drain {
         /// Instance id.
@@ -163,7 +177,33 @@ enum FleetCmd {
     },
 }
 
-async fn fleet_cmd(etcd: &[String], fleet: &str, cmd: FleetCmd) -> anyhow::Result<()> {
+/// How to reach the instances' Admin APIs (their URLs come from the registry).
+struct AdminOpts {
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    server_name: String,
+}
+
+/// The live instances' records, by id.
+async fn instances(
+    e: &turnpike_controlplane::etcd::Etcd,
+    prefix: &str,
+) -> anyhow::Result<Vec<turnpike_controlplane::fleet::InstanceRecord>> {
+    let listing = e.get_prefix(&format!("{prefix}instances/")).await?;
+    Ok(listing
+        .entries
+        .iter()
+        .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+        .collect())
+}
+
+async fn fleet_cmd(
+    etcd: &[String],
+    fleet: &str,
+    cmd: FleetCmd,
+    admin: &AdminOpts,
+) -> anyhow::Result<()> {
     use turnpike_controlplane::etcd::Etcd;
     use turnpike_controlplane::fleet::InstanceRecord;
     let e = Etcd::connect(etcd).await?;
@@ -211,6 +251,121 @@ async fn fleet_cmd(etcd: &[String], fleet: &str, cmd: FleetCmd) -> anyhow::Resul
                 );
             }
         }
+        FleetCmd::Stats => {
+            let all = instances(&e, &prefix).await?;
+            let (mut allocs, mut cap, mut pps) = (0u64, 0u64, 0u64);
+            for r in &all {
+                out!(
+                    "{}: allocations {} of {}, {} packets/s, workers {:.1}% busy, load {:.2}{}",
+                    r.id,
+                    r.allocations,
+                    r.capacity,
+                    r.packets_per_sec,
+                    r.cpu * 100.0,
+                    r.load(),
+                    if r.draining { ", draining" } else { "" }
+                );
+                allocs += r.allocations;
+                cap += r.capacity;
+                pps += r.packets_per_sec;
+            }
+            out!(
+                "fleet: {} instances, allocations {allocs} of {cap}, {pps} packets/s",
+                all.len()
+            );
+        }
+        FleetCmd::List { user } => {
+            let bearer = bearer(admin.token.as_deref(), admin.token_file.as_deref())?;
+            for r in instances(&e, &prefix).await? {
+                let Some(url) = r.admin.clone() else {
+                    out!("{}: no Admin URL in its record", r.id);
+                    continue;
+                };
+                let mut a = match connect_admin(
+                    &url,
+                    &admin.server_name,
+                    admin.ca.as_deref(),
+                    bearer.clone(),
+                )
+                .await
+                {
+                    Ok(a) => a,
+                    Err(err) => {
+                        out!("{}: {err:#}", r.id);
+                        continue;
+                    }
+                };
+                let list = a
+                    .list_allocations(v1::ListAllocationsRequest {
+                        user_id: user.clone(),
+                        data_plane_id: String::new(),
+                        page_size: 0,
+                        page_token: String::new(),
+                    })
+                    .await;
+                match list {
+                    Ok(l) => {
+                        for info in l.into_inner().allocations {
+                            let Some(al) = info.state.and_then(|st| st.allocation) else {
+                                continue;
+                            };
+                            let relayed: Vec<String> = al
+                                .relay_addresses
+                                .iter()
+                                .filter_map(|a| std::net::SocketAddr::try_from(a).ok())
+                                .map(|a| a.to_string())
+                                .collect();
+                            out!(
+                                "{} {} user={} username={} relayed={}",
+                                r.id,
+                                al.allocation_id,
+                                al.user_id,
+                                al.username,
+                                relayed.join(",")
+                            );
+                        }
+                    }
+                    Err(err) => out!("{}: {}", r.id, err.message()),
+                }
+            }
+        }
+        FleetCmd::Watch { user } => {
+            let bearer = bearer(admin.token.as_deref(), admin.token_file.as_deref())?;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+            for r in instances(&e, &prefix).await? {
+                let Some(url) = r.admin.clone() else { continue };
+                let mut a = connect_admin(
+                    &url,
+                    &admin.server_name,
+                    admin.ca.as_deref(),
+                    bearer.clone(),
+                )
+                .await
+                .with_context(|| format!("instance {}", r.id))?;
+                let tx = tx.clone();
+                let user = user.clone();
+                tokio::spawn(async move {
+                    let s = a
+                        .watch_events(v1::WatchEventsRequest {
+                            kinds: vec![],
+                            user_id: user,
+                            data_plane_id: String::new(),
+                        })
+                        .await;
+                    let Ok(s) = s else { return };
+                    let mut s = s.into_inner();
+                    while let Ok(Some(ev)) = s.message().await {
+                        if tx.send(format!("{} {ev:?}", r.id)).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            while let Some(line) = rx.recv().await {
+                out!("{line}");
+            }
+        }
         FleetCmd::Drain { instance, undrain } => {
             let key = format!("{prefix}drain/{instance}");
             if undrain {
@@ -247,6 +402,70 @@ async fn fleet_cmd(etcd: &[String], fleet: &str, cmd: FleetCmd) -> anyhow::Resul
     Ok(())
 }
 
+/// The `authorization` header value for the Admin token.
+fn bearer(
+    token: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<MetadataValue<tonic::metadata::Ascii>> {
+    let token = match (token, file) {
+        (Some(t), _) => t.to_owned(),
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!(
+            "the Admin API needs a token: --token, --token-file or TURNPIKE_ADMIN_TOKEN"
+        ),
+    };
+    format!("Bearer {token}")
+        .parse()
+        .context("the token has characters a header cannot carry")
+}
+
+type Admin = AdminClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
+    >,
+>;
+
+/// An Admin client of `server` (http:// on loopback, or https:// verified against `ca`
+/// for `server_name`) that sends `bearer` with every call.
+async fn connect_admin(
+    server: &str,
+    server_name: &str,
+    ca: Option<&std::path::Path>,
+    bearer: MetadataValue<tonic::metadata::Ascii>,
+) -> anyhow::Result<Admin> {
+    let mut endpoint = Endpoint::from_shared(server.to_owned())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    if server.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().domain_name(server_name.to_owned());
+        if let Some(ca) = ca {
+            let pem = std::fs::read_to_string(ca)
+                .with_context(|| format!("cannot read {}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {server}"))?;
+    let auth: Box<
+        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
+    > = Box::new(move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", bearer.clone());
+        Ok(req)
+    });
+    Ok(AdminClient::with_interceptor(channel, auth))
+}
+
 /// Runs one admin command.
 pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -264,46 +483,18 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let CtlCmd::Fleet { etcd, fleet, cmd } = args.cmd {
-        return rt.block_on(fleet_cmd(&etcd, &fleet, cmd));
+        let admin = AdminOpts {
+            token: args.token.clone(),
+            token_file: args.token_file.clone(),
+            ca: args.ca.clone(),
+            server_name: args.server_name.clone(),
+        };
+        return rt.block_on(fleet_cmd(&etcd, &fleet, cmd, &admin));
     }
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(p)) => std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read {}", p.display()))?
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_owned(),
-        (None, None) => anyhow::bail!(
-            "the Admin API needs a token: --token, --token-file or TURNPIKE_ADMIN_TOKEN"
-        ),
-    };
-    let bearer: MetadataValue<_> = format!("Bearer {token}")
-        .parse()
-        .context("the token has characters a header cannot carry")?;
+    let bearer = bearer(args.token.as_deref(), args.token_file.as_deref())?;
     rt.block_on(async move {
-        let mut endpoint = Endpoint::from_shared(args.server.clone())?
-            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        if args.server.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().domain_name(args.server_name.clone());
-            if let Some(ca) = &args.ca {
-                let pem = std::fs::read_to_string(ca)
-                    .with_context(|| format!("cannot read {}", ca.display()))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        let channel = endpoint
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach {}", args.server))?;
         let mut admin =
-            AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-                req.metadata_mut().insert("authorization", bearer.clone());
-                Ok(req)
-            });
+            connect_admin(&args.server, &args.server_name, args.ca.as_deref(), bearer).await?;
         match args.cmd {
             CtlCmd::Certs { .. } | CtlCmd::Fleet { .. } => {}
             CtlCmd::List { user, data_plane } => {

@@ -37,7 +37,7 @@ pub async fn signal() -> Stop {
 /// allocation, the grace passes, or another signal arrives.
 pub async fn drain(cp: &ControlPlaneHandle, grace: Duration, draining: &watch::Sender<bool>) {
     let _ = draining.send(true);
-    if cp.set_fleet(true, None).await.is_err() {
+    if cp.set_fleet(true, None, None).await.is_err() {
         return;
     }
     let left = |s: &turnpike_proto::api::v1::GetStatsResponse| {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use turnpike_controlplane::ControlPlaneHandle;
 use turnpike_controlplane::etcd::{Etcd, EtcdError, LeaseId, WatchEvent};
-use turnpike_controlplane::fleet::{FleetView, InstanceRecord, RedirectConfig};
+use turnpike_controlplane::fleet::{FleetView, InstanceRecord, RedirectConfig, heavy_threshold};
 use turnpike_dataplane::DataPlaneHandle;
 
 /// Seconds a record outlives its instance.
@@ -170,7 +170,9 @@ pub async fn run(
         // Nobody can be seen: serve locally (or refuse, if drained).
         view.clear();
         let drained = *draining.borrow() || shared.drained;
-        let _ = cp.set_fleet(drained, None).await;
+        // Allocations elsewhere are unknown too: the per-user quota counts only local
+        // ones until the registry is back.
+        let _ = cp.set_fleet(drained, None, Some(Default::default())).await;
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -260,7 +262,14 @@ async fn report(
     let stats = cp.stats().await.unwrap_or_default();
     let (pps, cpu) = meter.sample(dp);
     let now = unix_ms();
+    let users = cp
+        .heavy_users(heavy_threshold(cp.user_quota()))
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let me = InstanceRecord {
+        users,
         allocations: stats.totals.as_ref().map_or(0, |t| t.allocations),
         capacity: u64::from(cp.quotas().1),
         packets_per_sec: pps,
@@ -272,7 +281,9 @@ async fn report(
     let json = serde_json::to_vec(&me).unwrap_or_default();
     etcd.put(me_key, &json, Some(lease)).await?;
     let alternates = view.decide(&me, now);
-    let _ = cp.set_fleet(me.draining, alternates).await;
+    let _ = cp
+        .set_fleet(me.draining, alternates, Some(view.user_counts(now)))
+        .await;
     Ok(())
 }
 

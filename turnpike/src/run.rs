@@ -47,6 +47,8 @@ struct Started {
     grpc: SocketAddr,
     /// The certificates of that port (a data plane in the same process uses them too).
     pems: Pems,
+    /// The Admin API's URL.
+    admin: String,
 }
 
 fn listener_limits(cfg: &Config) -> Limits {
@@ -191,6 +193,7 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
         cp,
         grpc: grpc_local,
         pems,
+        admin: format!("{scheme}://{admin_local}"),
     })
 }
 
@@ -198,6 +201,7 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
 pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
     runtime(1)?.block_on(async move {
         let mut cp = None;
+        let mut admin_url = None;
         let (control, pems) = match control {
             Some(c) => {
                 let Some(t) = &cfg.grpc_tls else {
@@ -212,6 +216,7 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             None => {
                 let started = start_control_plane(&mut cfg, true).await?;
                 cp = Some(started.cp);
+                admin_url = Some(started.admin);
                 (format!("https://{}", started.grpc), started.pems)
             }
         };
@@ -285,6 +290,7 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
                     .collect(),
                 tls_domain: f.tls_domain.clone(),
                 relay_ips: cfg.relay_ips.clone(),
+                admin: admin_url.clone(),
                 ..Default::default()
             };
             let settings = crate::fleet::FleetSettings {
