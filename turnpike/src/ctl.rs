@@ -425,11 +425,12 @@ fn bearer(
         .context("the token has characters a header cannot carry")
 }
 
+/// Adds the bearer token to a call.
+type AddToken =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
 type Admin = AdminClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
-    >,
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddToken>,
 >;
 
 /// An Admin client of `server` (http:// on loopback, or https:// verified against `ca`
@@ -457,9 +458,7 @@ async fn connect_admin(
         .connect()
         .await
         .with_context(|| format!("cannot reach {server}"))?;
-    let auth: Box<
-        dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send,
-    > = Box::new(move |mut req: tonic::Request<()>| {
+    let auth: AddToken = Box::new(move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", bearer.clone());
         Ok(req)
     });
