@@ -509,3 +509,17 @@ fn sigterm_drains_then_exits_when_the_last_allocation_ends() {
     }
     panic!("still running 5 s after its last allocation ended");
 }
+
+/// The fleet example parses (every key is known); it stops at the first thing this
+/// machine lacks, its certificate files.
+#[test]
+fn fleet_example_config_parses() {
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/fleet/turnpike-fleet.toml"
+    );
+    let (code, err) = exit_code(&["serve", "--config", cfg]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("tls.cert"), "{err}");
+    assert!(!err.contains("unknown field"), "{err}");
+}
