@@ -118,6 +118,9 @@ pub struct ControlPlaneHandle {
     tx: mpsc::Sender<Cmd>,
     quotas: (u32, u32),
     events: broadcast::Sender<v1::Event>,
+    /// Whether this control plane leads its cell (always, without an election): data
+    /// planes may attach only to the leader.
+    leader: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -138,7 +141,12 @@ impl ControlPlaneHandle {
             events: events.clone(),
         };
         tokio::spawn(actor.run(rx));
-        ControlPlaneHandle { tx, quotas, events }
+        ControlPlaneHandle {
+            tx,
+            quotas,
+            events,
+            leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        }
     }
 
     /// The `ControlPlane` gRPC service. Serve it over TLS that verifies client
@@ -177,6 +185,18 @@ impl ControlPlaneHandle {
     /// The state machine's counters (for metrics).
     pub async fn server_stats(&self) -> Result<crate::server::Stats, Status> {
         self.ask(|reply| Cmd::ServerStats { reply }).await
+    }
+
+    /// Sets whether this control plane leads its cell: a follower refuses data planes
+    /// (`unavailable`), which then attach to the leader.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader
+            .store(leader, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this control plane leads its cell.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The cell's statistics (what `ctl stats` shows).
@@ -466,6 +486,11 @@ impl ControlPlane for ControlPlaneHandle {
         &self,
         request: Request<Streaming<v1::DataPlaneMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        if !self.is_leader() {
+            return Err(Status::unavailable(
+                "this control plane does not lead its cell: attach to the leader",
+            ));
+        }
         let mut up = request.into_inner();
         let first = up
             .message()

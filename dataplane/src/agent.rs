@@ -112,6 +112,23 @@ fn table(dp: &DataPlaneHandle, version: u64) -> v1::TableSnapshot {
     }
 }
 
+/// Waits `backoff`, or less if `control` names another control plane meanwhile.
+async fn wait_or_change(
+    control: &mut watch::Receiver<Option<Endpoint>>,
+    backoff: Duration,
+    follow: &mut bool,
+) {
+    if !*follow {
+        tokio::time::sleep(backoff).await;
+        return;
+    }
+    let start = tokio::time::Instant::now();
+    if let Ok(Err(_)) = tokio::time::timeout(backoff, control.changed()).await {
+        *follow = false;
+        tokio::time::sleep_until(start + backoff).await;
+    }
+}
+
 /// Allocations per table message: a large table goes as a Hello and several
 /// TableSnapshot messages, each far below the control plane's message size cap.
 const TABLE_CHUNK: usize = 2000;
@@ -121,32 +138,60 @@ const TABLE_CHUNK: usize = 2000;
 /// `attached` turns true while a control plane stream is up.
 pub async fn run(
     dp: DataPlaneHandle,
-    mut punted: mpsc::Receiver<Upward>,
+    punted: mpsc::Receiver<Upward>,
     queue: Arc<PuntQueue>,
     control: Endpoint,
     me: Identity,
     attached: watch::Sender<bool>,
 ) {
+    let (_keep, control) = watch::channel(Some(control));
+    run_following(dp, punted, queue, control, me, attached).await;
+}
+
+/// As [`run`], attached to whichever control plane `control` names (the leader of the
+/// cell, followed through etcd): when it changes, the stream to the previous one is
+/// dropped and the agent attaches to the new one at once, sending its whole table.
+/// `None`: no control plane is known; existing allocations keep relaying.
+pub async fn run_following(
+    dp: DataPlaneHandle,
+    mut punted: mpsc::Receiver<Upward>,
+    queue: Arc<PuntQueue>,
+    mut control: watch::Receiver<Option<Endpoint>>,
+    me: Identity,
+    attached: watch::Sender<bool>,
+) {
     let mut version = 0u64;
     let mut backoff = Duration::from_millis(100);
-    let target = control.uri().to_string();
-    // HTTP/2 keepalives notice a control plane that vanished without closing the
-    // connection (a crashed host, a partition) within a few seconds.
-    let control = control
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true);
+    // Whether `control` can still change (its sender is alive).
+    let mut follow = true;
     loop {
-        let channel = control.connect().await;
+        let current = control.borrow_and_update().clone();
+        let Some(endpoint) = current else {
+            // Nobody answers punted requests meanwhile: drop them, clients retransmit.
+            while punted.try_recv().is_ok() {}
+            if control.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let target = endpoint.uri().to_string();
+        // HTTP/2 keepalives notice a control plane that vanished without closing the
+        // connection (a crashed host, a partition) within a few seconds.
+        let endpoint = endpoint
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await;
         let channel = match channel {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "control plane unreachable; retrying");
                 // Nobody answers punted requests meanwhile: drop them, clients retransmit.
                 while punted.try_recv().is_ok() {}
-                tokio::time::sleep(backoff).await;
+                // A new control plane named meanwhile is tried at once.
+                wait_or_change(&mut control, backoff, &mut follow).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
@@ -219,7 +264,7 @@ pub async fn run(
             Ok(r) => r.into_inner(),
             Err(e) => {
                 tracing::warn!(error = %e, "attach refused; retrying");
-                tokio::time::sleep(backoff).await;
+                wait_or_change(&mut control, backoff, &mut follow).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
@@ -289,6 +334,15 @@ pub async fn run(
                     }
                 }
                 _ = tick.tick() => report(&dp, &queue, &up).await,
+                changed = control.changed(), if follow => {
+                    if changed.is_err() {
+                        follow = false;
+                    } else if control.borrow().as_ref().map(|e| e.uri().to_string()) != Some(target.clone()) {
+                        tracing::info!(from = %target, "the control plane changed; attaching to the new one");
+                        backoff = Duration::from_millis(100);
+                        break;
+                    }
+                }
             }
         }
         let _ = attached.send(false);

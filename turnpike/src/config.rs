@@ -142,6 +142,10 @@ pub struct FleetFile {
     pub redirect_load: Option<f64>,
     /// Serve locally again at or below this load.
     pub resume_load: Option<f64>,
+    /// The cell (split mode): its control planes elect a leader.
+    pub cell: Option<String>,
+    /// The URL data planes reach this control plane at.
+    pub advertise_grpc: Option<String>,
 }
 
 /// One string or a list of them.
@@ -362,6 +366,14 @@ pub struct Flags {
     /// Redirect new allocations at or above this load, 0 to 1 (default 0.85).
     #[arg(long, env = "TURNPIKE_REDIRECT_LOAD")]
     pub redirect_load: Option<f64>,
+    /// Split mode with etcd: the cell whose leader this control plane campaigns to be, or
+    /// whose elected leader this data plane follows (default "default").
+    #[arg(long, env = "TURNPIKE_CELL")]
+    pub cell: Option<String>,
+    /// The URL data planes reach this control plane's gRPC at (default:
+    /// https://GRPC_LISTEN; required when that is a wildcard address).
+    #[arg(long, env = "TURNPIKE_ADVERTISE_GRPC")]
+    pub advertise_grpc: Option<String>,
 }
 
 /// The fleet settings, when etcd is configured.
@@ -381,6 +393,10 @@ pub struct FleetConfig {
     pub tls_domain: Option<String>,
     /// Redirect thresholds.
     pub redirect: turnpike_controlplane::fleet::RedirectConfig,
+    /// The cell (split mode): its control planes elect a leader.
+    pub cell: String,
+    /// The URL this control plane is reached at, if set.
+    pub advertise_grpc: Option<String>,
 }
 
 /// Where the TURN-over-TLS certificate comes from.
@@ -1008,5 +1024,11 @@ fn fleet_config(
         zone: flags.zone.clone().or(file.zone).unwrap_or_default(),
         tls_domain: file.tls_domain,
         redirect,
+        cell: flags
+            .cell
+            .clone()
+            .or(file.cell)
+            .unwrap_or_else(|| "default".into()),
+        advertise_grpc: flags.advertise_grpc.clone().or(file.advertise_grpc),
     }))
 }

@@ -6,6 +6,7 @@ mod config;
 mod ctl;
 mod drain;
 mod fleet;
+mod leader;
 mod listener;
 mod metrics;
 mod run;
@@ -30,11 +31,12 @@ enum Cmd {
     Serve(config::Flags),
     /// The control plane alone: data planes attach to --grpc-listen.
     Controlplane(config::Flags),
-    /// A data plane attached to a control plane.
+    /// A data plane attached to a control plane: the one given, or the elected leader of
+    /// its cell (with --etcd and no --control).
     Dataplane {
-        /// The control plane's gRPC address, e.g. http://10.0.0.1:3479.
+        /// The control plane's gRPC address, e.g. https://10.0.0.1:3479.
         #[arg(long, env = "TURNPIKE_CONTROL")]
-        control: String,
+        control: Option<String>,
         #[command(flatten)]
         flags: config::Flags,
     },
@@ -52,11 +54,22 @@ fn main() {
     };
     init_logging(format.as_deref());
     let result = match cli.cmd {
-        Cmd::Serve(flags) => load(&flags).and_then(|c| run::serve(c, None)),
+        Cmd::Serve(flags) => load(&flags).and_then(|c| run::serve(c, run::Control::Embedded)),
         Cmd::Controlplane(flags) => load(&flags).and_then(run::controlplane),
-        Cmd::Dataplane { control, flags } => {
-            load(&flags).and_then(|c| run::serve(c, Some(control)))
-        }
+        Cmd::Dataplane { control, flags } => load(&flags).and_then(|c| {
+            let control = match control {
+                Some(url) => run::Control::Fixed(url),
+                None if c.fleet.is_some() => run::Control::Elected,
+                None => {
+                    eprintln!(
+                        "turnpike: invalid configuration: control (--control): a data plane needs its \
+                         control plane's address, or --etcd to follow its cell's elected leader"
+                    );
+                    std::process::exit(64);
+                }
+            };
+            run::serve(c, control)
+        }),
         Cmd::Ctl(args) => ctl::run(args),
     };
     if let Err(e) = result {

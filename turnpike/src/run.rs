@@ -114,6 +114,10 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     rand::rng().fill(&mut secret);
     let server = Server::new(cfg.server.clone(), creds, secret, rand::rng().random());
     let cp = ControlPlaneHandle::spawn(server);
+    if !embedded && cfg.fleet.is_some() {
+        // Elected through etcd: no data plane attaches before the election is won.
+        cp.set_leader(false);
+    }
 
     let default_grpc = if embedded {
         SocketAddr::from(([127, 0, 0, 1], 0))
@@ -197,13 +201,36 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     })
 }
 
+/// Which control plane a data plane attaches to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// The one started in this process (`serve`).
+    Embedded,
+    /// The one at this address (`dataplane --control URL`).
+    Fixed(String),
+    /// The elected leader of the cell, followed through etcd (`dataplane --etcd`).
+    Elected,
+}
+
+/// An endpoint for a control plane's URL, with the planes' mutual TLS.
+fn control_endpoint(url: &str, pems: &Pems, server_name: &str) -> anyhow::Result<Endpoint> {
+    let https = match url.strip_prefix("http://") {
+        Some(rest) => format!("https://{rest}"),
+        None => url.to_owned(),
+    };
+    Endpoint::from_shared(https)
+        .with_context(|| format!("bad control plane address {url:?}"))?
+        .tls_config(pems.client(server_name))
+        .context("gRPC TLS configuration")
+}
+
 /// `serve` (with a control plane in process) or `dataplane` (attached to `control`).
-pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
+pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
     runtime(1)?.block_on(async move {
         let mut cp = None;
         let mut admin_url = None;
         let (control, pems) = match control {
-            Some(c) => {
+            Control::Fixed(_) | Control::Elected => {
                 let Some(t) = &cfg.grpc_tls else {
                     eprintln!(
                         "turnpike: invalid configuration: grpc_ca, grpc_cert, grpc_key (--grpc-ca, --grpc-cert, --grpc-key): \
@@ -211,23 +238,33 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
                     );
                     std::process::exit(64);
                 };
-                (c, Pems::load(&t.ca, &t.cert, &t.key)?)
+                (control, Pems::load(&t.ca, &t.cert, &t.key)?)
             }
-            None => {
+            Control::Embedded => {
                 let started = start_control_plane(&mut cfg, true).await?;
                 cp = Some(started.cp);
                 admin_url = Some(started.admin);
-                (format!("https://{}", started.grpc), started.pems)
+                (Control::Fixed(format!("https://{}", started.grpc)), started.pems)
             }
         };
-        let url = match control.strip_prefix("http://") {
-            Some(rest) => format!("https://{rest}"),
-            None => control.clone(),
+        // Where the agent attaches: one address, or the cell's leader as etcd says.
+        let (control_tx, control_rx) = watch::channel(None);
+        let control_name = match &control {
+            Control::Fixed(url) => {
+                let _ = control_tx.send(Some(control_endpoint(url, &pems, &cfg.grpc_server_name)?));
+                url.clone()
+            }
+            _ => {
+                let Some(f) = cfg.fleet.clone() else {
+                    anyhow::bail!("following an elected control plane needs --etcd");
+                };
+                let (pems, name) = (pems.clone(), cfg.grpc_server_name.clone());
+                tokio::spawn(crate::leader::follow(f, control_tx, move |url: &str| {
+                    control_endpoint(url, &pems, &name)
+                }));
+                "the elected leader".to_owned()
+            }
         };
-        let endpoint = Endpoint::from_shared(url)
-            .with_context(|| format!("bad control plane address {control:?}"))?
-            .tls_config(pems.client(&cfg.grpc_server_name))
-            .context("gRPC TLS configuration")?;
         let (queue, punted) = PuntQueue::new(16384);
         // Set while draining (SIGTERM): the fleet registry publishes it.
         let (draining, _) = watch::channel(false);
@@ -255,11 +292,11 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             .map(|s| (if s.tls { Transport::Tls } else { Transport::Tcp }, s.addr))
             .collect();
         let (attached_tx, mut attached) = watch::channel(false);
-        tokio::spawn(agent::run(
+        tokio::spawn(agent::run_following(
             dp.handle(),
             punted,
             queue.clone(),
-            endpoint,
+            control_rx,
             Identity {
                 id: cfg.data_plane_id.clone(),
                 listen: listen.clone(),
@@ -313,7 +350,7 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             .await
             .is_ok_and(|r| r.is_ok());
         if !ready {
-            tracing::warn!(%control, "not attached to a control plane yet; relaying existing allocations only");
+            tracing::warn!(control = %control_name, "not attached to a control plane yet; relaying existing allocations only");
         }
         let listen_s: Vec<String> = listen.iter().map(ToString::to_string).collect();
         let tcp_s: Vec<String> = stream_addrs
@@ -327,7 +364,7 @@ pub fn serve(mut cfg: Config, control: Option<String>) -> anyhow::Result<()> {
             .map(|(_, a)| a.to_string())
             .collect();
         println!(
-            "turnpike ready: listen={} tcp={} tls={} backend={:?} workers={} control={control}",
+            "turnpike ready: listen={} tcp={} tls={} backend={:?} workers={} control={control_name}",
             listen_s.join(","),
             tcp_s.join(","),
             tls_s.join(","),
@@ -354,11 +391,32 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
             let (q, _rx) = PuntQueue::new(1);
             metrics::spawn(m, listener_limits(&cfg), Some(started.cp.clone()), None, q).await?;
         }
+        let held = crate::leader::Held::default();
+        if let Some(f) = cfg.fleet.clone() {
+            let url = match &f.advertise_grpc {
+                Some(u) => u.clone(),
+                None if started.grpc.ip().is_unspecified() => {
+                    eprintln!(
+                        "turnpike: invalid configuration: advertise_grpc (--advertise-grpc): required \
+                         with --etcd when grpc_listen is a wildcard address"
+                    );
+                    std::process::exit(64);
+                }
+                None => format!("https://{}", started.grpc),
+            };
+            tokio::spawn(crate::leader::campaign(
+                f,
+                url,
+                started.cp.clone(),
+                held.clone(),
+            ));
+        }
         println!("turnpike control plane ready: grpc={}", started.grpc);
         if crate::drain::signal().await == crate::drain::Stop::Drain && !cfg.drain_grace.is_zero() {
             let (draining, _) = watch::channel(false);
             crate::drain::drain(&started.cp, cfg.drain_grace, &draining).await;
         }
+        crate::leader::resign(&held).await;
         Ok(())
     })
 }

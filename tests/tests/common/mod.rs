@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests against the real `turnpike` binary.
 #![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)]
 
+pub mod etcd;
 pub mod stream;
 pub mod tls;
 
