@@ -151,4 +151,29 @@ fn the_leader_dies_relaying_goes_on_and_the_cell_fails_over() {
     if let Some(mut t) = fresh {
         assert_eq!(t.refresh(0), Outcome::Ok);
     }
+    // The new leader registers the cell in the fleet, with its data planes' addresses.
+    let started = Instant::now();
+    loop {
+        let out = std::process::Command::new(common::bin())
+            .args([
+                "ctl",
+                "fleet",
+                "--etcd",
+                &url,
+                "--fleet",
+                &fleet,
+                "instances",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains(&format!("udp:{l1}")) && text.contains(&format!("udp:{l2}")) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cell is not in the registry: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

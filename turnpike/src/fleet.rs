@@ -190,6 +190,12 @@ async fn session(
     meter: &mut Meter,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
+    // A control plane of a cell with an election registers the cell only while it
+    // leads it (a follower exits when it loses the leadership, so this is a one-way
+    // wait).
+    while !cp.is_leader() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let etcd = Etcd::connect(&settings.etcd).await?;
     let prefix = settings.prefix();
     let me_key = format!("{prefix}instances/{}", settings.id);
@@ -268,6 +274,25 @@ async fn report(
         .unwrap_or_default()
         .into_iter()
         .collect();
+    let mut base = base.clone();
+    if dp.is_none() {
+        // A control plane alone: the cell's addresses are its attached data planes'.
+        for d in stats.data_planes.iter().filter(|d| d.attached) {
+            for l in &d.listening_addresses {
+                let Some(Ok(a)) = l.address.as_ref().map(std::net::SocketAddr::try_from) else {
+                    continue;
+                };
+                let list = match turnpike_proto::api::v1::Transport::try_from(l.transport) {
+                    Ok(turnpike_proto::api::v1::Transport::Tcp) => &mut base.tcp,
+                    Ok(turnpike_proto::api::v1::Transport::Tls) => &mut base.tls,
+                    _ => &mut base.udp,
+                };
+                if !list.contains(&a) {
+                    list.push(a);
+                }
+            }
+        }
+    }
     let me = InstanceRecord {
         users,
         allocations: stats.totals.as_ref().map_or(0, |t| t.allocations),
@@ -276,7 +301,7 @@ async fn report(
         cpu,
         draining: *draining.borrow() || shared.drained,
         updated_ms: now,
-        ..base.clone()
+        ..base
     };
     let json = serde_json::to_vec(&me).unwrap_or_default();
     etcd.put(me_key, &json, Some(lease)).await?;

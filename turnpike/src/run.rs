@@ -392,7 +392,29 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
             metrics::spawn(m, listener_limits(&cfg), Some(started.cp.clone()), None, q).await?;
         }
         let held = crate::leader::Held::default();
+        let (draining, _) = watch::channel(false);
         if let Some(f) = cfg.fleet.clone() {
+            // The cell registers in the fleet while this control plane leads it.
+            let base = turnpike_controlplane::fleet::InstanceRecord {
+                id: f.instance_id.clone(),
+                region: f.region.clone(),
+                zone: f.zone.clone(),
+                tls_domain: f.tls_domain.clone(),
+                admin: Some(started.admin.clone()),
+                ..Default::default()
+            };
+            tokio::spawn(crate::fleet::run(
+                crate::fleet::FleetSettings {
+                    etcd: f.etcd.clone(),
+                    fleet: f.name.clone(),
+                    id: f.instance_id.clone(),
+                    redirect: f.redirect,
+                },
+                started.cp.clone(),
+                None,
+                base,
+                draining.subscribe(),
+            ));
             let url = match &f.advertise_grpc {
                 Some(u) => u.clone(),
                 None if started.grpc.ip().is_unspecified() => {
@@ -413,7 +435,6 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
         }
         println!("turnpike control plane ready: grpc={}", started.grpc);
         if crate::drain::signal().await == crate::drain::Stop::Drain && !cfg.drain_grace.is_zero() {
-            let (draining, _) = watch::channel(false);
             crate::drain::drain(&started.cp, cfg.drain_grace, &draining).await;
         }
         crate::leader::resign(&held).await;
