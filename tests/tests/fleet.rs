@@ -411,8 +411,52 @@ fn fleet_wide_admin_and_per_user_quota() {
         Duration::from_secs(6),
         || ctl_fleet(&url, &fleet, &["stats"]).contains("fleet: 3 instances, allocations 5"),
     );
+    // Events from every instance, merged: the deletions below show up with their
+    // instance's id.
+    let mut watch = std::process::Command::new(common::bin())
+        .args([
+            "ctl",
+            "--token",
+            common::TOKEN,
+            "fleet",
+            "--etcd",
+            &url,
+            "--fleet",
+            &fleet,
+            "watch",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(watch.stdout.take().unwrap()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
     for t in &mut held {
         assert_eq!(t.refresh(0), Outcome::Ok);
     }
     assert_eq!(v.refresh(0), Outcome::Ok);
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.len() < 3 && Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200))
+            && let Some(id) = l.split_whitespace().next()
+        {
+            seen.insert(id.to_owned());
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["i2", "i3", "i4"],
+        "events from every instance"
+    );
 }
