@@ -22,6 +22,7 @@ use turnpike_proto::client::{AllocateOptions, Client, Event};
 use crate::hs;
 use crate::proc;
 use crate::relay::{self, Mode};
+use crate::stream::Transport;
 use crate::svg::{self, Chart, Series};
 use crate::{ServerArgs, check_loopback};
 
@@ -540,6 +541,8 @@ fn one_run(
             realm: "bench".into(),
         },
         mode: tg.mode,
+        transport: Transport::Udp,
+        tls: None,
         clients: a.clients,
         size,
         alternate: tg.alternate,
