@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 
 use turnpike_proto::api::v1::{self, control_plane_message, data_plane_message};
 use turnpike_proto::api::{ip_from_bytes, ip_to_bytes};
-use turnpike_proto::plane::tuple_from_api;
+use turnpike_proto::plane::{Transport, tuple_from_api};
 
 use crate::server::{AllocationInfo, Server};
 use crate::types::{
@@ -497,20 +497,29 @@ impl Cluster {
         false
     }
 
-    /// Where new allocations arriving at data plane `conn` should go instead: nowhere if
-    /// it is open; else the least loaded open data plane's first listening address.
-    fn alternate_for(&self, conn: ConnId) -> Option<SocketAddr> {
+    /// Where new allocations arriving at data plane `conn` over `transport` should go
+    /// instead: nowhere if it is open; else the least loaded open data plane that listens
+    /// on that transport, its first address for it (a client keeps its transport when it
+    /// follows ALTERNATE-SERVER, RFC 8489 §10).
+    fn alternate_for(&self, conn: ConnId, transport: Transport) -> Option<SocketAddr> {
         if !self.conns.get(&conn)?.draining {
             return None;
         }
+        let want = v1::Transport::from(transport) as i32;
         self.conns
             .iter()
             .filter(|(id, c)| **id != conn && !c.draining)
-            .min_by_key(|(_, c)| c.load.as_ref().map(|l| l.allocations).unwrap_or(0))
-            .and_then(|(_, c)| {
-                let l = c.hello.listening_addresses.first()?;
-                SocketAddr::try_from(l.address.as_ref()?).ok()
+            .filter_map(|(_, c)| {
+                let l = c
+                    .hello
+                    .listening_addresses
+                    .iter()
+                    .find(|l| l.transport == want)?;
+                let a = SocketAddr::try_from(l.address.as_ref()?).ok()?;
+                Some((c.load.as_ref().map(|l| l.allocations).unwrap_or(0), a))
             })
+            .min_by_key(|&(load, _)| load)
+            .map(|(_, a)| a)
     }
 
     /// Rebuilds allocations from a data plane's table, keeping only what that data plane
@@ -581,7 +590,7 @@ impl Cluster {
         let mut pool = self.pools.remove(&key).unwrap_or_default();
         let via = crate::server::Via {
             relay_ips: &relay_ips,
-            alternate: self.alternate_for(conn),
+            alternate: self.alternate_for(conn, tuple.transport),
             pool: &pool,
         };
         let mut out = std::mem::take(&mut self.scratch_out);

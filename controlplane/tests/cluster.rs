@@ -588,3 +588,44 @@ fn a_closed_connection_ends_its_allocation_on_its_owner_only() {
     cell.cluster.handle_message(cell.now, dp1, closed());
     assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
 }
+
+/// A TCP or TLS client redirected by a drain is given the other data plane's address
+/// for its own transport.
+#[test]
+fn drain_redirects_a_stream_client_to_the_same_transport() {
+    let mut cell = cell(config());
+    let with_streams = |id: &str, ip: &str| {
+        let mut h = hello(id, &format!("{ip}:3478"), vec![]);
+        for (transport, port) in [(v1::Transport::Tcp, 3478), (v1::Transport::Tls, 443)] {
+            h.listening_addresses.push(v1::ListeningAddress {
+                transport: transport as i32,
+                address: Some(addr(&format!("{ip}:{port}")).into()),
+            });
+        }
+        h
+    };
+    let dp1 = cell.cluster.attach(T0, with_streams("dp1", "192.0.2.10"));
+    let _dp2 = cell.cluster.attach(T0, with_streams("dp2", "192.0.2.20"));
+    cell.cluster.drain(T0, "dp1", true).unwrap();
+    cell.collect();
+    let t = FiveTuple {
+        transport: turnpike_controlplane::Transport::Tls,
+        client: addr("203.0.113.1:4000"),
+        server: addr("192.0.2.10:443"),
+    };
+    assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Err(300));
+    let last = cell
+        .sent
+        .iter()
+        .rev()
+        .find_map(|(_, m)| match m {
+            down::Message::SendDatagram(d) => Some(d.datagram.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let m = Message::parse(&last).unwrap();
+    assert_eq!(
+        m.attr::<AlternateServer>().unwrap().unwrap().0,
+        addr("192.0.2.20:443")
+    );
+}

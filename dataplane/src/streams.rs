@@ -50,6 +50,8 @@ const READ_ROUNDS: usize = 4;
 const TLS_OVERHEAD: usize = 64;
 /// Plaintext read out of a TLS session at a time.
 const PLAIN: usize = 16 * 1024;
+/// The ALPN protocol of TURN (RFC 7443).
+const ALPN_TURN: &[u8] = b"stun.turn";
 /// How long an accept that failed for lack of descriptors or memory pauses its listener.
 const ACCEPT_BACKOFF_MS: u64 = 100;
 
@@ -109,6 +111,9 @@ pub(crate) struct StreamShared {
     pub(crate) legacy_channels: bool,
     open: AtomicUsize,
     per_ip: Mutex<AHashMap<IpAddr, usize>>,
+    /// The current configuration without ALPN, for clients that offer ALPN protocols
+    /// other than `stun.turn` (made once per configuration: (source, derived)).
+    no_alpn: Mutex<Option<(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>)>>,
 }
 
 impl StreamShared {
@@ -123,7 +128,36 @@ impl StreamShared {
             legacy_channels,
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(AHashMap::new()),
+            no_alpn: Mutex::new(None),
         }
+    }
+
+    /// The configuration for a ClientHello: as configured (ALPN `stun.turn`, RFC 7443)
+    /// when the client offers `stun.turn` or no ALPN at all; without ALPN when it offers
+    /// only other protocols, so that it is served rather than refused with
+    /// `no_application_protocol`.
+    fn config_for(
+        &self,
+        hello: &rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::ServerConfig>> {
+        let cfg = self.tls.as_ref()?.load_full();
+        let turn_or_none = hello
+            .alpn()
+            .is_none_or(|mut offered| offered.any(|p| p == ALPN_TURN));
+        if turn_or_none || cfg.alpn_protocols.is_empty() {
+            return Some(cfg);
+        }
+        let mut cache = self.no_alpn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((src, derived)) = cache.as_ref()
+            && Arc::ptr_eq(src, &cfg)
+        {
+            return Some(Arc::clone(derived));
+        }
+        let mut plain = (*cfg).clone();
+        plain.alpn_protocols.clear();
+        let plain = Arc::new(plain);
+        *cache = Some((cfg, Arc::clone(&plain)));
+        Some(plain)
     }
 
     /// Counts a new connection against the total; `false` if it is full.
@@ -181,6 +215,8 @@ pub(crate) struct Conn {
     tuple: Option<FiveTuple>,
     /// The PROXY header's bytes so far, while it is expected.
     proxy: Option<Vec<u8>>,
+    /// Reading the ClientHello of a TLS connection (to pick its configuration).
+    accepting: Option<Box<rustls::server::Acceptor>>,
     tls: Option<Box<rustls::ServerConnection>>,
     handshaken: bool,
     framer: Framer,
@@ -334,23 +370,14 @@ impl Worker {
                 shared.release_ip(ip);
             }
         };
-        let tls = match (lk.tls, &shared.tls) {
-            (false, _) => None,
-            (true, Some(cfg)) => match rustls::ServerConnection::new(cfg.load_full()) {
-                Ok(c) => Some(Box::new(c)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "TLS session not created");
-                    release(!lk.proxy);
-                    bump(&self.ctr.streams.refused, 1);
-                    return;
-                }
-            },
-            (true, None) => {
-                release(!lk.proxy);
-                bump(&self.ctr.streams.refused, 1);
-                return;
-            }
-        };
+        if lk.tls && shared.tls.is_none() {
+            release(!lk.proxy);
+            bump(&self.ctr.streams.refused, 1);
+            return;
+        }
+        let accepting = lk
+            .tls
+            .then(|| Box::new(rustls::server::Acceptor::default()));
         // Small messages must not wait for more (Nagle); dead peers are found by
         // keepalive, and unacknowledged data to a vanished peer times out.
         let _ = sock.set_nonblocking(true);
@@ -377,7 +404,8 @@ impl Worker {
             local,
             tuple: None,
             proxy: lk.proxy.then(Vec::new),
-            tls,
+            accepting,
+            tls: None,
             handshaken: !lk.tls,
             framer: Framer::new(RECV_CAP, shared.legacy_channels),
             out: SendQueue::new(shared.limits.send_buffer),
@@ -463,7 +491,13 @@ impl Worker {
 
     /// Bytes arrived on connection `t`.
     pub(crate) fn on_stream_data(&mut self, t: Token, data: &[u8]) {
-        let Some(mut conn) = self.socks.get_mut(t).and_then(|e| e.stream.take()) else {
+        // Bytes that arrive after the worker decided to close are ignored.
+        let Some(mut conn) = self
+            .socks
+            .get_mut(t)
+            .filter(|e| !e.closing)
+            .and_then(|e| e.stream.take())
+        else {
             return;
         };
         let r = self.stream_input(t, &mut conn, data);
@@ -539,10 +573,16 @@ impl Worker {
 
     /// Bytes after the PROXY header: through TLS if the connection has it, then framed.
     fn stream_bytes(&mut self, t: Token, conn: &mut Conn, data: &[u8]) -> Result<(), CloseReason> {
-        if conn.tls.is_none() {
-            return self.frames(t, conn, data);
-        }
         let mut rd = data;
+        if conn.accepting.is_some() {
+            self.accept_tls(conn, &mut rd)?;
+            if rd.is_empty() {
+                return Ok(());
+            }
+        }
+        if conn.tls.is_none() {
+            return self.frames(t, conn, rd);
+        }
         let mut plain = std::mem::take(&mut self.plain);
         plain.resize(PLAIN, 0);
         let r = self.tls_bytes(t, conn, &mut rd, &mut plain);
@@ -551,6 +591,48 @@ impl Worker {
             pump_tls(tls, &mut conn.out);
         }
         r
+    }
+
+    /// Reads a TLS connection's ClientHello and starts its session with the
+    /// configuration it calls for; `rd` keeps what follows the ClientHello.
+    fn accept_tls(&mut self, conn: &mut Conn, rd: &mut &[u8]) -> Result<(), CloseReason> {
+        let Some(acc) = conn.accepting.as_mut() else {
+            return Ok(());
+        };
+        let accepted = loop {
+            if acc.read_tls(rd).is_err() {
+                bump(&self.ctr.streams.tls_failures, 1);
+                return Err("TLS input refused");
+            }
+            match acc.accept() {
+                Ok(Some(a)) => break a,
+                Ok(None) if rd.is_empty() => return Ok(()),
+                Ok(None) => {}
+                Err((e, mut alert)) => {
+                    let _ = alert.write_all(&mut QueueWriter(&mut conn.out));
+                    bump(&self.ctr.streams.tls_failures, 1);
+                    tracing::debug!(peer = %conn.peer, error = %e, "TLS ClientHello refused");
+                    return Err("TLS handshake failed");
+                }
+            }
+        };
+        conn.accepting = None;
+        let Some(cfg) = self.streams.config_for(&accepted.client_hello()) else {
+            return Err("TLS without a configuration");
+        };
+        match accepted.into_connection(cfg) {
+            Ok(mut c) => {
+                pump_tls(&mut c, &mut conn.out);
+                conn.tls = Some(Box::new(c));
+                Ok(())
+            }
+            Err((e, mut alert)) => {
+                let _ = alert.write_all(&mut QueueWriter(&mut conn.out));
+                bump(&self.ctr.streams.tls_failures, 1);
+                tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed");
+                Err("TLS handshake failed")
+            }
+        }
     }
 
     fn tls_bytes(

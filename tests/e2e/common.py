@@ -10,6 +10,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pki import Pki
 from server import Creds, ServerUnderTest
 
 
@@ -35,6 +36,7 @@ class Ctx:
     workroot: str
     server: ServerUnderTest | None = None
     deny_cmd: str | None = None
+    pki: Pki | None = None  # the run's test CA and server certificates (pki.py)
     results: list[Result] = field(default_factory=list)
     verbose: bool = False
 

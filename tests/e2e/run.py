@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end tests of a TURN server with third-party clients.
 
-    run.py [--list] [--self-test] [-v] [GROUP ...]      GROUP: uclient aioice chromium policy
+    run.py [--list] [--self-test] [-v] [GROUP ...]
+        GROUP: uclient aioice chromium policy uclient-tcp aioice-tcp chromium-tcp
 
 Each group gets a fresh server started from TURN_SERVER_CMD (see server.py and
 README.md); every test prints PASS/FAIL/SKIP with its time, the run ends with a line
@@ -18,6 +19,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +29,8 @@ sys.path.insert(0, HERE)
 
 import common  # noqa: E402
 from common import Ctx, Fail, Skip, env_flag, summarize  # noqa: E402
-from server import Creds, ServerUnderTest, server_templates  # noqa: E402
+from pki import make_pki  # noqa: E402
+from server import Creds, ServerUnderTest, server_templates, template_fields  # noqa: E402
 
 # group name -> module; each module has run(ctx) and uses ctx.server (loopback allowed)
 GROUPS = {
@@ -35,6 +38,9 @@ GROUPS = {
     "aioice": "t_aioice",
     "chromium": "t_chromium",
     "policy": "t_policy",
+    "uclient-tcp": "t_uclient_tcp",
+    "aioice-tcp": "t_aioice_tcp",
+    "chromium-tcp": "t_chromium_tcp",
 }
 
 
@@ -42,7 +48,11 @@ def run_group(ctx: Ctx, g: str, allow_cmd: str) -> None:
     """One group against a fresh server (loopback peers allowed)."""
     mod = importlib.import_module(GROUPS[g])
     t0 = time.monotonic()
-    srv = ServerUnderTest(allow_cmd, g, ctx.workroot, ctx.creds)
+    if getattr(mod, "NEEDS_TLS", False) and "tls_port" not in template_fields(allow_cmd):
+        ctx.record(g, "SKIP", 0.0, "the server template has no {tls_port}: TURN over "
+                   "TCP/TLS is not configured (see README.md)")
+        return
+    srv = ServerUnderTest(allow_cmd, g, ctx.workroot, ctx.creds, pki=ctx.pki)
     ctx.server = srv
 
     def still_alive() -> None:
@@ -111,7 +121,13 @@ def main() -> int:
     print(f"e2e: deny-loopback command: {deny_cmd or '(none: 403 check skipped)'}", flush=True)
     print(f"e2e: logs in {workroot}", flush=True)
 
-    ctx = Ctx(creds=creds, workroot=workroot, verbose=args.verbose, deny_cmd=deny_cmd)
+    # A fresh test CA and server certificates per run, for {tls_cert} {tls_key} {tls_ca}.
+    try:
+        pki = make_pki(os.path.join(workroot, "pki"))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        pki = None
+        print(f"e2e: no test PKI ({e}); templates with {{tls_*}} cannot start", flush=True)
+    ctx = Ctx(creds=creds, workroot=workroot, verbose=args.verbose, deny_cmd=deny_cmd, pki=pki)
     t_start = time.monotonic()
     try:
         for g in groups:

@@ -13,10 +13,16 @@ The interface (see README.md):
 
 Placeholders, substituted in every word of the template after shell-like splitting:
   {listen_ip} {port} {realm} {user} {password} {relay_min} {relay_max} {workdir}
-A literal brace is written {{ or }}.
+  {tls_port} {tls_cert} {tls_key} {tls_ca}
+A literal brace is written {{ or }}. A template that uses {tls_port} declares that the
+server serves TURN over TCP on {port} and over TLS on {tls_port}, with the certificate
+{tls_cert} (PEM, DNS name turn.test, signed by the per-run test CA {tls_ca}) and its key
+{tls_key}; the TCP/TLS groups are skipped for a template without it.
 
 The server counts as ready when it answers a STUN Binding request over UDP on
-{listen_ip}:{port}; it must do so within TURN_READY_TIMEOUT seconds (default 20).
+{listen_ip}:{port} and, if the template uses {tls_port}, also a Binding over TCP on
+{listen_ip}:{port} and accepts TCP connections on {listen_ip}:{tls_port}; it must do so
+within TURN_READY_TIMEOUT seconds (default 20).
 """
 
 from __future__ import annotations
@@ -26,17 +32,21 @@ import random
 import shlex
 import signal
 import socket
+import string
 import subprocess
 import time
 from dataclasses import dataclass
 
 import stunmsg
+from pki import CertFiles, Pki
 
 COTURN_CMD = (
     "turnserver -n --no-cli --listening-ip={listen_ip} --relay-ip={listen_ip} "
-    "--listening-port={port} --min-port={relay_min} --max-port={relay_max} "
+    "--listening-port={port} --tls-listening-port={tls_port} "
+    "--cert={tls_cert} --pkey={tls_key} "
+    "--min-port={relay_min} --max-port={relay_max} "
     "--realm={realm} --user={user}:{password} --lt-cred-mech --fingerprint "
-    "--allow-loopback-peers --no-tls --no-dtls --no-tcp-relay "
+    "--allow-loopback-peers --no-dtls --no-tcp-relay "
     "--log-file=stdout --simple-log --pidfile={workdir}/turnserver.pid "
     "--userdb={workdir}/turndb"
 )
@@ -85,6 +95,37 @@ def pick_listen_port(ip: str, avoid: range) -> int:
     raise RuntimeError("could not find a free listening port")
 
 
+def pick_tcp_port(ip: str, avoid: set[int]) -> int:
+    """A TCP port free on ip (the kernel picks it), not in avoid."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+    raise RuntimeError("could not find a free TCP port")
+
+
+def template_fields(template: str) -> set[str]:
+    """The placeholder names a template uses ({{ and }} are literal braces)."""
+    names = set()
+    try:
+        for word in shlex.split(template):
+            names.update(f for _, f, _, _ in string.Formatter().parse(word) if f)
+    except ValueError:
+        pass
+    return names
+
+
+def accepts_tcp(addr: tuple[str, int], timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection(addr, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def pick_relay_range(ip: str, size: int = RELAY_RANGE_SIZE) -> range:
     """An even-aligned block of UDP ports, all currently free, outside the kernel's
     ephemeral range where possible (so clients' own sockets do not take them)."""
@@ -112,8 +153,15 @@ class ServerUnderTest:
     """One running instance of the server under test, in its own process group."""
 
     def __init__(self, template: str, name: str, workroot: str, creds: Creds,
-                 listen_ip: str = "127.0.0.1") -> None:
+                 listen_ip: str = "127.0.0.1", pki: Pki | None = None,
+                 cert: CertFiles | None = None) -> None:
+        """pki: the run's test PKI (for the {tls_*} placeholders); cert: the identity
+        the server presents (default pki.server, DNS:turn.test)."""
         self.template = template
+        self.pki = pki
+        self.cert = cert or (pki.server if pki else None)
+        # A template with {tls_port} serves TURN over TCP on {port} and TLS on {tls_port}.
+        self.tls = "tls_port" in template_fields(template)
         self.name = name
         self.creds = creds
         self.listen_ip = listen_ip
@@ -122,6 +170,7 @@ class ServerUnderTest:
         self.log_path = os.path.join(self.workdir, "server.log")
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.tls_port = 0
         self.relay_ports = range(0)
         self.argv: list[str] = []
 
@@ -129,7 +178,14 @@ class ServerUnderTest:
     def addr(self) -> tuple[str, int]:
         return (self.listen_ip, self.port)
 
+    @property
+    def tls_addr(self) -> tuple[str, int]:
+        return (self.listen_ip, self.tls_port)
+
     def render(self) -> list[str]:
+        if self.tls and (self.pki is None or self.cert is None):
+            raise RuntimeError("the template uses {tls_port} but there is no test PKI "
+                               "(is the openssl CLI installed?)")
         values = {
             "listen_ip": self.listen_ip,
             "port": self.port,
@@ -139,7 +195,10 @@ class ServerUnderTest:
             "relay_min": self.relay_ports.start,
             "relay_max": self.relay_ports.stop - 1,
             "workdir": self.workdir,
+            "tls_port": self.tls_port,
         }
+        if self.pki is not None and self.cert is not None:
+            values.update(tls_cert=self.cert.cert, tls_key=self.cert.key, tls_ca=self.pki.ca)
         try:
             return [w.format(**values) for w in shlex.split(self.template)]
         except (KeyError, IndexError, ValueError) as e:
@@ -152,6 +211,8 @@ class ServerUnderTest:
         for attempt in range(3):  # a lost race for a free port is retried
             self.relay_ports = pick_relay_range(self.listen_ip)
             self.port = pick_listen_port(self.listen_ip, self.relay_ports)
+            avoid = set(self.relay_ports) | {self.port - 1, self.port, self.port + 1}
+            self.tls_port = pick_tcp_port(self.listen_ip, avoid) if self.tls else 0
             self.argv = self.render()
             log = open(self.log_path, "ab")
             log.write(f"\n=== start {attempt}: {shlex.join(self.argv)}\n".encode())
@@ -166,19 +227,31 @@ class ServerUnderTest:
                 raise RuntimeError(f"cannot start {self.argv[0]!r}: {e}") from e
             log.close()
             deadline = time.monotonic() + ready_timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    last_error = f"exited with status {self.proc.returncode} before it was ready"
-                    break
-                if stunmsg.probe_binding(self.addr, timeout=0.2) is not None:
-                    return
+            # Readiness, in order: a Binding over UDP; with {tls_port} in the template,
+            # also a Binding over TCP on {port} and a TCP accept on {tls_port}.
+            checks = [(f"a STUN Binding over UDP on {self.listen_ip}:{self.port}",
+                       lambda: stunmsg.probe_binding(self.addr, timeout=0.2) is not None)]
+            if self.tls:
+                checks += [
+                    (f"a STUN Binding over TCP on {self.listen_ip}:{self.port}",
+                     lambda: stunmsg.probe_binding_stream(self.addr, timeout=0.5) is not None),
+                    (f"a TCP connection on the TLS port {self.listen_ip}:{self.tls_port}",
+                     lambda: accepts_tcp(self.tls_addr)),
+                ]
+            pending = list(checks)
+            while time.monotonic() < deadline and pending and self.proc.poll() is None:
+                if pending[0][1]():
+                    pending.pop(0)
+                    continue
                 time.sleep(0.1)
-            else:
+            if not pending:
+                return
+            if self.proc.poll() is None:
                 self.stop()
                 raise RuntimeError(
-                    f"server {self.name} did not answer a STUN Binding on "
-                    f"{self.listen_ip}:{self.port} within {ready_timeout:.0f}s\n"
-                    + self.log_tail())
+                    f"server {self.name} did not answer {pending[0][0]} "
+                    f"within {ready_timeout:.0f}s\n" + self.log_tail())
+            last_error = f"exited with status {self.proc.returncode} before it was ready"
         raise RuntimeError(f"server {self.name} {last_error}\n" + self.log_tail())
 
     def alive(self) -> bool:

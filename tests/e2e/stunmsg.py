@@ -253,6 +253,47 @@ def probe_binding(server: tuple[str, int], timeout: float = 0.3) -> Message | No
     return None
 
 
+def binding_over_stream(server: tuple[str, int], timeout: float = 1.0, ssl_context=None,
+                        server_hostname: str | None = None) -> tuple[Message, str | None]:
+    """One Binding request over TCP, or over TLS when ssl_context is given, on a fresh
+    connection. Returns (success response, the TLS version or None); raises OSError
+    (ssl.SSLError is one) or StunError."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(server, timeout=timeout) as raw:
+        s = raw if ssl_context is None else ssl_context.wrap_socket(
+            raw, server_hostname=server_hostname)
+        try:
+            version = s.version() if ssl_context is not None else None
+            req = binding_request()
+            s.sendall(req.encode(fingerprint=True))
+            buf = b""
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StunError("no Binding response in time")
+                s.settimeout(left)
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise StunError(f"connection closed after {len(buf)} bytes")
+                buf += chunk
+                if len(buf) >= 20 and len(buf) >= 20 + struct.unpack("!H", buf[2:4])[0]:
+                    msg = parse(buf)
+                    if msg.txid != req.txid or msg.cls != SUCCESS:
+                        raise StunError(f"unexpected answer: method {msg.method} class {msg.cls}")
+                    return msg, version
+        finally:
+            if s is not raw:
+                s.close()
+
+
+def probe_binding_stream(server: tuple[str, int], timeout: float = 0.5) -> Message | None:
+    """Readiness probe: a Binding over TCP; the response or None."""
+    try:
+        return binding_over_stream(server, timeout)[0]
+    except (OSError, StunError):
+        return None
+
+
 class TurnClient:
     """A blocking TURN client over UDP with long-term credentials.
 

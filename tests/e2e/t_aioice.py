@@ -44,13 +44,16 @@ class Receiver(asyncio.DatagramProtocol):
             self.closed.set_result(exc)
 
 
-async def turn_to_echo(ctx: Ctx) -> str:
+async def turn_to_echo(ctx: Ctx, server_addr: tuple[str, int] | None = None,
+                       transport: str = "udp", ssl=None) -> str:  # noqa: ANN001
+    """server_addr/transport/ssl: as aioice.turn.create_turn_endpoint takes them
+    (default: the server's UDP address)."""
     srv = ctx.server
     with UdpEcho() as echo:
         transport, proto = await asyncio.wait_for(
             aioice_turn.create_turn_endpoint(
-                Receiver, server_addr=srv.addr, username=ctx.creds.user,
-                password=ctx.creds.password, lifetime=600),
+                Receiver, server_addr=server_addr or srv.addr, username=ctx.creds.user,
+                password=ctx.creds.password, lifetime=600, transport=transport, ssl=ssl),
             STEP_TIMEOUT)
         try:
             relayed = transport.get_extra_info("sockname")
@@ -75,12 +78,13 @@ async def turn_to_echo(ctx: Ctx) -> str:
     return f"{MESSAGES} messages echoed via relayed address {relayed[0]}:{relayed[1]}"
 
 
-async def wrong_password(ctx: Ctx) -> str:
+async def wrong_password(ctx: Ctx, server_addr: tuple[str, int] | None = None,
+                         transport: str = "udp", ssl=None) -> str:  # noqa: ANN001
     try:
         transport, _ = await asyncio.wait_for(
             aioice_turn.create_turn_endpoint(
-                Receiver, server_addr=ctx.server.addr, username=ctx.creds.user,
-                password="not-" + ctx.creds.password),
+                Receiver, server_addr=server_addr or ctx.server.addr, username=ctx.creds.user,
+                password="not-" + ctx.creds.password, transport=transport, ssl=ssl),
             STEP_TIMEOUT)
     except aioice_stun.TransactionFailed as e:
         code = e.response.error_code
@@ -91,10 +95,14 @@ async def wrong_password(ctx: Ctx) -> str:
     raise Fail("allocation succeeded with a wrong password")
 
 
-async def ice_relay_only(ctx: Ctx) -> str:
+async def ice_relay_only(ctx: Ctx, turn_server: tuple[str, int] | None = None,
+                         transport: str = "udp", ssl=None) -> str:  # noqa: ANN001
+    """turn_server/transport/ssl: aioice.Connection's turn_server, turn_transport and
+    turn_ssl (a bool or an ssl.SSLContext, handed on to loop.create_connection)."""
     srv = ctx.server
-    kw = dict(turn_server=srv.addr, turn_username=ctx.creds.user,
-              turn_password=ctx.creds.password, turn_transport="udp",
+    kw = dict(turn_server=turn_server or srv.addr, turn_username=ctx.creds.user,
+              turn_password=ctx.creds.password, turn_transport=transport,
+              turn_ssl=ssl or False,
               use_ipv4=True, use_ipv6=False, transport_policy=TransportPolicy.RELAY)
     a = aioice.Connection(ice_controlling=True, **kw)
     b = aioice.Connection(ice_controlling=False, **kw)

@@ -68,7 +68,10 @@ class PageServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the browser was closed right after the page's last POST
 
             def do_GET(self):  # noqa: N802
                 if self.path in ("/", "/index.html"):
@@ -104,34 +107,43 @@ class PageServer:
         self.httpd.server_close()
 
 
-def run_page(ctx: Ctx, chromium: str, credential: str, tag: str) -> dict:
-    """Serve the page, run Chromium on it, return the result the page POSTed."""
+def run_page(ctx: Ctx, chromium: str, credential: str, tag: str, url: str | None = None,
+             flags: list[str] | None = None, prepare=None,  # noqa: ANN001
+             timeout_s: float = PAGE_TIMEOUT_S) -> dict:
+    """Serve the page, run Chromium on it, return the result the page POSTed.
+
+    url: the one ICE server URL (default turn:HOST:PORT?transport=udp); flags: the
+    Chromium flags (default CHROMIUM_FLAGS); prepare(profile, env): called before the
+    start with the fresh profile folder and the environment to adjust (HOME, say)."""
     srv = ctx.server
     log_path = os.path.join(ctx.workroot, f"chromium{tag}.log")
-    config = {"host": srv.listen_ip, "port": srv.port, "username": ctx.creds.user,
+    config = {"url": url or f"turn:{srv.listen_ip}:{srv.port}?transport=udp",
+              "username": ctx.creds.user,
               "credential": credential, "messages": MESSAGES,
-              "timeoutMs": PAGE_TIMEOUT_S * 1000}
+              "timeoutMs": int(timeout_s * 1000)}
     page = PageServer(config, log_path)
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=ctx.workroot)
     # Chromium leaves org.chromium.Chromium.* folders in TMPDIR: keep them in ours.
     tmp = os.path.join(profile, "tmp")
     os.makedirs(tmp)
     env = dict(os.environ, TMPDIR=tmp)
-    argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-            f"http://127.0.0.1:{page.port}/"]
+    if prepare is not None:
+        prepare(profile, env)
+    argv = [chromium, *(CHROMIUM_FLAGS if flags is None else flags),
+            f"--user-data-dir={profile}", f"http://127.0.0.1:{page.port}/"]
     proc = None
     try:
         with open(log_path, "ab") as log:
             log.write((" ".join(argv) + "\n").encode())
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        deadline = time.monotonic() + PAGE_TIMEOUT_S + 30
+        deadline = time.monotonic() + timeout_s + 30
         while not page.got_result.wait(0.2):
             if proc.poll() is not None:
                 raise Fail(f"chromium exited with status {proc.returncode} before the page "
                            f"reported (see {log_path})")
             if time.monotonic() > deadline:
-                raise Fail(f"no result from the page within {PAGE_TIMEOUT_S + 30}s; page log: "
+                raise Fail(f"no result from the page within {timeout_s + 30:.0f}s; page log: "
                            + " | ".join(page.logs[-10:]))
         r = page.result or {}
     finally:
@@ -147,10 +159,15 @@ def run_page(ctx: Ctx, chromium: str, credential: str, tag: str) -> dict:
     return r
 
 
-def relay_data_channel(ctx: Ctx, chromium: str) -> str:
-    r = run_page(ctx, chromium, ctx.creds.password, "")
+def relay_data_channel(ctx: Ctx, chromium: str, url: str | None = None,
+                       relay_protocol: str = "udp", tag: str = "", **page_kw) -> str:
+    """The page with one ICE server (url; default TURN over UDP): relay candidates only,
+    1000 messages echoed, relay<->relay selected on both sides, and every local relay
+    candidate's relayProtocol (client<->server transport) equal to relay_protocol."""
+    r = run_page(ctx, chromium, ctx.creds.password, tag, url=url, **page_kw)
     summary = json.dumps({k: r.get(k) for k in ("echoed", "error", "gathered", "iceErrors",
-                                                 "pair1", "pair2", "ice1", "ice2")})
+                                                 "pair1", "pair2", "ice1", "ice2",
+                                                 "local1", "local2")})
     if r.get("error"):
         raise Fail(f"page: {r['error']}\n{summary}")
     if r.get("echoed") != MESSAGES:
@@ -159,24 +176,34 @@ def relay_data_channel(ctx: Ctx, chromium: str) -> str:
         types = set((r.get("gathered") or {}).get(name) or [])
         if types != {"relay"}:
             raise Fail(f"{name} gathered candidate types {sorted(types)}, expected relay only\n{summary}")
+    # Chromium 156 reports relayProtocol; an older one that leaves it out passes for UDP.
+    ok_protocols = (None, "udp") if relay_protocol == "udp" else (relay_protocol,)
     for key in ("pair1", "pair2"):
         p = r.get(key) or {}
         lt = (p.get("local") or {}).get("type")
         rt = (p.get("remote") or {}).get("type")
         if (lt, rt) != ("relay", "relay"):
             raise Fail(f"{key}: selected pair {lt}<->{rt}, expected relay<->relay\n{summary}")
-        if (p.get("local") or {}).get("relayProtocol") not in (None, "udp"):
-            raise Fail(f"{key}: relayProtocol {(p.get('local') or {}).get('relayProtocol')}")
+        if (p.get("local") or {}).get("relayProtocol") not in ok_protocols:
+            raise Fail(f"{key}: relayProtocol {(p.get('local') or {}).get('relayProtocol')}, "
+                       f"expected {relay_protocol}\n{summary}")
+    for key in ("local1", "local2"):
+        for c in r.get(key) or []:
+            if c.get("type") != "relay" or c.get("relayProtocol") not in ok_protocols:
+                raise Fail(f"{key}: local candidate {c}, expected relay over {relay_protocol}")
     p1 = r["pair1"]
     ua = r.get("userAgent", "")
     ver = ua.split("Chrome/")[1].split()[0] if "Chrome/" in ua else "?"
+    proto = p1["local"].get("relayProtocol")
     return (f"{MESSAGES} messages echoed, selected pair relay<->relay "
             f"{p1['local']['address']}:{p1['local']['port']} <-> "
-            f"{p1['remote']['address']}:{p1['remote']['port']} (Chromium {ver})")
+            f"{p1['remote']['address']}:{p1['remote']['port']}"
+            + (f", relayProtocol {proto}" if proto else "") + f" (Chromium {ver})")
 
 
-def wrong_credential(ctx: Ctx, chromium: str) -> str:
-    r = run_page(ctx, chromium, "not-" + ctx.creds.password, "-wrongpass")
+def wrong_credential(ctx: Ctx, chromium: str, url: str | None = None, tag: str = "-wrongpass",
+                     **page_kw) -> str:
+    r = run_page(ctx, chromium, "not-" + ctx.creds.password, tag, url=url, **page_kw)
     if r.get("echoed") or any((r.get("gathered") or {}).values()):
         raise Fail(f"relay candidates or data with a wrong credential: {json.dumps(r)[:800]}")
     errors = r.get("iceErrors") or []

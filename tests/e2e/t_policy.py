@@ -176,7 +176,7 @@ def run(ctx: Ctx) -> None:
         ctx.check(name, not_configured)
         return
 
-    deny = ServerUnderTest(ctx.deny_cmd, "policy-deny", ctx.workroot, ctx.creds)
+    deny = ServerUnderTest(ctx.deny_cmd, "policy-deny", ctx.workroot, ctx.creds, pki=ctx.pki)
 
     def still_running() -> None:
         if not deny.alive():

@@ -64,10 +64,12 @@ class Peer:
 
 
 def run_uclient(ctx: Ctx, peer: Peer, flags: list[str], password: str | None = None,
-                timeout: float = 60.0, tag: str = "") -> tuple[int, str]:
+                timeout: float = 60.0, tag: str = "", port: int | None = None) -> tuple[int, str]:
+    """port: the server port to use (default the server's {port}; the TLS tests pass
+    {tls_port})."""
     srv = ctx.server
     argv = [UCLIENT, *flags, "-L", "127.0.0.1", "-e", "127.0.0.1", "-r", str(peer.port),
-            "-p", str(srv.port), "-u", ctx.creds.user,
+            "-p", str(port or srv.port), "-u", ctx.creds.user,
             "-w", ctx.creds.password if password is None else password, srv.listen_ip]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -89,8 +91,9 @@ def run_uclient(ctx: Ctx, peer: Peer, flags: list[str], password: str | None = N
 
 
 def check_zero_loss(ctx: Ctx, peer: Peer, flags: list[str], expected_msgs: int,
-                    tag: str, rtp_pairs: bool = False) -> str:
-    rc, text = run_uclient(ctx, peer, (["-v"] if rtp_pairs else []) + flags, tag=tag)
+                    tag: str, rtp_pairs: bool = False, port: int | None = None) -> str:
+    rc, text = run_uclient(ctx, peer, (["-v"] if rtp_pairs else []) + flags, tag=tag,
+                           port=port)
     totals = RE_TOTALS.findall(text)
     lost = RE_LOST.search(text)
     if not totals or not lost:

@@ -3,7 +3,8 @@
 # Debian 12 CI machine, run as root. A second run does no work and returns quickly.
 #
 #   apt:  coturn (turnserver, turnutils_uclient, turnutils_peer), chromium, iproute2,
-#         nftables, procps
+#         nftables, procps, openssl (the per-run test PKI of the TLS tests),
+#         libnss3-tools (certutil: the NSS database by which Chromium trusts the test CA)
 #   venv: tests/e2e/.venv with the pinned packages of tests/e2e/requirements.txt
 #
 # Installing coturn must not leave a system turnserver running on 3478: package scripts
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 
-APT_PKGS=(coturn chromium iproute2 nftables procps)
+APT_PKGS=(coturn chromium iproute2 nftables procps openssl libnss3-tools)
 # The binary each package must provide (a package counts as installed only if it is there).
 declare -A PROBE=(
   [coturn]=/usr/bin/turnserver
@@ -21,6 +22,8 @@ declare -A PROBE=(
   [iproute2]=/usr/bin/ip
   [nftables]=/usr/sbin/nft
   [procps]=/usr/bin/pgrep
+  [openssl]=/usr/bin/openssl
+  [libnss3-tools]=/usr/bin/certutil
 )
 
 SUDO=""

@@ -13,7 +13,7 @@ cargo build --workspace --locked --bins
 cargo test --workspace --locked -- --test-threads=2
 
 bin="$PWD/target/debug/turnpike"
-common="--listen {listen_ip}:{port} --relay-ports {relay_min}-{relay_max} --realm {realm} --user {user}:{password} --grpc-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --workers 2 --legacy-channel-numbers"
+common="--listen {listen_ip}:{port} --listen-tcp {listen_ip}:{port} --listen-tls {listen_ip}:{tls_port} --tls-cert {tls_cert} --tls-key {tls_key} --relay-ports {relay_min}-{relay_max} --realm {realm} --user {user}:{password} --grpc-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --workers 2 --legacy-channel-numbers"
 for backend in uring mmsg; do
   echo "== end-to-end suite, io backend: $backend =="
   TURN_SERVER_CMD="$bin serve $common --io-backend $backend --allow-peer 127.0.0.0/8" \

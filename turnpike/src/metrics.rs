@@ -265,6 +265,22 @@ async fn render(
         }
         metric(
             &mut o,
+            "turnpike_tls_reloads_total",
+            "counter",
+            "TURN-over-TLS certificate reloads, by outcome.",
+        );
+        for (outcome, v) in [
+            ("ok", &crate::tls_clients::TLS_RELOADS),
+            ("failed", &crate::tls_clients::TLS_RELOAD_FAILURES),
+        ] {
+            let _ = writeln!(
+                o,
+                "turnpike_tls_reloads_total{{outcome=\"{outcome}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        metric(
+            &mut o,
             "turnpike_punt_queue_dropped_total",
             "counter",
             "Punted requests dropped because the queue to the control plane was full.",

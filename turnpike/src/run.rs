@@ -69,11 +69,19 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     if cfg.users.is_empty() && cfg.secrets.is_empty() {
         let password = random_string(20);
         cfg.users.push(("turnpike".to_owned(), password.clone()));
-        let url = cfg
+        let mut urls: Vec<String> = cfg
             .listen
             .first()
             .map(|a| format!("turn:{a}?transport=udp"))
-            .unwrap_or_default();
+            .into_iter()
+            .collect();
+        if let Some(s) = cfg.streams.iter().find(|s| !s.tls) {
+            urls.push(format!("turn:{}?transport=tcp", s.addr));
+        }
+        if let Some(s) = cfg.streams.iter().find(|s| s.tls) {
+            urls.push(format!("turns:{}?transport=tcp", s.addr));
+        }
+        let url = urls.join(" ");
         println!(
             "turnpike dev credential: {url} username=turnpike password={password} realm={}",
             cfg.realm
