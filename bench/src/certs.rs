@@ -58,23 +58,123 @@ pub fn make(dir: &Path) -> Result<TestPki> {
     Ok(pki)
 }
 
-/// A TLS client configuration (TLS 1.3 and 1.2, ring) that trusts the CA certificates
-/// in the PEM file `ca`, with session resumption off: every connection makes a full
-/// handshake, which is what a connection-rate figure should cost.
+/// The ring provider with the cipher suites in a browser's order (AES-128-GCM first,
+/// as Chrome and Firefox offer them; rustls's default puts AES-256 first).
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ];
+    Arc::new(p)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let v = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: bad PEM", path.display()))?;
+    if v.is_empty() {
+        bail!("{}: no certificate", path.display());
+    }
+    Ok(v)
+}
+
+/// Session resumption off: every connection makes a full handshake, which is what a
+/// connection-rate figure should cost.
+fn finish(mut cfg: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Arc::new(cfg)
+}
+
+/// A TLS client configuration (TLS 1.3 and 1.2, ring) that verifies the server against
+/// the CA certificates in the PEM file `ca`.
 pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>> {
-    let pem = std::fs::read(ca).with_context(|| format!("read {}", ca.display()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.with_context(|| format!("{}: bad PEM", ca.display()))?)?;
+    for c in read_certs(ca)? {
+        roots.add(c)?;
     }
-    if roots.is_empty() {
-        bail!("{}: no certificate", ca.display());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(cfg))
+    Ok(finish(cfg))
+}
+
+/// A TLS client configuration that accepts only the server certificate in the PEM
+/// file `cert` (compared byte for byte) and does not check the handshake signature:
+/// a generator that verified two ECDSA signatures per connection would spend as much
+/// CPU per handshake as the server does and could not load it. The server's work is
+/// the same either way. For loopback benchmarks only.
+pub fn pinned_client_config(cert: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    let pinned = read_certs(cert)?
+        .into_iter()
+        .next()
+        .context("no certificate")?;
+    let provider = provider();
+    let schemes = provider
+        .signature_verification_algorithms
+        .supported_schemes();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned { pinned, schemes }))
+        .with_no_client_auth();
+    Ok(finish(cfg))
+}
+
+/// See [`pinned_client_config`].
+#[derive(Debug)]
+struct Pinned {
+    pinned: CertificateDer<'static>,
+    schemes: Vec<rustls::SignatureScheme>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.pinned.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes.clone()
+    }
 }

@@ -270,7 +270,13 @@ impl Env<'_> {
             .env("RUST_LOG", "warn")
             .stderr(log);
         if let Some(p) = pki {
-            c.args(["--listen-tcp", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0"])
+            // Explicit ports: turnpike refuses two listeners on 127.0.0.1:0 ("listed
+            // twice").
+            let [tcp, tls] = free_tcp_ports::<2>()?;
+            c.arg("--listen-tcp")
+                .arg(format!("127.0.0.1:{tcp}"))
+                .arg("--listen-tls")
+                .arg(format!("127.0.0.1:{tls}"))
                 .arg("--tls-cert")
                 .arg(&p.cert)
                 .arg("--tls-key")
@@ -338,7 +344,7 @@ impl Env<'_> {
         ]);
         let tls_port = match pki {
             Some(p) => {
-                let tls_port = free_tcp_port()?;
+                let [tls_port] = free_tcp_ports::<1>()?;
                 c.arg("--tls-listening-port")
                     .arg(tls_port.to_string())
                     .arg("--cert")
@@ -396,11 +402,16 @@ impl Env<'_> {
     }
 }
 
-/// A free loopback TCP port (bound and released).
-fn free_tcp_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `N` distinct free loopback TCP ports (bound together, then released).
+fn free_tcp_ports<const N: usize>() -> Result<[u16; N]> {
+    let ls = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&ls) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// Connects until `addr` accepts a TCP connection.
@@ -620,7 +631,8 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     }
     let (pki, tls) = if a.suite == Suite::Streams {
         let p = certs::make(&a.out.join("pki"))?;
-        let c = certs::client_config(&p.ca)?;
+        // Pinned, without the handshake signature check: see pinned_client_config.
+        let c = certs::pinned_client_config(&p.cert)?;
         (Some(p), Some(c))
     } else {
         (None, None)
@@ -2080,7 +2092,7 @@ fn streams_markdown(a: &CompareArgs, o: &Output) -> String {
         "turnpike-bench compare --suite streams",
     );
     m.push_str(&format!(
-        "- Clients over TCP or TLS (RFC 8656 §3.1), ChannelData padded to 4 bytes both ways, framed by length; peers are the generator's UDP socket. Both directions offered at the same rate; a run carried its load when the generator offered ≥ 97 % of it each way and each direction lost ≤ {:.1} % (over the run, and delivered/sent over the measured window, so that a server falling behind into its socket buffers counts), and no connection closed. A shortfall because a connection's send backlog was full (the server did not read) counts against the server; capacity is bracketed by the sweep and bisected ({} probes).\n- Connection rate: {} connections per run, {} in flight, from 250 loopback addresses (127.0.0.2-251); each: connect, TLS handshake (full: resumption off), Allocate, 401, Allocate with credentials, success, close (close_notify for TLS). Fresh servers each repetition.\n",
+        "- Clients over TCP or TLS (RFC 8656 §3.1), ChannelData padded to 4 bytes both ways, framed by length; peers are the generator's UDP socket. Both directions offered at the same rate; a run carried its load when the generator offered ≥ 97 % of it each way and each direction lost ≤ {:.1} % (over the run, and delivered/sent over the measured window, so that a server falling behind into its socket buffers counts), and no connection closed. A shortfall because a connection's send backlog was full (the server did not read) counts against the server; capacity is bracketed by the sweep and bisected ({} probes).\n- Connection rate: {} connections per run, {} in flight, from 250 loopback addresses (127.0.0.2-251); each: connect, TLS handshake (full: resumption off; the client pins the server's certificate and skips the handshake signature check, so that its core does not spend on ECDSA verification what the server spends on the handshake), Allocate, 401, Allocate with credentials, success, close (close_notify for TLS). Fresh servers each repetition.\n",
         ml * 100.0,
         PROBES + 1,
         a.conn_count,
@@ -2105,7 +2117,7 @@ fn streams_markdown(a: &CompareArgs, o: &Output) -> String {
             .unwrap_or_else(|| "–".into())
     };
     m.push_str(&format!(
-        "- TLS negotiated (client: rustls, ECDSA P-256 server certificate from a test CA): turnpike {}; coturn {}.\n",
+        "- TLS negotiated (client: rustls with ring, offering TLS 1.3 and 1.2, AES-128-GCM first as browsers do, X25519 first; ECDSA P-256 server certificate from a test CA): turnpike {}; coturn {}.\n",
         tls_of("turnpike"),
         tls_of("coturn")
     ));
@@ -2219,11 +2231,11 @@ fn streams_markdown(a: &CompareArgs, o: &Output) -> String {
         }
     }
     // Connection runs.
-    m.push_str("\n## Connection runs\n\n| rep | server | transport | connections/s | failed | connect→allocated p50 / p99 µs | server CPU µs per connection | server's sockets 1 s later | first error |\n|---|---|---|---:|---:|---:|---:|---|---|\n");
+    m.push_str("\n## Connection runs\n\n| rep | server | transport | connections/s | failed | connect→allocated p50 / p99 µs | server CPU µs per connection | generator CPU µs per connection (share of its core) | server's sockets 1 s later | first error |\n|---|---|---|---:|---:|---:|---:|---:|---|---|\n");
     for c in &o.conns {
         let v = &c.value;
         m.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {} | {} / {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.0} | {} | {} / {} | {} | {} ({:.0} %) | {} | {} |\n",
             c.rep,
             c.server,
             v.transport.name(),
@@ -2232,6 +2244,8 @@ fn streams_markdown(a: &CompareArgs, o: &Output) -> String {
             v.latency_p50_us,
             v.latency_p99_us,
             fmt_f(v.server_cpu_us_per_conn, 0),
+            fmt_f(v.generator_cpu_us_per_conn, 0),
+            v.generator_cpu_cores * 100.0,
             if v.server_sockets_after.is_empty() {
                 "none".to_owned()
             } else {

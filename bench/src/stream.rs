@@ -71,17 +71,23 @@ pub struct StreamArgs {
     #[arg(long, value_enum, default_value_t = Transport::Udp)]
     pub transport: Transport,
     /// With `--transport tls`: the CA certificate (PEM) that signed the server's
-    /// certificate (`compare --suite streams` makes one).
-    #[arg(long)]
+    /// certificate, verified as a client would (`turnpike-bench certs` makes one).
+    #[arg(long, conflicts_with = "pin")]
     pub ca: Option<PathBuf>,
+    /// With `--transport tls`: accept only this server certificate (PEM) and skip the
+    /// handshake signature check, so that the generator's core is not spent on ECDSA
+    /// verification (what `compare --suite streams` does).
+    #[arg(long)]
+    pub pin: Option<PathBuf>,
 }
 
 impl StreamArgs {
     /// The TLS client configuration, with `--transport tls`.
     pub fn client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>> {
-        match (self.transport, &self.ca) {
-            (Transport::Tls, Some(ca)) => Ok(Some(certs::client_config(ca)?)),
-            (Transport::Tls, None) => bail!("--transport tls needs --ca"),
+        match (self.transport, &self.ca, &self.pin) {
+            (Transport::Tls, Some(ca), _) => Ok(Some(certs::client_config(ca)?)),
+            (Transport::Tls, None, Some(pin)) => Ok(Some(certs::pinned_client_config(pin)?)),
+            (Transport::Tls, None, None) => bail!("--transport tls needs --ca or --pin"),
             _ => Ok(None),
         }
     }
@@ -697,6 +703,10 @@ pub struct ConnReport {
     /// Server CPU (all threads) over the run, in cores, and per completed connection.
     pub server_cpu_cores: Option<f64>,
     pub server_cpu_us_per_conn: Option<f64>,
+    /// The generator's CPU over the run, in cores (1.0: it was the bottleneck), and
+    /// per completed connection.
+    pub generator_cpu_cores: f64,
+    pub generator_cpu_us_per_conn: Option<f64>,
     /// Run-queue wait of the server's threads and of the generator, as a share of the
     /// run (another task on their cores).
     pub server_rq_wait: f64,
@@ -727,7 +737,11 @@ impl ConnReport {
             self.latency_p99_us,
             self.window,
             self.server_cpu_us_per_conn
-                .map(|c| format!("; server {c:.0} us CPU per connection"))
+                .map(|c| format!(
+                    "; CPU per connection: server {c:.0} us, generator {:.0} us ({:.0}% of its core)",
+                    self.generator_cpu_us_per_conn.unwrap_or(f64::NAN),
+                    self.generator_cpu_cores * 100.0
+                ))
                 .unwrap_or_default(),
             self.tls
                 .as_ref()
@@ -771,7 +785,9 @@ pub fn conn_rate(
     let cpu0 = server_pid.map(proc::cpu_seconds).transpose()?;
     let srv_sched0 = server_pid.map(proc::sched).transpose()?;
     let gen_sched0 = proc::sched(me)?;
+    let gen_cpu0 = proc::cpu_seconds(me)?;
     let o = handshakes(server, user, &plan)?;
+    let gen_cpu = proc::cpu_seconds(me)? - gen_cpu0;
     let secs = o.elapsed.as_secs_f64().max(1e-9);
     let cpu = match (server_pid, cpu0) {
         (Some(pid), Some(c0)) => Some(proc::cpu_seconds(pid)? - c0),
@@ -794,6 +810,8 @@ pub fn conn_rate(
         server_cpu_us_per_conn: cpu
             .filter(|_| o.completed > 0)
             .map(|c| c * 1e6 / o.completed as f64),
+        generator_cpu_cores: gen_cpu / secs,
+        generator_cpu_us_per_conn: (o.completed > 0).then(|| gen_cpu * 1e6 / o.completed as f64),
         server_rq_wait: srv_wait,
         generator_rq_wait: (proc::sched(me)?.1 - gen_sched0.1) / secs,
         tls: o.tls,
