@@ -235,9 +235,14 @@ pub struct Report {
 impl Report {
     pub fn summary(&self) -> String {
         format!(
-            "{} {:?} {}B offered {}/dir: up {:.0} pps (loss {:.3}%), down {:.0} pps (loss {:.3}%); p50 {:.1} us p99 {:.1} us; server cpu {} core busy {:.0}%; gen loop busy {:.0}%; drops server {} gen {}",
+            "{} {:?}{} {}B offered {}/dir: up {:.0} pps (loss {:.3}%), down {:.0} pps (loss {:.3}%); p50 {:.1} us p99 {:.1} us; server cpu {} core busy {:.0}%; gen loop busy {:.0}%; drops server {} gen {}",
             self.label,
             self.mode,
+            if self.transport == Transport::Udp {
+                String::new()
+            } else {
+                format!(" over {}", self.transport.name())
+            },
             self.size,
             if self.offered_pps == 0 {
                 "max".to_owned()
