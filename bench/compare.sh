@@ -3,6 +3,7 @@
 #
 #   bench/compare.sh                     # the coturn comparison (about 10 minutes)
 #   bench/compare.sh --suite dataplane   # turnpike's backends and GSO vs the forwarder
+#   bench/compare.sh --suite streams     # TURN over TCP and TLS vs coturn (about 12 minutes)
 #   bench/compare.sh --reps 1 --sizes 100   # any other turnpike-bench compare flag
 #
 # Builds the release binaries (turnpike, turnpike-bench), installs coturn if it is

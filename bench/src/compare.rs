@@ -6,12 +6,13 @@
 //! that ratios compare runs made minutes apart at most; the report quotes medians over
 //! the repetitions and medians of the per-repetition ratios.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -19,9 +20,12 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 use turnpike_proto::client::{AllocateOptions, Client, Event};
 
+use crate::certs;
 use crate::hs;
 use crate::proc;
 use crate::relay::{self, Mode};
+use crate::stream;
+use crate::stream::Transport;
 use crate::svg::{self, Chart, Series};
 use crate::{ServerArgs, check_loopback};
 
@@ -35,6 +39,10 @@ pub enum Suite {
     Dataplane,
     /// Allocations per second only: turnpike vs coturn, fresh servers each repetition.
     Alloc,
+    /// TURN over TCP and TLS: turnpike vs coturn, relayed packets/s at ≤ 1 % loss
+    /// (ChannelData over the stream, UDP peers) and new connections + Allocate per
+    /// second.
+    Streams,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -101,6 +109,26 @@ pub struct CompareArgs {
     /// Less output (no per-run lines).
     #[arg(long)]
     pub quiet: bool,
+    /// Most loss per direction (a fraction) of a run that carried its load. Default:
+    /// 0.005, and 0.01 with --suite streams.
+    #[arg(long)]
+    pub max_loss: Option<f64>,
+    /// Connections per connection-rate run (streams suite).
+    #[arg(long, default_value_t = 5000)]
+    pub conn_count: usize,
+    /// Connections in flight at once in a connection-rate run (streams suite).
+    #[arg(long, default_value_t = 64)]
+    pub conn_window: usize,
+}
+
+impl CompareArgs {
+    fn max_loss(&self) -> f64 {
+        self.max_loss.unwrap_or(if self.suite == Suite::Streams {
+            0.01
+        } else {
+            LOSSLESS
+        })
+    }
 }
 
 /// A process started by the harness, stopped when dropped.
@@ -109,6 +137,24 @@ pub(crate) struct Proc {
     child: Child,
     pub(crate) pid: u32,
     pub(crate) addr: SocketAddr,
+    /// TURN over TCP and over TLS, when the server listens for them.
+    pub(crate) tcp: Option<SocketAddr>,
+    pub(crate) tls: Option<SocketAddr>,
+}
+
+impl Proc {
+    /// The server's address for `transport`.
+    fn addr_for(&self, transport: Transport) -> Result<SocketAddr> {
+        match transport {
+            Transport::Udp => Ok(self.addr),
+            Transport::Tcp => self
+                .tcp
+                .with_context(|| format!("{} does not listen on TCP", self.name)),
+            Transport::Tls => self
+                .tls
+                .with_context(|| format!("{} does not listen on TLS", self.name)),
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -162,17 +208,20 @@ pub(crate) fn start_with_ready_line(name: &str, mut cmd: Command, ready: &str) -
             bail!("{name} did not report ready");
         }
     };
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("listen="))
-        .and_then(|a| a.split(',').next())
-        .context("no listen= in the ready line")?
-        .parse()?;
+    let field = |k: &str| -> Option<SocketAddr> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|a| a.split(',').next())
+            .and_then(|a| a.parse().ok())
+    };
+    let addr = field("listen=").context("no listen= in the ready line")?;
     Ok(Proc {
         name: name.to_owned(),
         child,
         pid,
         addr,
+        tcp: field("tcp="),
+        tls: field("tls="),
     })
 }
 
@@ -180,6 +229,12 @@ struct Env<'a> {
     a: &'a CompareArgs,
     turnpike: PathBuf,
     me: PathBuf,
+    /// The test PKI both servers use for TLS, and the client configuration trusting
+    /// it (streams suite).
+    pki: Option<certs::TestPki>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The server command lines used, for the report.
+    cmds: RefCell<BTreeMap<String, String>>,
 }
 
 impl Env<'_> {
@@ -190,6 +245,18 @@ impl Env<'_> {
     }
 
     fn turnpike(&self, name: &str, backend: &str, ports: &str) -> Result<Proc> {
+        self.turnpike_with(name, backend, ports, None)
+    }
+
+    /// turnpike, with TCP and TLS listeners on ephemeral loopback ports when `pki`
+    /// is given.
+    fn turnpike_with(
+        &self,
+        name: &str,
+        backend: &str,
+        ports: &str,
+        pki: Option<&certs::TestPki>,
+    ) -> Result<Proc> {
         let log = std::fs::File::create(self.a.out.join(format!("{name}.log")))?;
         let mut c = self.taskset(&self.turnpike);
         c.args(serve_args(ports))
@@ -202,10 +269,48 @@ impl Env<'_> {
             ])
             .env("RUST_LOG", "warn")
             .stderr(log);
-        start_with_ready_line(name, c, "turnpike ready:")
+        if let Some(p) = pki {
+            // Explicit ports: turnpike refuses two listeners on 127.0.0.1:0 ("listed
+            // twice").
+            let [tcp, tls] = free_tcp_ports::<2>()?;
+            c.arg("--listen-tcp")
+                .arg(format!("127.0.0.1:{tcp}"))
+                .arg("--listen-tls")
+                .arg(format!("127.0.0.1:{tls}"))
+                .arg("--tls-cert")
+                .arg(&p.cert)
+                .arg("--tls-key")
+                .arg(&p.key);
+        }
+        self.note_cmd("turnpike", &c);
+        let p = start_with_ready_line(name, c, "turnpike ready:")?;
+        if pki.is_some() && (p.tcp.is_none() || p.tls.is_none()) {
+            bail!("{name} reported no TCP or TLS listener; see its log");
+        }
+        Ok(p)
+    }
+
+    fn note_cmd(&self, key: &str, c: &Command) {
+        let line = std::iter::once(c.get_program())
+            .chain(c.get_args())
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.cmds.borrow_mut().insert(key.to_owned(), line);
     }
 
     fn coturn(&self, name: &str, ports: (u16, u16)) -> Result<Proc> {
+        self.coturn_with(name, ports, None)
+    }
+
+    /// coturn, with TCP on its listening port and TLS on another when `pki` is given
+    /// (otherwise TCP and TLS are off).
+    fn coturn_with(
+        &self,
+        name: &str,
+        ports: (u16, u16),
+        pki: Option<&certs::TestPki>,
+    ) -> Result<Proc> {
         let port = free_port()?;
         let log = self.a.out.join(format!("{name}.log"));
         let pidfile = self.a.out.join(format!("{name}.pid"));
@@ -231,20 +336,35 @@ impl Env<'_> {
             "--lt-cred-mech",
             "--allow-loopback-peers",
             "--no-cli",
-            "--no-tls",
             "--no-dtls",
-            "--no-tcp",
             "--no-tcp-relay",
             "--relay-threads=1",
             "--simple-log",
             "--no-stdout-log",
-        ])
-        .arg("--log-file")
-        .arg(&log)
-        .arg("--pidfile")
-        .arg(&pidfile)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        ]);
+        let tls_port = match pki {
+            Some(p) => {
+                let [tls_port] = free_tcp_ports::<1>()?;
+                c.arg("--tls-listening-port")
+                    .arg(tls_port.to_string())
+                    .arg("--cert")
+                    .arg(&p.cert)
+                    .arg("--pkey")
+                    .arg(&p.key);
+                Some(tls_port)
+            }
+            None => {
+                c.args(["--no-tls", "--no-tcp"]);
+                None
+            }
+        };
+        c.arg("--log-file")
+            .arg(&log)
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.note_cmd("coturn", &c);
         let child = c.spawn().context("cannot start coturn (turnserver)")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let p = Proc {
@@ -252,9 +372,15 @@ impl Env<'_> {
             pid: child.id(),
             child,
             addr,
+            tcp: tls_port.map(|_| addr),
+            tls: tls_port.map(|t| SocketAddr::from(([127, 0, 0, 1], t))),
         };
         wait_turn_ready(addr, Duration::from_secs(15))
             .with_context(|| format!("coturn did not answer; see {}", log.display()))?;
+        for a in [p.tcp, p.tls].into_iter().flatten() {
+            wait_tcp_listening(a, Duration::from_secs(15))
+                .with_context(|| format!("coturn does not listen on {a}; see {}", log.display()))?;
+        }
         Ok(p)
     }
 
@@ -274,6 +400,31 @@ impl Env<'_> {
         }
         start_with_ready_line(name, c, "forwarder ready:")
     }
+}
+
+/// `N` distinct free loopback TCP ports (bound together, then released).
+fn free_tcp_ports<const N: usize>() -> Result<[u16; N]> {
+    let ls = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0u16; N];
+    for (p, l) in ports.iter_mut().zip(&ls) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+/// Connects until `addr` accepts a TCP connection.
+fn wait_tcp_listening(addr: SocketAddr, limit: Duration) -> Result<()> {
+    check_loopback(addr)?;
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nothing listens on {addr}")
 }
 
 /// Sends Allocates until one is answered (a 401 challenge).
@@ -311,6 +462,7 @@ struct Target {
     server: &'static str,
     mode: Mode,
     alternate: bool,
+    transport: Transport,
 }
 
 const fn t(
@@ -326,6 +478,24 @@ const fn t(
         server,
         mode,
         alternate,
+        transport: Transport::Udp,
+    }
+}
+
+/// A ChannelData target with clients over a stream.
+const fn ts(
+    key: &'static str,
+    label: &'static str,
+    server: &'static str,
+    transport: Transport,
+) -> Target {
+    Target {
+        key,
+        label,
+        server,
+        mode: Mode::Channel,
+        alternate: false,
+        transport,
     }
 }
 
@@ -379,6 +549,7 @@ struct Output {
     capacity: Vec<Capacity>,
     alloc: Vec<RepValue<hs::AllocReport>>,
     idle: Vec<RepValue<hs::IdleReport>>,
+    conns: Vec<RepValue<stream::ConnReport>>,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -441,6 +612,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         a.loads = match a.suite {
             Suite::Coturn => vec![25_000, 50_000, 100_000, 200_000, 0],
             Suite::Dataplane | Suite::Alloc => vec![100_000, 200_000, 0],
+            Suite::Streams => vec![25_000, 50_000, 100_000, 200_000, 0],
         };
     }
     let a = &a;
@@ -457,10 +629,21 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             turnpike.display()
         );
     }
+    let (pki, tls) = if a.suite == Suite::Streams {
+        let p = certs::make(&a.out.join("pki"))?;
+        // Pinned, without the handshake signature check: see pinned_client_config.
+        let c = certs::pinned_client_config(&p.cert)?;
+        (Some(p), Some(c))
+    } else {
+        (None, None)
+    };
     let env = Env {
         a,
         turnpike,
         me: me.clone(),
+        pki,
+        tls,
+        cmds: RefCell::new(BTreeMap::new()),
     };
     let mut o = Output {
         suite: Some(a.suite),
@@ -502,7 +685,14 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             alloc_runs(&env, &mut o)?;
             "alloc"
         }
+        Suite::Streams => {
+            streams_suite(&env, &mut o)?;
+            "streams"
+        }
     };
+    for (k, v) in env.cmds.borrow().iter() {
+        o.settings.insert(format!("{k}_cmd"), v.clone());
+    }
     o.load_after = proc::loadavg();
     eprintln!("done in {:.0} s", t0.elapsed().as_secs_f64());
     let json = a.out.join(format!("{name}.json"));
@@ -511,6 +701,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         Suite::Coturn => coturn_markdown(a, &o),
         Suite::Dataplane => dataplane_markdown(a, &o),
         Suite::Alloc => alloc_markdown(a, &o),
+        Suite::Streams => streams_markdown(a, &o),
     };
     let mdp = a.out.join(format!("{name}.md"));
     std::fs::write(&mdp, &md)?;
@@ -534,12 +725,18 @@ fn one_run(
     let a = env.a;
     let cfg = relay::Config {
         server: ServerArgs {
-            server: srv.addr,
+            server: srv.addr_for(tg.transport)?,
             user: "bench".into(),
             password: "bench".into(),
             realm: "bench".into(),
         },
         mode: tg.mode,
+        transport: tg.transport,
+        tls: if tg.transport == Transport::Tls {
+            env.tls.clone()
+        } else {
+            None
+        },
         clients: a.clients,
         size,
         alternate: tg.alternate,
@@ -767,11 +964,27 @@ struct Capacity {
 
 /// Whether a run carried its offered load: both directions offered in full (or the
 /// generator is the limit) and delivered with at most [`LOSSLESS`] loss.
-fn verdict_of(r: &relay::Report) -> (bool, bool) {
+///
+/// Over a stream the generator cannot lose what it sends up, but the server can stop
+/// reading: a shortfall caused by the connection's full backlog is the server's, and a
+/// run whose window delivered less than it sent (by more than `max_loss`) did not keep
+/// up even if the drain after it caught up.
+fn verdict_of(r: &relay::Report, max_loss: f64) -> (bool, bool) {
     let offered = r.offered_pps as f64;
-    let gen_ok = r.up.sent_pps >= 0.97 * offered && r.down.sent_pps >= 0.97 * offered;
-    let lossless = r.up.loss <= LOSSLESS && r.down.loss <= LOSSLESS;
-    (lossless, gen_ok)
+    let offered_ok = r.up.sent_pps >= 0.97 * offered && r.down.sent_pps >= 0.97 * offered;
+    let lossless = r.up.loss <= max_loss && r.down.loss <= max_loss;
+    match &r.stream {
+        None => (lossless, offered_ok),
+        Some(st) => {
+            let kept_up = r.up.delivered_pps >= (1.0 - max_loss) * r.up.sent_pps
+                && r.down.delivered_pps >= (1.0 - max_loss) * r.down.sent_pps;
+            let backpressure = st.blocked_bursts > 0;
+            (
+                offered_ok && lossless && kept_up && st.closed == 0,
+                offered_ok || backpressure,
+            )
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -799,7 +1012,7 @@ fn capacity(
             gen_ceiling = r.up.sent_pps.min(r.down.sent_pps) as u64;
             continue;
         }
-        let (lossless, gen_ok) = verdict_of(r);
+        let (lossless, gen_ok) = verdict_of(r, env.a.max_loss());
         if lossless && gen_ok {
             lo = lo.max(r.offered_pps);
         } else if gen_ok {
@@ -814,7 +1027,7 @@ fn capacity(
             // Nothing failed in the sweep: try the most the generator offered.
             let top = (gen_ceiling / 1000 * 1000).max(lo + 1000);
             if let Some(r) = one_run(env, o, "capacity", rep, tg, srv, peer, size, top)? {
-                let (lossless, gen_ok) = verdict_of(&r);
+                let (lossless, gen_ok) = verdict_of(&r, env.a.max_loss());
                 if lossless && gen_ok {
                     return Ok(Capacity {
                         rep,
@@ -831,7 +1044,12 @@ fn capacity(
             top
         }
     };
-    for _ in 0..PROBES {
+    let probes = if env.a.suite == Suite::Streams {
+        PROBES + 1
+    } else {
+        PROBES
+    };
+    for _ in 0..probes {
         let mid = ((lo + hi) / 2) / 1000 * 1000;
         if mid <= lo || mid >= hi {
             break;
@@ -839,7 +1057,7 @@ fn capacity(
         let Some(r) = one_run(env, o, "capacity", rep, tg, srv, peer, size, mid)? else {
             break;
         };
-        let (lossless, gen_ok) = verdict_of(&r);
+        let (lossless, gen_ok) = verdict_of(&r, env.a.max_loss());
         if !gen_ok {
             bound = "generator";
             hi = mid;
@@ -1722,5 +1940,358 @@ fn alloc_markdown(a: &CompareArgs, o: &Output) -> String {
         fmt_f(co, 0),
         fmt_f(ratio, 2)
     ));
+    m
+}
+
+const TP_TCP: Target = ts("tp-tcp", "turnpike TCP", "turnpike", Transport::Tcp);
+const TP_TLS: Target = ts("tp-tls", "turnpike TLS", "turnpike", Transport::Tls);
+const CO_TCP: Target = ts("co-tcp", "coturn TCP", "coturn", Transport::Tcp);
+const CO_TLS: Target = ts("co-tls", "coturn TLS", "coturn", Transport::Tls);
+/// The streams suite's relay targets, in the order they run.
+const STREAM_TARGETS: [Target; 4] = [TP_TCP, CO_TCP, TP_TLS, CO_TLS];
+
+/// The benchmark's credentials for a server at `addr`.
+fn bench_user(addr: SocketAddr) -> ServerArgs {
+    ServerArgs {
+        server: addr,
+        user: "bench".into(),
+        password: "bench".into(),
+        realm: "bench".into(),
+    }
+}
+
+/// TURN over TCP and TLS: the relay sweep and lossless capacity of each target (one
+/// turnpike and one coturn serve all of them), then connection rates on fresh servers.
+fn streams_suite(env: &Env<'_>, o: &mut Output) -> Result<()> {
+    let a = env.a;
+    let pki = env
+        .pki
+        .as_ref()
+        .context("the streams suite needs its test PKI")?;
+    {
+        let tp = env.turnpike_with("turnpike", &a.backend, "10000-20999", Some(pki))?;
+        let co = env.coturn_with("coturn", (21000, 31999), Some(pki))?;
+        let pick = |s: &str| if s == "turnpike" { &tp } else { &co };
+        for rep in 1..=a.reps {
+            for &size in &a.sizes {
+                for &load in &a.loads {
+                    for tg in &STREAM_TARGETS {
+                        one_run(env, o, "sweep", rep, tg, pick(tg.server), None, size, load)?;
+                    }
+                }
+                for tg in &STREAM_TARGETS {
+                    let c = capacity(env, o, rep, tg, pick(tg.server), None, size)?;
+                    eprintln!(
+                        "rep {rep} {} {size}B: capacity {:.0}k/dir ({})",
+                        tg.key,
+                        c.pps as f64 / 1000.0,
+                        c.bound
+                    );
+                    o.capacity.push(c);
+                }
+            }
+        }
+    }
+    conn_runs(env, o, pki)
+}
+
+/// New connections + Allocate per second over TCP and TLS, each repetition on fresh
+/// servers, turnpike and coturn interleaved.
+fn conn_runs(env: &Env<'_>, o: &mut Output, pki: &certs::TestPki) -> Result<()> {
+    let a = env.a;
+    for rep in 1..=a.reps {
+        for srv in ["turnpike", "coturn"] {
+            let p = if srv == "turnpike" {
+                env.turnpike_with("turnpike-conn", &a.backend, "10000-31999", Some(pki))?
+            } else {
+                env.coturn_with("coturn-conn", (10000, 31999), Some(pki))?
+            };
+            for tr in [Transport::Tcp, Transport::Tls] {
+                let addr = p.addr_for(tr)?;
+                let tls = if tr == Transport::Tls {
+                    env.tls.clone()
+                } else {
+                    None
+                };
+                // Only the generator's run-queue wait tells of another task here: a
+                // server busy with handshakes makes its own threads wait behind each
+                // other.
+                let mut attempt = 0;
+                let mut r = loop {
+                    attempt += 1;
+                    let r = stream::conn_rate(
+                        addr,
+                        &bench_user(addr),
+                        tls.clone(),
+                        a.conn_count,
+                        a.conn_window,
+                        Duration::from_secs(30),
+                        Some(p.pid),
+                    )?;
+                    if r.generator_rq_wait <= MAX_RQ_WAIT || attempt >= MAX_ATTEMPTS {
+                        break r;
+                    }
+                    eprintln!(
+                        "conn {srv} {}: generator run-queue wait {:.0}%: another task shared its core; again in {} s",
+                        tr.name(),
+                        r.generator_rq_wait * 100.0,
+                        RETRY_PAUSE.as_secs()
+                    );
+                    std::thread::sleep(RETRY_PAUSE);
+                };
+                // Every connection was closed by the client: a second later the
+                // server should hold none of them.
+                std::thread::sleep(Duration::from_secs(1));
+                r.server_sockets_after = proc::tcp_states(addr.port())?;
+                eprintln!("rep {rep} {srv}: {}", r.summary());
+                o.conns.push(RepValue {
+                    rep,
+                    server: if srv == "turnpike" {
+                        "turnpike"
+                    } else {
+                        "coturn"
+                    },
+                    value: r,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Median connection rate of `server` over `transport`, and turnpike/coturn (median
+/// of per-repetition ratios).
+fn conn_medians(o: &Output, transport: Transport) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let of = |s: &str| -> Vec<&RepValue<stream::ConnReport>> {
+        o.conns
+            .iter()
+            .filter(|x| x.server == s && x.value.transport == transport)
+            .collect()
+    };
+    let rate = |s: &str| median(of(s).iter().map(|x| x.value.per_second).collect());
+    let ratio = median(
+        of("turnpike")
+            .iter()
+            .filter_map(|t| {
+                of("coturn")
+                    .iter()
+                    .find(|c| c.rep == t.rep)
+                    .map(|c| t.value.per_second / c.value.per_second)
+            })
+            .collect(),
+    );
+    (rate("turnpike"), rate("coturn"), ratio)
+}
+
+fn streams_markdown(a: &CompareArgs, o: &Output) -> String {
+    let ml = a.max_loss();
+    let mut m = header(
+        a,
+        o,
+        "TURN over TCP and TLS: turnpike vs coturn",
+        "turnpike-bench compare --suite streams",
+    );
+    m.push_str(&format!(
+        "- Clients over TCP or TLS (RFC 8656 §3.1), ChannelData padded to 4 bytes both ways, framed by length; peers are the generator's UDP socket. Both directions offered at the same rate; a run carried its load when the generator offered ≥ 97 % of it each way and each direction lost ≤ {:.1} % (over the run, and delivered/sent over the measured window, so that a server falling behind into its socket buffers counts), and no connection closed. A shortfall because a connection's send backlog was full (the server did not read) counts against the server; capacity is bracketed by the sweep and bisected ({} probes).\n- Connection rate: {} connections per run, {} in flight, from 250 loopback addresses (127.0.0.2-251); each: connect, TLS handshake (full: resumption off; the client pins the server's certificate and skips the handshake signature check, so that its core does not spend on ECDSA verification what the server spends on the handshake), Allocate, 401, Allocate with credentials, success, close (close_notify for TLS). Fresh servers each repetition.\n",
+        ml * 100.0,
+        PROBES + 1,
+        a.conn_count,
+        a.conn_window
+    ));
+    let tls_of = |server: &str| -> String {
+        o.runs
+            .iter()
+            .filter(|r| {
+                r.report.transport == Transport::Tls
+                    && STREAM_TARGETS
+                        .iter()
+                        .any(|t| t.key == r.target && t.server == server)
+            })
+            .find_map(|r| r.report.stream.as_ref().and_then(|s| s.tls.clone()))
+            .or_else(|| {
+                o.conns
+                    .iter()
+                    .find(|c| c.server == server && c.value.tls.is_some())
+                    .and_then(|c| c.value.tls.clone())
+            })
+            .unwrap_or_else(|| "–".into())
+    };
+    m.push_str(&format!(
+        "- TLS negotiated (client: rustls with ring, offering TLS 1.3 and 1.2, AES-128-GCM first as browsers do, X25519 first; ECDSA P-256 server certificate from a test CA): turnpike {}; coturn {}.\n",
+        tls_of("turnpike"),
+        tls_of("coturn")
+    ));
+    // Lossless capacity.
+    m.push_str(&format!(
+        "\n## Relayed packets/s per direction at ≤ {:.0} % loss (lossless capacity)\n\n| target | payload | per repetition | median |\n|---|---|---|---:|\n",
+        ml * 100.0
+    ));
+    for &size in &a.sizes {
+        for tg in STREAM_TARGETS {
+            let per: Vec<String> = o
+                .capacity
+                .iter()
+                .filter(|c| c.target == tg.key && c.size == size)
+                .map(|c| {
+                    format!(
+                        "{:.0}k{}",
+                        c.pps as f64 / 1000.0,
+                        if c.bound == "generator" { " (gen)" } else { "" }
+                    )
+                })
+                .collect();
+            m.push_str(&format!(
+                "| {} | {size} B | {} | {} |\n",
+                tg.label,
+                per.join(", "),
+                fmt_pps(cap_median(o, tg.key, size))
+            ));
+        }
+    }
+    m.push_str(
+        "\n\"(gen)\": the generator could not offer more, so the figure is a lower bound.\n",
+    );
+    // Figures against the targets.
+    m.push_str("\n## Figures against the targets\n\n| figure | payload | turnpike | coturn | ratio (median of per-rep ratios) | target | verdict |\n|---|---|---:|---:|---:|---|---|\n");
+    for &size in &a.sizes {
+        for (num, den) in [(TP_TCP, CO_TCP), (TP_TLS, CO_TLS)] {
+            let r = cap_ratio(o, num.key, den.key, size);
+            let lower = |k: &str| {
+                if o.capacity
+                    .iter()
+                    .any(|c| c.target == k && c.size == size && c.bound == "generator")
+                {
+                    " (≥)"
+                } else {
+                    ""
+                }
+            };
+            m.push_str(&format!(
+                "| relayed packets/s per direction at ≤ {:.0} % loss, one core, {} | {size} B | {}{} | {}{} | {} | ≥ 2 | {} |\n",
+                ml * 100.0,
+                num.transport.name(),
+                fmt_pps(cap_median(o, num.key, size)),
+                lower(num.key),
+                fmt_pps(cap_median(o, den.key, size)),
+                lower(den.key),
+                fmt_f(r, 2),
+                verdict(r.map(|r| r >= 2.0))
+            ));
+        }
+    }
+    for (tr, target, ok) in [
+        (Transport::Tcp, "(info)", None),
+        (Transport::Tls, "≥ 5", Some(5.0)),
+    ] {
+        let (tp, co, r) = conn_medians(o, tr);
+        m.push_str(&format!(
+            "| new {} connections + Allocate per second | – | {} | {} | {} | {target} | {} |\n",
+            tr.name(),
+            fmt_f(tp, 0),
+            fmt_f(co, 0),
+            fmt_f(r, 2),
+            match ok {
+                Some(x) => verdict(r.map(|r| r >= x)),
+                None => "–",
+            }
+        ));
+    }
+    // Overload and CPU.
+    let l0 = a.loads.iter().copied().find(|&l| l > 0).unwrap_or(0);
+    m.push_str(&format!(
+        "\n## Overload and CPU\n\n| target | payload | overload (max offered): delivered/dir up / down | p50 / p99 µs at overload | server CPU at {}k/dir (cores) | server CPU µs per relayed packet at {}k/dir | p50 / p99 µs at {}k/dir |\n|---|---|---:|---:|---:|---:|---:|\n",
+        l0 / 1000,
+        l0 / 1000,
+        l0 / 1000
+    ));
+    for &size in &a.sizes {
+        for tg in STREAM_TARGETS {
+            let per_pkt = med(o, "sweep", tg.key, size, l0, |r| {
+                r.report.server_cpu_cores.unwrap_or(f64::NAN) * 1e6
+                    / (r.report.up.delivered_pps + r.report.down.delivered_pps)
+            });
+            m.push_str(&format!(
+                "| {} | {size} B | {} / {} | {} / {} | {} | {} | {} / {} |\n",
+                tg.label,
+                fmt_pps(med(o, "sweep", tg.key, size, 0, |r| r
+                    .report
+                    .up
+                    .delivered_pps)),
+                fmt_pps(med(o, "sweep", tg.key, size, 0, |r| r
+                    .report
+                    .down
+                    .delivered_pps)),
+                fmt_f(med(o, "sweep", tg.key, size, 0, p50), 0),
+                fmt_f(med(o, "sweep", tg.key, size, 0, p99), 0),
+                fmt_f(med(o, "sweep", tg.key, size, l0, cpu), 2),
+                fmt_f(per_pkt, 2),
+                fmt_f(med(o, "sweep", tg.key, size, l0, p50), 0),
+                fmt_f(med(o, "sweep", tg.key, size, l0, p99), 0),
+            ));
+        }
+    }
+    // Connection runs.
+    m.push_str("\n## Connection runs\n\n| rep | server | transport | connections/s | failed | connect→allocated p50 / p99 µs | server CPU µs per connection | generator CPU µs per connection (share of its core) | server's sockets 1 s later | first error |\n|---|---|---|---:|---:|---:|---:|---:|---|---|\n");
+    for c in &o.conns {
+        let v = &c.value;
+        m.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {} | {} / {} | {} | {} ({:.0} %) | {} | {} |\n",
+            c.rep,
+            c.server,
+            v.transport.name(),
+            v.per_second,
+            v.failed,
+            v.latency_p50_us,
+            v.latency_p99_us,
+            fmt_f(v.server_cpu_us_per_conn, 0),
+            fmt_f(v.generator_cpu_us_per_conn, 0),
+            v.generator_cpu_cores * 100.0,
+            if v.server_sockets_after.is_empty() {
+                "none".to_owned()
+            } else {
+                v.server_sockets_after
+                    .iter()
+                    .map(|(k, n)| format!("{n} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            v.first_error.as_deref().unwrap_or("–")
+        ));
+    }
+    // What went wrong on connections during relay runs.
+    let trouble: Vec<String> = o
+        .runs
+        .iter()
+        .filter_map(|r| {
+            let s = r.report.stream.as_ref()?;
+            (s.closed > 0 || s.first_error.is_some()).then(|| {
+                format!(
+                    "rep {} {} {} B at {}: {} connection(s) lost ({})",
+                    r.rep,
+                    r.target,
+                    r.size,
+                    load_label(r.offered),
+                    s.closed,
+                    s.first_error.as_deref().unwrap_or("?")
+                )
+            })
+        })
+        .collect();
+    m.push_str(&format!(
+        "\nConnections lost during relay runs: {}.\n",
+        if trouble.is_empty() {
+            "none".to_owned()
+        } else {
+            trouble.join("; ")
+        }
+    ));
+    m.push_str("\n## Server commands\n\n```sh\n");
+    for k in ["turnpike_cmd", "coturn_cmd"] {
+        if let Some(c) = o.settings.get(k) {
+            m.push_str(c);
+            m.push('\n');
+        }
+    }
+    m.push_str("```\n");
     m
 }

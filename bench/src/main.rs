@@ -6,6 +6,7 @@
 //! Traffic goes to loopback only, and every load loop is bounded in count and time.
 #![forbid(unsafe_code)]
 
+mod certs;
 mod compare;
 mod forwarder;
 mod hs;
@@ -14,6 +15,7 @@ mod payload;
 mod proc;
 mod relay;
 mod soak;
+mod stream;
 mod svg;
 
 use std::net::SocketAddr;
@@ -38,6 +40,16 @@ enum Cmd {
     /// Complete authenticated Allocate + CreatePermission + ChannelBind handshakes as
     /// fast as the server answers them.
     Alloc(AllocArgs),
+    /// New client connections per second over TCP or TLS: connect, TLS handshake,
+    /// Allocate (401, then with credentials), close.
+    Conn(ConnArgs),
+    /// Make a test CA and a server certificate for 127.0.0.1 and localhost (PEM files
+    /// ca.pem, server.pem, server.key) for TURN over TLS.
+    Certs {
+        /// The directory to write them to.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
     /// Keep K allocations alive with refreshes and report the server's RSS per
     /// allocation.
     Idle(IdleArgs),
@@ -80,6 +92,32 @@ struct AllocArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 30.0)]
     max_seconds: f64,
+    /// Pin the generator to this CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ConnArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    stream: stream::StreamArgs,
+    /// Connections to complete.
+    #[arg(long, default_value_t = 3000)]
+    count: usize,
+    /// Connections in flight at once.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    max_seconds: f64,
+    /// The server's pid: its CPU time per connection is reported.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Pin the generator to this CPU.
     #[arg(long)]
     cpu: Option<usize>,
@@ -143,6 +181,37 @@ fn main() -> Result<()> {
             if let Some(p) = &a.json {
                 std::fs::write(p, serde_json::to_string_pretty(&r)?)?;
             }
+        }
+        Cmd::Conn(a) => {
+            if a.stream.transport == stream::Transport::Udp {
+                bail!("conn: --transport tcp or tls");
+            }
+            if let Some(c) = a.cpu {
+                proc::pin_to(c)?;
+            }
+            proc::raise_nofile()?;
+            let r = stream::conn_rate(
+                a.server.server,
+                &a.server,
+                a.stream.client_config()?,
+                a.count,
+                a.window,
+                Duration::from_secs_f64(a.max_seconds),
+                a.server_pid,
+            )?;
+            println!("{}", r.summary());
+            if let Some(p) = &a.json {
+                std::fs::write(p, serde_json::to_string_pretty(&r)?)?;
+            }
+        }
+        Cmd::Certs { dir } => {
+            let p = certs::make(&dir)?;
+            println!(
+                "ca={} cert={} key={}",
+                p.ca.display(),
+                p.cert.display(),
+                p.key.display()
+            );
         }
         Cmd::Idle(a) => {
             if let Some(c) = a.cpu {

@@ -1,7 +1,7 @@
 //! What the harness reads from /proc (server CPU and RSS, per-core busy time, socket
 //! drops, load) and process placement (CPU pinning, the open-file limit).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result};
 use nix::sched::{CpuSet, sched_setaffinity};
@@ -149,4 +149,37 @@ pub fn loadavg() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
         .unwrap_or(0.0)
+}
+
+/// TCP sockets whose local port is `port` (a server's side of its connections), by
+/// state, from /proc/net/tcp; the listening socket is left out.
+pub fn tcp_states(port: u16) -> Result<BTreeMap<String, usize>> {
+    let s = std::fs::read_to_string("/proc/net/tcp")?;
+    let mut m = BTreeMap::new();
+    for line in s.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(st)) = (f.get(1), f.get(3)) else {
+            continue;
+        };
+        let Some((_, p)) = local.split_once(':') else {
+            continue;
+        };
+        if u16::from_str_radix(p, 16).ok() != Some(port) {
+            continue;
+        }
+        let name = match *st {
+            "01" => "ESTABLISHED",
+            "06" => "TIME_WAIT",
+            "07" => "CLOSE",
+            "08" => "CLOSE_WAIT",
+            "09" => "LAST_ACK",
+            "0A" => continue,
+            "0B" => "CLOSING",
+            "04" => "FIN_WAIT1",
+            "05" => "FIN_WAIT2",
+            other => other,
+        };
+        *m.entry(name.to_owned()).or_insert(0) += 1;
+    }
+    Ok(m)
 }

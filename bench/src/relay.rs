@@ -10,6 +10,7 @@ use std::io::IoSlice;
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -25,6 +26,7 @@ use crate::hs::{self, CHANNEL, Plan};
 use crate::net::{self, BATCH, MAX_GSO_BYTES, MAX_GSO_SEGS, Receiver, Sender, Sent};
 use crate::payload;
 use crate::proc;
+use crate::stream::{self, StreamArgs, StreamStats, Transport};
 
 /// How the client side talks to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -42,8 +44,10 @@ pub enum Mode {
 pub struct RelayArgs {
     #[command(flatten)]
     pub server: ServerArgs,
+    #[command(flatten)]
+    pub stream: StreamArgs,
     /// The target is the bare forwarder (`turnpike-bench forwarder`), not a TURN server.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "transport")]
     pub forwarder: bool,
     /// Send indications (and Data indications back) instead of a channel.
     #[arg(long, conflicts_with = "forwarder")]
@@ -102,8 +106,13 @@ pub struct RelayArgs {
 
 impl RelayArgs {
     pub fn to_config(&self) -> Result<Config> {
+        if self.stream.transport != Transport::Udp && self.send_indications {
+            bail!("--send-indications: only over UDP (streams carry ChannelData)");
+        }
         Ok(Config {
             server: self.server.clone(),
+            transport: self.stream.transport,
+            tls: self.stream.client_config()?,
             mode: if self.forwarder {
                 Mode::Forwarder
             } else if self.send_indications {
@@ -136,6 +145,11 @@ impl RelayArgs {
 pub struct Config {
     pub server: ServerArgs,
     pub mode: Mode,
+    /// How the client side reaches the server (`server.server` is its address for
+    /// that transport).
+    pub transport: Transport,
+    /// The TLS client configuration (with [`Transport::Tls`]).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub clients: usize,
     pub size: usize,
     pub alternate: bool,
@@ -178,6 +192,7 @@ pub struct DirReport {
 pub struct Report {
     pub label: String,
     pub mode: Mode,
+    pub transport: Transport,
     pub size: usize,
     pub alternate_sizes: bool,
     pub clients: usize,
@@ -211,6 +226,8 @@ pub struct Report {
     /// sockets (listening and relay ports) and at the generator's.
     pub server_socket_drops: u64,
     pub generator_socket_drops: u64,
+    /// What happened on the client connections (TCP and TLS runs).
+    pub stream: Option<StreamStats>,
     /// Latency CDF of both directions: (fraction, microseconds).
     pub cdf: Vec<(f64, f64)>,
 }
@@ -218,9 +235,14 @@ pub struct Report {
 impl Report {
     pub fn summary(&self) -> String {
         format!(
-            "{} {:?} {}B offered {}/dir: up {:.0} pps (loss {:.3}%), down {:.0} pps (loss {:.3}%); p50 {:.1} us p99 {:.1} us; server cpu {} core busy {:.0}%; gen loop busy {:.0}%; drops server {} gen {}",
+            "{} {:?}{} {}B offered {}/dir: up {:.0} pps (loss {:.3}%), down {:.0} pps (loss {:.3}%); p50 {:.1} us p99 {:.1} us; server cpu {} core busy {:.0}%; gen loop busy {:.0}%; drops server {} gen {}",
             self.label,
             self.mode,
+            if self.transport == Transport::Udp {
+                String::new()
+            } else {
+                format!(" over {}", self.transport.name())
+            },
             self.size,
             if self.offered_pps == 0 {
                 "max".to_owned()
@@ -267,24 +289,27 @@ struct Flow {
     seq_down: u64,
 }
 
+/// Counters of one direction.
 #[derive(Default)]
-struct Dir {
-    sent: u64,
-    recv: u64,
-    coalesced: u64,
+pub(crate) struct Dir {
+    /// Packets sent (for a stream: handed to the connection).
+    pub(crate) sent: u64,
+    pub(crate) recv: u64,
+    /// Packets that arrived inside a GRO super-datagram.
+    pub(crate) coalesced: u64,
     win_sent: u64,
     win_recv: u64,
     hist: Option<Histogram<u64>>,
 }
 
 impl Dir {
-    fn new() -> Result<Dir> {
+    pub(crate) fn new() -> Result<Dir> {
         Ok(Dir {
             hist: Some(Histogram::new_with_bounds(1, 60_000_000_000, 3)?),
             ..Dir::default()
         })
     }
-    fn record(&mut self, now_ns: u64, ts_ns: u64) {
+    pub(crate) fn record(&mut self, now_ns: u64, ts_ns: u64) {
         self.recv += 1;
         if let Some(h) = self.hist.as_mut() {
             h.saturating_record(now_ns.saturating_sub(ts_ns).max(1));
@@ -294,6 +319,9 @@ impl Dir {
 
 /// Runs one relay measurement.
 pub fn run(cfg: &Config) -> Result<Report> {
+    if cfg.transport != Transport::Udp {
+        return stream::relay(cfg);
+    }
     net::v4(cfg.server.server)?;
     let peer_bind = net::v4(cfg.peer)?;
     if cfg.size < payload::MIN_PAYLOAD {
@@ -349,83 +377,16 @@ pub fn run(cfg: &Config) -> Result<Report> {
         .collect();
     let drops0 = proc::udp_drops()?;
 
-    let t0 = Instant::now();
-    let ns = |t: Instant| t.duration_since(t0).as_nanos() as u64;
-    let warm_end = cfg.warmup;
-    let end = cfg.warmup + cfg.duration;
-    let mut measuring = false;
-    let mut win_start = t0;
-    let mut cpu_srv0 = 0.0;
-    let me = std::process::id();
-    let mut sched_srv0 = (0.0, 0.0);
-    let mut sched_gen0 = (0.0, 0.0);
-    let mut core_srv0 = proc::CpuTimes::default();
-    let mut core_gen0 = proc::CpuTimes::default();
-    let gen_cpu = cfg.gen_cpu.unwrap_or(1 - cfg.server_cpu.min(1));
-    let mut busy_ns: u64 = 0;
-    let mut busy_ns_win0: u64 = 0;
-    let mut next_progress = Duration::from_secs(1);
-    let mut last = (0u64, 0u64, 0u64, 0u64);
+    let mut m = Meter::new(cfg);
     let mut rr_up = 0usize;
     let mut rr_down = 0usize;
-    let mut win_report = None;
-    let drain = Duration::from_millis(300);
+    let mut progress = Progress::default();
 
     loop {
         let now = Instant::now();
-        let el = now.duration_since(t0);
-        if !measuring && el >= warm_end {
-            measuring = true;
-            win_start = now;
-            up.win_sent = up.sent;
-            up.win_recv = up.recv;
-            down.win_sent = down.sent;
-            down.win_recv = down.recv;
-            for d in [&mut up, &mut down] {
-                if let Some(h) = d.hist.as_mut() {
-                    h.reset();
-                }
-            }
-            if let Some(pid) = cfg.server_pid {
-                cpu_srv0 = proc::cpu_seconds(pid)?;
-                sched_srv0 = proc::sched(pid)?;
-            }
-            sched_gen0 = proc::sched(me)?;
-            core_srv0 = proc::cpu_times(cfg.server_cpu)?;
-            core_gen0 = proc::cpu_times(gen_cpu)?;
-            busy_ns_win0 = busy_ns;
-        }
-        if measuring && win_report.is_none() && el >= end {
-            let secs = now.duration_since(win_start).as_secs_f64();
-            let srv_cpu = match cfg.server_pid {
-                Some(pid) => Some((proc::cpu_seconds(pid)? - cpu_srv0) / secs),
-                None => None,
-            };
-            let srv_wait = match cfg.server_pid {
-                Some(pid) => (proc::sched(pid)?.1 - sched_srv0.1) / secs,
-                None => 0.0,
-            };
-            let gen_wait = (proc::sched(me)?.1 - sched_gen0.1) / secs;
-            let core_srv = proc::cpu_times(cfg.server_cpu)?.busy_since(&core_srv0);
-            let core_gen = proc::cpu_times(gen_cpu)?.busy_since(&core_gen0);
-            let loop_busy = (busy_ns - busy_ns_win0) as f64 / 1e9 / secs;
-            win_report = Some((
-                secs,
-                (up.sent - up.win_sent) as f64 / secs,
-                (up.recv - up.win_recv) as f64 / secs,
-                (down.sent - down.win_sent) as f64 / secs,
-                (down.recv - down.win_recv) as f64 / secs,
-                srv_cpu,
-                core_srv,
-                core_gen,
-                loop_busy,
-                up.hist.clone(),
-                down.hist.clone(),
-                (srv_wait, gen_wait),
-            ));
-        }
-        let sending = el < end;
-        if !sending && el >= end + drain {
+        let el = m.tick(now, &mut up, &mut down)?;
+        let sending = el < m.end;
+        if !sending && el >= m.end + DRAIN {
             break;
         }
         let mut did = 0u64;
@@ -439,7 +400,15 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 let f = &mut flows[rr_up % n];
                 rr_up = rr_up.wrapping_add(1);
                 let b = (quota as usize).min(burst);
-                let sent = send_up(cfg, f, b, &mut sbuf, &mut tx, &mut msgs, ns(Instant::now()))?;
+                let sent = send_up(
+                    cfg,
+                    f,
+                    b,
+                    &mut sbuf,
+                    &mut tx,
+                    &mut msgs,
+                    m.ns(Instant::now()),
+                )?;
                 up.sent += sent as u64;
                 did += sent as u64;
                 quota = quota.saturating_sub(sent as u64);
@@ -460,7 +429,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                     &mut dbuf,
                     &mut tx,
                     &mut msgs,
-                    ns(Instant::now()),
+                    m.ns(Instant::now()),
                 )?;
                 down.sent += sent as u64;
                 did += sent as u64;
@@ -488,14 +457,14 @@ pub fn run(cfg: &Config) -> Result<Report> {
                     break;
                 }
                 did += got as u64;
-                let now_ns = ns(Instant::now());
-                for m in rx.meta.iter() {
-                    let data = rx.data(m);
-                    if m.len > m.seg {
+                let now_ns = m.ns(Instant::now());
+                for r in rx.meta.iter() {
+                    let data = rx.data(r);
+                    if r.len > r.seg {
                         let d = if tok == PEER { &mut up } else { &mut down };
-                        d.coalesced += m.len.div_ceil(m.seg) as u64;
+                        d.coalesced += r.len.div_ceil(r.seg) as u64;
                     }
-                    for chunk in data.chunks(m.seg) {
+                    for chunk in data.chunks(r.seg) {
                         if tok == PEER {
                             if let Some(st) = payload::read(chunk) {
                                 up.record(now_ns, st.ts_ns);
@@ -514,21 +483,10 @@ pub fn run(cfg: &Config) -> Result<Report> {
             }
         }
         if did > 0 {
-            busy_ns += Instant::now().duration_since(now).as_nanos() as u64;
+            m.add_busy(now);
         }
-
-        if cfg.progress && el >= next_progress {
-            next_progress += Duration::from_secs(1);
-            eprintln!(
-                "[{:>3}s] up sent {:>7} recv {:>7} | down sent {:>7} recv {:>7} (per s){}",
-                el.as_secs(),
-                up.sent - last.0,
-                up.recv - last.1,
-                down.sent - last.2,
-                down.recv - last.3,
-                if measuring { "" } else { " warm-up" }
-            );
-            last = (up.sent, up.recv, down.sent, down.recv);
+        if cfg.progress {
+            progress.tick(el, m.measuring(), &up, &down);
         }
     }
 
@@ -536,81 +494,270 @@ pub fn run(cfg: &Config) -> Result<Report> {
     release(&mut flows);
     let gen_drops = proc::drops_between(&drops0, &drops1, |p| gen_ports.contains(&p));
     let srv_drops = proc::drops_between(&drops0, &drops1, |p| server_ports.contains(&p));
-    let Some((secs, up_s, up_r, dn_s, dn_r, srv_cpu, core_srv, core_gen, loop_busy, uh, dh, waits)) =
-        win_report
-    else {
-        bail!("the run ended before its measured window")
-    };
-    let mk = |sent_pps: f64, rate: f64, d: &Dir, h: &Option<Histogram<u64>>| -> DirReport {
-        let q = |x: f64| h.as_ref().map(|h| h.value_at_quantile(x) as f64 / 1000.0);
-        DirReport {
-            sent_pps,
-            delivered_pps: rate,
-            loss: if d.sent == 0 {
-                0.0
-            } else {
-                d.sent.saturating_sub(d.recv) as f64 / d.sent as f64
-            },
-            p50_us: q(0.5).unwrap_or(0.0),
-            p90_us: q(0.9).unwrap_or(0.0),
-            p99_us: q(0.99).unwrap_or(0.0),
-            p999_us: q(0.999).unwrap_or(0.0),
-            max_us: h.as_ref().map(|h| h.max() as f64 / 1000.0).unwrap_or(0.0),
-            coalesced: if d.recv == 0 {
-                0.0
-            } else {
-                d.coalesced as f64 / d.recv as f64
-            },
+    m.report(
+        cfg,
+        &up,
+        &down,
+        Extra {
+            clients: n,
+            burst,
+            server_socket_drops: srv_drops,
+            generator_socket_drops: gen_drops,
+            stream: None,
+        },
+    )
+}
+
+/// How long the receivers keep counting after the senders stop.
+pub(crate) const DRAIN: Duration = Duration::from_millis(300);
+
+/// The measured window of a run: what is read from /proc at its start and end, and
+/// the generator loop's busy time. [`Meter::tick`] once per loop turn, then
+/// [`Meter::report`].
+pub(crate) struct Meter {
+    t0: Instant,
+    warm_end: Duration,
+    /// End of the measured window (and of sending), from the start.
+    pub(crate) end: Duration,
+    measuring: bool,
+    win_start: Instant,
+    server_pid: Option<u32>,
+    server_cpu: usize,
+    gen_cpu: usize,
+    me: u32,
+    cpu_srv0: f64,
+    sched_srv0: (f64, f64),
+    sched_gen0: (f64, f64),
+    core_srv0: proc::CpuTimes,
+    core_gen0: proc::CpuTimes,
+    busy_ns: u64,
+    busy_ns_win0: u64,
+    win: Option<Window>,
+}
+
+/// What the window measured, taken when it closes.
+struct Window {
+    secs: f64,
+    up_sent: f64,
+    up_recv: f64,
+    down_sent: f64,
+    down_recv: f64,
+    srv_cpu: Option<f64>,
+    core_srv: f64,
+    core_gen: f64,
+    loop_busy: f64,
+    up_hist: Option<Histogram<u64>>,
+    down_hist: Option<Histogram<u64>>,
+    srv_wait: f64,
+    gen_wait: f64,
+}
+
+/// What a run adds to its report besides the window's figures.
+pub(crate) struct Extra {
+    pub(crate) clients: usize,
+    pub(crate) burst: usize,
+    pub(crate) server_socket_drops: u64,
+    pub(crate) generator_socket_drops: u64,
+    pub(crate) stream: Option<StreamStats>,
+}
+
+impl Meter {
+    pub(crate) fn new(cfg: &Config) -> Meter {
+        let t0 = Instant::now();
+        Meter {
+            t0,
+            warm_end: cfg.warmup,
+            end: cfg.warmup + cfg.duration,
+            measuring: false,
+            win_start: t0,
+            server_pid: cfg.server_pid,
+            server_cpu: cfg.server_cpu,
+            gen_cpu: cfg.gen_cpu.unwrap_or(1 - cfg.server_cpu.min(1)),
+            me: std::process::id(),
+            cpu_srv0: 0.0,
+            sched_srv0: (0.0, 0.0),
+            sched_gen0: (0.0, 0.0),
+            core_srv0: proc::CpuTimes::default(),
+            core_gen0: proc::CpuTimes::default(),
+            busy_ns: 0,
+            busy_ns_win0: 0,
+            win: None,
         }
-    };
-    let upr = mk(up_s, up_r, &up, &uh);
-    let dnr = mk(dn_s, dn_r, &down, &dh);
-    let mut both = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    for h in [&uh, &dh].into_iter().flatten() {
-        both.add(h)?;
     }
-    let q = |x: f64| both.value_at_quantile(x) as f64 / 1000.0;
-    let mut cdf = Vec::new();
-    if !both.is_empty() {
-        for i in 0..=100 {
-            let f = i as f64 / 100.0;
-            cdf.push((f, q(f)));
-        }
-        for f in [0.995, 0.999, 0.9995, 0.9999] {
-            cdf.push((f, q(f)));
-        }
-        cdf.sort_by(|a, b| a.0.total_cmp(&b.0));
+
+    /// Nanoseconds since the run started (the payloads' clock).
+    pub(crate) fn ns(&self, t: Instant) -> u64 {
+        t.duration_since(self.t0).as_nanos() as u64
     }
-    Ok(Report {
-        label: cfg.label.clone(),
-        mode: cfg.mode,
-        size: cfg.size,
-        alternate_sizes: cfg.alternate,
-        clients: n,
-        burst,
-        offered_pps: cfg.rate,
-        seconds: secs,
-        delivered_pps: (upr.delivered_pps + dnr.delivered_pps) / 2.0,
-        p50_us: q(0.5),
-        p99_us: q(0.99),
-        up: upr,
-        down: dnr,
-        server_cpu_cores: srv_cpu,
-        server_core_busy: core_srv,
-        generator_core_busy: core_gen,
-        server_rq_wait: waits.0,
-        generator_rq_wait: waits.1,
-        generator_loop_busy: loop_busy,
-        server_socket_drops: srv_drops,
-        generator_socket_drops: gen_drops,
-        cdf,
-    })
+
+    pub(crate) fn measuring(&self) -> bool {
+        self.measuring
+    }
+
+    /// Counts the loop turn that started at `since` as busy.
+    pub(crate) fn add_busy(&mut self, since: Instant) {
+        self.busy_ns += Instant::now().duration_since(since).as_nanos() as u64;
+    }
+
+    /// Opens the window after the warm-up and closes it at the end; returns the time
+    /// since the start.
+    pub(crate) fn tick(&mut self, now: Instant, up: &mut Dir, down: &mut Dir) -> Result<Duration> {
+        let el = now.duration_since(self.t0);
+        if !self.measuring && el >= self.warm_end {
+            self.measuring = true;
+            self.win_start = now;
+            for d in [&mut *up, &mut *down] {
+                d.win_sent = d.sent;
+                d.win_recv = d.recv;
+                if let Some(h) = d.hist.as_mut() {
+                    h.reset();
+                }
+            }
+            if let Some(pid) = self.server_pid {
+                self.cpu_srv0 = proc::cpu_seconds(pid)?;
+                self.sched_srv0 = proc::sched(pid)?;
+            }
+            self.sched_gen0 = proc::sched(self.me)?;
+            self.core_srv0 = proc::cpu_times(self.server_cpu)?;
+            self.core_gen0 = proc::cpu_times(self.gen_cpu)?;
+            self.busy_ns_win0 = self.busy_ns;
+        }
+        if self.measuring && self.win.is_none() && el >= self.end {
+            let secs = now.duration_since(self.win_start).as_secs_f64();
+            let srv_cpu = match self.server_pid {
+                Some(pid) => Some((proc::cpu_seconds(pid)? - self.cpu_srv0) / secs),
+                None => None,
+            };
+            let srv_wait = match self.server_pid {
+                Some(pid) => (proc::sched(pid)?.1 - self.sched_srv0.1) / secs,
+                None => 0.0,
+            };
+            self.win = Some(Window {
+                secs,
+                up_sent: (up.sent - up.win_sent) as f64 / secs,
+                up_recv: (up.recv - up.win_recv) as f64 / secs,
+                down_sent: (down.sent - down.win_sent) as f64 / secs,
+                down_recv: (down.recv - down.win_recv) as f64 / secs,
+                srv_cpu,
+                core_srv: proc::cpu_times(self.server_cpu)?.busy_since(&self.core_srv0),
+                core_gen: proc::cpu_times(self.gen_cpu)?.busy_since(&self.core_gen0),
+                loop_busy: (self.busy_ns - self.busy_ns_win0) as f64 / 1e9 / secs,
+                up_hist: up.hist.clone(),
+                down_hist: down.hist.clone(),
+                srv_wait,
+                gen_wait: (proc::sched(self.me)?.1 - self.sched_gen0.1) / secs,
+            });
+        }
+        Ok(el)
+    }
+
+    /// The report of a finished run.
+    pub(crate) fn report(self, cfg: &Config, up: &Dir, down: &Dir, x: Extra) -> Result<Report> {
+        let Some(w) = self.win else {
+            bail!("the run ended before its measured window")
+        };
+        let mk = |sent_pps: f64, rate: f64, d: &Dir, h: &Option<Histogram<u64>>| -> DirReport {
+            let q = |x: f64| h.as_ref().map(|h| h.value_at_quantile(x) as f64 / 1000.0);
+            DirReport {
+                sent_pps,
+                delivered_pps: rate,
+                loss: if d.sent == 0 {
+                    0.0
+                } else {
+                    d.sent.saturating_sub(d.recv) as f64 / d.sent as f64
+                },
+                p50_us: q(0.5).unwrap_or(0.0),
+                p90_us: q(0.9).unwrap_or(0.0),
+                p99_us: q(0.99).unwrap_or(0.0),
+                p999_us: q(0.999).unwrap_or(0.0),
+                max_us: h.as_ref().map(|h| h.max() as f64 / 1000.0).unwrap_or(0.0),
+                coalesced: if d.recv == 0 {
+                    0.0
+                } else {
+                    d.coalesced as f64 / d.recv as f64
+                },
+            }
+        };
+        let upr = mk(w.up_sent, w.up_recv, up, &w.up_hist);
+        let dnr = mk(w.down_sent, w.down_recv, down, &w.down_hist);
+        let mut both = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        for h in [&w.up_hist, &w.down_hist].into_iter().flatten() {
+            both.add(h)?;
+        }
+        let q = |x: f64| both.value_at_quantile(x) as f64 / 1000.0;
+        let mut cdf = Vec::new();
+        if !both.is_empty() {
+            for i in 0..=100 {
+                let f = i as f64 / 100.0;
+                cdf.push((f, q(f)));
+            }
+            for f in [0.995, 0.999, 0.9995, 0.9999] {
+                cdf.push((f, q(f)));
+            }
+            cdf.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        Ok(Report {
+            label: cfg.label.clone(),
+            mode: cfg.mode,
+            transport: cfg.transport,
+            size: cfg.size,
+            alternate_sizes: cfg.alternate,
+            clients: x.clients,
+            burst: x.burst,
+            offered_pps: cfg.rate,
+            seconds: w.secs,
+            delivered_pps: (upr.delivered_pps + dnr.delivered_pps) / 2.0,
+            p50_us: q(0.5),
+            p99_us: q(0.99),
+            up: upr,
+            down: dnr,
+            server_cpu_cores: w.srv_cpu,
+            server_core_busy: w.core_srv,
+            generator_core_busy: w.core_gen,
+            server_rq_wait: w.srv_wait,
+            generator_rq_wait: w.gen_wait,
+            generator_loop_busy: w.loop_busy,
+            server_socket_drops: x.server_socket_drops,
+            generator_socket_drops: x.generator_socket_drops,
+            stream: x.stream,
+            cdf,
+        })
+    }
+}
+
+/// The progress line printed each second.
+#[derive(Default)]
+pub(crate) struct Progress {
+    next: Duration,
+    last: (u64, u64, u64, u64),
+}
+
+impl Progress {
+    pub(crate) fn tick(&mut self, el: Duration, measuring: bool, up: &Dir, down: &Dir) {
+        if self.next.is_zero() {
+            self.next = Duration::from_secs(1);
+        }
+        if el < self.next {
+            return;
+        }
+        self.next += Duration::from_secs(1);
+        eprintln!(
+            "[{:>3}s] up sent {:>7} recv {:>7} | down sent {:>7} recv {:>7} (per s){}",
+            el.as_secs(),
+            up.sent - self.last.0,
+            up.recv - self.last.1,
+            down.sent - self.last.2,
+            down.recv - self.last.3,
+            if measuring { "" } else { " warm-up" }
+        );
+        self.last = (up.sent, up.recv, down.sent, down.recv);
+    }
 }
 
 /// Datagrams due in one direction now, in whole bursts: a flow's packets leave back to
 /// back, `burst` at a time, as a video frame's do (at most [`MAX_PER_TURN`] per turn
 /// in max mode).
-fn due_now(rate: u64, el: Duration, sent: u64, burst: usize) -> u64 {
+pub(crate) fn due_now(rate: u64, el: Duration, sent: u64, burst: usize) -> u64 {
     if rate == 0 {
         return MAX_PER_TURN;
     }
