@@ -25,6 +25,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -241,6 +242,62 @@ impl std::fmt::Debug for Conn {
             .field("peer", &self.peer)
             .field("tuple", &self.tuple)
             .finish_non_exhaustive()
+    }
+}
+
+/// Datagrams relayed from client connections to peers, gathered while the frames of one
+/// read are decided and sent together at its end: consecutive datagrams from one relay
+/// socket to one peer go as UDP GSO segments (one syscall for up to [`MAX_SEGS`]), the
+/// way the UDP path batches. A stream read often holds a burst of equal-size frames.
+#[derive(Debug, Default)]
+pub(crate) struct RelayBatch {
+    data: Vec<u8>,
+    runs: Vec<Run>,
+}
+
+/// Consecutive datagrams of a [`RelayBatch`]: `count` segments of `seg` bytes (the last
+/// `last` bytes) at `start` of its data.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    from: Token,
+    to: SocketAddr,
+    start: usize,
+    seg: usize,
+    count: usize,
+    last: usize,
+}
+
+/// Segments per GSO send at most.
+const MAX_SEGS: usize = crate::batch::MAX_SEGS;
+/// Bytes per GSO send at most.
+const MAX_GSO_BYTES: usize = 63 * 1024;
+
+impl RelayBatch {
+    /// Adds one datagram; `gso`: whether its socket may send GSO segments.
+    fn push(&mut self, from: Token, to: SocketAddr, bytes: &[u8], gso: bool) {
+        let start = self.data.len();
+        self.data.extend_from_slice(bytes);
+        if gso
+            && let Some(r) = self.runs.last_mut()
+            && r.from == from
+            && r.to == to
+            && r.last == r.seg
+            && bytes.len() <= r.seg
+            && r.count < MAX_SEGS
+            && start - r.start + bytes.len() <= MAX_GSO_BYTES
+        {
+            r.count += 1;
+            r.last = bytes.len();
+            return;
+        }
+        self.runs.push(Run {
+            from,
+            to,
+            start,
+            seg: bytes.len(),
+            count: 1,
+            last: bytes.len(),
+        });
     }
 }
 
@@ -501,6 +558,7 @@ impl Worker {
             return;
         };
         let r = self.stream_input(t, &mut conn, data);
+        self.flush_relays();
         let queued = !conn.out.is_empty() || conn.tls.as_ref().is_some_and(|s| s.wants_write());
         if let Some(e) = self.socks.get_mut(t) {
             e.stream = Some(conn);
@@ -719,12 +777,11 @@ impl Worker {
                                 bump(&ctr.streams.send_dropped, 1);
                             }
                         } else {
-                            // Client → peer: UDP from the allocation's relay socket.
-                            let ok = self.socks.get(tx.from).is_some_and(|e| {
-                                e.sock.send_to(bytes, &SockAddr::from(tx.to)).is_ok()
-                            });
-                            if !ok {
-                                bump(&ctr.send_error, 1);
+                            // Client → peer: UDP from the allocation's relay socket, sent
+                            // with the others of this read (`flush_relays`).
+                            match self.socks.get(tx.from) {
+                                Some(e) => self.relay_batch.push(tx.from, tx.to, bytes, e.gso),
+                                None => bump(&ctr.send_error, 1),
                             }
                         }
                     }
@@ -752,6 +809,51 @@ impl Worker {
                 Err("malformed framing")
             }
         }
+    }
+
+    /// Sends the datagrams gathered in the relay batch: each run in one GSO send, or one
+    /// by one where the kernel refuses GSO (then disabled for that socket).
+    fn flush_relays(&mut self) {
+        if self.relay_batch.runs.is_empty() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.relay_batch);
+        for r in batch.runs.drain(..) {
+            let end = r.start + r.seg * (r.count - 1) + r.last;
+            let Some(bytes) = batch.data.get(r.start..end) else {
+                continue;
+            };
+            let Some(e) = self.socks.get(r.from) else {
+                bump(&self.ctr.send_error, r.count as u64);
+                continue;
+            };
+            match crate::sys::send_segments(e.sock.as_fd(), &r.to, bytes, r.seg) {
+                Ok(_) => {
+                    if r.count > 1 {
+                        bump(&self.ctr.gso_sends, 1);
+                    }
+                }
+                Err(err) if crate::batch::gso_refused(self, r.from, r.count, &err) => {
+                    // One at a time from the same bytes.
+                    for chunk in bytes.chunks(r.seg) {
+                        let ok = self
+                            .socks
+                            .get(r.from)
+                            .is_some_and(|e| e.sock.send_to(chunk, &SockAddr::from(r.to)).is_ok());
+                        if !ok {
+                            bump(&self.ctr.send_error, 1);
+                        }
+                    }
+                }
+                Err(_) => bump(&self.ctr.send_error, r.count as u64),
+            }
+        }
+        batch.data.clear();
+        // Keep the buffers for the next read, unless a burst made them large.
+        if batch.data.capacity() > 1 << 20 {
+            batch.data = Vec::new();
+        }
+        self.relay_batch = batch;
     }
 
     /// The 5-tuple of connection `t`, once known.

@@ -260,6 +260,43 @@ pub(crate) unsafe fn sendmmsg(fd: BorrowedFd<'_>, hdrs: &mut [libc::mmsghdr]) ->
     }
 }
 
+/// Sends `buf` from `fd` to `to` in one `sendmsg` without blocking: as UDP GSO segments
+/// of `seg` bytes (the last may be shorter) when `buf` is longer than `seg`, else as one
+/// datagram. Returns the bytes sent.
+pub(crate) fn send_segments(
+    fd: BorrowedFd<'_>,
+    to: &SocketAddr,
+    buf: &[u8],
+    seg: usize,
+) -> io::Result<usize> {
+    let mut name = RawName::default();
+    let namelen = write_name(to, &mut name);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut cmsg = GsoCmsg::default();
+    let mut hdr = empty_msghdr();
+    hdr.msg_name = name.0.as_mut_ptr().cast();
+    hdr.msg_namelen = namelen;
+    hdr.msg_iov = &raw mut iov;
+    hdr.msg_iovlen = 1;
+    if buf.len() > seg {
+        let size = u16::try_from(seg)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large"))?;
+        hdr.msg_control = cmsg.0.as_mut_ptr().cast();
+        hdr.msg_controllen = cmsg.set(size);
+    }
+    // SAFETY: the header points at `name`, `iov` (over `buf`) and `cmsg`, all alive and
+    // unmoved for the duration of the call; the kernel only reads them.
+    let rc = unsafe { libc::sendmsg(fd.as_raw_fd(), &raw const hdr, libc::MSG_DONTWAIT) };
+    if rc >= 0 {
+        Ok(rc as usize)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

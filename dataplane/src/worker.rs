@@ -147,6 +147,8 @@ pub(crate) struct Worker {
     pub(crate) scratch: Vec<u8>,
     /// Plaintext read out of TLS sessions.
     pub(crate) plain: Vec<u8>,
+    /// Datagrams from client connections to peers, sent at the end of each read.
+    pub(crate) relay_batch: crate::streams::RelayBatch,
     /// Listeners paused until a time (accept backoff).
     paused: Vec<(Token, u64)>,
     next_stream_sweep: u64,
@@ -192,6 +194,7 @@ impl Worker {
             dirty: Vec::new(),
             scratch: vec![0; SLOT],
             plain: Vec::new(),
+            relay_batch: Default::default(),
             paused: Vec::new(),
             next_stream_sweep: now.0.saturating_add(1_000),
         };

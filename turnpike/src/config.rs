@@ -899,7 +899,8 @@ fn streams_config(
     let mut streams: Vec<StreamListen> = Vec::new();
     for (addrs, is_tls) in [(&tcp, false), (&tls_addrs, true)] {
         for &addr in addrs.iter() {
-            if streams.iter().any(|s| s.addr == addr) {
+            // Port 0 (chosen at start) is a different port for each listener.
+            if addr.port() != 0 && streams.iter().any(|s| s.addr == addr) {
                 return Err(err(
                     "listen_tcp, listen_tls (--listen-tcp, --listen-tls)",
                     format!("{addr} is listed twice"),
