@@ -45,6 +45,9 @@ pub struct Credentials {
     realm: String,
     users: HashMap<String, ([u8; 16], [u8; 32])>,
     hashes: HashMap<[u8; 32], String>,
+    /// Users shared through the fleet (etcd), next to the configured ones.
+    fleet_users: HashMap<String, ([u8; 16], [u8; 32])>,
+    fleet_hashes: HashMap<[u8; 32], String>,
     rest_secrets: Vec<String>,
 }
 
@@ -75,6 +78,24 @@ impl Credentials {
         &self.realm
     }
 
+    /// Replaces the users shared through the fleet (name, password): they are valid next
+    /// to the configured ones (which win on a name in both).
+    pub fn set_fleet_users(&mut self, users: &[(String, String)]) {
+        self.fleet_users.clear();
+        self.fleet_hashes.clear();
+        for (u, p) in users {
+            self.fleet_users.insert(
+                u.clone(),
+                (
+                    long_term_key_md5(u, &self.realm, p),
+                    long_term_key_sha256(u, &self.realm, p),
+                ),
+            );
+            self.fleet_hashes
+                .insert(userhash(u, &self.realm), u.clone());
+        }
+    }
+
     /// Replaces the REST secrets (newest first).
     pub fn set_secrets(&mut self, secrets: Vec<String>) {
         self.rest_secrets = secrets;
@@ -88,7 +109,10 @@ impl Credentials {
     /// The username a USERHASH stands for (static users only: a REST username embeds a
     /// time and cannot be recovered from its hash).
     pub fn user_by_hash(&self, hash: &[u8; 32]) -> Option<&str> {
-        self.hashes.get(hash).map(String::as_str)
+        self.hashes
+            .get(hash)
+            .or_else(|| self.fleet_hashes.get(hash))
+            .map(String::as_str)
     }
 
     /// The candidate keys for `username` under `algorithm` at `now`.
@@ -99,7 +123,11 @@ impl Credentials {
         now: Millis,
     ) -> Result<Candidates, AuthError> {
         let sha = algorithm == PasswordAlgorithmId::SHA256;
-        if let Some((md5, sha256)) = self.users.get(username) {
+        if let Some((md5, sha256)) = self
+            .users
+            .get(username)
+            .or_else(|| self.fleet_users.get(username))
+        {
             return Ok(Candidates {
                 account: username.to_owned(),
                 keys: vec![if sha { sha256.to_vec() } else { md5.to_vec() }],

@@ -120,6 +120,9 @@ pub struct Cluster {
     fleet_draining: bool,
     /// Users revoked fleet-wide.
     revoked_users: std::collections::HashSet<String>,
+    /// The configured peer lists and quotas, kept when the fleet's replace them.
+    #[allow(clippy::type_complexity)]
+    configured: Option<((Vec<crate::Cidr>, Vec<crate::Cidr>), (u32, u32))>,
     /// Every data plane of the cell is drained.
     cell_drained: bool,
     /// A pooled socket was taken during this message: refill at its end.
@@ -158,6 +161,7 @@ impl Cluster {
             fleet: None,
             fleet_draining: false,
             revoked_users: std::collections::HashSet::new(),
+            configured: None,
             cell_drained: false,
             pool_taken: false,
             pool_binds: HashMap::new(),
@@ -491,6 +495,25 @@ impl Cluster {
         self.server
             .set_draining(self.cell_drained || self.fleet_draining, None);
         self.fleet = alternates;
+    }
+
+    /// Applies the configuration shared through the fleet: its users next to the
+    /// configured ones, its peer lists and quotas instead of the configured ones (which
+    /// come back when the fleet's are removed).
+    pub fn set_shared_config(&mut self, shared: &crate::fleet::SharedConfig) {
+        let configured = self
+            .configured
+            .get_or_insert_with(|| {
+                let c = self.server.config();
+                (c.policy.lists(), (c.user_quota, c.total_quota))
+            })
+            .clone();
+        self.server.credentials_mut().set_fleet_users(&shared.users);
+        let (allow, deny) = shared.policy.clone().unwrap_or(configured.0);
+        let policy = self.server.config().policy.with_lists(allow, deny);
+        self.server.set_policy(policy);
+        let (user, total) = shared.quotas.unwrap_or(configured.1);
+        self.server.set_quotas(user, total);
     }
 
     /// The allocations each user holds on the other instances of the fleet (counted

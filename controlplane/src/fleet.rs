@@ -92,6 +92,18 @@ pub fn heavy_threshold(user_quota: u32) -> u32 {
 /// How many users a record lists at most (the heaviest).
 pub const MAX_PUBLISHED_USERS: usize = 1000;
 
+/// Configuration shared through the fleet (etcd), replacing the configured values
+/// while present.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedConfig {
+    /// Users valid on every instance (name, password), next to the configured ones.
+    pub users: Vec<(String, String)>,
+    /// The peer policy's allow and deny lists (`None`: the configured ones).
+    pub policy: Option<(Vec<crate::Cidr>, Vec<crate::Cidr>)>,
+    /// The allocation quotas, per user and in all (`None`: the configured ones).
+    pub quotas: Option<(u32, u32)>,
+}
+
 /// When an instance redirects.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RedirectConfig {

@@ -163,6 +163,20 @@ impl PeerPolicy {
         }
     }
 
+    /// The operator's allow and deny lists.
+    pub fn lists(&self) -> (Vec<Cidr>, Vec<Cidr>) {
+        (self.allow.clone(), self.deny.clone())
+    }
+
+    /// This policy with other operator lists (the defaults and own sockets kept).
+    pub fn with_lists(&self, allow: Vec<Cidr>, deny: Vec<Cidr>) -> PeerPolicy {
+        PeerPolicy {
+            allow,
+            deny,
+            ..self.clone()
+        }
+    }
+
     /// The server's own service sockets, canonical.
     pub fn own_sockets(&self) -> &[SocketAddr] {
         &self.own

@@ -437,6 +437,12 @@ impl Server {
         self.cfg.policy = policy;
     }
 
+    /// Replaces the allocation quotas: per user and in all (0: unlimited).
+    pub fn set_quotas(&mut self, user: u32, total: u32) {
+        self.cfg.user_quota = user;
+        self.cfg.total_quota = total;
+    }
+
     /// Stops accepting new allocations: new Allocates get 300 Try Alternate towards
     /// `alternate` if given, else 508. Existing allocations carry on.
     pub fn set_draining(&mut self, draining: bool, alternate: Option<SocketAddr>) {

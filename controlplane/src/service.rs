@@ -98,6 +98,9 @@ enum Cmd {
         min: u32,
         reply: oneshot::Sender<Vec<(String, u32)>>,
     },
+    Shared {
+        shared: crate::fleet::SharedConfig,
+    },
     Revoked {
         users: Vec<String>,
         reply: oneshot::Sender<u64>,
@@ -116,7 +119,9 @@ struct Actor {
 #[derive(Debug, Clone)]
 pub struct ControlPlaneHandle {
     tx: mpsc::Sender<Cmd>,
-    quotas: (u32, u32),
+    /// The quotas in force (the fleet may replace the configured ones).
+    quotas: Arc<std::sync::Mutex<(u32, u32)>>,
+    configured_quotas: (u32, u32),
     events: broadcast::Sender<v1::Event>,
     /// Whether this control plane leads its cell (always, without an election): data
     /// planes may attach only to the leader.
@@ -143,7 +148,8 @@ impl ControlPlaneHandle {
         tokio::spawn(actor.run(rx));
         ControlPlaneHandle {
             tx,
-            quotas,
+            quotas: Arc::new(std::sync::Mutex::new(quotas)),
+            configured_quotas: quotas,
             events,
             leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
@@ -179,7 +185,7 @@ impl ControlPlaneHandle {
 
     /// The allocation quotas in force: per user, in all (0: unlimited).
     pub fn quotas(&self) -> (u32, u32) {
-        self.quotas
+        *self.quotas.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The state machine's counters (for metrics).
@@ -220,6 +226,20 @@ impl ControlPlaneHandle {
         .await
     }
 
+    /// Applies the configuration shared through the fleet (see
+    /// [`Cluster::set_shared_config`]).
+    pub async fn set_shared_config(
+        &self,
+        shared: crate::fleet::SharedConfig,
+    ) -> Result<(), Status> {
+        *self.quotas.lock().unwrap_or_else(|p| p.into_inner()) =
+            shared.quotas.unwrap_or(self.configured_quotas);
+        self.tx
+            .send(Cmd::Shared { shared })
+            .await
+            .map_err(|_| Status::unavailable("control plane stopped"))
+    }
+
     /// The users holding at least `min` allocations here (the heaviest first).
     pub async fn heavy_users(&self, min: u32) -> Result<Vec<(String, u32)>, Status> {
         self.ask(|reply| Cmd::HeavyUsers { min, reply }).await
@@ -227,7 +247,7 @@ impl ControlPlaneHandle {
 
     /// The per-user allocation quota (0: unlimited).
     pub fn user_quota(&self) -> u32 {
-        self.quotas.0
+        self.quotas().0
     }
 
     /// Replaces the users revoked fleet-wide (see [`Cluster::set_revoked_users`]);
@@ -436,6 +456,7 @@ impl Actor {
                     c.set_fleet_user_counts(u);
                 }
             }
+            Cmd::Shared { shared } => c.set_shared_config(&shared),
             Cmd::HeavyUsers { min, reply } => {
                 let _ = reply.send(
                     c.server()

@@ -283,6 +283,64 @@ fn secrets_and_revocations_reach_every_instance() {
             matches!(probe.allocate(), Outcome::Allocated(_))
         });
     }
+
+    // Users, peer policy and quotas shared through etcd.
+    ctl_fleet(&url, &fleet, &["set-users", "w:x"]);
+    for i in &all {
+        eventually("a fleet user", Duration::from_secs(2), || {
+            let mut t = Turn::new(i.udp, "w", "x");
+            let ok = matches!(t.allocate(), Outcome::Allocated(_));
+            if ok {
+                assert_eq!(t.refresh(0), Outcome::Ok);
+            }
+            ok
+        });
+    }
+    // The instances allow loopback peers by configuration; the fleet's lists replace
+    // that (no allow list: loopback is denied by default), and clearing them restores it.
+    ctl_fleet(&url, &fleet, &["set-policy"]);
+    let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for i in &all {
+        eventually("the fleet's peer policy", Duration::from_secs(2), || {
+            let mut t = Turn::new(i.udp, "w", "x");
+            assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+            let denied = t.permit(peer) == Outcome::Failed(403);
+            assert_eq!(t.refresh(0), Outcome::Ok);
+            denied
+        });
+    }
+    ctl_fleet(&url, &fleet, &["set-policy", "--clear"]);
+    ctl_fleet(
+        &url,
+        &fleet,
+        &["set-quotas", "--user", "1", "--total", "100"],
+    );
+    for i in &all {
+        // (5 s: the previous instance's count of "w" lasts up to a report interval.)
+        eventually(
+            "the configured policy and the fleet's quota",
+            Duration::from_secs(5),
+            || {
+                let mut t = Turn::new(i.udp, "w", "x");
+                let Outcome::Allocated(_) = t.allocate() else {
+                    return false;
+                };
+                let allowed = t.permit(peer) == Outcome::Ok;
+                let mut second = Turn::new(i.udp, "w", "x");
+                let capped = second.allocate() == Outcome::Failed(486);
+                assert_eq!(t.refresh(0), Outcome::Ok);
+                allowed && capped
+            },
+        );
+    }
+    ctl_fleet(&url, &fleet, &["set-quotas", "--clear"]);
+    ctl_fleet(&url, &fleet, &["set-users"]);
+    for i in &all {
+        eventually("the fleet user gone", Duration::from_secs(2), || {
+            let mut t = Turn::new(i.udp, "w", "x");
+            t.allocate() == Outcome::Failed(401)
+        });
+    }
 }
 
 #[test]

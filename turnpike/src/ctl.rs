@@ -175,6 +175,37 @@ enum FleetCmd {
         /// The user.
         user: String,
     },
+    /// Users valid on every instance, next to their configured ones (replaces the
+    /// fleet's list; none: clear it).
+    SetUsers {
+        /// NAME:PASSWORD.
+        users: Vec<String>,
+    },
+    /// The peer policy's allow and deny lists on every instance, replacing their
+    /// configured ones (`--clear`: back to the configured ones).
+    SetPolicy {
+        /// A range allowed despite the default deny list, repeatable.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// A range always denied, repeatable.
+        #[arg(long = "deny")]
+        deny: Vec<String>,
+        /// Remove the fleet's lists.
+        #[arg(long)]
+        clear: bool,
+    },
+    /// The allocation quotas on every instance (`--clear`: back to the configured ones).
+    SetQuotas {
+        /// Allocations per user (0: unlimited).
+        #[arg(long = "user", default_value_t = 100)]
+        user: u32,
+        /// Allocations in all (0: unlimited).
+        #[arg(long = "total", default_value_t = 15000)]
+        total: u32,
+        /// Remove the fleet's quotas.
+        #[arg(long)]
+        clear: bool,
+    },
 }
 
 /// How to reach the instances' Admin APIs (their URLs come from the registry).
@@ -393,6 +424,48 @@ async fn fleet_cmd(
             )
             .await?;
             out!("{user}: revoked fleet-wide");
+        }
+        FleetCmd::SetUsers { users } => {
+            let key = format!("{prefix}config/users");
+            if users.is_empty() {
+                e.delete(&key).await?;
+                out!("fleet users cleared");
+            } else {
+                if let Some(bad) = users.iter().find(|u| {
+                    !u.split_once(':')
+                        .is_some_and(|(n, p)| !n.is_empty() && !p.is_empty())
+                }) {
+                    anyhow::bail!("{bad:?}: expected NAME:PASSWORD");
+                }
+                e.put(&key, &serde_json::to_vec(&users)?, None).await?;
+                out!("{} fleet user(s)", users.len());
+            }
+        }
+        FleetCmd::SetPolicy { allow, deny, clear } => {
+            let key = format!("{prefix}config/policy");
+            if clear {
+                e.delete(&key).await?;
+                out!("fleet peer policy cleared: configured lists in force");
+            } else {
+                for c in allow.iter().chain(&deny) {
+                    c.parse::<turnpike_controlplane::Cidr>()
+                        .map_err(|err| anyhow::anyhow!("{c:?}: {err}"))?;
+                }
+                let p = crate::fleet::PolicyLists { allow, deny };
+                e.put(&key, &serde_json::to_vec(&p)?, None).await?;
+                out!("fleet peer policy set");
+            }
+        }
+        FleetCmd::SetQuotas { user, total, clear } => {
+            let key = format!("{prefix}config/quotas");
+            if clear {
+                e.delete(&key).await?;
+                out!("fleet quotas cleared: configured quotas in force");
+            } else {
+                let q = crate::fleet::Quotas { user, total };
+                e.put(&key, &serde_json::to_vec(&q)?, None).await?;
+                out!("fleet quotas: {user} per user, {total} in all");
+            }
         }
         FleetCmd::UnrevokeUser { user } => {
             e.delete(&format!("{prefix}config/revoked/{user}")).await?;

@@ -7,6 +7,10 @@
 //!   a dead instance's record goes when its lease expires;
 //! - `config/secrets`: the TURN REST secrets (JSON array, newest first);
 //! - `config/revoked/<user>`: users refused everywhere (the value is the reason);
+//! - `config/users` (JSON array of "name:password", valid next to the configured users),
+//!   `config/policy` (`{"allow": [CIDR...], "deny": [CIDR...]}`, replacing the
+//!   configured lists) and `config/quotas` (`{"user": N, "total": N}`, replacing the
+//!   configured quotas): removing a key brings the configured values back;
 //! - `drain/<id>`: present while an operator drains instance `<id>`.
 //!
 //! Everything is watched: a change reaches every instance as fast as etcd delivers it.
@@ -18,9 +22,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use turnpike_controlplane::Cidr;
 use turnpike_controlplane::ControlPlaneHandle;
 use turnpike_controlplane::etcd::{Etcd, EtcdError, LeaseId, WatchEvent};
-use turnpike_controlplane::fleet::{FleetView, InstanceRecord, RedirectConfig, heavy_threshold};
+use turnpike_controlplane::fleet::{
+    FleetView, InstanceRecord, RedirectConfig, SharedConfig, heavy_threshold,
+};
 use turnpike_dataplane::DataPlaneHandle;
 
 /// Seconds a record outlives its instance.
@@ -131,11 +138,32 @@ fn packets(dp: Option<&DataPlaneHandle>) -> u64 {
 }
 
 /// The shared configuration as last read from etcd.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Shared {
     secrets: Option<Vec<String>>,
     revoked: BTreeSet<String>,
     drained: bool,
+    config: SharedConfig,
+}
+
+/// `config/policy`: the peer policy's operator lists.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PolicyLists {
+    /// Ranges allowed despite the default deny list.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Ranges always denied.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+/// `config/quotas`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct Quotas {
+    /// Allocations per user (0: unlimited).
+    pub user: u32,
+    /// Allocations in all (0: unlimited).
+    pub total: u32,
 }
 
 /// Runs the fleet task forever: registers `base` (this instance's addresses and labels)
@@ -219,11 +247,7 @@ async fn session(
                 anyhow::bail!("registry lease lost: {loss}");
             }
             ev = events.recv() => {
-                let mut next = Shared {
-                    secrets: shared.secrets.clone(),
-                    revoked: shared.revoked.clone(),
-                    drained: shared.drained,
-                };
+                let mut next = shared.clone();
                 match ev {
                     Some(WatchEvent::Put { key, value, .. }) => {
                         apply(&prefix, &settings.id, &key, Some(&value), view, &mut next);
@@ -349,6 +373,49 @@ fn apply(
         }
     } else if rest.strip_prefix("drain/") == Some(me) {
         shared.drained = value.is_some();
+    } else if rest == "config/users" {
+        shared.config.users = match value.map(serde_json::from_slice::<Vec<String>>) {
+            Some(Ok(list)) => list
+                .iter()
+                .filter_map(|u| u.split_once(':'))
+                .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+                .map(|(n, p)| (n.to_owned(), p.to_owned()))
+                .collect(),
+            Some(Err(_)) => {
+                tracing::warn!(key, "unreadable user list ignored");
+                shared.config.users.clone()
+            }
+            None => Vec::new(),
+        };
+    } else if rest == "config/policy" {
+        shared.config.policy = match value.map(serde_json::from_slice::<PolicyLists>) {
+            Some(Ok(p)) => {
+                let parse = |v: &[String]| -> Option<Vec<Cidr>> {
+                    v.iter().map(|c| c.parse::<Cidr>().ok()).collect()
+                };
+                match (parse(&p.allow), parse(&p.deny)) {
+                    (Some(a), Some(d)) => Some((a, d)),
+                    _ => {
+                        tracing::warn!(key, "peer policy with a bad range ignored");
+                        shared.config.policy.clone()
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                tracing::warn!(key, "unreadable peer policy ignored");
+                shared.config.policy.clone()
+            }
+            None => None,
+        };
+    } else if rest == "config/quotas" {
+        shared.config.quotas = match value.map(serde_json::from_slice::<Quotas>) {
+            Some(Ok(q)) => Some((q.user, q.total)),
+            Some(Err(_)) => {
+                tracing::warn!(key, "unreadable quotas ignored");
+                shared.config.quotas
+            }
+            None => None,
+        };
     }
 }
 
@@ -377,6 +444,17 @@ async fn push_shared(cp: &ControlPlaneHandle, current: &mut Shared, next: Shared
     }
     if next.drained != current.drained {
         tracing::info!(drained = next.drained, "drain from the fleet");
+    }
+    if next.config != current.config {
+        match cp.set_shared_config(next.config.clone()).await {
+            Ok(()) => tracing::info!(
+                users = next.config.users.len(),
+                policy = next.config.policy.is_some(),
+                quotas = ?next.config.quotas,
+                "shared configuration from the fleet"
+            ),
+            Err(e) => tracing::warn!(error = %e, "shared configuration not applied"),
+        }
     }
     *current = next;
 }
