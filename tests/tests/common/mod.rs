@@ -115,20 +115,49 @@ pub fn field(line: &str, key: &str) -> String {
 
 /// A free UDP port on loopback (bound, then released).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port()
 }
 
 /// A free TCP port on loopback.
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port()
+}
+
+/// A port free for both UDP and TCP on loopback, below the kernel's ephemeral range
+/// (32768-60999 here), so that no outgoing connection of a concurrent test is given it
+/// between this check and the server's bind (a server listens on UDP and TCP on the same
+/// port by default).
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the ephemeral range if there is room, else above it.
+    let (start, span) = if lo > 12_000 {
+        (10_000, lo - 10_000)
+    } else {
+        (hi + 1, 65_535 - hi)
+    };
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0));
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (start + (seed.wrapping_add(n.wrapping_mul(2_654_435_761)) % span)) as u16;
+        let udp = UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if udp && tcp {
+            return port;
+        }
+    }
+    panic!("no free port found below the ephemeral range");
 }
 
 /// A TURN client over a real UDP socket, driving the sans-IO client.
