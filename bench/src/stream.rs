@@ -6,7 +6,7 @@
 //! [`Conn`] is one non-blocking client connection (with a rustls session for TLS);
 //! [`handshakes`] drives many connections through Allocate (and CreatePermission and
 //! ChannelBind) with `turnpike_proto::client::Client`; [`conn_rate`] measures new
-//! connections + Allocate per second; [`relay`] is `relay.rs`'s load with streams on
+//! connections + Allocate per second; [`relay()`] is `relay.rs`'s load with streams on
 //! the client side. A stream never retransmits a request: a handshake that gets no
 //! answer fails after [`HANDSHAKE_TIMEOUT`].
 
