@@ -112,15 +112,19 @@ fn table(dp: &DataPlaneHandle, version: u64) -> v1::TableSnapshot {
     }
 }
 
-/// The first wait before attaching again, and the wait after a change of control plane.
+/// The first wait before attaching again.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The first wait after a change of control plane: a new leader refuses until it knows
+/// it leads (it reads the fleet's configuration first), which takes milliseconds.
+const BACKOFF_AFTER_CHANGE: Duration = Duration::from_millis(25);
 /// The longest wait before attaching again.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Waits `backoff` before the next attempt, or less if `control` names another control
 /// plane meanwhile; then sets the next wait. A new control plane (a new leader) is
 /// tried at once and, if it refuses (it may not know yet that it leads), again after
-/// [`BACKOFF_MIN`]: the backoff built up against the previous one does not carry over.
+/// [`BACKOFF_AFTER_CHANGE`]: the backoff built up against the previous one does not
+/// carry over.
 async fn wait_or_change(
     control: &mut watch::Receiver<Option<Endpoint>>,
     backoff: &mut Duration,
@@ -134,7 +138,7 @@ async fn wait_or_change(
     }
     let start = tokio::time::Instant::now();
     match tokio::time::timeout(wait, control.changed()).await {
-        Ok(Ok(())) => *backoff = BACKOFF_MIN,
+        Ok(Ok(())) => *backoff = BACKOFF_AFTER_CHANGE,
         Ok(Err(_)) => {
             *follow = false;
             tokio::time::sleep_until(start + wait).await;
@@ -351,7 +355,7 @@ pub async fn run_following(
                         follow = false;
                     } else if control.borrow().as_ref().map(|e| e.uri().to_string()) != Some(target.clone()) {
                         tracing::info!(from = %target, "the control plane changed; attaching to the new one");
-                        backoff = BACKOFF_MIN;
+                        backoff = BACKOFF_AFTER_CHANGE;
                         break;
                     }
                 }
@@ -585,7 +589,7 @@ mod tests {
         });
         wait_or_change(&mut rx, &mut backoff, &mut follow).await;
         assert!(started.elapsed() < BACKOFF_MAX / 2);
-        assert_eq!(backoff, BACKOFF_MIN);
+        assert_eq!(backoff, BACKOFF_AFTER_CHANGE);
         assert!(follow);
     }
 
