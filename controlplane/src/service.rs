@@ -50,7 +50,8 @@ enum Cmd {
     Attach {
         hello: v1::Hello,
         tx: Tx,
-        reply: oneshot::Sender<ConnId>,
+        /// `None`: refused, this control plane no longer leads.
+        reply: oneshot::Sender<Option<ConnId>>,
     },
     Up {
         conn: ConnId,
@@ -105,6 +106,9 @@ enum Cmd {
         users: Vec<String>,
         reply: oneshot::Sender<u64>,
     },
+    StepDown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The task that owns the cell: the gRPC plumbing around [`Cluster`]. It reads the clock
@@ -113,6 +117,9 @@ struct Actor {
     cluster: Cluster,
     txs: HashMap<ConnId, Tx>,
     events: broadcast::Sender<v1::Event>,
+    /// Read again when a data plane attaches: a stream that arrives after
+    /// [`ControlPlaneHandle::step_down`] is refused.
+    leadership: Arc<Leadership>,
 }
 
 /// Handles to the running control plane.
@@ -125,7 +132,15 @@ pub struct ControlPlaneHandle {
     events: broadcast::Sender<v1::Event>,
     /// Whether this control plane leads its cell (always, without an election): data
     /// planes may attach only to the leader.
-    leader: Arc<std::sync::atomic::AtomicBool>,
+    leadership: Arc<Leadership>,
+}
+
+/// Whether a control plane leads its cell, and who does when it does not.
+#[derive(Debug)]
+struct Leadership {
+    leading: std::sync::atomic::AtomicBool,
+    /// The leader's URL as last seen by a follower (for its refusals).
+    leader: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -140,10 +155,15 @@ impl ControlPlaneHandle {
         let quotas = (server.config().user_quota, server.config().total_quota);
         let (tx, rx) = mpsc::channel(4096);
         let (events, _) = broadcast::channel(4096);
+        let leadership = Arc::new(Leadership {
+            leading: std::sync::atomic::AtomicBool::new(true),
+            leader: std::sync::Mutex::new(None),
+        });
         let actor = Actor {
             cluster: Cluster::new(server),
             txs: HashMap::new(),
             events: events.clone(),
+            leadership: leadership.clone(),
         };
         tokio::spawn(actor.run(rx));
         ControlPlaneHandle {
@@ -151,7 +171,7 @@ impl ControlPlaneHandle {
             quotas: Arc::new(std::sync::Mutex::new(quotas)),
             configured_quotas: quotas,
             events,
-            leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            leadership,
         }
     }
 
@@ -194,15 +214,48 @@ impl ControlPlaneHandle {
     }
 
     /// Sets whether this control plane leads its cell: a follower refuses data planes
-    /// (`unavailable`), which then attach to the leader.
+    /// and Admin calls (`unavailable`, naming the leader), so that both go to the leader.
+    /// Data planes already attached stay: see [`ControlPlaneHandle::step_down`].
     pub fn set_leader(&self, leader: bool) {
-        self.leader
+        self.leadership
+            .leading
             .store(leader, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether this control plane leads its cell.
     pub fn is_leader(&self) -> bool {
-        self.leader.load(std::sync::atomic::Ordering::SeqCst)
+        self.leadership
+            .leading
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records the URL of the cell's leader (`None`: no leader), which a follower's
+    /// refusals name.
+    pub fn set_known_leader(&self, url: Option<String>) {
+        if let Ok(mut l) = self.leadership.leader.lock() {
+            *l = url;
+        }
+    }
+
+    /// Stops leading at once: refuses new data planes and closes the streams of those
+    /// attached (they keep relaying headless and attach to the next leader). Returns when
+    /// the streams are closed.
+    pub async fn step_down(&self) {
+        self.set_leader(false);
+        self.set_known_leader(None);
+        let _ = self.ask(|reply| Cmd::StepDown { reply }).await;
+    }
+
+    /// `Ok` on the leader; on a follower, the refusal that names the leader.
+    fn leading(&self) -> Result<(), Status> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        let leader = self.leadership.leader.lock().ok().and_then(|l| l.clone());
+        Err(Status::unavailable(match leader {
+            Some(url) => format!("not the leader of its cell; the leader is {url}"),
+            None => "not the leader of its cell; no leader is elected yet".to_owned(),
+        }))
     }
 
     /// The cell's statistics (what `ctl stats` shows).
@@ -398,12 +451,20 @@ impl Actor {
         let c = &mut self.cluster;
         match cmd {
             Cmd::Attach { hello, tx, reply } => {
+                if !self
+                    .leadership
+                    .leading
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    let _ = reply.send(None);
+                    return;
+                }
                 let conn = c.attach(now, hello);
                 // A stream replaced by this one (same data plane id) is closed by
                 // dropping its sender.
                 self.txs.retain(|k, _| c.is_attached(*k));
                 self.txs.insert(conn, tx);
-                let _ = reply.send(conn);
+                let _ = reply.send(Some(conn));
             }
             Cmd::Up { conn, msg } => c.handle_message(now, conn, msg),
             Cmd::Detach { conn } => {
@@ -466,6 +527,13 @@ impl Actor {
             Cmd::Revoked { users, reply } => {
                 let _ = reply.send(c.set_revoked_users(now, users));
             }
+            Cmd::StepDown { reply } => {
+                // Dropping a stream's sender ends it: the data plane attaches elsewhere.
+                for (conn, _) in self.txs.drain() {
+                    c.detach(now, conn);
+                }
+                let _ = reply.send(());
+            }
         }
     }
 
@@ -507,11 +575,7 @@ impl ControlPlane for ControlPlaneHandle {
         &self,
         request: Request<Streaming<v1::DataPlaneMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        if !self.is_leader() {
-            return Err(Status::unavailable(
-                "this control plane does not lead its cell: attach to the leader",
-            ));
-        }
+        self.leading()?;
         let mut up = request.into_inner();
         let first = up
             .message()
@@ -530,6 +594,11 @@ impl ControlPlane for ControlPlaneHandle {
                 reply,
             })
             .await?;
+        let Some(conn) = conn else {
+            // It stepped down while this stream said Hello.
+            self.leading()?;
+            return Err(Status::unavailable("not the leader of its cell"));
+        };
         let cmds = self.tx.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = up.message().await {
@@ -551,6 +620,7 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::ListAllocationsRequest>,
     ) -> Result<Response<v1::ListAllocationsResponse>, Status> {
+        self.leading()?;
         let r = request.into_inner();
         let mut all = self
             .ask(|reply| Cmd::List {
@@ -594,6 +664,7 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::GetAllocationRequest>,
     ) -> Result<Response<v1::GetAllocationResponse>, Status> {
+        self.leading()?;
         let id = request.into_inner().allocation_id;
         let all = self
             .ask(|reply| Cmd::List {
@@ -620,6 +691,7 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::RevokeAllocationRequest>,
     ) -> Result<Response<v1::RevokeAllocationResponse>, Status> {
+        self.leading()?;
         let r = request.into_inner();
         let (id, reason) = (r.allocation_id, r.reason);
         match self.ask(|reply| Cmd::Revoke { id, reason, reply }).await? {
@@ -634,6 +706,7 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::RevokeUserAllocationsRequest>,
     ) -> Result<Response<v1::RevokeUserAllocationsResponse>, Status> {
+        self.leading()?;
         let r = request.into_inner();
         let (user, reason) = (r.user_id, r.reason);
         if user.is_empty() {
@@ -653,6 +726,7 @@ impl Admin for ControlPlaneHandle {
         &self,
         _: Request<v1::GetStatsRequest>,
     ) -> Result<Response<v1::GetStatsResponse>, Status> {
+        self.leading()?;
         Ok(Response::new(self.ask(|reply| Cmd::Stats { reply }).await?))
     }
 
@@ -660,6 +734,7 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::DrainDataPlaneRequest>,
     ) -> Result<Response<v1::DrainDataPlaneResponse>, Status> {
+        self.leading()?;
         let r = request.into_inner();
         let res = self
             .ask(|reply| Cmd::Drain {
@@ -675,6 +750,7 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::RotateSecretsRequest>,
     ) -> Result<Response<v1::RotateSecretsResponse>, Status> {
+        self.leading()?;
         let secrets = request
             .into_inner()
             .secrets
@@ -694,6 +770,7 @@ impl Admin for ControlPlaneHandle {
         &self,
         request: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.leading()?;
         let r = request.into_inner();
         let kinds: Vec<i32> = r.kinds;
         let rx = self.events.subscribe();

@@ -112,20 +112,38 @@ fn table(dp: &DataPlaneHandle, version: u64) -> v1::TableSnapshot {
     }
 }
 
-/// Waits `backoff`, or less if `control` names another control plane meanwhile.
+/// The first wait before attaching again.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The first wait after a change of control plane: a new leader refuses until it knows
+/// it leads (it reads the fleet's configuration first), which takes milliseconds.
+const BACKOFF_AFTER_CHANGE: Duration = Duration::from_millis(25);
+/// The longest wait before attaching again.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Waits `backoff` before the next attempt, or less if `control` names another control
+/// plane meanwhile; then sets the next wait. A new control plane (a new leader) is
+/// tried at once and, if it refuses (it may not know yet that it leads), again after
+/// [`BACKOFF_AFTER_CHANGE`]: the backoff built up against the previous one does not
+/// carry over.
 async fn wait_or_change(
     control: &mut watch::Receiver<Option<Endpoint>>,
-    backoff: Duration,
+    backoff: &mut Duration,
     follow: &mut bool,
 ) {
+    let wait = *backoff;
+    *backoff = (wait * 2).min(BACKOFF_MAX);
     if !*follow {
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(wait).await;
         return;
     }
     let start = tokio::time::Instant::now();
-    if let Ok(Err(_)) = tokio::time::timeout(backoff, control.changed()).await {
-        *follow = false;
-        tokio::time::sleep_until(start + backoff).await;
+    match tokio::time::timeout(wait, control.changed()).await {
+        Ok(Ok(())) => *backoff = BACKOFF_AFTER_CHANGE,
+        Ok(Err(_)) => {
+            *follow = false;
+            tokio::time::sleep_until(start + wait).await;
+        }
+        Err(_) => {}
     }
 }
 
@@ -161,7 +179,7 @@ pub async fn run_following(
     attached: watch::Sender<bool>,
 ) {
     let mut version = 0u64;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = BACKOFF_MIN;
     // Whether `control` can still change (its sender is alive).
     let mut follow = true;
     loop {
@@ -191,8 +209,7 @@ pub async fn run_following(
                 // Nobody answers punted requests meanwhile: drop them, clients retransmit.
                 while punted.try_recv().is_ok() {}
                 // A new control plane named meanwhile is tried at once.
-                wait_or_change(&mut control, backoff, &mut follow).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                wait_or_change(&mut control, &mut backoff, &mut follow).await;
                 continue;
             }
         };
@@ -264,12 +281,11 @@ pub async fn run_following(
             Ok(r) => r.into_inner(),
             Err(e) => {
                 tracing::warn!(error = %e, "attach refused; retrying");
-                wait_or_change(&mut control, backoff, &mut follow).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                wait_or_change(&mut control, &mut backoff, &mut follow).await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        backoff = BACKOFF_MIN;
         tracing::info!(control = %target, "attached to control plane");
         let _ = attached.send(true);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -339,7 +355,7 @@ pub async fn run_following(
                         follow = false;
                     } else if control.borrow().as_ref().map(|e| e.uri().to_string()) != Some(target.clone()) {
                         tracing::info!(from = %target, "the control plane changed; attaching to the new one");
-                        backoff = Duration::from_millis(100);
+                        backoff = BACKOFF_AFTER_CHANGE;
                         break;
                     }
                 }
@@ -548,4 +564,56 @@ async fn report(dp: &DataPlaneHandle, queue: &PuntQueue, up: &mpsc::Sender<v1::D
     let _ = up
         .send(msg(data_plane_message::Message::UsageReport(usage)))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
+    use super::*;
+
+    fn endpoint(port: u16) -> Endpoint {
+        Endpoint::from_shared(format!("https://127.0.0.1:{port}")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_new_control_plane_cuts_the_wait_and_resets_the_backoff() {
+        let (tx, mut rx) = watch::channel(Some(endpoint(1)));
+        rx.borrow_and_update();
+        let (mut backoff, mut follow) = (BACKOFF_MAX, true);
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = tx.send(Some(endpoint(2)));
+            // Keep the sender: the agent still follows.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        wait_or_change(&mut rx, &mut backoff, &mut follow).await;
+        assert!(started.elapsed() < BACKOFF_MAX / 2);
+        assert_eq!(backoff, BACKOFF_AFTER_CHANGE);
+        assert!(follow);
+    }
+
+    #[tokio::test]
+    async fn without_a_change_the_backoff_doubles_up_to_its_bound() {
+        let (_tx, mut rx) = watch::channel(Some(endpoint(1)));
+        rx.borrow_and_update();
+        let (mut backoff, mut follow) = (Duration::from_millis(10), true);
+        wait_or_change(&mut rx, &mut backoff, &mut follow).await;
+        assert_eq!(backoff, Duration::from_millis(20));
+        let mut backoff = Duration::from_millis(1500);
+        wait_or_change(&mut rx, &mut backoff, &mut follow).await;
+        assert_eq!(backoff, BACKOFF_MAX);
+    }
+
+    #[tokio::test]
+    async fn a_fixed_control_plane_just_waits() {
+        let (tx, mut rx) = watch::channel(Some(endpoint(1)));
+        drop(tx);
+        let (mut backoff, mut follow) = (Duration::from_millis(10), true);
+        let started = tokio::time::Instant::now();
+        wait_or_change(&mut rx, &mut backoff, &mut follow).await;
+        assert!(started.elapsed() >= Duration::from_millis(10));
+        assert!(!follow);
+        assert_eq!(backoff, Duration::from_millis(20));
+    }
 }

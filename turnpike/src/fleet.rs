@@ -458,3 +458,23 @@ async fn push_shared(cp: &ControlPlaneHandle, current: &mut Shared, next: Shared
     }
     *current = next;
 }
+
+/// Reads the fleet's shared configuration (TURN REST secrets, revoked users) once and
+/// hands it to `cp`. A control plane elected to lead its cell does this before it
+/// accepts data planes, so that it never answers with less than the fleet's secrets; its
+/// registry task ([`run`]) watches them from then on.
+pub async fn load_shared(
+    etcd: &Etcd,
+    fleet: &str,
+    cp: &ControlPlaneHandle,
+) -> Result<(), EtcdError> {
+    let prefix = prefix(fleet);
+    let listing = etcd.get_prefix(&format!("{prefix}config/")).await?;
+    let mut view = FleetView::new("", RedirectConfig::default());
+    let mut shared = Shared::default();
+    for (k, v) in &listing.entries {
+        apply(&prefix, "", k, Some(v), &mut view, &mut shared);
+    }
+    push_shared(cp, &mut Shared::default(), shared).await;
+    Ok(())
+}

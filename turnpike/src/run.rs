@@ -437,7 +437,7 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
         if crate::drain::signal().await == crate::drain::Stop::Drain && !cfg.drain_grace.is_zero() {
             crate::drain::drain(&started.cp, cfg.drain_grace, &draining).await;
         }
-        crate::leader::resign(&held).await;
+        crate::leader::resign(&held, &started.cp).await;
         Ok(())
     })
 }
