@@ -9,12 +9,11 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::etcd::{EtcdProc, etcd_available};
+use common::etcd::{EtcdProc, ctl_fleet, etcd_available};
 use common::{Certs, EchoPeer, Outcome, Proc, Turn, echo_round, free_tcp_port, free_udp_port};
 use turnpike_proto::client::{AllocateOptions, Client, Event};
 
@@ -86,23 +85,9 @@ fn data_plane(certs: &Certs, id: &str, etcd: &str, fleet: &str, listen: &str) ->
     p
 }
 
-fn ctl_fleet(etcd: &str, fleet: &str, args: &[&str]) -> String {
-    let out = Command::new(common::bin())
-        .args(["ctl", "fleet", "--etcd", etcd, "--fleet", fleet])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctl fleet {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A fleet name of its own for each test (they share nothing, not even etcd).
 fn fleet_name(tag: &str) -> String {
-    format!("failover-{tag}-{}-{}", std::process::id(), free_tcp_port())
+    common::etcd::fleet_name(&format!("failover-{tag}"))
 }
 
 /// An allocation through `server` with a channel to `peer` that echoes.
@@ -219,23 +204,59 @@ fn listed(certs: &Certs, admin: &str, filter: &[&str]) -> usize {
     text.matches("allocation_id:").count()
 }
 
+/// A cell on a fresh etcd with the fleet's REST secret: two control planes, `cp1`
+/// elected leader first, `cp2` following.
+struct Cell {
+    _etcd: EtcdProc,
+    url: String,
+    fleet: String,
+    certs: Certs,
+    g1: String,
+    cp1: Proc,
+    cp2: Proc,
+    admin2: String,
+}
+
+fn cell(tag: &str) -> Cell {
+    let etcd = EtcdProc::start();
+    let url = etcd.url();
+    let fleet = fleet_name(tag);
+    ctl_fleet(&url, &fleet, &["rotate-secrets", SECRET]);
+    let certs = Certs::new(&format!("failover-{tag}"));
+    let (g1, g2) = (
+        format!("127.0.0.1:{}", free_tcp_port()),
+        format!("127.0.0.1:{}", free_tcp_port()),
+    );
+    let (mut cp1, _) = control_plane(&certs, &url, &fleet, &g1);
+    cp1.wait_for("elected leader", Duration::from_secs(10));
+    let (cp2, admin2) = control_plane(&certs, &url, &fleet, &g2);
+    Cell {
+        _etcd: etcd,
+        url,
+        fleet,
+        certs,
+        g1,
+        cp1,
+        cp2,
+        admin2,
+    }
+}
+
 #[test]
 fn the_leader_dies_relaying_goes_on_and_the_cell_fails_over() {
     if !etcd_available() {
         return;
     }
-    let etcd = EtcdProc::start();
-    let url = etcd.url();
-    let fleet = fleet_name("kill");
-    ctl_fleet(&url, &fleet, &["rotate-secrets", SECRET]);
-    let certs = Certs::new("failover-kill");
-    let (g1, g2) = (
-        format!("127.0.0.1:{}", free_tcp_port()),
-        format!("127.0.0.1:{}", free_tcp_port()),
-    );
-    let (mut cp1, _admin1) = control_plane(&certs, &url, &fleet, &g1);
-    cp1.wait_for("elected leader", Duration::from_secs(10));
-    let (mut cp2, admin2) = control_plane(&certs, &url, &fleet, &g2);
+    let Cell {
+        _etcd,
+        url,
+        fleet,
+        certs,
+        g1,
+        mut cp1,
+        mut cp2,
+        admin2,
+    } = cell("kill");
     let l1: SocketAddr = format!("127.0.0.2:{}", free_udp_port()).parse().unwrap();
     let l2: SocketAddr = format!("127.0.0.3:{}", free_udp_port()).parse().unwrap();
     let _d1 = data_plane(&certs, "dp1", &url, &fleet, &l1.to_string());
@@ -295,18 +316,16 @@ fn a_leader_stopped_with_sigterm_resigns_and_the_next_takes_over_at_once() {
     if !etcd_available() {
         return;
     }
-    let etcd = EtcdProc::start();
-    let url = etcd.url();
-    let fleet = fleet_name("term");
-    ctl_fleet(&url, &fleet, &["rotate-secrets", SECRET]);
-    let certs = Certs::new("failover-term");
-    let (g1, g2) = (
-        format!("127.0.0.1:{}", free_tcp_port()),
-        format!("127.0.0.1:{}", free_tcp_port()),
-    );
-    let (mut cp1, _) = control_plane(&certs, &url, &fleet, &g1);
-    cp1.wait_for("elected leader", Duration::from_secs(10));
-    let (mut cp2, _) = control_plane(&certs, &url, &fleet, &g2);
+    let Cell {
+        _etcd,
+        url,
+        fleet,
+        certs,
+        g1: _,
+        mut cp1,
+        mut cp2,
+        admin2: _,
+    } = cell("term");
     let l1: SocketAddr = format!("127.0.0.2:{}", free_udp_port()).parse().unwrap();
     let _d1 = data_plane(&certs, "dp1", &url, &fleet, &l1.to_string());
 
@@ -334,18 +353,16 @@ fn a_leader_whose_lease_is_revoked_stops_at_once() {
     if !etcd_available() {
         return;
     }
-    let etcd = EtcdProc::start();
-    let url = etcd.url();
-    let fleet = fleet_name("revoke");
-    ctl_fleet(&url, &fleet, &["rotate-secrets", SECRET]);
-    let certs = Certs::new("failover-revoke");
-    let (g1, g2) = (
-        format!("127.0.0.1:{}", free_tcp_port()),
-        format!("127.0.0.1:{}", free_tcp_port()),
-    );
-    let (mut cp1, _) = control_plane(&certs, &url, &fleet, &g1);
-    cp1.wait_for("elected leader", Duration::from_secs(10));
-    let (mut cp2, _) = control_plane(&certs, &url, &fleet, &g2);
+    let Cell {
+        _etcd,
+        url,
+        fleet,
+        certs,
+        g1,
+        mut cp1,
+        mut cp2,
+        admin2: _,
+    } = cell("revoke");
     let l1: SocketAddr = format!("127.0.0.2:{}", free_udp_port()).parse().unwrap();
     let _d1 = data_plane(&certs, "dp1", &url, &fleet, &l1.to_string());
     let peer = EchoPeer::start();

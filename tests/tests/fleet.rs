@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::etcd::{EtcdProc, etcd_available};
-use common::{EchoPeer, Outcome, Proc, Turn, echo_round, free_tcp_port, free_udp_port};
+use common::etcd::{EtcdProc, ctl_fleet, etcd_available, fleet_name};
+use common::{EchoPeer, Outcome, Proc, Turn, echo_round, free_udp_port};
 use turnpike_proto::attr::AlternateServer;
 use turnpike_proto::stun::Message;
 
@@ -65,20 +65,6 @@ fn instance(etcd: &str, fleet: &str, n: u8, extra: &[&str]) -> Instance {
     Instance { proc, id, udp }
 }
 
-fn ctl_fleet(etcd: &str, fleet: &str, args: &[&str]) -> String {
-    let out = Command::new(common::bin())
-        .args(["ctl", "fleet", "--etcd", etcd, "--fleet", fleet])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ctl fleet {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Waits (bounded) until `f` holds.
 fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
@@ -99,10 +85,6 @@ fn alternate(t: &Turn) -> Option<SocketAddr> {
         .ok()
         .flatten()
         .map(|a| a.0)
-}
-
-fn fleet_name(tag: &str) -> String {
-    format!("{tag}-{}-{}", std::process::id(), free_tcp_port())
 }
 
 #[test]

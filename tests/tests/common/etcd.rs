@@ -112,3 +112,23 @@ impl Drop for EtcdProc {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// `turnpike ctl fleet --etcd ETCD --fleet FLEET ARGS...`, which must succeed; its output.
+pub fn ctl_fleet(etcd: &str, fleet: &str, args: &[&str]) -> String {
+    let out = Command::new(super::bin())
+        .args(["ctl", "fleet", "--etcd", etcd, "--fleet", fleet])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl fleet {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fleet name of its own for a test (tests share nothing, not even a key prefix).
+pub fn fleet_name(tag: &str) -> String {
+    format!("{tag}-{}-{}", std::process::id(), free_tcp_port())
+}
