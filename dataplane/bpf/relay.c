@@ -1,0 +1,642 @@
+// SPDX-License-Identifier: GPL-2.0-only OR Apache-2.0
+/* turnpike's XDP relay: forwards the established flows of UDP allocations before the
+ * socket layer, and passes everything else to the workers (XDP_PASS), which handle it
+ * exactly as they would without this program.
+ *
+ *   client -> peer  ChannelData on a channel in tp_chans: the 4-byte header stripped;
+ *   client -> peer  a Send indication (XOR-PEER-ADDRESS, DATA, optional attributes and
+ *                   FINGERPRINT; no integrity) from a client in tp_allocs to a peer IP in tp_perms:
+ *                   the DATA sent alone;
+ *   peer -> client  a datagram to a relayed address from a peer IP in tp_perms: as
+ *                   ChannelData if the peer has a confirmed channel in tp_peers, else
+ *                   as a Data indication.
+ *
+ * The IP header is written anew (TTL 64, DF if the allocation asked for it), the UDP
+ * checksum is updated incrementally (an input without a checksum gives an output
+ * without one), and the next hop comes from bpf_fib_lookup: XDP_TX when it is the
+ * interface the frame came in on, bpf_redirect to another. The maps are written only by
+ * the workers: an entry exists only for a permitted, live flow of an allocation without
+ * a bandwidth limit, with its deadline, checked here against the kernel's clock. IPv4
+ * only: IPv6 frames are passed. */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "relay.h"
+
+#define AF_INET 2
+#define STUN_COOKIE 0x2112A442
+#define STUN_HEADER 20
+#define CHANNEL_HEADER 4
+/* STUN header, XOR-PEER-ADDRESS (IPv4) and the DATA attribute's header. */
+#define DATA_IND_HEADER (STUN_HEADER + 12 + 4)
+/* How far the program walks a Send indication: attributes, and the bytes before and
+ * after DATA it strips. */
+#define SEND_MAX_ATTRS 8
+#define SEND_MAX_HEAD 128
+#define SEND_MAX_TAIL 64
+#define HEADERS (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr))
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, TP_MAX_ALLOCS);
+	__type(key, struct tp_client);
+	__type(value, struct tp_alloc);
+} tp_allocs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, TP_MAX_ENTRIES);
+	__type(key, struct tp_chan_key);
+	__type(value, struct tp_chan);
+} tp_chans SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, TP_MAX_ENTRIES);
+	__type(key, struct tp_perm_key);
+	__type(value, struct tp_perm);
+} tp_perms SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, TP_MAX_ENTRIES);
+	__type(key, struct tp_peer_key);
+	__type(value, struct tp_peer);
+} tp_peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TP_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct tp_usage);
+} tp_usage SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TP_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} tp_stats SEC(".maps");
+
+static __always_inline void stat_add(__u32 i, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&tp_stats, &i);
+	if (v)
+		*v += n;
+}
+
+static __always_inline int pass(__u32 why)
+{
+	stat_add(why, 1);
+	return XDP_PASS;
+}
+
+/* Ones' complement arithmetic on 16-bit words as they lie in memory: the sum is the
+ * same whatever the byte order, as long as every word is taken the same way. */
+static __always_inline __u64 add16(__u64 s, __u16 w) { return s + w; }
+static __always_inline __u64 sub16(__u64 s, __u16 w) { return s + (__u16)~w; }
+static __always_inline __u64 add32(__u64 s, __u32 w) { return s + (w >> 16) + (w & 0xffff); }
+static __always_inline __u64 sub32(__u64 s, __u32 w)
+{
+	return sub16(sub16(s, w >> 16), w & 0xffff);
+}
+
+static __always_inline __u16 fold(__u64 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
+
+/* A byte at an even (or odd) offset of a 16-bit word, as that word lies in memory. */
+static __always_inline __u16 byte_word(__u8 b, int odd)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	return odd ? (__u16)b << 8 : b;
+#else
+	return odd ? b : (__u16)b << 8;
+#endif
+}
+
+/* What changes in the UDP checksum when a datagram's addresses, ports and length
+ * change: the pseudo-header and the UDP header, old out, new in. */
+struct flow {
+	__u32 saddr, daddr;
+	__u16 sport, dport;
+	__u16 ulen; /* network order */
+};
+
+static __always_inline __u64 csum_swap(__u64 s, const struct flow *o, const struct flow *n)
+{
+	s = sub32(s, o->saddr);
+	s = sub32(s, o->daddr);
+	s = sub16(s, o->ulen); /* pseudo-header */
+	s = sub16(s, o->sport);
+	s = sub16(s, o->dport);
+	s = sub16(s, o->ulen); /* UDP header */
+	s = add32(s, n->saddr);
+	s = add32(s, n->daddr);
+	s = add16(s, n->ulen);
+	s = add16(s, n->sport);
+	s = add16(s, n->dport);
+	s = add16(s, n->ulen);
+	return s;
+}
+
+struct out {
+	struct flow flow;
+	__u16 csum; /* the new UDP checksum, 0 for none */
+	__u8 dont_fragment;
+	__u32 slot;
+	__u32 payload; /* application bytes */
+	__u32 stat;
+	int down;
+};
+
+/* Looks up the next hop of the datagram to be sent, before the frame is changed. */
+static __always_inline int route(struct xdp_md *ctx, const struct out *o, __u16 ip_len,
+				 struct bpf_fib_lookup *fib)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->tot_len = ip_len;
+	fib->ipv4_src = o->flow.saddr;
+	fib->ipv4_dst = o->flow.daddr;
+	fib->ifindex = ctx->ingress_ifindex;
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return TP_PASS_TOO_BIG;
+	return TP_PASS_NO_ROUTE;
+}
+
+/* Writes Ethernet, IPv4 and UDP headers at the frame's start (the frame already has its
+ * final size) and sends it to the next hop. */
+static __always_inline int emit(struct xdp_md *ctx, const struct out *o,
+				const struct bpf_fib_lookup *fib)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+	struct udphdr *udp = (void *)ip + sizeof(*ip);
+	if ((void *)(udp + 1) > end)
+		return pass(TP_PASS_HEADROOM);
+
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = 0;
+	ip->tot_len = bpf_htons(bpf_ntohs(o->flow.ulen) + sizeof(*ip));
+	if (o->dont_fragment) {
+		ip->id = 0;
+		ip->frag_off = bpf_htons(0x4000);
+	} else {
+		ip->id = (__u16)bpf_get_prandom_u32();
+		ip->frag_off = 0;
+	}
+	ip->ttl = 64;
+	ip->protocol = IPPROTO_UDP;
+	ip->check = 0;
+	ip->saddr = o->flow.saddr;
+	ip->daddr = o->flow.daddr;
+	__u16 *w = (__u16 *)ip;
+	__u64 s = 0;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		s += w[i];
+	ip->check = ~fold(s);
+
+	udp->source = o->flow.sport;
+	udp->dest = o->flow.dport;
+	udp->len = o->flow.ulen;
+	udp->check = o->csum;
+
+	__u32 slot = o->slot;
+	struct tp_usage *u = bpf_map_lookup_elem(&tp_usage, &slot);
+	if (u) {
+		if (o->down) {
+			u->to_client_packets += 1;
+			u->to_client_bytes += o->payload;
+		} else {
+			u->to_peer_packets += 1;
+			u->to_peer_bytes += o->payload;
+		}
+	}
+	stat_add(o->stat, 1);
+	stat_add(o->down ? TP_BYTES_DOWN : TP_BYTES_UP, o->payload);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib->ifindex, 0);
+}
+
+static __always_inline __u16 finish_csum(__u16 old, __u64 s)
+{
+	if (old == 0)
+		return 0;
+	__u16 c = ~fold(s);
+	return c ? c : 0xffff;
+}
+
+static __always_inline int live(__u64 deadline)
+{
+	return bpf_ktime_get_ns() < deadline;
+}
+
+/* client -> peer: ChannelData. `p` is the UDP payload, `n` its length. */
+static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in, __u16 old_csum,
+				      __u8 *p, __u32 n, __u32 extra, void *end)
+{
+	if ((void *)(p + CHANNEL_HEADER) > end)
+		return -1;
+	struct tp_chan_key k = {
+		.client = {
+			.client_ip = in->saddr,
+			.server_ip = in->daddr,
+			.client_port = in->sport,
+			.server_port = in->dport,
+		},
+		.channel = ((__u16)p[0] << 8) | p[1],
+	};
+	struct tp_chan *c = bpf_map_lookup_elem(&tp_chans, &k);
+	if (!c) {
+		k.client.server_ip = 0;
+		c = bpf_map_lookup_elem(&tp_chans, &k);
+	}
+	if (!c)
+		return -1; /* perhaps a peer's datagram to a relayed address */
+	if (!live(c->deadline_ns))
+		return pass(TP_PASS_EXPIRED);
+	__u32 len = ((__u32)p[2] << 8) | p[3];
+	if (len + CHANNEL_HEADER > n)
+		return pass(TP_PASS_MALFORMED);
+	__u32 pad = n - CHANNEL_HEADER - len;
+	if (pad > 3)
+		return pass(TP_PASS_MALFORMED);
+
+	struct out o = {
+		.flow = {
+			.saddr = c->relay_ip,
+			.daddr = c->peer_ip,
+			.sport = c->relay_port,
+			.dport = c->peer_port,
+			.ulen = bpf_htons(len + sizeof(struct udphdr)),
+		},
+		.dont_fragment = c->flags & TP_FLAG_DONT_FRAGMENT,
+		.slot = c->slot,
+		.payload = len,
+		.stat = TP_RELAYED_CHANNEL_UP,
+	};
+	__u64 s = (__u16)~old_csum;
+	s = csum_swap(s, in, &o.flow);
+	s = sub16(s, *(__u16 *)p);
+	s = sub16(s, *(__u16 *)(p + 2));
+	/* Padding over UDP is optional; non-zero padding would change the sum: left to
+	 * the workers. */
+	if (pad) {
+		__u8 z[4] = {};
+		if (bpf_xdp_load_bytes(ctx, HEADERS + CHANNEL_HEADER + len, z, pad & 3))
+			return pass(TP_PASS_MALFORMED);
+		if (*(__u32 *)z)
+			return pass(TP_PASS_UNSUPPORTED);
+	}
+	o.csum = finish_csum(old_csum, s);
+
+	struct bpf_fib_lookup fib;
+	int why = route(ctx, &o, len + sizeof(struct udphdr) + sizeof(struct iphdr), &fib);
+	if (why)
+		return pass(why);
+	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
+		return pass(TP_PASS_HEADROOM);
+	if (pad + extra && bpf_xdp_adjust_tail(ctx, -(int)(pad + extra)))
+		return pass(TP_PASS_HEADROOM);
+	return emit(ctx, &o, &fib);
+}
+
+/* client -> peer: a Send indication. */
+static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __u16 old_csum,
+				   __u32 n, __u32 extra)
+{
+	const __u32 base = HEADERS; /* the UDP payload's offset in the frame */
+	__u8 hdr[STUN_HEADER];
+	if (bpf_xdp_load_bytes(ctx, base, hdr, sizeof(hdr)))
+		return pass(TP_PASS_MALFORMED);
+	__u32 mlen = ((__u32)hdr[2] << 8) | hdr[3];
+	if (mlen + STUN_HEADER != n || (mlen & 3))
+		return pass(TP_PASS_MALFORMED);
+
+	struct tp_client ck = {
+		.client_ip = in->saddr,
+		.server_ip = in->daddr,
+		.client_port = in->sport,
+		.server_port = in->dport,
+	};
+	struct tp_alloc *a = bpf_map_lookup_elem(&tp_allocs, &ck);
+	if (!a) {
+		ck.server_ip = 0;
+		a = bpf_map_lookup_elem(&tp_allocs, &ck);
+	}
+	if (!a)
+		return pass(TP_PASS_NO_ENTRY);
+	if (!live(a->deadline_ns))
+		return pass(TP_PASS_EXPIRED);
+
+	/* Walk the attributes: exactly one XOR-PEER-ADDRESS (IPv4) and one DATA; other
+	 * comprehension-optional attributes are ignored as the workers ignore them;
+	 * MESSAGE-INTEGRITY and other comprehension-required attributes are left to the
+	 * workers. */
+	__u32 off = STUN_HEADER, data_off = 0, data_len = 0;
+	__u32 peer_ip = 0;
+	__u16 peer_port = 0;
+	int have_peer = 0, have_data = 0;
+	for (int i = 0; i < SEND_MAX_ATTRS; i++) {
+		if (off >= n)
+			break;
+		__u8 ah[4];
+		if (off > 0xffff || bpf_xdp_load_bytes(ctx, base + off, ah, 4))
+			return pass(TP_PASS_MALFORMED);
+		__u16 type = ((__u16)ah[0] << 8) | ah[1];
+		__u32 alen = ((__u32)ah[2] << 8) | ah[3];
+		__u32 value = off + 4;
+		if (value + alen > n)
+			return pass(TP_PASS_MALFORMED);
+		if (type == 0x0012) {
+			__u8 xa[8];
+			if (have_peer || alen != 8 ||
+			    bpf_xdp_load_bytes(ctx, base + value, xa, 8))
+				return pass(TP_PASS_UNSUPPORTED);
+			if (xa[1] != 0x01)
+				return pass(TP_PASS_UNSUPPORTED); /* IPv6 peer */
+			peer_port = *(__u16 *)(xa + 2) ^ bpf_htons(STUN_COOKIE >> 16);
+			peer_ip = *(__u32 *)(xa + 4) ^ bpf_htonl(STUN_COOKIE);
+			have_peer = 1;
+		} else if (type == 0x0013) {
+			if (have_data)
+				return pass(TP_PASS_UNSUPPORTED);
+			data_off = value;
+			data_len = alen;
+			have_data = 1;
+		} else if (type == 0x8028) {
+			/* FINGERPRINT, last: not verified, as the workers do not verify it
+			 * on a Send indication from a client with an allocation either. */
+			if (alen != 4 || value + 4 != n)
+				return pass(TP_PASS_UNSUPPORTED);
+		} else if (type != 0x001A && type < 0x8000) {
+			/* DONT-FRAGMENT is the allocation's, as for the workers. */
+			return pass(TP_PASS_UNSUPPORTED);
+		}
+		off = value + ((alen + 3) & ~3u);
+	}
+	if (off < n || !have_peer || !have_data)
+		return pass(TP_PASS_UNSUPPORTED);
+	if (peer_port == 0)
+		return pass(TP_PASS_UNSUPPORTED);
+
+	struct tp_perm_key pk = {
+		.relay_ip = a->relay_ip,
+		.peer_ip = peer_ip,
+		.relay_port = a->relay_port,
+	};
+	struct tp_perm *pm = bpf_map_lookup_elem(&tp_perms, &pk);
+	if (!pm)
+		return pass(TP_PASS_NO_ENTRY);
+	if (!live(pm->deadline_ns))
+		return pass(TP_PASS_EXPIRED);
+
+	struct out o = {
+		.flow = {
+			.saddr = a->relay_ip,
+			.daddr = peer_ip,
+			.sport = a->relay_port,
+			.dport = peer_port,
+			.ulen = bpf_htons(data_len + sizeof(struct udphdr)),
+		},
+		.dont_fragment = a->flags & TP_FLAG_DONT_FRAGMENT,
+		.slot = a->slot,
+		.payload = data_len,
+		.stat = TP_RELAYED_SEND_UP,
+	};
+
+	/* Out of the sum: everything before DATA's value (a multiple of 4 bytes) and
+	 * everything after it (padding, later attributes). */
+	__u32 head = data_off;
+	__u32 tail = n - data_off - data_len;
+	if (head > SEND_MAX_HEAD || tail > SEND_MAX_TAIL)
+		return pass(TP_PASS_UNSUPPORTED);
+	__u64 s = (__u16)~old_csum;
+	s = csum_swap(s, in, &o.flow);
+	if (head < STUN_HEADER)
+		return pass(TP_PASS_MALFORMED);
+	for (int i = 0; i < SEND_MAX_HEAD / 4; i++) {
+		__u16 w[2];
+		if ((__u32)i * 4 >= head)
+			break;
+		if (bpf_xdp_load_bytes(ctx, base + i * 4, w, 4))
+			return pass(TP_PASS_MALFORMED);
+		s = sub16(sub16(s, w[0]), w[1]);
+	}
+	int odd = data_len & 1;
+	for (int i = 0; i < SEND_MAX_TAIL; i++) {
+		__u8 b;
+		if ((__u32)i >= tail)
+			break;
+		if (bpf_xdp_load_bytes(ctx, base + data_off + data_len + i, &b, 1))
+			return pass(TP_PASS_MALFORMED);
+		s = sub16(s, byte_word(b, (odd + i) & 1));
+	}
+	o.csum = finish_csum(old_csum, s);
+
+	struct bpf_fib_lookup fib;
+	int why = route(ctx, &o, data_len + sizeof(struct udphdr) + sizeof(struct iphdr), &fib);
+	if (why)
+		return pass(why);
+	if (bpf_xdp_adjust_head(ctx, (int)head))
+		return pass(TP_PASS_HEADROOM);
+	if (tail + extra && bpf_xdp_adjust_tail(ctx, -(int)(tail + extra)))
+		return pass(TP_PASS_HEADROOM);
+	return emit(ctx, &o, &fib);
+}
+
+/* peer -> client. */
+static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, __u16 old_csum,
+				     __u32 n, __u32 extra)
+{
+	struct tp_perm_key pk = {
+		.relay_ip = in->daddr,
+		.peer_ip = in->saddr,
+		.relay_port = in->dport,
+	};
+	struct tp_perm *pm = bpf_map_lookup_elem(&tp_perms, &pk);
+	if (!pm)
+		return pass(TP_PASS_NO_ENTRY);
+	__u64 now = bpf_ktime_get_ns();
+	if (now >= pm->deadline_ns)
+		return pass(TP_PASS_EXPIRED);
+	struct tp_peer_key qk = {
+		.relay_ip = in->daddr,
+		.peer_ip = in->saddr,
+		.relay_port = in->dport,
+		.peer_port = in->sport,
+	};
+	struct tp_peer *q = bpf_map_lookup_elem(&tp_peers, &qk);
+	int channel = q && now < q->deadline_ns;
+
+	__u32 grow = channel ? CHANNEL_HEADER : DATA_IND_HEADER;
+	__u32 pad = channel ? 0 : (4 - (n & 3)) & 3;
+	struct out o = {
+		.flow = {
+			.saddr = pm->client.server_ip,
+			.daddr = pm->client.client_ip,
+			.sport = pm->client.server_port,
+			.dport = pm->client.client_port,
+			.ulen = bpf_htons(n + grow + pad + sizeof(struct udphdr)),
+		},
+		.slot = pm->slot,
+		.payload = n,
+		.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
+		.down = 1,
+	};
+	if (o.flow.saddr == 0)
+		return pass(TP_PASS_NO_ENTRY); /* a wildcard listener: the workers know */
+	__u16 ch = channel ? q->channel : 0;
+
+	struct bpf_fib_lookup fib;
+	int why = route(ctx, &o, n + grow + pad + sizeof(struct udphdr) + sizeof(struct iphdr),
+			&fib);
+	if (why)
+		return pass(why);
+	if (bpf_xdp_adjust_head(ctx, -(int)grow))
+		return pass(TP_PASS_HEADROOM);
+	if (pad != extra && bpf_xdp_adjust_tail(ctx, (int)pad - (int)extra))
+		return pass(TP_PASS_HEADROOM);
+
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u8 *h = data + HEADERS;
+	__u64 s = (__u16)~old_csum;
+	s = csum_swap(s, in, &o.flow);
+	if (channel) {
+		if ((void *)(h + CHANNEL_HEADER) > end)
+			return XDP_DROP;
+		h[0] = ch >> 8;
+		h[1] = ch & 0xff;
+		h[2] = n >> 8;
+		h[3] = n & 0xff;
+		s = add16(s, *(__u16 *)h);
+		s = add16(s, *(__u16 *)(h + 2));
+	} else {
+		if ((void *)(h + DATA_IND_HEADER) > end)
+			return XDP_DROP;
+		__u16 *w = (__u16 *)h;
+		w[0] = bpf_htons(0x0017);
+		w[1] = bpf_htons(12 + 4 + n + pad);
+		*(__u32 *)(h + 4) = bpf_htonl(STUN_COOKIE);
+		*(__u32 *)(h + 8) = bpf_get_prandom_u32();
+		*(__u32 *)(h + 12) = bpf_get_prandom_u32();
+		*(__u32 *)(h + 16) = bpf_get_prandom_u32();
+		w[10] = bpf_htons(0x0012);
+		w[11] = bpf_htons(8);
+		w[12] = bpf_htons(0x0001);
+		w[13] = in->sport ^ bpf_htons(STUN_COOKIE >> 16);
+		*(__u32 *)(h + 28) = in->saddr ^ bpf_htonl(STUN_COOKIE);
+		w[16] = bpf_htons(0x0013);
+		w[17] = bpf_htons(n);
+#pragma unroll
+		for (int i = 0; i < DATA_IND_HEADER / 2; i++)
+			s = add16(s, w[i]);
+		if (pad) {
+			__u32 at = HEADERS + DATA_IND_HEADER + n;
+			__u8 zero[4] = {};
+			int bad = pad == 1   ? bpf_xdp_store_bytes(ctx, at, zero, 1)
+				  : pad == 2 ? bpf_xdp_store_bytes(ctx, at, zero, 2)
+					     : bpf_xdp_store_bytes(ctx, at, zero, 3);
+			if (bad)
+				return XDP_DROP;
+		}
+	}
+	o.csum = finish_csum(old_csum, s);
+	return emit(ctx, &o, &fib);
+}
+
+SEC("xdp")
+int turnpike_relay(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return pass(TP_PASS_NOT_UDP);
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->version != 4 || ip->protocol != IPPROTO_UDP)
+		return pass(TP_PASS_NOT_UDP);
+	if (ip->ihl != 5)
+		return pass(TP_PASS_IP_OPTIONS);
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return pass(TP_PASS_FRAGMENT);
+	struct udphdr *udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > end)
+		return pass(TP_PASS_MALFORMED);
+	__u32 ip_len = bpf_ntohs(ip->tot_len);
+	__u32 ulen = bpf_ntohs(udp->len);
+	/* A short frame may carry Ethernet padding after the IP packet: the IP length
+	 * rules, and the padding is cut off. */
+	if (ulen < sizeof(*udp) || ip_len != ulen + sizeof(*ip) || (void *)udp + ulen > end)
+		return pass(TP_PASS_MALFORMED);
+	__u32 extra = end - ((void *)udp + ulen);
+	if (extra > 64)
+		return pass(TP_PASS_MALFORMED);
+	struct flow in = {
+		.saddr = ip->saddr,
+		.daddr = ip->daddr,
+		.sport = udp->source,
+		.dport = udp->dest,
+		.ulen = udp->len,
+	};
+	__u16 old_csum = udp->check;
+	__u8 *p = (void *)(udp + 1);
+	__u32 n = ulen - sizeof(*udp);
+
+	if ((void *)(p + 1) <= end) {
+		__u8 first = p[0];
+		if (first >= 0x40 && first <= 0x7f) {
+			int r = channel_up(ctx, &in, old_csum, p, n, extra, end);
+			if (r >= 0)
+				return r;
+		} else if (first <= 0x01 && n >= STUN_HEADER && (void *)(p + 8) <= end &&
+			   *(__u32 *)(p + 4) == bpf_htonl(STUN_COOKIE)) {
+			__u16 type = ((__u16)p[0] << 8) | p[1];
+			if (type == 0x0016)
+				return send_up(ctx, &in, old_csum, n, extra);
+			/* A request or another indication to a relayed address is a peer's
+			 * datagram like any other; to a listening address, the workers'. */
+		}
+	}
+	return peer_down(ctx, &in, old_csum, n, extra);
+}
+
+/* Attached to the far end of a veth in tests and benchmarks: puts it in NAPI mode, so
+ * that frames sent with XDP_TX into the veth reach it (see ../../README's XDP notes). */
+SEC("xdp")
+int turnpike_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+
+/* bpf_fib_lookup is for GPL-compatible programs: this one is offered under either. */
+char LICENSE[] SEC("license") = "GPL";

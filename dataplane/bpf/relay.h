@@ -1,0 +1,119 @@
+/* The maps the XDP relay shares with the data plane's workers (dataplane/src/xdp.rs
+ * mirrors every struct here with #[repr(C)]; a change on one side is a change on both).
+ *
+ * Addresses and ports are in network byte order, as on the wire; channel numbers and
+ * slots in host order. Padding fields are zero. Deadlines are CLOCK_MONOTONIC
+ * nanoseconds (bpf_ktime_get_ns): an entry is used only while now < deadline. */
+#ifndef TURNPIKE_RELAY_H
+#define TURNPIKE_RELAY_H
+
+#include <linux/types.h>
+
+/* A UDP client's 5-tuple: the client and the listening address it sends to. */
+struct tp_client {
+	__u32 client_ip;
+	__u32 server_ip;
+	__u16 client_port;
+	__u16 server_port;
+};
+
+/* tp_allocs value: the allocation of a client (for Send indications). */
+struct tp_alloc {
+	__u64 deadline_ns;
+	__u32 relay_ip;
+	__u16 relay_port;
+	__u8 flags;
+	__u8 _pad;
+	__u32 slot;
+	__u32 _pad2;
+};
+
+/* tp_chans key: a channel of a client, client -> peer. */
+struct tp_chan_key {
+	struct tp_client client;
+	__u16 channel;
+	__u16 _pad;
+};
+
+/* tp_chans value: where that channel's data goes. The deadline is the earliest of the
+ * allocation's, the channel's and the permission's for the peer's IP. */
+struct tp_chan {
+	__u64 deadline_ns;
+	__u32 relay_ip;
+	__u32 peer_ip;
+	__u16 relay_port;
+	__u16 peer_port;
+	__u32 slot;
+	__u8 flags;
+	__u8 _pad[7];
+};
+
+/* tp_perms key: a permission of a relayed address for a peer IP. */
+struct tp_perm_key {
+	__u32 relay_ip;
+	__u32 peer_ip;
+	__u16 relay_port;
+	__u16 _pad;
+};
+
+/* tp_perms value: the client the relayed address belongs to. The deadline is the
+ * earliest of the allocation's and the permission's. */
+struct tp_perm {
+	__u64 deadline_ns;
+	struct tp_client client;
+	__u32 slot;
+};
+
+/* tp_peers key: a peer transport address with a confirmed channel, peer -> client. */
+struct tp_peer_key {
+	__u32 relay_ip;
+	__u32 peer_ip;
+	__u16 relay_port;
+	__u16 peer_port;
+};
+
+/* tp_peers value: the channel number (the deadline as in tp_chans). */
+struct tp_peer {
+	__u64 deadline_ns;
+	__u16 channel;
+	__u16 _pad[3];
+};
+
+/* tp_usage value (per CPU, indexed by slot): what the program relayed for one
+ * allocation, application bytes. */
+struct tp_usage {
+	__u64 to_peer_packets;
+	__u64 to_peer_bytes;
+	__u64 to_client_packets;
+	__u64 to_client_bytes;
+};
+
+/* Allocation flags. */
+#define TP_FLAG_DONT_FRAGMENT 1
+
+/* tp_stats indexes (per CPU u64 counters). */
+enum tp_stat {
+	TP_RELAYED_CHANNEL_UP = 0,  /* ChannelData client -> peer */
+	TP_RELAYED_SEND_UP,         /* Send indication client -> peer */
+	TP_RELAYED_CHANNEL_DOWN,    /* peer -> client as ChannelData */
+	TP_RELAYED_DATA_DOWN,       /* peer -> client as a Data indication */
+	TP_BYTES_UP,                /* application bytes relayed client -> peer */
+	TP_BYTES_DOWN,              /* application bytes relayed peer -> client */
+	TP_PASS_NOT_UDP,            /* not IPv4/UDP (ARP, TCP, IPv6, VLAN...) */
+	TP_PASS_IP_OPTIONS,         /* IPv4 with options */
+	TP_PASS_FRAGMENT,           /* an IPv4 fragment */
+	TP_PASS_NO_ENTRY,           /* no allocation, channel or permission in the maps */
+	TP_PASS_EXPIRED,            /* the entry's deadline has passed */
+	TP_PASS_UNSUPPORTED,        /* a STUN message the program leaves to the workers */
+	TP_PASS_MALFORMED,          /* lengths that do not add up */
+	TP_PASS_NO_ROUTE,           /* no route or no neighbour entry yet, or local */
+	TP_PASS_TOO_BIG,            /* larger than the egress MTU */
+	TP_PASS_HEADROOM,           /* the frame could not be resized */
+	TP_STAT_MAX,
+};
+
+#define TP_MAX_SLOTS 65536
+#define TP_MAX_ALLOCS 65536
+#define TP_MAX_ENTRIES 262144
+
+#endif
