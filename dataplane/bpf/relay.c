@@ -87,6 +87,21 @@ struct {
 	__type(value, __u64);
 } tp_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TP_DENY_WORDS);
+	__type(key, __u32);
+	__type(value, __u32);
+} tp_deny_ports SEC(".maps");
+
+static __always_inline int denied_port(__u16 port_be)
+{
+	__u32 port = bpf_ntohs(port_be);
+	__u32 k = port >> 5;
+	__u32 *v = bpf_map_lookup_elem(&tp_deny_ports, &k);
+	return v && ((*v >> (port & 31)) & 1);
+}
+
 static __always_inline void stat_add(__u32 i, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&tp_stats, &i);
@@ -283,6 +298,8 @@ static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in,
 		return -1; /* perhaps a peer's datagram to a relayed address */
 	if (!live(c->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
+	if (denied_port(c->peer_port))
+		return pass(TP_PASS_DENIED_PORT);
 	__u32 len = ((__u32)p[2] << 8) | p[3];
 	if (len + CHANNEL_HEADER > n)
 		return pass(TP_PASS_MALFORMED);
@@ -407,6 +424,8 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 		return pass(TP_PASS_UNSUPPORTED);
 	if (peer_port == 0)
 		return pass(TP_PASS_UNSUPPORTED);
+	if (denied_port(peer_port))
+		return pass(TP_PASS_DENIED_PORT);
 
 	struct tp_perm_key pk = {
 		.relay_ip = a->relay_ip,
@@ -488,6 +507,8 @@ static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, 
 	__u64 now = bpf_ktime_get_ns();
 	if (now >= pm->deadline_ns)
 		return pass(TP_PASS_EXPIRED);
+	if (denied_port(in->sport))
+		return pass(TP_PASS_DENIED_PORT);
 	struct tp_peer_key qk = {
 		.relay_ip = in->daddr,
 		.peer_ip = in->saddr,

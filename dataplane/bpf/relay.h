@@ -109,8 +109,14 @@ enum tp_stat {
 	TP_PASS_NO_ROUTE,           /* no route or no neighbour entry yet, or local */
 	TP_PASS_TOO_BIG,            /* larger than the egress MTU */
 	TP_PASS_HEADROOM,           /* the frame could not be resized */
+	TP_PASS_DENIED_PORT,        /* a peer port of the server's own sockets */
 	TP_STAT_MAX,
 };
+
+/* tp_deny_ports: a bitmap of ports (host order, bit port & 31 of word port >> 5): a
+ * datagram to or from a peer on one of them is left to the workers, which check the
+ * server's own sockets exactly. */
+#define TP_DENY_WORDS 2048
 
 #define TP_MAX_SLOTS 65536
 #define TP_MAX_ALLOCS 65536

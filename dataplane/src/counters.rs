@@ -56,6 +56,8 @@ pub struct WorkerCounters {
     pub received_packets: u64,
     /// Relay sockets held bound in advance for the next allocations (a gauge).
     pub relay_pool: u64,
+    /// Allocations with entries in the XDP program's maps (a gauge).
+    pub xdp_allocations: u64,
     /// Drops, by reason.
     pub dropped: Drops,
     /// Client connections over TCP and TLS.
@@ -192,6 +194,7 @@ pub(crate) struct Counters {
     pub(crate) channels_refused: AtomicU64,
     pub(crate) received: AtomicU64,
     pub(crate) relay_pool: AtomicU64,
+    pub(crate) xdp_allocations: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) unexpected: AtomicU64,
     pub(crate) no_allocation: AtomicU64,
@@ -239,6 +242,7 @@ impl Counters {
             channels_refused: r(&self.channels_refused),
             received_packets: r(&self.received),
             relay_pool: r(&self.relay_pool),
+            xdp_allocations: r(&self.xdp_allocations),
             dropped: Drops {
                 malformed: r(&self.malformed),
                 unexpected: r(&self.unexpected),

@@ -140,6 +140,8 @@ mod table;
 #[allow(unsafe_code)]
 mod uring;
 mod worker;
+#[allow(unsafe_code)]
+pub mod xdp;
 
 pub use counters::{Drops, StreamStats, WorkerCounters};
 pub use plane::{DataPlane, DataPlaneHandle};
@@ -191,6 +193,8 @@ pub struct DataPlaneConfig {
     pub tls: Option<std::sync::Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
     /// Limits of client connections.
     pub stream_limits: StreamLimits,
+    /// The XDP fast path: interfaces to attach the program to (none: off).
+    pub xdp: xdp::XdpConfig,
 }
 
 /// How many Binding requests each worker answers per source; the others are dropped
@@ -239,6 +243,7 @@ impl Default for DataPlaneConfig {
             streams: Vec::new(),
             tls: None,
             stream_limits: StreamLimits::default(),
+            xdp: xdp::XdpConfig::default(),
         }
     }
 }

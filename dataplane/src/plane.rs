@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::Socket;
 
+use crate::xdp::FastPath;
 use crate::counters::{Counters, WorkerCounters};
 use crate::slab::{tcp_listener, udp_socket};
 use crate::streams::{ListenerKind, StreamShared};
@@ -73,6 +74,8 @@ struct Shared {
     routes: Mutex<Routes>,
     denied: Arc<ArcSwap<Denied>>,
     local: Vec<SocketAddr>,
+    /// The XDP fast path, when it is on; else why it is off.
+    xdp: Result<Arc<FastPath>, String>,
 }
 
 impl DataPlane {
@@ -164,6 +167,22 @@ impl DataPlane {
         let denied = Arc::new(ArcSwap::from_pointee(Denied::new(
             cfg.denied_peers.iter().chain(&local).copied(),
         )));
+        let xdp = if cfg.xdp.interfaces.is_empty() {
+            Err("not asked for (--xdp IFACE)".to_string())
+        } else {
+            match FastPath::start(&cfg.xdp) {
+                Ok(fp) => match fp.set_denied(&denied.load()) {
+                    Ok(()) => Ok(Arc::new(fp)),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        if let Err(why) = &xdp
+            && !cfg.xdp.interfaces.is_empty()
+        {
+            tracing::warn!(reason = %why, "the XDP fast path is off: relaying on the socket path only");
+        }
         let cores = if cfg.pin {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
@@ -195,6 +214,7 @@ impl DataPlane {
                 binding_limit: cfg.binding_limit,
                 listen_streams,
                 streams: Arc::clone(&streams),
+                fast_path: xdp.as_ref().ok().cloned(),
             };
             let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let worker_wake = Arc::clone(&wake);
@@ -250,6 +270,7 @@ impl DataPlane {
                     routes: Mutex::new(Routes::default()),
                     denied,
                     local: local.clone(),
+                    xdp,
                 }),
             },
             threads,
@@ -486,6 +507,24 @@ impl DataPlaneHandle {
     /// Replaces the peers never relayed to (the listening addresses stay denied).
     pub fn set_denied_peers(&self, peers: Vec<SocketAddr>) {
         let d = Denied::new(peers.into_iter().chain(self.shared.local.iter().copied()));
+        if let Ok(fp) = &self.shared.xdp
+            && let Err(e) = fp.set_denied(&d)
+        {
+            tracing::warn!(error = %e, "the XDP program's denied ports not updated");
+        }
         self.shared.denied.store(Arc::new(d));
+    }
+
+    /// The XDP fast path: the interfaces it is attached to, or why it is off.
+    pub fn xdp_status(&self) -> Result<Vec<crate::xdp::Attached>, String> {
+        match &self.shared.xdp {
+            Ok(fp) => Ok(fp.attached().to_vec()),
+            Err(why) => Err(why.clone()),
+        }
+    }
+
+    /// What the XDP program relayed and passed, when it is on.
+    pub fn xdp_stats(&self) -> Option<crate::xdp::XdpStats> {
+        self.shared.xdp.as_ref().ok().map(|fp| fp.stats())
     }
 }

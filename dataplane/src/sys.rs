@@ -322,3 +322,82 @@ mod tests {
         assert_eq!(parse_name(&[0u8; 3]), None);
     }
 }
+
+/// `union bpf_attr` as `BPF_PROG_TEST_RUN` reads it (`test` member).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// `struct xdp_md`, as a test run's context.
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// Runs an XDP program once on `frame`, as if it arrived on `ifindex` (0: no device);
+/// returns its action and the frame it left.
+pub(crate) fn bpf_test_run_xdp(
+    prog: BorrowedFd<'_>,
+    frame: &[u8],
+    ifindex: u32,
+) -> io::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 512];
+    let ctx = XdpMd {
+        data_end: frame.len() as u32,
+        ingress_ifindex: ifindex,
+        ..XdpMd::default()
+    };
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..TestRunAttr::default()
+    };
+    if ifindex != 0 {
+        attr.ctx_size_in = std::mem::size_of::<XdpMd>() as u32;
+        attr.ctx_in = &ctx as *const XdpMd as u64;
+    }
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the buffers it
+    // points to (`frame`, `out`, `ctx`) outlive the call and have the sizes given.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, out))
+}

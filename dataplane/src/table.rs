@@ -69,7 +69,7 @@ impl Bucket {
 #[derive(Debug)]
 pub(crate) struct Alloc {
     pub(crate) tuple: FiveTuple,
-    relays: Vec<SocketAddr>,
+    pub(crate) relays: Vec<SocketAddr>,
     relay_tokens: Vec<Token>,
     relay_v4: Option<Token>,
     relay_v6: Option<Token>,
@@ -80,8 +80,8 @@ pub(crate) struct Alloc {
     user: String,
     username: String,
     /// DONT-FRAGMENT was asked: its relay sockets send with DF set.
-    dont_fragment: bool,
-    perms: AHashMap<IpAddr, u64>,
+    pub(crate) dont_fragment: bool,
+    pub(crate) perms: AHashMap<IpAddr, u64>,
     /// Bound channels by number; see [`Channel`] for when the peer → client direction
     /// may use them.
     pub(crate) channels: AHashMap<u16, Channel>,
@@ -165,6 +165,21 @@ impl Denied {
         d
     }
 
+    /// Whether some denied address has this IP (or it is unspecified): no permission
+    /// for it goes to the XDP program, whose permissions are by IP.
+    pub(crate) fn has_ip(&self, ip: &IpAddr) -> bool {
+        ip.is_unspecified() || self.exact.iter().any(|a| a.ip() == *ip)
+    }
+
+    /// The ports of the denied IPv4 addresses, exact or wildcard.
+    pub(crate) fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.exact
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .map(|a| a.port())
+            .chain(self.any_ip.iter().filter(|(v6, _)| !v6).map(|&(_, p)| p))
+    }
+
     /// Whether `a` (canonical) is denied. An unspecified IP (0.0.0.0, ::) is always
     /// denied: sent to, it reaches this host.
     pub(crate) fn contains(&self, a: &SocketAddr) -> bool {
@@ -198,6 +213,11 @@ pub(crate) struct Table {
     /// a plain Allocate and names it in the `AllocationAdd`. Never closed by the sweep;
     /// closed when the data plane reattaches (a new control plane does not know them).
     pool: AHashMap<SocketAddr, Token>,
+    /// Record the allocations each call changes, in `touched` (the XDP fast path mirrors
+    /// them).
+    pub(crate) track: bool,
+    /// Allocations changed (or removed) since the worker last looked.
+    pub(crate) touched: Vec<AllocationId>,
 }
 
 impl Table {
@@ -324,8 +344,15 @@ impl Table {
         }
     }
 
+    fn touch(&mut self, id: AllocationId) {
+        if self.track {
+            self.touched.push(id);
+        }
+    }
+
     fn remove_alloc(&mut self, id: AllocationId, out: &mut Vec<Output>) {
         if let Some(a) = self.allocs.remove(&id) {
+            self.touch(id);
             if self.by_tuple.get(&a.tuple) == Some(&id) {
                 self.by_tuple.remove(&a.tuple);
             }
@@ -395,6 +422,7 @@ impl Table {
         ctr: &Counters,
         out: &mut Vec<Output>,
     ) {
+        self.touch(change.allocation());
         match change {
             TableChange::AllocationAdd {
                 id,
@@ -536,6 +564,9 @@ impl Table {
     /// The client of `tuple` has been sent a ChannelBind success response: its
     /// allocation's channels may carry ChannelData to it from now on.
     pub(crate) fn confirm_channels(&mut self, tuple: &FiveTuple) {
+        if let Some(&id) = self.by_tuple.get(tuple) {
+            self.touch(id);
+        }
         if let Some(a) = self.by_tuple_mut(tuple) {
             for ch in a.channels.values_mut() {
                 ch.confirmed = true;
@@ -555,11 +586,15 @@ impl Table {
         for id in expired {
             self.remove_alloc(id, out);
         }
-        for a in self.allocs.values_mut() {
+        for (&id, a) in self.allocs.iter_mut() {
+            let before = a.perms.len() + a.channels.len();
             a.perms.retain(|_, &mut d| now < d);
             a.channels.retain(|_, c| now < c.deadline);
             let channels = &a.channels;
             a.peer_channel.retain(|_, c| channels.contains_key(c));
+            if self.track && a.perms.len() + a.channels.len() != before {
+                self.touched.push(id);
+            }
         }
         let mut stale = Vec::new();
         self.pending.retain(|_, list| {

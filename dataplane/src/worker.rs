@@ -12,7 +12,7 @@ use std::sync::{Arc, mpsc};
 use arc_swap::ArcSwap;
 use socket2::{SockAddr, Socket};
 
-use crate::counters::{Counters, bump};
+use crate::counters::{Counters, bump, bump_set};
 use crate::engine::{Core, CoreConfig, Output, SLOT, Transmit};
 use crate::slab::{Kind, Sockets, Token};
 use crate::streams::{ListenerKind, StreamShared};
@@ -96,6 +96,8 @@ pub(crate) struct WorkerInit {
     /// TCP/TLS listening sockets (this worker's own SO_REUSEPORT ones).
     pub(crate) listen_streams: Vec<(Socket, ListenerKind)>,
     pub(crate) streams: Arc<StreamShared>,
+    /// The XDP fast path, when it is on: the worker mirrors its table into its maps.
+    pub(crate) fast_path: Option<Arc<crate::xdp::FastPath>>,
 }
 
 /// Logs a kind of refusal at most once every few seconds, with how many were not
@@ -152,6 +154,8 @@ pub(crate) struct Worker {
     /// Listeners paused until a time (accept backoff).
     paused: Vec<(Token, u64)>,
     next_stream_sweep: u64,
+    /// This worker's side of the XDP maps, when the fast path is on.
+    xdp: Option<crate::xdp::Mirror>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -197,7 +201,19 @@ impl Worker {
             relay_batch: Default::default(),
             paused: Vec::new(),
             next_stream_sweep: now.0.saturating_add(1_000),
+            xdp: None,
         };
+        if let Some(fp) = &init.fast_path {
+            match fp.mirror() {
+                Ok(m) => {
+                    w.xdp = Some(m);
+                    w.core.table.track = true;
+                }
+                Err(e) => {
+                    tracing::warn!(worker = init.id, error = %e, "this worker's allocations stay on the socket path")
+                }
+            }
+        }
         for sock in init.listen {
             let (t, local) = w.socks.insert(sock)?;
             w.core.add_listen(t, local);
@@ -352,11 +368,32 @@ impl Worker {
             }
             Command::ClearPool => self.core.clear_pool(&mut out),
             Command::Snapshot(tx) => {
+                if let Some(m) = &mut self.xdp {
+                    m.collect(&mut self.core.table.allocs);
+                }
                 let _ = tx.send(self.core.snapshot());
             }
             Command::Shutdown => {}
         }
+        self.mirror();
         self.act_control(out);
+    }
+
+    /// Brings the XDP maps in step with the allocations the core changed.
+    fn mirror(&mut self) {
+        let Some(m) = &mut self.xdp else { return };
+        if self.core.table.touched.is_empty() {
+            return;
+        }
+        let mut touched = std::mem::take(&mut self.core.table.touched);
+        touched.sort_unstable_by_key(|id| id.0);
+        touched.dedup();
+        let denied = self.core.denied.load();
+        for id in touched.drain(..) {
+            m.sync(id, self.core.table.allocs.get_mut(&id), &denied, self.now.0);
+        }
+        self.core.table.touched = touched;
+        bump_set(&self.ctr.xdp_allocations, m.installed());
     }
 
     /// Runs the core's timers if due (the sweep), the connections' sweep, and resumes
@@ -364,6 +401,7 @@ impl Worker {
     pub(crate) fn handle_timeout(&mut self) {
         let mut out = std::mem::take(&mut self.outputs);
         self.core.handle_timeout(self.now, &mut out);
+        self.mirror();
         self.act_control(out);
         self.refusals.now = self.now.0;
         if self.now.0 >= self.next_stream_sweep {
@@ -449,6 +487,7 @@ mod tests {
             binding_limit: BindingLimit::default(),
             listen_streams: Vec::new(),
             streams: Arc::new(StreamShared::new(None, Default::default(), false)),
+            fast_path: None,
         });
         (w.unwrap_or_else(|e| panic!("{e}")), tx)
     }

@@ -1,0 +1,922 @@
+//! The XDP fast path: the program of `bpf/relay.c`, loaded and attached with aya, and
+//! the maps the workers keep in step with their relay tables.
+//!
+//! The program is an accelerator, never the authority: it relays only the flows whose
+//! entries a worker wrote ([`Mirror::sync`]), each with its deadline, and passes
+//! everything else to the sockets, where the workers decide exactly as without it.
+//! Entries are written only for UDP allocations over IPv4 without a bandwidth limit
+//! (limits stay on the socket path, where the token buckets are), for permissions and
+//! channels that are live, to peers that are not the server's own sockets.
+//!
+//! The program is attached through a BPF link: the kernel detaches it when the process
+//! ends, however it ends, so a crashed server leaves nothing attached.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use ahash::AHashMap;
+use aya::Pod;
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{Xdp, XdpFlags};
+
+use crate::table::{Alloc, Denied};
+use crate::{AllocationId, Transport, Usage};
+
+/// The program, built by the build script from `bpf/relay.c` when clang was there.
+#[cfg(turnpike_xdp)]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/relay.o"
+)));
+#[cfg(not(turnpike_xdp))]
+static OBJECT: Option<&[u8]> = None;
+
+/// The program's name in the object and in `bpftool prog`.
+pub const PROGRAM: &str = "turnpike_relay";
+/// A program that passes everything: attached to the far end of a test veth, it puts
+/// that end in NAPI mode, so that frames sent into the veth with XDP_TX arrive.
+pub const PASS_PROGRAM: &str = "turnpike_pass";
+
+const TP_MAX_SLOTS: u32 = 65536;
+const TP_DENY_WORDS: u32 = 2048;
+const FLAG_DONT_FRAGMENT: u8 = 1;
+
+/// How the program is attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XdpMode {
+    /// In the driver (`xdpdrv`): the fast one; fails where the driver has no XDP.
+    Native,
+    /// In the generic stack (`xdpgeneric`): works everywhere, gains less.
+    Generic,
+    /// Native where the driver allows it, else generic.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for XdpMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<XdpMode, String> {
+        match s {
+            "native" => Ok(XdpMode::Native),
+            "generic" => Ok(XdpMode::Generic),
+            "auto" => Ok(XdpMode::Auto),
+            _ => Err(format!("unknown XDP mode {s:?} (native, generic or auto)")),
+        }
+    }
+}
+
+/// The fast path's configuration: the interfaces to attach to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XdpConfig {
+    /// Interfaces, by name.
+    pub interfaces: Vec<String>,
+    /// The attach mode.
+    pub mode: XdpMode,
+}
+
+/// Why the fast path is off, or what went wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum XdpError {
+    /// This build has no program (clang was missing when it was built).
+    #[error("this build has no XDP program: {0}")]
+    NotBuilt(&'static str),
+    /// The kernel refused the program or a map.
+    #[error("the kernel refused the XDP program: {0}")]
+    Load(String),
+    /// The program could not be attached to an interface.
+    #[error("cannot attach XDP to {iface}: {why}")]
+    Attach {
+        /// The interface.
+        iface: String,
+        /// The kernel's answer.
+        why: String,
+    },
+    /// A map could not be opened or written.
+    #[error("XDP map {map}: {why}")]
+    Map {
+        /// The map.
+        map: &'static str,
+        /// What failed.
+        why: String,
+    },
+}
+
+/// Whether this build carries the program; `Err` says why not.
+pub fn built() -> Result<(), XdpError> {
+    match OBJECT {
+        Some(_) => Ok(()),
+        None => Err(XdpError::NotBuilt(off_reason())),
+    }
+}
+
+fn off_reason() -> &'static str {
+    match option_env!("TURNPIKE_XDP_OFF") {
+        Some(r) if !r.is_empty() => r,
+        _ => "built without clang",
+    }
+}
+
+// The maps' keys and values, as `bpf/relay.h` lays them out.
+
+/// A UDP client's 5-tuple (network byte order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct ClientKey {
+    pub(crate) client_ip: u32,
+    pub(crate) server_ip: u32,
+    pub(crate) client_port: u16,
+    pub(crate) server_port: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct AllocVal {
+    pub(crate) deadline_ns: u64,
+    pub(crate) relay_ip: u32,
+    pub(crate) relay_port: u16,
+    pub(crate) flags: u8,
+    pub(crate) _pad: u8,
+    pub(crate) slot: u32,
+    pub(crate) _pad2: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct ChanKey {
+    pub(crate) client: ClientKey,
+    pub(crate) channel: u16,
+    pub(crate) _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ChanVal {
+    pub(crate) deadline_ns: u64,
+    pub(crate) relay_ip: u32,
+    pub(crate) peer_ip: u32,
+    pub(crate) relay_port: u16,
+    pub(crate) peer_port: u16,
+    pub(crate) slot: u32,
+    pub(crate) flags: u8,
+    pub(crate) _pad: [u8; 7],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct PermKey {
+    pub(crate) relay_ip: u32,
+    pub(crate) peer_ip: u32,
+    pub(crate) relay_port: u16,
+    pub(crate) _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PermVal {
+    pub(crate) deadline_ns: u64,
+    pub(crate) client: ClientKey,
+    pub(crate) slot: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct PeerKey {
+    pub(crate) relay_ip: u32,
+    pub(crate) peer_ip: u32,
+    pub(crate) relay_port: u16,
+    pub(crate) peer_port: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PeerVal {
+    pub(crate) deadline_ns: u64,
+    pub(crate) channel: u16,
+    pub(crate) _pad: [u16; 3],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct UsageVal {
+    pub(crate) to_peer_packets: u64,
+    pub(crate) to_peer_bytes: u64,
+    pub(crate) to_client_packets: u64,
+    pub(crate) to_client_bytes: u64,
+}
+
+// SAFETY: plain `repr(C)` structs of integers, with every padding byte an explicit
+// field: any bit pattern is a valid value and none has uninitialised bytes.
+unsafe impl Pod for ClientKey {}
+// SAFETY: as above.
+unsafe impl Pod for AllocVal {}
+// SAFETY: as above.
+unsafe impl Pod for ChanKey {}
+// SAFETY: as above.
+unsafe impl Pod for ChanVal {}
+// SAFETY: as above.
+unsafe impl Pod for PermKey {}
+// SAFETY: as above.
+unsafe impl Pod for PermVal {}
+// SAFETY: as above.
+unsafe impl Pod for PeerKey {}
+// SAFETY: as above.
+unsafe impl Pod for PeerVal {}
+// SAFETY: as above.
+unsafe impl Pod for UsageVal {}
+
+/// The program's per-reason counters (`tp_stats`), in `relay.h`'s order.
+pub const STAT_NAMES: [&str; 17] = [
+    "relayed_channel_up",
+    "relayed_send_up",
+    "relayed_channel_down",
+    "relayed_data_down",
+    "bytes_up",
+    "bytes_down",
+    "not_udp",
+    "ip_options",
+    "fragment",
+    "no_entry",
+    "expired",
+    "unsupported",
+    "malformed",
+    "no_route",
+    "too_big",
+    "headroom",
+    "denied_port",
+];
+
+/// What the program did, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdpStats {
+    /// Counters by [`STAT_NAMES`] index.
+    pub counters: [u64; 17],
+}
+
+impl XdpStats {
+    /// Datagrams relayed client → peer (ChannelData and Send indications).
+    pub fn to_peer_packets(&self) -> u64 {
+        self.counters[0] + self.counters[1]
+    }
+    /// Datagrams relayed peer → client (ChannelData and Data indications).
+    pub fn to_client_packets(&self) -> u64 {
+        self.counters[2] + self.counters[3]
+    }
+    /// Application bytes relayed client → peer.
+    pub fn to_peer_bytes(&self) -> u64 {
+        self.counters[4]
+    }
+    /// Application bytes relayed peer → client.
+    pub fn to_client_bytes(&self) -> u64 {
+        self.counters[5]
+    }
+    /// Datagrams relayed, by path: `(name, count)`.
+    pub fn relayed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        (0..4).map(|i| (&STAT_NAMES[i]["relayed_".len()..], self.counters[i]))
+    }
+    /// Frames passed to the socket path, by reason: `(reason, count)`.
+    pub fn passed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        (6..STAT_NAMES.len()).map(|i| (STAT_NAMES[i], self.counters[i]))
+    }
+    /// Every frame passed to the socket path.
+    pub fn passed_total(&self) -> u64 {
+        self.passed().map(|(_, n)| n).sum()
+    }
+}
+
+/// The map ids a worker opens its own handles from.
+#[derive(Debug, Clone, Copy)]
+struct MapIds {
+    allocs: u32,
+    chans: u32,
+    perms: u32,
+    peers: u32,
+    usage: u32,
+}
+
+/// Usage slots, shared by the workers.
+#[derive(Debug, Default)]
+struct Slots {
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Slots {
+    fn take(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        (self.next < TP_MAX_SLOTS).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+/// An interface the program is attached to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// The interface.
+    pub iface: String,
+    /// `native` or `generic`.
+    pub mode: &'static str,
+}
+
+/// The loaded program, its attachments and its maps.
+pub struct FastPath {
+    /// Holds the program and its links: dropped, the program is detached.
+    ebpf: Mutex<aya::Ebpf>,
+    attached: Vec<Attached>,
+    ids: MapIds,
+    slots: Mutex<Slots>,
+    stats: PerCpuArray<MapData, u64>,
+    deny: Mutex<Array<MapData, u32>>,
+}
+
+impl fmt::Debug for FastPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FastPath")
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
+    move |e| XdpError::Map {
+        map,
+        why: e.to_string(),
+    }
+}
+
+fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<MapData, XdpError> {
+    match ebpf.take_map(name) {
+        Some(
+            Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) | Map::Unsupported(m),
+        ) => Ok(m),
+        _ => Err(XdpError::Map {
+            map: name,
+            why: "missing from the object".into(),
+        }),
+    }
+}
+
+fn id_of(m: &MapData, name: &'static str) -> Result<u32, XdpError> {
+    Ok(m.info().map_err(map_err(name))?.id())
+}
+
+impl FastPath {
+    /// Loads the program and attaches it to every interface of `cfg` (none: loaded
+    /// only, as the unit tests use it).
+    pub fn start(cfg: &XdpConfig) -> Result<FastPath, XdpError> {
+        let object = OBJECT.ok_or(XdpError::NotBuilt(off_reason()))?;
+        let mut ebpf = aya::Ebpf::load(object).map_err(|e| XdpError::Load(e.to_string()))?;
+        let mut attached = Vec::new();
+        {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROGRAM)
+                .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM} in the object")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+            prog.load().map_err(|e| XdpError::Load(load_error(&e)))?;
+            for iface in &cfg.interfaces {
+                let try_mode = |prog: &mut Xdp, flags: XdpFlags| {
+                    prog.attach(iface, flags).map(|_| ()).map_err(|e| {
+                        let why = attach_error(&e);
+                        XdpError::Attach {
+                            iface: iface.clone(),
+                            why,
+                        }
+                    })
+                };
+                let mode = match cfg.mode {
+                    XdpMode::Native => try_mode(prog, XdpFlags::DRV_MODE).map(|()| "native")?,
+                    XdpMode::Generic => try_mode(prog, XdpFlags::SKB_MODE).map(|()| "generic")?,
+                    XdpMode::Auto => match try_mode(prog, XdpFlags::DRV_MODE) {
+                        Ok(()) => "native",
+                        Err(e) => {
+                            tracing::info!(error = %e, "native XDP refused: trying generic");
+                            try_mode(prog, XdpFlags::SKB_MODE).map(|()| "generic")?
+                        }
+                    },
+                };
+                tracing::info!(iface = %iface, mode, "XDP fast path attached");
+                attached.push(Attached {
+                    iface: iface.clone(),
+                    mode,
+                });
+            }
+        }
+        let allocs = take(&mut ebpf, "tp_allocs")?;
+        let chans = take(&mut ebpf, "tp_chans")?;
+        let perms = take(&mut ebpf, "tp_perms")?;
+        let peers = take(&mut ebpf, "tp_peers")?;
+        let usage = take(&mut ebpf, "tp_usage")?;
+        let ids = MapIds {
+            allocs: id_of(&allocs, "tp_allocs")?,
+            chans: id_of(&chans, "tp_chans")?,
+            perms: id_of(&perms, "tp_perms")?,
+            peers: id_of(&peers, "tp_peers")?,
+            usage: id_of(&usage, "tp_usage")?,
+        };
+        let stats = PerCpuArray::try_from(Map::PerCpuArray(take(&mut ebpf, "tp_stats")?))
+            .map_err(map_err("tp_stats"))?;
+        let deny = Array::try_from(Map::Array(take(&mut ebpf, "tp_deny_ports")?))
+            .map_err(map_err("tp_deny_ports"))?;
+        Ok(FastPath {
+            ebpf: Mutex::new(ebpf),
+            attached,
+            ids,
+            slots: Mutex::new(Slots::default()),
+            stats,
+            deny: Mutex::new(deny),
+        })
+    }
+
+    /// The interfaces the program is attached to.
+    pub fn attached(&self) -> &[Attached] {
+        &self.attached
+    }
+
+    /// The program's counters, summed over CPUs.
+    pub fn stats(&self) -> XdpStats {
+        let mut s = XdpStats::default();
+        for (i, c) in s.counters.iter_mut().enumerate() {
+            if let Ok(v) = self.stats.get(&(i as u32), 0) {
+                *c = v.iter().sum();
+            }
+        }
+        s
+    }
+
+    /// Writes the ports of the server's own sockets (`denied`): datagrams to or from a
+    /// peer on one of them are left to the workers, which check the exact addresses.
+    pub(crate) fn set_denied(&self, denied: &Denied) -> Result<(), XdpError> {
+        let mut words = vec![0u32; TP_DENY_WORDS as usize];
+        for port in denied.ports() {
+            if let Some(w) = words.get_mut(usize::from(port >> 5)) {
+                *w |= 1 << (port & 31);
+            }
+        }
+        let mut deny = self.deny.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, w) in words.into_iter().enumerate() {
+            deny.set(i as u32, w, 0).map_err(map_err("tp_deny_ports"))?;
+        }
+        Ok(())
+    }
+
+    /// A worker's own handles on the maps.
+    pub(crate) fn mirror(self: &Arc<FastPath>) -> Result<Mirror, XdpError> {
+        let open = |id: u32, name: &'static str| MapData::from_id(id).map_err(map_err(name));
+        Ok(Mirror {
+            fp: Arc::clone(self),
+            allocs: HashMap::try_from(Map::HashMap(open(self.ids.allocs, "tp_allocs")?))
+                .map_err(map_err("tp_allocs"))?,
+            chans: HashMap::try_from(Map::HashMap(open(self.ids.chans, "tp_chans")?))
+                .map_err(map_err("tp_chans"))?,
+            perms: HashMap::try_from(Map::HashMap(open(self.ids.perms, "tp_perms")?))
+                .map_err(map_err("tp_perms"))?,
+            peers: HashMap::try_from(Map::HashMap(open(self.ids.peers, "tp_peers")?))
+                .map_err(map_err("tp_peers"))?,
+            usage: PerCpuArray::try_from(Map::PerCpuArray(open(self.ids.usage, "tp_usage")?))
+                .map_err(map_err("tp_usage"))?,
+            installed: AHashMap::new(),
+            warned: false,
+        })
+    }
+
+    /// Runs the program once on `frame` as if it had arrived on interface `ifindex`
+    /// (`BPF_PROG_TEST_RUN`); returns the XDP action and the frame it left.
+    pub fn test_run(&self, frame: &[u8], ifindex: u32) -> std::io::Result<(u32, Vec<u8>)> {
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| std::io::Error::other("no program"))?;
+        let fd = prog.fd().map_err(std::io::Error::other)?;
+        crate::sys::bpf_test_run_xdp(fd.as_fd(), frame, ifindex)
+    }
+
+    /// Loads [`PASS_PROGRAM`] and attaches it to `iface` natively, for as long as the
+    /// returned value lives (tests and benchmarks: see [`PASS_PROGRAM`]).
+    pub fn attach_pass(iface: &str) -> Result<aya::Ebpf, XdpError> {
+        let object = OBJECT.ok_or(XdpError::NotBuilt(off_reason()))?;
+        let mut ebpf = aya::Ebpf::load(object).map_err(|e| XdpError::Load(e.to_string()))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PASS_PROGRAM)
+            .ok_or_else(|| XdpError::Load(format!("no program {PASS_PROGRAM}")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+        prog.load().map_err(|e| XdpError::Load(load_error(&e)))?;
+        prog.attach(iface, XdpFlags::DRV_MODE)
+            .map_err(|e| XdpError::Attach {
+                iface: iface.into(),
+                why: attach_error(&e),
+            })?;
+        Ok(ebpf)
+    }
+}
+
+use std::os::fd::AsFd;
+
+/// The verifier's log is long: its last lines say why.
+fn load_error(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(4).collect();
+            format!(
+                "{io_error}; verifier: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+fn attach_error(e: &aya::programs::ProgramError) -> String {
+    let s = match e {
+        aya::programs::ProgramError::SyscallError(s) => s.io_error.to_string(),
+        other => other.to_string(),
+    };
+    if s.contains("busy") || s.contains("exists") {
+        format!(
+            "{s} (another XDP program is attached; `ip link set dev IFACE xdp off` removes one attached by `ip`)"
+        )
+    } else {
+        s
+    }
+}
+
+/// What a worker wrote for one allocation, to delete it again.
+#[derive(Debug, Default)]
+struct Installed {
+    slot: u32,
+    client: Option<ClientKey>,
+    chans: Vec<ChanKey>,
+    perms: Vec<PermKey>,
+    peers: Vec<PeerKey>,
+    /// The slot's counters when last merged into the allocation's usage.
+    seen: UsageVal,
+}
+
+/// A worker's side of the maps: writes its allocations' entries, and merges what the
+/// program relayed into their usage.
+pub(crate) struct Mirror {
+    fp: Arc<FastPath>,
+    allocs: HashMap<MapData, ClientKey, AllocVal>,
+    chans: HashMap<MapData, ChanKey, ChanVal>,
+    perms: HashMap<MapData, PermKey, PermVal>,
+    peers: HashMap<MapData, PeerKey, PeerVal>,
+    usage: PerCpuArray<MapData, UsageVal>,
+    installed: AHashMap<AllocationId, Installed>,
+    warned: bool,
+}
+
+impl fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mirror")
+            .field("installed", &self.installed.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The kernel's monotonic clock, which `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec for the call to write.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) } != 0 {
+        return 0;
+    }
+    (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
+}
+
+/// A unix-millisecond deadline as a monotonic one; 0 when it has passed.
+fn deadline_ns(deadline_ms: u64, now_ms: u64, mono: u64) -> u64 {
+    if deadline_ms <= now_ms {
+        return 0;
+    }
+    mono.saturating_add((deadline_ms - now_ms).saturating_mul(1_000_000))
+}
+
+fn v4(a: &SocketAddr) -> Option<(u32, u16)> {
+    match a {
+        SocketAddr::V4(a) => Some((u32::from_ne_bytes(a.ip().octets()), a.port().to_be())),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+fn ip4(ip: &IpAddr) -> Option<Ipv4Addr> {
+    match ip.to_canonical() {
+        IpAddr::V4(v) => Some(v),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The entries one allocation should have.
+#[derive(Debug, Default)]
+struct Entries {
+    client: Option<(ClientKey, AllocVal)>,
+    chans: Vec<(ChanKey, ChanVal)>,
+    perms: Vec<(PermKey, PermVal)>,
+    peers: Vec<(PeerKey, PeerVal)>,
+}
+
+/// What the program may relay for `a` at `now_ms` (unix) with the monotonic clock at
+/// `mono`; empty for an allocation the program does not serve.
+fn entries(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64) -> Entries {
+    let mut e = Entries::default();
+    if a.tuple.transport != Transport::Udp || a.bandwidth != 0 || now_ms >= a.deadline {
+        return e;
+    }
+    let (Some((client_ip, client_port)), Some((server_ip, server_port))) =
+        (v4(&a.tuple.client), v4(&a.tuple.server))
+    else {
+        return e;
+    };
+    let Some((relay_ip, relay_port)) = a
+        .relays
+        .iter()
+        .filter(|r| r.is_ipv4() && !r.ip().is_unspecified())
+        .find_map(v4)
+    else {
+        return e;
+    };
+    let client = ClientKey {
+        client_ip,
+        server_ip,
+        client_port,
+        server_port,
+    };
+    let flags = if a.dont_fragment {
+        FLAG_DONT_FRAGMENT
+    } else {
+        0
+    };
+    let alloc_deadline = deadline_ns(a.deadline, now_ms, mono);
+    e.client = Some((
+        client,
+        AllocVal {
+            deadline_ns: alloc_deadline,
+            relay_ip,
+            relay_port,
+            flags,
+            slot,
+            ..AllocVal::default()
+        },
+    ));
+    let mut perm_deadlines = AHashMap::new();
+    for (ip, &d) in &a.perms {
+        let Some(peer) = ip4(ip) else { continue };
+        if d <= now_ms || denied.has_ip(&IpAddr::V4(peer)) {
+            continue;
+        }
+        let deadline = alloc_deadline.min(deadline_ns(d, now_ms, mono));
+        perm_deadlines.insert(peer, deadline);
+        e.perms.push((
+            PermKey {
+                relay_ip,
+                peer_ip: u32::from_ne_bytes(peer.octets()),
+                relay_port,
+                _pad: 0,
+            },
+            PermVal {
+                deadline_ns: deadline,
+                client,
+                slot,
+            },
+        ));
+    }
+    for (&num, ch) in &a.channels {
+        let SocketAddr::V4(peer) = ch.peer else {
+            continue;
+        };
+        let Some(&perm) = perm_deadlines.get(peer.ip()) else {
+            continue;
+        };
+        if ch.deadline <= now_ms || denied.contains(&ch.peer) {
+            continue;
+        }
+        let deadline = perm.min(deadline_ns(ch.deadline, now_ms, mono));
+        let (peer_ip, peer_port) = (u32::from_ne_bytes(peer.ip().octets()), peer.port().to_be());
+        e.chans.push((
+            ChanKey {
+                client,
+                channel: num,
+                _pad: 0,
+            },
+            ChanVal {
+                deadline_ns: deadline,
+                relay_ip,
+                peer_ip,
+                relay_port,
+                peer_port,
+                slot,
+                flags,
+                _pad: [0; 7],
+            },
+        ));
+        if ch.confirmed && a.peer_channel.get(&ch.peer) == Some(&num) {
+            e.peers.push((
+                PeerKey {
+                    relay_ip,
+                    peer_ip,
+                    relay_port,
+                    peer_port,
+                },
+                PeerVal {
+                    deadline_ns: deadline,
+                    channel: num,
+                    _pad: [0; 3],
+                },
+            ));
+        }
+    }
+    e
+}
+
+impl Mirror {
+    /// Brings allocation `id`'s entries in step with `alloc` (`None`: it is gone).
+    pub(crate) fn sync(
+        &mut self,
+        id: AllocationId,
+        alloc: Option<&mut Alloc>,
+        denied: &Denied,
+        now_ms: u64,
+    ) {
+        let Some(a) = alloc else {
+            self.remove(id, None);
+            return;
+        };
+        let slot = match self.installed.get(&id) {
+            Some(i) => i.slot,
+            None => match self.new_slot() {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        let want = entries(a, slot, denied, now_ms, monotonic_ns());
+        if want.client.is_none() {
+            self.remove(id, Some(a));
+            return;
+        }
+        let inst = self.installed.entry(id).or_insert_with(|| Installed {
+            slot,
+            ..Installed::default()
+        });
+        let mut ok = true;
+        // New entries first, then the stale ones go: a packet never meets a gap.
+        if let Some((k, v)) = want.client {
+            ok &= self.allocs.insert(k, v, 0).is_ok();
+            if let Some(old) = inst.client.replace(k)
+                && old != k
+            {
+                let _ = self.allocs.remove(&old);
+            }
+        }
+        for (k, v) in &want.perms {
+            ok &= self.perms.insert(k, v, 0).is_ok();
+        }
+        for (k, v) in &want.chans {
+            ok &= self.chans.insert(k, v, 0).is_ok();
+        }
+        for (k, v) in &want.peers {
+            ok &= self.peers.insert(k, v, 0).is_ok();
+        }
+        for k in &inst.perms {
+            if !want.perms.iter().any(|(w, _)| w == k) {
+                let _ = self.perms.remove(k);
+            }
+        }
+        for k in &inst.chans {
+            if !want.chans.iter().any(|(w, _)| w == k) {
+                let _ = self.chans.remove(k);
+            }
+        }
+        for k in &inst.peers {
+            if !want.peers.iter().any(|(w, _)| w == k) {
+                let _ = self.peers.remove(k);
+            }
+        }
+        inst.perms = want.perms.into_iter().map(|(k, _)| k).collect();
+        inst.chans = want.chans.into_iter().map(|(k, _)| k).collect();
+        inst.peers = want.peers.into_iter().map(|(k, _)| k).collect();
+        if !ok {
+            // A full map: this allocation stays on the socket path.
+            if !self.warned {
+                tracing::warn!(id = id.0, "an XDP map is full: allocations beyond it stay on the socket path");
+                self.warned = true;
+            }
+            self.remove(id, Some(a));
+        }
+    }
+
+    fn new_slot(&mut self) -> Option<u32> {
+        let slot = self
+            .fp
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        // A slot is zeroed before it is used again.
+        let zeros = PerCpuValues::try_from(vec![
+            UsageVal::default();
+            aya::util::nr_cpus().unwrap_or(1)
+        ])
+        .ok()?;
+        if self.usage.set(slot, zeros, 0).is_err() {
+            self.fp
+                .slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .free
+                .push(slot);
+            return None;
+        }
+        Some(slot)
+    }
+
+    /// Deletes allocation `id`'s entries, merging what the program relayed for it into
+    /// its usage first when it is still there.
+    fn remove(&mut self, id: AllocationId, alloc: Option<&mut Alloc>) {
+        let Some(inst) = self.installed.remove(&id) else {
+            return;
+        };
+        if let Some(k) = inst.client {
+            let _ = self.allocs.remove(&k);
+        }
+        for k in &inst.perms {
+            let _ = self.perms.remove(k);
+        }
+        for k in &inst.chans {
+            let _ = self.chans.remove(k);
+        }
+        for k in &inst.peers {
+            let _ = self.peers.remove(k);
+        }
+        if let Some(a) = alloc {
+            let now = self.read(inst.slot);
+            merge(&mut a.usage, &inst.seen, &now);
+        }
+        self.fp
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .free
+            .push(inst.slot);
+    }
+
+    fn read(&self, slot: u32) -> UsageVal {
+        let mut u = UsageVal::default();
+        if let Ok(v) = self.usage.get(&slot, 0) {
+            for c in v.iter() {
+                u.to_peer_packets += c.to_peer_packets;
+                u.to_peer_bytes += c.to_peer_bytes;
+                u.to_client_packets += c.to_client_packets;
+                u.to_client_bytes += c.to_client_bytes;
+            }
+        }
+        u
+    }
+
+    /// Merges what the program relayed since the last call into the allocations' usage.
+    pub(crate) fn collect(&mut self, allocs: &mut AHashMap<AllocationId, Alloc>) {
+        let ids: Vec<AllocationId> = self.installed.keys().copied().collect();
+        for id in ids {
+            let Some(slot) = self.installed.get(&id).map(|i| i.slot) else {
+                continue;
+            };
+            let now = self.read(slot);
+            if let (Some(inst), Some(a)) = (self.installed.get_mut(&id), allocs.get_mut(&id)) {
+                merge(&mut a.usage, &inst.seen, &now);
+                inst.seen = now;
+            }
+        }
+    }
+
+    /// Allocations with entries in the maps.
+    pub(crate) fn installed(&self) -> usize {
+        self.installed.len()
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        let ids: Vec<AllocationId> = self.installed.keys().copied().collect();
+        for id in ids {
+            self.remove(id, None);
+        }
+    }
+}
+
+fn merge(u: &mut Usage, seen: &UsageVal, now: &UsageVal) {
+    u.to_peer.packets += now.to_peer_packets.saturating_sub(seen.to_peer_packets);
+    u.to_peer.bytes += now.to_peer_bytes.saturating_sub(seen.to_peer_bytes);
+    u.to_client.packets += now.to_client_packets.saturating_sub(seen.to_client_packets);
+    u.to_client.bytes += now.to_client_bytes.saturating_sub(seen.to_client_bytes);
+}
+
+#[cfg(test)]
+mod tests;
