@@ -12,12 +12,12 @@ use arc_swap::ArcSwap;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::Socket;
 
-use crate::xdp::FastPath;
 use crate::counters::{Counters, WorkerCounters};
 use crate::slab::{tcp_listener, udp_socket};
 use crate::streams::{ListenerKind, StreamShared};
 use crate::table::Denied;
 use crate::worker::{Command, Worker, WorkerInit};
+use crate::xdp::FastPath;
 use crate::{
     AllocationId, AllocationSnapshot, Backend, BindError, ControlSink, DataPlaneConfig, FiveTuple,
     StreamListen, TableChange, mmsg, uring,

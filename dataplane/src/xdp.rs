@@ -350,9 +350,7 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> XdpError {
 
 fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<MapData, XdpError> {
     match ebpf.take_map(name) {
-        Some(
-            Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) | Map::Unsupported(m),
-        ) => Ok(m),
+        Some(Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) | Map::Unsupported(m)) => Ok(m),
         _ => Err(XdpError::Map {
             map: name,
             why: "missing from the object".into(),
@@ -521,7 +519,10 @@ use std::os::fd::AsFd;
 /// The verifier's log is long: its last lines say why.
 fn load_error(e: &aya::programs::ProgramError) -> String {
     match e {
-        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let tail: Vec<&str> = log.lines().rev().take(4).collect();
             format!(
@@ -806,7 +807,10 @@ impl Mirror {
         if !ok {
             // A full map: this allocation stays on the socket path.
             if !self.warned {
-                tracing::warn!(id = id.0, "an XDP map is full: allocations beyond it stay on the socket path");
+                tracing::warn!(
+                    id = id.0,
+                    "an XDP map is full: allocations beyond it stay on the socket path"
+                );
                 self.warned = true;
             }
             self.remove(id, Some(a));
@@ -821,11 +825,9 @@ impl Mirror {
             .unwrap_or_else(|p| p.into_inner())
             .take()?;
         // A slot is zeroed before it is used again.
-        let zeros = PerCpuValues::try_from(vec![
-            UsageVal::default();
-            aya::util::nr_cpus().unwrap_or(1)
-        ])
-        .ok()?;
+        let zeros =
+            PerCpuValues::try_from(vec![UsageVal::default(); aya::util::nr_cpus().unwrap_or(1)])
+                .ok()?;
         if self.usage.set(slot, zeros, 0).is_err() {
             self.fp
                 .slots

@@ -117,6 +117,10 @@ pub struct FileConfig {
     pub streams: Option<StreamsFile>,
     /// Seconds SIGTERM drains before the process exits (0: exit at once).
     pub drain_grace: Option<u64>,
+    /// Network interfaces to attach the XDP fast path to.
+    pub xdp: Option<Vec<String>>,
+    /// XDP attach mode: "native", "generic" or "auto".
+    pub xdp_mode: Option<String>,
     /// `[fleet]`: coordination with the other instances through etcd.
     pub fleet: Option<FleetFile>,
 }
@@ -348,6 +352,16 @@ pub struct Flags {
     /// SIGINT always exits at once).
     #[arg(long, env = "TURNPIKE_DRAIN_GRACE")]
     pub drain_grace: Option<u64>,
+    /// Attach the XDP fast path to this network interface (repeatable): established
+    /// UDP flows over IPv4 are relayed in the kernel before the socket layer. Off when
+    /// the build has no program or the kernel refuses it (logged, and `ctl stats` says
+    /// why).
+    #[arg(long = "xdp", env = "TURNPIKE_XDP", value_delimiter = ',')]
+    pub xdp: Vec<String>,
+    /// How the XDP program is attached: native (in the driver), generic, or auto
+    /// (native, else generic).
+    #[arg(long = "xdp-mode", env = "TURNPIKE_XDP_MODE")]
+    pub xdp_mode: Option<String>,
     /// etcd endpoint of the fleet registry, repeatable (none: a standalone instance).
     #[arg(long = "etcd", env = "TURNPIKE_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
@@ -468,6 +482,8 @@ pub struct Config {
     pub stream_limits: StreamLimits,
     /// How long SIGTERM drains.
     pub drain_grace: std::time::Duration,
+    /// The XDP fast path.
+    pub xdp: turnpike_dataplane::xdp::XdpConfig,
     /// The fleet on etcd, if configured.
     pub fleet: Option<FleetConfig>,
 }
@@ -771,6 +787,15 @@ impl Config {
                 flags.drain_grace.or(file.drain_grace).unwrap_or(0),
             ),
             fleet: fleet_config(flags, file.fleet.take())?,
+            xdp: turnpike_dataplane::xdp::XdpConfig {
+                interfaces: pick(flags.xdp.clone(), file.xdp.take()),
+                mode: match flags.xdp_mode.clone().or(file.xdp_mode.take()) {
+                    Some(m) => m
+                        .parse()
+                        .map_err(|e: String| err("xdp_mode (--xdp-mode)", e))?,
+                    None => turnpike_dataplane::xdp::XdpMode::Auto,
+                },
+            },
             listen,
             relay_ips,
             realm,

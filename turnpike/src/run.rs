@@ -280,6 +280,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 streams: cfg.streams.clone(),
                 tls,
                 stream_limits: cfg.stream_limits,
+                xdp: cfg.xdp.clone(),
                 ..DataPlaneConfig::default()
             },
             queue.clone(),

@@ -14,3 +14,20 @@ fn map_layouts_match_relay_h() {
     assert_eq!(size_of::<PeerVal>(), 16);
     assert_eq!(size_of::<UsageVal>(), 32);
 }
+
+#[test]
+fn loads_and_passes_a_frame_it_does_not_know() {
+    let fp = match FastPath::start(&XdpConfig::default()) {
+        Ok(fp) => fp,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let mut frame = vec![0u8; 60];
+    frame[12] = 0x08; // IPv4
+    frame[13] = 0x00;
+    let (action, _) = fp.test_run(&frame, 0).unwrap();
+    assert_eq!(action, 2); // XDP_PASS
+    assert_eq!(fp.stats().passed_total(), 1);
+}
