@@ -528,6 +528,50 @@ fn worker_loads(
         .collect()
 }
 
+/// The XDP fast path's part of a load report; `None` when it was not asked for.
+fn fast_path_report(
+    dp: &DataPlaneHandle,
+    counters: &[crate::WorkerCounters],
+) -> Option<v1::FastPathReport> {
+    match dp.xdp_status() {
+        Err(why) if dp.xdp_stats().is_none() && why.starts_with("not asked") => None,
+        Err(why) => Some(v1::FastPathReport {
+            off_reason: why,
+            ..Default::default()
+        }),
+        Ok(attached) => {
+            let s = dp.xdp_stats().unwrap_or_default();
+            let count = |(name, packets): (&str, u64)| v1::PathCount {
+                name: name.to_owned(),
+                packets,
+            };
+            Some(v1::FastPathReport {
+                interfaces: attached
+                    .iter()
+                    .map(|a| format!("{} ({})", a.iface, a.mode))
+                    .collect(),
+                off_reason: String::new(),
+                traffic: Some(
+                    Usage {
+                        to_peer: crate::Traffic {
+                            packets: s.to_peer_packets(),
+                            bytes: s.to_peer_bytes(),
+                        },
+                        to_client: crate::Traffic {
+                            packets: s.to_client_packets(),
+                            bytes: s.to_client_bytes(),
+                        },
+                    }
+                    .into(),
+                ),
+                relayed: s.relayed().map(count).collect(),
+                passed: s.passed().filter(|&(_, n)| n > 0).map(count).collect(),
+                allocations: counters.iter().map(|c| c.xdp_allocations).sum(),
+            })
+        }
+    }
+}
+
 async fn report(dp: &DataPlaneHandle, queue: &PuntQueue, up: &mpsc::Sender<v1::DataPlaneMessage>) {
     let counters = dp.counters();
     // The snapshot waits for every worker's answer: off the async threads.
@@ -542,12 +586,22 @@ async fn report(dp: &DataPlaneHandle, queue: &PuntQueue, up: &mpsc::Sender<v1::D
         traffic.to_client.packets += c.to_client_packets;
         traffic.to_client.bytes += c.to_client_bytes;
     }
+    let fast_path = fast_path_report(dp, &counters);
+    if fast_path.is_some()
+        && let Some(s) = dp.xdp_stats()
+    {
+        traffic.to_peer.packets += s.to_peer_packets();
+        traffic.to_peer.bytes += s.to_peer_bytes();
+        traffic.to_client.packets += s.to_client_packets();
+        traffic.to_client.bytes += s.to_client_bytes();
+    }
     let load = v1::LoadReport {
         sampled_unix_millis: unix_millis(),
         allocations: snapshot.len() as u64,
         traffic: Some(traffic.into()),
         drops: drop_counts(&counters, queue.dropped.load(Ordering::Relaxed)),
         workers: worker_loads(&counters, &snapshot),
+        fast_path,
     };
     let _ = up
         .send(msg(data_plane_message::Message::LoadReport(load)))

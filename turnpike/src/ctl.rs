@@ -606,10 +606,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                 out!("revoked {}", r.into_inner().revoked);
             }
             CtlCmd::Stats => {
-                out!(
-                    "{:#?}",
-                    admin.get_stats(v1::GetStatsRequest {}).await?.into_inner()
-                );
+                let stats = admin.get_stats(v1::GetStatsRequest {}).await?.into_inner();
+                out!("{stats:#?}");
+                for line in paths_summary(&stats) {
+                    out!("{line}");
+                }
             }
             CtlCmd::Drain {
                 data_plane,
@@ -648,4 +649,44 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// One line per data plane: what its XDP fast path relayed and what its socket path
+/// relayed (the report's traffic is both).
+fn paths_summary(stats: &v1::GetStatsResponse) -> Vec<String> {
+    let pk = |u: Option<&v1::Usage>| {
+        let c = |t: Option<&v1::TrafficCounters>| t.map_or(0, |t| t.packets);
+        u.map_or((0, 0), |u| {
+            (c(u.client_to_peer.as_ref()), c(u.peer_to_client.as_ref()))
+        })
+    };
+    stats
+        .data_planes
+        .iter()
+        .filter_map(|d| {
+            let load = d.load.as_ref()?;
+            let (up, down) = pk(load.traffic.as_ref());
+            Some(match &load.fast_path {
+                None => format!(
+                    "{}: socket path {up} packets to peers, {down} to clients; XDP not asked for",
+                    d.data_plane_id
+                ),
+                Some(f) if f.interfaces.is_empty() => format!(
+                    "{}: socket path {up} packets to peers, {down} to clients; XDP off: {}",
+                    d.data_plane_id, f.off_reason
+                ),
+                Some(f) => {
+                    let (xup, xdown) = pk(f.traffic.as_ref());
+                    let passed: u64 = f.passed.iter().map(|p| p.packets).sum();
+                    format!(
+                        "{}: XDP on {} relayed {xup} packets to peers, {xdown} to clients, passed {passed} frames to the workers; socket path {} to peers, {} to clients",
+                        d.data_plane_id,
+                        f.interfaces.join(", "),
+                        up.saturating_sub(xup),
+                        down.saturating_sub(xdown)
+                    )
+                }
+            })
+        })
+        .collect()
 }

@@ -67,6 +67,89 @@ pub async fn spawn(
     Ok(())
 }
 
+/// The XDP fast path: whether it is on, what it relayed by path, what it passed to the
+/// socket path by reason, and the allocations it serves.
+fn render_xdp(
+    o: &mut String,
+    dp: &DataPlaneHandle,
+    workers: &[turnpike_dataplane::WorkerCounters],
+) {
+    metric(
+        o,
+        "turnpike_xdp_enabled",
+        "gauge",
+        "1 when the XDP fast path is attached (see the interface and mode labels of turnpike_xdp_attached).",
+    );
+    let status = dp.xdp_status();
+    let _ = writeln!(o, "turnpike_xdp_enabled {}", u8::from(status.is_ok()));
+    let (Ok(attached), Some(stats)) = (status, dp.xdp_stats()) else {
+        return;
+    };
+    metric(
+        o,
+        "turnpike_xdp_attached",
+        "gauge",
+        "Interfaces the XDP program is attached to, with the mode (native, generic).",
+    );
+    for a in &attached {
+        let _ = writeln!(
+            o,
+            "turnpike_xdp_attached{{interface=\"{}\",mode=\"{}\"}} 1",
+            a.iface, a.mode
+        );
+    }
+    metric(
+        o,
+        "turnpike_xdp_relayed_packets_total",
+        "counter",
+        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down); not in turnpike_relayed_packets_total.",
+    );
+    for (path, v) in stats.relayed() {
+        let _ = writeln!(
+            o,
+            "turnpike_xdp_relayed_packets_total{{path=\"{path}\"}} {v}"
+        );
+    }
+    metric(
+        o,
+        "turnpike_xdp_relayed_bytes_total",
+        "counter",
+        "Payload bytes relayed by the XDP program, by direction.",
+    );
+    let _ = writeln!(
+        o,
+        "turnpike_xdp_relayed_bytes_total{{direction=\"to_peer\"}} {}",
+        stats.to_peer_bytes()
+    );
+    let _ = writeln!(
+        o,
+        "turnpike_xdp_relayed_bytes_total{{direction=\"to_client\"}} {}",
+        stats.to_client_bytes()
+    );
+    metric(
+        o,
+        "turnpike_xdp_passed_total",
+        "counter",
+        "Frames the XDP program passed to the socket path, by reason.",
+    );
+    for (reason, v) in stats.passed() {
+        let _ = writeln!(o, "turnpike_xdp_passed_total{{reason=\"{reason}\"}} {v}");
+    }
+    metric(
+        o,
+        "turnpike_xdp_allocations",
+        "gauge",
+        "Allocations with entries in the XDP program's maps, by worker.",
+    );
+    for (w, c) in workers.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "turnpike_xdp_allocations{{worker=\"{w}\"}} {}",
+            c.xdp_allocations
+        );
+    }
+}
+
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -216,6 +299,7 @@ async fn render(
         for (w, c) in workers.iter().enumerate() {
             let _ = writeln!(o, "turnpike_punted_total{{worker=\"{w}\"}} {}", c.punted);
         }
+        render_xdp(&mut o, dp, &workers);
         metric(
             &mut o,
             "turnpike_relay_pool_sockets",
