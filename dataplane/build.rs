@@ -1,4 +1,4 @@
-//! Builds the XDP relay program (`bpf/relay.c`) for the BPF target with clang, when
+//! Builds the XDP relay program (`bpf/relay.c`) and the test tools (`bpf/tools.c`) for the BPF target with clang, when
 //! clang is there. Without it (or when it fails, or with `TURNPIKE_NO_XDP` set) the crate
 //! builds without the fast path and says why at run time (`TURNPIKE_XDP_OFF`). No object
 //! is committed: the program is always built from its source.
@@ -10,6 +10,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(turnpike_xdp)");
     println!("cargo::rerun-if-changed=bpf/relay.c");
     println!("cargo::rerun-if-changed=bpf/relay.h");
+    println!("cargo::rerun-if-changed=bpf/tools.c");
     println!("cargo::rerun-if-env-changed=TURNPIKE_CLANG");
     println!("cargo::rerun-if-env-changed=TURNPIKE_NO_XDP");
     println!("cargo::rerun-if-env-changed=PATH");
@@ -29,7 +30,6 @@ fn build() -> Result<(), String> {
     if std::env::var_os("TURNPIKE_NO_XDP").is_some() {
         return Err("TURNPIKE_NO_XDP was set at build time".into());
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?).join("relay.o");
     let clang = std::env::var("TURNPIKE_CLANG").unwrap_or_else(|_| "clang".into());
     // <asm/types.h> lives under the target's multiarch directory on Debian.
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
@@ -38,24 +38,24 @@ fn build() -> Result<(), String> {
         "aarch64" => "aarch64-linux-gnu",
         other => other,
     };
-    let output = Command::new(&clang)
-        .args(["-O2", "-g", "-Wall", "-target", "bpf"])
-        .arg(format!("-I/usr/include/{multiarch}"))
-        .args(["-c", "bpf/relay.c", "-o"])
-        .arg(&out)
-        .output()
-        .map_err(|e| format!("{clang} could not be run ({e}); install clang and libbpf-dev"))?;
-    if !output.status.success() {
-        let err = String::from_utf8_lossy(&output.stderr);
-        let first = err
-            .lines()
-            .find(|l| l.contains("error"))
-            .unwrap_or("failed");
-        return Err(format!("{clang} failed: {first}"));
-    }
-    for l in String::from_utf8_lossy(&output.stderr).lines() {
-        if l.contains("warning") {
-            println!("cargo::warning=bpf/relay.c: {l}");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
+    for name in ["relay", "tools"] {
+        let output = Command::new(&clang)
+            .args(["-O2", "-g", "-Wall", "-target", "bpf"])
+            .arg(format!("-I/usr/include/{multiarch}"))
+            .args(["-c", &format!("bpf/{name}.c"), "-o"])
+            .arg(out_dir.join(format!("{name}.o")))
+            .output()
+            .map_err(|e| format!("{clang} could not be run ({e}); install clang and libbpf-dev"))?;
+        if !output.status.success() {
+            let err = String::from_utf8_lossy(&output.stderr);
+            let first = err.lines().find(|l| l.contains("error")).unwrap_or("failed");
+            return Err(format!("{clang} failed on bpf/{name}.c: {first}"));
+        }
+        for l in String::from_utf8_lossy(&output.stderr).lines() {
+            if l.contains("warning") {
+                println!("cargo::warning=bpf/{name}.c: {l}");
+            }
         }
     }
     Ok(())

@@ -651,13 +651,5 @@ int turnpike_relay(struct xdp_md *ctx)
 	return peer_down(ctx, &in, old_csum, n, extra);
 }
 
-/* Attached to the far end of a veth in tests and benchmarks: puts it in NAPI mode, so
- * that frames sent with XDP_TX into the veth reach it (see ../../README's XDP notes). */
-SEC("xdp")
-int turnpike_pass(struct xdp_md *ctx)
-{
-	return XDP_PASS;
-}
-
 /* bpf_fib_lookup is for GPL-compatible programs: this one is offered under either. */
 char LICENSE[] SEC("license") = "GPL";

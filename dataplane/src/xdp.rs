@@ -31,12 +31,23 @@ static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
 )));
 #[cfg(not(turnpike_xdp))]
 static OBJECT: Option<&[u8]> = None;
+/// The test and benchmark programs of `bpf/tools.c`.
+#[cfg(turnpike_xdp)]
+static TOOLS: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/tools.o"
+)));
+#[cfg(not(turnpike_xdp))]
+static TOOLS: Option<&[u8]> = None;
 
 /// The program's name in the object and in `bpftool prog`.
 pub const PROGRAM: &str = "turnpike_relay";
 /// A program that passes everything: attached to the far end of a test veth, it puts
 /// that end in NAPI mode, so that frames sent into the veth with XDP_TX arrive.
 pub const PASS_PROGRAM: &str = "turnpike_pass";
+/// A program that sends every UDP datagram to port 7 back to its sender: the floor of
+/// the benchmark.
+pub const REFLECT_PROGRAM: &str = "turnpike_reflect";
 
 const TP_MAX_SLOTS: u32 = 65536;
 const TP_DENY_WORDS: u32 = 2048;
@@ -497,11 +508,18 @@ impl FastPath {
     /// Loads [`PASS_PROGRAM`] and attaches it to `iface` natively, for as long as the
     /// returned value lives (tests and benchmarks: see [`PASS_PROGRAM`]).
     pub fn attach_pass(iface: &str) -> Result<aya::Ebpf, XdpError> {
-        let object = OBJECT.ok_or(XdpError::NotBuilt(off_reason()))?;
+        FastPath::attach_tool(PASS_PROGRAM, iface)
+    }
+
+    /// Loads one of the programs of `bpf/tools.c` ([`PASS_PROGRAM`],
+    /// [`REFLECT_PROGRAM`]) and attaches it to `iface` natively, for as long as the
+    /// returned value lives.
+    pub fn attach_tool(program: &str, iface: &str) -> Result<aya::Ebpf, XdpError> {
+        let object = TOOLS.ok_or(XdpError::NotBuilt(off_reason()))?;
         let mut ebpf = aya::Ebpf::load(object).map_err(|e| XdpError::Load(e.to_string()))?;
         let prog: &mut Xdp = ebpf
-            .program_mut(PASS_PROGRAM)
-            .ok_or_else(|| XdpError::Load(format!("no program {PASS_PROGRAM}")))?
+            .program_mut(program)
+            .ok_or_else(|| XdpError::Load(format!("no program {program}")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
         prog.load().map_err(|e| XdpError::Load(load_error(&e)))?;

@@ -42,6 +42,16 @@ enum Cmd {
     },
     /// The admin client.
     Ctl(ctl::CtlArgs),
+    /// Attaches a test program of the XDP fast path (`pass`: puts the far end of a
+    /// test veth in NAPI mode; `reflect`: sends UDP to port 7 back, the benchmark's
+    /// floor) to an interface until SIGTERM or SIGINT. For tests and benchmarks.
+    #[command(hide = true)]
+    XdpTool {
+        /// `pass` or `reflect`.
+        program: String,
+        /// The interface.
+        iface: String,
+    },
 }
 
 fn main() {
@@ -50,7 +60,7 @@ fn main() {
         Cmd::Serve(f) | Cmd::Controlplane(f) | Cmd::Dataplane { flags: f, .. } => {
             f.log_format.clone()
         }
-        Cmd::Ctl(_) => None,
+        Cmd::Ctl(_) | Cmd::XdpTool { .. } => None,
     };
     init_logging(format.as_deref());
     let result = match cli.cmd {
@@ -71,6 +81,7 @@ fn main() {
             run::serve(c, control)
         }),
         Cmd::Ctl(args) => ctl::run(args),
+        Cmd::XdpTool { program, iface } => xdp_tool(&program, &iface),
     };
     if let Err(e) = result {
         eprintln!("turnpike: {e:#}");
@@ -107,4 +118,28 @@ fn load(flags: &config::Flags) -> anyhow::Result<config::Config> {
             std::process::exit(64);
         }
     }
+}
+
+/// `turnpike xdp-tool PROGRAM IFACE`: attached until SIGTERM or SIGINT; a line on stdout
+/// once it is.
+fn xdp_tool(program: &str, iface: &str) -> anyhow::Result<()> {
+    use turnpike_dataplane::xdp::{FastPath, PASS_PROGRAM, REFLECT_PROGRAM};
+    let name = match program {
+        "pass" => PASS_PROGRAM,
+        "reflect" => REFLECT_PROGRAM,
+        other => anyhow::bail!("unknown XDP tool {other:?} (pass or reflect)"),
+    };
+    let _attached = FastPath::attach_tool(name, iface)?;
+    println!("attached {name} to {iface}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        anyhow::Ok(())
+    })
 }
