@@ -49,7 +49,10 @@ fn build() -> Result<(), String> {
             .map_err(|e| format!("{clang} could not be run ({e}); install clang and libbpf-dev"))?;
         if !output.status.success() {
             let err = String::from_utf8_lossy(&output.stderr);
-            let first = err.lines().find(|l| l.contains("error")).unwrap_or("failed");
+            let first = err
+                .lines()
+                .find(|l| l.contains("error"))
+                .unwrap_or("failed");
             return Err(format!("{clang} failed on bpf/{name}.c: {first}"));
         }
         for l in String::from_utf8_lossy(&output.stderr).lines() {

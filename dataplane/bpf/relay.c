@@ -195,6 +195,10 @@ static __always_inline int route(struct xdp_md *ctx, const struct out *o, __u16 
 		return 0;
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return TP_PASS_TOO_BIG;
+	/* The kernel looks routes up for XDP as a router does: only on an interface with
+	 * net.ipv4.conf.IFACE.forwarding on. */
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return TP_PASS_FORWARDING_OFF;
 	return TP_PASS_NO_ROUTE;
 }
 

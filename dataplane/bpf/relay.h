@@ -110,6 +110,7 @@ enum tp_stat {
 	TP_PASS_TOO_BIG,            /* larger than the egress MTU */
 	TP_PASS_HEADROOM,           /* the frame could not be resized */
 	TP_PASS_DENIED_PORT,        /* a peer port of the server's own sockets */
+	TP_PASS_FORWARDING_OFF,     /* bpf_fib_lookup: forwarding is off on the interface */
 	TP_STAT_MAX,
 };
 

@@ -237,7 +237,7 @@ unsafe impl Pod for PeerVal {}
 unsafe impl Pod for UsageVal {}
 
 /// The program's per-reason counters (`tp_stats`), in `relay.h`'s order.
-pub const STAT_NAMES: [&str; 17] = [
+pub const STAT_NAMES: [&str; 18] = [
     "relayed_channel_up",
     "relayed_send_up",
     "relayed_channel_down",
@@ -255,13 +255,14 @@ pub const STAT_NAMES: [&str; 17] = [
     "too_big",
     "headroom",
     "denied_port",
+    "forwarding_off",
 ];
 
 /// What the program did, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XdpStats {
     /// Counters by [`STAT_NAMES`] index.
-    pub counters: [u64; 17],
+    pub counters: [u64; 18],
 }
 
 impl XdpStats {
@@ -409,6 +410,15 @@ impl FastPath {
                     },
                 };
                 tracing::info!(iface = %iface, mode, "XDP fast path attached");
+                if !forwarding_on(iface) {
+                    tracing::warn!(
+                        iface = %iface,
+                        "net.ipv4.conf.{iface}.forwarding is 0: the kernel's route lookup for XDP (bpf_fib_lookup) refuses, \
+                         so every packet stays on the socket path (counted as forwarding_off); enable it with \
+                         `sysctl -w net.ipv4.conf.{iface}.forwarding=1` (and a firewall forward policy of drop if \
+                         this host must not route)"
+                    );
+                }
                 attached.push(Attached {
                     iface: iface.clone(),
                     mode,
@@ -533,6 +543,12 @@ impl FastPath {
 }
 
 use std::os::fd::AsFd;
+
+/// Whether IPv4 forwarding is on for `iface`, which `bpf_fib_lookup` requires.
+pub fn forwarding_on(iface: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"))
+        .is_ok_and(|v| v.trim() == "1")
+}
 
 /// The verifier's log is long: its last lines say why.
 fn load_error(e: &aya::programs::ProgramError) -> String {
