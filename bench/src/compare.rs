@@ -724,6 +724,7 @@ fn one_run(
 ) -> Result<Option<relay::Report>> {
     let a = env.a;
     let cfg = relay::Config {
+        source: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         server: ServerArgs {
             server: srv.addr_for(tg.transport)?,
             user: "bench".into(),
@@ -752,6 +753,7 @@ fn one_run(
         server_cpu: a.server_cpu,
         gen_cpu: Some(a.gen_cpu),
         progress: false,
+        nap: Duration::ZERO,
         label: tg.key.to_owned(),
     };
     let load1 = proc::loadavg();

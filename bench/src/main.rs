@@ -17,6 +17,7 @@ mod relay;
 mod soak;
 mod stream;
 mod svg;
+mod xdp;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -60,6 +61,9 @@ enum Cmd {
     /// A short soak (not in CI): allocation churn plus a spoofed-source flood while a
     /// legitimate client keeps allocating and relaying; starts `turnpike serve` itself.
     Soak(soak::SoakArgs),
+    /// The XDP fast path vs turnpike's socket path, coturn and a bare XDP reflector,
+    /// through a veth pair between two network namespaces it makes (root; Linux).
+    Xdp(xdp::XdpArgs),
 }
 
 /// How to reach a TURN server.
@@ -234,14 +238,33 @@ fn main() -> Result<()> {
         Cmd::Forwarder(a) => forwarder::run(&a)?,
         Cmd::Compare(a) => compare::run(&a)?,
         Cmd::Soak(a) => soak::run(&a)?,
+        Cmd::Xdp(a) => xdp::run(&a)?,
     }
     Ok(())
 }
 
 /// Only loopback targets: this tool must never send load anywhere else.
 pub fn check_loopback(a: SocketAddr) -> Result<()> {
-    if !a.ip().is_loopback() {
-        bail!("{a} is not a loopback address: turnpike-bench only sends to 127.0.0.0/8");
+    if !a.ip().is_loopback() && !in_own_netns() {
+        bail!(
+            "{a} is not a loopback address: turnpike-bench only sends to 127.0.0.0/8, or \
+             anywhere inside a network namespace of its own (`turnpike-bench xdp` makes them)"
+        );
     }
     Ok(())
+}
+
+/// Whether this process runs in a named network namespace (`ip netns add`, as
+/// `turnpike-bench xdp` makes), whose traffic stays on its own veth pairs.
+pub fn in_own_netns() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(me) = std::fs::metadata("/proc/self/ns/net") else {
+        return false;
+    };
+    std::fs::read_dir("/run/netns").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            e.metadata()
+                .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
+        })
+    })
 }

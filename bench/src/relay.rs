@@ -38,6 +38,10 @@ pub enum Mode {
     Indication,
     /// Raw payloads through the bare forwarder.
     Forwarder,
+    /// Raw payloads to a reflector (`turnpike xdp-tool reflect`), which sends each back
+    /// to its sender: client sockets get their own datagrams back, the peer socket its
+    /// own. The physical floor of one pass through an XDP program.
+    Echo,
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +53,14 @@ pub struct RelayArgs {
     /// The target is the bare forwarder (`turnpike-bench forwarder`), not a TURN server.
     #[arg(long, conflicts_with = "transport")]
     pub forwarder: bool,
+    /// The target is a reflector (`turnpike xdp-tool reflect`, UDP port 7) that sends
+    /// every datagram back to its sender.
+    #[arg(long, conflicts_with_all = ["transport", "forwarder"])]
+    pub echo: bool,
+    /// The IP the client sockets bind to (loopback, or an address of a network
+    /// namespace the generator runs in).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub source: std::net::IpAddr,
     /// Send indications (and Data indications back) instead of a channel.
     #[arg(long, conflicts_with = "forwarder")]
     pub send_indications: bool,
@@ -99,6 +111,10 @@ pub struct RelayArgs {
     /// No progress line each second.
     #[arg(long)]
     pub quiet: bool,
+    /// Microseconds to sleep after a loop turn with nothing to send or receive (0:
+    /// spin): the generator's CPU then counts its work, not its polling.
+    #[arg(long, default_value_t = 0)]
+    pub nap_us: u64,
     /// Write the result as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -110,10 +126,13 @@ impl RelayArgs {
             bail!("--send-indications: only over UDP (streams carry ChannelData)");
         }
         Ok(Config {
+            source: self.source,
             server: self.server.clone(),
             transport: self.stream.transport,
             tls: self.stream.client_config()?,
-            mode: if self.forwarder {
+            mode: if self.echo {
+                Mode::Echo
+            } else if self.forwarder {
                 Mode::Forwarder
             } else if self.send_indications {
                 Mode::Indication
@@ -135,6 +154,7 @@ impl RelayArgs {
             server_cpu: self.server_cpu,
             gen_cpu: self.cpu,
             progress: !self.quiet,
+            nap: Duration::from_micros(self.nap_us),
             label: String::new(),
         })
     }
@@ -145,6 +165,8 @@ impl RelayArgs {
 pub struct Config {
     pub server: ServerArgs,
     pub mode: Mode,
+    /// The IP the client sockets bind to.
+    pub source: std::net::IpAddr,
     /// How the client side reaches the server (`server.server` is its address for
     /// that transport).
     pub transport: Transport,
@@ -165,6 +187,9 @@ pub struct Config {
     pub server_cpu: usize,
     pub gen_cpu: Option<usize>,
     pub progress: bool,
+    /// Sleep this long after a loop turn with nothing to do (zero: spin), so that the
+    /// generator's CPU counts its work, not its polling.
+    pub nap: Duration,
     pub label: String,
 }
 
@@ -338,6 +363,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let peer_addr = peer_sock.local_addr()?;
     let mut flows = match cfg.mode {
         Mode::Forwarder => setup_forwarder(cfg, &peer_sock)?,
+        Mode::Echo => setup_echo(cfg)?,
         _ => setup_turn(cfg, peer_addr)?,
     };
     for (i, f) in flows.iter_mut().enumerate() {
@@ -465,7 +491,12 @@ pub fn run(cfg: &Config) -> Result<Report> {
                         d.coalesced += r.len.div_ceil(r.seg) as u64;
                     }
                     for chunk in data.chunks(r.seg) {
-                        if tok == PEER {
+                        if cfg.mode == Mode::Echo {
+                            if let Some(st) = payload::read(chunk) {
+                                let d = if tok == PEER { &mut down } else { &mut up };
+                                d.record(now_ns, st.ts_ns);
+                            }
+                        } else if tok == PEER {
                             if let Some(st) = payload::read(chunk) {
                                 up.record(now_ns, st.ts_ns);
                             }
@@ -484,6 +515,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
         if did > 0 {
             m.add_busy(now);
+        } else if cfg.nap > Duration::ZERO {
+            std::thread::sleep(cfg.nap);
         }
         if cfg.progress {
             progress.tick(el, m.measuring(), &up, &down);
@@ -782,7 +815,7 @@ fn build_templates(cfg: &Config, f: &mut Flow, flow: u32, peer: SocketAddr) -> R
                     .context("payload not found in the Send indication")?;
                 (len, off)
             }
-            Mode::Forwarder => {
+            Mode::Forwarder | Mode::Echo => {
                 frame[..p.len()].copy_from_slice(&p);
                 (p.len(), 0)
             }
@@ -962,7 +995,7 @@ fn client_payload<'a>(
     out: &mut Vec<u8>,
 ) -> Option<&'a [u8]> {
     match mode {
-        Mode::Forwarder => Some(dgram),
+        Mode::Forwarder | Mode::Echo => Some(dgram),
         _ => match f.client.as_mut()?.handle(0, dgram, out) {
             Event::ChannelData { data, .. } | Event::Data { data, .. } => Some(data),
             _ => None,
@@ -990,7 +1023,7 @@ fn setup_turn(cfg: &Config, peer: SocketAddr) -> Result<Vec<Flow>> {
             limit: Duration::from_secs(20),
             keep: true,
             buffer: cfg.buffer,
-            source: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            source: cfg.source,
         };
         let o = hs::handshakes(&cfg.server, &plan)?;
         sessions.extend(o.sessions);
@@ -1031,7 +1064,7 @@ fn setup_turn(cfg: &Config, peer: SocketAddr) -> Result<Vec<Flow>> {
 /// Forwarder flows: each client socket says hello until the peer socket has seen the
 /// forwarder's relay address for it.
 fn setup_forwarder(cfg: &Config, peer: &UdpSocket) -> Result<Vec<Flow>> {
-    let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+    let bind = SocketAddr::new(cfg.source, 0);
     let mut socks = Vec::with_capacity(cfg.clients);
     for _ in 0..cfg.clients {
         let s = net::udp(bind, cfg.buffer, cfg.gro)?;
@@ -1085,6 +1118,29 @@ fn setup_forwarder(cfg: &Config, peer: &UdpSocket) -> Result<Vec<Flow>> {
             })
         })
         .collect())
+}
+
+/// Echo flows: client sockets connected to the reflector, whose "relay" address (where
+/// the peer socket sends) is the reflector too.
+fn setup_echo(cfg: &Config) -> Result<Vec<Flow>> {
+    let to = net::v4(cfg.server.server)?;
+    (0..cfg.clients)
+        .map(|_| {
+            let sock = net::udp(SocketAddr::new(cfg.source, 0), cfg.buffer, cfg.gro)?;
+            sock.connect(cfg.server.server)?;
+            Ok(Flow {
+                sock,
+                client: None,
+                relay: to,
+                relay_sa: net::sockaddr(to),
+                up: Default::default(),
+                up_off: [0; 2],
+                down: Default::default(),
+                seq_up: 0,
+                seq_down: 0,
+            })
+        })
+        .collect()
 }
 
 /// Deletes the flows' allocations (Refresh with lifetime 0), so that a server used for
