@@ -14,6 +14,8 @@ fn main() {
     println!("cargo::rerun-if-env-changed=TURNPIKE_CLANG");
     println!("cargo::rerun-if-env-changed=TURNPIKE_NO_XDP");
     println!("cargo::rerun-if-env-changed=PATH");
+    // Installing clang later builds the program then: a missing file counts as changed.
+    println!("cargo::rerun-if-changed={}", clang_path().display());
     match build() {
         Ok(()) => {
             println!("cargo::rustc-cfg=turnpike_xdp");
@@ -24,6 +26,20 @@ fn main() {
             println!("cargo::rustc-env=TURNPIKE_XDP_OFF={why}");
         }
     }
+}
+
+/// Where clang is (or would be): `TURNPIKE_CLANG`, else `clang` on the PATH.
+fn clang_path() -> PathBuf {
+    if let Ok(c) = std::env::var("TURNPIKE_CLANG") {
+        return PathBuf::from(c);
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("clang"))
+                .find(|c| c.exists())
+        })
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/clang"))
 }
 
 fn build() -> Result<(), String> {

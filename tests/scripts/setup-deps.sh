@@ -7,7 +7,10 @@
 #         nftables, procps, openssl (the per-run test PKI of the TLS tests),
 #         libnss3-tools (certutil: the NSS database by which Chromium trusts the test CA),
 #         etcd-server (etcd, started by the tests on loopback ports of their own),
-#         etcd-client (etcdctl, which compacts history for the compaction test)
+#         etcd-client (etcdctl, which compacts history for the compaction test),
+#         clang + libbpf-dev (the data plane's build script compiles the XDP program with
+#         them), bpftool, ethtool (the XDP tests and benchmark: tx offload off on veths),
+#         curl (the XDP tests scrape metrics inside a network namespace)
 #   venv: tests/e2e/.venv with the pinned packages of tests/e2e/requirements.txt
 #
 # Installing coturn or etcd-server must not leave a system turnserver running on 3478 or
@@ -17,7 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 
-APT_PKGS=(coturn chromium iproute2 nftables procps openssl libnss3-tools etcd-server etcd-client)
+APT_PKGS=(coturn chromium iproute2 nftables procps openssl libnss3-tools etcd-server etcd-client
+          clang libbpf-dev bpftool ethtool curl)
 # The binary each package must provide (a package counts as installed only if it is there).
 declare -A PROBE=(
   [coturn]=/usr/bin/turnserver
@@ -29,6 +33,11 @@ declare -A PROBE=(
   [libnss3-tools]=/usr/bin/certutil
   [etcd-server]=/usr/bin/etcd
   [etcd-client]=/usr/bin/etcdctl
+  [clang]=/usr/bin/clang
+  [libbpf-dev]=/usr/include/bpf/bpf_helpers.h
+  [bpftool]=/usr/sbin/bpftool
+  [ethtool]=/usr/sbin/ethtool
+  [curl]=/usr/bin/curl
 )
 
 SUDO=""
@@ -37,7 +46,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 missing=()
 for p in "${APT_PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
-     || [ ! -x "${PROBE[$p]}" ]; then
+     || [ ! -e "${PROBE[$p]}" ]; then
     missing+=("$p")
   fi
 done
