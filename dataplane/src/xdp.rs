@@ -785,18 +785,26 @@ impl Mirror {
             self.remove(id, None);
             return;
         };
-        let slot = match self.installed.get(&id) {
-            Some(i) => i.slot,
+        let installed = self.installed.get(&id).map(|i| i.slot);
+        let want = entries(a, installed.unwrap_or(0), denied, now_ms, monotonic_ns());
+        if want.client.is_none() {
+            // Not (or no longer) for the program: a TCP/TLS client, a bandwidth limit,
+            // an IPv6 allocation, or one past its deadline.
+            self.remove(id, Some(a));
+            return;
+        }
+        let slot = match installed {
+            Some(s) => s,
             None => match self.new_slot() {
                 Some(s) => s,
                 None => return,
             },
         };
-        let want = entries(a, slot, denied, now_ms, monotonic_ns());
-        if want.client.is_none() {
-            self.remove(id, Some(a));
-            return;
-        }
+        let want = if installed.is_some() {
+            want
+        } else {
+            entries(a, slot, denied, now_ms, monotonic_ns())
+        };
         let inst = self.installed.entry(id).or_insert_with(|| Installed {
             slot,
             ..Installed::default()
