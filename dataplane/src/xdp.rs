@@ -2,7 +2,7 @@
 //! the maps the workers keep in step with their relay tables.
 //!
 //! The program is an accelerator, never the authority: it relays only the flows whose
-//! entries a worker wrote ([`Mirror::sync`]), each with its deadline, and passes
+//! entries a worker wrote (`Mirror::sync`), each with its deadline, and passes
 //! everything else to the sockets, where the workers decide exactly as without it.
 //! Entries are written only for UDP allocations over IPv4 without a bandwidth limit
 //! (limits stay on the socket path, where the token buckets are), for permissions and
