@@ -1,5 +1,391 @@
+//! The XDP program, run on crafted frames with `BPF_PROG_TEST_RUN`, with its maps
+//! written by the real `Mirror::sync` from a real worker `Table`.
+//!
+//! A route lookup needs a device: each test makes a network namespace with a veth pair
+//! (address 10.77.0.1 on `xa`, permanent neighbour entries for the client 10.77.0.2, the
+//! peer 10.77.0.3 and another host 10.77.0.4, forwarding on) and runs the program from a
+//! thread inside it. Needs root and a kernel that loads the program: elsewhere the tests
+//! print `SKIPPED: reason`, or fail when `TURNPIKE_REQUIRE_XDP=1`.
 #![allow(clippy::unwrap_used, reason = "a panic is how a test fails")]
+#![allow(clippy::indexing_slicing, reason = "test frames have known layouts")]
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
 use super::*;
+use crate::counters::Counters;
+use crate::engine::Output;
+use crate::table::Table;
+use crate::{FiveTuple, Millis, TableChange};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 4);
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+const LISTEN_PORT: u16 = 3478;
+const RELAY_PORT: u16 = 50000;
+const CLIENT_PORT: u16 = 5000;
+const PEER_PORT: u16 = 7000;
+const CHANNEL: u16 = 0x4001;
+
+fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+/// Whether the XDP tests can run here; `None` (after printing why) when they are
+/// skipped. With `TURNPIKE_REQUIRE_XDP=1` a skip is a failure.
+fn load() -> Option<FastPath> {
+    let why = match FastPath::start(&XdpConfig::default()) {
+        Ok(fp) => return Some(fp),
+        Err(e) => e.to_string(),
+    };
+    if std::env::var("TURNPIKE_REQUIRE_XDP").is_ok_and(|v| v == "1") {
+        panic!("XDP required (TURNPIKE_REQUIRE_XDP=1) but unavailable: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A network namespace with the veth pair `xa`/`xb`; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "tpu-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        let n = ns.name.as_str();
+        ip(&[
+            "-n", n, "link", "add", "xa", "type", "veth", "peer", "name", "xb",
+        ]);
+        ip(&["-n", n, "addr", "add", "10.77.0.1/24", "dev", "xa"]);
+        ip(&["-n", n, "link", "set", "xa", "up"]);
+        ip(&["-n", n, "link", "set", "xb", "up"]);
+        for (host, mac) in [
+            ("10.77.0.2", "02:00:00:00:00:02"),
+            ("10.77.0.3", "02:00:00:00:00:03"),
+            ("10.77.0.4", "02:00:00:00:00:04"),
+        ] {
+            ip(&[
+                "-n",
+                n,
+                "neigh",
+                "add",
+                host,
+                "lladdr",
+                mac,
+                "dev",
+                "xa",
+                "nud",
+                "permanent",
+            ]);
+        }
+        ip(&[
+            "netns",
+            "exec",
+            n,
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.xa.forwarding=1",
+        ]);
+        ns
+    }
+
+    /// Runs the program on `frame` as if it arrived on `xa`, from a thread inside the
+    /// namespace.
+    fn run(&self, fp: &FastPath, frame: &[u8]) -> (u32, Vec<u8>) {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = std::fs::File::open(&path).unwrap();
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let idx = nix::net::if_::if_nametoindex("xa").unwrap();
+                fp.test_run(frame, idx).unwrap()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// The ones' complement sum of `b` as 16-bit big-endian words.
+fn sum(b: &[u8], mut s: u32) -> u32 {
+    for c in b.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    s
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+fn udp_checksum(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    let c = !fold(sum(udp, sum(&pseudo, 0)));
+    if c == 0 { 0xffff } else { c }
+}
+
+/// An Ethernet frame with an IPv4/UDP datagram (valid checksums, or a UDP checksum of 0
+/// with `no_csum`).
+fn frame(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], no_csum: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 0xaa]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let ulen = 8 + payload.len();
+    let mut iph = vec![0x45, 0];
+    iph.extend_from_slice(&((20 + ulen) as u16).to_be_bytes());
+    iph.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
+    iph.extend_from_slice(&src.ip().octets());
+    iph.extend_from_slice(&dst.ip().octets());
+    let c = !fold(sum(&iph, 0));
+    iph[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&iph);
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&src.port().to_be_bytes());
+    udp.extend_from_slice(&dst.port().to_be_bytes());
+    udp.extend_from_slice(&(ulen as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    if !no_csum {
+        let c = udp_checksum(*src.ip(), *dst.ip(), &udp);
+        udp[6..8].copy_from_slice(&c.to_be_bytes());
+    }
+    f.extend_from_slice(&udp);
+    f
+}
+
+/// What a relayed frame carries, its checksums verified.
+#[derive(Debug)]
+struct Sent {
+    dst_mac: [u8; 6],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ttl: u8,
+    dont_fragment: bool,
+    udp_csum: u16,
+    payload: Vec<u8>,
+}
+
+fn parse(f: &[u8]) -> Sent {
+    assert_eq!(&f[12..14], &[0x08, 0x00]);
+    let iph = &f[14..34];
+    assert_eq!(iph[0], 0x45);
+    assert_eq!(fold(sum(iph, 0)), 0xffff, "IPv4 header checksum");
+    let tot = usize::from(u16::from_be_bytes([iph[2], iph[3]]));
+    assert_eq!(tot, f.len() - 14, "IP total length is the frame's");
+    let src_ip = Ipv4Addr::new(iph[12], iph[13], iph[14], iph[15]);
+    let dst_ip = Ipv4Addr::new(iph[16], iph[17], iph[18], iph[19]);
+    let udp = &f[34..];
+    let ulen = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    assert_eq!(ulen, udp.len(), "UDP length");
+    let csum = u16::from_be_bytes([udp[6], udp[7]]);
+    if csum != 0 {
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src_ip.octets());
+        pseudo.extend_from_slice(&dst_ip.octets());
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(ulen as u16).to_be_bytes());
+        assert_eq!(fold(sum(udp, sum(&pseudo, 0))), 0xffff, "UDP checksum");
+    }
+    Sent {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src: sa(src_ip, u16::from_be_bytes([udp[0], udp[1]])),
+        dst: sa(dst_ip, u16::from_be_bytes([udp[2], udp[3]])),
+        ttl: iph[8],
+        dont_fragment: iph[6] & 0x40 != 0,
+        udp_csum: csum,
+        payload: udp[8..].to_vec(),
+    }
+}
+
+fn channel_data(ch: u16, data: &[u8], pad: &[u8]) -> Vec<u8> {
+    let mut v = ch.to_be_bytes().to_vec();
+    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    v.extend_from_slice(data);
+    v.extend_from_slice(pad);
+    v
+}
+
+fn xor_peer(a: SocketAddrV4) -> Vec<u8> {
+    let mut v = vec![0, 1];
+    v.extend_from_slice(&(a.port() ^ 0x2112).to_be_bytes());
+    v.extend_from_slice(&(u32::from(*a.ip()) ^ 0x2112_A442).to_be_bytes());
+    v
+}
+
+/// A STUN message of `ty` with these attributes (padded), in order.
+fn stun(ty: u16, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (t, v) in attrs {
+        body.extend_from_slice(&t.to_be_bytes());
+        body.extend_from_slice(&(v.len() as u16).to_be_bytes());
+        body.extend_from_slice(v);
+        body.resize(body.len().next_multiple_of(4), 0);
+    }
+    let mut m = ty.to_be_bytes().to_vec();
+    m.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    m.extend_from_slice(&0x2112_A442u32.to_be_bytes());
+    m.extend_from_slice(&[7; 12]);
+    m.extend_from_slice(&body);
+    m
+}
+
+fn data(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + 1) as u8).collect()
+}
+
+/// A worker table with one UDP allocation (client 10.77.0.2:5000 → 10.77.0.1:3478,
+/// relayed address 10.77.0.1:50000), a permission for the peer's IP and a channel to
+/// the peer, mirrored into the maps.
+struct Fixture {
+    fp: Arc<FastPath>,
+    mirror: Mirror,
+    table: Table,
+    denied: Denied,
+    ctr: Counters,
+    id: AllocationId,
+    tuple: FiveTuple,
+    now: u64,
+}
+
+fn unix_ms() -> u64 {
+    crate::worker::unix_millis().0
+}
+
+impl Fixture {
+    fn new(fp: FastPath) -> Fixture {
+        Fixture::with(fp, 0, Denied::default())
+    }
+
+    fn with(fp: FastPath, bandwidth: u64, denied: Denied) -> Fixture {
+        let fp = Arc::new(fp);
+        let mirror = fp.mirror().unwrap();
+        let now = unix_ms();
+        let tuple = FiveTuple::udp(
+            SocketAddr::V4(sa(CLIENT, CLIENT_PORT)),
+            SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
+        );
+        let mut f = Fixture {
+            fp,
+            mirror,
+            table: Table::default(),
+            denied,
+            ctr: Counters::default(),
+            id: AllocationId(7),
+            tuple,
+            now,
+        };
+        f.table.track = true;
+        f.apply(TableChange::AllocationAdd {
+            id: f.id,
+            tuple,
+            relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT))],
+            deadline: Millis(now + 600_000),
+            bandwidth,
+            user: "u".into(),
+            username: "u".into(),
+            dont_fragment: false,
+        });
+        f.apply(TableChange::PermissionSet {
+            id: f.id,
+            peer: PEER.into(),
+            deadline: Millis(now + 300_000),
+        });
+        f.apply(TableChange::ChannelSet {
+            id: f.id,
+            channel: CHANNEL,
+            peer: SocketAddr::V4(sa(PEER, PEER_PORT)),
+            deadline: Millis(now + 600_000),
+        });
+        f
+    }
+
+    fn apply(&mut self, c: TableChange) {
+        let mut out: Vec<Output> = Vec::new();
+        self.table
+            .apply(0, self.now, c, &self.denied, &self.ctr, &mut out);
+        self.sync();
+    }
+
+    fn sync(&mut self) {
+        let touched = std::mem::take(&mut self.table.touched);
+        for id in touched {
+            self.mirror
+                .sync(id, self.table.allocs.get_mut(&id), &self.denied, self.now);
+        }
+    }
+
+    fn delta(&self, before: &XdpStats, name: &str) -> u64 {
+        let i = STAT_NAMES.iter().position(|n| *n == name).unwrap();
+        self.fp.stats().counters[i] - before.counters[i]
+    }
+}
+
+fn up_channel(len: usize, pad: &[u8], no_csum: bool) -> Vec<u8> {
+    frame(
+        sa(CLIENT, CLIENT_PORT),
+        sa(SERVER, LISTEN_PORT),
+        &channel_data(CHANNEL, &data(len), pad),
+        no_csum,
+    )
+}
+
+fn from_peer(peer: Ipv4Addr, len: usize) -> Vec<u8> {
+    frame(
+        sa(peer, PEER_PORT),
+        sa(SERVER, RELAY_PORT),
+        &data(len),
+        false,
+    )
+}
+
+fn send_ind(attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    frame(
+        sa(CLIENT, CLIENT_PORT),
+        sa(SERVER, LISTEN_PORT),
+        &stun(0x0016, attrs),
+        false,
+    )
+}
 
 #[test]
 fn map_layouts_match_relay_h() {
@@ -16,18 +402,414 @@ fn map_layouts_match_relay_h() {
 }
 
 #[test]
-fn loads_and_passes_a_frame_it_does_not_know() {
-    let fp = match FastPath::start(&XdpConfig::default()) {
-        Ok(fp) => fp,
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return;
+fn without_a_device_everything_is_passed() {
+    let Some(fp) = load() else { return };
+    let f = Fixture::new(fp);
+    let before = f.fp.stats();
+    let (action, _) = f.fp.test_run(&up_channel(100, &[], false), 0).unwrap();
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(f.fp.stats().passed_total() - before.passed_total(), 1);
+}
+
+#[test]
+fn channel_data_up_is_relayed_with_its_header_and_padding_stripped() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let f = Fixture::new(fp);
+    for (len, pad) in [
+        (100, &[][..]),
+        (101, &[0, 0, 0][..]),
+        (1, &[0][..]),
+        (0, &[][..]),
+        (1200, &[][..]),
+    ] {
+        let before = f.fp.stats();
+        let (action, out) = ns.run(&f.fp, &up_channel(len, pad, false));
+        assert_eq!(action, XDP_TX, "len {len}");
+        let s = parse(&out);
+        assert_eq!(s.dst_mac, PEER_MAC);
+        assert_eq!(s.src, sa(SERVER, RELAY_PORT));
+        assert_eq!(s.dst, sa(PEER, PEER_PORT));
+        assert_eq!(s.ttl, 64);
+        assert!(!s.dont_fragment);
+        assert_ne!(s.udp_csum, 0);
+        assert_eq!(s.payload, data(len), "len {len}");
+        assert_eq!(f.delta(&before, "relayed_channel_up"), 1);
+        assert_eq!(f.delta(&before, "bytes_up"), len as u64);
+    }
+    // No checksum in, none out.
+    let (action, out) = ns.run(&f.fp, &up_channel(33, &[0, 0, 0], true));
+    assert_eq!(action, XDP_TX);
+    let s = parse(&out);
+    assert_eq!(s.udp_csum, 0);
+    assert_eq!(s.payload, data(33));
+}
+
+#[test]
+fn odd_channel_data_is_left_to_the_workers() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let f = Fixture::new(fp);
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("unsupported", up_channel(10, &[1, 0], false)),
+        ("malformed", {
+            // The length field says more than the datagram holds.
+            let mut cd = channel_data(CHANNEL, &data(10), &[]);
+            cd[3] = 40;
+            frame(sa(CLIENT, CLIENT_PORT), sa(SERVER, LISTEN_PORT), &cd, false)
+        }),
+        ("malformed", up_channel(10, &[0, 0, 0, 0], false)),
+        ("no_entry", {
+            let cd = channel_data(0x4002, &data(10), &[]);
+            frame(sa(CLIENT, CLIENT_PORT), sa(SERVER, LISTEN_PORT), &cd, false)
+        }),
+    ];
+    for (reason, fr) in cases {
+        let before = f.fp.stats();
+        let (action, out) = ns.run(&f.fp, &fr);
+        assert_eq!(action, XDP_PASS, "{reason}");
+        assert_eq!(out, fr, "a passed frame is unchanged");
+        assert_eq!(f.delta(&before, reason), 1, "{reason}");
+    }
+}
+
+#[test]
+fn send_indications_are_relayed_whatever_the_attribute_order() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let f = Fixture::new(fp);
+    let peer = xor_peer(sa(PEER, PEER_PORT));
+    for len in [0usize, 1, 2, 3, 4, 101, 1000] {
+        for (order, attrs) in [
+            (
+                "peer, data",
+                vec![(0x0012, peer.clone()), (0x0013, data(len))],
+            ),
+            (
+                // coturn's uclient and pion: DATA first, FINGERPRINT last.
+                "data, peer, fingerprint",
+                vec![
+                    (0x0013, data(len)),
+                    (0x0012, peer.clone()),
+                    (0x8028, vec![1, 2, 3, 4]),
+                ],
+            ),
+            (
+                "software, dont-fragment, peer, data",
+                vec![
+                    (0x8022, b"x".to_vec()),
+                    (0x001A, vec![]),
+                    (0x0012, peer.clone()),
+                    (0x0013, data(len)),
+                ],
+            ),
+        ] {
+            let before = f.fp.stats();
+            let (action, out) = ns.run(&f.fp, &send_ind(&attrs));
+            assert_eq!(action, XDP_TX, "{order}, {len} bytes");
+            let s = parse(&out);
+            assert_eq!(s.dst_mac, PEER_MAC);
+            assert_eq!(s.src, sa(SERVER, RELAY_PORT));
+            assert_eq!(s.dst, sa(PEER, PEER_PORT));
+            assert_eq!(s.payload, data(len), "{order}, {len} bytes");
+            assert_eq!(f.delta(&before, "relayed_send_up"), 1);
         }
+    }
+}
+
+#[test]
+fn send_indications_the_program_does_not_relay() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let f = Fixture::new(fp);
+    let peer = xor_peer(sa(PEER, PEER_PORT));
+    let mut v6 = vec![0, 2, 0x1b, 0x52];
+    v6.extend_from_slice(&[0; 16]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "unsupported",
+            send_ind(&[
+                (0x0012, peer.clone()),
+                (0x0013, data(8)),
+                (0x0008, vec![0; 20]),
+            ]),
+        ),
+        (
+            "unsupported",
+            send_ind(&[
+                (0x0012, peer.clone()),
+                (0x0013, data(8)),
+                (0x7777, vec![0; 4]),
+            ]),
+        ),
+        ("unsupported", send_ind(&[(0x0012, v6), (0x0013, data(8))])),
+        ("unsupported", send_ind(&[(0x0013, data(8))])),
+        (
+            "no_entry",
+            send_ind(&[(0x0012, xor_peer(sa(STRANGER, 9))), (0x0013, data(8))]),
+        ),
+        ("malformed", {
+            let mut m = stun(0x0016, &[(0x0012, peer.clone()), (0x0013, data(8))]);
+            m[3] += 4;
+            frame(sa(CLIENT, CLIENT_PORT), sa(SERVER, LISTEN_PORT), &m, false)
+        }),
+    ];
+    for (reason, fr) in cases {
+        let before = f.fp.stats();
+        let (action, out) = ns.run(&f.fp, &fr);
+        assert_eq!(action, XDP_PASS, "{reason}");
+        assert_eq!(out, fr);
+        assert_eq!(f.delta(&before, reason), 1, "{reason}");
+    }
+}
+
+/// Checks a Data indication from the peer carrying `payload`.
+fn check_data_indication(msg: &[u8], payload: &[u8]) {
+    assert_eq!(&msg[0..2], &[0x00, 0x17]);
+    let mlen = usize::from(u16::from_be_bytes([msg[2], msg[3]]));
+    assert_eq!(mlen + 20, msg.len());
+    assert_eq!(msg.len() % 4, 0);
+    assert_eq!(&msg[4..8], &0x2112_A442u32.to_be_bytes());
+    assert_eq!(&msg[20..24], &[0x00, 0x12, 0x00, 0x08]);
+    assert_eq!(&msg[24..32], &xor_peer(sa(PEER, PEER_PORT))[..]);
+    assert_eq!(&msg[32..34], &[0x00, 0x13]);
+    assert_eq!(
+        usize::from(u16::from_be_bytes([msg[34], msg[35]])),
+        payload.len()
+    );
+    assert_eq!(&msg[36..36 + payload.len()], payload);
+    assert!(msg[36 + payload.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn peer_datagrams_go_as_data_indications_until_the_channel_is_confirmed() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = Fixture::new(fp);
+    for len in [0usize, 1, 2, 3, 4, 99, 1300] {
+        let before = f.fp.stats();
+        let (action, out) = ns.run(&f.fp, &from_peer(PEER, len));
+        assert_eq!(action, XDP_TX, "{len}");
+        let s = parse(&out);
+        assert_eq!(s.dst_mac, CLIENT_MAC);
+        assert_eq!(s.src, sa(SERVER, LISTEN_PORT));
+        assert_eq!(s.dst, sa(CLIENT, CLIENT_PORT));
+        check_data_indication(&s.payload, &data(len));
+        assert_eq!(f.delta(&before, "relayed_data_down"), 1);
+    }
+    // The client has been sent its ChannelBind success: ChannelData from now on.
+    let tuple = f.tuple;
+    f.table.confirm_channels(&tuple);
+    f.sync();
+    for len in [0usize, 5, 100] {
+        let before = f.fp.stats();
+        let (action, out) = ns.run(&f.fp, &from_peer(PEER, len));
+        assert_eq!(action, XDP_TX);
+        let s = parse(&out);
+        assert_eq!(s.payload, channel_data(CHANNEL, &data(len), &[]));
+        assert_eq!(f.delta(&before, "relayed_channel_down"), 1);
+    }
+    // Another port of the permitted IP has no channel: a Data indication.
+    let fr = frame(
+        sa(PEER, PEER_PORT + 1),
+        sa(SERVER, RELAY_PORT),
+        &data(9),
+        false,
+    );
+    let (action, out) = ns.run(&f.fp, &fr);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&parse(&out).payload[0..2], &[0x00, 0x17]);
+}
+
+#[test]
+fn frames_the_program_passes() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let f = Fixture::new(fp);
+    let good = up_channel(20, &[], false);
+    let mut options = good.clone();
+    options[14] = 0x46;
+    let mut fragment = good.clone();
+    fragment[20] = 0x20; // MF
+    let mut offset = good.clone();
+    offset[21] = 0x10;
+    let mut tcp = good.clone();
+    tcp[23] = 6;
+    let mut v6 = good.clone();
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let mut short_udp = good.clone();
+    short_udp[39] = 200; // UDP length beyond the frame
+    let stranger = from_peer(STRANGER, 10);
+    for (reason, fr) in [
+        ("ip_options", options),
+        ("fragment", fragment),
+        ("fragment", offset),
+        ("not_udp", tcp),
+        ("not_udp", v6),
+        ("malformed", short_udp),
+        ("no_entry", stranger),
+        ("malformed", good[..40].to_vec()),
+    ] {
+        let before = f.fp.stats();
+        let (action, _) = ns.run(&f.fp, &fr);
+        assert_eq!(action, XDP_PASS, "{reason}");
+        assert_eq!(f.delta(&before, reason), 1, "{reason}");
+    }
+}
+
+#[test]
+fn removals_stop_forwarding_at_once() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = Fixture::new(fp);
+    let send = send_ind(&[(0x0012, xor_peer(sa(PEER, PEER_PORT))), (0x0013, data(10))]);
+    assert_eq!(ns.run(&f.fp, &up_channel(10, &[], false)).0, XDP_TX);
+    assert_eq!(ns.run(&f.fp, &send).0, XDP_TX);
+    assert_eq!(ns.run(&f.fp, &from_peer(PEER, 10)).0, XDP_TX);
+
+    f.apply(TableChange::ChannelRemove {
+        id: f.id,
+        channel: CHANNEL,
+    });
+    assert_eq!(ns.run(&f.fp, &up_channel(10, &[], false)).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &send).0, XDP_TX);
+
+    f.apply(TableChange::PermissionRemove {
+        id: f.id,
+        peer: PEER.into(),
+    });
+    assert_eq!(ns.run(&f.fp, &send).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &from_peer(PEER, 10)).0, XDP_PASS);
+
+    // Permission back; then a Refresh with lifetime 0 (the deadline is now).
+    f.apply(TableChange::PermissionSet {
+        id: f.id,
+        peer: PEER.into(),
+        deadline: Millis(f.now + 300_000),
+    });
+    assert_eq!(ns.run(&f.fp, &send).0, XDP_TX);
+    f.apply(TableChange::AllocationRefresh {
+        id: f.id,
+        deadline: Millis(f.now),
+    });
+    assert_eq!(ns.run(&f.fp, &send).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &from_peer(PEER, 10)).0, XDP_PASS);
+    assert_eq!(f.mirror.installed(), 0);
+
+    // A new allocation, then removed: its entries are gone.
+    f.apply(TableChange::AllocationRefresh {
+        id: f.id,
+        deadline: Millis(f.now + 60_000),
+    });
+    assert_eq!(ns.run(&f.fp, &send).0, XDP_TX);
+    f.apply(TableChange::AllocationRemove { id: f.id });
+    assert_eq!(ns.run(&f.fp, &send).0, XDP_PASS);
+    assert_eq!(f.mirror.installed(), 0);
+    assert_eq!(f.mirror.allocs.keys().count(), 0);
+    assert_eq!(f.mirror.perms.keys().count(), 0);
+    assert_eq!(f.mirror.chans.keys().count(), 0);
+    assert_eq!(f.mirror.peers.keys().count(), 0);
+}
+
+#[test]
+fn a_permission_expires_in_the_program_at_its_deadline() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = Fixture::new(fp);
+    f.apply(TableChange::PermissionSet {
+        id: f.id,
+        peer: PEER.into(),
+        deadline: Millis(f.now + 400),
+    });
+    assert_eq!(ns.run(&f.fp, &from_peer(PEER, 10)).0, XDP_TX);
+    assert_eq!(ns.run(&f.fp, &up_channel(10, &[], false)).0, XDP_TX);
+    std::thread::sleep(Duration::from_millis(600));
+    // No sync since: the deadline in the map did it.
+    let before = f.fp.stats();
+    assert_eq!(ns.run(&f.fp, &from_peer(PEER, 10)).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &up_channel(10, &[], false)).0, XDP_PASS);
+    assert_eq!(f.delta(&before, "expired"), 2);
+}
+
+#[test]
+fn what_the_program_relays_is_merged_into_usage() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = Fixture::new(fp);
+    for _ in 0..5 {
+        assert_eq!(ns.run(&f.fp, &up_channel(100, &[], false)).0, XDP_TX);
+    }
+    for _ in 0..3 {
+        assert_eq!(ns.run(&f.fp, &from_peer(PEER, 40)).0, XDP_TX);
+    }
+    f.mirror.collect(&mut f.table.allocs);
+    let u = f.table.allocs[&f.id].usage;
+    assert_eq!((u.to_peer.packets, u.to_peer.bytes), (5, 500));
+    assert_eq!((u.to_client.packets, u.to_client.bytes), (3, 120));
+    // Merged once: a second collect adds nothing.
+    f.mirror.collect(&mut f.table.allocs);
+    assert_eq!(f.table.allocs[&f.id].usage, u);
+}
+
+#[test]
+fn limited_allocations_and_denied_peers_get_no_entries() {
+    let Some(fp) = load() else { return };
+    let f = Fixture::with(fp, 1_000_000, Denied::default());
+    assert_eq!(f.mirror.installed(), 0);
+    assert_eq!(f.mirror.allocs.keys().count(), 0);
+
+    let Some(fp) = load() else { return };
+    // The peer's IP is one of the server's own (on another port): no permission entry,
+    // so neither a channel.
+    let denied = Denied::new([SocketAddr::V4(sa(PEER, 3478))]);
+    let f = Fixture::with(fp, 0, denied);
+    assert_eq!(f.mirror.installed(), 1);
+    assert_eq!(f.mirror.perms.keys().count(), 0);
+    assert_eq!(f.mirror.chans.keys().count(), 0);
+}
+
+#[test]
+fn a_tcp_allocation_takes_no_slot() {
+    let Some(fp) = load() else { return };
+    let fp = Arc::new(fp);
+    let mut m = fp.mirror().unwrap();
+    let mut table = Table::default();
+    table.track = true;
+    let now = unix_ms();
+    let tuple = FiveTuple {
+        transport: crate::Transport::Tcp,
+        ..FiveTuple::udp(
+            SocketAddr::V4(sa(CLIENT, CLIENT_PORT)),
+            SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
+        )
     };
-    let mut frame = vec![0u8; 60];
-    frame[12] = 0x08; // IPv4
-    frame[13] = 0x00;
-    let (action, _) = fp.test_run(&frame, 0).unwrap();
-    assert_eq!(action, 2); // XDP_PASS
-    assert_eq!(fp.stats().passed_total(), 1);
+    let mut out = Vec::new();
+    for i in 0..3 {
+        table.apply(
+            0,
+            now,
+            TableChange::AllocationAdd {
+                id: AllocationId(i),
+                tuple,
+                relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT))],
+                deadline: Millis(now + 600_000),
+                bandwidth: 0,
+                user: "u".into(),
+                username: "u".into(),
+                dont_fragment: false,
+            },
+            &Denied::default(),
+            &Counters::default(),
+            &mut out,
+        );
+        m.sync(
+            AllocationId(i),
+            table.allocs.get_mut(&AllocationId(i)),
+            &Denied::default(),
+            now,
+        );
+    }
+    assert_eq!(m.installed(), 0);
+    let slots = fp.slots.lock().unwrap();
+    assert_eq!(slots.next, 0, "no slot taken");
 }
