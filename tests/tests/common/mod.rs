@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)]
 
 pub mod etcd;
+pub mod netns;
 pub mod stream;
 pub mod tls;
 
@@ -180,7 +181,16 @@ pub enum Outcome {
 
 impl Turn {
     pub fn new(server: SocketAddr, user: &str, password: &str) -> Turn {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Turn::with_socket(
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            server,
+            user,
+            password,
+        )
+    }
+
+    /// A client on a socket of the caller's (e.g. one made inside a network namespace).
+    pub fn with_socket(sock: UdpSocket, server: SocketAddr, user: &str, password: &str) -> Turn {
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         Turn {

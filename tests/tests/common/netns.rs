@@ -1,0 +1,278 @@
+//! Two network namespaces joined by a veth pair, for the XDP tests: `S` (the server,
+//! `vs`, 10.88.0.1/24) and `C` (clients and peers, `vc`, 10.88.0.2-4/24). Transmit
+//! checksum offload is off on both ends and `vc` runs the pass program (NAPI mode), the
+//! two conditions for frames sent with XDP_TX to arrive (see ARCHITECTURE.md, "The XDP
+//! fast path"); IPv4 forwarding is on for `vs` (bpf_fib_lookup needs it). Everything is
+//! removed on drop, also when a test panics.
+#![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)]
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const SERVER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
+pub const PEER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
+pub const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 4);
+
+/// Whether the XDP tests can run; `Err(reason)` to skip. Under `TURNPIKE_REQUIRE_XDP=1`
+/// the caller must fail instead (see [`skip`]).
+pub fn usable() -> Result<(), String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !root {
+        return Err("not root (network namespaces and XDP need it)".into());
+    }
+    for tool in [
+        "ip",
+        "ethtool",
+        "curl",
+        "turnutils_uclient",
+        "turnutils_peer",
+    ] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err(format!("{tool} is missing (tests/scripts/setup-deps.sh)"));
+        }
+    }
+    Ok(())
+}
+
+/// Reports a skipped test, or fails it when XDP is required.
+pub fn skip(why: &str) {
+    if std::env::var("TURNPIKE_REQUIRE_XDP").is_ok_and(|v| v == "1") {
+        panic!("XDP required (TURNPIKE_REQUIRE_XDP=1) but: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// A process started inside a namespace; killed (SIGKILL) on drop.
+pub struct NsProc {
+    pub child: Child,
+}
+
+impl Drop for NsProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Topology {
+    pub s: String,
+    pub c: String,
+    pass: Option<NsProc>,
+}
+
+impl Topology {
+    /// Makes the namespaces; `Err` when the pass program cannot be attached (the build
+    /// has no XDP program, or the kernel refuses it).
+    pub fn new() -> Result<Topology, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let base = format!("tpx-{}-{n}", std::process::id());
+        let t = Topology {
+            s: format!("{base}-s"),
+            c: format!("{base}-c"),
+            pass: None,
+        };
+        t.setup()?;
+        let mut t = t;
+        let mut pass = t.spawn_c(&[
+            crate::common::bin().to_str().unwrap(),
+            "xdp-tool",
+            "pass",
+            "vc",
+        ]);
+        let out = pass.child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)
+            .map_err(|e| e.to_string())?;
+        if !line.contains("attached") {
+            let mut err = String::new();
+            if let Some(mut e) = pass.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            return Err(format!(
+                "the XDP pass program does not attach: {}",
+                err.trim()
+            ));
+        }
+        t.pass = Some(pass);
+        Ok(t)
+    }
+
+    fn setup(&self) -> Result<(), String> {
+        let (s, c) = (self.s.as_str(), self.c.as_str());
+        run("ip", &["netns", "add", s])?;
+        run("ip", &["netns", "add", c])?;
+        run(
+            "ip",
+            &[
+                "link", "add", "vs", "netns", s, "type", "veth", "peer", "name", "vc", "netns", c,
+            ],
+        )?;
+        for (ns, args) in [
+            (s, vec!["addr", "add", "10.88.0.1/24", "dev", "vs"]),
+            (c, vec!["addr", "add", "10.88.0.2/24", "dev", "vc"]),
+            (c, vec!["addr", "add", "10.88.0.3/24", "dev", "vc"]),
+            (c, vec!["addr", "add", "10.88.0.4/24", "dev", "vc"]),
+            (s, vec!["link", "set", "vs", "up"]),
+            (c, vec!["link", "set", "vc", "up"]),
+            (s, vec!["link", "set", "lo", "up"]),
+            (c, vec!["link", "set", "lo", "up"]),
+        ] {
+            let mut a = vec!["-n", ns];
+            a.extend(args);
+            run("ip", &a)?;
+        }
+        run(
+            "ip",
+            &["netns", "exec", s, "ethtool", "-K", "vs", "tx", "off"],
+        )?;
+        run(
+            "ip",
+            &["netns", "exec", c, "ethtool", "-K", "vc", "tx", "off"],
+        )?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                s,
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.vs.forwarding=1",
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn spawn_in(ns: &str, args: &[&str]) -> NsProc {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn in namespace");
+        NsProc { child }
+    }
+
+    /// Starts a command in S (`ip netns exec` execs it: its pid is the command's).
+    pub fn spawn_s(&self, args: &[&str]) -> NsProc {
+        Topology::spawn_in(&self.s, args)
+    }
+
+    /// Starts a command in C.
+    pub fn spawn_c(&self, args: &[&str]) -> NsProc {
+        Topology::spawn_in(&self.c, args)
+    }
+
+    /// Runs a command in C to its end; its stdout and stderr.
+    pub fn run_c(&self, args: &[&str]) -> String {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.c])
+            .args(args)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+
+    /// Runs `f` on a thread inside C: sockets it makes live in C.
+    pub fn in_c<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.c);
+        std::thread::scope(|sc| {
+            sc.spawn(move || {
+                let ns = std::fs::File::open(&path).unwrap();
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    /// A UDP socket in C on `ip` (any port).
+    pub fn udp_c(&self, ip: Ipv4Addr) -> UdpSocket {
+        self.in_c(|| UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap())
+    }
+
+    /// The value of every metric line starting with `prefix`, summed (turnpike's
+    /// metrics on 10.88.0.1:9100, scraped from C).
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let text = self.run_c(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            "http://10.88.0.1:9100/metrics",
+        ]);
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits (bounded) until the metrics endpoint answers.
+    pub fn wait_metrics(&self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            let text = self.run_c(&[
+                "curl",
+                "-s",
+                "--max-time",
+                "1",
+                "http://10.88.0.1:9100/metrics",
+            ]);
+            if text.contains("turnpike_xdp_enabled") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("turnpike's metrics did not answer in 10 s");
+    }
+
+    /// Whether `vs` has an XDP program attached.
+    pub fn vs_has_xdp(&self) -> bool {
+        run("ip", &["-n", &self.s, "link", "show", "vs"])
+            .map(|o| o.contains("prog/xdp"))
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.pass.take();
+        let _ = run("ip", &["netns", "del", &self.s]);
+        let _ = run("ip", &["netns", "del", &self.c]);
+    }
+}

@@ -1,0 +1,256 @@
+//! The XDP fast path end to end: turnpike in one network namespace with the program
+//! attached to its veth, coturn's uclient and peer (and our own client) in another.
+//! The same uclient runs pass with XDP off: the fast path changes speed, not behaviour.
+//! Needs root; reports `SKIPPED: reason` where XDP cannot run, or fails under
+//! `TURNPIKE_REQUIRE_XDP=1` (CI).
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::netns::{self, CLIENT, NsProc, PEER, SERVER, STRANGER, Topology};
+use common::{Outcome, Turn};
+
+fn topology() -> Option<Topology> {
+    if let Err(why) = netns::usable() {
+        netns::skip(&why);
+        return None;
+    }
+    match Topology::new() {
+        Ok(t) => Some(t),
+        Err(why) => {
+            netns::skip(&why);
+            None
+        }
+    }
+}
+
+/// turnpike in S, with the program on `vs` when `xdp`.
+fn server(t: &Topology, xdp: bool) -> NsProc {
+    let bin = common::bin().to_str().unwrap().to_owned();
+    let mut args = vec![
+        bin.as_str(),
+        "serve",
+        "--listen",
+        "10.88.0.1:3478",
+        "--no-tcp",
+        "--relay-ports",
+        "50000-50999",
+        "--realm",
+        "xdp.test",
+        "--user",
+        "u:p",
+        "--allow-peer",
+        "10.88.0.0/24",
+        "--legacy-channel-numbers",
+        "--metrics-listen",
+        "10.88.0.1:9100",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--no-pin",
+    ];
+    if xdp {
+        args.extend(["--xdp", "vs", "--xdp-mode", "native"]);
+    }
+    let p = t.spawn_s(&args);
+    t.wait_metrics();
+    assert_eq!(
+        t.metric("turnpike_xdp_enabled"),
+        if xdp { 1.0 } else { 0.0 },
+        "XDP attached as asked"
+    );
+    p
+}
+
+/// Runs uclient in C against the server with `flags`, 4 sessions of `n` packets each;
+/// returns (packets sent by uclient in all, lost), from its summary.
+fn uclient(t: &Topology, flags: &[&str], n: usize) -> (usize, usize) {
+    let n_s = n.to_string();
+    let mut args = vec!["timeout", "60", "turnutils_uclient"];
+    args.extend_from_slice(flags);
+    args.extend([
+        "-e",
+        "10.88.0.3",
+        "-r",
+        "3480",
+        "-n",
+        &n_s,
+        "-m",
+        "4",
+        "-l",
+        "171",
+        "-u",
+        "u",
+        "-w",
+        "p",
+        "10.88.0.1",
+    ]);
+    let out = t.run_c(&args);
+    let lost = out
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("Total lost packets ").nth(1)?;
+            rest.split_whitespace().next()?.parse::<usize>().ok()
+        })
+        .unwrap_or_else(|| panic!("no uclient summary:\n{out}"));
+    (4 * n, lost)
+}
+
+fn peer(t: &Topology) -> NsProc {
+    let p = t.spawn_c(&["turnutils_peer", "-L", "10.88.0.3", "-p", "3480"]);
+    std::thread::sleep(Duration::from_millis(300));
+    p
+}
+
+/// uclient with channels (`-c`: no RTCP) and with Send indications (`-c -s`), both with
+/// zero loss; returns what each path relayed: (channel_up + channel_down, send_up +
+/// data_down, the socket path's relayed packets), deltas over the runs.
+fn uclient_runs(t: &Topology, n: usize) -> (f64, f64, f64) {
+    let chan0 = t.metric("turnpike_xdp_relayed_packets_total{path=\"channel_");
+    let sock0 = t.metric("turnpike_relayed_packets_total");
+    let (sent, lost) = uclient(t, &["-c"], n);
+    assert_eq!(lost, 0, "uclient -c lost {lost} of {sent}");
+    let chan = t.metric("turnpike_xdp_relayed_packets_total{path=\"channel_") - chan0;
+
+    let ind0 = t.metric("turnpike_xdp_relayed_packets_total{path=\"send_up\"}")
+        + t.metric("turnpike_xdp_relayed_packets_total{path=\"data_down\"}");
+    let (sent, lost) = uclient(t, &["-c", "-s"], n);
+    assert_eq!(lost, 0, "uclient -c -s lost {lost} of {sent}");
+    let ind = t.metric("turnpike_xdp_relayed_packets_total{path=\"send_up\"}")
+        + t.metric("turnpike_xdp_relayed_packets_total{path=\"data_down\"}")
+        - ind0;
+    let sock = t.metric("turnpike_relayed_packets_total") - sock0;
+    (chan, ind, sock)
+}
+
+#[test]
+fn uclient_relays_through_the_program_with_channels_and_send_indications() {
+    let Some(t) = topology() else { return };
+    let _peer = peer(&t);
+    let _srv = server(&t, true);
+    let n = 300;
+    let (chan, ind, sock) = uclient_runs(&t, n);
+    // 4 sessions × n packets, each relayed up and echoed down: 2 × 4n per run. The
+    // first packets of a run may take the socket path (the server's neighbour entry
+    // for the peer is not resolved yet).
+    let per_run = (2 * 4 * n) as f64;
+    eprintln!("xdp: channels {chan}, indications {ind}, socket path {sock} of {per_run} per run");
+    assert!(
+        chan >= 0.9 * per_run,
+        "ChannelData through XDP: {chan} of {per_run}"
+    );
+    assert!(
+        ind >= 0.9 * per_run,
+        "indications through XDP: {ind} of {per_run}"
+    );
+    assert!(sock <= 0.2 * 2.0 * per_run, "socket path relayed {sock}");
+    // What XDP relayed is billed: the bytes counters moved too.
+    assert!(t.metric("turnpike_xdp_relayed_bytes_total") >= 0.9 * 2.0 * per_run * 171.0);
+}
+
+#[test]
+fn uclient_relays_the_same_with_the_program_off() {
+    let Some(t) = topology() else { return };
+    let _peer = peer(&t);
+    let _srv = server(&t, false);
+    let n = 300;
+    let (chan, ind, sock) = uclient_runs(&t, n);
+    assert_eq!((chan, ind), (0.0, 0.0));
+    assert!(sock >= (2 * 2 * 4 * n) as f64, "socket path relayed {sock}");
+}
+
+/// A UDP echo peer in C on `ip`, counting what it receives.
+fn echo_peer(t: &Topology, ip: std::net::Ipv4Addr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let sock = t.udp_c(ip);
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let addr = sock.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c2 = count.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        // Bounded: the test takes seconds; the thread ends with its socket's errors
+        // once the namespace is gone, or after 60 s.
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                c2.fetch_add(1, Ordering::Relaxed);
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    });
+    (addr, count)
+}
+
+#[test]
+fn unpermitted_peers_and_refresh_zero_are_not_relayed_by_the_program() {
+    let Some(t) = topology() else { return };
+    let _srv = server(&t, true);
+    let (peer_addr, received) = echo_peer(&t, PEER);
+    let server_addr = SocketAddr::from((SERVER, 3478));
+    let mut c = Turn::with_socket(t.udp_c(CLIENT), server_addr, "u", "p");
+    let Outcome::Allocated(relayed) = c.allocate() else {
+        panic!("allocate failed")
+    };
+    let relay = relayed[0];
+    assert_eq!(c.bind(0x4000, peer_addr), Outcome::Ok);
+
+    // Echoes through the program (after the first, which resolves the neighbours).
+    let x0 = t.metric("turnpike_xdp_relayed_packets_total");
+    let got = common::echo_round(&mut c, 0x4000, 50);
+    assert!(got >= 49, "{got} of 50 echoes");
+    let x1 = t.metric("turnpike_xdp_relayed_packets_total");
+    assert!(x1 - x0 >= 90.0, "XDP relayed {} of 100", x1 - x0);
+
+    // A peer without a permission: nothing reaches the client, through either path.
+    let stranger = t.udp_c(STRANGER);
+    let passed0 = t.metric("turnpike_xdp_passed_total{reason=\"no_entry\"}");
+    for i in 0..20 {
+        stranger
+            .send_to(format!("stranger {i}").as_bytes(), relay)
+            .unwrap();
+    }
+    assert_eq!(c.recv_data(Duration::from_millis(500)), None);
+    assert!(t.metric("turnpike_xdp_passed_total{reason=\"no_entry\"}") - passed0 >= 20.0);
+
+    // Refresh 0 ends the allocation: the next ChannelData goes nowhere at once.
+    assert_eq!(c.refresh(0), Outcome::Ok);
+    let before = received.load(Ordering::Relaxed);
+    let x2 = t.metric("turnpike_xdp_relayed_packets_total");
+    for i in 0..20 {
+        c.send_channel(0x4000, format!("after {i}").as_bytes());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        before,
+        "relayed after Refresh 0"
+    );
+    assert_eq!(t.metric("turnpike_xdp_relayed_packets_total"), x2);
+}
+
+#[test]
+fn a_killed_server_leaves_no_program_attached() {
+    let Some(t) = topology() else { return };
+    let mut srv = server(&t, true);
+    assert!(t.vs_has_xdp());
+    // SIGKILL: no shutdown code runs; the BPF link dies with the process.
+    srv.child.kill().unwrap();
+    srv.child.wait().unwrap();
+    let t0 = std::time::Instant::now();
+    while t.vs_has_xdp() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!t.vs_has_xdp(), "the program is still attached");
+    // And a new server attaches again.
+    let _srv2 = server(&t, true);
+    assert!(t.vs_has_xdp());
+}
