@@ -31,6 +31,11 @@ fn topology() -> Option<Topology> {
 
 /// turnpike in S, with the program on `vs` when `xdp`.
 fn server(t: &Topology, xdp: bool) -> NsProc {
+    server_allowing(t, xdp, "10.88.0.0/24")
+}
+
+/// turnpike in S allowing peers in `allow` (the default policy denies private ranges).
+fn server_allowing(t: &Topology, xdp: bool, allow: &str) -> NsProc {
     let bin = common::bin().to_str().unwrap().to_owned();
     let mut args = vec![
         bin.as_str(),
@@ -45,7 +50,7 @@ fn server(t: &Topology, xdp: bool) -> NsProc {
         "--user",
         "u:p",
         "--allow-peer",
-        "10.88.0.0/24",
+        allow,
         "--legacy-channel-numbers",
         "--metrics-listen",
         "10.88.0.1:9100",
@@ -253,4 +258,27 @@ fn a_killed_server_leaves_no_program_attached() {
     // And a new server attaches again.
     let _srv2 = server(&t, true);
     assert!(t.vs_has_xdp());
+}
+
+#[test]
+fn peers_the_policy_forbids_never_get_an_entry() {
+    let Some(t) = topology() else { return };
+    // Only the peer's address is allowed; 10.88.0.4 is private, denied by default.
+    let _srv = server_allowing(&t, true, "10.88.0.3/32");
+    let server_addr = SocketAddr::from((SERVER, 3478));
+    let mut c = Turn::with_socket(t.udp_c(CLIENT), server_addr, "u", "p");
+    assert!(matches!(c.allocate(), Outcome::Allocated(_)));
+    assert_eq!(
+        c.permit(SocketAddr::from((STRANGER, 9))),
+        Outcome::Failed(403)
+    );
+    assert_eq!(c.permit(SocketAddr::from((PEER, 9))), Outcome::Ok);
+    // The worker applies the change and mirrors it within a loop turn.
+    let t0 = std::time::Instant::now();
+    let mut permitted = t.permitted_in_program();
+    while permitted.is_empty() && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+        permitted = t.permitted_in_program();
+    }
+    assert_eq!(permitted, vec![PEER]);
 }

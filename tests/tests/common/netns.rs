@@ -261,6 +261,51 @@ impl Topology {
         panic!("turnpike's metrics did not answer in 10 s");
     }
 
+    /// The peer IPs with an entry in the permission map (`tp_perms`) of the program
+    /// attached to `vs`.
+    pub fn permitted_in_program(&self) -> Vec<Ipv4Addr> {
+        let json = |args: &[&str]| -> serde_json::Value {
+            let out = run(
+                "ip",
+                &[&["netns", "exec", &self.s, "bpftool", "--json"][..], args].concat(),
+            )
+            .unwrap();
+            serde_json::from_str(&out).unwrap()
+        };
+        let net = json(&["net", "show", "dev", "vs"]);
+        let prog = net[0]["xdp"][0]["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no XDP program on vs: {net}"));
+        let info = json(&["prog", "show", "id", &prog.to_string()]);
+        let maps = info["map_ids"].as_array().unwrap().clone();
+        for m in maps {
+            let id = m.as_u64().unwrap().to_string();
+            if json(&["map", "show", "id", &id])["name"] != "tp_perms" {
+                continue;
+            }
+            let dump = json(&["map", "dump", "id", &id]);
+            return dump
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let b: Vec<u8> = e["key"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| {
+                            u8::from_str_radix(x.as_str().unwrap().trim_start_matches("0x"), 16)
+                                .unwrap()
+                        })
+                        .collect();
+                    // struct tp_perm_key { relay_ip, peer_ip, relay_port, _pad }
+                    Ipv4Addr::new(b[4], b[5], b[6], b[7])
+                })
+                .collect();
+        }
+        panic!("no tp_perms map in program {prog}");
+    }
+
     /// Whether `vs` has an XDP program attached.
     pub fn vs_has_xdp(&self) -> bool {
         run("ip", &["-n", &self.s, "link", "show", "vs"])
