@@ -57,7 +57,9 @@ fn server_allowing(t: &Topology, xdp: bool, allow: &str) -> NsProc {
         "--grpc-listen",
         "127.0.0.1:0",
         "--admin-listen",
-        "127.0.0.1:0",
+        "127.0.0.1:9200",
+        "--admin-token",
+        common::TOKEN,
         "--workers",
         "2",
         "--no-pin",
@@ -159,6 +161,47 @@ fn uclient_relays_through_the_program_with_channels_and_send_indications() {
     assert!(sock <= 0.2 * 2.0 * per_run, "socket path relayed {sock}");
     // What XDP relayed is billed: the bytes counters moved too.
     assert!(t.metric("turnpike_xdp_relayed_bytes_total") >= 0.9 * 2.0 * per_run * 171.0);
+    // And `ctl stats` shows both paths, from the data plane's load report.
+    let line = ctl_stats_line(&t, "XDP on vs (native) relayed");
+    let to_peers: f64 = line
+        .split("relayed ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line:?}"));
+    assert!(to_peers >= 0.9 * per_run, "ctl stats: {line}");
+}
+
+/// The line of `turnpike ctl stats` (run in S against the Admin API on its loopback)
+/// that contains `needle`, waiting (bounded) for the next load report.
+fn ctl_stats_line(t: &Topology, needle: &str) -> String {
+    let bin = common::bin().to_str().unwrap().to_owned();
+    let t0 = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.s,
+                &bin,
+                "ctl",
+                "--server",
+                "http://127.0.0.1:9200",
+            ])
+            .args(["--token", common::TOKEN, "stats"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            return l.to_owned();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no {needle:?} in ctl stats:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]
@@ -170,6 +213,7 @@ fn uclient_relays_the_same_with_the_program_off() {
     let (chan, ind, sock) = uclient_runs(&t, n);
     assert_eq!((chan, ind), (0.0, 0.0));
     assert!(sock >= (2 * 2 * 4 * n) as f64, "socket path relayed {sock}");
+    ctl_stats_line(&t, "XDP not asked for");
 }
 
 /// A UDP echo peer in C on `ip`, counting what it receives.
