@@ -523,3 +523,21 @@ fn fleet_example_config_parses() {
     assert!(err.contains("tls.cert"), "{err}");
     assert!(!err.contains("unknown field"), "{err}");
 }
+
+/// `--xdp` that cannot be honoured (an interface that does not exist here; the same path
+/// as a build without the program or a kernel that refuses it): the server says why the
+/// fast path is off, and relays exactly as without it.
+#[test]
+fn an_xdp_fast_path_that_cannot_start_leaves_a_working_server() {
+    let (mut p, server, _) = serve(&["--xdp", "no-such-if0", "--allow-peer", "127.0.0.0/8"]);
+    let off = p.wait_for("the XDP fast path is off", Duration::from_secs(5));
+    assert!(
+        off.contains("no-such-if0") || off.contains("no XDP program") || off.contains("refused"),
+        "{off}"
+    );
+    let peer = EchoPeer::start();
+    let mut t = Turn::new(server, "u", "p");
+    assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+    assert_eq!(t.bind(0x4000, peer.addr), Outcome::Ok);
+    assert_eq!(echo_round(&mut t, 0x4000, 20), 20);
+}
