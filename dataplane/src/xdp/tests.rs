@@ -813,3 +813,56 @@ fn a_tcp_allocation_takes_no_slot() {
     let slots = fp.slots.lock().unwrap();
     assert_eq!(slots.next, 0, "no slot taken");
 }
+
+#[test]
+fn ethernet_padding_is_cut_and_dont_fragment_is_kept() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = Fixture::new(fp);
+    // A short frame padded to Ethernet's 60 bytes: the IP length rules.
+    let mut fr = up_channel(3, &[0], false);
+    let real = fr.len();
+    fr.resize(60, 0xee);
+    assert!(real < 60);
+    let (action, out) = ns.run(&f.fp, &fr);
+    assert_eq!(action, XDP_TX);
+    let s = parse(&out);
+    assert_eq!(s.payload, data(3));
+    assert!(!s.dont_fragment);
+    let mut fr = from_peer(PEER, 2);
+    fr.resize(60, 0xee);
+    let (action, out) = ns.run(&f.fp, &fr);
+    assert_eq!(action, XDP_TX);
+    check_data_indication(&parse(&out).payload, &data(2));
+
+    // An allocation that asked for DONT-FRAGMENT sends with DF set.
+    f.apply(TableChange::AllocationAdd {
+        id: AllocationId(8),
+        tuple: f.tuple,
+        relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT + 1))],
+        deadline: Millis(f.now + 600_000),
+        bandwidth: 0,
+        user: "u".into(),
+        username: "u".into(),
+        dont_fragment: true,
+    });
+    f.id = AllocationId(8);
+    f.apply(TableChange::PermissionSet {
+        id: f.id,
+        peer: PEER.into(),
+        deadline: Millis(f.now + 300_000),
+    });
+    f.apply(TableChange::ChannelSet {
+        id: f.id,
+        channel: CHANNEL,
+        peer: SocketAddr::V4(sa(PEER, PEER_PORT)),
+        deadline: Millis(f.now + 600_000),
+    });
+    let (action, out) = ns.run(&f.fp, &up_channel(50, &[], false));
+    assert_eq!(action, XDP_TX);
+    let s = parse(&out);
+    assert!(s.dont_fragment);
+    assert_eq!(s.src, sa(SERVER, RELAY_PORT + 1));
+    // The replaced allocation's entries went with it.
+    assert_eq!(f.mirror.installed(), 1);
+}
