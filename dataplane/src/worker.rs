@@ -386,12 +386,13 @@ impl Worker {
             return;
         }
         let mut touched = std::mem::take(&mut self.core.table.touched);
-        touched.sort_unstable_by_key(|id| id.0);
-        touched.dedup();
         let denied = self.core.denied.load();
-        for id in touched.drain(..) {
-            m.sync(id, self.core.table.allocs.get_mut(&id), &denied, self.now.0);
-        }
+        m.sync_all(
+            &mut touched,
+            &mut self.core.table.allocs,
+            &denied,
+            self.now.0,
+        );
         self.core.table.touched = touched;
         bump_set(&self.ctr.xdp_allocations, m.installed());
     }

@@ -859,6 +859,23 @@ impl Mirror {
         }
     }
 
+    /// Brings the entries of every allocation in `touched` in step with `allocs`:
+    /// the removed ones first, since a new allocation of the same 5-tuple reuses their
+    /// keys (the client's, its channels').
+    pub(crate) fn sync_all(
+        &mut self,
+        touched: &mut Vec<AllocationId>,
+        allocs: &mut AHashMap<AllocationId, Alloc>,
+        denied: &Denied,
+        now_ms: u64,
+    ) {
+        touched.sort_unstable_by_key(|id| (allocs.contains_key(id), id.0));
+        touched.dedup();
+        for id in touched.drain(..) {
+            self.sync(id, allocs.get_mut(&id), denied, now_ms);
+        }
+    }
+
     fn new_slot(&mut self) -> Option<u32> {
         let slot = self
             .fp

@@ -347,11 +347,9 @@ impl Fixture {
     }
 
     fn sync(&mut self) {
-        let touched = std::mem::take(&mut self.table.touched);
-        for id in touched {
-            self.mirror
-                .sync(id, self.table.allocs.get_mut(&id), &self.denied, self.now);
-        }
+        let mut touched = std::mem::take(&mut self.table.touched);
+        self.mirror
+            .sync_all(&mut touched, &mut self.table.allocs, &self.denied, self.now);
     }
 
     fn delta(&self, before: &XdpStats, name: &str) -> u64 {
@@ -837,7 +835,7 @@ fn ethernet_padding_is_cut_and_dont_fragment_is_kept() {
 
     // An allocation that asked for DONT-FRAGMENT sends with DF set.
     f.apply(TableChange::AllocationAdd {
-        id: AllocationId(8),
+        id: AllocationId(3),
         tuple: f.tuple,
         relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT + 1))],
         deadline: Millis(f.now + 600_000),
@@ -846,7 +844,14 @@ fn ethernet_padding_is_cut_and_dont_fragment_is_kept() {
         username: "u".into(),
         dont_fragment: true,
     });
-    f.id = AllocationId(8);
+    // A lower id than the one it replaces: the old entries (same client key, same
+    // channel number) are deleted before the new ones are written.
+    f.id = AllocationId(3);
+    assert_eq!(
+        f.mirror.allocs.keys().count(),
+        1,
+        "the new client entry survives"
+    );
     f.apply(TableChange::PermissionSet {
         id: f.id,
         peer: PEER.into(),
@@ -863,6 +868,17 @@ fn ethernet_padding_is_cut_and_dont_fragment_is_kept() {
     let s = parse(&out);
     assert!(s.dont_fragment);
     assert_eq!(s.src, sa(SERVER, RELAY_PORT + 1));
-    // The replaced allocation's entries went with it.
+    // The replaced allocation's entries went with it; the new one's are all there.
     assert_eq!(f.mirror.installed(), 1);
+    assert_eq!(f.mirror.allocs.keys().count(), 1);
+    assert_eq!(f.mirror.chans.keys().count(), 1);
+    let to_new = frame(
+        sa(PEER, PEER_PORT),
+        sa(SERVER, RELAY_PORT + 1),
+        &data(10),
+        false,
+    );
+    assert_eq!(ns.run(&f.fp, &to_new).0, XDP_TX);
+    // The old relayed address is gone.
+    assert_eq!(ns.run(&f.fp, &from_peer(PEER, 10)).0, XDP_PASS);
 }
