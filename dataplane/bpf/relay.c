@@ -17,11 +17,13 @@
  * interface the frame came in on, bpf_redirect to another. The maps are written only by
  * the workers: an entry exists only for a permitted, live flow of an allocation without
  * a bandwidth limit, with its deadline, checked here against the kernel's clock. IPv4
- * only: IPv6 frames are passed. */
+ * and IPv6 (RFC 6156: client, listening and relayed addresses of one family; a
+ * mixed-family flow is passed), without IPv6 extension headers. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -29,6 +31,7 @@
 #include "relay.h"
 
 #define AF_INET 2
+#define AF_INET6 10
 #define STUN_COOKIE 0x2112A442
 #define STUN_HEADER 20
 #define CHANNEL_HEADER 4
@@ -599,13 +602,506 @@ static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, 
 	return emit(ctx, &o, &fib);
 }
 
-SEC("xdp")
-int turnpike_relay(struct xdp_md *ctx)
+/* ---- IPv6 ---------------------------------------------------------------------- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, TP_MAX_ALLOCS);
+	__type(key, struct tp_client6);
+	__type(value, struct tp_alloc6);
+} tp_allocs6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, TP_MAX_ENTRIES);
+	__type(key, struct tp_chan_key6);
+	__type(value, struct tp_chan6);
+} tp_chans6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, TP_MAX_ENTRIES);
+	__type(key, struct tp_perm_key6);
+	__type(value, struct tp_perm6);
+} tp_perms6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, TP_MAX_ENTRIES);
+	__type(key, struct tp_peer_key6);
+	__type(value, struct tp_peer);
+} tp_peers6 SEC(".maps");
+
+#define HEADERS6 (sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct udphdr))
+/* STUN header, XOR-PEER-ADDRESS (IPv6) and the DATA attribute's header. */
+#define DATA_IND_HEADER6 (STUN_HEADER + 24 + 4)
+
+struct flow6 {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport, dport;
+	__u16 ulen; /* network order */
+	/* Of a received datagram: its UDP checksum, payload length and the Ethernet
+	 * padding after it (BPF functions take at most five arguments). */
+	__u16 csum;
+	__u32 n, extra;
+};
+
+static __always_inline __u64 sum_addr(__u64 s, const __u8 *a, int sub)
+{
+	const __u16 *w = (const __u16 *)a;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		s = sub ? sub16(s, w[i]) : add16(s, w[i]);
+	return s;
+}
+
+static __always_inline __u64 csum_swap6(__u64 s, const struct flow6 *o, const struct flow6 *n)
+{
+	s = sum_addr(s, o->saddr, 1);
+	s = sum_addr(s, o->daddr, 1);
+	s = sub16(s, o->ulen); /* pseudo-header (upper 16 bits of its length are 0) */
+	s = sub16(s, o->sport);
+	s = sub16(s, o->dport);
+	s = sub16(s, o->ulen);
+	s = sum_addr(s, n->saddr, 0);
+	s = sum_addr(s, n->daddr, 0);
+	s = add16(s, n->ulen);
+	s = add16(s, n->sport);
+	s = add16(s, n->dport);
+	s = add16(s, n->ulen);
+	return s;
+}
+
+struct out6 {
+	struct flow6 flow;
+	__u16 csum;
+	__u32 slot;
+	__u32 payload;
+	__u32 stat;
+	int down;
+};
+
+static __always_inline int route6(struct xdp_md *ctx, const struct out6 *o,
+				  struct bpf_fib_lookup *fib)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET6;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->tot_len = sizeof(struct ipv6hdr) + bpf_ntohs(o->flow.ulen);
+	__builtin_memcpy(fib->ipv6_src, o->flow.saddr, 16);
+	__builtin_memcpy(fib->ipv6_dst, o->flow.daddr, 16);
+	fib->ifindex = ctx->ingress_ifindex;
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return TP_PASS_TOO_BIG;
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return TP_PASS_FORWARDING_OFF;
+	return TP_PASS_NO_ROUTE;
+}
+
+static __always_inline int emit6(struct xdp_md *ctx, const struct out6 *o,
+				 const struct bpf_fib_lookup *fib)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	struct ipv6hdr *ip = data + sizeof(*eth);
+	struct udphdr *udp = (void *)ip + sizeof(*ip);
+	if ((void *)(udp + 1) > end)
+		return pass(TP_PASS_HEADROOM);
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	*(__u32 *)ip = bpf_htonl(0x60000000);
+	ip->payload_len = o->flow.ulen;
+	ip->nexthdr = IPPROTO_UDP;
+	ip->hop_limit = 64;
+	__builtin_memcpy(&ip->saddr, o->flow.saddr, 16);
+	__builtin_memcpy(&ip->daddr, o->flow.daddr, 16);
+	udp->source = o->flow.sport;
+	udp->dest = o->flow.dport;
+	udp->len = o->flow.ulen;
+	udp->check = o->csum;
+	__u32 slot = o->slot;
+	struct tp_usage *u = bpf_map_lookup_elem(&tp_usage, &slot);
+	if (u) {
+		if (o->down) {
+			u->to_client_packets += 1;
+			u->to_client_bytes += o->payload;
+		} else {
+			u->to_peer_packets += 1;
+			u->to_peer_bytes += o->payload;
+		}
+	}
+	stat_add(o->stat, 1);
+	stat_add(o->down ? TP_BYTES_DOWN : TP_BYTES_UP, o->payload);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib->ifindex, 0);
+}
+
+static __always_inline __u16 finish_csum6(__u64 s)
+{
+	__u16 c = ~fold(s);
+	return c ? c : 0xffff;
+}
+
+static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struct flow6 *in)
+{
+	__u16 old_csum = in->csum;
+	__u32 n = in->n, extra = in->extra;
+	void *end = (void *)(long)ctx->data_end;
+	__u8 *p = (void *)(long)ctx->data + HEADERS6;
+	if ((void *)(p + CHANNEL_HEADER) > end)
+		return -1;
+	struct tp_chan_key6 k = {};
+	__builtin_memcpy(k.client.client_ip, in->saddr, 16);
+	__builtin_memcpy(k.client.server_ip, in->daddr, 16);
+	k.client.client_port = in->sport;
+	k.client.server_port = in->dport;
+	k.channel = ((__u16)p[0] << 8) | p[1];
+	struct tp_chan6 *c = bpf_map_lookup_elem(&tp_chans6, &k);
+	if (!c)
+		return -1;
+	if (!live(c->deadline_ns))
+		return pass(TP_PASS_EXPIRED);
+	if (denied_port(c->peer_port))
+		return pass(TP_PASS_DENIED_PORT);
+	__u32 len = ((__u32)p[2] << 8) | p[3];
+	if (len + CHANNEL_HEADER > n)
+		return pass(TP_PASS_MALFORMED);
+	__u32 pad = n - CHANNEL_HEADER - len;
+	if (pad > 3)
+		return pass(TP_PASS_MALFORMED);
+	struct out6 o = {
+		.flow = {
+			.sport = c->relay_port,
+			.dport = c->peer_port,
+			.ulen = bpf_htons(len + sizeof(struct udphdr)),
+		},
+		.slot = c->slot,
+		.payload = len,
+		.stat = TP_RELAYED_CHANNEL_UP,
+	};
+	__builtin_memcpy(o.flow.saddr, c->relay_ip, 16);
+	__builtin_memcpy(o.flow.daddr, c->peer_ip, 16);
+	__u64 s = (__u16)~old_csum;
+	s = csum_swap6(s, in, &o.flow);
+	s = sub16(s, *(__u16 *)p);
+	s = sub16(s, *(__u16 *)(p + 2));
+	if (pad) {
+		__u8 z[4] = {};
+		__u32 at = HEADERS6 + CHANNEL_HEADER + len;
+		int bad = pad == 1   ? bpf_xdp_load_bytes(ctx, at, z, 1)
+			  : pad == 2 ? bpf_xdp_load_bytes(ctx, at, z, 2)
+				     : bpf_xdp_load_bytes(ctx, at, z, 3);
+		if (bad)
+			return pass(TP_PASS_MALFORMED);
+		if (*(__u32 *)z)
+			return pass(TP_PASS_UNSUPPORTED);
+	}
+	o.csum = finish_csum6(s);
+	struct bpf_fib_lookup fib;
+	int why = route6(ctx, &o, &fib);
+	if (why)
+		return pass(why);
+	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
+		return pass(TP_PASS_HEADROOM);
+	if (pad + extra && bpf_xdp_adjust_tail(ctx, -(int)(pad + extra)))
+		return pass(TP_PASS_HEADROOM);
+	return emit6(ctx, &o, &fib);
+}
+
+static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct flow6 *in)
+{
+	__u16 old_csum = in->csum;
+	__u32 n = in->n, extra = in->extra;
+	const __u32 base = HEADERS6;
+	__u8 hdr[STUN_HEADER];
+	if (bpf_xdp_load_bytes(ctx, base, hdr, sizeof(hdr)))
+		return pass(TP_PASS_MALFORMED);
+	__u32 mlen = ((__u32)hdr[2] << 8) | hdr[3];
+	if (mlen + STUN_HEADER != n || (mlen & 3))
+		return pass(TP_PASS_MALFORMED);
+	struct tp_client6 ck = {};
+	__builtin_memcpy(ck.client_ip, in->saddr, 16);
+	__builtin_memcpy(ck.server_ip, in->daddr, 16);
+	ck.client_port = in->sport;
+	ck.server_port = in->dport;
+	struct tp_alloc6 *a = bpf_map_lookup_elem(&tp_allocs6, &ck);
+	if (!a)
+		return pass(TP_PASS_NO_ENTRY);
+	if (!live(a->deadline_ns))
+		return pass(TP_PASS_EXPIRED);
+
+	__u32 off = STUN_HEADER, data_off = 0, data_len = 0;
+	__u8 peer_ip[16];
+	__u16 peer_port = 0;
+	int have_peer = 0, have_data = 0;
+	for (int i = 0; i < SEND_MAX_ATTRS; i++) {
+		if (off >= n)
+			break;
+		__u8 ah[4];
+		if (off > 0xffff || bpf_xdp_load_bytes(ctx, base + off, ah, 4))
+			return pass(TP_PASS_MALFORMED);
+		__u16 type = ((__u16)ah[0] << 8) | ah[1];
+		__u32 alen = ((__u32)ah[2] << 8) | ah[3];
+		__u32 value = off + 4;
+		if (value + alen > n)
+			return pass(TP_PASS_MALFORMED);
+		if (type == 0x0012) {
+			__u8 xa[20];
+			if (have_peer || alen != 20 ||
+			    bpf_xdp_load_bytes(ctx, base + value, xa, 20))
+				return pass(TP_PASS_UNSUPPORTED);
+			if (xa[1] != 0x02)
+				return pass(TP_PASS_UNSUPPORTED); /* an IPv4 peer */
+			peer_port = *(__u16 *)(xa + 2) ^ bpf_htons(STUN_COOKIE >> 16);
+			/* XORed with the magic cookie and the transaction id. */
+#pragma unroll
+			for (int j = 0; j < 16; j++)
+				peer_ip[j] = xa[4 + j] ^ hdr[4 + j];
+			have_peer = 1;
+		} else if (type == 0x0013) {
+			if (have_data)
+				return pass(TP_PASS_UNSUPPORTED);
+			data_off = value;
+			data_len = alen;
+			have_data = 1;
+		} else if (type == 0x8028) {
+			if (alen != 4 || value + 4 != n)
+				return pass(TP_PASS_UNSUPPORTED);
+		} else if (type != 0x001A && type < 0x8000) {
+			return pass(TP_PASS_UNSUPPORTED);
+		}
+		off = value + ((alen + 3) & ~3u);
+	}
+	if (off < n || !have_peer || !have_data || peer_port == 0)
+		return pass(TP_PASS_UNSUPPORTED);
+	if (denied_port(peer_port))
+		return pass(TP_PASS_DENIED_PORT);
+	struct tp_perm_key6 pk = {};
+	__builtin_memcpy(pk.relay_ip, a->relay_ip, 16);
+	__builtin_memcpy(pk.peer_ip, peer_ip, 16);
+	pk.relay_port = a->relay_port;
+	struct tp_perm6 *pm = bpf_map_lookup_elem(&tp_perms6, &pk);
+	if (!pm)
+		return pass(TP_PASS_NO_ENTRY);
+	if (!live(pm->deadline_ns))
+		return pass(TP_PASS_EXPIRED);
+	struct out6 o = {
+		.flow = {
+			.sport = a->relay_port,
+			.dport = peer_port,
+			.ulen = bpf_htons(data_len + sizeof(struct udphdr)),
+		},
+		.slot = a->slot,
+		.payload = data_len,
+		.stat = TP_RELAYED_SEND_UP,
+	};
+	__builtin_memcpy(o.flow.saddr, a->relay_ip, 16);
+	__builtin_memcpy(o.flow.daddr, peer_ip, 16);
+	__u32 head = data_off;
+	__u32 tail = n - data_off - data_len;
+	if (head > SEND_MAX_HEAD || tail > SEND_MAX_TAIL || head < STUN_HEADER)
+		return pass(TP_PASS_UNSUPPORTED);
+	__u64 s = (__u16)~old_csum;
+	s = csum_swap6(s, in, &o.flow);
+	for (int i = 0; i < SEND_MAX_HEAD / 4; i++) {
+		__u16 w[2];
+		if ((__u32)i * 4 >= head)
+			break;
+		if (bpf_xdp_load_bytes(ctx, base + i * 4, w, 4))
+			return pass(TP_PASS_MALFORMED);
+		s = sub16(sub16(s, w[0]), w[1]);
+	}
+	int odd = data_len & 1;
+	for (int i = 0; i < SEND_MAX_TAIL; i++) {
+		__u8 b;
+		if ((__u32)i >= tail)
+			break;
+		if (bpf_xdp_load_bytes(ctx, base + data_off + data_len + i, &b, 1))
+			return pass(TP_PASS_MALFORMED);
+		s = sub16(s, byte_word(b, (odd + i) & 1));
+	}
+	o.csum = finish_csum6(s);
+	struct bpf_fib_lookup fib;
+	int why = route6(ctx, &o, &fib);
+	if (why)
+		return pass(why);
+	if (bpf_xdp_adjust_head(ctx, (int)head))
+		return pass(TP_PASS_HEADROOM);
+	if (tail + extra && bpf_xdp_adjust_tail(ctx, -(int)(tail + extra)))
+		return pass(TP_PASS_HEADROOM);
+	return emit6(ctx, &o, &fib);
+}
+
+static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct flow6 *in)
+{
+	__u16 old_csum = in->csum;
+	__u32 n = in->n, extra = in->extra;
+	struct tp_perm_key6 pk = {};
+	__builtin_memcpy(pk.relay_ip, in->daddr, 16);
+	__builtin_memcpy(pk.peer_ip, in->saddr, 16);
+	pk.relay_port = in->dport;
+	struct tp_perm6 *pm = bpf_map_lookup_elem(&tp_perms6, &pk);
+	if (!pm)
+		return pass(TP_PASS_NO_ENTRY);
+	__u64 now = bpf_ktime_get_ns();
+	if (now >= pm->deadline_ns)
+		return pass(TP_PASS_EXPIRED);
+	if (denied_port(in->sport))
+		return pass(TP_PASS_DENIED_PORT);
+	struct tp_peer_key6 qk = {};
+	__builtin_memcpy(qk.relay_ip, in->daddr, 16);
+	__builtin_memcpy(qk.peer_ip, in->saddr, 16);
+	qk.relay_port = in->dport;
+	qk.peer_port = in->sport;
+	struct tp_peer *q = bpf_map_lookup_elem(&tp_peers6, &qk);
+	int channel = q && now < q->deadline_ns;
+	__u32 grow = channel ? CHANNEL_HEADER : DATA_IND_HEADER6;
+	__u32 pad = channel ? 0 : (4 - (n & 3)) & 3;
+	struct out6 o = {
+		.flow = {
+			.sport = pm->client.server_port,
+			.dport = pm->client.client_port,
+			.ulen = bpf_htons(n + grow + pad + sizeof(struct udphdr)),
+		},
+		.slot = pm->slot,
+		.payload = n,
+		.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
+		.down = 1,
+	};
+	__builtin_memcpy(o.flow.saddr, pm->client.server_ip, 16);
+	__builtin_memcpy(o.flow.daddr, pm->client.client_ip, 16);
+	__u16 ch = channel ? q->channel : 0;
+	struct bpf_fib_lookup fib;
+	int why = route6(ctx, &o, &fib);
+	if (why)
+		return pass(why);
+	if (bpf_xdp_adjust_head(ctx, -(int)grow))
+		return pass(TP_PASS_HEADROOM);
+	if (pad != extra && bpf_xdp_adjust_tail(ctx, (int)pad - (int)extra))
+		return pass(TP_PASS_HEADROOM);
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u8 *h = data + HEADERS6;
+	__u64 s = (__u16)~old_csum;
+	s = csum_swap6(s, in, &o.flow);
+	if (channel) {
+		if ((void *)(h + CHANNEL_HEADER) > end)
+			return XDP_DROP;
+		h[0] = ch >> 8;
+		h[1] = ch & 0xff;
+		h[2] = n >> 8;
+		h[3] = n & 0xff;
+		s = add16(s, *(__u16 *)h);
+		s = add16(s, *(__u16 *)(h + 2));
+	} else {
+		if ((void *)(h + DATA_IND_HEADER6) > end)
+			return XDP_DROP;
+		__u16 *w = (__u16 *)h;
+		w[0] = bpf_htons(0x0017);
+		w[1] = bpf_htons(24 + 4 + n + pad);
+		*(__u32 *)(h + 4) = bpf_htonl(STUN_COOKIE);
+		*(__u32 *)(h + 8) = bpf_get_prandom_u32();
+		*(__u32 *)(h + 12) = bpf_get_prandom_u32();
+		*(__u32 *)(h + 16) = bpf_get_prandom_u32();
+		w[10] = bpf_htons(0x0012);
+		w[11] = bpf_htons(20);
+		w[12] = bpf_htons(0x0002);
+		w[13] = in->sport ^ bpf_htons(STUN_COOKIE >> 16);
+#pragma unroll
+		for (int j = 0; j < 16; j++)
+			h[28 + j] = in->saddr[j] ^ h[4 + j];
+		w[22] = bpf_htons(0x0013);
+		w[23] = bpf_htons(n);
+#pragma unroll
+		for (int i = 0; i < DATA_IND_HEADER6 / 2; i++)
+			s = add16(s, w[i]);
+		if (pad) {
+			__u32 at = HEADERS6 + DATA_IND_HEADER6 + n;
+			__u8 zero[4] = {};
+			int bad = pad == 1   ? bpf_xdp_store_bytes(ctx, at, zero, 1)
+				  : pad == 2 ? bpf_xdp_store_bytes(ctx, at, zero, 2)
+					     : bpf_xdp_store_bytes(ctx, at, zero, 3);
+			if (bad)
+				return XDP_DROP;
+		}
+	}
+	o.csum = finish_csum6(s);
+	return emit6(ctx, &o, &fib);
+}
+
+/* Its three paths are functions of their own (BPF-to-BPF calls), as is the IPv4 path
+ * (relay4): inlined together, their stacks would add up beyond the 512 bytes a program
+ * has. */
+static __always_inline int relay6(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *ip = data + sizeof(struct ethhdr);
+	if ((void *)(ip + 1) > end)
+		return pass(TP_PASS_MALFORMED);
+	if (ip->nexthdr == 44)
+		return pass(TP_PASS_FRAGMENT);
+	if (ip->nexthdr != IPPROTO_UDP)
+		return pass(TP_PASS_NOT_UDP); /* extension headers included */
+	struct udphdr *udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > end)
+		return pass(TP_PASS_MALFORMED);
+	__u32 ulen = bpf_ntohs(udp->len);
+	if (ulen < sizeof(*udp) || bpf_ntohs(ip->payload_len) != ulen ||
+	    (void *)udp + ulen > end)
+		return pass(TP_PASS_MALFORMED);
+	__u32 extra = end - ((void *)udp + ulen);
+	if (extra > 64)
+		return pass(TP_PASS_MALFORMED);
+	/* A UDP checksum is mandatory over IPv6. */
+	if (udp->check == 0)
+		return pass(TP_PASS_MALFORMED);
+	__u32 n = ulen - sizeof(*udp);
+	struct flow6 in = {
+		.sport = udp->source,
+		.dport = udp->dest,
+		.ulen = udp->len,
+		.csum = udp->check,
+		.n = n,
+		.extra = extra,
+	};
+	__builtin_memcpy(in.saddr, &ip->saddr, 16);
+	__builtin_memcpy(in.daddr, &ip->daddr, 16);
+	__u8 *p = (void *)(udp + 1);
+	if ((void *)(p + 1) <= end) {
+		__u8 first = p[0];
+		if (first >= 0x40 && first <= 0x7f) {
+			int r = channel_up6(ctx, &in);
+			if (r >= 0)
+				return r;
+		} else if (first <= 0x01 && n >= STUN_HEADER && (void *)(p + 8) <= end &&
+			   *(__u32 *)(p + 4) == bpf_htonl(STUN_COOKIE)) {
+			__u16 type = ((__u16)p[0] << 8) | p[1];
+			if (type == 0x0016)
+				return send_up6(ctx, &in);
+		}
+	}
+	return peer_down6(ctx, &in);
+}
+
+/* The IPv4 path, a function of its own (see relay6). */
+static __attribute__((noinline)) int relay4(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
 		return pass(TP_PASS_NOT_UDP);
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->version != 4 || ip->protocol != IPPROTO_UDP)
@@ -653,6 +1149,21 @@ int turnpike_relay(struct xdp_md *ctx)
 		}
 	}
 	return peer_down(ctx, &in, old_csum, n, extra);
+}
+
+SEC("xdp")
+int turnpike_relay(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return pass(TP_PASS_NOT_UDP);
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return relay4(ctx);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return relay6(ctx);
+	return pass(TP_PASS_NOT_UDP);
 }
 
 /* bpf_fib_lookup is for GPL-compatible programs: this one is offered under either. */

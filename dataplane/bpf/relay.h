@@ -79,6 +79,63 @@ struct tp_peer {
 	__u16 _pad[3];
 };
 
+/* IPv6 (RFC 6156): the same maps with 16-byte addresses, for allocations whose client,
+ * listening and relayed addresses are all IPv6 (a mixed-family flow stays with the
+ * workers). */
+struct tp_client6 {
+	__u8 client_ip[16];
+	__u8 server_ip[16];
+	__u16 client_port;
+	__u16 server_port;
+};
+
+struct tp_alloc6 {
+	__u64 deadline_ns;
+	__u8 relay_ip[16];
+	__u16 relay_port;
+	__u8 flags;
+	__u8 _pad;
+	__u32 slot;
+};
+
+struct tp_chan_key6 {
+	struct tp_client6 client;
+	__u16 channel;
+	__u16 _pad;
+};
+
+struct tp_chan6 {
+	__u64 deadline_ns;
+	__u8 relay_ip[16];
+	__u8 peer_ip[16];
+	__u16 relay_port;
+	__u16 peer_port;
+	__u32 slot;
+	__u8 flags;
+	__u8 _pad[7];
+};
+
+struct tp_perm_key6 {
+	__u8 relay_ip[16];
+	__u8 peer_ip[16];
+	__u16 relay_port;
+	__u16 _pad;
+};
+
+struct tp_perm6 {
+	__u64 deadline_ns;
+	struct tp_client6 client;
+	__u32 slot;
+};
+
+struct tp_peer_key6 {
+	__u8 relay_ip[16];
+	__u8 peer_ip[16];
+	__u16 relay_port;
+	__u16 peer_port;
+};
+/* tp_peers6 values are struct tp_peer. */
+
 /* tp_usage value (per CPU, indexed by slot): what the program relayed for one
  * allocation, application bytes. */
 struct tp_usage {

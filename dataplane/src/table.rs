@@ -171,13 +171,12 @@ impl Denied {
         ip.is_unspecified() || self.exact.iter().any(|a| a.ip() == *ip)
     }
 
-    /// The ports of the denied IPv4 addresses, exact or wildcard.
+    /// The ports of the denied addresses, exact or wildcard, of both families.
     pub(crate) fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.exact
             .iter()
-            .filter(|a| a.is_ipv4())
             .map(|a| a.port())
-            .chain(self.any_ip.iter().filter(|(v6, _)| !v6).map(|&(_, p)| p))
+            .chain(self.any_ip.iter().map(|&(_, p)| p))
     }
 
     /// Whether `a` (canonical) is denied. An unspecified IP (0.0.0.0, ::) is always

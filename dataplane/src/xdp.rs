@@ -4,9 +4,10 @@
 //! The program is an accelerator, never the authority: it relays only the flows whose
 //! entries a worker wrote (`Mirror::sync`), each with its deadline, and passes
 //! everything else to the sockets, where the workers decide exactly as without it.
-//! Entries are written only for UDP allocations over IPv4 without a bandwidth limit
-//! (limits stay on the socket path, where the token buckets are), for permissions and
-//! channels that are live, to peers that are not the server's own sockets.
+//! Entries are written only for UDP allocations without a bandwidth limit (limits stay
+//! on the socket path, where the token buckets are) whose client, listening and relayed
+//! addresses are of one family, IPv4 or IPv6, for permissions and channels of that
+//! family that are live, to peers that are not the server's own sockets.
 //!
 //! The program is attached through a BPF link: the kernel detaches it when the process
 //! ends, however it ends, so a crashed server leaves nothing attached.
@@ -216,6 +217,74 @@ pub(crate) struct UsageVal {
     pub(crate) to_client_bytes: u64,
 }
 
+/// A UDP client's 5-tuple over IPv6.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct ClientKey6 {
+    pub(crate) client_ip: [u8; 16],
+    pub(crate) server_ip: [u8; 16],
+    pub(crate) client_port: u16,
+    pub(crate) server_port: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct AllocVal6 {
+    pub(crate) deadline_ns: u64,
+    pub(crate) relay_ip: [u8; 16],
+    pub(crate) relay_port: u16,
+    pub(crate) flags: u8,
+    pub(crate) _pad: u8,
+    pub(crate) slot: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct ChanKey6 {
+    pub(crate) client: ClientKey6,
+    pub(crate) channel: u16,
+    pub(crate) _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ChanVal6 {
+    pub(crate) deadline_ns: u64,
+    pub(crate) relay_ip: [u8; 16],
+    pub(crate) peer_ip: [u8; 16],
+    pub(crate) relay_port: u16,
+    pub(crate) peer_port: u16,
+    pub(crate) slot: u32,
+    pub(crate) flags: u8,
+    pub(crate) _pad: [u8; 7],
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct PermKey6 {
+    pub(crate) relay_ip: [u8; 16],
+    pub(crate) peer_ip: [u8; 16],
+    pub(crate) relay_port: u16,
+    pub(crate) _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PermVal6 {
+    pub(crate) deadline_ns: u64,
+    pub(crate) client: ClientKey6,
+    pub(crate) slot: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(crate) struct PeerKey6 {
+    pub(crate) relay_ip: [u8; 16],
+    pub(crate) peer_ip: [u8; 16],
+    pub(crate) relay_port: u16,
+    pub(crate) peer_port: u16,
+}
+
 // SAFETY: plain `repr(C)` structs of integers, with every padding byte an explicit
 // field: any bit pattern is a valid value and none has uninitialised bytes.
 unsafe impl Pod for ClientKey {}
@@ -235,6 +304,20 @@ unsafe impl Pod for PeerKey {}
 unsafe impl Pod for PeerVal {}
 // SAFETY: as above.
 unsafe impl Pod for UsageVal {}
+// SAFETY: as above.
+unsafe impl Pod for ClientKey6 {}
+// SAFETY: as above.
+unsafe impl Pod for AllocVal6 {}
+// SAFETY: as above.
+unsafe impl Pod for ChanKey6 {}
+// SAFETY: as above.
+unsafe impl Pod for ChanVal6 {}
+// SAFETY: as above.
+unsafe impl Pod for PermKey6 {}
+// SAFETY: as above.
+unsafe impl Pod for PermVal6 {}
+// SAFETY: as above.
+unsafe impl Pod for PeerKey6 {}
 
 /// The program's per-reason counters (`tp_stats`), in `relay.h`'s order.
 pub const STAT_NAMES: [&str; 18] = [
@@ -303,6 +386,10 @@ struct MapIds {
     chans: u32,
     perms: u32,
     peers: u32,
+    allocs6: u32,
+    chans6: u32,
+    perms6: u32,
+    peers6: u32,
     usage: u32,
 }
 
@@ -410,6 +497,12 @@ impl FastPath {
                     },
                 };
                 tracing::info!(iface = %iface, mode, "XDP fast path attached");
+                if !forwarding_on6(iface) {
+                    tracing::info!(
+                        iface = %iface,
+                        "net.ipv6.conf.{iface}.forwarding is 0: IPv6 flows stay on the socket path (forwarding_off)"
+                    );
+                }
                 if !forwarding_on(iface) {
                     tracing::warn!(
                         iface = %iface,
@@ -430,11 +523,19 @@ impl FastPath {
         let perms = take(&mut ebpf, "tp_perms")?;
         let peers = take(&mut ebpf, "tp_peers")?;
         let usage = take(&mut ebpf, "tp_usage")?;
+        let allocs6 = take(&mut ebpf, "tp_allocs6")?;
+        let chans6 = take(&mut ebpf, "tp_chans6")?;
+        let perms6 = take(&mut ebpf, "tp_perms6")?;
+        let peers6 = take(&mut ebpf, "tp_peers6")?;
         let ids = MapIds {
             allocs: id_of(&allocs, "tp_allocs")?,
             chans: id_of(&chans, "tp_chans")?,
             perms: id_of(&perms, "tp_perms")?,
             peers: id_of(&peers, "tp_peers")?,
+            allocs6: id_of(&allocs6, "tp_allocs6")?,
+            chans6: id_of(&chans6, "tp_chans6")?,
+            perms6: id_of(&perms6, "tp_perms6")?,
+            peers6: id_of(&peers6, "tp_peers6")?,
             usage: id_of(&usage, "tp_usage")?,
         };
         let stats = PerCpuArray::try_from(Map::PerCpuArray(take(&mut ebpf, "tp_stats")?))
@@ -496,6 +597,14 @@ impl FastPath {
                 .map_err(map_err("tp_perms"))?,
             peers: HashMap::try_from(Map::HashMap(open(self.ids.peers, "tp_peers")?))
                 .map_err(map_err("tp_peers"))?,
+            allocs6: HashMap::try_from(Map::HashMap(open(self.ids.allocs6, "tp_allocs6")?))
+                .map_err(map_err("tp_allocs6"))?,
+            chans6: HashMap::try_from(Map::HashMap(open(self.ids.chans6, "tp_chans6")?))
+                .map_err(map_err("tp_chans6"))?,
+            perms6: HashMap::try_from(Map::HashMap(open(self.ids.perms6, "tp_perms6")?))
+                .map_err(map_err("tp_perms6"))?,
+            peers6: HashMap::try_from(Map::HashMap(open(self.ids.peers6, "tp_peers6")?))
+                .map_err(map_err("tp_peers6"))?,
             usage: PerCpuArray::try_from(Map::PerCpuArray(open(self.ids.usage, "tp_usage")?))
                 .map_err(map_err("tp_usage"))?,
             installed: AHashMap::new(),
@@ -550,6 +659,12 @@ pub fn forwarding_on(iface: &str) -> bool {
         .is_ok_and(|v| v.trim() == "1")
 }
 
+/// Whether IPv6 forwarding is on for `iface`, which `bpf_fib_lookup` requires.
+pub fn forwarding_on6(iface: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{iface}/forwarding"))
+        .is_ok_and(|v| v.trim() == "1")
+}
+
 /// The verifier's log is long: its last lines say why.
 fn load_error(e: &aya::programs::ProgramError) -> String {
     match e {
@@ -586,10 +701,14 @@ fn attach_error(e: &aya::programs::ProgramError) -> String {
 #[derive(Debug, Default)]
 struct Installed {
     slot: u32,
-    client: Option<ClientKey>,
+    client: Vec<ClientKey>,
     chans: Vec<ChanKey>,
     perms: Vec<PermKey>,
     peers: Vec<PeerKey>,
+    client6: Vec<ClientKey6>,
+    chans6: Vec<ChanKey6>,
+    perms6: Vec<PermKey6>,
+    peers6: Vec<PeerKey6>,
     /// The slot's counters when last merged into the allocation's usage.
     seen: UsageVal,
 }
@@ -602,6 +721,10 @@ pub(crate) struct Mirror {
     chans: HashMap<MapData, ChanKey, ChanVal>,
     perms: HashMap<MapData, PermKey, PermVal>,
     peers: HashMap<MapData, PeerKey, PeerVal>,
+    allocs6: HashMap<MapData, ClientKey6, AllocVal6>,
+    chans6: HashMap<MapData, ChanKey6, ChanVal6>,
+    perms6: HashMap<MapData, PermKey6, PermVal6>,
+    peers6: HashMap<MapData, PeerKey6, PeerVal>,
     usage: PerCpuArray<MapData, UsageVal>,
     installed: AHashMap<AllocationId, Installed>,
     warned: bool,
@@ -650,13 +773,166 @@ fn ip4(ip: &IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
-/// The entries one allocation should have.
+/// The entries one allocation should have (of one family: the other's lists are empty).
 #[derive(Debug, Default)]
 struct Entries {
-    client: Option<(ClientKey, AllocVal)>,
+    client: Vec<(ClientKey, AllocVal)>,
     chans: Vec<(ChanKey, ChanVal)>,
     perms: Vec<(PermKey, PermVal)>,
     peers: Vec<(PeerKey, PeerVal)>,
+    client6: Vec<(ClientKey6, AllocVal6)>,
+    chans6: Vec<(ChanKey6, ChanVal6)>,
+    perms6: Vec<(PermKey6, PermVal6)>,
+    peers6: Vec<(PeerKey6, PeerVal)>,
+}
+
+impl Entries {
+    /// Whether the program serves the allocation at all.
+    fn served(&self) -> bool {
+        !self.client.is_empty() || !self.client6.is_empty()
+    }
+}
+
+fn v6(a: &SocketAddr) -> Option<([u8; 16], u16)> {
+    match a {
+        SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_none() => {
+            Some((a.ip().octets(), a.port().to_be()))
+        }
+        _ => None,
+    }
+}
+
+/// The IPv6 entries of `a` (RFC 6156): its client, listening and relayed addresses all
+/// IPv6, peers IPv6.
+fn entries6(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64, e: &mut Entries) {
+    let (Some((client_ip, client_port)), Some((server_ip, server_port))) =
+        (v6(&a.tuple.client), v6(&a.tuple.server))
+    else {
+        return;
+    };
+    if server_ip == [0; 16] {
+        return;
+    }
+    let Some((relay_ip, relay_port)) = a
+        .relays
+        .iter()
+        .filter(|r| !r.ip().is_unspecified())
+        .find_map(v6)
+    else {
+        return;
+    };
+    let client = ClientKey6 {
+        client_ip,
+        server_ip,
+        client_port,
+        server_port,
+    };
+    let alloc_deadline = deadline_ns(a.deadline, now_ms, mono);
+    e.client6.push((
+        client,
+        AllocVal6 {
+            deadline_ns: alloc_deadline,
+            relay_ip,
+            relay_port,
+            slot,
+            ..AllocVal6::default()
+        },
+    ));
+    let mut perm_deadlines = AHashMap::new();
+    for (ip, &d) in &a.perms {
+        let IpAddr::V6(peer) = ip.to_canonical() else {
+            continue;
+        };
+        if d <= now_ms || denied.has_ip(&IpAddr::V6(peer)) {
+            continue;
+        }
+        let deadline = alloc_deadline.min(deadline_ns(d, now_ms, mono));
+        perm_deadlines.insert(peer, deadline);
+        e.perms6.push((
+            PermKey6 {
+                relay_ip,
+                peer_ip: peer.octets(),
+                relay_port,
+                _pad: 0,
+            },
+            PermVal6 {
+                deadline_ns: deadline,
+                client,
+                slot,
+            },
+        ));
+    }
+    for (&num, ch) in &a.channels {
+        let SocketAddr::V6(peer) = ch.peer else {
+            continue;
+        };
+        let Some(&perm) = perm_deadlines.get(peer.ip()) else {
+            continue;
+        };
+        if ch.deadline <= now_ms || denied.contains(&ch.peer) {
+            continue;
+        }
+        let deadline = perm.min(deadline_ns(ch.deadline, now_ms, mono));
+        let (peer_ip, peer_port) = (peer.ip().octets(), peer.port().to_be());
+        e.chans6.push((
+            ChanKey6 {
+                client,
+                channel: num,
+                _pad: 0,
+            },
+            ChanVal6 {
+                deadline_ns: deadline,
+                relay_ip,
+                peer_ip,
+                relay_port,
+                peer_port,
+                slot,
+                flags: 0,
+                _pad: [0; 7],
+            },
+        ));
+        if ch.confirmed && a.peer_channel.get(&ch.peer) == Some(&num) {
+            e.peers6.push((
+                PeerKey6 {
+                    relay_ip,
+                    peer_ip,
+                    relay_port,
+                    peer_port,
+                },
+                PeerVal {
+                    deadline_ns: deadline,
+                    channel: num,
+                    _pad: [0; 3],
+                },
+            ));
+        }
+    }
+}
+
+/// Writes `want` into `map` and deletes what `have` held that `want` does not; `have`
+/// becomes `want`'s keys. `false` when an insert failed (a full map).
+fn replace<K: Pod + PartialEq, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    want: &[(K, V)],
+    have: &mut Vec<K>,
+) -> bool {
+    let mut ok = true;
+    for (k, v) in want {
+        ok &= map.insert(k, v, 0).is_ok();
+    }
+    for k in have.iter() {
+        if !want.iter().any(|(w, _)| w == k) {
+            let _ = map.remove(k);
+        }
+    }
+    *have = want.iter().map(|(k, _)| *k).collect();
+    ok
+}
+
+fn clear<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, have: &[K]) {
+    for k in have {
+        let _ = map.remove(k);
+    }
 }
 
 /// What the program may relay for `a` at `now_ms` (unix) with the monotonic clock at
@@ -669,6 +945,7 @@ fn entries(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64) -> Ent
     let (Some((client_ip, client_port)), Some((server_ip, server_port))) =
         (v4(&a.tuple.client), v4(&a.tuple.server))
     else {
+        entries6(a, slot, denied, now_ms, mono, &mut e);
         return e;
     };
     let Some((relay_ip, relay_port)) = a
@@ -691,7 +968,7 @@ fn entries(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64) -> Ent
         0
     };
     let alloc_deadline = deadline_ns(a.deadline, now_ms, mono);
-    e.client = Some((
+    e.client.push((
         client,
         AllocVal {
             deadline_ns: alloc_deadline,
@@ -787,9 +1064,9 @@ impl Mirror {
         };
         let installed = self.installed.get(&id).map(|i| i.slot);
         let want = entries(a, installed.unwrap_or(0), denied, now_ms, monotonic_ns());
-        if want.client.is_none() {
+        if !want.served() {
             // Not (or no longer) for the program: a TCP/TLS client, a bandwidth limit,
-            // an IPv6 allocation, or one past its deadline.
+            // mixed families, or one past its deadline.
             self.remove(id, Some(a));
             return;
         }
@@ -809,43 +1086,16 @@ impl Mirror {
             slot,
             ..Installed::default()
         });
-        let mut ok = true;
-        // New entries first, then the stale ones go: a packet never meets a gap.
-        if let Some((k, v)) = want.client {
-            ok &= self.allocs.insert(k, v, 0).is_ok();
-            if let Some(old) = inst.client.replace(k)
-                && old != k
-            {
-                let _ = self.allocs.remove(&old);
-            }
-        }
-        for (k, v) in &want.perms {
-            ok &= self.perms.insert(k, v, 0).is_ok();
-        }
-        for (k, v) in &want.chans {
-            ok &= self.chans.insert(k, v, 0).is_ok();
-        }
-        for (k, v) in &want.peers {
-            ok &= self.peers.insert(k, v, 0).is_ok();
-        }
-        for k in &inst.perms {
-            if !want.perms.iter().any(|(w, _)| w == k) {
-                let _ = self.perms.remove(k);
-            }
-        }
-        for k in &inst.chans {
-            if !want.chans.iter().any(|(w, _)| w == k) {
-                let _ = self.chans.remove(k);
-            }
-        }
-        for k in &inst.peers {
-            if !want.peers.iter().any(|(w, _)| w == k) {
-                let _ = self.peers.remove(k);
-            }
-        }
-        inst.perms = want.perms.into_iter().map(|(k, _)| k).collect();
-        inst.chans = want.chans.into_iter().map(|(k, _)| k).collect();
-        inst.peers = want.peers.into_iter().map(|(k, _)| k).collect();
+        // For each map, new entries first, then the stale ones go: a packet never meets
+        // a gap.
+        let mut ok = replace(&mut self.allocs, &want.client, &mut inst.client);
+        ok &= replace(&mut self.perms, &want.perms, &mut inst.perms);
+        ok &= replace(&mut self.chans, &want.chans, &mut inst.chans);
+        ok &= replace(&mut self.peers, &want.peers, &mut inst.peers);
+        ok &= replace(&mut self.allocs6, &want.client6, &mut inst.client6);
+        ok &= replace(&mut self.perms6, &want.perms6, &mut inst.perms6);
+        ok &= replace(&mut self.chans6, &want.chans6, &mut inst.chans6);
+        ok &= replace(&mut self.peers6, &want.peers6, &mut inst.peers6);
         if !ok {
             // A full map: this allocation stays on the socket path.
             if !self.warned {
@@ -905,18 +1155,14 @@ impl Mirror {
         let Some(inst) = self.installed.remove(&id) else {
             return;
         };
-        if let Some(k) = inst.client {
-            let _ = self.allocs.remove(&k);
-        }
-        for k in &inst.perms {
-            let _ = self.perms.remove(k);
-        }
-        for k in &inst.chans {
-            let _ = self.chans.remove(k);
-        }
-        for k in &inst.peers {
-            let _ = self.peers.remove(k);
-        }
+        clear(&mut self.allocs, &inst.client);
+        clear(&mut self.perms, &inst.perms);
+        clear(&mut self.chans, &inst.chans);
+        clear(&mut self.peers, &inst.peers);
+        clear(&mut self.allocs6, &inst.client6);
+        clear(&mut self.perms6, &inst.perms6);
+        clear(&mut self.chans6, &inst.chans6);
+        clear(&mut self.peers6, &inst.peers6);
         if let Some(a) = alloc {
             let now = self.read(inst.slot);
             merge(&mut a.usage, &inst.seen, &now);

@@ -36,12 +36,17 @@ fn server(t: &Topology, xdp: bool) -> NsProc {
 
 /// turnpike in S allowing peers in `allow` (the default policy denies private ranges).
 fn server_allowing(t: &Topology, xdp: bool, allow: &str) -> NsProc {
+    server_on(t, xdp, allow, "10.88.0.1:3478")
+}
+
+/// turnpike in S listening (and relaying) on `listen`.
+fn server_on(t: &Topology, xdp: bool, allow: &str, listen: &str) -> NsProc {
     let bin = common::bin().to_str().unwrap().to_owned();
     let mut args = vec![
         bin.as_str(),
         "serve",
         "--listen",
-        "10.88.0.1:3478",
+        listen,
         "--no-tcp",
         "--relay-ports",
         "50000-50999",
@@ -80,25 +85,16 @@ fn server_allowing(t: &Topology, xdp: bool, allow: &str) -> NsProc {
 /// Runs uclient in C against the server with `flags`, 4 sessions of `n` packets each;
 /// returns (packets sent by uclient in all, lost), from its summary.
 fn uclient(t: &Topology, flags: &[&str], n: usize) -> (usize, usize) {
+    uclient_to(t, flags, n, "10.88.0.3", "10.88.0.1")
+}
+
+/// `uclient` with this peer and server address.
+fn uclient_to(t: &Topology, flags: &[&str], n: usize, peer: &str, server: &str) -> (usize, usize) {
     let n_s = n.to_string();
     let mut args = vec!["timeout", "60", "turnutils_uclient"];
     args.extend_from_slice(flags);
     args.extend([
-        "-e",
-        "10.88.0.3",
-        "-r",
-        "3480",
-        "-n",
-        &n_s,
-        "-m",
-        "4",
-        "-l",
-        "171",
-        "-u",
-        "u",
-        "-w",
-        "p",
-        "10.88.0.1",
+        "-e", peer, "-r", "3480", "-n", &n_s, "-m", "4", "-l", "171", "-u", "u", "-w", "p", server,
     ]);
     let out = t.run_c(&args);
     let lost = out
@@ -325,4 +321,34 @@ fn peers_the_policy_forbids_never_get_an_entry() {
         permitted = t.permitted_in_program();
     }
     assert_eq!(permitted, vec![PEER]);
+}
+
+#[test]
+fn uclient_over_ipv6_relays_through_the_program() {
+    let Some(t) = topology() else { return };
+    let _peer = t.spawn_c(&["turnutils_peer", "-L", "fd88::3", "-p", "3480"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _srv = server_on(&t, true, "fd88::/64", "[fd88::1]:3478");
+    let n = 200;
+    let per_run = (2 * 4 * n) as f64;
+    let x0 = t.metric("turnpike_xdp_relayed_packets_total");
+    let (sent, lost) = uclient_to(&t, &["-c"], n, "fd88::3", "fd88::1");
+    assert_eq!(lost, 0, "uclient -c over IPv6 lost {lost} of {sent}");
+    let (sent, lost) = uclient_to(&t, &["-c", "-s"], n, "fd88::3", "fd88::1");
+    assert_eq!(lost, 0, "uclient -c -s over IPv6 lost {lost} of {sent}");
+    let x = t.metric("turnpike_xdp_relayed_packets_total") - x0;
+    eprintln!(
+        "xdp over IPv6: {x} of {} packets; {}",
+        2.0 * per_run,
+        t.run_c(&["curl", "-s", "http://10.88.0.1:9100/metrics"])
+            .lines()
+            .filter(|l| l.starts_with("turnpike_xdp") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    assert!(
+        x >= 0.9 * 2.0 * per_run,
+        "XDP relayed {x} of {}",
+        2.0 * per_run
+    );
 }

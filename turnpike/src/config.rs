@@ -353,7 +353,7 @@ pub struct Flags {
     #[arg(long, env = "TURNPIKE_DRAIN_GRACE")]
     pub drain_grace: Option<u64>,
     /// Attach the XDP fast path to this network interface (repeatable): established
-    /// UDP flows over IPv4 are relayed in the kernel before the socket layer. Off when
+    /// UDP flows (IPv4, and IPv6) are relayed in the kernel before the socket layer. Off when
     /// the build has no program or the kernel refuses it (logged, and `ctl stats` says
     /// why).
     #[arg(long = "xdp", env = "TURNPIKE_XDP", value_delimiter = ',')]

@@ -109,7 +109,28 @@ impl Netns {
             "sysctl",
             "-qw",
             "net.ipv4.conf.xa.forwarding=1",
+            "net.ipv6.conf.xa.forwarding=1",
         ]);
+        ip(&["-n", n, "addr", "add", "fd77::1/64", "dev", "xa", "nodad"]);
+        for (host, mac) in [
+            ("fd77::2", "02:00:00:00:00:02"),
+            ("fd77::3", "02:00:00:00:00:03"),
+        ] {
+            ip(&[
+                "-n",
+                n,
+                "-6",
+                "neigh",
+                "add",
+                host,
+                "lladdr",
+                mac,
+                "dev",
+                "xa",
+                "nud",
+                "permanent",
+            ]);
+        }
         ns
     }
 
@@ -397,6 +418,13 @@ fn map_layouts_match_relay_h() {
     assert_eq!(size_of::<PeerKey>(), 12);
     assert_eq!(size_of::<PeerVal>(), 16);
     assert_eq!(size_of::<UsageVal>(), 32);
+    assert_eq!(size_of::<ClientKey6>(), 36);
+    assert_eq!(size_of::<AllocVal6>(), 32);
+    assert_eq!(size_of::<ChanKey6>(), 40);
+    assert_eq!(size_of::<ChanVal6>(), 56);
+    assert_eq!(size_of::<PermKey6>(), 36);
+    assert_eq!(size_of::<PermVal6>(), 48);
+    assert_eq!(size_of::<PeerKey6>(), 36);
 }
 
 #[test]
@@ -881,4 +909,255 @@ fn ethernet_padding_is_cut_and_dont_fragment_is_kept() {
     assert_eq!(ns.run(&f.fp, &to_new).0, XDP_TX);
     // The old relayed address is gone.
     assert_eq!(ns.run(&f.fp, &from_peer(PEER, 10)).0, XDP_PASS);
+}
+
+// ---- IPv6 (RFC 6156) ----------------------------------------------------------------
+
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 3);
+
+fn sa6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(ip, port, 0, 0)
+}
+
+fn udp6_checksum(src: &Ipv6Addr, dst: &Ipv6Addr, udp: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(udp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    let c = !fold(sum(udp, sum(&pseudo, 0)));
+    if c == 0 { 0xffff } else { c }
+}
+
+fn frame6(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 0xaa]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    let ulen = 8 + payload.len();
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(ulen as u16).to_be_bytes());
+    f.extend_from_slice(&[17, 64]);
+    f.extend_from_slice(&src.ip().octets());
+    f.extend_from_slice(&dst.ip().octets());
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&src.port().to_be_bytes());
+    udp.extend_from_slice(&dst.port().to_be_bytes());
+    udp.extend_from_slice(&(ulen as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let c = udp6_checksum(src.ip(), dst.ip(), &udp);
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&udp);
+    f
+}
+
+#[derive(Debug)]
+struct Sent6 {
+    dst_mac: [u8; 6],
+    src: SocketAddrV6,
+    dst: SocketAddrV6,
+    hop_limit: u8,
+    payload: Vec<u8>,
+}
+
+fn parse6(f: &[u8]) -> Sent6 {
+    assert_eq!(&f[12..14], &[0x86, 0xdd]);
+    let ip = &f[14..54];
+    assert_eq!(ip[0] >> 4, 6);
+    assert_eq!(ip[6], 17);
+    let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    assert_eq!(plen, f.len() - 54, "IPv6 payload length");
+    let src: [u8; 16] = ip[8..24].try_into().unwrap();
+    let dst: [u8; 16] = ip[24..40].try_into().unwrap();
+    let (src, dst) = (Ipv6Addr::from(src), Ipv6Addr::from(dst));
+    let udp = &f[54..];
+    assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), udp.len());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(udp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    assert_ne!(
+        u16::from_be_bytes([udp[6], udp[7]]),
+        0,
+        "a UDP checksum over IPv6"
+    );
+    assert_eq!(fold(sum(udp, sum(&pseudo, 0))), 0xffff, "UDP checksum");
+    Sent6 {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src: sa6(src, u16::from_be_bytes([udp[0], udp[1]])),
+        dst: sa6(dst, u16::from_be_bytes([udp[2], udp[3]])),
+        hop_limit: ip[7],
+        payload: udp[8..].to_vec(),
+    }
+}
+
+/// XOR-PEER-ADDRESS of an IPv6 peer in a message with transaction id `tid`.
+fn xor_peer6(a: SocketAddrV6, tid: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 2];
+    v.extend_from_slice(&(a.port() ^ 0x2112).to_be_bytes());
+    let mut mask = 0x2112_A442u32.to_be_bytes().to_vec();
+    mask.extend_from_slice(tid);
+    v.extend(a.ip().octets().iter().zip(&mask).map(|(b, m)| b ^ m));
+    v
+}
+
+/// An IPv6 allocation (client [fd77::2]:5000 → [fd77::1]:3478, relayed address
+/// [fd77::1]:50000) with a permission for fd77::3 and a channel to [fd77::3]:7000.
+fn fixture6(fp: FastPath) -> Fixture {
+    let fp = Arc::new(fp);
+    let mirror = fp.mirror().unwrap();
+    let now = unix_ms();
+    let tuple = FiveTuple::udp(
+        SocketAddr::V6(sa6(CLIENT6, CLIENT_PORT)),
+        SocketAddr::V6(sa6(SERVER6, LISTEN_PORT)),
+    );
+    let mut f = Fixture {
+        fp,
+        mirror,
+        table: Table::default(),
+        denied: Denied::default(),
+        ctr: Counters::default(),
+        id: AllocationId(9),
+        tuple,
+        now,
+    };
+    f.table.track = true;
+    f.apply(TableChange::AllocationAdd {
+        id: f.id,
+        tuple,
+        relays: vec![SocketAddr::V6(sa6(SERVER6, RELAY_PORT))],
+        deadline: Millis(now + 600_000),
+        bandwidth: 0,
+        user: "u".into(),
+        username: "u".into(),
+        dont_fragment: false,
+    });
+    f.apply(TableChange::PermissionSet {
+        id: f.id,
+        peer: PEER6.into(),
+        deadline: Millis(now + 300_000),
+    });
+    f.apply(TableChange::ChannelSet {
+        id: f.id,
+        channel: CHANNEL,
+        peer: SocketAddr::V6(sa6(PEER6, PEER_PORT)),
+        deadline: Millis(now + 600_000),
+    });
+    f
+}
+
+#[test]
+fn ipv6_allocations_are_relayed_both_ways() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = fixture6(fp);
+    let client = sa6(CLIENT6, CLIENT_PORT);
+    let listen = sa6(SERVER6, LISTEN_PORT);
+    let relay = sa6(SERVER6, RELAY_PORT);
+    let peer = sa6(PEER6, PEER_PORT);
+    for (len, pad) in [(100usize, &[][..]), (101, &[0, 0, 0][..]), (0, &[][..])] {
+        let before = f.fp.stats();
+        let fr = frame6(client, listen, &channel_data(CHANNEL, &data(len), pad));
+        let (action, out) = ns.run(&f.fp, &fr);
+        assert_eq!(action, XDP_TX, "ChannelData {len}");
+        let s = parse6(&out);
+        assert_eq!(s.dst_mac, PEER_MAC);
+        assert_eq!((s.src, s.dst, s.hop_limit), (relay, peer, 64));
+        assert_eq!(s.payload, data(len));
+        assert_eq!(f.delta(&before, "relayed_channel_up"), 1);
+    }
+    for len in [1usize, 2, 3, 4, 333] {
+        let m = stun(
+            0x0016,
+            &[
+                (0x0013, data(len)),
+                (0x0012, xor_peer6(peer, &[7; 12])),
+                (0x8028, vec![1, 2, 3, 4]),
+            ],
+        );
+        let (action, out) = ns.run(&f.fp, &frame6(client, listen, &m));
+        assert_eq!(action, XDP_TX, "Send {len}");
+        let s = parse6(&out);
+        assert_eq!((s.src, s.dst), (relay, peer));
+        assert_eq!(s.payload, data(len));
+    }
+    for len in [0usize, 1, 2, 3, 77] {
+        let (action, out) = ns.run(&f.fp, &frame6(peer, relay, &data(len)));
+        assert_eq!(action, XDP_TX, "from the peer {len}");
+        let s = parse6(&out);
+        assert_eq!(s.dst_mac, CLIENT_MAC);
+        assert_eq!((s.src, s.dst), (listen, client));
+        let m = &s.payload;
+        assert_eq!(&m[0..2], &[0x00, 0x17]);
+        assert_eq!(usize::from(u16::from_be_bytes([m[2], m[3]])) + 20, m.len());
+        assert_eq!(m.len() % 4, 0);
+        assert_eq!(&m[20..24], &[0x00, 0x12, 0x00, 0x14]);
+        assert_eq!(&m[24..44], &xor_peer6(peer, &m[8..20])[..]);
+        assert_eq!(&m[44..46], &[0x00, 0x13]);
+        assert_eq!(&m[48..48 + len], &data(len)[..]);
+    }
+    let tuple = f.tuple;
+    f.table.confirm_channels(&tuple);
+    f.sync();
+    let (action, out) = ns.run(&f.fp, &frame6(peer, relay, &data(9)));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(parse6(&out).payload, channel_data(CHANNEL, &data(9), &[]));
+
+    // A peer without a permission, and a removal.
+    let stranger = sa6(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 4), PEER_PORT);
+    assert_eq!(
+        ns.run(&f.fp, &frame6(stranger, relay, &data(9))).0,
+        XDP_PASS
+    );
+    f.apply(TableChange::AllocationRemove { id: f.id });
+    assert_eq!(ns.run(&f.fp, &frame6(peer, relay, &data(9))).0, XDP_PASS);
+    assert_eq!(f.mirror.allocs6.keys().count(), 0);
+    assert_eq!(f.mirror.perms6.keys().count(), 0);
+    assert_eq!(f.mirror.chans6.keys().count(), 0);
+    assert_eq!(f.mirror.peers6.keys().count(), 0);
+}
+
+#[test]
+fn mixed_family_allocations_get_no_entries() {
+    let Some(fp) = load() else { return };
+    let fp = Arc::new(fp);
+    let mut m = fp.mirror().unwrap();
+    let mut table = Table::default();
+    table.track = true;
+    let now = unix_ms();
+    let mut out = Vec::new();
+    // An IPv4 client whose relayed address is IPv6 (REQUESTED-ADDRESS-FAMILY).
+    table.apply(
+        0,
+        now,
+        TableChange::AllocationAdd {
+            id: AllocationId(1),
+            tuple: FiveTuple::udp(
+                SocketAddr::V4(sa(CLIENT, CLIENT_PORT)),
+                SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
+            ),
+            relays: vec![SocketAddr::V6(sa6(SERVER6, RELAY_PORT))],
+            deadline: Millis(now + 600_000),
+            bandwidth: 0,
+            user: "u".into(),
+            username: "u".into(),
+            dont_fragment: false,
+        },
+        &Denied::default(),
+        &Counters::default(),
+        &mut out,
+    );
+    m.sync(
+        AllocationId(1),
+        table.allocs.get_mut(&AllocationId(1)),
+        &Denied::default(),
+        now,
+    );
+    assert_eq!(m.installed(), 0);
 }

@@ -2,7 +2,8 @@
 //! `vs`, 10.88.0.1/24) and `C` (clients and peers, `vc`, 10.88.0.2-4/24). Transmit
 //! checksum offload is off on both ends and `vc` runs the pass program (NAPI mode), the
 //! two conditions for frames sent with XDP_TX to arrive (see ARCHITECTURE.md, "The XDP
-//! fast path"); IPv4 forwarding is on for `vs` (bpf_fib_lookup needs it). Everything is
+//! fast path"); IPv4 and IPv6 forwarding are on for `vs` (bpf_fib_lookup needs it).
+//! IPv6: fd88::1 on `vs`, fd88::2 and fd88::3 on `vc`. Everything is
 //! removed on drop, also when a test panics.
 #![allow(dead_code, clippy::unwrap_used, clippy::disallowed_methods)]
 
@@ -140,6 +141,9 @@ impl Topology {
             (c, vec!["addr", "add", "10.88.0.2/24", "dev", "vc"]),
             (c, vec!["addr", "add", "10.88.0.3/24", "dev", "vc"]),
             (c, vec!["addr", "add", "10.88.0.4/24", "dev", "vc"]),
+            (s, vec!["addr", "add", "fd88::1/64", "dev", "vs", "nodad"]),
+            (c, vec!["addr", "add", "fd88::2/64", "dev", "vc", "nodad"]),
+            (c, vec!["addr", "add", "fd88::3/64", "dev", "vc", "nodad"]),
             (s, vec!["link", "set", "vs", "up"]),
             (c, vec!["link", "set", "vc", "up"]),
             (s, vec!["link", "set", "lo", "up"]),
@@ -166,6 +170,7 @@ impl Topology {
                 "sysctl",
                 "-qw",
                 "net.ipv4.conf.vs.forwarding=1",
+                "net.ipv6.conf.vs.forwarding=1",
             ],
         )?;
         Ok(())
