@@ -290,10 +290,20 @@ fn the_leader_dies_relaying_goes_on_and_the_cell_fails_over() {
     eprintln!("failover: new Allocate succeeded {failover:?} after kill -9 of the leader");
     // The new leader rebuilt the cell from the data planes' tables: both flows (and the
     // probes' new allocations, made there).
-    std::thread::sleep(Duration::from_millis(300));
-    let probes = listed(&certs, &admin2, &["--user", &rest_user("probe").0]);
+    // The other data plane may reattach (and report its table) a little after the one
+    // that served the first new Allocate: wait for both, bounded.
+    let waited = Instant::now();
+    let (mut probes, mut flows_listed);
+    loop {
+        probes = listed(&certs, &admin2, &["--user", &rest_user("probe").0]);
+        flows_listed = listed(&certs, &admin2, &[]) - probes;
+        if flows_listed >= 2 || waited.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(probes >= 1);
-    assert_eq!(listed(&certs, &admin2, &[]) - probes, 2);
+    assert_eq!(flows_listed, 2);
     no_echo_lost(flows, &stop);
 
     // The new leader registers the cell in the fleet, with its data planes' addresses.
