@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::netns::{self, CLIENT, NsProc, PEER, SERVER, STRANGER, Topology};
 use common::{Outcome, Turn};
+use turnpike_proto::api::v1::{self, admin_client::AdminClient};
 
 fn topology() -> Option<Topology> {
     if let Err(why) = netns::usable() {
@@ -280,6 +281,120 @@ fn unpermitted_peers_and_refresh_zero_are_not_relayed_by_the_program() {
         "relayed after Refresh 0"
     );
     assert_eq!(t.metric("turnpike_xdp_relayed_packets_total"), x2);
+}
+
+/// Runs `f` with an Admin client on S's loopback (the server's `--admin-listen`).
+fn with_admin<T: Send>(
+    t: &Topology,
+    f: impl AsyncFnOnce(&mut AdminClient<AdminChannel>) -> T + Send,
+) -> T {
+    t.in_s(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ch = tonic::transport::Endpoint::from_static("http://127.0.0.1:9200")
+                .connect()
+                .await
+                .unwrap();
+            let mut admin = AdminClient::with_interceptor(ch, common::add_token as TokenFn);
+            f(&mut admin).await
+        })
+    })
+}
+
+type TokenFn = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+type AdminChannel =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenFn>;
+
+/// (client to peer, peer to client) packets of a usage record.
+fn packets(u: Option<&v1::Usage>) -> (u64, u64) {
+    let p = |c: Option<&v1::TrafficCounters>| c.map_or(0, |c| c.packets);
+    u.map_or((0, 0), |u| {
+        (p(u.client_to_peer.as_ref()), p(u.peer_to_client.as_ref()))
+    })
+}
+
+#[test]
+fn what_the_program_relays_is_billed_and_a_revoked_allocation_stops_at_once() {
+    let Some(t) = topology() else { return };
+    let _srv = server(&t, true);
+    let (peer_addr, received) = echo_peer(&t, PEER);
+    let server_addr = SocketAddr::from((SERVER, 3478));
+    let mut c = Turn::with_socket(t.udp_c(CLIENT), server_addr, "u", "p");
+    let Outcome::Allocated(_) = c.allocate() else {
+        panic!("allocate failed")
+    };
+    assert_eq!(c.bind(0x4000, peer_addr), Outcome::Ok);
+
+    // 50 echoes; all but the first (which resolves the neighbours) go through XDP.
+    let x0 = t.metric("turnpike_xdp_relayed_packets_total");
+    let s0 = t.metric("turnpike_relayed_packets_total");
+    let n = 50;
+    assert!(common::echo_round(&mut c, 0x4000, n) >= n - 1);
+    let by_xdp = t.metric("turnpike_xdp_relayed_packets_total") - x0;
+    let by_socket = t.metric("turnpike_relayed_packets_total") - s0;
+    assert!(by_xdp >= 90.0, "XDP relayed {by_xdp} of 100");
+    assert!(by_socket <= 10.0, "the socket path relayed {by_socket}");
+
+    // The allocation's usage, as the control plane reports it to operators and
+    // billing, counts what the program relayed (the next usage report, within ~1 s).
+    let (id, up, down) = with_admin(&t, async |admin| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let r = admin
+                .list_allocations(v1::ListAllocationsRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.allocations.len(), 1);
+            let a = &r.allocations[0];
+            let (up, down) = packets(a.usage.as_ref());
+            let id = a
+                .state
+                .as_ref()
+                .unwrap()
+                .allocation
+                .as_ref()
+                .unwrap()
+                .allocation_id;
+            if (up >= n as u64 && down >= n as u64 - 1) || t0.elapsed() > Duration::from_secs(10) {
+                return (id, up, down);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    assert!(
+        up >= n as u64 && down >= n as u64 - 1,
+        "usage {up} up, {down} down after {n} echoes, {by_xdp} of them by XDP"
+    );
+
+    // An operator revokes it: ChannelData from the client goes nowhere from then on.
+    let last = with_admin(&t, async |admin| {
+        admin
+            .revoke_allocation(v1::RevokeAllocationRequest {
+                allocation_id: id,
+                reason: "test".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let (up, _) = packets(last.allocation.as_ref().and_then(|a| a.usage.as_ref()));
+    assert!(up >= n as u64, "final usage {up} up");
+    let before = received.load(Ordering::Relaxed);
+    let x1 = t.metric("turnpike_xdp_relayed_packets_total");
+    for i in 0..20 {
+        c.send_channel(0x4000, format!("after {i}").as_bytes());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        received.load(Ordering::Relaxed),
+        before,
+        "relayed after the revocation"
+    );
+    assert_eq!(t.metric("turnpike_xdp_relayed_packets_total"), x1);
 }
 
 #[test]

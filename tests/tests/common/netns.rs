@@ -214,7 +214,16 @@ impl Topology {
 
     /// Runs `f` on a thread inside C: sockets it makes live in C.
     pub fn in_c<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.c);
+        Topology::in_ns(&self.c, f)
+    }
+
+    /// Runs `f` on a thread inside S (for the Admin API on S's loopback).
+    pub fn in_s<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        Topology::in_ns(&self.s, f)
+    }
+
+    fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{ns}");
         std::thread::scope(|sc| {
             sc.spawn(move || {
                 let ns = std::fs::File::open(&path).unwrap();
