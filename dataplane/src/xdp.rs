@@ -465,8 +465,23 @@ impl FastPath {
     /// Loads the program and attaches it to every interface of `cfg` (none: loaded
     /// only, as the unit tests use it).
     pub fn start(cfg: &XdpConfig) -> Result<FastPath, XdpError> {
+        FastPath::start_with_limits(cfg, &[])
+    }
+
+    /// [`FastPath::start`] with some maps smaller than relay.h says (the tests fill
+    /// them).
+    pub(crate) fn start_with_limits(
+        cfg: &XdpConfig,
+        limits: &[(&str, u32)],
+    ) -> Result<FastPath, XdpError> {
         let object = OBJECT.ok_or(XdpError::NotBuilt(off_reason()))?;
-        let mut ebpf = aya::Ebpf::load(object).map_err(|e| XdpError::Load(e.to_string()))?;
+        let mut loader = aya::EbpfLoader::new();
+        for (map, n) in limits {
+            loader.set_max_entries(map, *n);
+        }
+        let mut ebpf = loader
+            .load(object)
+            .map_err(|e| XdpError::Load(e.to_string()))?;
         let mut attached = Vec::new();
         {
             let prog: &mut Xdp = ebpf

@@ -41,7 +41,12 @@ fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 /// Whether the XDP tests can run here; `None` (after printing why) when they are
 /// skipped. With `TURNPIKE_REQUIRE_XDP=1` a skip is a failure.
 fn load() -> Option<FastPath> {
-    let why = match FastPath::start(&XdpConfig::default()) {
+    load_with(&[])
+}
+
+/// [`load`] with some maps made smaller.
+fn load_with(limits: &[(&str, u32)]) -> Option<FastPath> {
+    let why = match FastPath::start_with_limits(&XdpConfig::default(), limits) {
         Ok(fp) => return Some(fp),
         Err(e) => e.to_string(),
     };
@@ -735,6 +740,73 @@ fn removals_stop_forwarding_at_once() {
     assert_eq!(f.mirror.perms.keys().count(), 0);
     assert_eq!(f.mirror.chans.keys().count(), 0);
     assert_eq!(f.mirror.peers.keys().count(), 0);
+}
+
+#[test]
+fn an_allocation_that_does_not_fit_stays_on_the_socket_path() {
+    // Room for two permissions: the fixture's allocation takes one.
+    let Some(fp) = load_with(&[("tp_perms", 2)]) else {
+        return;
+    };
+    let ns = Netns::new();
+    let mut f = Fixture::new(fp);
+    let other_port = CLIENT_PORT + 1;
+    let other = AllocationId(8);
+    let send_from = |port: u16| {
+        frame(
+            sa(CLIENT, port),
+            sa(SERVER, LISTEN_PORT),
+            &stun(
+                0x0016,
+                &[(0x0012, xor_peer(sa(PEER, PEER_PORT))), (0x0013, data(10))],
+            ),
+            false,
+        )
+    };
+    let add_other = |f: &mut Fixture, peers: &[Ipv4Addr]| {
+        f.apply(TableChange::AllocationAdd {
+            id: other,
+            tuple: FiveTuple::udp(
+                SocketAddr::V4(sa(CLIENT, other_port)),
+                SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
+            ),
+            relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT + 1))],
+            deadline: Millis(f.now + 600_000),
+            bandwidth: 0,
+            user: "u".into(),
+            username: "u".into(),
+            dont_fragment: false,
+        });
+        for p in peers {
+            f.apply(TableChange::PermissionSet {
+                id: other,
+                peer: (*p).into(),
+                deadline: Millis(f.now + 300_000),
+            });
+        }
+    };
+    // The second allocation's second permission does not fit: it loses all its
+    // entries (none stay half-installed) and its packets go to the workers.
+    add_other(&mut f, &[PEER, STRANGER]);
+    assert_eq!(f.mirror.installed(), 1);
+    assert_eq!(f.mirror.perms.keys().count(), 1);
+    assert_eq!(f.mirror.allocs.keys().count(), 1);
+    let before = f.fp.stats();
+    assert_eq!(ns.run(&f.fp, &send_from(other_port)).0, XDP_PASS);
+    assert_eq!(f.delta(&before, "no_entry"), 1);
+    // The first is untouched.
+    assert_eq!(ns.run(&f.fp, &send_from(CLIENT_PORT)).0, XDP_TX);
+
+    // With room again (the first allocation gone), the next change installs it.
+    f.apply(TableChange::AllocationRemove { id: f.id });
+    assert_eq!(ns.run(&f.fp, &send_from(CLIENT_PORT)).0, XDP_PASS);
+    f.apply(TableChange::AllocationRefresh {
+        id: other,
+        deadline: Millis(f.now + 600_000),
+    });
+    assert_eq!(f.mirror.installed(), 1);
+    assert_eq!(f.mirror.perms.keys().count(), 2);
+    assert_eq!(ns.run(&f.fp, &send_from(other_port)).0, XDP_TX);
 }
 
 #[test]
