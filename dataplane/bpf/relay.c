@@ -97,6 +97,35 @@ struct {
 	__type(value, __u32);
 } tp_deny_ports SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TP_MAX_HOPS);
+	__type(key, struct tp_hop_key);
+	__type(value, struct tp_hop);
+} tp_hops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, TP_MAX_HOPS);
+	__type(key, struct tp_hop_key6);
+	__type(value, struct tp_hop);
+} tp_hops6 SEC(".maps");
+
+/* The IPv6 paths are close to the 512 bytes of stack a program has: their hop key
+ * and new entry are built in a per-CPU scratch value. */
+struct tp_hop_scratch6 {
+	struct tp_hop_key6 key;
+	__u32 _pad;
+	struct tp_hop hop;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tp_hop_scratch6);
+} tp_hop_scratch6 SEC(".maps");
+
 static __always_inline int denied_port(__u16 port_be)
 {
 	__u32 port = bpf_ntohs(port_be);
@@ -183,6 +212,72 @@ struct out {
 };
 
 /* Looks up the next hop of the datagram to be sent, before the frame is changed. */
+/* A hit in tp_hops/tp_hops6: the next hop into `fib` as bpf_fib_lookup would give it. */
+static __always_inline int hop_hit(const struct tp_hop *h, __u64 now, __u16 len,
+				   struct bpf_fib_lookup *fib)
+{
+	if (!h || now >= h->expires_ns || len > h->max_len)
+		return 0;
+	fib->ifindex = h->ifindex;
+	__builtin_memcpy(fib->dmac, h->dmac, ETH_ALEN);
+	__builtin_memcpy(fib->smac, h->smac, ETH_ALEN);
+	return 1;
+}
+
+static __always_inline void hop_fill(struct tp_hop *v, __u64 now, __u16 len,
+				     const struct bpf_fib_lookup *fib)
+{
+	v->expires_ns = now + TP_HOP_TTL_NS;
+	v->ifindex = fib->ifindex;
+	v->max_len = len;
+	__builtin_memcpy(v->dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(v->smac, fib->smac, ETH_ALEN);
+}
+
+/* bpf_fib_lookup through tp_hops: `fib` is filled in as for the helper; on success its
+ * dmac, smac and ifindex are the next hop's. */
+static __always_inline int fib_lookup4(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
+{
+	struct tp_hop_key k = {
+		.ifindex = fib->ifindex,
+		.src = fib->ipv4_src,
+		.dst = fib->ipv4_dst,
+	};
+	__u16 len = fib->tot_len;
+	__u64 now = bpf_ktime_get_ns();
+	if (hop_hit(bpf_map_lookup_elem(&tp_hops, &k), now, len, fib))
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		struct tp_hop v = {};
+		hop_fill(&v, now, len, fib);
+		bpf_map_update_elem(&tp_hops, &k, &v, BPF_ANY);
+	}
+	return rc;
+}
+
+/* The same for IPv6, through tp_hops6. */
+static __always_inline int fib_lookup6(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
+{
+	__u32 zero = 0;
+	struct tp_hop_scratch6 *sc = bpf_map_lookup_elem(&tp_hop_scratch6, &zero);
+	if (!sc)
+		return bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	sc->key.ifindex = fib->ifindex;
+	__builtin_memcpy(sc->key.src, fib->ipv6_src, 16);
+	__builtin_memcpy(sc->key.dst, fib->ipv6_dst, 16);
+	__u16 len = fib->tot_len;
+	__u64 now = bpf_ktime_get_ns();
+	if (hop_hit(bpf_map_lookup_elem(&tp_hops6, &sc->key), now, len, fib))
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		hop_fill(&sc->hop, now, len, fib);
+		bpf_map_update_elem(&tp_hops6, &sc->key, &sc->hop, BPF_ANY);
+	}
+	return rc;
+}
+
 static __always_inline int route(struct xdp_md *ctx, const struct out *o, __u16 ip_len,
 				 struct bpf_fib_lookup *fib)
 {
@@ -193,7 +288,7 @@ static __always_inline int route(struct xdp_md *ctx, const struct out *o, __u16 
 	fib->ipv4_src = o->flow.saddr;
 	fib->ipv4_dst = o->flow.daddr;
 	fib->ifindex = ctx->ingress_ifindex;
-	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	int rc = fib_lookup4(ctx, fib);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
 		return 0;
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
@@ -696,7 +791,7 @@ static __always_inline int route6(struct xdp_md *ctx, const struct out6 *o,
 	__builtin_memcpy(fib->ipv6_src, o->flow.saddr, 16);
 	__builtin_memcpy(fib->ipv6_dst, o->flow.daddr, 16);
 	fib->ifindex = ctx->ingress_ifindex;
-	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	int rc = fib_lookup6(ctx, fib);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
 		return 0;
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)

@@ -176,6 +176,34 @@ enum tp_stat {
  * server's own sockets exactly. */
 #define TP_DENY_WORDS 2048
 
+/* tp_hops, tp_hops6: the next hops bpf_fib_lookup found, kept for TP_HOP_TTL_NS (LRU
+ * maps). A hit costs one hash lookup instead of a route and a neighbour lookup; a route
+ * or neighbour change is seen within the TTL. An entry also records the largest IP
+ * packet the lookup allowed (its MTU check): a larger one looks the route up again. */
+struct tp_hop_key {
+	__u32 ifindex; /* where the packet came in */
+	__u32 src;
+	__u32 dst;
+};
+
+struct tp_hop_key6 {
+	__u32 ifindex;
+	__u8 src[16];
+	__u8 dst[16];
+};
+
+struct tp_hop {
+	__u64 expires_ns; /* CLOCK_MONOTONIC */
+	__u32 ifindex;    /* out */
+	__u16 max_len;    /* the largest IP packet (tot_len) known to fit */
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u8 _pad[6];
+};
+
+#define TP_HOP_TTL_NS 100000000ULL
+#define TP_MAX_HOPS 16384
+
 #define TP_MAX_SLOTS 65536
 #define TP_MAX_ALLOCS 65536
 #define TP_MAX_ENTRIES 262144

@@ -809,6 +809,61 @@ fn an_allocation_that_does_not_fit_stays_on_the_socket_path() {
     assert_eq!(ns.run(&f.fp, &send_from(other_port)).0, XDP_TX);
 }
 
+/// `TP_HOP_TTL_NS` of relay.h: how long the program keeps a next hop it looked up.
+const HOP_TTL: Duration = Duration::from_millis(100);
+
+#[test]
+fn next_hops_are_kept_for_at_most_their_ttl_and_checked_against_the_mtu() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let f = Fixture::new(fp);
+    let n = ns.name.as_str();
+    let (action, out) = ns.run(&f.fp, &up_channel(100, &[], false));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(parse(&out).dst_mac, PEER_MAC);
+
+    // The peer's MAC changes: the hop the program keeps is used until its TTL ends,
+    // then the new one.
+    let new_mac = [2, 0, 0, 0, 0, 0x33];
+    ip(&[
+        "-n",
+        n,
+        "neigh",
+        "replace",
+        "10.77.0.3",
+        "lladdr",
+        "02:00:00:00:00:33",
+        "dev",
+        "xa",
+        "nud",
+        "permanent",
+    ]);
+    let t0 = std::time::Instant::now();
+    let (_, out) = ns.run(&f.fp, &up_channel(100, &[], false));
+    if t0.elapsed() < HOP_TTL / 2 {
+        assert_eq!(parse(&out).dst_mac, PEER_MAC, "the kept hop");
+    }
+    std::thread::sleep(HOP_TTL + Duration::from_millis(20));
+    let (action, out) = ns.run(&f.fp, &up_channel(100, &[], false));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(parse(&out).dst_mac, new_mac, "the hop after its TTL");
+
+    // A packet larger than any the kept hop was looked up for is checked against the
+    // MTU again (a smaller one still uses it).
+    ip(&["-n", n, "link", "set", "xa", "mtu", "300"]);
+    let before = f.fp.stats();
+    assert_eq!(ns.run(&f.fp, &up_channel(400, &[], false)).0, XDP_PASS);
+    assert_eq!(f.delta(&before, "too_big"), 1);
+    assert_eq!(ns.run(&f.fp, &up_channel(100, &[], false)).0, XDP_TX);
+
+    // The neighbour is gone: relayed no longer than the TTL.
+    ip(&["-n", n, "neigh", "del", "10.77.0.3", "dev", "xa"]);
+    std::thread::sleep(HOP_TTL + Duration::from_millis(20));
+    let before = f.fp.stats();
+    assert_eq!(ns.run(&f.fp, &up_channel(100, &[], false)).0, XDP_PASS);
+    assert_eq!(f.delta(&before, "no_route"), 1);
+}
+
 #[test]
 fn a_permission_expires_in_the_program_at_its_deadline() {
     let Some(fp) = load() else { return };
