@@ -70,6 +70,11 @@ pub struct XdpArgs {
     /// Where the report (xdp.md, xdp.json) and logs go.
     #[arg(long, default_value = "bench/out/xdp")]
     pub out: PathBuf,
+    /// Equal-load runs per target, interleaved (a round runs every target once): the
+    /// report gives medians and, for "above the floor", the median over rounds of each
+    /// target's difference from the reflector's run of the same round.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
 }
 
 /// One run of the generator against one target.
@@ -99,7 +104,10 @@ pub struct Run {
 pub struct TargetReport {
     pub name: String,
     pub what: String,
+    /// The median of `equal_runs` by machine CPU per packet.
     pub equal_load: Option<Run>,
+    /// Every equal-load run, one per round.
+    pub equal_runs: Vec<Run>,
     /// Packets/s per direction delivered by the highest offered rate with at most 1 %
     /// loss.
     pub lossless_pps: Option<u64>,
@@ -570,11 +578,12 @@ fn what(target: &str) -> &'static str {
     }
 }
 
-fn measure(a: &XdpArgs, target: &str) -> TargetReport {
+fn report(a: &XdpArgs, target: &str) -> TargetReport {
     let mut rep = TargetReport {
         name: target.to_owned(),
         what: what(target).to_owned(),
         equal_load: None,
+        equal_runs: Vec::new(),
         lossless_pps: None,
         generator_bound: false,
         sweep: Vec::new(),
@@ -589,17 +598,72 @@ fn measure(a: &XdpArgs, target: &str) -> TargetReport {
         && !b.exists()
     {
         rep.error = Some(format!("{} not found", b.display()));
-        return rep;
     }
+    rep
+}
+
+/// A fresh server per run: allocations of one run do not linger into the next.
+fn run_once(a: &XdpArgs, target: &str, rate: u64, label: &str) -> Result<Run> {
+    let s = start(a, target)?;
+    generate(a, &s, rate, label)
+}
+
+/// One equal-load run of round `round`.
+fn equal_round(a: &XdpArgs, rep: &mut TargetReport, round: usize) {
+    if rep.error.is_some() {
+        return;
+    }
+    match run_once(
+        a,
+        &rep.name,
+        a.equal_rate,
+        &format!("{}-equal-{round}", rep.name),
+    ) {
+        Ok(r) => {
+            eprintln!(
+                "xdp bench: {} round {round} at {}/s: {:.0} machine ns/packet, program {}",
+                rep.name,
+                a.equal_rate,
+                r.machine_ns_per_packet,
+                r.prog_ns_per_run
+                    .map_or("-".into(), |v| format!("{v:.0} ns/run"))
+            );
+            rep.equal_runs.push(r);
+        }
+        Err(e) => rep.error = Some(format!("{e:#}")),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// The equal-load run with the median machine CPU per packet (the lower one of the
+/// middle two for an even count).
+fn median_run(runs: &[Run]) -> Option<Run> {
+    let mut v: Vec<&Run> = runs.iter().collect();
+    v.sort_by(|x, y| x.machine_ns_per_packet.total_cmp(&y.machine_ns_per_packet));
+    v.get(v.len().saturating_sub(1) / 2).map(|r| (*r).clone())
+}
+
+fn sweep(a: &XdpArgs, rep: &mut TargetReport) {
+    if rep.error.is_some() {
+        return;
+    }
+    let target = rep.name.clone();
     let res = (|| -> Result<()> {
-        // A fresh server per run: allocations of one run do not linger into the next.
-        let run = |rate: u64, label: &str| -> Result<Run> {
-            let s = start(a, target)?;
-            generate(a, &s, rate, label)
-        };
-        rep.equal_load = Some(run(a.equal_rate, &format!("{target}-equal"))?);
         for &rate in &a.rates {
-            let r = run(rate, target)?;
+            let r = run_once(a, &target, rate, &target)?;
             eprintln!(
                 "xdp bench: {target} offered {rate}/s: sent {:.0}/s, delivered {:.0}/s, loss {:.2} %",
                 r.sent_pps,
@@ -626,7 +690,6 @@ fn measure(a: &XdpArgs, target: &str) -> TargetReport {
     if let Err(e) = res {
         rep.error = Some(format!("{e:#}"));
     }
-    rep
 }
 
 pub fn run(a: &XdpArgs) -> Result<()> {
@@ -653,7 +716,16 @@ pub fn run(a: &XdpArgs) -> Result<()> {
         .unwrap_or_else(|_| "0".into());
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
         .context("cannot enable kernel.bpf_stats_enabled")?;
-    let reports: Vec<TargetReport> = a.targets.iter().map(|t| measure(&a, t)).collect();
+    let mut reports: Vec<TargetReport> = a.targets.iter().map(|t| report(&a, t)).collect();
+    for round in 0..a.repeat.max(1) {
+        for rep in &mut reports {
+            equal_round(&a, rep, round);
+        }
+    }
+    for rep in &mut reports {
+        rep.equal_load = median_run(&rep.equal_runs);
+        sweep(&a, rep);
+    }
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
     let md = markdown(&a, &reports);
     std::fs::write(a.out.join("xdp.md"), &md)?;
@@ -683,30 +755,54 @@ fn markdown(a: &XdpArgs, reps: &[TargetReport]) -> String {
         "| target | delivered pps | loss | cpu0 busy | cpu1 busy | server process | machine CPU ns/packet | above the floor | XDP program ns/run | relayed by XDP |"
     );
     let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    // The reflector's machine CPU per packet: the generator's own cost plus one XDP pass.
-    let floor = reps
+    // The reflector's machine CPU per packet (the generator's own cost plus one XDP
+    // pass), round by round: each target's run is compared with the reflector's run of
+    // the same round, and the median of those differences reported.
+    let floor_runs: Vec<f64> = reps
         .iter()
         .find(|r| r.name == "reflector")
-        .and_then(|r| r.equal_load.as_ref())
-        .map(|e| e.machine_ns_per_packet);
+        .map(|r| {
+            r.equal_runs
+                .iter()
+                .map(|e| e.machine_ns_per_packet)
+                .collect()
+        })
+        .unwrap_or_default();
+    let rounds = reps.iter().map(|r| r.equal_runs.len()).max().unwrap_or(0);
     for r in reps {
         match &r.equal_load {
             Some(e) => {
+                let ns: Vec<f64> = r
+                    .equal_runs
+                    .iter()
+                    .map(|e| e.machine_ns_per_packet)
+                    .collect();
+                let machine = if rounds > 1 {
+                    let lo = ns.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = ns.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    format!("{:.0} ({lo:.0}–{hi:.0})", e.machine_ns_per_packet)
+                } else {
+                    format!("{:.0}", e.machine_ns_per_packet)
+                };
+                let above = median(ns.iter().zip(&floor_runs).map(|(t, f)| t - f).collect());
+                let prog = median(
+                    r.equal_runs
+                        .iter()
+                        .filter_map(|e| e.prog_ns_per_run)
+                        .collect(),
+                );
                 let _ = writeln!(
                     o,
-                    "| {} | {:.0} | {:.2} % | {:.0} % | {:.0} % | {:.0} % | {:.0} | {} | {} | {} |",
+                    "| {} | {:.0} | {:.2} % | {:.0} % | {:.0} % | {:.0} % | {} | {} | {} | {} |",
                     r.what,
                     e.delivered_pps,
                     e.loss * 100.0,
                     e.cpu0 * 100.0,
                     e.cpu1 * 100.0,
                     e.server_process_cores * 100.0,
-                    e.machine_ns_per_packet,
-                    floor.map_or("-".into(), |f| format!(
-                        "{:.0}",
-                        e.machine_ns_per_packet - f
-                    )),
-                    e.prog_ns_per_run.map_or("-".into(), |v| format!("{v:.0}")),
+                    machine,
+                    above.map_or("-".into(), |v| format!("{v:.0}")),
+                    prog.map_or("-".into(), |v| format!("{v:.0}")),
                     e.xdp_share
                         .map_or("-".into(), |v| format!("{:.1} %", v * 100.0)),
                 );
@@ -720,6 +816,12 @@ fn markdown(a: &XdpArgs, reps: &[TargetReport]) -> String {
                 );
             }
         }
+    }
+    if rounds > 1 {
+        let _ = writeln!(
+            o,
+            "\n{rounds} interleaved rounds: the row is the run with the median machine CPU per packet (range in brackets); \"above the floor\" and the program's run time are medians over the rounds."
+        );
     }
     let _ = writeln!(
         o,
