@@ -212,6 +212,9 @@ struct out {
 };
 
 /* Looks up the next hop of the datagram to be sent, before the frame is changed. */
+/* BPF_FIB_LOOKUP_SRC (Linux 6.7), spelled out for older uapi headers. */
+#define TP_FIB_LOOKUP_SRC (1U << 4)
+
 /* A hit in tp_hops/tp_hops6: the next hop into `fib` as bpf_fib_lookup would give it. */
 static __always_inline int hop_hit(const struct tp_hop *h, __u64 now, __u16 len,
 				   struct bpf_fib_lookup *fib)
@@ -245,12 +248,20 @@ static __always_inline int fib_lookup4(struct xdp_md *ctx, struct bpf_fib_lookup
 	};
 	__u16 len = fib->tot_len;
 	__u64 now = bpf_ktime_get_ns();
-	if (hop_hit(bpf_map_lookup_elem(&tp_hops, &k), now, len, fib))
+	struct tp_hop *h = bpf_map_lookup_elem(&tp_hops, &k);
+	if (hop_hit(h, now, len, fib)) {
+		if (!k.src)
+			fib->ipv4_src = h->src;
 		return BPF_FIB_LKUP_RET_SUCCESS;
-	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	}
+	/* Without a source (a reply through a wildcard listener), the lookup chooses it
+	 * as the kernel does for the workers' wildcard sockets: the route's preferred
+	 * source (Linux 6.7+; older kernels refuse the flag and the packet is passed). */
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), k.src ? 0 : TP_FIB_LOOKUP_SRC);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		struct tp_hop v = {};
 		hop_fill(&v, now, len, fib);
+		v.src = fib->ipv4_src;
 		bpf_map_update_elem(&tp_hops, &k, &v, BPF_ANY);
 	}
 	return rc;
@@ -635,15 +646,18 @@ static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, 
 		.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
 		.down = 1,
 	};
-	if (o.flow.saddr == 0)
-		return pass(TP_PASS_NO_ENTRY); /* a wildcard listener: the workers know */
 	__u16 ch = channel ? q->channel : 0;
 
+	/* A wildcard listener (server_ip 0): the route lookup supplies the source. */
 	struct bpf_fib_lookup fib;
 	int why = route(ctx, &o, n + grow + pad + sizeof(struct udphdr) + sizeof(struct iphdr),
 			&fib);
 	if (why)
 		return pass(why);
+	if (o.flow.saddr == 0)
+		o.flow.saddr = fib.ipv4_src;
+	if (o.flow.saddr == 0)
+		return pass(TP_PASS_NO_ROUTE);
 	if (bpf_xdp_adjust_head(ctx, -(int)grow))
 		return pass(TP_PASS_HEADROOM);
 	if (pad != extra && bpf_xdp_adjust_tail(ctx, (int)pad - (int)extra))

@@ -195,10 +195,11 @@ struct tp_hop_key6 {
 struct tp_hop {
 	__u64 expires_ns; /* CLOCK_MONOTONIC */
 	__u32 ifindex;    /* out */
+	__u32 src;        /* IPv4: the source the lookup chose, for a key without one */
 	__u16 max_len;    /* the largest IP packet (tot_len) known to fit */
 	__u8 dmac[6];
 	__u8 smac[6];
-	__u8 _pad[6];
+	__u8 _pad[2];
 };
 
 #define TP_HOP_TTL_NS 100000000ULL

@@ -42,6 +42,11 @@ fn server_allowing(t: &Topology, xdp: bool, allow: &str) -> NsProc {
 
 /// turnpike in S listening (and relaying) on `listen`.
 fn server_on(t: &Topology, xdp: bool, allow: &str, listen: &str) -> NsProc {
+    server_with(t, xdp, allow, listen, &[])
+}
+
+/// `server_on` with more arguments.
+fn server_with(t: &Topology, xdp: bool, allow: &str, listen: &str, more: &[&str]) -> NsProc {
     let bin = common::bin().to_str().unwrap().to_owned();
     let mut args = vec![
         bin.as_str(),
@@ -73,6 +78,7 @@ fn server_on(t: &Topology, xdp: bool, allow: &str, listen: &str) -> NsProc {
     if xdp {
         args.extend(["--xdp", "vs", "--xdp-mode", "native"]);
     }
+    args.extend_from_slice(more);
     let p = t.spawn_s(&args);
     t.wait_metrics();
     assert_eq!(
@@ -199,6 +205,34 @@ fn ctl_stats_line(t: &Topology, needle: &str) -> String {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+#[test]
+fn uclient_through_a_wildcard_listener_is_relayed_by_the_program_both_ways() {
+    let Some(t) = topology() else { return };
+    let _peer = peer(&t);
+    let _srv = server_with(
+        &t,
+        true,
+        "10.88.0.0/24",
+        "0.0.0.0:3478",
+        &["--relay-ip", "10.88.0.1"],
+    );
+    let n = 300;
+    let up = "turnpike_xdp_relayed_packets_total{path=\"channel_up\"}";
+    let down = "turnpike_xdp_relayed_packets_total{path=\"channel_down\"}";
+    let (up0, down0) = (t.metric(up), t.metric(down));
+    let (sent, lost) = uclient(&t, &["-c"], n);
+    // Zero loss: the replies the program sent reached uclient's sessions (the unit
+    // test checks that they come from 10.88.0.1:3478, where the requests went).
+    assert_eq!(lost, 0, "uclient -c lost {lost} of {sent}");
+    let (up1, down1) = (t.metric(up) - up0, t.metric(down) - down0);
+    eprintln!("wildcard listener: XDP relayed {up1} up, {down1} down of {sent} each way");
+    assert!(up1 >= 0.9 * sent as f64, "up through XDP: {up1} of {sent}");
+    assert!(
+        down1 >= 0.9 * sent as f64,
+        "down through XDP: {down1} of {sent}"
+    );
 }
 
 #[test]

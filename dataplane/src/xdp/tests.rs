@@ -653,6 +653,58 @@ fn peer_datagrams_go_as_data_indications_until_the_channel_is_confirmed() {
 }
 
 #[test]
+fn a_wildcard_listener_is_relayed_both_ways_from_the_routes_source() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = Fixture::new(fp);
+    // The fixture's allocation, again, but through a listener on 0.0.0.0.
+    f.apply(TableChange::AllocationRemove { id: f.id });
+    let tuple = FiveTuple::udp(
+        SocketAddr::V4(sa(CLIENT, CLIENT_PORT)),
+        SocketAddr::V4(sa(Ipv4Addr::UNSPECIFIED, LISTEN_PORT)),
+    );
+    let id = AllocationId(9);
+    f.apply(TableChange::AllocationAdd {
+        id,
+        tuple,
+        relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT))],
+        deadline: Millis(f.now + 600_000),
+        bandwidth: 0,
+        user: "u".into(),
+        username: "u".into(),
+        dont_fragment: false,
+    });
+    f.apply(TableChange::PermissionSet {
+        id,
+        peer: PEER.into(),
+        deadline: Millis(f.now + 300_000),
+    });
+    f.apply(TableChange::ChannelSet {
+        id,
+        channel: CHANNEL,
+        peer: SocketAddr::V4(sa(PEER, PEER_PORT)),
+        deadline: Millis(f.now + 600_000),
+    });
+    // Client to peer: as for a specific listener.
+    let (action, out) = ns.run(&f.fp, &up_channel(50, &[], false));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(parse(&out).src, sa(SERVER, RELAY_PORT));
+    // Peer to client, twice (the second from the kept next hop): from the address the
+    // route to the client prefers, which is what the workers' wildcard socket sends
+    // from; the UDP checksum covers it.
+    for _ in 0..2 {
+        let before = f.fp.stats();
+        let (action, out) = ns.run(&f.fp, &from_peer(PEER, 30));
+        assert_eq!(action, XDP_TX);
+        let s = parse(&out);
+        assert_eq!(s.src, sa(SERVER, LISTEN_PORT));
+        assert_eq!(s.dst, sa(CLIENT, CLIENT_PORT));
+        check_data_indication(&s.payload, &data(30));
+        assert_eq!(f.delta(&before, "relayed_data_down"), 1);
+    }
+}
+
+#[test]
 fn frames_the_program_passes() {
     let Some(fp) = load() else { return };
     let ns = Netns::new();
