@@ -108,7 +108,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, TP_MAX_HOPS);
 	__type(key, struct tp_hop_key6);
-	__type(value, struct tp_hop);
+	__type(value, struct tp_hop6);
 } tp_hops6 SEC(".maps");
 
 /* The IPv6 paths are close to the 512 bytes of stack a program has: their hop key
@@ -116,7 +116,7 @@ struct {
 struct tp_hop_scratch6 {
 	struct tp_hop_key6 key;
 	__u32 _pad;
-	struct tp_hop hop;
+	struct tp_hop6 hop;
 };
 
 struct {
@@ -277,13 +277,21 @@ static __always_inline int fib_lookup6(struct xdp_md *ctx, struct bpf_fib_lookup
 	sc->key.ifindex = fib->ifindex;
 	__builtin_memcpy(sc->key.src, fib->ipv6_src, 16);
 	__builtin_memcpy(sc->key.dst, fib->ipv6_dst, 16);
+	__u32 *w = (__u32 *)sc->key.src;
+	int nosrc = !(w[0] | w[1] | w[2] | w[3]);
 	__u16 len = fib->tot_len;
 	__u64 now = bpf_ktime_get_ns();
-	if (hop_hit(bpf_map_lookup_elem(&tp_hops6, &sc->key), now, len, fib))
+	struct tp_hop6 *h = bpf_map_lookup_elem(&tp_hops6, &sc->key);
+	if (h && hop_hit(&h->hop, now, len, fib)) {
+		if (nosrc)
+			__builtin_memcpy(fib->ipv6_src, h->src, 16);
 		return BPF_FIB_LKUP_RET_SUCCESS;
-	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	}
+	/* No source: a reply through a wildcard listener (see fib_lookup4). */
+	int rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), nosrc ? TP_FIB_LOOKUP_SRC : 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		hop_fill(&sc->hop, now, len, fib);
+		hop_fill(&sc->hop.hop, now, len, fib);
+		__builtin_memcpy(sc->hop.src, fib->ipv6_src, 16);
 		bpf_map_update_elem(&tp_hops6, &sc->key, &sc->hop, BPF_ANY);
 	}
 	return rc;
@@ -877,6 +885,11 @@ static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struc
 	k.client.server_port = in->dport;
 	k.channel = ((__u16)p[0] << 8) | p[1];
 	struct tp_chan6 *c = bpf_map_lookup_elem(&tp_chans6, &k);
+	if (!c) {
+		/* A wildcard listener's allocation has the unspecified server address. */
+		__builtin_memset(k.client.server_ip, 0, 16);
+		c = bpf_map_lookup_elem(&tp_chans6, &k);
+	}
 	if (!c)
 		return -1;
 	if (!live(c->deadline_ns))
@@ -945,6 +958,10 @@ static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct f
 	ck.client_port = in->sport;
 	ck.server_port = in->dport;
 	struct tp_alloc6 *a = bpf_map_lookup_elem(&tp_allocs6, &ck);
+	if (!a) {
+		__builtin_memset(ck.server_ip, 0, 16);
+		a = bpf_map_lookup_elem(&tp_allocs6, &ck);
+	}
 	if (!a)
 		return pass(TP_PASS_NO_ENTRY);
 	if (!live(a->deadline_ns))
@@ -1095,6 +1112,8 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 	int why = route6(ctx, &o, &fib);
 	if (why)
 		return pass(why);
+	/* A wildcard listener: the route lookup supplied the source. */
+	__builtin_memcpy(o.flow.saddr, fib.ipv6_src, 16);
 	if (bpf_xdp_adjust_head(ctx, -(int)grow))
 		return pass(TP_PASS_HEADROOM);
 	if (pad != extra && bpf_xdp_adjust_tail(ctx, (int)pad - (int)extra))

@@ -202,6 +202,11 @@ struct tp_hop {
 	__u8 _pad[2];
 };
 
+struct tp_hop6 {
+	struct tp_hop hop;
+	__u8 src[16]; /* the source the lookup chose, for a key without one */
+};
+
 #define TP_HOP_TTL_NS 100000000ULL
 #define TP_MAX_HOPS 16384
 

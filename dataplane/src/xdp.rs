@@ -825,9 +825,6 @@ fn entries6(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64, e: &m
     else {
         return;
     };
-    if server_ip == [0; 16] {
-        return;
-    }
     let Some((relay_ip, relay_port)) = a
         .relays
         .iter()

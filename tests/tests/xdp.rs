@@ -501,3 +501,30 @@ fn uclient_over_ipv6_relays_through_the_program() {
         2.0 * per_run
     );
 }
+
+#[test]
+fn uclient_through_an_ipv6_wildcard_listener_is_relayed_by_the_program_both_ways() {
+    let Some(t) = topology() else { return };
+    let _peer = t.spawn_c(&["turnutils_peer", "-L", "fd88::3", "-p", "3480"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let _srv = server_with(
+        &t,
+        true,
+        "fd88::/64",
+        "[::]:3478",
+        &["--relay-ip", "fd88::1"],
+    );
+    let n = 200;
+    let up = "turnpike_xdp_relayed_packets_total{path=\"channel_up\"}";
+    let down = "turnpike_xdp_relayed_packets_total{path=\"channel_down\"}";
+    let (up0, down0) = (t.metric(up), t.metric(down));
+    let (sent, lost) = uclient_to(&t, &["-c"], n, "fd88::3", "fd88::1");
+    assert_eq!(lost, 0, "uclient -c over IPv6 lost {lost} of {sent}");
+    let (up1, down1) = (t.metric(up) - up0, t.metric(down) - down0);
+    eprintln!("IPv6 wildcard listener: XDP relayed {up1} up, {down1} down of {sent} each way");
+    assert!(up1 >= 0.9 * sent as f64, "up through XDP: {up1} of {sent}");
+    assert!(
+        down1 >= 0.9 * sent as f64,
+        "down through XDP: {down1} of {sent}"
+    );
+}

@@ -1189,12 +1189,17 @@ fn xor_peer6(a: SocketAddrV6, tid: &[u8]) -> Vec<u8> {
 /// An IPv6 allocation (client [fd77::2]:5000 → [fd77::1]:3478, relayed address
 /// [fd77::1]:50000) with a permission for fd77::3 and a channel to [fd77::3]:7000.
 fn fixture6(fp: FastPath) -> Fixture {
+    fixture6_on(fp, SERVER6)
+}
+
+/// [`fixture6`] with a listener on `listen` (`::`: a wildcard listener).
+fn fixture6_on(fp: FastPath, listen: Ipv6Addr) -> Fixture {
     let fp = Arc::new(fp);
     let mirror = fp.mirror().unwrap();
     let now = unix_ms();
     let tuple = FiveTuple::udp(
         SocketAddr::V6(sa6(CLIENT6, CLIENT_PORT)),
-        SocketAddr::V6(sa6(SERVER6, LISTEN_PORT)),
+        SocketAddr::V6(sa6(listen, LISTEN_PORT)),
     );
     let mut f = Fixture {
         fp,
@@ -1339,4 +1344,47 @@ fn mixed_family_allocations_get_no_entries() {
         now,
     );
     assert_eq!(m.installed(), 0);
+}
+
+#[test]
+fn an_ipv6_wildcard_listener_is_relayed_both_ways_from_the_routes_source() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = fixture6_on(fp, Ipv6Addr::UNSPECIFIED);
+    assert_eq!(f.mirror.installed(), 1);
+    let client = sa6(CLIENT6, CLIENT_PORT);
+    let listen = sa6(SERVER6, LISTEN_PORT);
+    let relay = sa6(SERVER6, RELAY_PORT);
+    let peer = sa6(PEER6, PEER_PORT);
+    // Up: ChannelData and a Send indication, sent to the address the client uses.
+    let (action, out) = ns.run(
+        &f.fp,
+        &frame6(client, listen, &channel_data(CHANNEL, &data(40), &[])),
+    );
+    assert_eq!(action, XDP_TX);
+    assert_eq!((parse6(&out).src, parse6(&out).dst), (relay, peer));
+    let m = stun(
+        0x0016,
+        &[(0x0012, xor_peer6(peer, &[7; 12])), (0x0013, data(8))],
+    );
+    let (action, out) = ns.run(&f.fp, &frame6(client, listen, &m));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(parse6(&out).payload, data(8));
+    // Down, twice (the second from the kept next hop): from the route's preferred
+    // source, fd77::1, with the checksum over it (parse6 checks it).
+    for _ in 0..2 {
+        let (action, out) = ns.run(&f.fp, &frame6(peer, relay, &data(13)));
+        assert_eq!(action, XDP_TX);
+        let s = parse6(&out);
+        assert_eq!((s.src, s.dst), (listen, client));
+        assert_eq!(&s.payload[0..2], &[0x00, 0x17]);
+    }
+    let tuple = f.tuple;
+    f.table.confirm_channels(&tuple);
+    f.sync();
+    let (action, out) = ns.run(&f.fp, &frame6(peer, relay, &data(9)));
+    assert_eq!(action, XDP_TX);
+    let s = parse6(&out);
+    assert_eq!((s.src, s.dst), (listen, client));
+    assert_eq!(s.payload, channel_data(CHANNEL, &data(9), &[]));
 }
