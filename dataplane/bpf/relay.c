@@ -211,7 +211,6 @@ struct out {
 	int down;
 };
 
-/* Looks up the next hop of the datagram to be sent, before the frame is changed. */
 /* BPF_FIB_LOOKUP_SRC (Linux 6.7), spelled out for older uapi headers. */
 #define TP_FIB_LOOKUP_SRC (1U << 4)
 
@@ -297,6 +296,7 @@ static __always_inline int fib_lookup6(struct xdp_md *ctx, struct bpf_fib_lookup
 	return rc;
 }
 
+/* Looks up the next hop of the datagram to be sent, before the frame is changed. */
 static __always_inline int route(struct xdp_md *ctx, const struct out *o, __u16 ip_len,
 				 struct bpf_fib_lookup *fib)
 {
