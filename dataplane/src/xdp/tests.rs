@@ -861,6 +861,61 @@ fn an_allocation_that_does_not_fit_stays_on_the_socket_path() {
     assert_eq!(ns.run(&f.fp, &send_from(other_port)).0, XDP_TX);
 }
 
+#[test]
+fn an_allocation_without_a_usage_slot_stays_on_the_socket_path() {
+    // One usage slot: the fixture's allocation takes it.
+    let Some(fp) = load_with(&[("tp_usage", 1)]) else {
+        return;
+    };
+    let ns = Netns::new();
+    let mut f = Fixture::new(fp);
+    assert_eq!(f.mirror.installed(), 1);
+    let other_port = CLIENT_PORT + 1;
+    let other = AllocationId(8);
+    f.apply(TableChange::AllocationAdd {
+        id: other,
+        tuple: FiveTuple::udp(
+            SocketAddr::V4(sa(CLIENT, other_port)),
+            SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
+        ),
+        relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT + 1))],
+        deadline: Millis(f.now + 600_000),
+        bandwidth: 0,
+        user: "u".into(),
+        username: "u".into(),
+        dont_fragment: false,
+    });
+    f.apply(TableChange::PermissionSet {
+        id: other,
+        peer: PEER.into(),
+        deadline: Millis(f.now + 300_000),
+    });
+    // No slot, no entries: nothing it relays could go uncounted.
+    assert_eq!(f.mirror.installed(), 1);
+    assert_eq!(f.mirror.allocs.keys().count(), 1);
+    let send = |port: u16| {
+        frame(
+            sa(CLIENT, port),
+            sa(SERVER, LISTEN_PORT),
+            &stun(
+                0x0016,
+                &[(0x0012, xor_peer(sa(PEER, PEER_PORT))), (0x0013, data(10))],
+            ),
+            false,
+        )
+    };
+    assert_eq!(ns.run(&f.fp, &send(other_port)).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &send(CLIENT_PORT)).0, XDP_TX);
+    // The slot freed by the first allocation's end goes to the next change.
+    f.apply(TableChange::AllocationRemove { id: f.id });
+    f.apply(TableChange::AllocationRefresh {
+        id: other,
+        deadline: Millis(f.now + 600_000),
+    });
+    assert_eq!(f.mirror.installed(), 1);
+    assert_eq!(ns.run(&f.fp, &send(other_port)).0, XDP_TX);
+}
+
 /// `TP_HOP_TTL_NS` of relay.h: how long the program keeps a next hop it looked up.
 const HOP_TTL: Duration = Duration::from_millis(100);
 
