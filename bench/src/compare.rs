@@ -552,7 +552,8 @@ struct Output {
     conns: Vec<RepValue<stream::ConnReport>>,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// The median of the finite values of `v` (the mean of the middle two for an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return None;

@@ -634,20 +634,6 @@ fn equal_round(a: &XdpArgs, rep: &mut TargetReport, round: usize) {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
 /// The equal-load run with the median machine CPU per packet (the lower one of the
 /// middle two for an even count).
 fn median_run(runs: &[Run]) -> Option<Run> {
@@ -784,8 +770,10 @@ fn markdown(a: &XdpArgs, reps: &[TargetReport]) -> String {
                 } else {
                     format!("{:.0}", e.machine_ns_per_packet)
                 };
-                let above = median(ns.iter().zip(&floor_runs).map(|(t, f)| t - f).collect());
-                let prog = median(
+                let above = crate::compare::median(
+                    ns.iter().zip(&floor_runs).map(|(t, f)| t - f).collect(),
+                );
+                let prog = crate::compare::median(
                     r.equal_runs
                         .iter()
                         .filter_map(|e| e.prog_ns_per_run)

@@ -378,6 +378,31 @@ impl Fixture {
             .sync_all(&mut touched, &mut self.table.allocs, &self.denied, self.now);
     }
 
+    /// A second allocation `id` for the client's port `port` (relayed on RELAY_PORT + 1),
+    /// with a permission for each of `peers`.
+    fn add_second(&mut self, id: AllocationId, port: u16, peers: &[Ipv4Addr]) {
+        self.apply(TableChange::AllocationAdd {
+            id,
+            tuple: FiveTuple::udp(
+                SocketAddr::V4(sa(CLIENT, port)),
+                SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
+            ),
+            relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT + 1))],
+            deadline: Millis(self.now + 600_000),
+            bandwidth: 0,
+            user: "u".into(),
+            username: "u".into(),
+            dont_fragment: false,
+        });
+        for p in peers {
+            self.apply(TableChange::PermissionSet {
+                id,
+                peer: (*p).into(),
+                deadline: Millis(self.now + 300_000),
+            });
+        }
+    }
+
     fn delta(&self, before: &XdpStats, name: &str) -> u64 {
         let i = STAT_NAMES.iter().position(|n| *n == name).unwrap();
         self.fp.stats().counters[i] - before.counters[i]
@@ -398,6 +423,19 @@ fn from_peer(peer: Ipv4Addr, len: usize) -> Vec<u8> {
         sa(peer, PEER_PORT),
         sa(SERVER, RELAY_PORT),
         &data(len),
+        false,
+    )
+}
+
+/// A Send indication to the peer from the client's port `port`.
+fn send_from(port: u16) -> Vec<u8> {
+    frame(
+        sa(CLIENT, port),
+        sa(SERVER, LISTEN_PORT),
+        &stun(
+            0x0016,
+            &[(0x0012, xor_peer(sa(PEER, PEER_PORT))), (0x0013, data(10))],
+        ),
         false,
     )
 }
@@ -804,42 +842,9 @@ fn an_allocation_that_does_not_fit_stays_on_the_socket_path() {
     let mut f = Fixture::new(fp);
     let other_port = CLIENT_PORT + 1;
     let other = AllocationId(8);
-    let send_from = |port: u16| {
-        frame(
-            sa(CLIENT, port),
-            sa(SERVER, LISTEN_PORT),
-            &stun(
-                0x0016,
-                &[(0x0012, xor_peer(sa(PEER, PEER_PORT))), (0x0013, data(10))],
-            ),
-            false,
-        )
-    };
-    let add_other = |f: &mut Fixture, peers: &[Ipv4Addr]| {
-        f.apply(TableChange::AllocationAdd {
-            id: other,
-            tuple: FiveTuple::udp(
-                SocketAddr::V4(sa(CLIENT, other_port)),
-                SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
-            ),
-            relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT + 1))],
-            deadline: Millis(f.now + 600_000),
-            bandwidth: 0,
-            user: "u".into(),
-            username: "u".into(),
-            dont_fragment: false,
-        });
-        for p in peers {
-            f.apply(TableChange::PermissionSet {
-                id: other,
-                peer: (*p).into(),
-                deadline: Millis(f.now + 300_000),
-            });
-        }
-    };
     // The second allocation's second permission does not fit: it loses all its
     // entries (none stay half-installed) and its packets go to the workers.
-    add_other(&mut f, &[PEER, STRANGER]);
+    f.add_second(other, other_port, &[PEER, STRANGER]);
     assert_eq!(f.mirror.installed(), 1);
     assert_eq!(f.mirror.perms.keys().count(), 1);
     assert_eq!(f.mirror.allocs.keys().count(), 1);
@@ -872,40 +877,12 @@ fn an_allocation_without_a_usage_slot_stays_on_the_socket_path() {
     assert_eq!(f.mirror.installed(), 1);
     let other_port = CLIENT_PORT + 1;
     let other = AllocationId(8);
-    f.apply(TableChange::AllocationAdd {
-        id: other,
-        tuple: FiveTuple::udp(
-            SocketAddr::V4(sa(CLIENT, other_port)),
-            SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
-        ),
-        relays: vec![SocketAddr::V4(sa(SERVER, RELAY_PORT + 1))],
-        deadline: Millis(f.now + 600_000),
-        bandwidth: 0,
-        user: "u".into(),
-        username: "u".into(),
-        dont_fragment: false,
-    });
-    f.apply(TableChange::PermissionSet {
-        id: other,
-        peer: PEER.into(),
-        deadline: Millis(f.now + 300_000),
-    });
+    f.add_second(other, other_port, &[PEER]);
     // No slot, no entries: nothing it relays could go uncounted.
     assert_eq!(f.mirror.installed(), 1);
     assert_eq!(f.mirror.allocs.keys().count(), 1);
-    let send = |port: u16| {
-        frame(
-            sa(CLIENT, port),
-            sa(SERVER, LISTEN_PORT),
-            &stun(
-                0x0016,
-                &[(0x0012, xor_peer(sa(PEER, PEER_PORT))), (0x0013, data(10))],
-            ),
-            false,
-        )
-    };
-    assert_eq!(ns.run(&f.fp, &send(other_port)).0, XDP_PASS);
-    assert_eq!(ns.run(&f.fp, &send(CLIENT_PORT)).0, XDP_TX);
+    assert_eq!(ns.run(&f.fp, &send_from(other_port)).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &send_from(CLIENT_PORT)).0, XDP_TX);
     // The slot freed by the first allocation's end goes to the next change.
     f.apply(TableChange::AllocationRemove { id: f.id });
     f.apply(TableChange::AllocationRefresh {
@@ -913,7 +890,7 @@ fn an_allocation_without_a_usage_slot_stays_on_the_socket_path() {
         deadline: Millis(f.now + 600_000),
     });
     assert_eq!(f.mirror.installed(), 1);
-    assert_eq!(ns.run(&f.fp, &send(other_port)).0, XDP_TX);
+    assert_eq!(ns.run(&f.fp, &send_from(other_port)).0, XDP_TX);
 }
 
 /// `TP_HOP_TTL_NS` of relay.h: how long the program keeps a next hop it looked up.
