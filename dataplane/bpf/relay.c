@@ -238,7 +238,8 @@ static __always_inline void hop_fill(struct tp_hop *v, __u64 now, __u16 len,
 
 /* bpf_fib_lookup through tp_hops: `fib` is filled in as for the helper; on success its
  * dmac, smac and ifindex are the next hop's. */
-static __always_inline int fib_lookup4(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
+static __always_inline int fib_lookup4(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
+				       __u64 now)
 {
 	struct tp_hop_key k = {
 		.ifindex = fib->ifindex,
@@ -246,7 +247,6 @@ static __always_inline int fib_lookup4(struct xdp_md *ctx, struct bpf_fib_lookup
 		.dst = fib->ipv4_dst,
 	};
 	__u16 len = fib->tot_len;
-	__u64 now = bpf_ktime_get_ns();
 	struct tp_hop *h = bpf_map_lookup_elem(&tp_hops, &k);
 	if (hop_hit(h, now, len, fib)) {
 		if (!k.src)
@@ -267,7 +267,8 @@ static __always_inline int fib_lookup4(struct xdp_md *ctx, struct bpf_fib_lookup
 }
 
 /* The same for IPv6, through tp_hops6. */
-static __always_inline int fib_lookup6(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
+static __always_inline int fib_lookup6(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
+				       __u64 now)
 {
 	__u32 zero = 0;
 	struct tp_hop_scratch6 *sc = bpf_map_lookup_elem(&tp_hop_scratch6, &zero);
@@ -279,7 +280,6 @@ static __always_inline int fib_lookup6(struct xdp_md *ctx, struct bpf_fib_lookup
 	__u32 *w = (__u32 *)sc->key.src;
 	int nosrc = !(w[0] | w[1] | w[2] | w[3]);
 	__u16 len = fib->tot_len;
-	__u64 now = bpf_ktime_get_ns();
 	struct tp_hop6 *h = bpf_map_lookup_elem(&tp_hops6, &sc->key);
 	if (h && hop_hit(&h->hop, now, len, fib)) {
 		if (nosrc)
@@ -298,7 +298,7 @@ static __always_inline int fib_lookup6(struct xdp_md *ctx, struct bpf_fib_lookup
 
 /* Looks up the next hop of the datagram to be sent, before the frame is changed. */
 static __always_inline int route(struct xdp_md *ctx, const struct out *o, __u16 ip_len,
-				 struct bpf_fib_lookup *fib)
+				 struct bpf_fib_lookup *fib, __u64 now)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET;
@@ -307,7 +307,7 @@ static __always_inline int route(struct xdp_md *ctx, const struct out *o, __u16 
 	fib->ipv4_src = o->flow.saddr;
 	fib->ipv4_dst = o->flow.daddr;
 	fib->ifindex = ctx->ingress_ifindex;
-	int rc = fib_lookup4(ctx, fib);
+	int rc = fib_lookup4(ctx, fib, now);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
 		return 0;
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
@@ -390,11 +390,6 @@ static __always_inline __u16 finish_csum(__u16 old, __u64 s)
 	return c ? c : 0xffff;
 }
 
-static __always_inline int live(__u64 deadline)
-{
-	return bpf_ktime_get_ns() < deadline;
-}
-
 /* client -> peer: ChannelData. `p` is the UDP payload, `n` its length. */
 static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in, __u16 old_csum,
 				      __u8 *p, __u32 n, __u32 extra, void *end)
@@ -417,7 +412,8 @@ static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in,
 	}
 	if (!c)
 		return -1; /* perhaps a peer's datagram to a relayed address */
-	if (!live(c->deadline_ns))
+	__u64 now = bpf_ktime_get_ns();
+	if (now >= c->deadline_ns)
 		return pass(TP_PASS_EXPIRED);
 	if (denied_port(c->peer_port))
 		return pass(TP_PASS_DENIED_PORT);
@@ -457,7 +453,7 @@ static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in,
 	o.csum = finish_csum(old_csum, s);
 
 	struct bpf_fib_lookup fib;
-	int why = route(ctx, &o, len + sizeof(struct udphdr) + sizeof(struct iphdr), &fib);
+	int why = route(ctx, &o, len + sizeof(struct udphdr) + sizeof(struct iphdr), &fib, now);
 	if (why)
 		return pass(why);
 	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
@@ -492,7 +488,8 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 	}
 	if (!a)
 		return pass(TP_PASS_NO_ENTRY);
-	if (!live(a->deadline_ns))
+	__u64 now = bpf_ktime_get_ns();
+	if (now >= a->deadline_ns)
 		return pass(TP_PASS_EXPIRED);
 
 	/* Walk the attributes: exactly one XOR-PEER-ADDRESS (IPv4) and one DATA; other
@@ -556,7 +553,7 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 	struct tp_perm *pm = bpf_map_lookup_elem(&tp_perms, &pk);
 	if (!pm)
 		return pass(TP_PASS_NO_ENTRY);
-	if (!live(pm->deadline_ns))
+	if (now >= pm->deadline_ns)
 		return pass(TP_PASS_EXPIRED);
 
 	struct out o = {
@@ -603,7 +600,8 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 	o.csum = finish_csum(old_csum, s);
 
 	struct bpf_fib_lookup fib;
-	int why = route(ctx, &o, data_len + sizeof(struct udphdr) + sizeof(struct iphdr), &fib);
+	int why = route(ctx, &o, data_len + sizeof(struct udphdr) + sizeof(struct iphdr), &fib,
+			 now);
 	if (why)
 		return pass(why);
 	if (bpf_xdp_adjust_head(ctx, (int)head))
@@ -659,7 +657,7 @@ static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, 
 	/* A wildcard listener (server_ip 0): the route lookup supplies the source. */
 	struct bpf_fib_lookup fib;
 	int why = route(ctx, &o, n + grow + pad + sizeof(struct udphdr) + sizeof(struct iphdr),
-			&fib);
+			&fib, now);
 	if (why)
 		return pass(why);
 	if (o.flow.saddr == 0)
@@ -804,7 +802,7 @@ struct out6 {
 };
 
 static __always_inline int route6(struct xdp_md *ctx, const struct out6 *o,
-				  struct bpf_fib_lookup *fib)
+				  struct bpf_fib_lookup *fib, __u64 now)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET6;
@@ -813,7 +811,7 @@ static __always_inline int route6(struct xdp_md *ctx, const struct out6 *o,
 	__builtin_memcpy(fib->ipv6_src, o->flow.saddr, 16);
 	__builtin_memcpy(fib->ipv6_dst, o->flow.daddr, 16);
 	fib->ifindex = ctx->ingress_ifindex;
-	int rc = fib_lookup6(ctx, fib);
+	int rc = fib_lookup6(ctx, fib, now);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
 		return 0;
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
@@ -892,7 +890,8 @@ static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struc
 	}
 	if (!c)
 		return -1;
-	if (!live(c->deadline_ns))
+	__u64 now = bpf_ktime_get_ns();
+	if (now >= c->deadline_ns)
 		return pass(TP_PASS_EXPIRED);
 	if (denied_port(c->peer_port))
 		return pass(TP_PASS_DENIED_PORT);
@@ -931,7 +930,7 @@ static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struc
 	}
 	o.csum = finish_csum6(s);
 	struct bpf_fib_lookup fib;
-	int why = route6(ctx, &o, &fib);
+	int why = route6(ctx, &o, &fib, now);
 	if (why)
 		return pass(why);
 	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
@@ -964,7 +963,8 @@ static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct f
 	}
 	if (!a)
 		return pass(TP_PASS_NO_ENTRY);
-	if (!live(a->deadline_ns))
+	__u64 now = bpf_ktime_get_ns();
+	if (now >= a->deadline_ns)
 		return pass(TP_PASS_EXPIRED);
 
 	__u32 off = STUN_HEADER, data_off = 0, data_len = 0;
@@ -1020,7 +1020,7 @@ static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct f
 	struct tp_perm6 *pm = bpf_map_lookup_elem(&tp_perms6, &pk);
 	if (!pm)
 		return pass(TP_PASS_NO_ENTRY);
-	if (!live(pm->deadline_ns))
+	if (now >= pm->deadline_ns)
 		return pass(TP_PASS_EXPIRED);
 	struct out6 o = {
 		.flow = {
@@ -1059,7 +1059,7 @@ static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct f
 	}
 	o.csum = finish_csum6(s);
 	struct bpf_fib_lookup fib;
-	int why = route6(ctx, &o, &fib);
+	int why = route6(ctx, &o, &fib, now);
 	if (why)
 		return pass(why);
 	if (bpf_xdp_adjust_head(ctx, (int)head))
@@ -1109,7 +1109,7 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 	__builtin_memcpy(o.flow.daddr, pm->client.client_ip, 16);
 	__u16 ch = channel ? q->channel : 0;
 	struct bpf_fib_lookup fib;
-	int why = route6(ctx, &o, &fib);
+	int why = route6(ctx, &o, &fib, now);
 	if (why)
 		return pass(why);
 	/* A wildcard listener: the route lookup supplied the source. */
