@@ -168,6 +168,8 @@ enum tp_stat {
 	TP_PASS_HEADROOM,           /* the frame could not be resized */
 	TP_PASS_DENIED_PORT,        /* a peer port of the server's own sockets */
 	TP_PASS_FORWARDING_OFF,     /* bpf_fib_lookup: forwarding is off on the interface */
+	TP_PASS_PARTIAL_CSUM,       /* a partial checksum over more than TP_CSUM_MAX bytes */
+	TP_CSUM_COMPLETED,          /* partial checksums completed (not a pass reason) */
 	TP_STAT_MAX,
 };
 
@@ -209,6 +211,14 @@ struct tp_hop6 {
 
 #define TP_HOP_TTL_NS 100000000ULL
 #define TP_MAX_HOPS 16384
+
+/* A datagram from a sender on the same host (a veth with transmit checksum offload,
+ * the default) carries a partial UDP checksum: only the pseudo-header's sum, which the
+ * "hardware" was to complete. The program completes it by summing the UDP datagram in
+ * chunks of TP_CSUM_CHUNK bytes, up to TP_CSUM_MAX bytes (a jumbo frame); a longer
+ * one is passed. */
+#define TP_CSUM_CHUNK 256
+#define TP_CSUM_MAX (TP_CSUM_CHUNK * 36)
 
 #define TP_MAX_SLOTS 65536
 #define TP_MAX_ALLOCS 65536

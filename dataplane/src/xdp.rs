@@ -320,7 +320,7 @@ unsafe impl Pod for PermVal6 {}
 unsafe impl Pod for PeerKey6 {}
 
 /// The program's per-reason counters (`tp_stats`), in `relay.h`'s order.
-pub const STAT_NAMES: [&str; 18] = [
+pub const STAT_NAMES: [&str; 20] = [
     "relayed_channel_up",
     "relayed_send_up",
     "relayed_channel_down",
@@ -339,13 +339,18 @@ pub const STAT_NAMES: [&str; 18] = [
     "headroom",
     "denied_port",
     "forwarding_off",
+    "partial_csum",
+    "csum_completed",
 ];
+
+/// The range of [`STAT_NAMES`] that are reasons a frame was passed to the socket path.
+const PASS_REASONS: std::ops::Range<usize> = 6..19;
 
 /// What the program did, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XdpStats {
     /// Counters by [`STAT_NAMES`] index.
-    pub counters: [u64; 18],
+    pub counters: [u64; 20],
 }
 
 impl XdpStats {
@@ -371,7 +376,12 @@ impl XdpStats {
     }
     /// Frames passed to the socket path, by reason: `(reason, count)`.
     pub fn passed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        (6..STAT_NAMES.len()).map(|i| (STAT_NAMES[i], self.counters[i]))
+        PASS_REASONS.map(|i| (STAT_NAMES[i], self.counters[i]))
+    }
+    /// Partial UDP checksums (from senders on this host, through a veth with transmit
+    /// checksum offload) the program completed before relaying.
+    pub fn completed_checksums(&self) -> u64 {
+        self.counters[19]
     }
     /// Every frame passed to the socket path.
     pub fn passed_total(&self) -> u64 {

@@ -137,6 +137,17 @@ fn render_xdp(
     }
     metric(
         o,
+        "turnpike_xdp_checksums_completed_total",
+        "counter",
+        "Partial UDP checksums (senders on this host, veth transmit offload) the XDP program completed.",
+    );
+    let _ = writeln!(
+        o,
+        "turnpike_xdp_checksums_completed_total {}",
+        stats.completed_checksums()
+    );
+    metric(
+        o,
         "turnpike_xdp_allocations",
         "gauge",
         "Allocations with entries in the XDP program's maps, by worker.",
