@@ -167,8 +167,9 @@ impl Topology {
             a.extend(args);
             sh("ip", &a)?;
         }
-        // Partial checksums from tx offload would reach the far end unfinished after
-        // XDP_TX (see ../shared/xdp-on-veth.md); real NICs send complete ones.
+        // Complete checksums, as from senders across a wire (real NICs deliver those):
+        // with offload on, the program would also complete each partial checksum,
+        // which is correct (tests/tests/xdp.rs) but measures a same-host sender.
         sh(
             "ip",
             &["netns", "exec", NS_S, "ethtool", "-K", "vs", "tx", "off"],

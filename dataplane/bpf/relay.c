@@ -189,6 +189,18 @@ struct {
 	__type(value, struct tp_csum_buf);
 } tp_csum_buf SEC(".maps");
 
+/* The interfaces the program is attached to in generic (skb) mode, written by the
+ * loader. There a frame is the sender's skb, which keeps CHECKSUM_PARTIAL and its
+ * csum_start through the program: a device that completes it on the way out (any
+ * without checksum offload, or a NIC) would do so at offsets the program's header
+ * changes moved. Partial checksums arriving there are left to the workers. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u32);
+} tp_generic_ifs SEC(".maps");
+
 /* The ones' complement sum of the `len` bytes at offset `off` of the frame (an odd
  * length padded with a zero byte, as RFC 768 pads), or 0 when they cannot be read or
  * are more than TP_CSUM_MAX. A BPF function of its own, so that its loop is verified
@@ -1266,6 +1278,9 @@ static __attribute__((noinline)) __u32 received_csum(struct xdp_md *ctx, int v6)
 	__u16 ulen = udp->len;
 	if (csum == 0 || csum != fold(add16(pseudo, ulen)))
 		return csum;
+	__u32 ifindex = ctx->ingress_ifindex;
+	if (bpf_map_lookup_elem(&tp_generic_ifs, &ifindex))
+		return TP_CSUM_PASS | TP_PASS_PARTIAL_CSUM;
 	__u64 sum = frame_sum(ctx, (void *)udp - data, bpf_ntohs(ulen));
 	if (!sum)
 		return TP_CSUM_PASS | TP_PASS_PARTIAL_CSUM;

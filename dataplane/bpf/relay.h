@@ -168,7 +168,7 @@ enum tp_stat {
 	TP_PASS_HEADROOM,           /* the frame could not be resized */
 	TP_PASS_DENIED_PORT,        /* a peer port of the server's own sockets */
 	TP_PASS_FORWARDING_OFF,     /* bpf_fib_lookup: forwarding is off on the interface */
-	TP_PASS_PARTIAL_CSUM,       /* a partial checksum over more than TP_CSUM_MAX bytes */
+	TP_PASS_PARTIAL_CSUM,       /* a partial checksum in generic mode, or over more than TP_CSUM_MAX bytes */
 	TP_CSUM_COMPLETED,          /* partial checksums completed (not a pass reason) */
 	TP_STAT_MAX,
 };

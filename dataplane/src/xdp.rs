@@ -543,6 +543,22 @@ impl FastPath {
                 });
             }
         }
+        // Generic attachments: partial checksums are left to the workers there (see
+        // tp_generic_ifs in relay.c).
+        {
+            let map = ebpf
+                .map_mut("tp_generic_ifs")
+                .ok_or_else(|| XdpError::Load("no map tp_generic_ifs in the object".into()))?;
+            let mut generic: aya::maps::HashMap<_, u32, u32> =
+                aya::maps::HashMap::try_from(map).map_err(map_err("tp_generic_ifs"))?;
+            for a in attached.iter().filter(|a| a.mode == "generic") {
+                let index = nix::net::if_::if_nametoindex(a.iface.as_str())
+                    .map_err(|e| XdpError::Load(format!("{}: {e}", a.iface)))?;
+                generic
+                    .insert(index, 1, 0)
+                    .map_err(|e| XdpError::Load(format!("tp_generic_ifs: {e}")))?;
+            }
+        }
         let allocs = take(&mut ebpf, "tp_allocs")?;
         let chans = take(&mut ebpf, "tp_chans")?;
         let perms = take(&mut ebpf, "tp_perms")?;

@@ -16,12 +16,17 @@ use common::netns::{self, CLIENT, NsProc, PEER, SERVER, STRANGER, Topology};
 use common::{Outcome, Turn};
 use turnpike_proto::api::v1::{self, admin_client::AdminClient};
 
+/// The namespaces, with the veths' transmit checksum offload at its default (on).
 fn topology() -> Option<Topology> {
+    topology_with(true)
+}
+
+fn topology_with(tx_offload: bool) -> Option<Topology> {
     if let Err(why) = netns::usable() {
         netns::skip(&why);
         return None;
     }
-    match Topology::new() {
+    match Topology::with_tx_offload(tx_offload) {
         Ok(t) => Some(t),
         Err(why) => {
             netns::skip(&why);
@@ -47,6 +52,18 @@ fn server_on(t: &Topology, xdp: bool, allow: &str, listen: &str) -> NsProc {
 
 /// `server_on` with more arguments.
 fn server_with(t: &Topology, xdp: bool, allow: &str, listen: &str, more: &[&str]) -> NsProc {
+    server_in_mode(t, xdp.then_some("native"), allow, listen, more)
+}
+
+/// `server_with`, the program attached in `mode` (`native` or `generic`), or not at all.
+fn server_in_mode(
+    t: &Topology,
+    mode: Option<&str>,
+    allow: &str,
+    listen: &str,
+    more: &[&str],
+) -> NsProc {
+    let xdp = mode.is_some();
     let bin = common::bin().to_str().unwrap().to_owned();
     let mut args = vec![
         bin.as_str(),
@@ -75,8 +92,8 @@ fn server_with(t: &Topology, xdp: bool, allow: &str, listen: &str, more: &[&str]
         "2",
         "--no-pin",
     ];
-    if xdp {
-        args.extend(["--xdp", "vs", "--xdp-mode", "native"]);
+    if let Some(mode) = mode {
+        args.extend(["--xdp", "vs", "--xdp-mode", mode]);
     }
     args.extend_from_slice(more);
     let p = t.spawn_s(&args);
@@ -147,7 +164,16 @@ fn uclient_relays_through_the_program_with_channels_and_send_indications() {
     let _peer = peer(&t);
     let _srv = server(&t, true);
     let n = 300;
+    let csum_errors = t.csum_errors_c();
     let (chan, ind, sock) = uclient_runs(&t, n);
+    // uclient and its peer send through a veth with transmit checksum offload (the
+    // default): partial checksums, which the program completed (issue #25 N9).
+    assert_eq!(
+        t.csum_errors_c() - csum_errors,
+        0,
+        "datagrams dropped for bad checksums in C"
+    );
+    assert!(t.metric("turnpike_xdp_checksums_completed_total") >= 0.9 * (4 * 4 * n) as f64);
     // 4 sessions × n packets, each relayed up and echoed down: 2 × 4n per run. The
     // first packets of a run may take the socket path (the server's neighbour entry
     // for the peer is not resolved yet).
@@ -476,6 +502,7 @@ fn uclient_over_ipv6_relays_through_the_program() {
     let n = 200;
     let per_run = (2 * 4 * n) as f64;
     let x0 = t.metric("turnpike_xdp_relayed_packets_total");
+    let csum_errors = t.csum_errors_c();
     let (sent, lost) = uclient_to(&t, &["-c"], n, "fd88::3", "fd88::1");
     assert_eq!(lost, 0, "uclient -c over IPv6 lost {lost} of {sent}");
     let (sent, lost) = uclient_to(&t, &["-c", "-s"], n, "fd88::3", "fd88::1");
@@ -495,6 +522,110 @@ fn uclient_over_ipv6_relays_through_the_program() {
         "XDP relayed {x} of {}",
         2.0 * per_run
     );
+    assert_eq!(
+        t.csum_errors_c() - csum_errors,
+        0,
+        "datagrams dropped for bad checksums in C"
+    );
+    assert!(t.metric("turnpike_xdp_checksums_completed_total") >= 0.9 * 2.0 * per_run);
+}
+
+#[test]
+fn uclient_relays_through_the_program_with_tx_offload_off() {
+    // Complete checksums, as from a sender across a real wire: updated incrementally,
+    // none completed.
+    let Some(t) = topology_with(false) else {
+        return;
+    };
+    let _peer = peer(&t);
+    let _srv = server(&t, true);
+    let n = 200;
+    let csum_errors = t.csum_errors_c();
+    let (chan, ind, _) = uclient_runs(&t, n);
+    let per_run = (2 * 4 * n) as f64;
+    assert!(
+        chan >= 0.9 * per_run,
+        "ChannelData through XDP: {chan} of {per_run}"
+    );
+    assert!(
+        ind >= 0.9 * per_run,
+        "indications through XDP: {ind} of {per_run}"
+    );
+    assert_eq!(
+        t.csum_errors_c() - csum_errors,
+        0,
+        "datagrams dropped for bad checksums in C"
+    );
+    assert_eq!(t.metric("turnpike_xdp_checksums_completed_total"), 0.0);
+}
+
+#[test]
+fn generic_mode_relays_complete_checksums_and_leaves_partial_ones_to_the_workers() {
+    // Generic (skb) mode, IPv4 and IPv6. A partial checksum keeps its skb's
+    // CHECKSUM_PARTIAL offsets through the program, which its header changes would
+    // make wrong: such frames go to the socket path, and arrive (the attack run saw
+    // 49 of 49 dropped as UdpInCsumErrors at the peer, issue #25 N9). Complete ones
+    // are relayed by the program.
+    for tx_offload in [true, false] {
+        let Some(t) = topology_with(tx_offload) else {
+            return;
+        };
+        let _peer = peer(&t);
+        let _peer6 = t.spawn_c(&["turnutils_peer", "-L", "fd88::3", "-p", "3480"]);
+        std::thread::sleep(Duration::from_millis(300));
+        let _srv = server_in_mode(
+            &t,
+            Some("generic"),
+            "10.88.0.0/24,fd88::/64",
+            "10.88.0.1:3478",
+            &[
+                "--listen",
+                "[fd88::1]:3478",
+                "--relay-ip",
+                "10.88.0.1,fd88::1",
+            ],
+        );
+        let n = 200;
+        let csum_errors = t.csum_errors_c();
+        let x0 = t.metric("turnpike_xdp_relayed_packets_total");
+        let (sent, lost) = uclient(&t, &["-c"], n);
+        assert_eq!(
+            lost, 0,
+            "offload {tx_offload}: uclient -c lost {lost} of {sent}"
+        );
+        let (sent, lost) = uclient(&t, &["-c", "-s"], n);
+        assert_eq!(
+            lost, 0,
+            "offload {tx_offload}: uclient -c -s lost {lost} of {sent}"
+        );
+        let (sent, lost) = uclient_to(&t, &["-c"], n, "fd88::3", "fd88::1");
+        assert_eq!(
+            lost, 0,
+            "offload {tx_offload}: uclient -c over IPv6 lost {lost} of {sent}"
+        );
+        let x = t.metric("turnpike_xdp_relayed_packets_total") - x0;
+        let partial = t.metric("turnpike_xdp_passed_total{reason=\"partial_csum\"}");
+        let all = (3 * 2 * 4 * n) as f64;
+        eprintln!(
+            "generic, tx offload {tx_offload}: XDP relayed {x} of {all}, passed {partial} partial"
+        );
+        assert_eq!(
+            t.csum_errors_c() - csum_errors,
+            0,
+            "offload {tx_offload}: bad checksums in C"
+        );
+        if tx_offload {
+            assert!(
+                partial >= 0.9 * all,
+                "partial checksums passed: {partial} of {all}"
+            );
+            assert!(x <= 0.1 * all, "XDP relayed {x} of {all} partial ones");
+        } else {
+            assert_eq!(partial, 0.0);
+            assert!(x >= 0.9 * all, "XDP relayed {x} of {all}");
+        }
+        assert_eq!(t.metric("turnpike_xdp_checksums_completed_total"), 0.0);
+    }
 }
 
 #[test]

@@ -86,12 +86,18 @@ pub struct Topology {
     pub s: String,
     pub c: String,
     pass: Option<NsProc>,
+    tx_offload: bool,
 }
 
 impl Topology {
     /// Makes the namespaces; `Err` when the pass program cannot be attached (the build
     /// has no XDP program, or the kernel refuses it).
     pub fn new() -> Result<Topology, String> {
+        Topology::with_tx_offload(true)
+    }
+
+    /// [`Topology::new`] with transmit checksum offload on or off on both veth ends.
+    pub fn with_tx_offload(tx_offload: bool) -> Result<Topology, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let base = format!("tpx-{}-{n}", std::process::id());
@@ -99,6 +105,7 @@ impl Topology {
             s: format!("{base}-s"),
             c: format!("{base}-c"),
             pass: None,
+            tx_offload,
         };
         t.setup()?;
         let mut t = t;
@@ -153,14 +160,9 @@ impl Topology {
             a.extend(args);
             run("ip", &a)?;
         }
-        run(
-            "ip",
-            &["netns", "exec", s, "ethtool", "-K", "vs", "tx", "off"],
-        )?;
-        run(
-            "ip",
-            &["netns", "exec", c, "ethtool", "-K", "vc", "tx", "off"],
-        )?;
+        let tx = if self.tx_offload { "on" } else { "off" };
+        run("ip", &["netns", "exec", s, "ethtool", "-K", "vs", "tx", tx])?;
+        run("ip", &["netns", "exec", c, "ethtool", "-K", "vc", "tx", tx])?;
         run(
             "ip",
             &[
@@ -318,6 +320,28 @@ impl Topology {
                 .collect();
         }
         panic!("no tp_perms map in program {prog}");
+    }
+
+    /// UDP datagrams C's kernel dropped for a bad checksum (IPv4 and IPv6 together):
+    /// what a relay that gets checksums wrong costs, silently.
+    pub fn csum_errors_c(&self) -> u64 {
+        let snmp = self.run_c(&["cat", "/proc/net/snmp", "/proc/net/snmp6"]);
+        // IPv4: a header line and a value line, both starting "Udp:".
+        let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+        let v4 = udp
+            .first()
+            .zip(udp.get(1))
+            .and_then(|(h, v)| {
+                let i = h.split_whitespace().position(|f| f == "InCsumErrors")?;
+                v.split_whitespace().nth(i)?.parse::<u64>().ok()
+            })
+            .unwrap_or_else(|| panic!("no Udp InCsumErrors in /proc/net/snmp:\n{snmp}"));
+        let v6 = snmp
+            .lines()
+            .find_map(|l| l.strip_prefix("Udp6InCsumErrors"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no Udp6InCsumErrors in /proc/net/snmp6"));
+        v4 + v6
     }
 
     /// Whether `vs` has an XDP program attached.
