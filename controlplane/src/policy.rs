@@ -89,26 +89,61 @@ fn cidr(s: &str) -> Cidr {
     })
 }
 
-/// Ranges no client may reach unless the operator allows them.
+/// Ranges no client may reach unless the operator allows them: the IANA IPv4 and IPv6
+/// Special-Purpose Address Registries' entries that are not globally reachable (the
+/// exceptions inside them are [`DEFAULT_REACHABLE`]), multicast, the IPv4 reserved
+/// block with the limited broadcast address, deprecated site-local, and the rest of
+/// `::/8`, which IANA reserves (an address there is no host's).
 const DEFAULT_DENY: &[&str] = &[
-    "0.0.0.0/8",      // "this network", unspecified
-    "10.0.0.0/8",     // private
-    "100.64.0.0/10",  // carrier-grade NAT
-    "127.0.0.0/8",    // loopback
-    "169.254.0.0/16", // link-local, the cloud metadata service
-    "172.16.0.0/12",  // private
-    "192.0.0.0/24",   // IETF protocol assignments
-    "192.168.0.0/16", // private
-    "198.18.0.0/15",  // benchmarking
-    "224.0.0.0/4",    // multicast
-    "240.0.0.0/4",    // reserved, and 255.255.255.255 broadcast
-    "::/128",         // unspecified
-    "::1/128",        // loopback
-    "fe80::/10",      // link-local
-    "fec0::/10",      // site-local (deprecated)
-    "fc00::/7",       // unique local
-    "ff00::/8",       // multicast
-    "100::/64",       // discard-only
+    "0.0.0.0/8",       // "this network", unspecified
+    "10.0.0.0/8",      // private
+    "100.64.0.0/10",   // carrier-grade NAT
+    "127.0.0.0/8",     // loopback
+    "169.254.0.0/16",  // link-local, the cloud metadata service
+    "172.16.0.0/12",   // private
+    "192.0.0.0/24",    // IETF protocol assignments (but see DEFAULT_REACHABLE)
+    "192.0.2.0/24",    // documentation (TEST-NET-1)
+    "192.88.99.0/24",  // 6to4 relay anycast (deprecated, RFC 7526)
+    "192.168.0.0/16",  // private
+    "198.18.0.0/15",   // benchmarking
+    "198.51.100.0/24", // documentation (TEST-NET-2)
+    "203.0.113.0/24",  // documentation (TEST-NET-3)
+    "224.0.0.0/4",     // multicast
+    "240.0.0.0/4",     // reserved, and 255.255.255.255 broadcast
+    "::/8",            // reserved by IETF (but see DEFAULT_REACHABLE)
+    "::/127",          // unspecified and loopback (more specific than ::/96 below)
+    "100::/64",        // discard-only
+    "100:0:0:1::/64",  // dummy prefix (RFC 9780)
+    "2001::/23",       // IETF protocol assignments (but see DEFAULT_REACHABLE)
+    "2001:db8::/32",   // documentation
+    "3fff::/20",       // documentation
+    "5f00::/16",       // segment routing (SRv6) SIDs
+    "fc00::/7",        // unique local
+    "fe80::/10",       // link-local
+    "fec0::/10",       // site-local (deprecated)
+    "ff00::/8",        // multicast
+];
+
+/// Globally reachable entries of the registries inside [`DEFAULT_DENY`]'s ranges, and the
+/// IPv6 forms whose embedded IPv4 address decides. The most specific entry of the two
+/// lists that contains an address decides, as in a routing table (judged by that address, see
+/// [`canonical_ip`]). ORCHIDv2 (2001:20::/28) and DETs (2001:30::/28) are marked globally
+/// reachable but are identifiers, not routable at the IP layer (RFC 7343, RFC 9374), so
+/// they stay denied, as do benchmarking (2001:2::/48) and deprecated ORCHID (2001:10::/28).
+const DEFAULT_REACHABLE: &[&str] = &[
+    "192.0.0.9/32",    // PCP anycast
+    "192.0.0.10/32",   // TURN anycast
+    "::/96",           // IPv4-compatible: judged by the IPv4 address
+    "::ffff:0:0/96",   // IPv4-mapped: judged by the IPv4 address
+    "::ffff:0:0:0/96", // IPv4-translated: judged by the IPv4 address
+    "64:ff9b::/96",    // NAT64 well-known prefix: judged by the IPv4 address
+    "64:ff9b:1::/48",  // NAT64 local use: judged by the IPv4 address
+    "2001::/32",       // Teredo: judged by the client's IPv4 address
+    "2001:1::1/128",   // PCP anycast
+    "2001:1::2/128",   // TURN anycast
+    "2001:1::3/128",   // DNS-SD service registration protocol anycast
+    "2001:3::/32",     // AMT
+    "2001:4:112::/48", // AS112-v6
 ];
 
 /// The decision for one address.
@@ -125,6 +160,7 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct PeerPolicy {
     default_deny: Vec<Cidr>,
+    default_reachable: Vec<Cidr>,
     allow: Vec<Cidr>,
     deny: Vec<Cidr>,
     own: Vec<SocketAddr>,
@@ -142,6 +178,7 @@ impl PeerPolicy {
     pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, own: Vec<SocketAddr>) -> PeerPolicy {
         PeerPolicy {
             default_deny: DEFAULT_DENY.iter().map(|s| cidr(s)).collect(),
+            default_reachable: DEFAULT_REACHABLE.iter().map(|s| cidr(s)).collect(),
             allow,
             deny,
             own: own
@@ -200,13 +237,31 @@ impl PeerPolicy {
             return Verdict::Deny;
         }
         let default_denied = |f: &IpAddr| {
-            (self.default_deny.iter().any(|c| c.contains(f)) || is_broadcast(f))
-                && !self.allow.iter().any(|c| c.contains(f))
+            (self.default_denied(f) || is_broadcast(f)) && !self.allow.iter().any(|c| c.contains(f))
         };
         if forms.iter().any(default_denied) {
             return Verdict::Deny;
         }
         Verdict::Allow
+    }
+
+    /// Whether the default lists deny `ip`: the most specific range of [`DEFAULT_DENY`]
+    /// and [`DEFAULT_REACHABLE`] that contains it decides.
+    fn default_denied(&self, ip: &IpAddr) -> bool {
+        let longest = |list: &[Cidr]| {
+            list.iter()
+                .filter(|c| c.contains(ip))
+                .map(|c| c.prefix)
+                .max()
+        };
+        match (
+            longest(&self.default_deny),
+            longest(&self.default_reachable),
+        ) {
+            (Some(d), Some(r)) => d > r,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
     }
 
     /// Decides for a peer transport address (ChannelBind, Send): as [`Self::check_ip`],

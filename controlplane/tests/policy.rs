@@ -60,9 +60,7 @@ fn every_encoding_of_loopback_and_metadata_is_denied() {
         assert_eq!(p.check(SocketAddr::new(ip(s), 80)), Verdict::Deny, "{s}");
     }
     let allowed = [
-        "198.51.100.1",
         "8.8.8.8",
-        "2001:db8::1",
         "2606:4700::1111",
         "::ffff:8.8.8.8",
         "64:ff9b::808:808",
@@ -207,4 +205,106 @@ fn nat64_local_use_prefix_is_decoded_with_rfc6052_layouts() {
     // A /96 inside a sub-prefix whose /48 field looks public still reaches 10.0.0.1:
     // every layout is judged.
     assert_eq!(p.check_ip(ip("64:ff9b:1:abcd::a00:1")), Verdict::Deny);
+}
+
+/// Issue #25 N3: the default deny list is the IANA IPv4 and IPv6 Special-Purpose Address
+/// Registries minus what is globally reachable; one address of each range (and of the
+/// exceptions inside them), checked.
+#[test]
+fn the_default_list_is_the_iana_special_purpose_registries() {
+    let p = PeerPolicy::default();
+    let denied = [
+        ("0.1.2.3", "0.0.0.0/8 this network"),
+        ("10.1.2.3", "10.0.0.0/8 private"),
+        ("100.64.1.2", "100.64.0.0/10 shared address space"),
+        ("127.0.0.2", "127.0.0.0/8 loopback"),
+        ("169.254.1.2", "169.254.0.0/16 link local"),
+        ("172.16.1.2", "172.16.0.0/12 private"),
+        ("192.0.0.1", "192.0.0.0/24 IETF protocol assignments"),
+        ("192.0.0.8", "192.0.0.8/32 IPv4 dummy address"),
+        ("192.0.0.170", "192.0.0.170/32 NAT64/DNS64 discovery"),
+        ("192.0.2.1", "192.0.2.0/24 documentation"),
+        ("192.88.99.1", "192.88.99.0/24 6to4 relay anycast"),
+        ("192.168.1.2", "192.168.0.0/16 private"),
+        ("198.18.0.1", "198.18.0.0/15 benchmarking"),
+        ("198.19.255.1", "198.18.0.0/15 benchmarking"),
+        ("198.51.100.1", "198.51.100.0/24 documentation"),
+        ("203.0.113.1", "203.0.113.0/24 documentation"),
+        ("224.1.2.3", "224.0.0.0/4 multicast"),
+        ("240.1.2.3", "240.0.0.0/4 reserved"),
+        ("255.255.255.255", "limited broadcast"),
+        ("::", "::/128 unspecified"),
+        ("::1", "::1/128 loopback"),
+        ("::ffff:1:0:7f00:1", "::/8 reserved"),
+        ("::1:7f00:1", "::/8 reserved"),
+        ("::2:0:0:1", "::/8 reserved"),
+        ("ff::1", "::/8 reserved"),
+        ("100::1", "100::/64 discard only"),
+        ("100:0:0:1::1", "100:0:0:1::/64 dummy prefix"),
+        ("2001:1::4", "2001::/23 IETF protocol assignments"),
+        ("2001:2::1", "2001:2::/48 benchmarking"),
+        ("2001:10::1", "2001:10::/28 deprecated ORCHID"),
+        ("2001:20::1", "2001:20::/28 ORCHIDv2"),
+        ("2001:30::1", "2001:30::/28 drone remote ID entity tags"),
+        ("2001:1ff::1", "2001::/23 IETF protocol assignments"),
+        ("2001:db8::1", "2001:db8::/32 documentation"),
+        ("3fff::1", "3fff::/20 documentation"),
+        ("3fff:fff::1", "3fff::/20 documentation"),
+        ("5f00::1", "5f00::/16 segment routing SIDs"),
+        ("fc00::1", "fc00::/7 unique local"),
+        ("fdff::1", "fc00::/7 unique local"),
+        ("fe80::1", "fe80::/10 link local"),
+        ("fec0::1", "fec0::/10 site local"),
+        ("ff0e::1", "ff00::/8 multicast"),
+        ("::ffff:192.88.99.1", "6to4 relay anycast, IPv4-mapped"),
+        ("2002:c058:6301::", "6to4 relay anycast, as 6to4"),
+    ];
+    for (s, range) in denied {
+        assert_eq!(p.check_ip(ip(s)), Verdict::Deny, "{s} ({range})");
+    }
+    let allowed = [
+        ("192.0.0.9", "192.0.0.9/32 PCP anycast"),
+        ("192.0.0.10", "192.0.0.10/32 TURN anycast"),
+        ("192.31.196.1", "192.31.196.0/24 AS112-v4"),
+        ("192.52.193.1", "192.52.193.0/24 AMT"),
+        ("192.175.48.1", "192.175.48.0/24 direct delegation AS112"),
+        ("198.17.255.1", "just below benchmarking"),
+        ("198.20.0.1", "just above benchmarking"),
+        ("1.1.1.1", "global unicast"),
+        ("::ffff:8.8.8.8", "IPv4-mapped global"),
+        ("::8.8.8.8", "IPv4-compatible global"),
+        ("64:ff9b::808:808", "NAT64 well-known prefix, global"),
+        ("64:ff9b:1::808:808", "NAT64 local use, global IPv4"),
+        (
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7",
+            "Teredo, client 8.8.8.8",
+        ),
+        ("2001:1::1", "2001:1::1/128 PCP anycast"),
+        ("2001:1::2", "2001:1::2/128 TURN anycast"),
+        ("2001:1::3", "2001:1::3/128 DNS-SD SRP anycast"),
+        ("2001:3::1", "2001:3::/32 AMT"),
+        ("2001:4:112::1", "2001:4:112::/48 AS112-v6"),
+        ("2001:200::1", "global unicast just above 2001::/23"),
+        (
+            "2620:4f:8000::1",
+            "2620:4f:8000::/48 direct delegation AS112",
+        ),
+        ("2606:4700::1111", "global unicast"),
+        ("3fff:1000::1", "just above 3fff::/20"),
+    ];
+    for (s, what) in allowed {
+        assert_eq!(p.check_ip(ip(s)), Verdict::Allow, "{s} ({what})");
+    }
+    // An operator who relays to a lab on a documentation range allows it explicitly.
+    let lab = PeerPolicy::new(
+        vec![
+            "2001:db8::/32".parse().unwrap(),
+            "198.51.100.0/24".parse().unwrap(),
+        ],
+        Vec::new(),
+        Vec::new(),
+    );
+    assert_eq!(lab.check_ip(ip("2001:db8::1")), Verdict::Allow);
+    assert_eq!(lab.check_ip(ip("198.51.100.1")), Verdict::Allow);
+    assert_eq!(lab.check_ip(ip("::1")), Verdict::Deny);
 }

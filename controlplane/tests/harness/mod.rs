@@ -69,6 +69,21 @@ pub fn config() -> ServerConfig {
         relay_ports: (50000, 50099),
         unauth_rate: 0,
         relay_pool: 0,
+        // The tests' peers are in the documentation ranges, which the default policy
+        // denies (as every address that is not globally reachable).
+        policy: turnpike_controlplane::PeerPolicy::new(
+            [
+                "192.0.2.0/24",
+                "198.51.100.0/24",
+                "203.0.113.0/24",
+                "2001:db8::/32",
+            ]
+            .iter()
+            .map(|c| c.parse().expect("cidr"))
+            .collect(),
+            Vec::new(),
+            Vec::new(),
+        ),
         ..ServerConfig::default()
     }
 }
