@@ -73,7 +73,8 @@ struct Shared {
     counters: Vec<Arc<Counters>>,
     routes: Mutex<Routes>,
     denied: Arc<ArcSwap<Denied>>,
-    local: Vec<SocketAddr>,
+    /// The server's own listening addresses, UDP and TCP/TLS: never a peer.
+    own: Vec<SocketAddr>,
     /// The XDP fast path, when it is on; else why it is off.
     xdp: Result<Arc<FastPath>, String>,
 }
@@ -164,8 +165,15 @@ impl DataPlane {
             cfg.legacy_channel_numbers,
         ));
 
+        // Every listening address of this data plane, UDP and TCP/TLS (which may have
+        // ports of their own): a Send indication or ChannelData to one is never relayed.
+        let own: Vec<SocketAddr> = local
+            .iter()
+            .copied()
+            .chain(stream_local.iter().map(|l| l.addr))
+            .collect();
         let denied = Arc::new(ArcSwap::from_pointee(Denied::new(
-            cfg.denied_peers.iter().chain(&local).copied(),
+            cfg.denied_peers.iter().chain(&own).copied(),
         )));
         let xdp = if cfg.xdp.interfaces.is_empty() {
             Err("not asked for (--xdp IFACE)".to_string())
@@ -269,7 +277,7 @@ impl DataPlane {
                     counters,
                     routes: Mutex::new(Routes::default()),
                     denied,
-                    local: local.clone(),
+                    own,
                     xdp,
                 }),
             },
@@ -504,9 +512,10 @@ impl DataPlaneHandle {
         self.shared.routes.lock().map_or(0, |r| r.len())
     }
 
-    /// Replaces the peers never relayed to (the listening addresses stay denied).
+    /// Replaces the peers never relayed to (the listening addresses, UDP and TCP/TLS,
+    /// stay denied).
     pub fn set_denied_peers(&self, peers: Vec<SocketAddr>) {
-        let d = Denied::new(peers.into_iter().chain(self.shared.local.iter().copied()));
+        let d = Denied::new(peers.into_iter().chain(self.shared.own.iter().copied()));
         if let Ok(fp) = &self.shared.xdp
             && let Err(e) = fp.set_denied(&d)
         {

@@ -272,6 +272,74 @@ fn data_plane_listening_socket_is_never_a_peer_in_split_mode() {
     assert_eq!(t.permit("127.0.0.1:9".parse().unwrap()), Outcome::Ok);
 }
 
+/// Issue #25 N2: the server's TCP and TLS listeners on ports of their own are its own
+/// sockets too: a Send indication (or ChannelData) to one is never relayed, even with a
+/// permission for its IP and loopback allowed. A UDP socket on the TCP listener's port
+/// number stands for whatever would receive it; a Send to another port arrives.
+#[test]
+fn send_indications_never_reach_the_servers_own_tcp_and_tls_listeners() {
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let tcp_port = free_tcp_port();
+    let tls_port = free_tcp_port();
+    let dir = std::env::temp_dir().join(format!("tp-own-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut p = Proc::spawn(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--listen-tcp",
+        &format!("127.0.0.1:{tcp_port}"),
+        "--listen-tls",
+        &format!("127.0.0.1:{tls_port}"),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--user",
+        "u:p",
+        "--workers",
+        "1",
+        "--no-pin",
+    ]);
+    p.wait_for("turnpike ready", Duration::from_secs(20));
+    let server: SocketAddr = listen.parse().unwrap();
+    let mut t = Turn::new(server, "u", "p");
+    assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+    assert_eq!(t.permit("127.0.0.1:9".parse().unwrap()), Outcome::Ok);
+    let recv = |s: &std::net::UdpSocket| {
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 64];
+        s.recv_from(&mut b).is_ok()
+    };
+    for port in [tcp_port, tls_port] {
+        let own: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let Ok(victim) = std::net::UdpSocket::bind(own) else {
+            continue; // the UDP port of that number is taken: nothing to observe there
+        };
+        assert_eq!(
+            t.bind(0x4001, own),
+            Outcome::Failed(403),
+            "ChannelBind to {own}"
+        );
+        for _ in 0..3 {
+            t.send_indication(own, b"to our own listener");
+        }
+        assert!(!recv(&victim), "a Send indication to {own} was relayed");
+    }
+    // The same Send to a port that is not ours arrives: the path itself works.
+    let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    t.send_indication(other.local_addr().unwrap(), b"to a peer");
+    assert!(recv(&other), "a Send indication to a peer was not relayed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()

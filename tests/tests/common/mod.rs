@@ -290,6 +290,13 @@ impl Turn {
         self.sock.send_to(&buf[..n], self.server).unwrap();
     }
 
+    /// Sends `data` to `peer` in a Send indication.
+    pub fn send_indication(&mut self, peer: SocketAddr, data: &[u8]) {
+        let mut buf = vec![0u8; data.len() + 128];
+        let n = self.client.send_indication(peer, data, &mut buf).unwrap();
+        self.sock.send_to(&buf[..n], self.server).unwrap();
+    }
+
     /// Receives one relayed payload (ChannelData or Data indication), bounded in time.
     pub fn recv_data(&mut self, timeout: Duration) -> Option<Vec<u8>> {
         let deadline = Instant::now() + timeout;
