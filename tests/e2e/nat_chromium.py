@@ -35,9 +35,10 @@ def run_page(chromium: str, url: str, user: str, password: str, workdir: str) ->
     config = {"url": url, "username": user, "credential": password, "messages": MESSAGES,
               "timeoutMs": PAGE_TIMEOUT_S * 1000}
     page = PageServer(config, log_path)
-    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=workdir)
-    tmp = os.path.join(profile, "tmp")
-    os.makedirs(tmp)
+    # Short paths: Chromium's singleton socket lives under TMPDIR, and a Unix socket
+    # path has at most 107 bytes.
+    profile = tempfile.mkdtemp(prefix="p", dir=workdir)
+    tmp = tempfile.mkdtemp(prefix="t", dir=workdir)
     env = dict(os.environ, TMPDIR=tmp, HOME=profile)
     argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
             f"http://127.0.0.1:{page.port}/"]
@@ -63,6 +64,7 @@ def run_page(chromium: str, url: str, user: str, password: str, workdir: str) ->
                 proc.wait(timeout=10)
         page.close()
         shutil.rmtree(profile, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check(r: dict, expected_ip: str) -> str | None:

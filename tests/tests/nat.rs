@@ -472,8 +472,9 @@ fn chromium(t: &Nat) {
     } else {
         "python3".to_owned()
     };
-    let work = std::env::temp_dir().join(format!(
-        "turnpike-nat-chromium-{}-{}",
+    // Short: Chromium's singleton socket path (under it) has at most 107 bytes.
+    let work = std::path::PathBuf::from(format!(
+        "/tmp/tpn-{}-{}",
         std::process::id(),
         common::free_tcp_port()
     ));
@@ -494,6 +495,7 @@ fn chromium(t: &Nat) {
             work.to_str().unwrap(),
         ],
     );
+    eprintln!("chromium through the NAT: {}", out.lines().last().unwrap_or(""));
     let log = std::fs::read_to_string(work.join("chromium-nat.log")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&work);
     assert!(
