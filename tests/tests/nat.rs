@@ -495,7 +495,10 @@ fn chromium(t: &Nat) {
             work.to_str().unwrap(),
         ],
     );
-    eprintln!("chromium through the NAT: {}", out.lines().last().unwrap_or(""));
+    eprintln!(
+        "chromium through the NAT: {}",
+        out.lines().last().unwrap_or("")
+    );
     let log = std::fs::read_to_string(work.join("chromium-nat.log")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&work);
     assert!(
