@@ -18,9 +18,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
+use turnpike_proto::api::ip_to_bytes;
 use turnpike_proto::api::v1::{self, control_plane_message, data_plane_message};
-use turnpike_proto::api::{ip_from_bytes, ip_to_bytes};
-use turnpike_proto::plane::{Transport, tuple_from_api};
+use turnpike_proto::plane::{RelayIp, Transport, advertised_addr, tuple_from_api};
 
 use crate::server::{AllocationInfo, Server};
 use crate::types::{
@@ -65,8 +65,9 @@ pub enum DrainError {
 struct Conn {
     id: String,
     hello: v1::Hello,
-    /// Its relay IPs (from the Hello): new allocations arriving there relay from them.
-    relay_ips: Vec<std::net::IpAddr>,
+    /// Its relay IPs (from the Hello): new allocations arriving there relay from them,
+    /// and clients are given their advertised addresses.
+    relay_ips: Vec<RelayIp>,
     version: u64,
     acked: u64,
     draining: bool,
@@ -132,7 +133,7 @@ pub struct Cluster {
     next_pool_bind: u64,
     /// Reused buffers of the per-request path.
     scratch_out: Vec<Output>,
-    scratch_ips: Vec<std::net::IpAddr>,
+    scratch_ips: Vec<RelayIp>,
 }
 
 impl Cluster {
@@ -239,7 +240,7 @@ impl Cluster {
             }
             for worker in 0..c.hello.worker_count {
                 let ready = self.pools.get(&(conn, worker));
-                for ip in &c.relay_ips {
+                for ip in c.relay_ips.iter().map(|r| &r.ip) {
                     let have = ready.map_or(0, |r| r.iter().filter(|a| a.ip() == *ip).count())
                         + self
                             .pool_binds
@@ -292,21 +293,23 @@ impl Cluster {
         let version = table.as_ref().map(|t| t.table_version).unwrap_or(0);
         tracing::info!(data_plane = %id, workers = hello.worker_count, restored = table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
         self.gone.remove(&id);
+        let relay_ips: Vec<RelayIp> = hello
+            .relay_ips
+            .iter()
+            .filter_map(|r| RelayIp::try_from(r).ok())
+            .collect();
         // Its listening sockets are never a peer (ChannelBind to a data plane's own
-        // socket would loop the server into itself).
+        // socket would loop the server into itself), nor their public forms behind a
+        // 1:1 NAT (the loop would then go out through the NAT and back).
         let own: Vec<SocketAddr> = hello
             .listening_addresses
             .iter()
             .filter_map(|l| SocketAddr::try_from(l.address.as_ref()?).ok())
+            .flat_map(|a| [a, advertised_addr(&relay_ips, a)])
             .collect();
         let mut policy = self.server.config().policy.clone();
         policy.add_own_sockets(own);
         self.server.set_policy(policy);
-        let relay_ips = hello
-            .relay_ips
-            .iter()
-            .filter_map(|r| ip_from_bytes(&r.ip).ok())
-            .collect();
         self.conns.insert(
             conn,
             Conn {
@@ -589,6 +592,9 @@ impl Cluster {
                     .iter()
                     .find(|l| l.transport == want)?;
                 let a = SocketAddr::try_from(l.address.as_ref()?).ok()?;
+                // Clients are sent where they can reach it: its public address
+                // behind a 1:1 NAT.
+                let a = advertised_addr(&c.relay_ips, a);
                 Some((c.load.as_ref().map(|l| l.allocations).unwrap_or(0), a))
             })
             .min_by_key(|&(load, _)| load)
@@ -608,12 +614,8 @@ impl Cluster {
             .iter()
             .filter_map(|l| SocketAddr::try_from(l.address.as_ref()?).ok())
             .collect();
-        let relay_ips: Vec<std::net::IpAddr> = c
-            .hello
-            .relay_ips
-            .iter()
-            .filter_map(|r| ip_from_bytes(&r.ip).ok())
-            .collect();
+        // Relay sockets bind the private IPs: the table holds those.
+        let relay_ips: Vec<std::net::IpAddr> = c.relay_ips.iter().map(|r| r.ip).collect();
         for s in &table.allocations {
             let Ok(r) = AllocationSnapshot::try_from(s) else {
                 continue;
@@ -1087,6 +1089,7 @@ impl Cluster {
                 acked_table_version: c.acked,
                 load: c.load.clone(),
                 attached_changed_unix_millis: c.attached_at.0,
+                relay_ips: c.hello.relay_ips.clone(),
             });
         }
         for (id, g) in &self.gone {

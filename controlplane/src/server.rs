@@ -20,6 +20,7 @@ use turnpike_proto::attr::{
     Userhash, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
 use turnpike_proto::auth::IntegrityKey;
+use turnpike_proto::plane::{RelayIp, advertised_addr};
 use turnpike_proto::stun::{
     self, Class, HEADER_LEN, Message, MessageWriter, Method, TransactionId,
 };
@@ -72,6 +73,10 @@ const REFUSAL_LOGS_PER_SEC: u32 = 5;
 pub struct ServerConfig {
     /// Relay IPs (at least one per family to be served).
     pub relay_ips: Vec<IpAddr>,
+    /// Behind a 1:1 NAT: the address clients are given (XOR-RELAYED-ADDRESS) for relay
+    /// IPs of `relay_ips`; those not listed are given as they are. Used when the data
+    /// plane of a request sent no relay IPs of its own (see [`Via::relay_ips`]).
+    pub advertised_ips: Vec<RelayIp>,
     /// Relay port range, inclusive.
     pub relay_ports: (u16, u16),
     /// Lifetime granted when the client asks for less or nothing (s). RFC default 600.
@@ -137,6 +142,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             relay_ips: vec![IpAddr::from([127, 0, 0, 1])],
+            advertised_ips: Vec::new(),
             relay_ports: (49152, 65535),
             default_lifetime: 600,
             max_lifetime: 3600,
@@ -204,6 +210,8 @@ struct PendingAllocate {
     bind_deadline: Millis,
     /// The relay IPs to choose from (the receiving data plane's).
     relay_ips: Vec<IpAddr>,
+    /// Those of them behind a 1:1 NAT, with the address the client is given.
+    advertised: Vec<RelayIp>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -260,6 +268,8 @@ pub struct Stats {
     pub stale_nonces: u64,
     /// Requests answered.
     pub requests: u64,
+    /// Relay binds the data plane refused (each retried on other ports, then 508).
+    pub bind_failures: u64,
 }
 
 /// The TURN server state machine. See the module docs for the call order.
@@ -308,15 +318,18 @@ enum Refusal {
     Policy,
     /// A quota reached.
     Quota,
+    /// A relay bind the data plane refused.
+    Bind,
 }
 
 impl Refusal {
-    const COUNT: usize = 4;
+    const COUNT: usize = 5;
     const ALL: [Refusal; Refusal::COUNT] = [
         Refusal::Auth,
         Refusal::RateLimited,
         Refusal::Policy,
         Refusal::Quota,
+        Refusal::Bind,
     ];
 
     fn index(self) -> usize {
@@ -329,6 +342,7 @@ impl Refusal {
             Refusal::RateLimited => "rate-limited request",
             Refusal::Policy => "peer denied by policy",
             Refusal::Quota => "allocation quota reached",
+            Refusal::Bind => "relay bind failure",
         }
     }
 }
@@ -336,8 +350,10 @@ impl Refusal {
 /// The data plane a request arrived through, in a cluster.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Via<'a> {
-    /// That data plane's relay IPs (empty: the configured ones).
-    pub relay_ips: &'a [IpAddr],
+    /// That data plane's relay IPs with their advertised addresses (empty: the
+    /// configured ones, [`ServerConfig::relay_ips`] and
+    /// [`ServerConfig::advertised_ips`]).
+    pub relay_ips: &'a [RelayIp],
     /// Set when that data plane takes no new allocations: where to send them instead.
     pub alternate: Option<SocketAddr>,
     /// The name of the alternate's TLS certificate: sent as ALTERNATE-DOMAIN to a
@@ -1066,10 +1082,19 @@ impl Server {
             Some(l) => l.0.clamp(self.cfg.default_lifetime, self.cfg.max_lifetime),
             None => self.cfg.default_lifetime,
         };
-        let relay_ips = if via.relay_ips.is_empty() {
-            self.cfg.relay_ips.clone()
+        // Relays are chosen, bound and tabled by their private IPs; only the response
+        // names the advertised ones.
+        let (relay_ips, advertised) = if via.relay_ips.is_empty() {
+            (self.cfg.relay_ips.clone(), self.cfg.advertised_ips.clone())
         } else {
-            via.relay_ips.to_vec()
+            (
+                via.relay_ips.iter().map(|r| r.ip).collect(),
+                via.relay_ips
+                    .iter()
+                    .filter(|r| r.is_nat())
+                    .copied()
+                    .collect(),
+            )
         };
         let has_family = |f: Family| relay_ips.iter().any(|ip| Family::of(ip) == f);
         let mut families = match (requested, additional) {
@@ -1108,6 +1133,7 @@ impl Server {
             attempts: 0,
             bind_deadline: now,
             relay_ips,
+            advertised,
         };
         if let Some(t) = token {
             let Some((addr, until)) = self.reservations.remove(&t.0) else {
@@ -1207,7 +1233,13 @@ impl Server {
         };
         self.timers.remove(&(p.bind_deadline, Timer::Bind(id)));
         self.pending_by_tuple.remove(&p.tuple);
-        if result.is_err() {
+        if let Err(e) = &result {
+            // Not silent: a relay IP that cannot be bound (not on the host, for one)
+            // would otherwise show only as 508s at the clients.
+            self.stats.bind_failures += 1;
+            if self.sample(Refusal::Bind, now) {
+                tracing::warn!(client = %p.tuple.client, relays = ?p.relays, attempt = p.attempts, error = %e, "relay bind failed (508 after the last attempt)");
+            }
             for a in &p.relays {
                 self.ports.release(a);
             }
@@ -1272,7 +1304,7 @@ impl Server {
             Some(self.tail(&p.auth)),
             |w| {
                 for r in &p.relays {
-                    w.add(&XorRelayedAddress(*r))?;
+                    w.add(&XorRelayedAddress(advertised_addr(&p.advertised, *r)))?;
                 }
                 if p.v6_error {
                     w.add(&AddressErrorCode {

@@ -12,9 +12,9 @@ use turnpike_controlplane::{
     ServerConfig,
 };
 use turnpike_proto::api::v1::{self, control_plane_message as down, data_plane_message as up};
-use turnpike_proto::attr::{AlternateServer, ErrorCode};
+use turnpike_proto::attr::{AlternateServer, ErrorCode, XorRelayedAddress};
 use turnpike_proto::client::{Client, Event};
-use turnpike_proto::plane::TableChange;
+use turnpike_proto::plane::{RelayIp, TableChange};
 use turnpike_proto::stun::Message;
 
 const DP1: &str = "192.0.2.10:3478";
@@ -34,6 +34,7 @@ fn hello(id: &str, listen: &str, table: Vec<v1::AllocationState>) -> v1::Hello {
         }],
         relay_ips: vec![v1::RelayIp {
             ip: turnpike_proto::api::ip_to_bytes(listen.ip()),
+            advertised_ip: Vec::new(),
         }],
         worker_count: 4,
         version: "test".into(),
@@ -656,5 +657,76 @@ fn a_revoked_user_is_refused_and_loses_its_allocations() {
     assert_eq!(
         cell.allocate(&mut Client::new("alice", "wonderland", 10), dp1, 0, t2),
         Ok(())
+    );
+}
+
+/// A data plane behind a 1:1 NAT (its Hello maps its private relay IP to a public one):
+/// clients are given the public address, redirected to the public address, and cannot
+/// use the public form of its listening socket as a peer; binds and the table keep the
+/// private address.
+#[test]
+fn data_planes_behind_a_nat_are_advertised_by_their_public_addresses() {
+    let nat = |id: &str, private: &str, public: &str| {
+        let mut h = hello(id, private, vec![]);
+        let ip = addr(private).ip();
+        h.relay_ips = vec![v1::RelayIp::from(&RelayIp {
+            ip,
+            advertised: public.parse().unwrap(),
+        })];
+        h
+    };
+    let mut cell = cell(config());
+    let dp1 = cell
+        .cluster
+        .attach(T0, nat("dp1", "10.0.0.1:3478", "203.0.113.1"));
+    let dp2 = cell
+        .cluster
+        .attach(T0, nat("dp2", "10.0.0.2:3478", "203.0.113.2"));
+    // Served at dp2: the relayed address is the public one, the table the private one.
+    let t = tuple("198.51.100.1:4000", "10.0.0.2:3478");
+    let mut c = alice();
+    assert_eq!(cell.allocate(&mut c, dp2, 0, t), Ok(()));
+    let last = cell
+        .sent
+        .iter()
+        .rev()
+        .find_map(|(_, m)| match m {
+            down::Message::SendDatagram(d) => Some(d.datagram.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let m = Message::parse(&last).unwrap();
+    let relayed = [m.attr::<XorRelayedAddress>().unwrap().unwrap().0];
+    assert_eq!(relayed[0].ip(), addr("203.0.113.2:0").ip());
+    let tabled = cell.changes_to(dp2).into_iter().find_map(|(c, _)| match c {
+        TableChange::AllocationAdd { relays, .. } => Some(relays),
+        _ => None,
+    });
+    assert_eq!(
+        tabled.unwrap(),
+        vec![SocketAddr::new(addr("10.0.0.2:0").ip(), relayed[0].port())]
+    );
+    // The public form of a listening socket is one of the server's own.
+    let policy = &cell.cluster.server().config().policy;
+    assert!(policy.own_sockets().contains(&addr("203.0.113.1:3478")));
+    assert!(policy.own_sockets().contains(&addr("10.0.0.1:3478")));
+    // dp1 drained: its new clients go to dp2's public address.
+    cell.cluster.drain(T0, "dp1", true).unwrap();
+    cell.collect();
+    let t = tuple("198.51.100.2:4000", "10.0.0.1:3478");
+    assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Err(300));
+    let last = cell
+        .sent
+        .iter()
+        .rev()
+        .find_map(|(_, m)| match m {
+            down::Message::SendDatagram(d) => Some(d.datagram.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let m = Message::parse(&last).unwrap();
+    assert_eq!(
+        m.attr::<AlternateServer>().unwrap().unwrap().0,
+        addr("203.0.113.2:3478")
     );
 }

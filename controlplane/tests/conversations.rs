@@ -15,6 +15,7 @@ use turnpike_proto::attr::{
 };
 use turnpike_proto::auth::{long_term_key_md5, long_term_key_sha256, userhash};
 use turnpike_proto::client::{AllocateOptions, Client};
+use turnpike_proto::plane::RelayIp;
 use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
 const PEER: &str = "198.51.100.20:7000";
@@ -1034,7 +1035,7 @@ fn relay_address_comes_from_the_receiving_data_plane() {
     let req = signed(&h, t, Method::ALLOCATE, "alice", "wonderland", 1, |w| {
         w.add(&RequestedTransport(17)).unwrap();
     });
-    let ips = ["198.51.100.77".parse().unwrap()];
+    let ips = [RelayIp::local("198.51.100.77".parse().unwrap())];
     let mut out = Vec::new();
     h.server.handle_via(
         h.now,
@@ -1051,7 +1052,7 @@ fn relay_address_comes_from_the_receiving_data_plane() {
     let Some(Output::Bind(b)) = out.first() else {
         panic!("{out:?}");
     };
-    assert_eq!(b.relays[0].ip(), ips[0]);
+    assert_eq!(b.relays[0].ip(), ips[0].ip);
     // A data plane with no IPv6 relay: an IPv6 allocation through it is 440.
     let t2 = tuple("203.0.113.2:40000");
     let req = signed(&h, t2, Method::ALLOCATE, "alice", "wonderland", 2, |w| {
@@ -1075,4 +1076,107 @@ fn relay_address_comes_from_the_receiving_data_plane() {
         panic!("{out:?}");
     };
     assert_eq!(error_code(data), Some(440));
+}
+
+/// Behind a 1:1 NAT the client is given the public address; the bind, the table and the
+/// snapshot keep the private one (the configured mapping, and a data plane's own).
+#[test]
+fn relayed_address_behind_a_nat_is_the_advertised_one() {
+    let private: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+    let public: std::net::IpAddr = "203.0.113.10".parse().unwrap();
+    let mut cfg = config();
+    cfg.advertised_ips = vec![RelayIp {
+        ip: private,
+        advertised: public,
+    }];
+    let mut h = Harness::new(cfg);
+    let t = tuple("198.51.100.1:40000");
+    let mut c = Client::new("alice", "wonderland", T0.0);
+    let Ev::Allocated { relayed, .. } = h.allocate(&mut c, t) else {
+        panic!("no allocation");
+    };
+    assert_eq!(relayed.len(), 1);
+    assert_eq!(relayed[0].ip(), public);
+    let added = h.take_changes().into_iter().find_map(|c| match c {
+        TableChange::AllocationAdd { relays, .. } => Some(relays),
+        _ => None,
+    });
+    let relays = added.unwrap();
+    assert_eq!(
+        relays,
+        vec![std::net::SocketAddr::new(private, relayed[0].port())]
+    );
+    let info = h.server.allocations().next().unwrap();
+    assert_eq!(info.relays[0].ip(), private);
+
+    // Through a data plane whose Hello maps its own relay IP: its mapping wins.
+    let dp_private: std::net::IpAddr = "10.1.0.2".parse().unwrap();
+    let dp_public: std::net::IpAddr = "203.0.113.99".parse().unwrap();
+    let ips = [RelayIp {
+        ip: dp_private,
+        advertised: dp_public,
+    }];
+    let t2 = tuple("198.51.100.2:40000");
+    let req = signed(&h, t2, Method::ALLOCATE, "alice", "wonderland", 3, |w| {
+        w.add(&RequestedTransport(17)).unwrap();
+    });
+    let mut out = Vec::new();
+    let via = Via {
+        relay_ips: &ips,
+        alternate: None,
+        alternate_domain: None,
+        pool: &[],
+    };
+    h.server.handle_via(h.now, t2, &req, &via, &mut out);
+    let Some(Output::Bind(b)) = out.first() else {
+        panic!("{out:?}");
+    };
+    assert_eq!(b.relays[0].ip(), dp_private);
+    let (id, relay) = (b.id, b.relays[0]);
+    let mut out = Vec::new();
+    h.server.handle_bind_result(h.now, id, Ok(()), &mut out);
+    let resp = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Transmit { data, .. } => Some(data.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let m = Message::parse(&resp).unwrap();
+    let got = m.attr::<attr::XorRelayedAddress>().unwrap().unwrap().0;
+    assert_eq!(got, std::net::SocketAddr::new(dp_public, relay.port()));
+}
+
+/// A relay bind the data plane refuses is counted (and logged), then answered 508.
+#[test]
+fn refused_binds_are_counted_before_the_508() {
+    let mut h = Harness::new(config());
+    let t = tuple("198.51.100.3:40000");
+    let req = signed(&h, t, Method::ALLOCATE, "alice", "wonderland", 4, |w| {
+        w.add(&RequestedTransport(17)).unwrap();
+    });
+    let mut out = Vec::new();
+    h.server.handle(h.now, t, &req, &mut out);
+    let mut code = None;
+    for _ in 0..8 {
+        let Some(id) = out.iter().find_map(|o| match o {
+            Output::Bind(b) => Some(b.id),
+            _ => None,
+        }) else {
+            code = out.iter().find_map(|o| match o {
+                Output::Transmit { data, .. } => error_code(data),
+                _ => None,
+            });
+            break;
+        };
+        out.clear();
+        h.server.handle_bind_result(
+            h.now,
+            id,
+            Err(turnpike_controlplane::BindError::AddressNotAvailable),
+            &mut out,
+        );
+    }
+    assert_eq!(code, Some(508));
+    assert_eq!(h.server.stats().bind_failures, 4);
 }

@@ -3,7 +3,7 @@
 //! reports, and applies what comes down. When the control plane goes away, the data plane
 //! keeps forwarding and expiring entries at their deadlines, and this agent reconnects.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -11,11 +11,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-use turnpike_proto::api::ip_to_bytes;
 use turnpike_proto::api::v1::{
     self, control_plane_client::ControlPlaneClient, control_plane_message, data_plane_message,
 };
-use turnpike_proto::plane::{BindError, TableChange, Usage, tuple_from_api};
+use turnpike_proto::plane::{BindError, RelayIp, TableChange, Usage, tuple_from_api};
 
 use crate::{
     AllocationSnapshot, ControlSink, DataPlaneHandle, Drops, FiveTuple, Punted, WorkerCounters,
@@ -83,8 +82,8 @@ pub struct Identity {
     pub listen: Vec<SocketAddr>,
     /// Its TCP and TLS listening addresses.
     pub streams: Vec<(crate::Transport, SocketAddr)>,
-    /// Its relay IPs.
-    pub relay_ips: Vec<IpAddr>,
+    /// Its relay IPs, each with the address clients are given for it (1:1 NAT).
+    pub relay_ips: Vec<RelayIp>,
 }
 
 // The report timestamps: the agent is the data plane's I/O shell, not its core.
@@ -250,13 +249,7 @@ pub async fn run_following(
                     address: Some((*a).into()),
                 }))
                 .collect(),
-            relay_ips: me
-                .relay_ips
-                .iter()
-                .map(|ip| v1::RelayIp {
-                    ip: ip_to_bytes(*ip),
-                })
-                .collect(),
+            relay_ips: me.relay_ips.iter().map(v1::RelayIp::from).collect(),
             worker_count: dp.workers() as u32,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             table: snapshot,

@@ -209,6 +209,53 @@ pub struct AllocationSnapshot {
     pub usage: Usage,
 }
 
+/// A relay IP of a data plane and the address clients are given for it.
+///
+/// Behind a 1:1 NAT (a cloud VM's public address) the host can bind only its private
+/// address: relay sockets bind `ip`, and the table, snapshots, binds and the XDP program
+/// all use it; only what clients and other instances are told (XOR-RELAYED-ADDRESS,
+/// ALTERNATE-SERVER, the fleet registry) carries `advertised`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RelayIp {
+    /// The local address relay sockets bind.
+    pub ip: IpAddr,
+    /// The address clients reach it at: the NAT's public address, or `ip` itself.
+    pub advertised: IpAddr,
+}
+
+impl RelayIp {
+    /// A relay IP clients reach directly (no NAT).
+    pub fn local(ip: IpAddr) -> RelayIp {
+        RelayIp { ip, advertised: ip }
+    }
+
+    /// Whether clients are given another address than the one bound.
+    pub fn is_nat(&self) -> bool {
+        self.ip != self.advertised
+    }
+}
+
+/// `addr`, a local address of this host (a relay or listening address), as clients and
+/// other instances must be told it: its IP replaced by the advertised one when it is a
+/// relay IP behind a 1:1 NAT. A wildcard IP (a listener on `0.0.0.0` or `::`) becomes
+/// the advertised IP when exactly one relay IP of its family is behind a NAT, since the
+/// NAT then has one public address for the host; otherwise it is returned unchanged.
+pub fn advertised_addr(relay_ips: &[RelayIp], addr: SocketAddr) -> SocketAddr {
+    let ip = addr.ip();
+    if let Some(r) = relay_ips.iter().find(|r| r.ip == ip) {
+        return SocketAddr::new(r.advertised, addr.port());
+    }
+    if ip.is_unspecified() {
+        let mut nat = relay_ips
+            .iter()
+            .filter(|r| r.is_nat() && r.ip.is_ipv4() == ip.is_ipv4());
+        if let (Some(r), None) = (nat.next(), nat.next()) {
+            return SocketAddr::new(r.advertised, addr.port());
+        }
+    }
+    addr
+}
+
 /// A request to a data plane to open relay sockets for an allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BindRequest {
@@ -587,6 +634,37 @@ impl TryFrom<&v1::AllocationState> for AllocationSnapshot {
     }
 }
 
+impl From<&RelayIp> for v1::RelayIp {
+    fn from(r: &RelayIp) -> v1::RelayIp {
+        v1::RelayIp {
+            ip: ip_to_bytes(r.ip),
+            // Empty unless NATed: a Hello without NAT is what it always was.
+            advertised_ip: if r.is_nat() {
+                ip_to_bytes(r.advertised)
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+impl TryFrom<&v1::RelayIp> for RelayIp {
+    type Error = ConvertError;
+    fn try_from(r: &v1::RelayIp) -> Result<RelayIp, ConvertError> {
+        let ip = ip_from_bytes(&r.ip).map_err(|_| ConvertError::Invalid("relay_ip.ip"))?;
+        if r.advertised_ip.is_empty() {
+            return Ok(RelayIp::local(ip));
+        }
+        let advertised = ip_from_bytes(&r.advertised_ip)
+            .map_err(|_| ConvertError::Invalid("relay_ip.advertised_ip"))?;
+        // XOR-RELAYED-ADDRESS must have the family the client asked for.
+        if advertised.is_ipv4() != ip.is_ipv4() {
+            return Err(ConvertError::Invalid("relay_ip.advertised_ip"));
+        }
+        Ok(RelayIp { ip, advertised })
+    }
+}
+
 impl From<&BindError> for v1::BindError {
     fn from(e: &BindError) -> v1::BindError {
         let code = match e {
@@ -626,6 +704,50 @@ mod tests {
             client: "198.51.100.1:5000".parse().unwrap(),
             server: "[2001:db8::1]:443".parse().unwrap(),
         }
+    }
+
+    #[test]
+    fn relay_ip_round_trips_and_checks_the_family() {
+        let nat = RelayIp {
+            ip: "10.0.0.2".parse().unwrap(),
+            advertised: "203.0.113.2".parse().unwrap(),
+        };
+        let plain = RelayIp::local("2001:db8::2".parse().unwrap());
+        for r in [nat, plain] {
+            assert_eq!(RelayIp::try_from(&v1::RelayIp::from(&r)), Ok(r));
+        }
+        assert!(v1::RelayIp::from(&plain).advertised_ip.is_empty());
+        let mixed = v1::RelayIp {
+            ip: ip_to_bytes(nat.ip),
+            advertised_ip: ip_to_bytes(plain.ip),
+        };
+        assert!(RelayIp::try_from(&mixed).is_err());
+    }
+
+    #[test]
+    fn advertised_addr_maps_relay_and_wildcard_addresses() {
+        let nat = RelayIp {
+            ip: "10.0.0.2".parse().unwrap(),
+            advertised: "203.0.113.2".parse().unwrap(),
+        };
+        let v6 = RelayIp::local("2001:db8::2".parse().unwrap());
+        let ips = [nat, v6];
+        let map = |a: &str| advertised_addr(&ips, a.parse().unwrap()).to_string();
+        assert_eq!(map("10.0.0.2:3478"), "203.0.113.2:3478");
+        assert_eq!(map("0.0.0.0:3478"), "203.0.113.2:3478");
+        // No IPv6 NAT: the wildcard stays; other addresses are left alone.
+        assert_eq!(map("[::]:3478"), "[::]:3478");
+        assert_eq!(map("10.0.0.3:3478"), "10.0.0.3:3478");
+        // Two NATed IPv4 relay IPs: a wildcard listener has no one public address.
+        let two = [
+            nat,
+            RelayIp {
+                ip: "10.0.0.3".parse().unwrap(),
+                advertised: "203.0.113.3".parse().unwrap(),
+            },
+        ];
+        let a = "0.0.0.0:3478".parse().unwrap();
+        assert_eq!(advertised_addr(&two, a), a);
     }
 
     #[test]

@@ -203,6 +203,7 @@ fn hello_with_resync_round_trips() -> TestResult {
         ],
         relay_ips: vec![RelayIp {
             ip: ip_to_bytes(RELAY.ip()),
+            advertised_ip: ip_to_bytes(IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 7))),
         }],
         worker_count: 2,
         version: "0.1.0".to_owned(),

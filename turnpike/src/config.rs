@@ -8,6 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 use turnpike_controlplane::{Cidr, PeerPolicy, ServerConfig};
 use turnpike_dataplane::{Backend, StreamLimits, StreamListen};
+use turnpike_proto::plane::{RelayIp, advertised_addr};
 
 /// A configuration error: the option it concerns and what is wrong. Exit code 64.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,9 @@ pub struct FileConfig {
     pub listen: Option<Vec<String>>,
     /// Relay IPs.
     pub relay_ips: Option<Vec<String>>,
+    /// Behind a 1:1 NAT: "PUBLIC/PRIVATE" per relay IP (or "PUBLIC" when one relay IP of
+    /// that family exists), the address clients are given for a private relay IP.
+    pub external_ips: Option<Vec<String>>,
     /// Relay port range "MIN-MAX".
     pub relay_ports: Option<String>,
     /// Realm.
@@ -139,7 +143,8 @@ pub struct FleetFile {
     pub region: Option<String>,
     /// Zone label.
     pub zone: Option<String>,
-    /// The name of this instance's TLS certificate, sent as ALTERNATE-DOMAIN when another
+    /// The advertised name of this instance's TLS listener (the name its certificate is
+    /// for, which resolves to its public address): sent as ALTERNATE-DOMAIN when another
     /// instance redirects a TLS client here.
     pub tls_domain: Option<String>,
     /// Redirect new allocations at or above this load (0 to 1).
@@ -210,9 +215,19 @@ pub struct Flags {
     /// UDP listening address, repeatable (default 127.0.0.1:3478).
     #[arg(long = "listen", env = "TURNPIKE_LISTEN", value_delimiter = ',')]
     pub listen: Vec<String>,
-    /// Relay IP, repeatable (default: the first listening IP).
+    /// Relay IP, repeatable (default: the first listening IP). An address of this host:
+    /// behind a 1:1 NAT, the private one (see --external-ip).
     #[arg(long = "relay-ip", env = "TURNPIKE_RELAY_IP", value_delimiter = ',')]
     pub relay_ip: Vec<String>,
+    /// Behind a 1:1 NAT: PUBLIC/PRIVATE, the public address clients are given for the
+    /// private relay IP PRIVATE (in XOR-RELAYED-ADDRESS, redirects and the fleet
+    /// registry), repeatable; PUBLIC alone when there is one relay IP of its family.
+    #[arg(
+        long = "external-ip",
+        env = "TURNPIKE_EXTERNAL_IP",
+        value_delimiter = ','
+    )]
+    pub external_ip: Vec<String>,
     /// Relay port range MIN-MAX (default 49152-65535).
     #[arg(long, env = "TURNPIKE_RELAY_PORTS")]
     pub relay_ports: Option<String>,
@@ -377,6 +392,10 @@ pub struct Flags {
     /// Zone label.
     #[arg(long, env = "TURNPIKE_ZONE")]
     pub zone: Option<String>,
+    /// The advertised name of this instance's TLS listener (its certificate's name),
+    /// sent as ALTERNATE-DOMAIN when a TLS client is redirected here.
+    #[arg(long, env = "TURNPIKE_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
     /// Redirect new allocations at or above this load, 0 to 1 (default 0.85).
     #[arg(long, env = "TURNPIKE_REDIRECT_LOAD")]
     pub redirect_load: Option<f64>,
@@ -440,8 +459,10 @@ pub struct GrpcTls {
 pub struct Config {
     /// UDP listening addresses.
     pub listen: Vec<SocketAddr>,
-    /// Relay IPs.
+    /// Relay IPs (addresses of this host).
     pub relay_ips: Vec<IpAddr>,
+    /// Those of them behind a 1:1 NAT, with their public addresses.
+    pub external_ips: Vec<RelayIp>,
     /// Realm.
     pub realm: String,
     /// Static users.
@@ -509,6 +530,20 @@ fn pick<T>(flag: Vec<T>, file: Option<Vec<T>>) -> Vec<T> {
 }
 
 impl Config {
+    /// Every relay IP with the address clients are given for it.
+    pub fn relays(&self) -> Vec<RelayIp> {
+        self.relay_ips
+            .iter()
+            .map(|ip| {
+                self.external_ips
+                    .iter()
+                    .find(|r| r.ip == *ip)
+                    .copied()
+                    .unwrap_or(RelayIp::local(*ip))
+            })
+            .collect()
+    }
+
     /// Merges file, environment and flags, and validates.
     pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
         let mut file: FileConfig = match &flags.config {
@@ -560,6 +595,10 @@ impl Config {
                 })
                 .collect::<Result<_, _>>()?
         };
+        let external_ips = external_ips(
+            &pick(flags.external_ip.clone(), file.external_ips.take()),
+            &relay_ips,
+        )?;
         let ports_s = flags
             .relay_ports
             .clone()
@@ -659,8 +698,17 @@ impl Config {
         {
             own.extend(a.trim().parse::<SocketAddr>().ok());
         }
+        // Behind a 1:1 NAT our sockets are reachable at their public addresses too: a
+        // peer there would loop through the NAT back into the server.
+        let public: Vec<SocketAddr> = own
+            .iter()
+            .map(|a| advertised_addr(&external_ips, *a))
+            .filter(|a| !own.contains(a))
+            .collect();
+        own.extend(public);
         let mut server = ServerConfig {
             relay_ips: relay_ips.clone(),
+            advertised_ips: external_ips.clone(),
             relay_ports,
             policy: PeerPolicy::new(allow, deny, own),
             ..ServerConfig::default()
@@ -798,6 +846,7 @@ impl Config {
             },
             listen,
             relay_ips,
+            external_ips,
             realm,
             users,
             secrets,
@@ -812,6 +861,66 @@ impl Config {
                 .unwrap_or_else(|| format!("dp-{}", std::process::id())),
         })
     }
+}
+
+/// The 1:1 NAT mappings of `external_ips (--external-ip)`: "PUBLIC/PRIVATE", or "PUBLIC"
+/// for the one relay IP of its family.
+fn external_ips(specs: &[String], relay_ips: &[IpAddr]) -> Result<Vec<RelayIp>, ConfigError> {
+    const OPT: &str = "external_ips (--external-ip)";
+    let ip = |s: &str| -> Result<IpAddr, ConfigError> {
+        s.trim()
+            .parse()
+            .map_err(|_| err(OPT, format!("{s:?} is not an IP address")))
+    };
+    let mut out: Vec<RelayIp> = Vec::new();
+    for spec in specs {
+        let (public, private) = match spec.split_once('/') {
+            Some((p, q)) => (ip(p)?, ip(q)?),
+            None => {
+                let public = ip(spec)?;
+                let mut same = relay_ips.iter().filter(|r| r.is_ipv4() == public.is_ipv4());
+                match (same.next(), same.next()) {
+                    (Some(private), None) => (public, *private),
+                    _ => {
+                        return Err(err(
+                            OPT,
+                            format!(
+                                "{spec:?}: give PUBLIC/PRIVATE, since there is not exactly one relay IP of its family"
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        if public.is_ipv4() != private.is_ipv4() {
+            return Err(err(
+                OPT,
+                format!("{spec:?}: the public and private addresses must be of one family"),
+            ));
+        }
+        if public.is_unspecified() || public.is_multicast() || public.is_loopback() {
+            return Err(err(
+                OPT,
+                format!("{spec:?}: {public} cannot be a client-facing address"),
+            ));
+        }
+        if !relay_ips.contains(&private) {
+            return Err(err(
+                OPT,
+                format!("{spec:?}: {private} is not a relay IP (relay_ips, --relay-ip)"),
+            ));
+        }
+        if out.iter().any(|r| r.ip == private) {
+            return Err(err(OPT, format!("{private} is mapped twice")));
+        }
+        if public != private {
+            out.push(RelayIp {
+                ip: private,
+                advertised: public,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The stream parts of the file, taken out before the rest is consumed.
@@ -1048,7 +1157,7 @@ fn fleet_config(
         instance_id,
         region: flags.region.clone().or(file.region).unwrap_or_default(),
         zone: flags.zone.clone().or(file.zone).unwrap_or_default(),
-        tls_domain: file.tls_domain,
+        tls_domain: flags.tls_domain.clone().or(file.tls_domain),
         redirect,
         cell: flags
             .cell

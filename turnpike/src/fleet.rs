@@ -29,6 +29,7 @@ use turnpike_controlplane::fleet::{
     FleetView, InstanceRecord, RedirectConfig, SharedConfig, heavy_threshold,
 };
 use turnpike_dataplane::DataPlaneHandle;
+use turnpike_proto::plane::{RelayIp, advertised_addr};
 
 /// Seconds a record outlives its instance.
 pub const LEASE_TTL: i64 = 10;
@@ -302,10 +303,22 @@ async fn report(
     if dp.is_none() {
         // A control plane alone: the cell's addresses are its attached data planes'.
         for d in stats.data_planes.iter().filter(|d| d.attached) {
+            // Clients are sent to its public addresses when it is behind a 1:1 NAT.
+            let relays: Vec<RelayIp> = d
+                .relay_ips
+                .iter()
+                .filter_map(|r| RelayIp::try_from(r).ok())
+                .collect();
+            for r in &relays {
+                if !base.relay_ips.contains(&r.advertised) {
+                    base.relay_ips.push(r.advertised);
+                }
+            }
             for l in &d.listening_addresses {
                 let Some(Ok(a)) = l.address.as_ref().map(std::net::SocketAddr::try_from) else {
                     continue;
                 };
+                let a = advertised_addr(&relays, a);
                 let list = match turnpike_proto::api::v1::Transport::try_from(l.transport) {
                     Ok(turnpike_proto::api::v1::Transport::Tcp) => &mut base.tcp,
                     Ok(turnpike_proto::api::v1::Transport::Tls) => &mut base.tls,

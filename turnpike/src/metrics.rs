@@ -229,6 +229,12 @@ async fn render(
                 "Requests answered 438 Stale Nonce.",
                 s.stale_nonces,
             ),
+            (
+                "turnpike_relay_bind_failures_total",
+                "counter",
+                "Relay binds the data plane refused (retried on other ports, then 508).",
+                s.bind_failures,
+            ),
         ] {
             metric(&mut o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");

@@ -12,6 +12,7 @@ use tonic::transport::Endpoint;
 use turnpike_controlplane::{AdminAuth, ControlPlaneHandle, Credentials, Server};
 use turnpike_dataplane::agent::{self, Identity, PuntQueue};
 use turnpike_dataplane::{DataPlane, DataPlaneConfig, Transport};
+use turnpike_proto::plane::advertised_addr;
 
 use crate::config::Config;
 use crate::listener::{self, Limits};
@@ -71,17 +72,20 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     if cfg.users.is_empty() && cfg.secrets.is_empty() {
         let password = random_string(20);
         cfg.users.push(("turnpike".to_owned(), password.clone()));
+        // The URLs clients use: public addresses behind a 1:1 NAT.
+        let relays = cfg.relays();
+        let public = |a: SocketAddr| advertised_addr(&relays, a);
         let mut urls: Vec<String> = cfg
             .listen
             .first()
-            .map(|a| format!("turn:{a}?transport=udp"))
+            .map(|a| format!("turn:{}?transport=udp", public(*a)))
             .into_iter()
             .collect();
         if let Some(s) = cfg.streams.iter().find(|s| !s.tls) {
-            urls.push(format!("turn:{}?transport=tcp", s.addr));
+            urls.push(format!("turn:{}?transport=tcp", public(s.addr)));
         }
         if let Some(s) = cfg.streams.iter().find(|s| s.tls) {
-            urls.push(format!("turns:{}?transport=tcp", s.addr));
+            urls.push(format!("turns:{}?transport=tcp", public(s.addr)));
         }
         let url = urls.join(" ");
         println!(
@@ -224,8 +228,44 @@ fn control_endpoint(url: &str, pems: &Pems, server_name: &str) -> anyhow::Result
         .context("gRPC TLS configuration")
 }
 
+/// Relay sockets bind the relay IPs: one that is not an address of this host would fail
+/// every Allocate with 508, so it is refused at start, naming the option. The usual cause
+/// is a cloud host's public address, which sits on a 1:1 NAT in front of the host.
+fn check_relay_ips(cfg: &Config) {
+    for ip in &cfg.relay_ips {
+        if let Err(e) = std::net::UdpSocket::bind((*ip, 0)) {
+            let hint = if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                "; it is not an address of this host: behind a 1:1 NAT, give the private address \
+                 here and the public one with --external-ip PUBLIC/PRIVATE"
+            } else {
+                ""
+            };
+            eprintln!(
+                "turnpike: invalid configuration: relay_ips (--relay-ip): cannot bind {ip}: {e}{hint}"
+            );
+            std::process::exit(64);
+        }
+    }
+}
+
+/// What clients are given for each relay IP, for the start-up lines.
+fn relay_line(cfg: &Config) -> String {
+    cfg.relays()
+        .iter()
+        .map(|r| {
+            if r.is_nat() {
+                format!("{}(advertised {})", r.ip, r.advertised)
+            } else {
+                r.ip.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `serve` (with a control plane in process) or `dataplane` (attached to `control`).
 pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
+    check_relay_ips(&cfg);
     runtime(1)?.block_on(async move {
         let mut cp = None;
         let mut admin_url = None;
@@ -302,7 +342,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 id: cfg.data_plane_id.clone(),
                 listen: listen.clone(),
                 streams: stream_addrs.clone(),
-                relay_ips: cfg.relay_ips.clone(),
+                relay_ips: cfg.relays(),
             },
             attached_tx,
         ));
@@ -311,23 +351,27 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 .await?;
         }
         if let (Some(f), Some(cp)) = (&cfg.fleet, &cp) {
+            // Other instances send clients here (ALTERNATE-SERVER): behind a 1:1 NAT,
+            // to the public addresses.
+            let relays = cfg.relays();
+            let public = |a: &std::net::SocketAddr| advertised_addr(&relays, *a);
             let base = turnpike_controlplane::fleet::InstanceRecord {
                 id: f.instance_id.clone(),
                 region: f.region.clone(),
                 zone: f.zone.clone(),
-                udp: listen.clone(),
+                udp: listen.iter().map(public).collect(),
                 tcp: stream_addrs
                     .iter()
                     .filter(|(t, _)| *t == Transport::Tcp)
-                    .map(|(_, a)| *a)
+                    .map(|(_, a)| public(a))
                     .collect(),
                 tls: stream_addrs
                     .iter()
                     .filter(|(t, _)| *t == Transport::Tls)
-                    .map(|(_, a)| *a)
+                    .map(|(_, a)| public(a))
                     .collect(),
                 tls_domain: f.tls_domain.clone(),
-                relay_ips: cfg.relay_ips.clone(),
+                relay_ips: relays.iter().map(|r| r.advertised).collect(),
                 admin: admin_url.clone(),
                 ..Default::default()
             };
@@ -365,10 +409,11 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             .map(|(_, a)| a.to_string())
             .collect();
         println!(
-            "turnpike ready: listen={} tcp={} tls={} backend={:?} workers={} control={control_name}",
+            "turnpike ready: listen={} tcp={} tls={} relay={} backend={:?} workers={} control={control_name}",
             listen_s.join(","),
             tcp_s.join(","),
             tls_s.join(","),
+            relay_line(&cfg),
             dp.backend(),
             dp.handle().workers()
         );
