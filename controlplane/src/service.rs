@@ -388,27 +388,69 @@ impl AdminAuth {
 
 impl Interceptor for AdminAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
-        let ok = given.is_some_and(|g| {
+        let given = bearer_token(req.metadata().get_all("authorization").iter())
+            .map(|t| -> [u8; 32] { Sha256::digest(t).into() });
+        let ok = given.as_ref().is_ok_and(|g| {
             self.tokens
                 .iter()
-                .fold(subtle::Choice::from(0), |acc, t| acc | t.ct_eq(&g))
+                .fold(subtle::Choice::from(0), |acc, t| acc | t.ct_eq(g))
                 .into()
         });
         if ok {
             Ok(req)
         } else {
-            tracing::warn!(peer = ?req.remote_addr(), "Admin call without a valid token refused");
+            let why = match given {
+                Err(e) => e.to_string(),
+                Ok(_) => "wrong token".to_owned(),
+            };
+            tracing::warn!(peer = ?req.remote_addr(), %why, "Admin call without a valid token refused");
             Err(Status::unauthenticated(
                 "Admin needs authorization: Bearer TOKEN (turnpike ctl --token or TURNPIKE_ADMIN_TOKEN)",
             ))
         }
     }
+}
+
+/// Why an `authorization` header was not a bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum BadAuthorization {
+    /// No `authorization` header.
+    #[error("no authorization header")]
+    Missing,
+    /// More than one: which one decides would depend on who reads it (a proxy may
+    /// check one and forward both), so none does.
+    #[error("more than one authorization header")]
+    Repeated,
+    /// Not `Bearer` followed by one space and the token.
+    #[error("authorization is not `Bearer TOKEN`")]
+    NotBearer,
+    /// An empty token, or one with whitespace or control characters in it: a token
+    /// that only matches after trimming is not the token.
+    #[error("malformed bearer token")]
+    Malformed,
+}
+
+/// The token of exactly one `authorization: Bearer TOKEN` header, read strictly: the
+/// scheme case-insensitively (RFC 7235 §2.1), then exactly one space, then a token with
+/// no whitespace or control characters.
+fn bearer_token<'a>(
+    mut values: impl Iterator<Item = &'a tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> Result<&'a [u8], BadAuthorization> {
+    let value = values.next().ok_or(BadAuthorization::Missing)?;
+    if values.next().is_some() {
+        return Err(BadAuthorization::Repeated);
+    }
+    let bytes = value.as_bytes();
+    let (scheme, token) = bytes
+        .split_at_checked(7)
+        .ok_or(BadAuthorization::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return Err(BadAuthorization::NotBearer);
+    }
+    if token.is_empty() || token.iter().any(|b| !b.is_ascii_graphic()) {
+        return Err(BadAuthorization::Malformed);
+    }
+    Ok(token)
 }
 
 // ----- the actor ------------------------------------------------------------------------
@@ -793,5 +835,53 @@ impl Admin for ControlPlaneHandle {
             keep.then_some(Ok(e))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::MetadataMap;
+
+    use super::*;
+
+    const TOKEN: &str = "a-token-of-twenty-chars";
+
+    fn call(values: &[&str]) -> Result<Request<()>, Status> {
+        let mut req = Request::new(());
+        let md: &mut MetadataMap = req.metadata_mut();
+        for v in values {
+            md.append("authorization", v.parse().unwrap());
+        }
+        AdminAuth::new(&[TOKEN.to_owned()]).call(req)
+    }
+
+    #[test]
+    fn the_exact_bearer_header_is_accepted() {
+        assert!(call(&[&format!("Bearer {TOKEN}")]).is_ok());
+        // The scheme is case-insensitive (RFC 7235 §2.1).
+        assert!(call(&[&format!("bearer {TOKEN}")]).is_ok());
+        assert!(call(&[&format!("BEARER {TOKEN}")]).is_ok());
+    }
+
+    /// Issue 25, N7: extra whitespace, a second header, another scheme: all refused.
+    #[test]
+    fn lenient_authorization_headers_are_refused() {
+        let refused = |values: &[&str]| matches!(call(values), Err(s) if s.code() == tonic::Code::Unauthenticated);
+        assert!(refused(&[]));
+        assert!(refused(&[&format!("Bearer  {TOKEN}")]), "two spaces");
+        assert!(refused(&[&format!("Bearer {TOKEN} ")]), "trailing space");
+        assert!(refused(&[&format!("Bearer\t{TOKEN}")]), "a tab");
+        assert!(refused(&[&format!("Bearer {TOKEN}\t")]), "a trailing tab");
+        assert!(refused(&[&format!("Basic {TOKEN}")]));
+        assert!(refused(&[TOKEN]));
+        assert!(refused(&["Bearer "]));
+        assert!(refused(&["Bearer"]));
+        assert!(refused(&["Bearer wrong-token-of-20-chars"]));
+        // Two headers, even when both or the first carry the token.
+        assert!(refused(&[&format!("Bearer {TOKEN}"), "Bearer other"]));
+        assert!(refused(&[
+            &format!("Bearer {TOKEN}"),
+            &format!("Bearer {TOKEN}")
+        ]));
     }
 }
