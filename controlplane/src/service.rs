@@ -57,6 +57,8 @@ enum Cmd {
         conn: ConnId,
         msg: data_plane_message::Message,
     },
+    /// A data plane was refused for claiming an id its certificate does not name.
+    IdentityRefused,
     Detach {
         conn: ConnId,
     },
@@ -358,6 +360,27 @@ impl Interceptor for RequireClientCert {
     }
 }
 
+/// What a data plane's certificate name starts with (`turnpike ctl certs` names data
+/// plane `ID` `turnpike-dataplane-ID`).
+pub const DATA_PLANE_PREFIX: &str = "turnpike-dataplane-";
+
+/// Whether certificate `der` (already verified against the fleet CA by the TLS layer)
+/// names data plane `id`: a DNS name `turnpike-dataplane-ID`, or `ID` itself for a PKI
+/// that names data planes by their id. The common name is not consulted (RFC 9525: a
+/// name is a subjectAltName), the same check rustls applies to a server's name.
+pub fn certificate_names(der: &[u8], id: &str) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    [format!("{DATA_PLANE_PREFIX}{id}"), id.to_owned()]
+        .into_iter()
+        .filter_map(|n| rustls_pki_types::ServerName::try_from(n).ok())
+        // An IP address is not a data-plane id.
+        .filter(|n| matches!(n, rustls_pki_types::ServerName::DnsName(_)))
+        .any(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
+}
+
 /// Bearer tokens that may call Admin. Compared in constant time (over SHA-256 digests,
 /// so that lengths leak nothing either).
 #[derive(Clone)]
@@ -509,6 +532,7 @@ impl Actor {
                 let _ = reply.send(Some(conn));
             }
             Cmd::Up { conn, msg } => c.handle_message(now, conn, msg),
+            Cmd::IdentityRefused => c.count_identity_refused(),
             Cmd::Detach { conn } => {
                 c.detach(now, conn);
                 self.txs.remove(&conn);
@@ -618,6 +642,11 @@ impl ControlPlane for ControlPlaneHandle {
         request: Request<Streaming<v1::DataPlaneMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         self.leading()?;
+        // The leaf of the verified chain (RequireClientCert let no call without one in).
+        let leaf = request
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| c.as_ref().to_vec()));
+        let peer = request.remote_addr();
         let mut up = request.into_inner();
         let first = up
             .message()
@@ -628,6 +657,19 @@ impl ControlPlane for ControlPlaneHandle {
                 "the first message must be Hello",
             ));
         };
+        if !leaf
+            .as_deref()
+            .is_some_and(|c| certificate_names(c, &hello.data_plane_id))
+        {
+            // Refused before the cluster sees it: an impostor must not displace the data
+            // plane whose id it claims (that one stays attached, no flap).
+            let _ = self.tx.send(Cmd::IdentityRefused).await;
+            tracing::warn!(?peer, claimed = %hello.data_plane_id, "data plane claimed an id its certificate does not name; refused");
+            return Err(Status::permission_denied(format!(
+                "the client certificate does not name data plane {:?} (expected {DATA_PLANE_PREFIX}ID or ID as a DNS name)",
+                hello.data_plane_id
+            )));
+        }
         let (tx, rx) = mpsc::channel(8192);
         let conn = self
             .ask(|reply| Cmd::Attach {
@@ -853,6 +895,32 @@ mod tests {
             md.append("authorization", v.parse().unwrap());
         }
         AdminAuth::new(&[TOKEN.to_owned()]).call(req)
+    }
+
+    fn leaf(names: &[&str]) -> Vec<u8> {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    /// Issue 25, N5: the id a data plane claims must be a DNS name of its certificate.
+    #[test]
+    fn a_certificate_names_only_its_own_data_plane() {
+        let dp1 = leaf(&["turnpike-dataplane-dp1"]);
+        assert!(certificate_names(&dp1, "dp1"));
+        assert!(!certificate_names(&dp1, "dp2"));
+        assert!(!certificate_names(&dp1, ""));
+        assert!(!certificate_names(&dp1, "turnpike-dataplane-dp1.evil"));
+        // A PKI that names data planes by their id.
+        let edge = leaf(&["edge-3.example"]);
+        assert!(certificate_names(&edge, "edge-3.example"));
+        assert!(!certificate_names(&edge, "edge-4.example"));
+        // An IP is not an id, and garbage is no certificate.
+        let ip = leaf(&["127.0.0.1"]);
+        assert!(!certificate_names(&ip, "127.0.0.1"));
+        assert!(!certificate_names(b"garbage", "dp1"));
     }
 
     #[test]

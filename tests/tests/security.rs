@@ -272,6 +272,67 @@ fn data_plane_listening_socket_is_never_a_peer_in_split_mode() {
     assert_eq!(t.permit("127.0.0.1:9".parse().unwrap()), Outcome::Ok);
 }
 
+/// Issue 25, N5: a data plane's id is the name of its certificate. One holding dp2's
+/// certificate and claiming id dp1 is refused (and counted); the real dp1 stays attached,
+/// with no detach and re-attach.
+#[test]
+fn data_plane_id_is_bound_to_its_certificate() {
+    let certs = Certs::new("idbind");
+    let (_cp, grpc) = control_plane(&certs, &[]);
+    let control = format!("https://{grpc}");
+    let one = ["--workers", "1", "--no-pin"];
+    let l1 = format!("127.0.0.1:{}", free_udp_port());
+    // No id configured: it is read from the certificate (dp1).
+    let mut dp1 = certs.spawn_data_plane("dp1", &control, &l1, &one);
+    dp1.wait_for("attached to control plane", Duration::from_secs(30));
+    let stats = || {
+        let out = certs.ctl(&grpc, &["stats"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = stats();
+    assert!(text.contains("data_planes_attached: 1"), "{text}");
+    assert!(text.contains("dp1"), "{text}");
+    // The impostor: dp2's certificate, id dp1 in its configuration.
+    let dir = std::env::temp_dir().join(format!("turnpike-idbind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("impostor.toml");
+    std::fs::write(&cfg, "data_plane_id = \"dp1\"\n").unwrap();
+    let l2 = format!("127.0.0.1:{}", free_udp_port());
+    let mut impostor = certs.spawn_data_plane(
+        "dp2",
+        &control,
+        &l2,
+        &[&one[..], &["--config", cfg.to_str().unwrap()]].concat(),
+    );
+    let refused = impostor.wait_for("attach refused", Duration::from_secs(30));
+    assert!(refused.contains("dp1"), "{refused}");
+    // Give a flap time to show: the real dp1 would be detached and re-attach.
+    std::thread::sleep(Duration::from_secs(3));
+    while let Ok(l) = dp1.lines.try_recv() {
+        dp1.seen.push(l);
+    }
+    let attaches = dp1
+        .seen
+        .iter()
+        .filter(|l| l.contains("attached to control plane"))
+        .count();
+    assert_eq!(attaches, 1, "dp1 re-attached:\n{}", dp1.seen.join("\n"));
+    let text = stats();
+    assert!(text.contains("data_planes_attached: 1"), "{text}");
+    let violations: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ownership_violations: "))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+        .unwrap_or(0);
+    assert!(violations >= 1, "refusal not counted:\n{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -311,7 +372,8 @@ fn spoofed_flood_leaves_control_plane_memory_flat() {
         let admin_ch = channel(&grpc, &certs.path("ca.pem"), None).await.unwrap();
         let mut admin = AdminClient::with_interceptor(admin_ch, common::add_token);
         let (tx, rx) = tokio::sync::mpsc::channel::<v1::DataPlaneMessage>(4096);
-        tx.send(hello("flood", listen)).await.unwrap();
+        // dp1's certificate: the id must be the one it names.
+        tx.send(hello("dp1", listen)).await.unwrap();
         let mut down = ControlPlaneClient::new(ch)
             .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await

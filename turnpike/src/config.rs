@@ -74,7 +74,8 @@ pub struct FileConfig {
     pub unauth_ip_rate: Option<u32>,
     /// Pin workers to cores.
     pub pin_workers: Option<bool>,
-    /// Data-plane identity (split mode).
+    /// Data-plane identity (split mode). Its certificate must name it (a DNS name
+    /// `turnpike-dataplane-ID` or `ID`); by default it is read from the certificate.
     pub data_plane_id: Option<String>,
     /// Accept RFC 5766 channel numbers 0x5000..=0x7FFF.
     pub legacy_channel_numbers: Option<bool>,
@@ -460,8 +461,9 @@ pub struct Config {
     pub pin: bool,
     /// Control-plane settings.
     pub server: ServerConfig,
-    /// Data-plane id.
-    pub data_plane_id: String,
+    /// Data-plane id, if configured (else the name of its certificate; `local` in
+    /// `serve` without certificates).
+    pub data_plane_id: Option<String>,
     /// Mutual TLS between the planes (None: `serve` makes certificates in memory).
     pub grpc_tls: Option<GrpcTls>,
     /// The name expected in the control plane's certificate.
@@ -807,9 +809,7 @@ impl Config {
             metrics_listen,
             pin: !flags.no_pin && file.pin_workers.unwrap_or(true),
             server,
-            data_plane_id: file
-                .data_plane_id
-                .unwrap_or_else(|| format!("dp-{}", std::process::id())),
+            data_plane_id: file.data_plane_id,
         })
     }
 }
