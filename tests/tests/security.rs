@@ -481,6 +481,83 @@ fn listeners_cap_connections_and_close_idle_ones() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A TCP connection to `to` from source address `from` (any port).
+fn connect_from(from: [u8; 4], to: &str) -> TcpStream {
+    rt().block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((from, 0))).unwrap();
+        let s = s
+            .connect(to.parse().unwrap())
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
+/// Issue 25, N1: one source holding its share of the Admin listener's connections does
+/// not lock another source out: its extra connections are closed at once, another
+/// source's Admin call succeeds, and its idle connections are closed within the limits.
+#[test]
+fn one_source_cannot_take_every_admin_connection() {
+    let dir = std::env::temp_dir().join(format!("turnpike-persource-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("limits.toml");
+    std::fs::write(
+        &cfg,
+        "max_connections = 6\nmax_connections_per_ip = 3\nidle_timeout = 2\n",
+    )
+    .unwrap();
+    let admin = format!("127.0.0.1:{}", free_tcp_port());
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let mut p = Proc::spawn(&[
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--admin-listen",
+        &admin,
+        "--admin-token",
+        TOKEN,
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    p.wait_for("turnpike ready", Duration::from_secs(20));
+    // 127.0.0.2 tries to hold every slot of the listener.
+    let mut held: Vec<TcpStream> = (0..6)
+        .map(|_| connect_from([127, 0, 0, 2], &admin))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Beyond its share of 3, its connections are closed at once.
+    let extra = held.split_off(3);
+    for s in extra {
+        let (bytes, eof, took) = drain(s, Duration::from_secs(2));
+        assert!(
+            eof && bytes == 0 && took < Duration::from_secs(1),
+            "a connection beyond the source's share: {bytes} bytes, eof {eof}, {took:?}"
+        );
+    }
+    // Another source's Admin call goes through while those are held.
+    let out = common::ctl_plain(&admin, &["stats"]);
+    assert!(
+        out.status.success(),
+        "ctl stats from 127.0.0.1 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The held ones (silent) are closed within the idle limit (2 s).
+    for s in held {
+        let (_, eof, took) = drain(s, Duration::from_secs(8));
+        assert!(
+            eof && took < Duration::from_secs(5),
+            "eof {eof} after {took:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Reads until EOF (or reset) or `limit`: (bytes read, whether it ended, when).
 fn drain(mut s: TcpStream, limit: Duration) -> (usize, bool, Duration) {
     let t = Instant::now();

@@ -58,7 +58,9 @@ const LOCAL_DATA_PLANE: &str = "local";
 fn listener_limits(cfg: &Config) -> Limits {
     Limits {
         max_connections: cfg.max_connections,
+        max_per_source: cfg.max_connections_per_ip,
         idle: cfg.idle_timeout,
+        first_byte: cfg.first_byte_timeout,
     }
 }
 
