@@ -882,6 +882,8 @@ impl Admin for ControlPlaneHandle {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use tonic::metadata::MetadataMap;
 
     use super::*;
