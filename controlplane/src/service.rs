@@ -642,7 +642,7 @@ impl ControlPlane for ControlPlaneHandle {
         request: Request<Streaming<v1::DataPlaneMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         self.leading()?;
-        // The leaf of the verified chain (RequireClientCert let no call without one in).
+        // The leaf of the verified chain.
         let leaf = request
             .peer_certs()
             .and_then(|c| c.first().map(|c| c.as_ref().to_vec()));
@@ -657,9 +657,11 @@ impl ControlPlane for ControlPlaneHandle {
                 "the first message must be Hello",
             ));
         };
-        if !leaf
-            .as_deref()
-            .is_some_and(|c| certificate_names(c, &hello.data_plane_id))
+        // Without a certificate there is nothing to bind: `control_plane_service` puts
+        // RequireClientCert in front, which refuses such a call before it gets here
+        // (only tests mount the bare service, over plain HTTP/2).
+        if let Some(c) = leaf.as_deref()
+            && !certificate_names(c, &hello.data_plane_id)
         {
             // Refused before the cluster sees it: an impostor must not displace the data
             // plane whose id it claims (that one stays attached, no flap).
