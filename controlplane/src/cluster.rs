@@ -558,6 +558,13 @@ impl Cluster {
             .retain(|t, _| binding.contains(t) || server.allocation_of(t).is_some());
     }
 
+    /// Counts a data plane refused before it attached because its certificate does not
+    /// name the id it claimed: claiming another data plane's id is an attempt on what
+    /// that one owns, so it shows in `ownership_violations`.
+    pub fn count_identity_refused(&mut self) {
+        self.ownership_violations += 1;
+    }
+
     /// Whether `conn` owns allocation `id` (a data plane may only touch its own).
     fn owns(&mut self, conn: ConnId, id: AllocationId, what: &str) -> bool {
         match self.alloc_owner.get(&id) {

@@ -57,6 +57,8 @@ enum Cmd {
         conn: ConnId,
         msg: data_plane_message::Message,
     },
+    /// A data plane was refused for claiming an id its certificate does not name.
+    IdentityRefused,
     Detach {
         conn: ConnId,
     },
@@ -358,6 +360,27 @@ impl Interceptor for RequireClientCert {
     }
 }
 
+/// What a data plane's certificate name starts with (`turnpike ctl certs` names data
+/// plane `ID` `turnpike-dataplane-ID`).
+pub const DATA_PLANE_PREFIX: &str = "turnpike-dataplane-";
+
+/// Whether certificate `der` (already verified against the fleet CA by the TLS layer)
+/// names data plane `id`: a DNS name `turnpike-dataplane-ID`, or `ID` itself for a PKI
+/// that names data planes by their id. The common name is not consulted (RFC 9525: a
+/// name is a subjectAltName), the same check rustls applies to a server's name.
+pub fn certificate_names(der: &[u8], id: &str) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(der);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else {
+        return false;
+    };
+    [format!("{DATA_PLANE_PREFIX}{id}"), id.to_owned()]
+        .into_iter()
+        .filter_map(|n| rustls_pki_types::ServerName::try_from(n).ok())
+        // An IP address is not a data-plane id.
+        .filter(|n| matches!(n, rustls_pki_types::ServerName::DnsName(_)))
+        .any(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
+}
+
 /// Bearer tokens that may call Admin. Compared in constant time (over SHA-256 digests,
 /// so that lengths leak nothing either).
 #[derive(Clone)]
@@ -388,27 +411,69 @@ impl AdminAuth {
 
 impl Interceptor for AdminAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
-        let ok = given.is_some_and(|g| {
+        let given = bearer_token(req.metadata().get_all("authorization").iter())
+            .map(|t| -> [u8; 32] { Sha256::digest(t).into() });
+        let ok = given.as_ref().is_ok_and(|g| {
             self.tokens
                 .iter()
-                .fold(subtle::Choice::from(0), |acc, t| acc | t.ct_eq(&g))
+                .fold(subtle::Choice::from(0), |acc, t| acc | t.ct_eq(g))
                 .into()
         });
         if ok {
             Ok(req)
         } else {
-            tracing::warn!(peer = ?req.remote_addr(), "Admin call without a valid token refused");
+            let why = match given {
+                Err(e) => e.to_string(),
+                Ok(_) => "wrong token".to_owned(),
+            };
+            tracing::warn!(peer = ?req.remote_addr(), %why, "Admin call without a valid token refused");
             Err(Status::unauthenticated(
                 "Admin needs authorization: Bearer TOKEN (turnpike ctl --token or TURNPIKE_ADMIN_TOKEN)",
             ))
         }
     }
+}
+
+/// Why an `authorization` header was not a bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum BadAuthorization {
+    /// No `authorization` header.
+    #[error("no authorization header")]
+    Missing,
+    /// More than one: which one decides would depend on who reads it (a proxy may
+    /// check one and forward both), so none does.
+    #[error("more than one authorization header")]
+    Repeated,
+    /// Not `Bearer` followed by one space and the token.
+    #[error("authorization is not `Bearer TOKEN`")]
+    NotBearer,
+    /// An empty token, or one with whitespace or control characters in it: a token
+    /// that only matches after trimming is not the token.
+    #[error("malformed bearer token")]
+    Malformed,
+}
+
+/// The token of exactly one `authorization: Bearer TOKEN` header, read strictly: the
+/// scheme case-insensitively (RFC 7235 §2.1), then exactly one space, then a token with
+/// no whitespace or control characters.
+fn bearer_token<'a>(
+    mut values: impl Iterator<Item = &'a tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> Result<&'a [u8], BadAuthorization> {
+    let value = values.next().ok_or(BadAuthorization::Missing)?;
+    if values.next().is_some() {
+        return Err(BadAuthorization::Repeated);
+    }
+    let bytes = value.as_bytes();
+    let (scheme, token) = bytes
+        .split_at_checked(7)
+        .ok_or(BadAuthorization::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return Err(BadAuthorization::NotBearer);
+    }
+    if token.is_empty() || token.iter().any(|b| !b.is_ascii_graphic()) {
+        return Err(BadAuthorization::Malformed);
+    }
+    Ok(token)
 }
 
 // ----- the actor ------------------------------------------------------------------------
@@ -467,6 +532,7 @@ impl Actor {
                 let _ = reply.send(Some(conn));
             }
             Cmd::Up { conn, msg } => c.handle_message(now, conn, msg),
+            Cmd::IdentityRefused => c.count_identity_refused(),
             Cmd::Detach { conn } => {
                 c.detach(now, conn);
                 self.txs.remove(&conn);
@@ -576,6 +642,11 @@ impl ControlPlane for ControlPlaneHandle {
         request: Request<Streaming<v1::DataPlaneMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         self.leading()?;
+        // The leaf of the verified chain.
+        let leaf = request
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| c.as_ref().to_vec()));
+        let peer = request.remote_addr();
         let mut up = request.into_inner();
         let first = up
             .message()
@@ -586,6 +657,21 @@ impl ControlPlane for ControlPlaneHandle {
                 "the first message must be Hello",
             ));
         };
+        // Without a certificate there is nothing to bind: `control_plane_service` puts
+        // RequireClientCert in front, which refuses such a call before it gets here
+        // (only tests mount the bare service, over plain HTTP/2).
+        if let Some(c) = leaf.as_deref()
+            && !certificate_names(c, &hello.data_plane_id)
+        {
+            // Refused before the cluster sees it: an impostor must not displace the data
+            // plane whose id it claims (that one stays attached, no flap).
+            let _ = self.tx.send(Cmd::IdentityRefused).await;
+            tracing::warn!(?peer, claimed = %hello.data_plane_id, "data plane claimed an id its certificate does not name; refused");
+            return Err(Status::permission_denied(format!(
+                "the client certificate does not name data plane {:?} (expected {DATA_PLANE_PREFIX}ID or ID as a DNS name)",
+                hello.data_plane_id
+            )));
+        }
         let (tx, rx) = mpsc::channel(8192);
         let conn = self
             .ask(|reply| Cmd::Attach {
@@ -793,5 +879,81 @@ impl Admin for ControlPlaneHandle {
             keep.then_some(Ok(e))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tonic::metadata::MetadataMap;
+
+    use super::*;
+
+    const TOKEN: &str = "a-token-of-twenty-chars";
+
+    fn call(values: &[&str]) -> Result<Request<()>, Status> {
+        let mut req = Request::new(());
+        let md: &mut MetadataMap = req.metadata_mut();
+        for v in values {
+            md.append("authorization", v.parse().unwrap());
+        }
+        AdminAuth::new(&[TOKEN.to_owned()]).call(req)
+    }
+
+    fn leaf(names: &[&str]) -> Vec<u8> {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    /// Issue 25, N5: the id a data plane claims must be a DNS name of its certificate.
+    #[test]
+    fn a_certificate_names_only_its_own_data_plane() {
+        let dp1 = leaf(&["turnpike-dataplane-dp1"]);
+        assert!(certificate_names(&dp1, "dp1"));
+        assert!(!certificate_names(&dp1, "dp2"));
+        assert!(!certificate_names(&dp1, ""));
+        assert!(!certificate_names(&dp1, "turnpike-dataplane-dp1.evil"));
+        // A PKI that names data planes by their id.
+        let edge = leaf(&["edge-3.example"]);
+        assert!(certificate_names(&edge, "edge-3.example"));
+        assert!(!certificate_names(&edge, "edge-4.example"));
+        // An IP is not an id, and garbage is no certificate.
+        let ip = leaf(&["127.0.0.1"]);
+        assert!(!certificate_names(&ip, "127.0.0.1"));
+        assert!(!certificate_names(b"garbage", "dp1"));
+    }
+
+    #[test]
+    fn the_exact_bearer_header_is_accepted() {
+        assert!(call(&[&format!("Bearer {TOKEN}")]).is_ok());
+        // The scheme is case-insensitive (RFC 7235 §2.1).
+        assert!(call(&[&format!("bearer {TOKEN}")]).is_ok());
+        assert!(call(&[&format!("BEARER {TOKEN}")]).is_ok());
+    }
+
+    /// Issue 25, N7: extra whitespace, a second header, another scheme: all refused.
+    #[test]
+    fn lenient_authorization_headers_are_refused() {
+        let refused = |values: &[&str]| matches!(call(values), Err(s) if s.code() == tonic::Code::Unauthenticated);
+        assert!(refused(&[]));
+        assert!(refused(&[&format!("Bearer  {TOKEN}")]), "two spaces");
+        assert!(refused(&[&format!("Bearer {TOKEN} ")]), "trailing space");
+        assert!(refused(&[&format!("Bearer\t{TOKEN}")]), "a tab");
+        assert!(refused(&[&format!("Bearer {TOKEN}\t")]), "a trailing tab");
+        assert!(refused(&[&format!("Basic {TOKEN}")]));
+        assert!(refused(&[TOKEN]));
+        assert!(refused(&["Bearer "]));
+        assert!(refused(&["Bearer"]));
+        assert!(refused(&["Bearer wrong-token-of-20-chars"]));
+        // Two headers, even when both or the first carry the token.
+        assert!(refused(&[&format!("Bearer {TOKEN}"), "Bearer other"]));
+        assert!(refused(&[
+            &format!("Bearer {TOKEN}"),
+            &format!("Bearer {TOKEN}")
+        ]));
     }
 }

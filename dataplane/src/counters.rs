@@ -87,6 +87,10 @@ pub struct StreamStats {
     pub tls_failures: u64,
     /// Connections closed for malformed framing or a bad PROXY header.
     pub framing_errors: u64,
+    /// Connections closed because their PROXY header declared what cannot be a client:
+    /// an unspecified, broadcast or multicast source, port 0, the server's own address,
+    /// or a datagram (UDP) connection.
+    pub proxy_refused: u64,
     /// Messages larger than the largest relayed datagram, skipped.
     pub oversize: u64,
     /// Messages to a client dropped because its send queue was full (a slow client).
@@ -97,7 +101,7 @@ pub struct StreamStats {
 
 impl StreamStats {
     /// Every counter with its metric name (`snake_case`); the gauges are not included.
-    pub fn counters(&self) -> [(&'static str, u64); 11] {
+    pub fn counters(&self) -> [(&'static str, u64); 12] {
         [
             ("accepted_tcp", self.accepted_tcp),
             ("accepted_tls", self.accepted_tls),
@@ -107,6 +111,7 @@ impl StreamStats {
             ("tls_handshakes", self.tls_handshakes),
             ("tls_failures", self.tls_failures),
             ("framing_errors", self.framing_errors),
+            ("proxy_refused", self.proxy_refused),
             ("oversize", self.oversize),
             ("send_dropped", self.send_dropped),
             ("idle_closed", self.idle_closed),
@@ -127,6 +132,7 @@ pub(crate) struct StreamCounters {
     pub(crate) tls_handshakes: AtomicU64,
     pub(crate) tls_failures: AtomicU64,
     pub(crate) framing_errors: AtomicU64,
+    pub(crate) proxy_refused: AtomicU64,
     pub(crate) oversize: AtomicU64,
     pub(crate) send_dropped: AtomicU64,
     pub(crate) idle_closed: AtomicU64,
@@ -146,6 +152,7 @@ impl StreamCounters {
             tls_handshakes: r(&self.tls_handshakes),
             tls_failures: r(&self.tls_failures),
             framing_errors: r(&self.framing_errors),
+            proxy_refused: r(&self.proxy_refused),
             oversize: r(&self.oversize),
             send_dropped: r(&self.send_dropped),
             idle_closed: r(&self.idle_closed),

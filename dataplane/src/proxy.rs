@@ -72,6 +72,61 @@ pub(crate) enum ProxyError {
     /// An address block longer than 2048 bytes.
     #[error("PROXY v2 address block of {0} bytes longer than 2048")]
     V2TooLong(u16),
+    /// A PROXY command for a datagram (UDP) connection: every PROXY listener here is a
+    /// stream (TCP or TLS) one, so the header describes some other connection.
+    #[error("PROXY v2 header for a datagram connection ({0:#04x}) on a stream listener")]
+    V2Datagram(u8),
+}
+
+impl ProxyError {
+    /// Whether the header was well formed but declares what cannot be this connection
+    /// (counted as a refusal, not a framing error).
+    pub(crate) fn is_refusal(self) -> bool {
+        matches!(self, ProxyError::V2Datagram(_))
+    }
+}
+
+/// Why a declared source address cannot be a client's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BadSource {
+    /// An unspecified address (0.0.0.0, ::, or 0.0.0.0/8 "this network").
+    #[error("unspecified source address")]
+    Unspecified,
+    /// Port 0: no TCP connection comes from it.
+    #[error("source port 0")]
+    PortZero,
+    /// The limited broadcast address or a multicast group: never a connection's source.
+    #[error("broadcast or multicast source address")]
+    Broadcast,
+    /// One of the server's own listening addresses.
+    #[error("the server's own address as source")]
+    Own,
+}
+
+/// Checks a source address a PROXY header declares. `own` says whether an address (an
+/// IPv4-mapped one given as IPv4) is one of the server's own listening sockets; answers
+/// to such a "client" would go to the server itself.
+pub(crate) fn check_source(
+    src: SocketAddr,
+    own: impl Fn(&SocketAddr) -> bool,
+) -> Result<(), BadSource> {
+    let src = SocketAddr::new(src.ip().to_canonical(), src.port());
+    match src.ip() {
+        IpAddr::V4(v4) if v4.octets()[0] == 0 => return Err(BadSource::Unspecified),
+        IpAddr::V4(v4) if v4.is_broadcast() || v4.is_multicast() => {
+            return Err(BadSource::Broadcast);
+        }
+        IpAddr::V6(v6) if v6.is_unspecified() => return Err(BadSource::Unspecified),
+        IpAddr::V6(v6) if v6.is_multicast() => return Err(BadSource::Broadcast),
+        _ => {}
+    }
+    if src.port() == 0 {
+        return Err(BadSource::PortZero);
+    }
+    if own(&src) {
+        return Err(BadSource::Own);
+    }
+    Ok(())
 }
 
 /// Parses the PROXY protocol header at the start of `buf`, the bytes received so far.
@@ -120,8 +175,9 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
     } else {
         match family {
             0x00 => 0,
-            0x11 | 0x12 => 12,
-            0x21 | 0x22 => 36,
+            0x11 => 12,
+            0x21 => 36,
+            0x12 | 0x22 => return Err(ProxyError::V2Datagram(family)),
             other => return Err(ProxyError::V2Family(other)),
         }
     };
@@ -147,7 +203,7 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyError> {
 /// `None` for UNSPEC. The block's length was checked against the family.
 fn v2_addrs(family: u8, block: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
     match family {
-        0x11 | 0x12 => {
+        0x11 => {
             let (src, rest) = block.split_first_chunk::<4>()?;
             let (dst, rest) = rest.split_first_chunk::<4>()?;
             let (sport, rest) = rest.split_first_chunk::<2>()?;
@@ -157,7 +213,7 @@ fn v2_addrs(family: u8, block: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
                 SocketAddr::new(Ipv4Addr::from(*dst).into(), u16::from_be_bytes(*dport)),
             ))
         }
-        0x21 | 0x22 => {
+        0x21 => {
             let (src, rest) = block.split_first_chunk::<16>()?;
             let (dst, rest) = rest.split_first_chunk::<16>()?;
             let (sport, rest) = rest.split_first_chunk::<2>()?;
@@ -551,14 +607,57 @@ mod tests {
         );
     }
 
+    /// Issue 25, N6: a UDP (DGRAM) header describes no connection of a stream
+    /// listener; refused as soon as the family byte is there.
     #[test]
-    fn v2_udp_families() {
+    fn v2_udp_families_are_refused_on_stream_listeners() {
         let mut h = v2_header(a("192.0.2.1:1"), a("192.0.2.2:2"));
         h[13] = 0x12;
-        assert_eq!(parse(&h), header(28, "192.0.2.1:1", "192.0.2.2:2"));
+        assert_eq!(parse(&h), Err(ProxyError::V2Datagram(0x12)));
+        assert_eq!(parse(&h[..14]), Err(ProxyError::V2Datagram(0x12)));
         let mut h = v2_header(a("[::1]:1"), a("[::2]:2"));
         h[13] = 0x22;
-        assert_eq!(parse(&h), header(52, "[::1]:1", "[::2]:2"));
+        assert_eq!(parse(&h), Err(ProxyError::V2Datagram(0x22)));
+        assert!(ProxyError::V2Datagram(0x12).is_refusal());
+        assert!(!ProxyError::Missing.is_refusal());
+        // LOCAL ignores the family, as the spec says.
+        let mut h = v2_header(a("192.0.2.1:1"), a("192.0.2.2:2"));
+        h[12] = 0x20;
+        h[13] = 0x12;
+        assert_eq!(
+            parse(&h),
+            Ok(Parsed::Header {
+                len: 28,
+                addrs: None
+            })
+        );
+    }
+
+    /// Issue 25, N6: declared sources that cannot be a client are refused.
+    #[test]
+    fn impossible_sources_are_refused() {
+        let own = |x: &SocketAddr| *x == a("198.51.100.2:3478") || *x == a("[2001:db8::2]:3478");
+        let check = |src: &str| check_source(a(src), own);
+        assert_eq!(check("192.0.2.1:56324"), Ok(()));
+        assert_eq!(check("[2001:db8::1]:56324"), Ok(()));
+        // The server's IP on another port is a client on the same host.
+        assert_eq!(check("198.51.100.2:40000"), Ok(()));
+        assert_eq!(check("0.0.0.0:0"), Err(BadSource::Unspecified));
+        assert_eq!(check("0.0.0.0:1234"), Err(BadSource::Unspecified));
+        assert_eq!(check("0.1.2.3:1234"), Err(BadSource::Unspecified));
+        assert_eq!(check("[::]:1234"), Err(BadSource::Unspecified));
+        assert_eq!(check("[::ffff:0.0.0.0]:1234"), Err(BadSource::Unspecified));
+        assert_eq!(check("192.0.2.1:0"), Err(BadSource::PortZero));
+        assert_eq!(check("255.255.255.255:65535"), Err(BadSource::Broadcast));
+        assert_eq!(check("224.0.0.1:1234"), Err(BadSource::Broadcast));
+        assert_eq!(check("[ff02::1]:1234"), Err(BadSource::Broadcast));
+        assert_eq!(
+            check("[::ffff:255.255.255.255]:1"),
+            Err(BadSource::Broadcast)
+        );
+        assert_eq!(check("198.51.100.2:3478"), Err(BadSource::Own));
+        assert_eq!(check("[::ffff:198.51.100.2]:3478"), Err(BadSource::Own));
+        assert_eq!(check("[2001:db8::2]:3478"), Err(BadSource::Own));
     }
 
     #[test]
@@ -635,9 +734,9 @@ mod tests {
             })
         );
         assert_eq!(
-            parse(&v2(0x21, 0x22, &[0; 12])),
+            parse(&v2(0x21, 0x21, &[0; 12])),
             Err(ProxyError::V2TooShort {
-                family: 0x22,
+                family: 0x21,
                 len: 12
             })
         );

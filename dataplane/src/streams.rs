@@ -592,6 +592,16 @@ impl Worker {
                     return Ok(());
                 }
                 Ok(proxy::Parsed::Header { len, addrs }) => {
+                    if let Some((src, _)) = addrs {
+                        let local = crate::table::canonical(conn.local);
+                        let denied = self.core.denied.load();
+                        let own = |a: &std::net::SocketAddr| *a == local || denied.has_exact(a);
+                        if let Err(e) = proxy::check_source(src, own) {
+                            bump(&self.ctr.streams.proxy_refused, 1);
+                            tracing::debug!(peer = %conn.peer, declared = %src, error = %e, "PROXY header declares a source that cannot be a client");
+                            return Err("PROXY header declares an impossible source");
+                        }
+                    }
                     let client = addrs.map_or(conn.peer, |(src, _)| src);
                     if !self.streams.admit_ip(client.ip()) {
                         bump(&self.ctr.streams.refused, 1);
@@ -617,7 +627,11 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    bump(&self.ctr.streams.framing_errors, 1);
+                    if e.is_refusal() {
+                        bump(&self.ctr.streams.proxy_refused, 1);
+                    } else {
+                        bump(&self.ctr.streams.framing_errors, 1);
+                    }
                     tracing::debug!(peer = %conn.peer, error = %e, "bad PROXY protocol header");
                     return Err("bad PROXY protocol header");
                 }

@@ -171,6 +171,12 @@ impl Denied {
         ip.is_unspecified() || self.exact.iter().any(|a| a.ip() == *ip)
     }
 
+    /// Whether `a` (canonical) is one of the denied addresses as written (wildcards
+    /// not expanded): the server's own sockets with a concrete address.
+    pub(crate) fn has_exact(&self, a: &SocketAddr) -> bool {
+        self.exact.contains(a)
+    }
+
     /// The ports of the denied addresses, exact or wildcard, of both families.
     pub(crate) fn ports(&self) -> impl Iterator<Item = u16> + '_ {
         self.exact

@@ -340,6 +340,67 @@ fn send_indications_never_reach_the_servers_own_tcp_and_tls_listeners() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue 25, N5: a data plane's id is the name of its certificate. One holding dp2's
+/// certificate and claiming id dp1 is refused (and counted); the real dp1 stays attached,
+/// with no detach and re-attach.
+#[test]
+fn data_plane_id_is_bound_to_its_certificate() {
+    let certs = Certs::new("idbind");
+    let (_cp, grpc) = control_plane(&certs, &[]);
+    let control = format!("https://{grpc}");
+    let one = ["--workers", "1", "--no-pin"];
+    let l1 = format!("127.0.0.1:{}", free_udp_port());
+    // No id configured: it is read from the certificate (dp1).
+    let mut dp1 = certs.spawn_data_plane("dp1", &control, &l1, &one);
+    dp1.wait_for("attached to control plane", Duration::from_secs(30));
+    let stats = || {
+        let out = certs.ctl(&grpc, &["stats"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = stats();
+    assert!(text.contains("data_planes_attached: 1"), "{text}");
+    assert!(text.contains("dp1"), "{text}");
+    // The impostor: dp2's certificate, id dp1 in its configuration.
+    let dir = std::env::temp_dir().join(format!("turnpike-idbind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("impostor.toml");
+    std::fs::write(&cfg, "data_plane_id = \"dp1\"\n").unwrap();
+    let l2 = format!("127.0.0.1:{}", free_udp_port());
+    let mut impostor = certs.spawn_data_plane(
+        "dp2",
+        &control,
+        &l2,
+        &[&one[..], &["--config", cfg.to_str().unwrap()]].concat(),
+    );
+    let refused = impostor.wait_for("attach refused", Duration::from_secs(30));
+    assert!(refused.contains("dp1"), "{refused}");
+    // Give a flap time to show: the real dp1 would be detached and re-attach.
+    std::thread::sleep(Duration::from_secs(3));
+    while let Ok(l) = dp1.lines.try_recv() {
+        dp1.seen.push(l);
+    }
+    let attaches = dp1
+        .seen
+        .iter()
+        .filter(|l| l.contains("attached to control plane"))
+        .count();
+    assert_eq!(attaches, 1, "dp1 re-attached:\n{}", dp1.seen.join("\n"));
+    let text = stats();
+    assert!(text.contains("data_planes_attached: 1"), "{text}");
+    let violations: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ownership_violations: "))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+        .unwrap_or(0);
+    assert!(violations >= 1, "refusal not counted:\n{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -379,7 +440,8 @@ fn spoofed_flood_leaves_control_plane_memory_flat() {
         let admin_ch = channel(&grpc, &certs.path("ca.pem"), None).await.unwrap();
         let mut admin = AdminClient::with_interceptor(admin_ch, common::add_token);
         let (tx, rx) = tokio::sync::mpsc::channel::<v1::DataPlaneMessage>(4096);
-        tx.send(hello("flood", listen)).await.unwrap();
+        // dp1's certificate: the id must be the one it names.
+        tx.send(hello("dp1", listen)).await.unwrap();
         let mut down = ControlPlaneClient::new(ch)
             .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
@@ -484,6 +546,83 @@ fn listeners_cap_connections_and_close_idle_ones() {
     // With the slots free again, a client gets served.
     let mut s = TcpStream::connect(&admin).unwrap();
     s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TCP connection to `to` from source address `from` (any port).
+fn connect_from(from: [u8; 4], to: &str) -> TcpStream {
+    rt().block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((from, 0))).unwrap();
+        let s = s
+            .connect(to.parse().unwrap())
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
+/// Issue 25, N1: one source holding its share of the Admin listener's connections does
+/// not lock another source out: its extra connections are closed at once, another
+/// source's Admin call succeeds, and its idle connections are closed within the limits.
+#[test]
+fn one_source_cannot_take_every_admin_connection() {
+    let dir = std::env::temp_dir().join(format!("turnpike-persource-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("limits.toml");
+    std::fs::write(
+        &cfg,
+        "max_connections = 6\nmax_connections_per_ip = 3\nidle_timeout = 2\n",
+    )
+    .unwrap();
+    let admin = format!("127.0.0.1:{}", free_tcp_port());
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let mut p = Proc::spawn(&[
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--admin-listen",
+        &admin,
+        "--admin-token",
+        TOKEN,
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    p.wait_for("turnpike ready", Duration::from_secs(20));
+    // 127.0.0.2 tries to hold every slot of the listener.
+    let mut held: Vec<TcpStream> = (0..6)
+        .map(|_| connect_from([127, 0, 0, 2], &admin))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Beyond its share of 3, its connections are closed at once.
+    let extra = held.split_off(3);
+    for s in extra {
+        let (bytes, eof, took) = drain(s, Duration::from_secs(2));
+        assert!(
+            eof && bytes == 0 && took < Duration::from_secs(1),
+            "a connection beyond the source's share: {bytes} bytes, eof {eof}, {took:?}"
+        );
+    }
+    // Another source's Admin call goes through while those are held.
+    let out = common::ctl_plain(&admin, &["stats"]);
+    assert!(
+        out.status.success(),
+        "ctl stats from 127.0.0.1 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The held ones (silent) are closed within the idle limit (2 s).
+    for s in held {
+        let (_, eof, took) = drain(s, Duration::from_secs(8));
+        assert!(
+            eof && took < Duration::from_secs(5),
+            "eof {eof} after {took:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

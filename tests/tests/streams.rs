@@ -53,6 +53,7 @@ on_both_backends!(
     idle_connections_without_allocation_are_closed,
     late_handshakes_and_proxy_headers_are_closed,
     proxy_protocol_v2_and_v1_set_the_client_address,
+    proxy_protocol_refuses_sources_that_cannot_be_a_client,
     tls_certificate_reload_on_sighup,
     connections_per_ip_are_capped,
 );
@@ -1027,6 +1028,51 @@ fn proxy_protocol_v2_and_v1_set_the_client_address(backend: &str) {
         Err(e) if e.kind() != std::io::ErrorKind::InvalidData => {}
         other => panic!("without a PROXY header: {other:?}"),
     }
+}
+
+/// Issue 25, N6: a PROXY header declaring a source no client can have (unspecified,
+/// broadcast, port 0, the server's own address) or a UDP connection is refused: the
+/// connection is closed unanswered and counted (`proxy_refused`); a real client still
+/// gets through.
+fn proxy_protocol_refuses_sources_that_cannot_be_a_client(backend: &str) {
+    let addr = format!("127.0.0.1:{}", free_tcp_port());
+    let s = Server::start(backend, &["--listen-tcp", &addr, "--proxy-protocol", &addr]);
+    let server: SocketAddr = addr.parse().unwrap();
+    let before = s.metrics().connection_events("proxy_refused");
+    let mut udp4 = proxy_v2("203.0.113.8:40000".parse().unwrap(), server);
+    udp4[13] = 0x12; // AF_INET, DGRAM
+    let headers: Vec<(&str, Vec<u8>)> = vec![
+        ("0.0.0.0:0", proxy_v2("0.0.0.0:0".parse().unwrap(), server)),
+        (
+            "255.255.255.255:65535",
+            proxy_v2("255.255.255.255:65535".parse().unwrap(), server),
+        ),
+        ("the server's own address", proxy_v2(server, server)),
+        ("port 0", proxy_v2("203.0.113.8:0".parse().unwrap(), server)),
+        ("a v2 UDP4 header", udp4),
+        (
+            "v1 from 0.0.0.0",
+            format!("PROXY TCP4 0.0.0.0 127.0.0.1 0 {}\r\n", server.port()).into_bytes(),
+        ),
+    ];
+    let n = headers.len() as u64;
+    for (what, header) in headers {
+        let mut t = TurnStream::tcp(server, USER, PASS);
+        let mut first = header;
+        first.extend(binding_request(*b"proxy-refuse"));
+        t.send_raw(&first).unwrap();
+        match t.next_frame(Duration::from_secs(3)) {
+            Err(e) if e.kind() != std::io::ErrorKind::InvalidData => {}
+            other => panic!("PROXY header declaring {what}: {other:?}"),
+        }
+    }
+    let after = s.metrics().connection_events("proxy_refused");
+    assert_eq!(after, before + n, "proxy_refused");
+    // A real client is still served.
+    let client: SocketAddr = "203.0.113.9:40002".parse().unwrap();
+    let mut t = TurnStream::tcp(server, USER, PASS);
+    t.send_raw(&proxy_v2(client, server)).unwrap();
+    assert_eq!(t.binding(), Ok(client));
 }
 
 // Certificate reload.

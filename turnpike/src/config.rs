@@ -78,7 +78,8 @@ pub struct FileConfig {
     pub unauth_ip_rate: Option<u32>,
     /// Pin workers to cores.
     pub pin_workers: Option<bool>,
-    /// Data-plane identity (split mode).
+    /// Data-plane identity (split mode). Its certificate must name it (a DNS name
+    /// `turnpike-dataplane-ID` or `ID`); by default it is read from the certificate.
     pub data_plane_id: Option<String>,
     /// Accept RFC 5766 channel numbers 0x5000..=0x7FFF.
     pub legacy_channel_numbers: Option<bool>,
@@ -105,6 +106,11 @@ pub struct FileConfig {
     /// Seconds without a byte from a gRPC, Admin or metrics client before its
     /// connection is closed.
     pub idle_timeout: Option<u64>,
+    /// Connections open at once per source (IPv4 address, IPv6 /64) on each gRPC, Admin
+    /// or metrics listener.
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds a gRPC, Admin or metrics client may take to send its first byte.
+    pub first_byte_timeout: Option<u64>,
     /// TURN over TCP listening addresses (default: the UDP ones, same ports).
     pub listen_tcp: Option<Vec<String>>,
     /// TURN over TLS listening addresses (default when a certificate is configured:
@@ -481,8 +487,9 @@ pub struct Config {
     pub pin: bool,
     /// Control-plane settings.
     pub server: ServerConfig,
-    /// Data-plane id.
-    pub data_plane_id: String,
+    /// Data-plane id, if configured (else the name of its certificate; `local` in
+    /// `serve` without certificates).
+    pub data_plane_id: Option<String>,
     /// Mutual TLS between the planes (None: `serve` makes certificates in memory).
     pub grpc_tls: Option<GrpcTls>,
     /// The name expected in the control plane's certificate.
@@ -495,6 +502,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Idle timeout of the TCP listeners.
     pub idle_timeout: std::time::Duration,
+    /// Connections per source on each of those listeners.
+    pub max_connections_per_ip: usize,
+    /// Time to the first byte on those listeners.
+    pub first_byte_timeout: std::time::Duration,
     /// TURN over TCP and TLS listening addresses.
     pub streams: Vec<StreamListen>,
     /// The TLS certificate.
@@ -817,6 +828,15 @@ impl Config {
         if idle_timeout.is_zero() {
             return Err(err("idle_timeout", "at least 1 second"));
         }
+        let max_connections_per_ip = file.max_connections_per_ip.unwrap_or(32);
+        if max_connections_per_ip == 0 {
+            return Err(err("max_connections_per_ip", "at least 1"));
+        }
+        let first_byte_timeout =
+            std::time::Duration::from_secs(file.first_byte_timeout.unwrap_or(10));
+        if first_byte_timeout.is_zero() {
+            return Err(err("first_byte_timeout", "at least 1 second"));
+        }
         Ok(Config {
             grpc_tls,
             grpc_server_name: flags
@@ -828,6 +848,8 @@ impl Config {
             admin_token,
             max_connections,
             idle_timeout,
+            max_connections_per_ip,
+            first_byte_timeout,
             streams,
             tls,
             stream_limits,
@@ -856,9 +878,7 @@ impl Config {
             metrics_listen,
             pin: !flags.no_pin && file.pin_workers.unwrap_or(true),
             server,
-            data_plane_id: file
-                .data_plane_id
-                .unwrap_or_else(|| format!("dp-{}", std::process::id())),
+            data_plane_id: file.data_plane_id,
         })
     }
 }

@@ -46,16 +46,22 @@ struct Started {
     cp: ControlPlaneHandle,
     /// The ControlPlane service's address.
     grpc: SocketAddr,
-    /// The certificates of that port (a data plane in the same process uses them too).
-    pems: Pems,
+    /// The client certificates of the data plane in the same process (`serve`), named
+    /// after its id; `None` for a control plane alone.
+    local_data_plane: Option<Pems>,
     /// The Admin API's URL.
     admin: String,
 }
 
+/// The id of `serve`'s own data plane unless `data_plane_id` is set.
+const LOCAL_DATA_PLANE: &str = "local";
+
 fn listener_limits(cfg: &Config) -> Limits {
     Limits {
         max_connections: cfg.max_connections,
+        max_per_source: cfg.max_connections_per_ip,
         idle: cfg.idle_timeout,
+        first_byte: cfg.first_byte_timeout,
     }
 }
 
@@ -93,9 +99,21 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
             cfg.realm
         );
     }
-    let pems = match &cfg.grpc_tls {
-        Some(t) => Pems::load(&t.ca, &t.cert, &t.key)?,
-        None if embedded => tls::ephemeral()?.0,
+    let local_id = cfg
+        .data_plane_id
+        .clone()
+        .unwrap_or_else(|| LOCAL_DATA_PLANE.to_owned());
+    let (pems, local_data_plane) = match &cfg.grpc_tls {
+        Some(t) if embedded => {
+            let fleet = Pems::load(&t.ca, &t.cert, &t.key)?;
+            let (server, dp) = tls::local_data_plane(&fleet, &local_id)?;
+            (server, Some(dp))
+        }
+        Some(t) => (Pems::load(&t.ca, &t.cert, &t.key)?, None),
+        None if embedded => {
+            let (cp, dp) = tls::ephemeral(&local_id)?;
+            (cp, Some(dp))
+        }
         None => {
             eprintln!(
                 "turnpike: invalid configuration: grpc_ca, grpc_cert, grpc_key (--grpc-ca, --grpc-cert, --grpc-key): \
@@ -200,7 +218,7 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     Ok(Started {
         cp,
         grpc: grpc_local,
-        pems,
+        local_data_plane,
         admin: format!("{scheme}://{admin_local}"),
     })
 }
@@ -278,15 +296,35 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                     );
                     std::process::exit(64);
                 };
-                (control, Pems::load(&t.ca, &t.cert, &t.key)?)
+                let pems = Pems::load(&t.ca, &t.cert, &t.key)?;
+                if cfg.data_plane_id.is_none() {
+                    // The control plane only accepts the id its certificate names.
+                    let Some(id) = tls::data_plane_id_of(&pems.cert) else {
+                        eprintln!(
+                            "turnpike: invalid configuration: data_plane_id: not set, and {} names no data plane \
+                             (a DNS name turnpike-dataplane-ID; `turnpike ctl certs --data-plane ID` makes them)",
+                            t.cert.display()
+                        );
+                        std::process::exit(64);
+                    };
+                    cfg.data_plane_id = Some(id);
+                }
+                (control, pems)
             }
             Control::Embedded => {
                 let started = start_control_plane(&mut cfg, true).await?;
                 cp = Some(started.cp);
                 admin_url = Some(started.admin);
-                (Control::Fixed(format!("https://{}", started.grpc)), started.pems)
+                let Some(pems) = started.local_data_plane else {
+                    anyhow::bail!("the embedded control plane made no data-plane certificate");
+                };
+                (Control::Fixed(format!("https://{}", started.grpc)), pems)
             }
         };
+        let data_plane_id = cfg
+            .data_plane_id
+            .clone()
+            .unwrap_or_else(|| LOCAL_DATA_PLANE.to_owned());
         // Where the agent attaches: one address, or the cell's leader as etcd says.
         let (control_tx, control_rx) = watch::channel(None);
         let control_name = match &control {
@@ -339,7 +377,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             queue.clone(),
             control_rx,
             Identity {
-                id: cfg.data_plane_id.clone(),
+                id: data_plane_id,
                 listen: listen.clone(),
                 streams: stream_addrs.clone(),
                 relay_ips: cfg.relays(),

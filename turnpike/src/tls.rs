@@ -13,6 +13,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use turnpike_controlplane::service::DATA_PLANE_PREFIX;
 
 /// The name the control plane's certificate carries and data planes check, unless the
 /// control plane's address is a name of its own (then that name, or an IP SAN).
@@ -101,7 +102,9 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
 /// Which side a leaf certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// A control plane: server authentication (and client, for symmetry).
+    /// A control plane: server authentication only. Nothing presents it as a client
+    /// (`serve`'s own data plane gets a data-plane certificate), and a stolen one must
+    /// not be able to attach as a data plane.
     ControlPlane,
     /// A data plane: client authentication.
     DataPlane,
@@ -148,10 +151,7 @@ impl Ca {
             KeyUsagePurpose::KeyEncipherment,
         ];
         p.extended_key_usages = match role {
-            Role::ControlPlane => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
+            Role::ControlPlane => vec![ExtendedKeyUsagePurpose::ServerAuth],
             Role::DataPlane => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         p.not_after = rcgen::date_time_ymd(2036, 1, 1);
@@ -166,8 +166,9 @@ impl Ca {
 }
 
 /// `serve`'s in-memory certificates: the control plane's server identity and the data
-/// plane's client identity, both under a CA made now and forgotten.
-pub fn ephemeral() -> anyhow::Result<(Pems, Pems)> {
+/// plane's client identity (named after `data_plane_id`), both under a CA made now and
+/// forgotten.
+pub fn ephemeral(data_plane_id: &str) -> anyhow::Result<(Pems, Pems)> {
     let ca = Ca::generate()?;
     let cp = ca.issue(
         Role::ControlPlane,
@@ -178,8 +179,62 @@ pub fn ephemeral() -> anyhow::Result<(Pems, Pems)> {
             "::1".to_owned(),
         ],
     )?;
-    let dp = ca.issue(Role::DataPlane, "turnpike-dataplane-local", &[])?;
+    let dp = ca.issue(Role::DataPlane, &data_plane_name(data_plane_id), &[])?;
     Ok((cp, dp))
+}
+
+/// `serve` with the fleet's certificates: its own data plane gets a client certificate
+/// named after `id` from a CA made now and forgotten (the control plane's certificate is
+/// for servers only, and no fleet CA key is at hand). Returns the port's server side,
+/// trusting that CA next to the fleet CA, and the data plane's client side.
+pub fn local_data_plane(fleet: &Pems, id: &str) -> anyhow::Result<(Pems, Pems)> {
+    let local = Ca::generate()?;
+    let dp = local.issue(Role::DataPlane, &data_plane_name(id), &[])?;
+    let server = Pems {
+        ca: format!("{}\n{}", fleet.ca.trim_end(), local.cert_pem),
+        ..fleet.clone()
+    };
+    let client = Pems {
+        ca: fleet.ca.clone(),
+        ..dp
+    };
+    Ok((server, client))
+}
+
+/// The certificate name of data plane `id`.
+pub fn data_plane_name(id: &str) -> String {
+    format!("{DATA_PLANE_PREFIX}{id}")
+}
+
+/// The data-plane id a certificate (PEM chain, the leaf first) names: its first DNS
+/// name `turnpike-dataplane-ID`, else its first DNS name, else its common name. `None`
+/// if the PEM holds no certificate or the certificate no name.
+pub fn data_plane_id_of(cert_pem: &str) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let dns: Vec<&str> = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(*d),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(id) = dns.iter().find_map(|d| d.strip_prefix(DATA_PLANE_PREFIX)) {
+        return Some(id.to_owned());
+    }
+    if let Some(d) = dns.first() {
+        return Some((*d).to_owned());
+    }
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.strip_prefix(DATA_PLANE_PREFIX).unwrap_or(cn).to_owned())
 }
 
 /// What `ctl certs` writes: a CA (unless `dir` has one: then more certificates from
@@ -214,7 +269,7 @@ pub fn write_set(
     for id in data_planes {
         emit(
             &format!("dataplane-{id}"),
-            ca.issue(Role::DataPlane, &format!("turnpike-dataplane-{id}"), &[])?,
+            ca.issue(Role::DataPlane, &data_plane_name(id), &[])?,
         )?;
     }
     Ok(written)
@@ -235,4 +290,83 @@ fn write(dir: &Path, name: &str, text: &str, secret: bool) -> anyhow::Result<()>
     f.write_all(text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::server::WebPkiClientVerifier;
+
+    use super::*;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        CertificateDer::from(p.contents)
+    }
+
+    /// Issue 25, N10: the control plane's certificate authenticates a server and cannot
+    /// be presented as a client (a data plane); a data plane's is the reverse.
+    #[test]
+    fn control_plane_certificate_is_for_servers_only() {
+        let dir = std::env::temp_dir().join(format!("turnpike-eku-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        write_set(&dir, &[], &["dp1".to_owned()]).unwrap();
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+        let (ca, cp, dp) = (
+            der(&read("ca.pem")),
+            der(&read("controlplane.pem")),
+            der(&read("dataplane-dp1.pem")),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let roots = Arc::new(roots);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .unwrap();
+        let servers = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .unwrap();
+        let now = UnixTime::now();
+        let name = ServerName::try_from(CONTROL_PLANE_NAME).unwrap();
+        assert!(
+            servers
+                .verify_server_cert(&cp, &[], &name, &[], now)
+                .is_ok()
+        );
+        let as_client = clients.verify_client_cert(&cp, &[], now);
+        assert!(
+            as_client.is_err(),
+            "the control-plane certificate passes as a client certificate"
+        );
+        assert!(clients.verify_client_cert(&dp, &[], now).is_ok());
+        let dp_name = ServerName::try_from("turnpike-dataplane-dp1").unwrap();
+        assert!(
+            servers
+                .verify_server_cert(&dp, &[], &dp_name, &[], now)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_data_plane_id_is_read_from_its_certificate() {
+        let ca = Ca::generate().unwrap();
+        let dp = ca
+            .issue(Role::DataPlane, &data_plane_name("dp7"), &[])
+            .unwrap();
+        assert_eq!(data_plane_id_of(&dp.cert).as_deref(), Some("dp7"));
+        let other = ca.issue(Role::DataPlane, "edge-3.example", &[]).unwrap();
+        assert_eq!(
+            data_plane_id_of(&other.cert).as_deref(),
+            Some("edge-3.example")
+        );
+        assert_eq!(data_plane_id_of("not a certificate"), None);
+    }
 }
