@@ -1073,6 +1073,11 @@ impl Cluster {
         }
     }
 
+    /// Counts UDP replies the shell shed because this data plane's queue was full of them.
+    pub fn count_replies_shed(&mut self, n: u64) {
+        self.server.count_replies_shed(n);
+    }
+
     /// Statistics of the cell, for the admin API.
     pub fn stats(&self) -> v1::GetStatsResponse {
         let s = self.server.stats();

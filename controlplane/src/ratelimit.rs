@@ -25,13 +25,20 @@ impl Bucket {
 /// One tier of token buckets keyed by `K`, at most `max` of them. Sources beyond `max`
 /// share one overflow bucket (with the same rate and burst) until a sweep frees room, so a
 /// flood of spoofed sources cannot grow memory, and admission never scans the table.
+///
+/// A source is kept as a 64-bit keyed hash of its address, not the address (8 bytes, not
+/// 32 for a `SocketAddr`): a full table of 65,536 sources is about 3 MiB, not 6. Two
+/// sources whose hashes collide share a bucket, which is harmless; the key is random per
+/// process, so nobody can aim for a collision.
 #[derive(Debug, Clone)]
 struct Tier<K> {
     rate: f64,
     burst: f64,
     max: usize,
-    buckets: AHashMap<K, Bucket>,
+    keys: ahash::RandomState,
+    buckets: AHashMap<u64, Bucket>,
     overflow: Bucket,
+    _key: std::marker::PhantomData<K>,
 }
 
 impl<K: Hash + Eq + Copy> Tier<K> {
@@ -41,6 +48,8 @@ impl<K: Hash + Eq + Copy> Tier<K> {
             rate: f64::from(rate),
             burst,
             max,
+            keys: ahash::RandomState::new(),
+            _key: std::marker::PhantomData,
             buckets: AHashMap::new(),
             overflow: Bucket {
                 tokens: burst,
@@ -55,6 +64,7 @@ impl<K: Hash + Eq + Copy> Tier<K> {
 
     /// The bucket of `key`, refilled to `now` (created full, or the overflow bucket).
     fn bucket(&mut self, key: K, now: Millis) -> &mut Bucket {
+        let key = self.keys.hash_one(key);
         let (rate, burst) = (self.rate, self.burst);
         let full = self.buckets.len() >= self.max;
         let b = if full && !self.buckets.contains_key(&key) {
@@ -77,6 +87,11 @@ impl<K: Hash + Eq + Copy> Tier<K> {
             let dt = now.0.saturating_sub(b.at.0) as f64 / 1000.0;
             b.tokens + dt * rate < burst
         });
+        // After a flood the table is mostly empty: give its memory back.
+        if self.buckets.capacity() > 1024 && self.buckets.len() < self.buckets.capacity() / 4 {
+            let keep = self.buckets.len() * 2;
+            self.buckets.shrink_to(keep);
+        }
     }
 }
 

@@ -270,6 +270,9 @@ pub struct Stats {
     pub requests: u64,
     /// Relay binds the data plane refused (each retried on other ports, then 508).
     pub bind_failures: u64,
+    /// Replies to UDP clients shed because the data plane was too far behind to send
+    /// them (a flood: the clients retransmit).
+    pub replies_shed: u64,
 }
 
 /// The TURN server state machine. See the module docs for the call order.
@@ -460,6 +463,11 @@ impl Server {
     }
 
     /// Stops accepting new allocations: new Allocates get 300 Try Alternate towards
+    /// Counts replies the caller shed instead of queueing them (see [`Stats::replies_shed`]).
+    pub fn count_replies_shed(&mut self, n: u64) {
+        self.stats.replies_shed += n;
+    }
+
     /// `alternate` if given, else 508. Existing allocations carry on.
     pub fn set_draining(&mut self, draining: bool, alternate: Option<SocketAddr>) {
         self.draining = draining;
@@ -1798,5 +1806,8 @@ where
     w.add_fingerprint()?;
     let n = w.finish();
     buf.truncate(n);
+    // Responses wait in queues (a flood's 401s by the ten thousand): keep each the size
+    // of its message, not of the buffer it was written in.
+    buf.shrink_to_fit();
     Ok(buf)
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,7 +45,50 @@ pub const MAX_CONTROL_MESSAGE: usize = 4 << 20;
 /// The largest Admin request.
 pub const MAX_ADMIN_MESSAGE: usize = 64 << 10;
 
-type Tx = mpsc::Sender<Result<v1::ControlPlaneMessage, Status>>;
+/// The stream to one data plane, and the bytes of UDP replies queued on it.
+#[derive(Clone)]
+struct Tx {
+    tx: mpsc::Sender<Result<v1::ControlPlaneMessage, Status>>,
+    replies: Arc<AtomicUsize>,
+}
+
+/// UDP replies queued towards one data plane beyond which more are shed (counted as
+/// `replies_shed`): under a flood of spoofed requests the data plane cannot send 401s
+/// as fast as they are made, and a queue of 8192 messages of them held tens of MiB
+/// (issue #25 N4). UDP clients retransmit; replies on TCP/TLS, and table changes, are
+/// never shed by this rule.
+const QUEUED_REPLY_BYTES: usize = 512 * 1024;
+
+/// Messages of one data plane read off its stream and not yet handled by the actor. A
+/// message may be a batch of 64 punted requests: 4096 of them (the actor's queue) held
+/// a flood's requests by the hundred thousand. Beyond this the stream is not read, HTTP/2
+/// flow control holds the data plane's sender, and its punt queue (bounded, counted as
+/// drops) sheds the rest (issue #25 N4).
+const UP_IN_FLIGHT: usize = 32;
+
+/// What a queued UDP reply is charged: its bytes and its bookkeeping.
+fn reply_cost(d: &v1::SendDatagram) -> usize {
+    d.datagram.len() + 96
+}
+
+fn is_udp(d: &v1::SendDatagram) -> bool {
+    d.five_tuple
+        .as_ref()
+        .is_some_and(|t| t.transport == v1::Transport::Udp as i32)
+}
+
+/// The UDP replies' cost in a message to a data plane (0 for other messages).
+fn queued_reply_bytes(m: &v1::ControlPlaneMessage) -> usize {
+    match &m.message {
+        Some(v1::control_plane_message::Message::SendDatagrams(d)) => d
+            .datagrams
+            .iter()
+            .filter(|d| is_udp(d))
+            .map(reply_cost)
+            .sum(),
+        _ => 0,
+    }
+}
 
 enum Cmd {
     Attach {
@@ -56,6 +100,8 @@ enum Cmd {
     Up {
         conn: ConnId,
         msg: data_plane_message::Message,
+        /// Held until the actor has handled the message (see [`UP_IN_FLIGHT`]).
+        _slot: tokio::sync::OwnedSemaphorePermit,
     },
     /// A data plane was refused for claiming an id its certificate does not name.
     IdentityRefused,
@@ -531,7 +577,7 @@ impl Actor {
                 self.txs.insert(conn, tx);
                 let _ = reply.send(Some(conn));
             }
-            Cmd::Up { conn, msg } => c.handle_message(now, conn, msg),
+            Cmd::Up { conn, msg, _slot } => c.handle_message(now, conn, msg),
             Cmd::IdentityRefused => c.count_identity_refused(),
             Cmd::Detach { conn } => {
                 c.detach(now, conn);
@@ -607,14 +653,39 @@ impl Actor {
     /// blocking: a full stream drops, and says so), events to watchers.
     fn flush(&mut self) {
         let mut dropped = 0u64;
+        let mut shed_now = 0u64;
         while let Some(o) = self.cluster.poll_output() {
             match o {
-                ClusterOutput::Send { conn, msg } => {
-                    if let Some(tx) = self.txs.get(&conn)
-                        && tx
-                            .try_send(Ok(v1::ControlPlaneMessage { message: Some(msg) }))
-                            .is_err()
-                    {
+                ClusterOutput::Send { conn, mut msg } => {
+                    let Some(tx) = self.txs.get(&conn) else {
+                        continue;
+                    };
+                    if let v1::control_plane_message::Message::SendDatagrams(d) = &mut msg {
+                        let mut queued = tx.replies.load(Ordering::Relaxed);
+                        let before = d.datagrams.len();
+                        d.datagrams.retain(|d| {
+                            if !is_udp(d) {
+                                return true;
+                            }
+                            queued += reply_cost(d);
+                            queued <= QUEUED_REPLY_BYTES
+                        });
+                        let shed = before - d.datagrams.len();
+                        if shed > 0 {
+                            self.cluster.count_replies_shed(shed as u64);
+                            shed_now += shed as u64;
+                        }
+                        if d.datagrams.is_empty() {
+                            continue;
+                        }
+                    }
+                    let m = v1::ControlPlaneMessage { message: Some(msg) };
+                    // Charged before it can be taken off the queue, so that the
+                    // stream's discharge never comes first.
+                    let cost = queued_reply_bytes(&m);
+                    tx.replies.fetch_add(cost, Ordering::Relaxed);
+                    if tx.tx.try_send(Ok(m)).is_err() {
+                        tx.replies.fetch_sub(cost, Ordering::Relaxed);
                         dropped += 1;
                     }
                 }
@@ -625,6 +696,12 @@ impl Actor {
         }
         if dropped > 0 {
             tracing::warn!(dropped, "data plane stream full; messages dropped");
+        }
+        if shed_now > 0 {
+            tracing::debug!(
+                shed = shed_now,
+                "UDP replies shed: the data plane is behind"
+            );
         }
     }
 }
@@ -673,6 +750,11 @@ impl ControlPlane for ControlPlaneHandle {
             )));
         }
         let (tx, rx) = mpsc::channel(8192);
+        let replies = Arc::new(AtomicUsize::new(0));
+        let tx = Tx {
+            tx,
+            replies: Arc::clone(&replies),
+        };
         let conn = self
             .ask(|reply| Cmd::Attach {
                 hello,
@@ -687,16 +769,33 @@ impl ControlPlane for ControlPlaneHandle {
         };
         let cmds = self.tx.clone();
         tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(UP_IN_FLIGHT));
             while let Ok(Some(m)) = up.message().await {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    break;
+                };
                 if let Some(msg) = m.message
-                    && cmds.send(Cmd::Up { conn, msg }).await.is_err()
+                    && cmds
+                        .send(Cmd::Up {
+                            conn,
+                            msg,
+                            _slot: slot,
+                        })
+                        .await
+                        .is_err()
                 {
                     break;
                 }
             }
             let _ = cmds.send(Cmd::Detach { conn }).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let out = ReceiverStream::new(rx).map(move |m| {
+            if let Ok(m) = &m {
+                replies.fetch_sub(queued_reply_bytes(m), Ordering::Relaxed);
+            }
+            m
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 }
 

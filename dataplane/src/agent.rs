@@ -5,10 +5,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use turnpike_proto::api::v1::{
@@ -270,7 +271,18 @@ pub async fn run_following(
                 .await;
         }
         let mut client = ControlPlaneClient::new(channel).max_decoding_message_size(16 << 20);
-        let mut down = match client.attach(ReceiverStream::new(up_rx)).await {
+        // Punt messages on the stream's queue and not yet taken by the transport: capped
+        // (PUNTS_QUEUED), so that a flood is shed here, counted, instead of filling the
+        // 8192-message queue with half a million requests (issue #25 N4).
+        let punts_queued = Arc::new(AtomicUsize::new(0));
+        let taken = Arc::clone(&punts_queued);
+        let up_stream = ReceiverStream::new(up_rx).map(move |m| {
+            if is_punt(&m) {
+                taken.fetch_sub(1, Ordering::Relaxed);
+            }
+            m
+        });
+        let mut down = match client.attach(up_stream).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
                 tracing::warn!(error = %e, "attach refused; retrying");
@@ -313,9 +325,11 @@ pub async fn run_following(
                         ));
                         if !batch.is_empty() {
                             let b = std::mem::take(&mut batch);
+                            punts_queued.fetch_add(1, Ordering::Relaxed);
                             if up.try_send(msg(data_plane_message::Message::PuntedRequests(
                                 v1::PuntedRequests { requests: b },
                             ))).is_err() {
+                                punts_queued.fetch_sub(1, Ordering::Relaxed);
                                 queue.dropped.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -334,9 +348,15 @@ pub async fn run_following(
                     };
                     // Never block the loop on the stream: a dead control plane would stall
                     // it. A request dropped here is retransmitted by its client.
+                    if punts_queued.load(Ordering::Relaxed) >= PUNTS_QUEUED {
+                        queue.dropped.fetch_add(n, Ordering::Relaxed);
+                        continue;
+                    }
+                    punts_queued.fetch_add(1, Ordering::Relaxed);
                     match up.try_send(msg(m)) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {
+                            punts_queued.fetch_sub(1, Ordering::Relaxed);
                             queue.dropped.fetch_add(n, Ordering::Relaxed);
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => break,
@@ -428,6 +448,18 @@ async fn apply(
 
 /// Most punted requests in one stream message.
 const PUNT_BATCH: usize = 64;
+/// Punt messages (each up to [`PUNT_BATCH`] requests) queued towards the control plane
+/// at most; beyond, punts are dropped and counted as the queue's drops.
+const PUNTS_QUEUED: usize = 32;
+
+/// Whether `m` carries punted requests (see [`PUNTS_QUEUED`]).
+fn is_punt(m: &v1::DataPlaneMessage) -> bool {
+    matches!(
+        m.message,
+        Some(data_plane_message::Message::PuntedRequest(_))
+            | Some(data_plane_message::Message::PuntedRequests(_))
+    )
+}
 
 fn punted_api(p: Punted) -> v1::PuntedRequest {
     v1::PuntedRequest {

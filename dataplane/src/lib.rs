@@ -146,6 +146,7 @@ pub mod xdp;
 pub use counters::{Drops, StreamStats, WorkerCounters};
 pub use plane::{DataPlane, DataPlaneHandle};
 pub use streams::{StreamLimits, StreamListen};
+pub use sys::release_free_memory;
 /// The plane-to-plane contract the data plane speaks, re-exported for its users.
 pub use turnpike_proto::plane::{
     AllocationId, AllocationSnapshot, BindError, FiveTuple, Millis, TableChange, Traffic,

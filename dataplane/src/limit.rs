@@ -43,12 +43,17 @@ impl Tokens {
 
 /// One level of limiting: a bucket per key, bounded; when the table is full, new keys
 /// share one overflow bucket.
+///
+/// A key is kept as its 64-bit keyed hash (8 bytes, not 32 for a `SocketAddr`); two keys
+/// that collide share a bucket, which is harmless, and the hash key is random per worker.
 #[derive(Debug)]
 struct Level<K> {
     rate: u64,
     burst: u64,
-    buckets: AHashMap<K, Tokens>,
+    keys: ahash::RandomState,
+    buckets: AHashMap<u64, Tokens>,
     overflow: Tokens,
+    _key: std::marker::PhantomData<K>,
 }
 
 impl<K: Hash + Eq> Level<K> {
@@ -57,8 +62,10 @@ impl<K: Hash + Eq> Level<K> {
         Level {
             rate: u64::from(rate),
             burst,
+            keys: ahash::RandomState::new(),
             buckets: AHashMap::new(),
             overflow: Tokens::full(burst, 0),
+            _key: std::marker::PhantomData,
         }
     }
 
@@ -68,6 +75,7 @@ impl<K: Hash + Eq> Level<K> {
 
     /// The key's bucket refilled to `now`, created full if there is room.
     fn bucket(&mut self, key: K, max: usize, now: u64) -> &mut Tokens {
+        let key = self.keys.hash_one(key);
         let (rate, burst) = (self.rate, self.burst);
         let t = if self.buckets.len() >= max && !self.buckets.contains_key(&key) {
             &mut self.overflow
@@ -85,6 +93,11 @@ impl<K: Hash + Eq> Level<K> {
         let (rate, burst) = (self.rate, self.burst);
         self.buckets
             .retain(|_, t| t.level(rate, burst, now) < burst.saturating_mul(MILLI));
+        // After a flood the table is mostly empty: give its memory back.
+        if self.buckets.capacity() > 1024 && self.buckets.len() < self.buckets.capacity() / 4 {
+            let keep = self.buckets.len() * 2;
+            self.buckets.shrink_to(keep);
+        }
     }
 }
 

@@ -235,6 +235,12 @@ async fn render(
                 "Relay binds the data plane refused (retried on other ports, then 508).",
                 s.bind_failures,
             ),
+            (
+                "turnpike_replies_shed_total",
+                "counter",
+                "Replies to UDP clients shed because the data plane was too far behind (a flood).",
+                s.replies_shed,
+            ),
         ] {
             metric(&mut o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");

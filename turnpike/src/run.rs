@@ -282,9 +282,24 @@ fn relay_line(cfg: &Config) -> String {
 }
 
 /// `serve` (with a control plane in process) or `dataplane` (attached to `control`).
+/// Every 10 s, hands the allocator's free memory back to the kernel: after a flood, the
+/// queues and tables it filled are freed, but glibc keeps the pages in its arenas, and a
+/// process that once held 50 MiB for a few seconds would show it forever (issue #25 N4).
+fn spawn_memory_release() {
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            turnpike_dataplane::release_free_memory();
+        }
+    });
+}
+
 pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
     check_relay_ips(&cfg);
     runtime(1)?.block_on(async move {
+        spawn_memory_release();
         let mut cp = None;
         let mut admin_url = None;
         let (control, pems) = match control {
@@ -343,7 +358,9 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 "the elected leader".to_owned()
             }
         };
-        let (queue, punted) = PuntQueue::new(16384);
+        // Punted requests waiting for the agent: bounded (a flood's are dropped and
+        // counted beyond), and small, since the agent takes them every turn.
+        let (queue, punted) = PuntQueue::new(4096);
         // Set while draining (SIGTERM): the fleet registry publishes it.
         let (draining, _) = watch::channel(false);
         let tls = crate::turn_tls::start(&cfg)?;
@@ -470,6 +487,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
 /// `controlplane`: the control plane alone.
 pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
     runtime(2)?.block_on(async move {
+        spawn_memory_release();
         let started = start_control_plane(&mut cfg, false).await?;
         if let Some(m) = cfg.metrics_listen {
             let (q, _rx) = PuntQueue::new(1);
