@@ -22,6 +22,10 @@
 //! newest relayed messages once its send queue holds [`StreamLimits::send_buffer`]
 //! bytes (counted; the worker never blocks and the queue never grows beyond it).
 //! Malformed framing closes the connection with a log line and a counter.
+//!
+//! Half-close: at the end of the client's stream (FIN, or a TLS close_notify) the
+//! connection is read no more but stays open until the answers to what the client sent
+//! are sent, within bounds (`stream::HalfClose`); a reset closes it at once.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
