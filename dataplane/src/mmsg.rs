@@ -85,11 +85,10 @@ pub(crate) fn run(
                     if f.contains(EpollFlags::EPOLLOUT) {
                         worker.mark_dirty(t);
                     }
-                    if f.intersects(
-                        EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
-                    ) {
+                    let hangup = f.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+                    if hangup || f.contains(EpollFlags::EPOLLIN) {
                         let scratch = m.bufs.get_mut(..STREAM_READ).unwrap_or_default();
-                        worker.stream_readable(t, scratch);
+                        worker.stream_readable(t, scratch, hangup);
                     }
                 }
                 None => {}
@@ -104,6 +103,19 @@ pub(crate) fn run(
     }
     worker.close_all();
     m.apply_io_ops(&mut worker)
+}
+
+/// What a connection is polled for: input until its end of stream, room to write
+/// while its queue waits for it (EPOLLHUP and EPOLLERR come regardless).
+fn interest(c: &crate::streams::Conn) -> EpollFlags {
+    let mut flags = EpollFlags::empty();
+    if c.reading() {
+        flags |= EpollFlags::EPOLLIN;
+    }
+    if c.want_write {
+        flags |= EpollFlags::EPOLLOUT;
+    }
+    flags
 }
 
 impl Mmsg {
@@ -144,6 +156,18 @@ impl Mmsg {
                         let _ = self.epoll.delete(fd);
                     }
                 }
+                IoOp::StopReading(t) => {
+                    // Level-triggered EPOLLIN stays set at the end of a stream: keep
+                    // polling for it and the worker would spin.
+                    if let Some(e) = worker.socks.get(t).filter(|e| !e.closing)
+                        && let Some(c) = e.stream.as_deref()
+                    {
+                        let mut ev = EpollEvent::new(interest(c), u64::from(t.0));
+                        if let Err(err) = self.epoll.modify(e.sock.as_fd(), &mut ev) {
+                            tracing::debug!(error = %err, "epoll modify failed");
+                        }
+                    }
+                }
                 IoOp::Close(t) => {
                     if let Some(fd) = worker.socks.fd(t) {
                         let _ = self.epoll.delete(fd);
@@ -168,19 +192,22 @@ impl Mmsg {
                     continue;
                 }
             };
+            if done {
+                // A half-closed connection whose answers are all sent closes here.
+                worker.settle_stream(t);
+            }
             let Some(e) = worker.socks.get_mut(t) else {
                 continue;
             };
             let Some(c) = e.stream.as_deref_mut() else {
                 continue;
             };
+            if e.closing {
+                continue;
+            }
             if c.want_write == done {
                 c.want_write = !done;
-                let mut flags = EpollFlags::EPOLLIN;
-                if !done {
-                    flags |= EpollFlags::EPOLLOUT;
-                }
-                let mut ev = EpollEvent::new(flags, u64::from(t.0));
+                let mut ev = EpollEvent::new(interest(c), u64::from(t.0));
                 if let Err(err) = self.epoll.modify(e.sock.as_fd(), &mut ev) {
                     tracing::debug!(error = %err, "epoll modify failed");
                 }

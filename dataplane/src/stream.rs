@@ -1,9 +1,11 @@
 //! Sans-IO pieces of TURN over TCP and TLS (RFC 8656 §3.1, RFC 8489 §6.2): a [`Framer`]
-//! that cuts the received byte stream into STUN messages and ChannelData frames, and a
-//! [`SendQueue`] that holds a connection's outgoing bytes in bounded memory.
+//! that cuts the received byte stream into STUN messages and ChannelData frames, a
+//! [`SendQueue`] that holds a connection's outgoing bytes in bounded memory, and a
+//! [`HalfClose`] that decides when a connection whose client stopped sending may close.
 //!
-//! Neither reads a socket or a clock: the caller feeds the framer what it received and
-//! drains the queue into its own sends (a synchronous `send()` or an io_uring `Send`).
+//! None reads a socket or a clock: the caller feeds the framer what it received, drains
+//! the queue into its own sends (a synchronous `send()` or an io_uring `Send`), and
+//! passes the time in.
 
 /// Bytes every frame starts with that tell its type and length.
 const HEADER: usize = 4;
@@ -370,6 +372,91 @@ impl SendQueue {
     /// Whether nothing is left to send.
     pub(crate) fn is_empty(&self) -> bool {
         self.queued() == 0
+    }
+}
+
+/// How long a connection whose client stopped sending waits, once its queue is sent,
+/// for the control plane to answer the requests it punted (milliseconds). The control
+/// plane answers within a round trip or drops a request on purpose (a full punt queue,
+/// a rate limit); a few seconds separate the two without holding the connection long.
+pub(crate) const ANSWER_WAIT_MS: u64 = 5_000;
+
+/// Whether a connection stays open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Keep it: the client still sends, or it is owed answers.
+    Open,
+    /// Close it, for this reason (the log line's words).
+    Close(&'static str),
+}
+
+/// The end of a connection whose client has stopped sending (TCP FIN read, or a TLS
+/// close_notify), while it may still read (RFC 9293 §3.6: a half-closed connection
+/// still carries data the other way).
+///
+/// The client's last requests deserve their answers: a Binding answer is queued while
+/// its request is read, but the control plane answers punted requests (Allocate,
+/// Refresh, CreatePermission, ChannelBind) later. So the connection stops reading at
+/// the end of the stream and closes once its queue is sent and every punted request
+/// was answered; bounded twice, since neither the control plane nor the client is
+/// trusted to finish: answers are awaited [`ANSWER_WAIT_MS`] at most, and a client
+/// that does not take what is queued loses the connection after `linger_ms`.
+///
+/// Call order: [`HalfClose::punted`] for every request handed to the control plane,
+/// [`HalfClose::answered`] for every answer it sends back, [`HalfClose::read_closed`]
+/// at the end of the stream, then [`HalfClose::verdict`] whenever the queue may have
+/// drained and at least once a second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct HalfClose {
+    /// Requests handed to the control plane and not answered yet.
+    awaited: u32,
+    /// When the end of the client's stream was read (milliseconds), once it was.
+    since: Option<u64>,
+}
+
+impl HalfClose {
+    /// A request went to the control plane; its answer is awaited.
+    pub(crate) fn punted(&mut self) {
+        self.awaited = self.awaited.saturating_add(1);
+    }
+
+    /// The control plane answered a request. An answer nobody counted (to a request
+    /// punted before a restart of the count, or a second answer) changes nothing.
+    pub(crate) fn answered(&mut self) {
+        self.awaited = self.awaited.saturating_sub(1);
+    }
+
+    /// The end of the client's stream was read at `now`; `true` the first time.
+    pub(crate) fn read_closed(&mut self, now: u64) -> bool {
+        if self.since.is_some() {
+            return false;
+        }
+        self.since = Some(now);
+        true
+    }
+
+    /// Whether the client may still send (no end of stream read yet).
+    pub(crate) fn reading(&self) -> bool {
+        self.since.is_none()
+    }
+
+    /// Whether the connection stays open at `now`; `drained`: nothing is left to send
+    /// (queue, TLS records, a send in flight); `linger_ms`: the bound on a client that
+    /// does not take what is queued.
+    pub(crate) fn verdict(&self, now: u64, drained: bool, linger_ms: u64) -> Verdict {
+        let Some(since) = self.since else {
+            return Verdict::Open;
+        };
+        let waited = now.saturating_sub(since);
+        if drained && self.awaited == 0 {
+            Verdict::Close("closed by the client")
+        } else if drained && waited >= ANSWER_WAIT_MS.min(linger_ms) {
+            Verdict::Close("closed by the client; control-plane answers not awaited longer")
+        } else if waited >= linger_ms {
+            Verdict::Close("closed by the client; its answers were not taken in time")
+        } else {
+            Verdict::Open
+        }
     }
 }
 
@@ -929,5 +1016,98 @@ mod tests {
         assert!(q.inflight.capacity() >= 3000);
         assert!(q.pending.capacity() >= 3000);
         assert!(q.inflight.capacity() + q.pending.capacity() <= 2 * SHRINK_ABOVE);
+    }
+
+    // HalfClose
+
+    const LINGER: u64 = 30_000;
+
+    #[test]
+    fn open_until_the_end_of_stream() {
+        let mut h = HalfClose::default();
+        assert!(h.reading());
+        // Nothing pending, but the client still sends.
+        assert_eq!(h.verdict(1_000_000, true, LINGER), Verdict::Open);
+        h.punted();
+        assert_eq!(h.verdict(1_000_000, true, LINGER), Verdict::Open);
+        assert!(h.read_closed(100));
+        assert!(!h.reading());
+        // A second end of stream (a FIN after close_notify) keeps the first time.
+        assert!(!h.read_closed(5_000));
+        assert_eq!(h.since, Some(100));
+    }
+
+    #[test]
+    fn closes_once_drained_with_nothing_awaited() {
+        let mut h = HalfClose::default();
+        h.read_closed(0);
+        // A Binding answer still queued.
+        assert_eq!(h.verdict(10, false, LINGER), Verdict::Open);
+        assert_eq!(
+            h.verdict(20, true, LINGER),
+            Verdict::Close("closed by the client")
+        );
+    }
+
+    #[test]
+    fn waits_for_punted_answers_then_for_their_sending() {
+        let mut h = HalfClose::default();
+        h.punted();
+        h.punted();
+        h.read_closed(1_000);
+        assert_eq!(h.verdict(1_001, true, LINGER), Verdict::Open);
+        h.answered();
+        assert_eq!(h.verdict(1_002, true, LINGER), Verdict::Open);
+        h.answered();
+        // The last answer is queued, not sent yet.
+        assert_eq!(h.verdict(1_003, false, LINGER), Verdict::Open);
+        assert_eq!(
+            h.verdict(1_004, true, LINGER),
+            Verdict::Close("closed by the client")
+        );
+        // An extra answer does not count below zero.
+        h.answered();
+        h.punted();
+        assert_eq!(h.verdict(1_005, true, LINGER), Verdict::Open);
+    }
+
+    #[test]
+    fn unanswered_requests_are_awaited_a_few_seconds() {
+        let mut h = HalfClose::default();
+        h.punted();
+        h.read_closed(1_000);
+        assert_eq!(
+            h.verdict(1_000 + ANSWER_WAIT_MS - 1, true, LINGER),
+            Verdict::Open
+        );
+        assert!(matches!(
+            h.verdict(1_000 + ANSWER_WAIT_MS, true, LINGER),
+            Verdict::Close(_)
+        ));
+        // Never beyond the linger bound, if that is shorter.
+        assert!(matches!(h.verdict(1_100, true, 100), Verdict::Close(_)));
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_is_closed_at_the_linger_bound() {
+        let mut h = HalfClose::default();
+        h.read_closed(1_000);
+        // Past the answer wait, but still sending: kept.
+        assert_eq!(
+            h.verdict(1_000 + ANSWER_WAIT_MS, false, LINGER),
+            Verdict::Open
+        );
+        assert_eq!(h.verdict(1_000 + LINGER - 1, false, LINGER), Verdict::Open);
+        assert_eq!(
+            h.verdict(1_000 + LINGER, false, LINGER),
+            Verdict::Close("closed by the client; its answers were not taken in time")
+        );
+        h.punted();
+        assert!(matches!(
+            h.verdict(1_000 + LINGER, false, LINGER),
+            Verdict::Close(_)
+        ));
+        // A clock that goes back does not underflow.
+        assert_eq!(h.verdict(0, false, LINGER), Verdict::Open);
     }
 }

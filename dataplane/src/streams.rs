@@ -22,6 +22,10 @@
 //! newest relayed messages once its send queue holds [`StreamLimits::send_buffer`]
 //! bytes (counted; the worker never blocks and the queue never grows beyond it).
 //! Malformed framing closes the connection with a log line and a counter.
+//!
+//! Half-close: at the end of the client's stream (FIN, or a TLS close_notify) the
+//! connection is read no more but stays open until the answers to what the client sent
+//! are sent, within bounds (`stream::HalfClose`); a reset closes it at once.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -38,7 +42,7 @@ use crate::counters::{bump, bump_set};
 use crate::engine::{HEADROOM, Output, RECV_CAP};
 use crate::proxy;
 use crate::slab::{Kind, Token};
-use crate::stream::{Framer, SendQueue};
+use crate::stream::{Framer, HalfClose, SendQueue, Verdict};
 use crate::worker::{IoOp, Worker};
 use crate::{FiveTuple, Transport};
 
@@ -229,10 +233,20 @@ pub(crate) struct Conn {
     ip: Option<IpAddr>,
     /// A request was punted for it: the control plane is told when it closes.
     punted: bool,
+    /// Punted requests still to be answered, and the end of the client's stream once
+    /// read: a connection that stopped reading closes when its answers are sent.
+    half: HalfClose,
     /// In the worker's dirty list.
     dirty: bool,
     /// Waiting for the socket to become writable (mmsg backend).
     pub(crate) want_write: bool,
+}
+
+impl Conn {
+    /// Whether the client may still send: no end of stream (FIN, TLS close_notify) yet.
+    pub(crate) fn reading(&self) -> bool {
+        self.half.reading()
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -470,6 +484,7 @@ impl Worker {
             idle_since: now,
             ip: (!lk.proxy).then_some(ip),
             punted: false,
+            half: HalfClose::default(),
             dirty: false,
             want_write: false,
         };
@@ -505,22 +520,39 @@ impl Worker {
         bump_set(&self.ctr.streams.open_tls, self.open_streams[1]);
     }
 
-    /// Connection `t` is readable (mmsg backend): reads into `scratch` and handles what
-    /// came; closes the connection at end of stream or on an error.
-    pub(crate) fn stream_readable(&mut self, t: Token, scratch: &mut [u8]) {
+    /// Connection `t` is readable or hung up (mmsg backend; `hangup`: EPOLLHUP or
+    /// EPOLLERR): reads into `scratch` and handles what came; at the end of the stream
+    /// stops reading (see [`HalfClose`]), on an error closes the connection.
+    pub(crate) fn stream_readable(&mut self, t: Token, scratch: &mut [u8], hangup: bool) {
         for _ in 0..READ_ROUNDS {
             let r = match self.socks.get(t) {
-                Some(e) if !e.closing => (&e.sock).read(scratch),
+                Some(e) if !e.closing => match e.stream.as_deref() {
+                    Some(c) if !c.reading() => {
+                        // No longer polled for input: only a hang-up (a reset) wakes
+                        // it, and nothing can be sent on it any more.
+                        if hangup {
+                            self.close_stream(t, "connection error");
+                        }
+                        return;
+                    }
+                    _ => (&e.sock).read(scratch),
+                },
                 _ => return,
             };
             match r {
                 Ok(0) => {
-                    self.close_stream(t, "closed by the client");
+                    self.stream_read_closed(t);
                     return;
                 }
                 Ok(n) => {
                     self.on_stream_data(t, scratch.get(..n).unwrap_or_default());
-                    if n < scratch.len() {
+                    // A TLS close_notify ends the reading too.
+                    let reading = self
+                        .socks
+                        .get(t)
+                        .and_then(|e| e.stream.as_deref())
+                        .is_some_and(Conn::reading);
+                    if n < scratch.len() || !reading {
                         return;
                     }
                 }
@@ -534,30 +566,85 @@ impl Worker {
         }
     }
 
-    /// The client closed connection `t` (end of stream), or reading failed.
+    /// The client closed its side of connection `t` (end of stream), or reading failed
+    /// (`error`: the connection is gone both ways).
     pub(crate) fn stream_eof(&mut self, t: Token, error: bool) {
-        self.close_stream(
-            t,
-            if error {
-                "connection error"
-            } else {
-                "closed by the client"
-            },
-        );
+        if error {
+            self.close_stream(t, "connection error");
+        } else {
+            self.stream_read_closed(t);
+        }
+    }
+
+    /// The client of connection `t` sends no more (TCP FIN, or a TLS close_notify): it
+    /// is no longer read, and it closes once what it is owed is sent ([`HalfClose`]).
+    /// Closing at once would lose the answers to its last requests (issue #25 N8).
+    fn stream_read_closed(&mut self, t: Token) {
+        let now = self.now.0;
+        let Some(c) = self
+            .socks
+            .get_mut(t)
+            .filter(|e| !e.closing)
+            .and_then(|e| e.stream.as_deref_mut())
+        else {
+            return;
+        };
+        if c.half.read_closed(now) {
+            self.io_ops.push(IoOp::StopReading(t));
+        }
+        // The flush that follows decides (`settle_stream`), even with nothing queued.
+        self.mark_dirty(t);
+    }
+
+    /// A control-plane answer for the client of connection `t` is about to be queued.
+    pub(crate) fn stream_answered(&mut self, t: Token) {
+        let Some(c) = self.socks.get_mut(t).and_then(|e| e.stream.as_deref_mut()) else {
+            return;
+        };
+        c.half.answered();
+        if !c.reading() {
+            // The last answer may let it close, even one its queue has no room for.
+            self.mark_dirty(t);
+        }
+    }
+
+    /// Closes connection `t` if its client stopped sending and it owes nothing more
+    /// (or waited long enough: [`HalfClose::verdict`]). Called by the backends when a
+    /// flush found nothing more to send, and by the once-a-second sweep.
+    pub(crate) fn settle_stream(&mut self, t: Token) {
+        let Some(e) = self.socks.get(t).filter(|e| !e.closing) else {
+            return;
+        };
+        let Some(c) = e.stream.as_deref() else {
+            return;
+        };
+        if c.reading() {
+            return;
+        }
+        let drained = c.out.is_empty() && !c.tls.as_ref().is_some_and(|s| s.wants_write());
+        let linger = self.streams.limits.idle_ms;
+        if let Verdict::Close(reason) = c.half.verdict(self.now.0, drained, linger) {
+            if !drained {
+                bump(&self.ctr.streams.idle_closed, 1);
+            }
+            self.close_stream(t, reason);
+        }
     }
 
     /// Bytes arrived on connection `t`.
     pub(crate) fn on_stream_data(&mut self, t: Token, data: &[u8]) {
-        // Bytes that arrive after the worker decided to close are ignored.
+        // Bytes that arrive after the worker decided to close, or after the client's
+        // TLS close_notify, are ignored.
         let Some(mut conn) = self
             .socks
             .get_mut(t)
-            .filter(|e| !e.closing)
+            .filter(|e| !e.closing && e.stream.as_deref().is_some_and(Conn::reading))
             .and_then(|e| e.stream.take())
         else {
             return;
         };
         let r = self.stream_input(t, &mut conn, data);
+        let notified = !conn.reading();
         self.flush_relays();
         let queued = !conn.out.is_empty() || conn.tls.as_ref().is_some_and(|s| s.wants_write());
         if let Some(e) = self.socks.get_mut(t) {
@@ -565,7 +652,10 @@ impl Worker {
         }
         match r {
             Ok(()) => {
-                if queued {
+                if notified {
+                    // A close_notify: the half-close of TLS.
+                    self.stream_read_closed(t);
+                } else if queued {
                     self.mark_dirty(t);
                 }
             }
@@ -740,7 +830,12 @@ impl Worker {
                     return Ok(());
                 };
                 let n = match tls.reader().read(plain) {
-                    Ok(0) => return Err("closed by the client (TLS close_notify)"),
+                    Ok(0) => {
+                        // close_notify: the client sends no more, but may still read
+                        // the answers to what it sent before (as after a TCP FIN).
+                        conn.half.read_closed(self.now.0);
+                        return Ok(());
+                    }
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => return Err("TLS stream ended without close_notify"),
@@ -766,6 +861,7 @@ impl Worker {
             out,
             tls,
             punted,
+            half,
             ..
         } = conn;
         let mut outputs = std::mem::take(&mut self.outputs);
@@ -801,6 +897,7 @@ impl Worker {
                     }
                     Output::Punt(p) => {
                         *punted = true;
+                        half.punted();
                         self.sink.punt(p);
                     }
                     // Not produced by a client's message.
@@ -982,6 +1079,10 @@ impl Worker {
             c.out.complete(res as usize);
             if !c.out.is_empty() || c.tls.as_ref().is_some_and(|s| s.wants_write()) {
                 self.mark_dirty(t);
+            } else if !c.reading() {
+                // The socket is the worker's alone again: a half-closed connection
+                // whose last answer went may close now.
+                self.settle_stream(t);
             }
         } else {
             c.out.complete(0);
@@ -1040,6 +1141,7 @@ impl Worker {
         let now = self.now;
         let limits = self.streams.limits;
         let mut doomed: Vec<(Token, CloseReason)> = Vec::new();
+        let mut half_closed = Vec::new();
         for t in self.socks.tokens().collect::<Vec<_>>() {
             let Some(e) = self.socks.get_mut(t) else {
                 continue;
@@ -1050,6 +1152,9 @@ impl Worker {
             let Some(c) = e.stream.as_deref_mut() else {
                 continue;
             };
+            if !c.reading() {
+                half_closed.push(t);
+            }
             let late = !c.handshaken || c.proxy.is_some();
             if late && now.0.saturating_sub(c.opened) >= limits.handshake_ms {
                 if !c.handshaken {
@@ -1068,6 +1173,11 @@ impl Worker {
         for (t, why) in doomed {
             bump(&self.ctr.streams.idle_closed, 1);
             self.close_stream(t, why);
+        }
+        // Their bounds (answers awaited, a client that does not read) pass with no
+        // event of their own.
+        for t in half_closed {
+            self.settle_stream(t);
         }
     }
 }

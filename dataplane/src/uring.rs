@@ -406,6 +406,9 @@ impl Uring {
                 continue;
             }
             let Some((fd, ptr, len)) = worker.stream_send_start(t) else {
+                // Nothing left to send: a half-closed connection may close (no Send is
+                // in flight, so its socket can go).
+                worker.settle_stream(t);
                 continue;
             };
             if let Some(st) = self.recv.get_mut(t.0 as usize) {
@@ -470,6 +473,10 @@ impl Uring {
                         st.paused = true;
                     }
                 }
+                // A FIN ended the connection's multishot receive, which is not armed
+                // again; after a TLS close_notify it stays armed and what it brings is
+                // ignored, so that a reset is still seen.
+                IoOp::StopReading(_) => {}
                 IoOp::Close(t) => {
                     let Some(st) = self.recv.get_mut(t.0 as usize) else {
                         self.release.push(t);

@@ -44,6 +44,9 @@ pub(crate) enum IoOp {
     /// Stop accepting on this listener for a while (accepts fail for lack of
     /// descriptors); a `Register` resumes it.
     Pause(Token),
+    /// Stop reading this connection (its client sent its end of stream); it is still
+    /// written to until it closes.
+    StopReading(Token),
 }
 
 /// A request from the handle to a worker.
@@ -277,6 +280,7 @@ impl Worker {
                 }
                 Output::Punt(p) => self.sink.punt(p),
                 Output::Reply { from, data, .. } if self.socks.kind(from) == Some(Kind::Stream) => {
+                    self.stream_answered(from);
                     self.stream_send(from, &data);
                     bump(&self.ctr.control_sent, 1);
                 }

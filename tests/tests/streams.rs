@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{Shutdown, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::stream::{
@@ -49,6 +49,9 @@ on_both_backends!(
     framing_garbage_first_byte_closes_the_connection,
     legacy_channel_numbers_are_framed,
     closing_the_connection_deletes_the_allocation,
+    half_closed_connection_gets_its_binding_answer,
+    half_closed_connection_gets_its_allocate_answer,
+    half_closed_tls_connection_gets_its_answers,
     slow_reader_loses_messages_not_memory,
     idle_connections_without_allocation_are_closed,
     late_handshakes_and_proxy_headers_are_closed,
@@ -746,6 +749,107 @@ fn closing_the_connection_deletes_the_allocation(backend: &str) {
         "connections still open"
     );
     assert!(m.connection_events("closed") >= 1);
+}
+
+// Half-close: a client that sends its last requests and then shuts its side down
+// (`shutdown(SHUT_WR)`, or a TLS close_notify) still gets their answers, then the close.
+
+/// Waits until the allocation of `client` is gone (the connection closed).
+fn wait_unlisted(s: &Server, client: SocketAddr, what: &str) {
+    let t = Instant::now();
+    while s.allocation_of(client).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{what}: the allocation is still listed 5 s after the server closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn half_closed_connection_gets_its_binding_answer(backend: &str) {
+    let s = Server::start(backend, &[]);
+    for round in 0..3 {
+        let mut t = TurnStream::tcp(s.tcp[0], USER, PASS);
+        let local = t.local_addr();
+        let tid = *b"halfclosebnd";
+        // The request and the FIN in one go: the server reads both before it answers.
+        t.send_raw(&binding_request(tid)).unwrap();
+        t.io.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(t.binding_answer(tid), Ok(local), "round {round}");
+        assert!(
+            matches!(t.wait_closed(Duration::from_secs(5)), Ended::Closed(_)),
+            "round {round}: still open 5 s after the answer"
+        );
+    }
+    let m = s.metrics();
+    assert_eq!(
+        m.sum("turnpike_connections", ""),
+        0,
+        "connections still open"
+    );
+}
+
+fn half_closed_connection_gets_its_allocate_answer(backend: &str) {
+    let s = Server::start(backend, &[]);
+    let mut t = TurnStream::tcp(s.tcp[0], USER, PASS);
+    let local = t.local_addr();
+    // The 401 round trip first; then the authenticated Allocate, answered by the control
+    // plane after the server has read the end of the stream.
+    let req = t.authenticated_allocate().unwrap();
+    t.send_raw(&req).unwrap();
+    t.io.shutdown(Shutdown::Write).unwrap();
+    let outcome = t.outcome();
+    assert!(
+        matches!(outcome, Outcome::Allocated(_)),
+        "authenticated Allocate then SHUT_WR: {outcome:?}"
+    );
+    assert!(
+        matches!(t.wait_closed(Duration::from_secs(5)), Ended::Closed(_)),
+        "still open 5 s after the answer"
+    );
+    // The allocation ends with its connection, as for any closed connection.
+    wait_unlisted(&s, local, "TCP");
+}
+
+fn half_closed_tls_connection_gets_its_answers(backend: &str) {
+    let ca = TestCa::new();
+    let leaf = ca.issue(SERVER_NAME, 1);
+    let files = CertFiles::write(&format!("halfclose-{backend}"), &leaf);
+    let tls_addr = format!("127.0.0.1:{}", free_tcp_port());
+    let s = Server::start(
+        backend,
+        &[
+            "--tls-cert",
+            files.cert_str(),
+            "--tls-key",
+            files.key_str(),
+            "--listen-tls",
+            &tls_addr,
+        ],
+    );
+    let cfg = client_config(&ca.cert, &[], Some(ALPN));
+    let mut t = turn_tls(s.tls[0], cfg, USER, PASS);
+    let local = t.io.sock.local_addr().unwrap();
+    let req = t.authenticated_allocate().unwrap();
+    let tid = *b"tlshalfclose";
+    // Binding, Allocate, close_notify and FIN in that order: the Binding is answered by
+    // the worker at once, the Allocate by the control plane later.
+    t.io.write_all(&binding_request(tid)).unwrap();
+    t.io.write_all(&req).unwrap();
+    t.io.conn.send_close_notify();
+    t.io.flush().unwrap();
+    t.io.sock.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(t.binding_answer(tid), Ok(local));
+    let outcome = t.outcome();
+    assert!(
+        matches!(outcome, Outcome::Allocated(_)),
+        "authenticated Allocate then close_notify: {outcome:?}"
+    );
+    assert!(
+        matches!(t.wait_closed(Duration::from_secs(5)), Ended::Closed(_)),
+        "still open 5 s after the answers"
+    );
+    wait_unlisted(&s, local, "TLS");
 }
 
 // Slow readers.

@@ -303,6 +303,18 @@ impl<S: Read + Write> TurnStream<S> {
     /// Allocates, checking that the server first challenges the unauthenticated request
     /// with a 401 carrying REALM and NONCE; returns the relayed addresses.
     pub fn allocate_after_challenge(&mut self) -> Result<Vec<SocketAddr>, String> {
+        let req = self.authenticated_allocate()?;
+        match self.finish(req) {
+            Outcome::Allocated(r) => Ok(r),
+            other => Err(format!("authenticated Allocate: {other:?}")),
+        }
+    }
+
+    /// Sends an unauthenticated Allocate, checks that the server challenges it with a
+    /// 401 carrying REALM and NONCE, and returns the authenticated retry without sending
+    /// it (for a test that sends it its own way; [`TurnStream::outcome`] reads its
+    /// answer).
+    pub fn authenticated_allocate(&mut self) -> Result<Vec<u8>, String> {
         let req = self.allocate_request();
         self.send_raw(&req).map_err(|e| format!("write: {e}"))?;
         let frame = self
@@ -322,10 +334,7 @@ impl<S: Read + Write> TurnStream<S> {
         if self.client.handle(now, &frame.bytes, &mut out) != Event::Retry {
             return Err("the 401 did not lead to a retry (no REALM/NONCE?)".into());
         }
-        match self.finish(out) {
-            Outcome::Allocated(r) => Ok(r),
-            other => Err(format!("authenticated Allocate: {other:?}")),
-        }
+        Ok(out)
     }
 
     /// Starts an Allocate and returns its first request without sending it.
@@ -416,6 +425,12 @@ impl<S: Read + Write> TurnStream<S> {
         let tid: [u8; 12] = *b"streamtestbd";
         self.send_raw(&binding_request(tid))
             .map_err(|e| format!("write: {e}"))?;
+        self.binding_answer(tid)
+    }
+
+    /// Reads up to the answer to the Binding request `tid` (sent already); returns the
+    /// XOR-MAPPED-ADDRESS of its success response.
+    pub fn binding_answer(&mut self, tid: [u8; 12]) -> Result<SocketAddr, String> {
         let deadline = Instant::now() + TRANSACTION;
         while Instant::now() < deadline {
             let frame = match self.next_frame(POLL) {
