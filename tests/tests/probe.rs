@@ -120,6 +120,7 @@ fn probe(args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap();
+    eprintln!("probe {args:?}: {:?}", started.elapsed());
     assert!(
         started.elapsed() < Duration::from_secs(120),
         "the probe took {:?}",
@@ -335,12 +336,17 @@ fn probe_reports_a_refused_peer() {
     );
 }
 
-/// Debian's coturn, or `None` (with a note) where it is not installed.
+/// Debian's coturn, or `None` (with a note) where it is not installed; under CI its
+/// absence fails the test.
 fn turnserver() -> Option<&'static str> {
     let path = "/usr/bin/turnserver";
     if std::path::Path::new(path).exists() {
         Some(path)
     } else {
+        assert!(
+            !common::etcd::in_ci(),
+            "{path} is missing: tests/scripts/setup-deps.sh installs coturn"
+        );
         eprintln!("SKIP: {path} is not installed (tests/scripts/setup-deps.sh installs it)");
         None
     }
@@ -475,4 +481,98 @@ fn probe_passes_against_coturn_on_udp_and_tcp() {
     // A wrong password against coturn too.
     let out = probe(&[&udp, "--user", USER, "--password", "wrong"]);
     assert_fails_at(&out, "authentication");
+}
+
+#[test]
+fn probe_checks_every_instance_of_a_fleet() {
+    use common::etcd::{EtcdProc, etcd_available};
+    if !etcd_available() {
+        return;
+    }
+    let etcd = EtcdProc::start();
+    let url = etcd.url();
+    let fleet = format!("probe{}", std::process::id());
+    let user = format!("{USER}:{PASS}");
+    let mut members = Vec::new();
+    for n in [2u8, 3] {
+        let listen = format!("127.0.0.{n}:{}", free_udp_port());
+        let id = format!("i{n}");
+        let args = [
+            "serve",
+            "--listen",
+            &listen,
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--admin-token",
+            common::TOKEN,
+            "--workers",
+            "1",
+            "--no-pin",
+            "--user",
+            &user,
+            "--allow-peer",
+            "127.0.0.0/8",
+            "--etcd",
+            &url,
+            "--fleet",
+            &fleet,
+            "--instance-id",
+            &id,
+            "--region",
+            "test",
+        ];
+        let mut p = Proc::spawn(&args);
+        p.wait_for("turnpike ready", Duration::from_secs(30));
+        p.wait_for("registered in the fleet", Duration::from_secs(15));
+        members.push(p);
+    }
+    let out = probe(&[
+        "--etcd",
+        &url,
+        "--fleet",
+        &fleet,
+        "--user",
+        USER,
+        "--password",
+        PASS,
+        "-n",
+        "20",
+        "--json",
+    ]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut seen: Vec<(String, String)> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert!(t["echo"]["rtt_p50_ms"].as_f64().is_some(), "{t}");
+            (
+                t["instance"].as_str().unwrap().to_owned(),
+                t["transport"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want: Vec<(String, String)> = [("i2", "tcp"), ("i2", "udp"), ("i3", "tcp"), ("i3", "udp")]
+        .iter()
+        .map(|(i, t)| (i.to_string(), t.to_string()))
+        .collect();
+    assert_eq!(seen, want, "{all}");
+
+    // A fleet nobody registered in: nothing to probe, a usage error.
+    let out = probe(&[
+        "--etcd",
+        &url,
+        "--fleet",
+        "nobody-here",
+        "--user",
+        USER,
+        "--password",
+        PASS,
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
 }

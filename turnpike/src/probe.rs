@@ -113,6 +113,8 @@ struct Target {
     tls_name: Option<String>,
     /// The fleet instance.
     instance: Option<String>,
+    /// The instance is drained: a 300 to Allocate is what it should answer.
+    draining: bool,
 }
 
 /// What every target shares.
@@ -161,6 +163,7 @@ fn prepare(args: &ProbeArgs) -> Result<(Ctx, Vec<Target>), Usage> {
                 .then(|| args.tls_name.clone().unwrap_or_else(|| url.host.clone())),
             url,
             instance: None,
+            draining: false,
         });
     }
     if !args.etcd.is_empty() {
@@ -273,6 +276,7 @@ fn fleet_targets(etcd: &[String], fleet: &str) -> anyhow::Result<Vec<Target>> {
                     tls_name: (transport == Transport::Tls)
                         .then(|| r.tls_domain.clone().unwrap_or_else(|| a.ip().to_string())),
                     instance: Some(r.id.clone()),
+                    draining: r.draining,
                 });
             }
         }
@@ -428,7 +432,7 @@ fn steps(t: &Target, ctx: &Ctx, rec: &mut Recorder<'_>) -> Result<(), Stop> {
         other => {
             rec.r.realm = a.realm().map(str::to_owned);
             rec.r.software = a.software.clone().or(rec.r.software.take());
-            return Err(allocate_failed(&a, ctx, rec, other, "Allocate"));
+            return Err(allocate_failed(t, &a, ctx, rec, other, "Allocate"));
         }
     };
     rec.r.software = a.software.clone().or(rec.r.software.take());
@@ -442,7 +446,16 @@ fn steps(t: &Target, ctx: &Ctx, rec: &mut Recorder<'_>) -> Result<(), Stop> {
     let mut b = connect(t, ctx, addr, rec, false)?;
     let b_relayed = match b.allocate() {
         Outcome::Allocated { relayed, .. } => relayed,
-        other => return Err(allocate_failed(&b, ctx, rec, other, "the second Allocate")),
+        other => {
+            return Err(allocate_failed(
+                t,
+                &b,
+                ctx,
+                rec,
+                other,
+                "the second Allocate",
+            ));
+        }
     };
     let Some(b_rel) = b_relayed
         .iter()
@@ -886,7 +899,14 @@ fn auth_passed(s: &Session, ctx: &Ctx, rec: &mut Recorder<'_>) {
 }
 
 /// Records why an Allocate failed (authentication or the allocation itself).
-fn allocate_failed(s: &Session, ctx: &Ctx, rec: &mut Recorder<'_>, o: Outcome, what: &str) -> Stop {
+fn allocate_failed(
+    t: &Target,
+    s: &Session,
+    ctx: &Ctx,
+    rec: &mut Recorder<'_>,
+    o: Outcome,
+    what: &str,
+) -> Stop {
     match o {
         Outcome::Failed { code: 401, reason } => rec.fail(
             "authentication",
@@ -900,6 +920,14 @@ fn allocate_failed(s: &Session, ctx: &Ctx, rec: &mut Recorder<'_>, o: Outcome, w
         other => {
             if s.challenged {
                 auth_passed(s, ctx, rec);
+            }
+            if t.draining && matches!(other, Outcome::Failed { code: 300, .. }) {
+                rec.warn(
+                    "allocate",
+                    format!("{what}: 300: the instance is drained and redirects new allocations"),
+                    Some("undrain it to probe its relay (turnpike ctl fleet drain --undrain)".into()),
+                );
+                return Stop;
             }
             let hint = match &other {
                 Outcome::Failed { code: 486, .. } => Some("this user's allocation quota is used up (turnpike: --user-quota)".into()),
