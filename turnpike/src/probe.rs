@@ -56,8 +56,8 @@ const DEAD_AFTER: usize = 3;
   turnpike probe turn:turn.example.com?transport=tcp turns:turn.example.com:443 --secret REST_SECRET
   turnpike probe --etcd http://10.0.0.5:2379 --fleet prod --secret REST_SECRET --json")]
 pub struct ProbeArgs {
-    /// TURN URLs: turn:HOST[:PORT][?transport=udp|tcp] (default port 3478) or
-    /// turns:HOST[:PORT] (TLS, default port 5349).
+    /// TURN URLs: turn:HOST:PORT?transport=udp|tcp (UDP unless tcp is asked; port 3478
+    /// if none) or turns:HOST:PORT (TLS; port 5349 if none).
     urls: Vec<String>,
     /// Username (with --password), or the user part of a TURN REST username (with --secret).
     #[arg(long, env = "TURNPIKE_PROBE_USER")]
@@ -94,7 +94,7 @@ pub struct ProbeArgs {
     /// Warn when the certificate expires within this many days.
     #[arg(long, default_value_t = 14)]
     warn_days: i64,
-    /// Print the report as JSON (schema in the docs of `turnpike::probe::report`).
+    /// Print the report as JSON (its schema: turnpike/src/probe/report.rs).
     #[arg(long)]
     json: bool,
     /// etcd endpoints of a fleet: probe every transport of every registered instance.
