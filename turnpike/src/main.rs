@@ -1,5 +1,6 @@
 //! The turnpike binary: `serve` (control plane and data plane in one process, joined by
-//! the same gRPC stream as in split mode), `controlplane`, `dataplane`, and `ctl`.
+//! the same gRPC stream as in split mode), `controlplane`, `dataplane`, `ctl`, and `probe`
+//! (checks a deployment end to end, as a client would).
 #![forbid(unsafe_code)]
 
 mod config;
@@ -9,6 +10,7 @@ mod fleet;
 mod leader;
 mod listener;
 mod metrics;
+mod probe;
 mod run;
 mod tls;
 mod tls_clients;
@@ -42,6 +44,10 @@ enum Cmd {
     },
     /// The admin client.
     Ctl(ctl::CtlArgs),
+    /// Checks a TURN deployment end to end: reachability, TLS certificate, authentication,
+    /// Allocate, CreatePermission, ChannelBind, a relayed echo with RTT, loss and jitter,
+    /// the largest datagram. Exits 1 naming the first check that failed.
+    Probe(probe::ProbeArgs),
     /// Attaches a test program of the XDP fast path (`pass`: puts the far end of a
     /// test veth in NAPI mode; `reflect`: sends UDP to port 7 back, the benchmark's
     /// floor) to an interface until SIGTERM or SIGINT. For tests and benchmarks.
@@ -60,7 +66,7 @@ fn main() {
         Cmd::Serve(f) | Cmd::Controlplane(f) | Cmd::Dataplane { flags: f, .. } => {
             f.log_format.clone()
         }
-        Cmd::Ctl(_) | Cmd::XdpTool { .. } => None,
+        Cmd::Ctl(_) | Cmd::Probe(_) | Cmd::XdpTool { .. } => None,
     };
     init_logging(format.as_deref());
     let result = match cli.cmd {
@@ -81,6 +87,7 @@ fn main() {
             run::serve(c, control)
         }),
         Cmd::Ctl(args) => ctl::run(args),
+        Cmd::Probe(args) => std::process::exit(probe::run(args)),
         Cmd::XdpTool { program, iface } => xdp_tool(&program, &iface),
     };
     if let Err(e) = result {

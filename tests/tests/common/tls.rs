@@ -31,6 +31,8 @@ pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate (the client's only trust anchor).
     pub cert: CertificateDer<'static>,
+    /// The same, PEM (for programs that read a CA file).
+    pub cert_pem: String,
 }
 
 /// A server certificate and its key, PEM, and the certificate's DER.
@@ -56,6 +58,7 @@ impl TestCa {
         let cert = ca_params().self_signed(&key).unwrap();
         TestCa {
             cert: cert.der().clone(),
+            cert_pem: cert.pem(),
             issuer: Issuer::new(ca_params(), key),
         }
     }
