@@ -194,14 +194,14 @@ fn first_new_allocation(server: SocketAddr, since: Instant) -> Duration {
 /// How many allocations the control plane with Admin at `admin` lists (`filter`: flags
 /// of `ctl list`).
 fn listed(certs: &Certs, admin: &str, filter: &[&str]) -> usize {
-    let out = certs.ctl(admin, &[&["list"], filter].concat());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let out = certs.ctl(admin, &[&["list", "-o", "json"], filter].concat());
     assert!(
         out.status.success(),
         "ctl list: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    text.matches("allocation_id:").count()
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list["allocations"].as_array().unwrap().len()
 }
 
 /// A cell on a fresh etcd with the fleet's REST secret: two control planes, `cp1`

@@ -114,6 +114,21 @@ fn registry_leases_and_redirection_to_the_least_loaded() {
         );
     }
 
+    // The same for scripts (turnpike/CTL.md).
+    let json: serde_json::Value =
+        serde_json::from_str(&ctl_fleet(&url, &fleet, &["instances", "-o", "json"])).unwrap();
+    assert_eq!(json["kind"], "instance_list", "{json}");
+    for i in [&i2, &i3, &i4] {
+        let rec = json["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == i.id.as_str())
+            .unwrap_or_else(|| panic!("no {} in {json}", i.id));
+        assert_eq!(rec["udp"][0], i.udp.to_string(), "{json}");
+        assert_eq!(rec["draining"], false, "{json}");
+    }
+
     // i3 carries load (5 of 10): i4 is the least loaded.
     let peer = EchoPeer::start();
     let mut held: Vec<Turn> = (0..5)
@@ -446,6 +461,19 @@ fn fleet_wide_admin_and_per_user_quota() {
         );
     }
     assert!(!listing.lines().any(|l| l.starts_with("i4 ")), "{listing}");
+    let out = Command::new(common::bin())
+        .args(["ctl", "--token", common::TOKEN, "fleet", "--etcd", &url])
+        .args(["--fleet", &fleet, "list", "--user", "u", "-o", "json"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let all = json["allocations"].as_array().unwrap();
+    assert_eq!(all.len(), 4, "{json}");
+    assert!(
+        all.iter()
+            .all(|a| a["user"] == "u" && a["instance"] != "i4" && a["relayed"][0].is_string()),
+        "{json}"
+    );
     eventually(
         "fleet stats with 5 allocations",
         Duration::from_secs(6),
@@ -486,8 +514,10 @@ fn fleet_wide_admin_and_per_user_quota() {
     let mut seen = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     while seen.len() < 3 && Instant::now() < deadline {
+        // Each line starts with its instance's id (after a header row).
         if let Ok(l) = rx.recv_timeout(Duration::from_millis(200))
             && let Some(id) = l.split_whitespace().next()
+            && id != "INSTANCE"
         {
             seen.insert(id.to_owned());
         }

@@ -1,10 +1,16 @@
 //! `turnpike ctl`: the admin client, and the certificate helper.
+//!
+//! What it prints is made without I/O by [`view`] (the values, which `--output json`
+//! prints as they are) and [`table`] (the same values as text for people).
+
+mod table;
+mod view;
 
 use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use turnpike_proto::api::v1::{self, admin_client::AdminClient};
@@ -12,12 +18,45 @@ use turnpike_proto::api::v1::{self, admin_client::AdminClient};
 /// Writes a line to stdout; a reader that went away (`ctl list | head`) ends the program
 /// quietly, as a command-line tool should.
 macro_rules! out {
-    ($($t:tt)*) => { emit(format_args!($($t)*)) };
+    ($($t:tt)*) => { emit(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// Writes `text` (whole lines) to stdout, as [`out!`] does.
+fn print(text: &str) {
+    emit(format_args!("{text}"));
+}
+
+/// How `list`, `get`, `stats`, `watch` and `fleet instances|stats|list|watch` print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Aligned columns under a header row, for people.
+    Table,
+    /// JSON in the schema of turnpike/CTL.md, for scripts (`watch`: one document a line).
+    Json,
+}
+
+/// Prints `body` as a JSON document of `kind`: pretty, or on one line for a stream.
+fn print_json<T: serde::Serialize>(kind: &'static str, now: view::Now, body: T, one_line: bool) {
+    let doc = view::Document::new(kind, now, body);
+    let text = if one_line {
+        serde_json::to_string(&doc)
+    } else {
+        serde_json::to_string_pretty(&doc)
+    };
+    // Plain structs with string keys (serde_json writes a non-finite float as null):
+    // serializing them cannot fail.
+    let text = text.unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    out!("{text}");
+}
+
+/// The wall clock, read once per answer: the views count lifetimes from it.
+fn now() -> view::Now {
+    view::Now::from_system(std::time::SystemTime::now())
 }
 
 fn emit(a: std::fmt::Arguments<'_>) {
     let mut o = std::io::stdout().lock();
-    if let Err(e) = writeln!(o, "{a}").and_then(|()| o.flush()) {
+    if let Err(e) = o.write_fmt(a).and_then(|()| o.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
@@ -44,6 +83,10 @@ pub struct CtlArgs {
     /// The name expected in the server's certificate.
     #[arg(long, env = "TURNPIKE_CTL_SERVER_NAME", default_value = crate::tls::CONTROL_PLANE_NAME)]
     server_name: String,
+    /// Output format of list, get, stats, watch and fleet instances|stats|list|watch:
+    /// `table` for people, `json` for scripts (schema: turnpike/CTL.md).
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
     #[command(subcommand)]
     cmd: CtlCmd,
 }
@@ -59,9 +102,9 @@ enum CtlCmd {
         #[arg(long, default_value = "")]
         data_plane: String,
     },
-    /// Show one allocation.
+    /// Show one allocation with its permissions and channels.
     Get {
-        /// Allocation id.
+        /// Allocation id, as `ctl list` prints it.
         id: u64,
     },
     /// Revoke one allocation.
@@ -229,87 +272,81 @@ async fn instances(
         .collect())
 }
 
+/// The live instances in id order, drained as their records or a drain key say, and
+/// when they were read.
+async fn live_instances(
+    e: &turnpike_controlplane::etcd::Etcd,
+    prefix: &str,
+) -> anyhow::Result<(view::Now, Vec<view::Instance>)> {
+    use turnpike_controlplane::fleet::InstanceRecord;
+    let listing = e.get_prefix(&format!("{prefix}instances/")).await?;
+    let drains = e.get_prefix(&format!("{prefix}drain/")).await?;
+    let now = now();
+    let mut all: Vec<view::Instance> = listing
+        .entries
+        .iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<InstanceRecord>(v).ok())
+        .map(|r| {
+            let drained = drains
+                .entries
+                .iter()
+                .any(|(k, _)| k.ends_with(&format!("/{}", r.id)));
+            view::Instance::new(&r, drained, now)
+        })
+        .collect();
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok((now, all))
+}
+
 async fn fleet_cmd(
     etcd: &[String],
     fleet: &str,
     cmd: FleetCmd,
     admin: &AdminOpts,
+    output: Output,
 ) -> anyhow::Result<()> {
     use turnpike_controlplane::etcd::Etcd;
-    use turnpike_controlplane::fleet::InstanceRecord;
     let e = Etcd::connect(etcd).await?;
     let prefix = crate::fleet::prefix(fleet);
     match cmd {
         FleetCmd::Instances => {
-            let listing = e.get_prefix(&format!("{prefix}instances/")).await?;
-            let drains = e.get_prefix(&format!("{prefix}drain/")).await?;
-            out!(
-                "{:<24} {:<10} {:>8} {:>9} {:>10} {:>5}  {:<9} addresses",
-                "instance",
-                "region",
-                "allocs",
-                "capacity",
-                "pkts/s",
-                "cpu%",
-                "state"
-            );
-            for (_, v) in listing.entries {
-                let Ok(r) = serde_json::from_slice::<InstanceRecord>(&v) else {
-                    continue;
-                };
-                let drained = r.draining
-                    || drains
-                        .entries
-                        .iter()
-                        .any(|(k, _)| k.ends_with(&format!("/{}", r.id)));
-                let addrs: Vec<String> = r
-                    .udp
-                    .iter()
-                    .map(|a| format!("udp:{a}"))
-                    .chain(r.tcp.iter().map(|a| format!("tcp:{a}")))
-                    .chain(r.tls.iter().map(|a| format!("tls:{a}")))
-                    .collect();
-                out!(
-                    "{:<24} {:<10} {:>8} {:>9} {:>10} {:>5.1}  {:<9} {}",
-                    r.id,
-                    r.region,
-                    r.allocations,
-                    r.capacity,
-                    r.packets_per_sec,
-                    r.cpu * 100.0,
-                    if drained { "draining" } else { "open" },
-                    addrs.join(" ")
-                );
+            let (now, instances) = live_instances(&e, &prefix).await?;
+            match output {
+                Output::Table => print(&table::instances(&instances)),
+                Output::Json => {
+                    print_json(
+                        "instance_list",
+                        now,
+                        view::InstanceList { instances },
+                        false,
+                    );
+                }
             }
         }
         FleetCmd::Stats => {
-            let all = instances(&e, &prefix).await?;
-            let (mut allocs, mut cap, mut pps) = (0u64, 0u64, 0u64);
-            for r in &all {
-                out!(
-                    "{}: allocations {} of {}, {} packets/s, workers {:.1}% busy, load {:.2}{}",
-                    r.id,
-                    r.allocations,
-                    r.capacity,
-                    r.packets_per_sec,
-                    r.cpu * 100.0,
-                    r.load(),
-                    if r.draining { ", draining" } else { "" }
-                );
-                allocs += r.allocations;
-                cap += r.capacity;
-                pps += r.packets_per_sec;
+            let (now, instances) = live_instances(&e, &prefix).await?;
+            let stats = view::FleetStats::new(instances);
+            match output {
+                Output::Table => print(&table::fleet_stats(&stats)),
+                Output::Json => print_json("fleet_stats", now, stats, false),
             }
-            out!(
-                "fleet: {} instances, allocations {allocs} of {cap}, {pps} packets/s",
-                all.len()
-            );
         }
         FleetCmd::List { user } => {
             let bearer = bearer(admin.token.as_deref(), admin.token_file.as_deref())?;
+            let mut allocations = Vec::new();
+            let mut errors = Vec::new();
             for r in instances(&e, &prefix).await? {
+                let mut fail = |error: String| {
+                    if output == Output::Table {
+                        eprintln!("turnpike: instance {}: {error}", r.id);
+                    }
+                    errors.push(view::InstanceError {
+                        instance: r.id.clone(),
+                        error,
+                    });
+                };
                 let Some(url) = r.admin.clone() else {
-                    out!("{}: no Admin URL in its record", r.id);
+                    fail("no Admin URL in its record".into());
                     continue;
                 };
                 let mut a = match connect_admin(
@@ -322,47 +359,38 @@ async fn fleet_cmd(
                 {
                     Ok(a) => a,
                     Err(err) => {
-                        out!("{}: {err:#}", r.id);
+                        fail(format!("{err:#}"));
                         continue;
                     }
                 };
-                let list = a
-                    .list_allocations(v1::ListAllocationsRequest {
-                        user_id: user.clone(),
-                        data_plane_id: String::new(),
-                        page_size: 0,
-                        page_token: String::new(),
-                    })
-                    .await;
-                match list {
+                match list_all(&mut a, &user, "").await {
                     Ok(l) => {
-                        for info in l.into_inner().allocations {
-                            let Some(al) = info.state.and_then(|st| st.allocation) else {
-                                continue;
-                            };
-                            let relayed: Vec<String> = al
-                                .relay_addresses
-                                .iter()
-                                .filter_map(|a| std::net::SocketAddr::try_from(a).ok())
-                                .map(|a| a.to_string())
-                                .collect();
-                            out!(
-                                "{} {} user={} username={} relayed={}",
-                                r.id,
-                                al.allocation_id,
-                                al.user_id,
-                                al.username,
-                                relayed.join(",")
-                            );
-                        }
+                        let now = now();
+                        allocations.extend(l.iter().filter_map(|info| {
+                            let mut v = view::Allocation::new(info, now)?;
+                            v.instance = Some(r.id.clone());
+                            Some(v)
+                        }));
                     }
-                    Err(err) => out!("{}: {}", r.id, err.message()),
+                    Err(err) => fail(err.message().to_owned()),
                 }
+            }
+            match output {
+                Output::Table => print(&table::allocations(&allocations)),
+                Output::Json => print_json(
+                    "allocation_list",
+                    now(),
+                    view::AllocationList {
+                        allocations,
+                        errors,
+                    },
+                    false,
+                ),
             }
         }
         FleetCmd::Watch { user } => {
             let bearer = bearer(admin.token.as_deref(), admin.token_file.as_deref())?;
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, v1::Event)>(1024);
             for r in instances(&e, &prefix).await? {
                 let Some(url) = r.admin.clone() else { continue };
                 let mut a = connect_admin(
@@ -386,15 +414,18 @@ async fn fleet_cmd(
                     let Ok(s) = s else { return };
                     let mut s = s.into_inner();
                     while let Ok(Some(ev)) = s.message().await {
-                        if tx.send(format!("{} {ev:?}", r.id)).await.is_err() {
+                        if tx.send((r.id.clone(), ev)).await.is_err() {
                             return;
                         }
                     }
                 });
             }
             drop(tx);
-            while let Some(line) = rx.recv().await {
-                out!("{line}");
+            if output == Output::Table {
+                print(&table::event_header(true));
+            }
+            while let Some((instance, ev)) = rx.recv().await {
+                print_event(&view::Event::new(&ev, Some(&instance), now()), output);
             }
         }
         FleetCmd::Drain { instance, undrain } => {
@@ -561,7 +592,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             ca: args.ca.clone(),
             server_name: args.server_name.clone(),
         };
-        return rt.block_on(fleet_cmd(&etcd, &fleet, cmd, &admin));
+        return rt.block_on(fleet_cmd(&etcd, &fleet, cmd, &admin, args.output));
     }
     let bearer = bearer(args.token.as_deref(), args.token_file.as_deref())?;
     rt.block_on(async move {
@@ -570,22 +601,42 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
         match args.cmd {
             CtlCmd::Certs { .. } | CtlCmd::Fleet { .. } => {}
             CtlCmd::List { user, data_plane } => {
-                let r = admin
-                    .list_allocations(v1::ListAllocationsRequest {
-                        user_id: user,
-                        data_plane_id: data_plane,
-                        page_size: 0,
-                        page_token: String::new(),
-                    })
-                    .await?
-                    .into_inner();
-                out!("{:#?}", r.allocations);
+                let all = list_all(&mut admin, &user, &data_plane).await?;
+                let now = now();
+                let allocations: Vec<view::Allocation> = all
+                    .iter()
+                    .filter_map(|a| view::Allocation::new(a, now))
+                    .collect();
+                match args.output {
+                    Output::Table => print(&table::allocations(&allocations)),
+                    Output::Json => print_json(
+                        "allocation_list",
+                        now,
+                        view::AllocationList {
+                            allocations,
+                            errors: vec![],
+                        },
+                        false,
+                    ),
+                }
             }
             CtlCmd::Get { id } => {
                 let r = admin
                     .get_allocation(v1::GetAllocationRequest { allocation_id: id })
-                    .await?;
-                out!("{:#?}", r.into_inner().allocation);
+                    .await?
+                    .into_inner();
+                let now = now();
+                let allocation = r
+                    .allocation
+                    .as_ref()
+                    .and_then(|a| view::Allocation::new(a, now))
+                    .with_context(|| format!("the server sent no allocation {id}"))?;
+                match args.output {
+                    Output::Table => print(&table::allocation(&allocation)),
+                    Output::Json => {
+                        print_json("allocation", now, view::AllocationDoc { allocation }, false);
+                    }
+                }
             }
             CtlCmd::Revoke { id } => {
                 admin
@@ -607,9 +658,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             CtlCmd::Stats => {
                 let stats = admin.get_stats(v1::GetStatsRequest {}).await?.into_inner();
-                out!("{stats:#?}");
-                for line in paths_summary(&stats) {
-                    out!("{line}");
+                let now = now();
+                let stats = view::Stats::new(&stats, now);
+                match args.output {
+                    Output::Table => print(&table::stats(&stats)),
+                    Output::Json => print_json("stats", now, stats, false),
                 }
             }
             CtlCmd::Drain {
@@ -642,8 +695,11 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
                     })
                     .await?
                     .into_inner();
+                if args.output == Output::Table {
+                    print(&table::event_header(false));
+                }
                 while let Some(e) = s.message().await? {
-                    out!("{e:?}");
+                    print_event(&view::Event::new(&e, None, now()), args.output);
                 }
             }
         }
@@ -651,42 +707,36 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     })
 }
 
-/// One line per data plane: what its XDP fast path relayed and what its socket path
-/// relayed (the report's traffic is both).
-fn paths_summary(stats: &v1::GetStatsResponse) -> Vec<String> {
-    let pk = |u: Option<&v1::Usage>| {
-        let c = |t: Option<&v1::TrafficCounters>| t.map_or(0, |t| t.packets);
-        u.map_or((0, 0), |u| {
-            (c(u.client_to_peer.as_ref()), c(u.peer_to_client.as_ref()))
-        })
-    };
-    stats
-        .data_planes
-        .iter()
-        .filter_map(|d| {
-            let load = d.load.as_ref()?;
-            let (up, down) = pk(load.traffic.as_ref());
-            Some(match &load.fast_path {
-                None => format!(
-                    "{}: socket path {up} packets to peers, {down} to clients; XDP not asked for",
-                    d.data_plane_id
-                ),
-                Some(f) if f.interfaces.is_empty() => format!(
-                    "{}: socket path {up} packets to peers, {down} to clients; XDP off: {}",
-                    d.data_plane_id, f.off_reason
-                ),
-                Some(f) => {
-                    let (xup, xdown) = pk(f.traffic.as_ref());
-                    let passed: u64 = f.passed.iter().map(|p| p.packets).sum();
-                    format!(
-                        "{}: XDP on {} relayed {xup} packets to peers, {xdown} to clients, passed {passed} frames to the workers; socket path {} to peers, {} to clients",
-                        d.data_plane_id,
-                        f.interfaces.join(", "),
-                        up.saturating_sub(xup),
-                        down.saturating_sub(xdown)
-                    )
-                }
+/// Prints one event of `ctl watch` or `ctl fleet watch`.
+fn print_event(e: &view::Event, output: Output) {
+    match output {
+        Output::Table => print(&table::event(e)),
+        Output::Json => print_json("event", now(), e, true),
+    }
+}
+
+/// Every allocation (`user`, `data_plane`: filters, empty for all), page after page.
+async fn list_all(
+    admin: &mut Admin,
+    user: &str,
+    data_plane: &str,
+) -> Result<Vec<v1::AllocationInfo>, tonic::Status> {
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let r = admin
+            .list_allocations(v1::ListAllocationsRequest {
+                user_id: user.to_owned(),
+                data_plane_id: data_plane.to_owned(),
+                page_size: 0,
+                page_token,
             })
-        })
-        .collect()
+            .await?
+            .into_inner();
+        all.extend(r.allocations);
+        if r.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        page_token = r.next_page_token;
+    }
 }
