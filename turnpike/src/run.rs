@@ -385,8 +385,14 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             attached_tx,
         ));
         if let Some(addr) = cfg.metrics_listen {
-            metrics::spawn(addr, listener_limits(&cfg), cp.clone(), Some(dp.handle()), queue.clone())
-                .await?;
+            let health = metrics::Health {
+                cp: cp.clone(),
+                dp: Some(dp.handle()),
+                attached: Some(attached.clone()),
+                stopping: draining.subscribe(),
+                elected: false,
+            };
+            metrics::spawn(addr, listener_limits(&cfg), health, queue.clone()).await?;
         }
         if let (Some(f), Some(cp)) = (&cfg.fleet, &cp) {
             // Other instances send clients here (ALTERNATE-SERVER): behind a 1:1 NAT,
@@ -471,12 +477,19 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
 pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
     runtime(2)?.block_on(async move {
         let started = start_control_plane(&mut cfg, false).await?;
-        if let Some(m) = cfg.metrics_listen {
-            let (q, _rx) = PuntQueue::new(1);
-            metrics::spawn(m, listener_limits(&cfg), Some(started.cp.clone()), None, q).await?;
-        }
         let held = crate::leader::Held::default();
         let (draining, _) = watch::channel(false);
+        if let Some(m) = cfg.metrics_listen {
+            let (q, _rx) = PuntQueue::new(1);
+            let health = metrics::Health {
+                cp: Some(started.cp.clone()),
+                dp: None,
+                attached: None,
+                stopping: draining.subscribe(),
+                elected: cfg.fleet.is_some(),
+            };
+            metrics::spawn(m, listener_limits(&cfg), health, q).await?;
+        }
         if let Some(f) = cfg.fleet.clone() {
             // The cell registers in the fleet while this control plane leads it.
             let base = turnpike_controlplane::fleet::InstanceRecord {
