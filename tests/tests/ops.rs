@@ -163,3 +163,36 @@ fn readyz_of_a_data_plane_is_503_once_its_control_plane_is_gone() {
     cp2.wait_for("control plane ready", Duration::from_secs(20));
     readyz_becomes(&dp_metrics, 200, Duration::from_secs(20));
 }
+
+#[test]
+fn quotas_are_in_the_start_up_lines_and_a_users_first_486_is_logged_once() {
+    let (mut p, server, _admin, _metrics) = serve(&["--user-quota", "2"]);
+    let line = p.wait_for("turnpike quotas:", Duration::from_secs(1));
+    assert!(line.contains("2 allocations per user"), "{line}");
+    assert!(line.contains("--user-quota"), "{line}");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut t = Turn::new(server, "u", "p");
+        assert!(matches!(t.allocate(), Outcome::Allocated(_)));
+        held.push(t);
+    }
+    for _ in 0..4 {
+        let mut t = Turn::new(server, "u", "p");
+        assert_eq!(t.allocate(), Outcome::Failed(486));
+    }
+    let first = "reached the per-user allocation quota";
+    let line = p.wait_for(first, Duration::from_secs(5));
+    assert!(
+        line.contains("\"u\"") && line.contains("--user-quota"),
+        "{line}"
+    );
+    // Let every later line arrive: the next Allocate's answer comes after them.
+    let mut t = Turn::new(server, "u", "p");
+    assert_eq!(t.allocate(), Outcome::Failed(486));
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok(l) = p.lines.try_recv() {
+        p.seen.push(l);
+    }
+    let n = p.seen.iter().filter(|l| l.contains(first)).count();
+    assert_eq!(n, 1, "{}", p.seen.join("\n"));
+}

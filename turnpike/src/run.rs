@@ -130,6 +130,19 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
             t
         }
     };
+    let unlimited = |q: u32| {
+        if q == 0 {
+            "unlimited".to_owned()
+        } else {
+            q.to_string()
+        }
+    };
+    println!(
+        "turnpike quotas: {} allocations per user, {} in all (--user-quota, --total-quota; \
+         user_quota, total_quota in the config; 0: unlimited)",
+        unlimited(cfg.server.user_quota),
+        unlimited(cfg.server.total_quota)
+    );
     let auth = AdminAuth::new(std::slice::from_ref(&token));
     let creds = Credentials::new(&cfg.realm, &cfg.users, &cfg.secrets);
     let mut secret = [0u8; 32];
