@@ -196,3 +196,82 @@ fn quotas_are_in_the_start_up_lines_and_a_users_first_486_is_logged_once() {
     let n = p.seen.iter().filter(|l| l.contains(first)).count();
     assert_eq!(n, 1, "{}", p.seen.join("\n"));
 }
+
+/// The metric names in the PromQL of a Grafana dashboard: every `turnpike_...` token
+/// of every `expr`.
+fn dashboard_metrics(v: &serde_json::Value, out: &mut BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                if k == "expr"
+                    && let Some(e) = v.as_str()
+                {
+                    let bytes = e.as_bytes();
+                    let mut i = 0;
+                    while let Some(at) = e[i..].find("turnpike_") {
+                        let start = i + at;
+                        let before_ok = start == 0
+                            || !(bytes[start - 1].is_ascii_alphanumeric()
+                                || bytes[start - 1] == b'_');
+                        let end = e[start..]
+                            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                            .map_or(e.len(), |n| start + n);
+                        if before_ok {
+                            out.insert(e[start..end].to_owned());
+                        }
+                        i = end;
+                    }
+                } else {
+                    dashboard_metrics(v, out);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| dashboard_metrics(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_metric_of_the_grafana_dashboard_is_served() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/turnpike.json"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut used = BTreeSet::new();
+    dashboard_metrics(&json, &mut used);
+    assert!(used.len() >= 10, "too few metrics found: {used:?}");
+
+    let (_p, _server, _admin, metrics) = serve(&[]);
+    let (code, text) = get(&metrics, "/metrics");
+    assert_eq!(code, 200);
+    // Served: a family the server declares (`# TYPE`), or a sample's name.
+    let mut served = BTreeSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            served.extend(rest.split_whitespace().next().map(str::to_owned));
+        } else if !l.starts_with('#') {
+            served.extend(
+                l.split(['{', ' '])
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+    }
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|n| {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .unwrap_or(n);
+            !served.contains(n.as_str()) && !served.contains(base)
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard uses metrics the server does not serve: {missing:?}\nserved: {served:?}"
+    );
+}

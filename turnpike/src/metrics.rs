@@ -189,14 +189,24 @@ fn render_xdp(
     let status = dp.xdp_status();
     let _ = writeln!(o, "turnpike_xdp_enabled {}", u8::from(status.is_ok()));
     let (Ok(attached), Some(stats)) = (status, dp.xdp_stats()) else {
+        // Off: the families are declared all the same (no samples), so that dashboards
+        // and alerts can name them whatever the host.
+        for (name, kind, help) in XDP_FAMILIES {
+            metric(o, name, kind, help);
+        }
         return;
     };
-    metric(
-        o,
-        "turnpike_xdp_attached",
-        "gauge",
-        "Interfaces the XDP program is attached to, with the mode (native, generic).",
-    );
+    let [
+        attached_h,
+        packets_h,
+        bytes_h,
+        passed_h,
+        checksums_h,
+        allocations_h,
+    ] = XDP_FAMILIES;
+    let family =
+        |o: &mut String, (name, kind, help): (&str, &str, &str)| metric(o, name, kind, help);
+    family(o, attached_h);
     for a in &attached {
         let _ = writeln!(
             o,
@@ -204,24 +214,14 @@ fn render_xdp(
             a.iface, a.mode
         );
     }
-    metric(
-        o,
-        "turnpike_xdp_relayed_packets_total",
-        "counter",
-        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down); not in turnpike_relayed_packets_total.",
-    );
+    family(o, packets_h);
     for (path, v) in stats.relayed() {
         let _ = writeln!(
             o,
             "turnpike_xdp_relayed_packets_total{{path=\"{path}\"}} {v}"
         );
     }
-    metric(
-        o,
-        "turnpike_xdp_relayed_bytes_total",
-        "counter",
-        "Payload bytes relayed by the XDP program, by direction.",
-    );
+    family(o, bytes_h);
     let _ = writeln!(
         o,
         "turnpike_xdp_relayed_bytes_total{{direction=\"to_peer\"}} {}",
@@ -232,32 +232,17 @@ fn render_xdp(
         "turnpike_xdp_relayed_bytes_total{{direction=\"to_client\"}} {}",
         stats.to_client_bytes()
     );
-    metric(
-        o,
-        "turnpike_xdp_passed_total",
-        "counter",
-        "Frames the XDP program passed to the socket path, by reason.",
-    );
+    family(o, passed_h);
     for (reason, v) in stats.passed() {
         let _ = writeln!(o, "turnpike_xdp_passed_total{{reason=\"{reason}\"}} {v}");
     }
-    metric(
-        o,
-        "turnpike_xdp_checksums_completed_total",
-        "counter",
-        "Partial UDP checksums (senders on this host, veth transmit offload) the XDP program completed.",
-    );
+    family(o, checksums_h);
     let _ = writeln!(
         o,
         "turnpike_xdp_checksums_completed_total {}",
         stats.completed_checksums()
     );
-    metric(
-        o,
-        "turnpike_xdp_allocations",
-        "gauge",
-        "Allocations with entries in the XDP program's maps, by worker.",
-    );
+    family(o, allocations_h);
     for (w, c) in workers.iter().enumerate() {
         let _ = writeln!(
             o,
@@ -266,6 +251,40 @@ fn render_xdp(
         );
     }
 }
+
+/// The XDP program's metric families (name, type, help), in the order they are written.
+const XDP_FAMILIES: [(&str, &str, &str); 6] = [
+    (
+        "turnpike_xdp_attached",
+        "gauge",
+        "Interfaces the XDP program is attached to, with the mode (native, generic).",
+    ),
+    (
+        "turnpike_xdp_relayed_packets_total",
+        "counter",
+        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down); not in turnpike_relayed_packets_total.",
+    ),
+    (
+        "turnpike_xdp_relayed_bytes_total",
+        "counter",
+        "Payload bytes relayed by the XDP program, by direction.",
+    ),
+    (
+        "turnpike_xdp_passed_total",
+        "counter",
+        "Frames the XDP program passed to the socket path, by reason.",
+    ),
+    (
+        "turnpike_xdp_checksums_completed_total",
+        "counter",
+        "Partial UDP checksums (senders on this host, veth transmit offload) the XDP program completed.",
+    ),
+    (
+        "turnpike_xdp_allocations",
+        "gauge",
+        "Allocations with entries in the XDP program's maps, by worker.",
+    ),
+];
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
