@@ -53,6 +53,20 @@ pub enum ClusterOutput {
     Event(v1::Event),
 }
 
+/// Whether an instance takes new allocations (for readiness, and for the fleet
+/// registry, which publishes a drained instance as draining).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainState {
+    /// New allocations are not taken here (drained by `ctl drain`, `ctl fleet drain`
+    /// or SIGTERM): they are redirected, or refused with 508.
+    pub draining: bool,
+    /// Every data plane of the cell is drained (`ctl drain`).
+    pub cell_drained: bool,
+    /// Not drained, but new allocations are redirected: the instance is at its
+    /// redirect load.
+    pub redirecting: bool,
+}
+
 /// Why a drain could not be done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DrainError {
@@ -119,6 +133,12 @@ pub struct Cluster {
     fleet: Option<crate::fleet::Alternates>,
     /// The fleet drained this instance.
     fleet_draining: bool,
+    /// Where new allocations go should this instance be drained (by `ctl drain`, or
+    /// SIGTERM before the fleet has heard of it): the fleet's choice, kept current
+    /// whether or not this instance redirects now, so that a drain redirects at once.
+    fleet_on_drain: Option<crate::fleet::Alternates>,
+    /// The process itself is draining (SIGTERM with a grace).
+    self_draining: bool,
     /// Users revoked fleet-wide.
     revoked_users: std::collections::HashSet<String>,
     /// The configured peer lists and quotas, kept when the fleet's replace them.
@@ -161,6 +181,8 @@ impl Cluster {
             pools: HashMap::new(),
             fleet: None,
             fleet_draining: false,
+            fleet_on_drain: None,
+            self_draining: false,
             revoked_users: std::collections::HashSet::new(),
             configured: None,
             cell_drained: false,
@@ -471,8 +493,7 @@ impl Cluster {
             );
         }
         self.cell_drained = !self.conns.values().any(|c| !c.draining);
-        self.server
-            .set_draining(self.cell_drained || self.fleet_draining, None);
+        self.update_draining();
         let allocations = self
             .allocation_dp
             .values()
@@ -485,9 +506,16 @@ impl Cluster {
     }
 
     /// The fleet's decision for this instance: `draining` (take no new allocations:
-    /// they get 300 to `alternates`, or 508 without one), and where new allocations go
-    /// instead while it redirects (`alternates`, set for a drained or loaded instance).
-    pub fn set_fleet(&mut self, draining: bool, alternates: Option<crate::fleet::Alternates>) {
+    /// they get 300 to `alternates`, or 508 without one), where new allocations go
+    /// instead while it redirects (`alternates`, set for a drained or loaded instance),
+    /// and where they would go were it drained (`on_drain`: used when the instance is
+    /// drained by `ctl drain` or SIGTERM before the fleet has published it).
+    pub fn set_fleet(
+        &mut self,
+        draining: bool,
+        alternates: Option<crate::fleet::Alternates>,
+        on_drain: Option<crate::fleet::Alternates>,
+    ) {
         if draining != self.fleet_draining {
             tracing::info!(draining, "instance drain state from the fleet");
         }
@@ -495,9 +523,32 @@ impl Cluster {
             tracing::info!(to = ?alternates.as_ref().map(|a| a.instance.as_str()), "new allocations redirected");
         }
         self.fleet_draining = draining;
-        self.server
-            .set_draining(self.cell_drained || self.fleet_draining, None);
         self.fleet = alternates;
+        self.fleet_on_drain = on_drain;
+        self.update_draining();
+    }
+
+    /// Drains (or undrains) the instance itself (SIGTERM with a grace): new allocations
+    /// are redirected as for a drain by the fleet, to the instance the fleet last chose.
+    pub fn set_self_draining(&mut self, draining: bool) {
+        self.self_draining = draining;
+        self.update_draining();
+    }
+
+    /// Whether new allocations are taken, and why not.
+    pub fn drain_state(&self) -> DrainState {
+        DrainState {
+            draining: self.server.draining(),
+            cell_drained: self.cell_drained && !self.conns.is_empty(),
+            redirecting: self.fleet.is_some() && !self.server.draining(),
+        }
+    }
+
+    fn update_draining(&mut self) {
+        self.server.set_draining(
+            self.cell_drained || self.fleet_draining || self.self_draining,
+            None,
+        );
     }
 
     /// Applies the configuration shared through the fleet: its users next to the
@@ -674,10 +725,19 @@ impl Cluster {
         // that redirects (drained, or loaded: see `fleet.rs`) to another of the fleet.
         let (alternate, domain) = match self.alternate_for(conn, tuple.transport) {
             Some(a) => (Some(a), None),
-            None => match &self.fleet {
-                Some(f) => (f.for_transport(tuple.transport), f.tls_domain.as_deref()),
-                None => (None, None),
-            },
+            None => {
+                // Drained here (`ctl drain`, SIGTERM) before the fleet has published
+                // it: to where the fleet would send a drained instance's clients.
+                let drained = self.server.draining();
+                match self
+                    .fleet
+                    .as_ref()
+                    .or(self.fleet_on_drain.as_ref().filter(|_| drained))
+                {
+                    Some(f) => (f.for_transport(tuple.transport), f.tls_domain.as_deref()),
+                    None => (None, None),
+                }
+            }
         };
         let via = crate::server::Via {
             relay_ips: &relay_ips,

@@ -228,6 +228,18 @@ impl FleetView {
         if !me.draining && !self.overloaded {
             return None;
         }
+        self.pick(me, me.draining, now_ms)
+    }
+
+    /// Where new allocations would go were this instance drained now: the least loaded
+    /// live, open, not overloaded instance of its region (`None`: there is none, they
+    /// would get 508). Leaves the redirection state as it is.
+    pub fn drain_target(&self, me: &InstanceRecord, now_ms: u64) -> Option<Alternates> {
+        self.pick(me, true, now_ms)
+    }
+
+    fn pick(&self, me: &InstanceRecord, drained: bool, now_ms: u64) -> Option<Alternates> {
+        let load = me.load();
         let region = &me.region;
         self.others
             .values()
@@ -235,7 +247,7 @@ impl FleetView {
             .filter(|r| !r.draining)
             .filter(|r| now_ms.saturating_sub(r.updated_ms) < self.cfg.stale_ms)
             .filter(|r| r.load() < self.cfg.high)
-            .filter(|r| me.draining || r.load() + self.cfg.margin <= load)
+            .filter(|r| drained || r.load() + self.cfg.margin <= load)
             .filter(|r| !r.udp.is_empty() || !r.tcp.is_empty() || !r.tls.is_empty())
             .min_by(|a, b| a.load().total_cmp(&b.load()).then_with(|| a.id.cmp(&b.id)))
             .map(|r| Alternates {
@@ -308,6 +320,11 @@ mod tests {
         // Overloaded, but no instance qualifies ("close" is not lighter by the margin).
         assert_eq!(v.decide(&me, now), None);
         assert!(v.overloaded());
+        // Were it drained, "close" would do: a drain redirects at once.
+        assert_eq!(
+            v.drain_target(&me, now).map(|a| a.instance),
+            Some("close".into())
+        );
         // Drained, this instance takes any live, open, not overloaded one.
         let mut me = me;
         me.draining = true;

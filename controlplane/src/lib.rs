@@ -22,7 +22,7 @@ pub mod service;
 pub mod types;
 
 pub use auth::{Credentials, rest_password};
-pub use cluster::{Cluster, ClusterOutput, ConnId, DrainError};
+pub use cluster::{Cluster, ClusterOutput, ConnId, DrainError, DrainState};
 pub use policy::{Cidr, PeerPolicy, Verdict, canonical_ip};
 pub use server::{AllocationInfo, Server, ServerConfig, Stats, Via, reason_phrase};
 pub use service::{AdminAuth, ControlPlaneHandle, RequireClientCert};

@@ -67,6 +67,10 @@ const SWEEP_INTERVAL_MS: u64 = 1_000;
 const RATE_LIMIT_SOURCES: usize = 65_536;
 /// Refusal log lines written per second and kind; the rest are summarized once a second.
 const REFUSAL_LOGS_PER_SEC: u32 = 5;
+/// Users whose first 486 is remembered as logged (a bound on memory). The first 486 of
+/// a user is always logged, whatever the sampler says: a platform that hands one
+/// username to every client learns from it why allocations stop.
+const QUOTA_LOGGED_USERS: usize = 10_000;
 
 /// The server's settings. Every field has a default; see [`ServerConfig::default`].
 #[derive(Debug, Clone)]
@@ -308,6 +312,9 @@ pub struct Server {
     next_sweep: Millis,
     /// One sampler per [`Refusal`] kind.
     refusal_logs: [LogSampler; Refusal::COUNT],
+    /// Users whose first 486 has been logged (at most [`QUOTA_LOGGED_USERS`]; emptied
+    /// when full, so that each is logged again once).
+    quota_logged: std::collections::HashSet<String>,
 }
 
 /// Kinds of refusal that are logged (sampled: see [`REFUSAL_LOGS_PER_SEC`]).
@@ -438,6 +445,7 @@ impl Server {
             revoked: std::collections::HashSet::new(),
             next_sweep: Millis(0),
             refusal_logs: std::array::from_fn(|_| LogSampler::new(REFUSAL_LOGS_PER_SEC)),
+            quota_logged: std::collections::HashSet::new(),
         }
     }
 
@@ -735,8 +743,28 @@ impl Server {
             }
             Note::Quota => {
                 self.stats.quota_rejected += 1;
-                if self.sample(Refusal::Quota, now) {
-                    tracing::warn!(client = %tuple.client, user = %auth.account, code = r.code, "allocation quota reached");
+                if r.code == 486 && !self.quota_logged.contains(&auth.account) {
+                    if self.quota_logged.len() >= QUOTA_LOGGED_USERS {
+                        self.quota_logged.clear();
+                    }
+                    self.quota_logged.insert(auth.account.clone());
+                    let quota = self.cfg.user_quota;
+                    tracing::warn!(
+                        client = %tuple.client,
+                        user = %auth.account,
+                        quota,
+                        "user {:?} reached the per-user allocation quota ({quota}): Allocate refused with 486; \
+                         raise it with user_quota (--user-quota, TURNPIKE_USER_QUOTA; 0: unlimited). \
+                         Further refusals are counted in turnpike_quota_rejected_total and logged sampled",
+                        auth.account
+                    );
+                } else if self.sample(Refusal::Quota, now) {
+                    let setting = if r.code == 486 {
+                        "user_quota (--user-quota)"
+                    } else {
+                        "total_quota (--total-quota)"
+                    };
+                    tracing::warn!(client = %tuple.client, user = %auth.account, code = r.code, setting, "allocation quota reached");
                 }
             }
         }

@@ -141,7 +141,11 @@ enum Cmd {
     Fleet {
         draining: bool,
         alternates: Option<crate::fleet::Alternates>,
+        on_drain: Option<crate::fleet::Alternates>,
         users: Option<HashMap<String, u32>>,
+    },
+    SelfDrain {
+        draining: bool,
     },
     HeavyUsers {
         min: u32,
@@ -168,6 +172,8 @@ struct Actor {
     /// Read again when a data plane attaches: a stream that arrives after
     /// [`ControlPlaneHandle::step_down`] is refused.
     leadership: Arc<Leadership>,
+    /// The cluster's drain state, published after every turn.
+    drain_state: tokio::sync::watch::Sender<crate::cluster::DrainState>,
 }
 
 /// Handles to the running control plane.
@@ -181,6 +187,8 @@ pub struct ControlPlaneHandle {
     /// Whether this control plane leads its cell (always, without an election): data
     /// planes may attach only to the leader.
     leadership: Arc<Leadership>,
+    /// Whether it takes new allocations (see [`ControlPlaneHandle::drain_state`]).
+    drain_state: tokio::sync::watch::Receiver<crate::cluster::DrainState>,
 }
 
 /// Whether a control plane leads its cell, and who does when it does not.
@@ -207,11 +215,13 @@ impl ControlPlaneHandle {
             leading: std::sync::atomic::AtomicBool::new(true),
             leader: std::sync::Mutex::new(None),
         });
+        let (drain_tx, drain_state) = tokio::sync::watch::channel(Default::default());
         let actor = Actor {
             cluster: Cluster::new(server),
             txs: HashMap::new(),
             events: events.clone(),
             leadership: leadership.clone(),
+            drain_state: drain_tx,
         };
         tokio::spawn(actor.run(rx));
         ControlPlaneHandle {
@@ -220,6 +230,7 @@ impl ControlPlaneHandle {
             configured_quotas: quotas,
             events,
             leadership,
+            drain_state,
         }
     }
 
@@ -283,6 +294,11 @@ impl ControlPlaneHandle {
         if let Ok(mut l) = self.leadership.leader.lock() {
             *l = url;
         }
+    }
+
+    /// The URL of the cell's leader as last seen by this follower.
+    pub fn known_leader(&self) -> Option<String> {
+        self.leadership.leader.lock().ok().and_then(|l| l.clone())
     }
 
     /// Stops leading at once: refuses new data planes and closes the streams of those
@@ -363,16 +379,37 @@ impl ControlPlaneHandle {
         &self,
         draining: bool,
         alternates: Option<crate::fleet::Alternates>,
+        on_drain: Option<crate::fleet::Alternates>,
         users: Option<HashMap<String, u32>>,
     ) -> Result<(), Status> {
         self.tx
             .send(Cmd::Fleet {
                 draining,
                 alternates,
+                on_drain,
                 users,
             })
             .await
             .map_err(|_| Status::unavailable("control plane stopped"))
+    }
+
+    /// Drains the instance itself (see [`Cluster::set_self_draining`]).
+    pub async fn set_self_draining(&self, draining: bool) -> Result<(), Status> {
+        self.tx
+            .send(Cmd::SelfDrain { draining })
+            .await
+            .map_err(|_| Status::unavailable("control plane stopped"))
+    }
+
+    /// Whether this instance takes new allocations now, and why not (updated after
+    /// every turn of the actor).
+    pub fn drain_state(&self) -> crate::cluster::DrainState {
+        *self.drain_state.borrow()
+    }
+
+    /// A receiver that sees every change of [`ControlPlaneHandle::drain_state`].
+    pub fn watch_drain_state(&self) -> tokio::sync::watch::Receiver<crate::cluster::DrainState> {
+        self.drain_state.clone()
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
@@ -555,6 +592,12 @@ impl Actor {
             }
             self.cluster.handle_timeout(now);
             self.flush();
+            let state = self.cluster.drain_state();
+            self.drain_state.send_if_modified(|s| {
+                let changed = *s != state;
+                *s = state;
+                changed
+            });
         }
     }
 
@@ -622,13 +665,15 @@ impl Actor {
             Cmd::Fleet {
                 draining,
                 alternates,
+                on_drain,
                 users,
             } => {
-                c.set_fleet(draining, alternates);
+                c.set_fleet(draining, alternates, on_drain);
                 if let Some(u) = users {
                     c.set_fleet_user_counts(u);
                 }
             }
+            Cmd::SelfDrain { draining } => c.set_self_draining(draining),
             Cmd::Shared { shared } => c.set_shared_config(&shared),
             Cmd::HeavyUsers { min, reply } => {
                 let _ = reply.send(

@@ -292,6 +292,8 @@ pub async fn run_following(
         };
         backoff = BACKOFF_MIN;
         tracing::info!(control = %target, "attached to control plane");
+        // A new stream starts undrained: the control plane says so again if not.
+        dp.set_drained(false);
         let _ = attached.send(true);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -442,6 +444,7 @@ async fn apply(
         }
         M::Drain(d) => {
             tracing::info!(draining = d.draining, "drain state from control plane");
+            dp.set_drained(d.draining);
         }
     }
 }

@@ -77,6 +77,8 @@ struct Shared {
     own: Vec<SocketAddr>,
     /// The XDP fast path, when it is on; else why it is off.
     xdp: Result<Arc<FastPath>, String>,
+    /// Its control plane drained it (`ctl drain`): for readiness.
+    drained: std::sync::atomic::AtomicBool,
 }
 
 impl DataPlane {
@@ -279,6 +281,7 @@ impl DataPlane {
                     denied,
                     own,
                     xdp,
+                    drained: std::sync::atomic::AtomicBool::new(false),
                 }),
             },
             threads,
@@ -346,6 +349,17 @@ impl DataPlaneHandle {
             let _ = q.wake.write(1);
         }
         Ok(())
+    }
+
+    /// Records whether its control plane drained it (new allocations arriving here are
+    /// redirected or refused by the control plane; this is for readiness).
+    pub fn set_drained(&self, drained: bool) {
+        self.shared.drained.store(drained, Ordering::Relaxed);
+    }
+
+    /// Whether its control plane drained it, as last told.
+    pub fn drained(&self) -> bool {
+        self.shared.drained.load(Ordering::Relaxed)
     }
 
     /// How many workers there are.

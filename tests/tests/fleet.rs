@@ -530,3 +530,88 @@ fn fleet_wide_admin_and_per_user_quota() {
         "events from every instance"
     );
 }
+
+/// The "first 300" of a drained instance: how long it took to appear, and what the
+/// last answer was while waiting (for the failure message).
+fn first_redirect(at: SocketAddr, limit: Duration) -> (Duration, Outcome, Option<SocketAddr>) {
+    let started = Instant::now();
+    loop {
+        let mut probe = Turn::new(at, "u", "p");
+        let r = probe.allocate();
+        if r == Outcome::Failed(300) || started.elapsed() >= limit {
+            return (started.elapsed(), r, alternate(&probe));
+        }
+        eprintln!("{:?} after the drain: {r:?}", started.elapsed());
+        if matches!(r, Outcome::Allocated(_)) {
+            let _ = probe.refresh(0);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ctl_drain_and_sigterm_on_a_fleet_member_redirect_to_a_live_instance() {
+    if !etcd_available() {
+        return;
+    }
+    let etcd = EtcdProc::start();
+    let url = etcd.url();
+    let fleet = fleet_name("ctl-drain");
+    let mut a = instance(&url, &fleet, 2, &["--drain-grace", "30"]);
+    let b = instance(&url, &fleet, 3, &[]);
+    let admin = a
+        .proc
+        .wait_for("admin listening on http://", Duration::from_secs(1));
+    let admin = admin.rsplit("http://").next().unwrap().trim().to_owned();
+    // Both registered, and A has reported since it saw B.
+    eventually("both instances registered", Duration::from_secs(5), || {
+        let l = ctl_fleet(&url, &fleet, &["instances"]);
+        l.contains(&a.id) && l.contains(&b.id)
+    });
+    std::thread::sleep(fleet_report());
+
+    // `ctl drain` on A: a new Allocate at A gets 300 naming B (not 508), as `ctl fleet
+    // drain` does.
+    let out = common::ctl_plain(&admin, &["drain"]);
+    assert!(out.status.success(), "{out:?}");
+    let (waited, r, alt) = first_redirect(a.udp, Duration::from_secs(3));
+    assert_eq!(r, Outcome::Failed(300), "ctl drain answered {r:?}");
+    assert_eq!(alt, Some(b.udp));
+    eprintln!("ctl drain redirected within {waited:?}");
+    // The registry says A is draining: nobody sends clients to it.
+    eventually("A draining in the registry", Duration::from_secs(3), || {
+        ctl_fleet(&url, &fleet, &["instances"])
+            .lines()
+            .any(|l| l.starts_with("i2 ") && l.contains("draining"))
+    });
+    let out = common::ctl_plain(&admin, &["drain", "--undrain"]);
+    assert!(out.status.success(), "{out:?}");
+    eventually("A open again", Duration::from_secs(3), || {
+        let mut probe = Turn::new(a.udp, "u", "p");
+        let ok = matches!(probe.allocate(), Outcome::Allocated(_));
+        if ok {
+            let _ = probe.refresh(0);
+        }
+        ok
+    });
+
+    // SIGTERM with --drain-grace: the same.
+    let mut held = Turn::new(a.udp, "u", "p");
+    assert!(matches!(held.allocate(), Outcome::Allocated(_)));
+    let pid = nix::unistd::Pid::from_raw(a.proc.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    a.proc
+        .wait_for("turnpike draining: 1 allocations", Duration::from_secs(5));
+    let (waited, r, alt) = first_redirect(a.udp, Duration::from_secs(1));
+    assert_eq!(r, Outcome::Failed(300), "SIGTERM drain answered {r:?}");
+    assert_eq!(alt, Some(b.udp));
+    eprintln!("SIGTERM redirected within {waited:?}");
+    assert_eq!(held.refresh(0), Outcome::Ok);
+    drop(b);
+}
+
+/// How often an instance rewrites its record (`turnpike/src/fleet.rs` REPORT), plus a
+/// margin.
+fn fleet_report() -> Duration {
+    Duration::from_millis(2_500)
+}

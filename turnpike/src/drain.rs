@@ -37,7 +37,10 @@ pub async fn signal() -> Stop {
 /// allocation, the grace passes, or another signal arrives.
 pub async fn drain(cp: &ControlPlaneHandle, grace: Duration, draining: &watch::Sender<bool>) {
     let _ = draining.send(true);
-    if cp.set_fleet(true, None, None).await.is_err() {
+    // New allocations go where the fleet last said a drained instance's clients go
+    // (300 Try Alternate), at once; 508 when it knows no other instance. The fleet task
+    // publishes the drain in the registry.
+    if cp.set_self_draining(true).await.is_err() {
         return;
     }
     let left = |s: &turnpike_proto::api::v1::GetStatsResponse| {

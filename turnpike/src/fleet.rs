@@ -201,7 +201,9 @@ pub async fn run(
         let drained = *draining.borrow() || shared.drained;
         // Allocations elsewhere are unknown too: the per-user quota counts only local
         // ones until the registry is back.
-        let _ = cp.set_fleet(drained, None, Some(Default::default())).await;
+        let _ = cp
+            .set_fleet(drained, None, None, Some(Default::default()))
+            .await;
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -242,6 +244,9 @@ async fn session(
     *backoff = Duration::from_millis(200);
     let mut tick = tokio::time::interval(REPORT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // `ctl drain` drains the cell: published at once, like `ctl fleet drain`.
+    let mut cell = cp.watch_drain_state();
+    let mut cell_drained = cell.borrow_and_update().cell_drained;
     loop {
         tokio::select! {
             loss = keep.lost() => {
@@ -271,6 +276,13 @@ async fn session(
             }
             _ = draining.changed() => {
                 report(&etcd, cp, dp, base, draining, view, shared, meter, &me_key, lease).await?;
+            }
+            Ok(()) = cell.changed() => {
+                let drained = cell.borrow_and_update().cell_drained;
+                if drained != cell_drained {
+                    cell_drained = drained;
+                    report(&etcd, cp, dp, base, draining, view, shared, meter, &me_key, lease).await?;
+                }
             }
         }
     }
@@ -336,15 +348,22 @@ async fn report(
         capacity: u64::from(cp.quotas().1),
         packets_per_sec: pps,
         cpu,
-        draining: *draining.borrow() || shared.drained,
+        // Drained by SIGTERM, `ctl fleet drain`, or `ctl drain` of the whole cell.
+        draining: *draining.borrow() || shared.drained || cp.drain_state().cell_drained,
         updated_ms: now,
         ..base
     };
     let json = serde_json::to_vec(&me).unwrap_or_default();
     etcd.put(me_key, &json, Some(lease)).await?;
     let alternates = view.decide(&me, now);
+    let on_drain = view.drain_target(&me, now);
     let _ = cp
-        .set_fleet(me.draining, alternates, Some(view.user_counts(now)))
+        .set_fleet(
+            me.draining,
+            alternates,
+            on_drain,
+            Some(view.user_counts(now)),
+        )
         .await;
     Ok(())
 }

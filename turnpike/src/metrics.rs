@@ -1,5 +1,9 @@
 //! Prometheus metrics over a minimal HTTP endpoint: control-plane state and per-worker
 //! data-plane counters. No per-user labels.
+//!
+//! The same listener answers `/healthz` (200 while the process serves) and `/readyz`
+//! (200 when the instance should be sent traffic, 503 when not), each with the reason
+//! in a one-line text body; see [`Health::readiness`].
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -9,6 +13,7 @@ use std::sync::atomic::Ordering;
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use turnpike_controlplane::ControlPlaneHandle;
 use turnpike_dataplane::DataPlaneHandle;
 
@@ -16,12 +21,93 @@ use turnpike_dataplane::agent::PuntQueue;
 
 use crate::listener::{self, Limits};
 
-/// Serves `/metrics` on `addr`.
+/// What readiness is decided from.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// The control plane in this process, if any.
+    pub cp: Option<ControlPlaneHandle>,
+    /// The data plane in this process, if any.
+    pub dp: Option<DataPlaneHandle>,
+    /// Whether the data plane's stream to its control plane is up (`None`: no data
+    /// plane here).
+    pub attached: Option<watch::Receiver<bool>>,
+    /// Set on SIGTERM with a drain grace.
+    pub stopping: watch::Receiver<bool>,
+    /// A control plane alone that is elected through etcd (`--etcd`).
+    pub elected: bool,
+}
+
+impl Health {
+    /// Whether the instance is ready for traffic, and why (one line).
+    ///
+    /// - A data plane (`serve`, `dataplane`) is ready when attached to its control
+    ///   plane, not draining (SIGTERM, `ctl drain`, `ctl fleet drain`) and below its
+    ///   redirect load. Not ready, it still relays the allocations it has; readiness
+    ///   only says "send no new clients here".
+    /// - A control plane alone is ready when it leads its cell, or when it runs without
+    ///   an election. A standby answers 503: data planes may only attach to the leader,
+    ///   and its Admin API refuses calls naming the leader, so it serves nothing a
+    ///   Service should route to; it is healthy (`/healthz`) and takes over when the
+    ///   leader's lease ends.
+    pub fn readiness(&self) -> (bool, String) {
+        if *self.stopping.borrow() {
+            return (
+                false,
+                "draining: stopping (SIGTERM); new allocations are redirected".into(),
+            );
+        }
+        if let Some(a) = &self.attached
+            && !*a.borrow()
+        {
+            return (false, "not attached to a control plane".into());
+        }
+        if self.dp.as_ref().is_some_and(DataPlaneHandle::drained) {
+            return (
+                false,
+                "draining: drained by its control plane (ctl drain)".into(),
+            );
+        }
+        let Some(cp) = &self.cp else {
+            return (true, "ready: attached to its control plane".into());
+        };
+        if self.dp.is_none() {
+            if !cp.is_leader() {
+                let leader = cp
+                    .known_leader()
+                    .unwrap_or_else(|| "not elected yet".into());
+                return (
+                    false,
+                    format!("standby: not the leader of its cell (leader: {leader})"),
+                );
+            }
+            return if self.elected {
+                (true, "ready: leader of its cell".into())
+            } else {
+                (true, "ready: control plane (no election)".into())
+            };
+        }
+        let st = cp.drain_state();
+        if st.draining {
+            return (
+                false,
+                "draining: new allocations are redirected (or refused)".into(),
+            );
+        }
+        if st.redirecting {
+            return (
+                false,
+                "at redirect load: new allocations go to other instances".into(),
+            );
+        }
+        (true, "ready".into())
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`.
 pub async fn spawn(
     addr: SocketAddr,
     limits: Limits,
-    cp: Option<ControlPlaneHandle>,
-    dp: Option<DataPlaneHandle>,
+    health: Health,
     queue: Arc<PuntQueue>,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
@@ -34,7 +120,7 @@ pub async fn spawn(
             let Ok(mut sock) = sock else {
                 continue;
             };
-            let (cp, dp, queue) = (cp.clone(), dp.clone(), queue.clone());
+            let (health, queue) = (health.clone(), queue.clone());
             tokio::spawn(async move {
                 let mut req = [0u8; 4096];
                 let mut n = 0;
@@ -54,9 +140,29 @@ pub async fn spawn(
                 if read.is_err() {
                     return;
                 }
-                let body = render(cp.as_ref(), dp.as_ref(), &queue).await;
+                let path = std::str::from_utf8(&req[..n])
+                    .ok()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .map(|p| p.split('?').next().unwrap_or(p));
+                let (status, kind, body) = match path {
+                    Some("/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+                    Some("/readyz") => {
+                        let (ready, why) = health.readiness();
+                        let status = if ready {
+                            "200 OK"
+                        } else {
+                            "503 Service Unavailable"
+                        };
+                        (status, "text/plain", format!("{why}\n"))
+                    }
+                    _ => (
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        render(health.cp.as_ref(), health.dp.as_ref(), &queue).await,
+                    ),
+                };
                 let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
                     body.len()
                 );
                 let _ = sock.write_all(head.as_bytes()).await;
@@ -83,14 +189,24 @@ fn render_xdp(
     let status = dp.xdp_status();
     let _ = writeln!(o, "turnpike_xdp_enabled {}", u8::from(status.is_ok()));
     let (Ok(attached), Some(stats)) = (status, dp.xdp_stats()) else {
+        // Off: the families are declared all the same (no samples), so that dashboards
+        // and alerts can name them whatever the host.
+        for (name, kind, help) in XDP_FAMILIES {
+            metric(o, name, kind, help);
+        }
         return;
     };
-    metric(
-        o,
-        "turnpike_xdp_attached",
-        "gauge",
-        "Interfaces the XDP program is attached to, with the mode (native, generic).",
-    );
+    let [
+        attached_h,
+        packets_h,
+        bytes_h,
+        passed_h,
+        checksums_h,
+        allocations_h,
+    ] = XDP_FAMILIES;
+    let family =
+        |o: &mut String, (name, kind, help): (&str, &str, &str)| metric(o, name, kind, help);
+    family(o, attached_h);
     for a in &attached {
         let _ = writeln!(
             o,
@@ -98,24 +214,14 @@ fn render_xdp(
             a.iface, a.mode
         );
     }
-    metric(
-        o,
-        "turnpike_xdp_relayed_packets_total",
-        "counter",
-        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down); not in turnpike_relayed_packets_total.",
-    );
+    family(o, packets_h);
     for (path, v) in stats.relayed() {
         let _ = writeln!(
             o,
             "turnpike_xdp_relayed_packets_total{{path=\"{path}\"}} {v}"
         );
     }
-    metric(
-        o,
-        "turnpike_xdp_relayed_bytes_total",
-        "counter",
-        "Payload bytes relayed by the XDP program, by direction.",
-    );
+    family(o, bytes_h);
     let _ = writeln!(
         o,
         "turnpike_xdp_relayed_bytes_total{{direction=\"to_peer\"}} {}",
@@ -126,32 +232,17 @@ fn render_xdp(
         "turnpike_xdp_relayed_bytes_total{{direction=\"to_client\"}} {}",
         stats.to_client_bytes()
     );
-    metric(
-        o,
-        "turnpike_xdp_passed_total",
-        "counter",
-        "Frames the XDP program passed to the socket path, by reason.",
-    );
+    family(o, passed_h);
     for (reason, v) in stats.passed() {
         let _ = writeln!(o, "turnpike_xdp_passed_total{{reason=\"{reason}\"}} {v}");
     }
-    metric(
-        o,
-        "turnpike_xdp_checksums_completed_total",
-        "counter",
-        "Partial UDP checksums (senders on this host, veth transmit offload) the XDP program completed.",
-    );
+    family(o, checksums_h);
     let _ = writeln!(
         o,
         "turnpike_xdp_checksums_completed_total {}",
         stats.completed_checksums()
     );
-    metric(
-        o,
-        "turnpike_xdp_allocations",
-        "gauge",
-        "Allocations with entries in the XDP program's maps, by worker.",
-    );
+    family(o, allocations_h);
     for (w, c) in workers.iter().enumerate() {
         let _ = writeln!(
             o,
@@ -160,6 +251,40 @@ fn render_xdp(
         );
     }
 }
+
+/// The XDP program's metric families (name, type, help), in the order they are written.
+const XDP_FAMILIES: [(&str, &str, &str); 6] = [
+    (
+        "turnpike_xdp_attached",
+        "gauge",
+        "Interfaces the XDP program is attached to, with the mode (native, generic).",
+    ),
+    (
+        "turnpike_xdp_relayed_packets_total",
+        "counter",
+        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down); not in turnpike_relayed_packets_total.",
+    ),
+    (
+        "turnpike_xdp_relayed_bytes_total",
+        "counter",
+        "Payload bytes relayed by the XDP program, by direction.",
+    ),
+    (
+        "turnpike_xdp_passed_total",
+        "counter",
+        "Frames the XDP program passed to the socket path, by reason.",
+    ),
+    (
+        "turnpike_xdp_checksums_completed_total",
+        "counter",
+        "Partial UDP checksums (senders on this host, veth transmit offload) the XDP program completed.",
+    ),
+    (
+        "turnpike_xdp_allocations",
+        "gauge",
+        "Allocations with entries in the XDP program's maps, by worker.",
+    ),
+];
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -130,6 +130,19 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
             t
         }
     };
+    let unlimited = |q: u32| {
+        if q == 0 {
+            "unlimited".to_owned()
+        } else {
+            q.to_string()
+        }
+    };
+    println!(
+        "turnpike quotas: {} allocations per user, {} in all (--user-quota, --total-quota; \
+         user_quota, total_quota in the config; 0: unlimited)",
+        unlimited(cfg.server.user_quota),
+        unlimited(cfg.server.total_quota)
+    );
     let auth = AdminAuth::new(std::slice::from_ref(&token));
     let creds = Credentials::new(&cfg.realm, &cfg.users, &cfg.secrets);
     let mut secret = [0u8; 32];
@@ -402,8 +415,14 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             attached_tx,
         ));
         if let Some(addr) = cfg.metrics_listen {
-            metrics::spawn(addr, listener_limits(&cfg), cp.clone(), Some(dp.handle()), queue.clone())
-                .await?;
+            let health = metrics::Health {
+                cp: cp.clone(),
+                dp: Some(dp.handle()),
+                attached: Some(attached.clone()),
+                stopping: draining.subscribe(),
+                elected: false,
+            };
+            metrics::spawn(addr, listener_limits(&cfg), health, queue.clone()).await?;
         }
         if let (Some(f), Some(cp)) = (&cfg.fleet, &cp) {
             // Other instances send clients here (ALTERNATE-SERVER): behind a 1:1 NAT,
@@ -489,12 +508,19 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
     runtime(2)?.block_on(async move {
         spawn_memory_release();
         let started = start_control_plane(&mut cfg, false).await?;
-        if let Some(m) = cfg.metrics_listen {
-            let (q, _rx) = PuntQueue::new(1);
-            metrics::spawn(m, listener_limits(&cfg), Some(started.cp.clone()), None, q).await?;
-        }
         let held = crate::leader::Held::default();
         let (draining, _) = watch::channel(false);
+        if let Some(m) = cfg.metrics_listen {
+            let (q, _rx) = PuntQueue::new(1);
+            let health = metrics::Health {
+                cp: Some(started.cp.clone()),
+                dp: None,
+                attached: None,
+                stopping: draining.subscribe(),
+                elected: cfg.fleet.is_some(),
+            };
+            metrics::spawn(m, listener_limits(&cfg), health, q).await?;
+        }
         if let Some(f) = cfg.fleet.clone() {
             // The cell registers in the fleet while this control plane leads it.
             let base = turnpike_controlplane::fleet::InstanceRecord {
