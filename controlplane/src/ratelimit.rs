@@ -8,17 +8,36 @@ use ahash::AHashMap;
 
 use crate::types::Millis;
 
+/// 8 bytes, as a table of 65,536 of them is what a flood fills: the tokens, and the time
+/// of the last refill as the low 32 bits of its milliseconds (a bucket idle for weeks is
+/// swept long before they wrap, after 49 days).
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
-    tokens: f64,
-    at: Millis,
+    tokens: f32,
+    at: u32,
+}
+
+/// The low 32 bits of `now`, as a bucket keeps it.
+fn stamp(now: Millis) -> u32 {
+    now.0 as u32
 }
 
 impl Bucket {
+    fn full(burst: f64, now: Millis) -> Bucket {
+        Bucket {
+            tokens: burst as f32,
+            at: stamp(now),
+        }
+    }
+
+    /// Seconds since the last refill.
+    fn idle(&self, now: Millis) -> f64 {
+        f64::from(stamp(now).wrapping_sub(self.at)) / 1000.0
+    }
+
     fn refill(&mut self, rate: f64, burst: f64, now: Millis) {
-        let dt = now.0.saturating_sub(self.at.0) as f64 / 1000.0;
-        self.tokens = (self.tokens + dt * rate).min(burst);
-        self.at = now;
+        self.tokens = (f64::from(self.tokens) + self.idle(now) * rate).min(burst) as f32;
+        self.at = stamp(now);
     }
 }
 
@@ -51,10 +70,7 @@ impl<K: Hash + Eq + Copy> Tier<K> {
             keys: ahash::RandomState::new(),
             _key: std::marker::PhantomData,
             buckets: AHashMap::new(),
-            overflow: Bucket {
-                tokens: burst,
-                at: Millis(0),
-            },
+            overflow: Bucket::full(burst, Millis(0)),
         }
     }
 
@@ -70,10 +86,7 @@ impl<K: Hash + Eq + Copy> Tier<K> {
         let b = if full && !self.buckets.contains_key(&key) {
             &mut self.overflow
         } else {
-            self.buckets.entry(key).or_insert(Bucket {
-                tokens: burst,
-                at: now,
-            })
+            self.buckets.entry(key).or_insert(Bucket::full(burst, now))
         };
         b.refill(rate, burst, now);
         b
@@ -83,10 +96,8 @@ impl<K: Hash + Eq + Copy> Tier<K> {
     /// `burst / rate` seconds, and a new full bucket would behave the same.
     fn sweep(&mut self, now: Millis) {
         let (rate, burst) = (self.rate, self.burst);
-        self.buckets.retain(|_, b| {
-            let dt = now.0.saturating_sub(b.at.0) as f64 / 1000.0;
-            b.tokens + dt * rate < burst
-        });
+        self.buckets
+            .retain(|_, b| f64::from(b.tokens) + b.idle(now) * rate < burst);
         // After a flood the table is mostly empty: give its memory back.
         if self.buckets.capacity() > 1024 && self.buckets.len() < self.buckets.capacity() / 4 {
             let keep = self.buckets.len() * 2;
