@@ -76,12 +76,10 @@ buildah copy --quiet "$ctr" "$stage" / >/dev/null
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 buildah config \
   --entrypoint '["/usr/bin/turnpike"]' \
-  --cmd '["serve"]' \
+  --cmd '["serve", "--listen", "0.0.0.0:3478", "--metrics-listen", "0.0.0.0:9478"]' \
   --user "$UID_GID:$UID_GID" \
   --workingdir / \
   --stop-signal SIGTERM \
-  --env TURNPIKE_LISTEN=0.0.0.0:3478 \
-  --env TURNPIKE_METRICS_LISTEN=0.0.0.0:9478 \
   --port 3478/udp --port 3478/tcp --port 5349/tcp --port 9478/tcp \
   --label org.opencontainers.image.title=turnpike \
   --label "org.opencontainers.image.description=TURN relay (RFC 8656). Runs as 65532; binding port 443 needs CAP_NET_BIND_SERVICE, XDP CAP_NET_ADMIN and CAP_BPF. Give the relay address: TURNPIKE_RELAY_IP or --relay-ip." \
