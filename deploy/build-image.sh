@@ -53,7 +53,8 @@ pkgs=()
 for lib in $libs; do
   install -D -m 0755 "$(readlink -f "$lib")" "$stage$lib"
   # The Debian package the library comes from, for its copyright file.
-  pkg="$(dpkg -S "$(readlink -f "$lib")" 2>/dev/null | head -n1 | cut -d: -f1 || true)"
+  # (dpkg knows the path ldd prints or, on a merged /usr, the resolved one.)
+  pkg="$( (dpkg -S "$lib" || dpkg -S "$(readlink -f "$lib")") 2>/dev/null | head -n1 | cut -d: -f1 || true)"
   if [ -n "$pkg" ]; then pkgs+=("$pkg"); fi
 done
 for pkg in $(printf '%s\n' "${pkgs[@]}" | sort -u); do
