@@ -291,6 +291,7 @@ fn the_image_built_from_scratch_relays_uclient_traffic_chrooted() {
 
     for flags in [&["-c"][..], &["-c", "-s"][..]] {
         let (sent, lost) = uclient(flags, port, peer_port, 200);
+        eprintln!("uclient {flags:?} through the image: {sent} sent, {lost} lost");
         assert_eq!(
             lost, 0,
             "uclient {flags:?} through the image lost {lost} of {sent}"
@@ -330,11 +331,22 @@ fn the_image_built_from_scratch_relays_uclient_traffic_chrooted() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!("probe tls: {:?}\n{text}", out.status.code());
-    assert!(
-        !text.contains("no system CA bundle") && text.contains("ca-certificates.crt"),
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: probe over TLS from the image:\n{text}"));
+    let target = &report["targets"][0];
+    assert_eq!(
+        target["tls"]["trust"], "/etc/ssl/certs/ca-certificates.crt",
         "the probe in the image did not use its CA bundle:\n{text}"
     );
+    // Refused at the chain, after it had read the bundle and seen the certificate.
+    let failed: Vec<_> = target["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "fail")
+        .map(|c| c["step"].clone())
+        .collect();
+    assert_eq!(failed, ["tls-chain"], "{text}");
 
     server.kill();
 }
