@@ -20,9 +20,11 @@
 # Run as root (or inside `buildah unshare`). buildah's storage driver is its default
 # (overlay); where overlay does not work, STORAGE_DRIVER=vfs. Prints the image id last.
 set -euo pipefail
+# BINARY is taken relative to where the script is called from, the default to the repository.
+BIN=target/release/turnpike
+if [ -n "${1:-}" ]; then BIN="$(realpath -e -- "$1" 2>/dev/null || echo "$1")"; fi
 cd "$(dirname "$0")/.."
 
-BIN="${1:-target/release/turnpike}"
 TAG="${2:-localhost/turnpike:latest}"
 CA_BUNDLE="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 UID_GID=65532
