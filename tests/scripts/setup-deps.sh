@@ -10,7 +10,9 @@
 #         etcd-client (etcdctl, which compacts history for the compaction test),
 #         clang + libbpf-dev (the data plane's build script compiles the XDP program with
 #         them), bpftool, ethtool (the XDP tests and benchmark: tx offload off on veths),
-#         curl (the XDP tests scrape metrics inside a network namespace)
+#         curl (the XDP tests scrape metrics inside a network namespace),
+#         buildah + ca-certificates (deploy/build-image.sh builds the container image from
+#         scratch with the host's CA bundle; tests/tests/image.rs runs it chrooted)
 #   venv: tests/e2e/.venv with the pinned packages of tests/e2e/requirements.txt
 #
 # Installing coturn or etcd-server must not leave a system turnserver running on 3478 or
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 
 APT_PKGS=(coturn chromium iproute2 nftables procps openssl libnss3-tools etcd-server etcd-client
-          clang libbpf-dev bpftool ethtool curl)
+          clang libbpf-dev bpftool ethtool curl buildah ca-certificates)
 # The binary each package must provide (a package counts as installed only if it is there).
 declare -A PROBE=(
   [coturn]=/usr/bin/turnserver
@@ -38,6 +40,8 @@ declare -A PROBE=(
   [bpftool]=/usr/sbin/bpftool
   [ethtool]=/usr/sbin/ethtool
   [curl]=/usr/bin/curl
+  [buildah]=/usr/bin/buildah
+  [ca-certificates]=/etc/ssl/certs/ca-certificates.crt
 )
 
 SUDO=""

@@ -28,8 +28,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(bin())
-            .args(args)
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        Proc::spawn_command(cmd)
+    }
+
+    /// Runs `cmd` (which execs turnpike, e.g. through `chroot`) and collects its output.
+    pub fn spawn_command(mut cmd: Command) -> Proc {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
