@@ -342,6 +342,47 @@ impl Topo {
             .collect();
         (verdicts, out)
     }
+
+    /// `turnpike probe --json` in C against `port` on IP1: the `nat` object of its
+    /// report ({mapping, filtering, other_address}), whether the rest of the probe
+    /// passed or not (relaying between private addresses is not what is tested here).
+    fn probe_nat(&self, port: u16) -> serde_json::Value {
+        let url = format!("turn:{IP1}:{port}");
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.c])
+            .arg(common::bin())
+            .args([
+                "probe",
+                &url,
+                "--user",
+                "u",
+                "--password",
+                "p",
+                "--json",
+                "-n",
+                "5",
+            ])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| {
+            panic!(
+                "probe output is not JSON ({e}):\n{out}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        v["targets"][0]["nat"].clone()
+    }
+}
+
+/// natdiscovery's verdicts in the probe's words.
+fn words(verdict: &str) -> &'static str {
+    match verdict {
+        v if v.contains("Endpoint Independent") => "endpoint-independent",
+        v if v.contains("Address and Port Dependent") => "address-and-port-dependent",
+        v if v.contains("Address Dependent") => "address-dependent",
+        _ => "?",
+    }
 }
 
 /// Sends a Binding request (with CHANGE-REQUEST when `change` is given) and returns
@@ -461,6 +502,20 @@ fn natdiscovery_sees_the_same_nat_through_turnpike_as_through_coturn() {
             ours, theirs,
             "{kind:?}: turnpike\n{ours_out}\ncoturn\n{theirs_out}"
         );
+        // `turnpike probe` reports the same NAT, against either server.
+        for port in [TURNPIKE_PORT, COTURN_PORT] {
+            let nat = t.probe_nat(port);
+            assert_eq!(
+                nat["mapping"],
+                words(&ours[0]),
+                "{kind:?} probe of {port}: {nat}"
+            );
+            assert_eq!(
+                nat["filtering"],
+                words(&ours[1]),
+                "{kind:?} probe of {port}: {nat}"
+            );
+        }
         mappings.push(ours);
     }
     let [eim, symmetric] = &mappings[..] else {
