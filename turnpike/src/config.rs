@@ -716,6 +716,19 @@ impl Config {
             ),
             None => None,
         };
+        if let Some(alt) = alt_ip
+            && !listen
+                .iter()
+                .any(|a| !a.ip().is_unspecified() && a.is_ipv4() == alt.is_ipv4() && a.ip() != alt)
+        {
+            return Err(err(
+                "alt_ip (--alt-ip)",
+                format!(
+                    "{alt}: NAT behaviour discovery needs a UDP listening address (--listen) of \
+                     the same family that is neither a wildcard nor {alt} itself"
+                ),
+            ));
+        }
         let mut own: Vec<SocketAddr> = listen.clone();
         // The NAT discovery companions are our sockets too (see `--alt-ip`).
         if let Some(alt) = alt_ip {
