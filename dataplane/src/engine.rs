@@ -3,7 +3,9 @@
 //! pushed into a vector the caller owns.
 //!
 //! Call order (the worker in `worker.rs` does this for both backends):
-//! 1. [`Core::add_listen`] for every listening socket, at start;
+//! 1. [`Core::add_listen`] for every listening socket, [`Core::add_companion`] for every
+//!    NAT discovery companion and [`Core::add_nat_group`] for every RFC 5780 group, at
+//!    start;
 //! 2. per received datagram, [`Core::handle_datagram`] with the receive slot it lies in
 //!    (payload at [`HEADROOM`]); a [`Output::Transmit`] it produces names a range of that
 //!    same slot, so nothing is copied;
@@ -136,6 +138,17 @@ impl Core {
         self.table.add_listen(t, local);
     }
 
+    /// Socket `t` is a NAT discovery companion on `local` (Binding only).
+    pub(crate) fn add_companion(&mut self, t: Token, local: SocketAddr) {
+        self.table.add_companion(t, local);
+    }
+
+    /// An RFC 5780 group of addresses: [IP1:P1, IP1:P2, IP2:P1, IP2:P2], each a
+    /// listening socket or companion of this worker.
+    pub(crate) fn add_nat_group(&mut self, group: crate::table::NatGroup) {
+        self.table.add_nat_group(group);
+    }
+
     /// The worker bound relay sockets (address asked, token) for `tuple`; a later
     /// `AllocationAdd` for the same 5-tuple and addresses claims them.
     pub(crate) fn relays_bound(
@@ -186,6 +199,9 @@ impl Core {
         let decision = match self.table.role(t) {
             Some(Role::Listen(local)) => {
                 self.client_datagram(t, FiveTuple::udp(src, local), buf, len, out)
+            }
+            Some(Role::Companion(local)) => {
+                self.companion_datagram(t, FiveTuple::udp(src, local), buf, len)
             }
             Some(Role::Relay(Owner::Alloc(id))) => self.peer_datagram(id, src, buf, len),
             // A relay not claimed yet, or a socket closed with datagrams still queued.

@@ -196,6 +196,12 @@ pub struct DataPlaneConfig {
     pub stream_limits: StreamLimits,
     /// The XDP fast path: interfaces to attach the program to (none: off).
     pub xdp: xdp::XdpConfig,
+    /// NAT behaviour discovery (RFC 5780): the server's alternate IP. Every UDP listening
+    /// address IP1:P1 of its family gets companions IP1:P2, IP2:P1 and IP2:P2 (P2 =
+    /// P1 + 1, coturn's scheme) that answer Binding requests only; Binding answers then
+    /// carry RESPONSE-ORIGIN and OTHER-ADDRESS and honour CHANGE-REQUEST. `None`: off,
+    /// and CHANGE-REQUEST is answered with 420.
+    pub alt_ip: Option<std::net::IpAddr>,
 }
 
 /// How many Binding requests each worker answers per source; the others are dropped
@@ -245,6 +251,7 @@ impl Default for DataPlaneConfig {
             tls: None,
             stream_limits: StreamLimits::default(),
             xdp: xdp::XdpConfig::default(),
+            alt_ip: None,
         }
     }
 }

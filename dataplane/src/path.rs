@@ -18,7 +18,7 @@
 
 use std::net::SocketAddr;
 
-use turnpike_proto::attr::{ErrorCode, UnknownAttributes};
+use turnpike_proto::attr::{ChangeRequest, ErrorCode, UnknownAttributes};
 use turnpike_proto::channel::{CHANNEL_HEADER_LEN, ChannelData};
 use turnpike_proto::demux::{PacketKind, classify};
 use turnpike_proto::stun::{
@@ -26,7 +26,7 @@ use turnpike_proto::stun::{
 };
 use turnpike_proto::turn::{
     SendIndication, data_indication_header_len, write_binding_response,
-    write_classic_binding_response, write_data_indication_header,
+    write_classic_binding_response, write_data_indication_header, write_rfc5780_binding_response,
 };
 
 use crate::counters::bump;
@@ -54,20 +54,48 @@ pub(crate) fn is_channel_bind_success(d: &[u8]) -> bool {
         .is_ok_and(|m| (m.method(), m.class()) == (Method::CHANNEL_BIND, Class::Success))
 }
 
-/// Answers a Binding request (RFC 8489 §7.3) into `out`: the success response, or a
-/// 420 with a short reason phrase so that the answer to a request with unknown
-/// comprehension-required attributes (each at least 4 bytes of the request, at most
-/// [`turnpike_proto::stun::MAX_UNKNOWN`] listed) is at most 24 bytes larger than the
+/// The server's addresses for an RFC 5780 Binding answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rfc5780 {
+    /// RESPONSE-ORIGIN: the address the answer is sent from.
+    pub(crate) origin: SocketAddr,
+    /// OTHER-ADDRESS: the address differing in IP and port from the one asked.
+    pub(crate) other: SocketAddr,
+}
+
+/// Answers a Binding request (RFC 8489 §7.3) into `out`: the success response (with
+/// RESPONSE-ORIGIN and OTHER-ADDRESS when the server does NAT behaviour discovery,
+/// `nat`), or a 420 with a short reason phrase so that the answer to a request with
+/// unknown comprehension-required attributes (each at least 4 bytes of the request, at
+/// most [`turnpike_proto::stun::MAX_UNKNOWN`] listed) is at most 24 bytes larger than the
 /// request, as the success response to an IPv6 source is: an unauthenticated answer
-/// must not amplify much.
+/// must not amplify much. CHANGE-REQUEST is understood only with `nat`: a server
+/// without an alternate address answers it with 420 (RFC 5780 §6.1).
 pub(crate) fn write_binding_answer(
     out: &mut [u8],
     req: &Message<'_>,
     mapped: SocketAddr,
+    nat: Option<Rfc5780>,
 ) -> Result<usize, turnpike_proto::error::EncodeError> {
-    let unknown = req.unknown_required();
+    let mut unknown = [0u16; turnpike_proto::stun::MAX_UNKNOWN];
+    let mut n = 0;
+    for &t in req.unknown_required() {
+        if nat.is_some() && t == turnpike_proto::attr::CHANGE_REQUEST {
+            continue;
+        }
+        if let Some(u) = unknown.get_mut(n) {
+            *u = t;
+            n += 1;
+        }
+    }
+    let unknown = unknown.get(..n).unwrap_or_default();
     if unknown.is_empty() {
-        return write_binding_response(out, req, mapped);
+        return match nat {
+            Some(Rfc5780 { origin, other }) => {
+                write_rfc5780_binding_response(out, req, mapped, origin, other)
+            }
+            None => write_binding_response(out, req, mapped),
+        };
     }
     let mut w = MessageWriter::new(out, Method::BINDING, Class::Error, req.transaction_id())?;
     w.add(&ErrorCode {
@@ -230,8 +258,29 @@ impl Core {
         Some(from)
     }
 
+    /// A datagram on a NAT discovery companion: Binding requests are answered as on a
+    /// listening socket; nothing else is served there (no TURN, no relaying).
+    pub(crate) fn companion_datagram(
+        &mut self,
+        at: Token,
+        tuple: FiveTuple,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Decision {
+        let pkt = buf.get(HEADROOM..HEADROOM + len)?;
+        let binding = Message::parse(pkt)
+            .is_ok_and(|m| (m.method(), m.class()) == (Method::BINDING, Class::Request));
+        if !binding {
+            bump(&self.ctr.unexpected, 1);
+            return None;
+        }
+        self.answer_binding(at, tuple, buf, len)
+    }
+
     /// Answers a Binding request, RFC 5389 or classic RFC 3489, if its source is within
-    /// the Binding rate limit.
+    /// the Binding rate limit. With NAT behaviour discovery, the answer carries
+    /// RESPONSE-ORIGIN and OTHER-ADDRESS and leaves from the socket CHANGE-REQUEST
+    /// names.
     fn answer_binding(
         &mut self,
         listen: Token,
@@ -247,8 +296,23 @@ impl Core {
         let at = padded(HEADROOM + len);
         let (head, tail) = buf.split_at_mut_checked(at)?;
         let req = head.get(HEADROOM..HEADROOM + len)?;
+        let mut from = listen;
         let answer = match Message::parse(req) {
-            Ok(msg) => write_binding_answer(tail, &msg, tuple.client),
+            Ok(msg) => {
+                let Ok(change) = msg.attr::<ChangeRequest>() else {
+                    bump(&self.ctr.malformed, 1);
+                    return None;
+                };
+                let change = change.unwrap_or_default();
+                let nat = self
+                    .table
+                    .nat_answer(&tuple.server, change.change_ip, change.change_port)
+                    .map(|(t, origin, other)| {
+                        from = t;
+                        Rfc5780 { origin, other }
+                    });
+                write_binding_answer(tail, &msg, tuple.client, nat)
+            }
             Err(_) => write_classic_binding_response(
                 tail,
                 &ClassicBindingRequest::parse(req)?,
@@ -258,7 +322,7 @@ impl Core {
         match answer {
             Ok(n) => {
                 bump(&self.ctr.binding_answered, 1);
-                Some((listen, tuple.client, at, n))
+                Some((from, tuple.client, at, n))
             }
             Err(_) => {
                 bump(&self.ctr.malformed, 1);

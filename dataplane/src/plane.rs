@@ -130,6 +130,23 @@ impl DataPlane {
             local.push(actual);
         }
 
+        let nat_groups = nat_groups(&local, cfg.alt_ip)?;
+        let mut companions: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
+        for addr in nat_groups.iter().flat_map(|g| g.iter().skip(1)) {
+            for socks in companions.iter_mut() {
+                let s = udp_socket(*addr, true, cfg.socket_buffer).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot bind the NAT discovery address {addr} (alt_ip): {e}"),
+                    )
+                })?;
+                socks.push(s);
+            }
+        }
+        if !nat_groups.is_empty() {
+            tracing::info!(groups = ?nat_groups, "NAT behaviour discovery (RFC 5780) on");
+        }
+
         let mut stream_socks: Vec<Vec<(Socket, ListenerKind)>> =
             (0..n).map(|_| Vec::new()).collect();
         let mut stream_local = Vec::with_capacity(cfg.streams.len());
@@ -173,6 +190,7 @@ impl DataPlane {
             .iter()
             .copied()
             .chain(stream_local.iter().map(|l| l.addr))
+            .chain(nat_groups.iter().flat_map(|g| g.iter().skip(1).copied()))
             .collect();
         let denied = Arc::new(ArcSwap::from_pointee(Denied::new(
             cfg.denied_peers.iter().chain(&own).copied(),
@@ -203,7 +221,12 @@ impl DataPlane {
         let mut counters = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         let mut readies = Vec::with_capacity(n);
-        for (id, (listen, listen_streams)) in per_worker.into_iter().zip(stream_socks).enumerate() {
+        for (id, ((listen, listen_streams), companions)) in per_worker
+            .into_iter()
+            .zip(stream_socks)
+            .zip(companions)
+            .enumerate()
+        {
             let (tx, rx) = mpsc::channel();
             let wake = Arc::new(EventFd::from_flags(
                 EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
@@ -214,6 +237,8 @@ impl DataPlane {
             let init = WorkerInit {
                 id,
                 listen,
+                companions,
+                nat_groups: nat_groups.clone(),
                 rx,
                 notified: Arc::clone(&notified),
                 sink: Arc::clone(&sink),
@@ -550,4 +575,52 @@ impl DataPlaneHandle {
     pub fn xdp_stats(&self) -> Option<crate::xdp::XdpStats> {
         self.shared.xdp.as_ref().ok().map(|fp| fp.stats())
     }
+}
+
+/// The RFC 5780 groups for the listening addresses `local` with the alternate IP
+/// `alt`: [IP1:P1, IP1:P2, IP2:P1, IP2:P2] with P2 = P1 + 1 for every listening address
+/// of `alt`'s family. A wildcard listening address cannot say which address a response
+/// leaves from (RESPONSE-ORIGIN), so it gets none; an `alt` that fits no listening
+/// address is a configuration error.
+fn nat_groups(
+    local: &[SocketAddr],
+    alt: Option<std::net::IpAddr>,
+) -> io::Result<Vec<crate::table::NatGroup>> {
+    let Some(alt) = alt else {
+        return Ok(Vec::new());
+    };
+    let groups: Vec<_> = local
+        .iter()
+        .filter(|a| !a.ip().is_unspecified() && a.is_ipv4() == alt.is_ipv4() && a.ip() != alt)
+        .filter_map(|&a| {
+            let p2 = a.port().checked_add(1)?;
+            Some([
+                a,
+                SocketAddr::new(a.ip(), p2),
+                SocketAddr::new(alt, a.port()),
+                SocketAddr::new(alt, p2),
+            ])
+        })
+        .collect();
+    // A companion on a listening address would join that address's SO_REUSEPORT group.
+    if let Some(a) = groups
+        .iter()
+        .flat_map(|g| g.iter().skip(1))
+        .find(|a| local.contains(a))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("alt_ip {alt}: the NAT discovery address {a} is also a listening address"),
+        ));
+    }
+    if groups.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "alt_ip {alt}: NAT behaviour discovery needs a UDP listening address of the same \
+                 family that is not a wildcard, not {alt} itself, and whose port is below 65535"
+            ),
+        ));
+    }
+    Ok(groups)
 }

@@ -28,7 +28,15 @@ pub(crate) enum Role {
     Listen(SocketAddr),
     /// A relay socket peers send to.
     Relay(Owner),
+    /// A companion of a listening socket for NAT behaviour discovery (RFC 5780), on this
+    /// address: it answers Binding requests and nothing else.
+    Companion(SocketAddr),
 }
+
+/// The four addresses of one RFC 5780 group, indexed by `2 × ip + port` where `ip` and
+/// `port` are 1 for the alternate IP and port: [IP1:P1, IP1:P2, IP2:P1, IP2:P2], the
+/// first being a listening address.
+pub(crate) type NatGroup = [SocketAddr; 4];
 
 /// A token bucket in milli-bytes, so that refills are exact at millisecond steps.
 #[derive(Debug, Clone, Copy)]
@@ -208,6 +216,8 @@ pub(crate) struct Table {
     /// The role of every socket the core knows, by token.
     roles: Vec<Option<Role>>,
     listens: Vec<(SocketAddr, Token)>,
+    /// The RFC 5780 groups (none without an alternate address).
+    nat: Vec<NatGroup>,
     /// Client connections (TCP or TLS) by their 5-tuple: the socket their allocation's
     /// traffic and the control plane's answers go out on.
     conns: AHashMap<FiveTuple, Token>,
@@ -244,6 +254,34 @@ impl Table {
     pub(crate) fn add_listen(&mut self, t: Token, local: SocketAddr) {
         self.set_role(t, Some(Role::Listen(local)));
         self.listens.push((local, t));
+    }
+
+    /// Socket `t` is the NAT discovery companion on `local`.
+    pub(crate) fn add_companion(&mut self, t: Token, local: SocketAddr) {
+        self.set_role(t, Some(Role::Companion(local)));
+        self.listens.push((local, t));
+    }
+
+    pub(crate) fn add_nat_group(&mut self, group: NatGroup) {
+        self.nat.push(group);
+    }
+
+    /// For a Binding request that reached `local`, with CHANGE-REQUEST's flags
+    /// (`change_ip`, `change_port`): the socket to answer from, its address
+    /// (RESPONSE-ORIGIN) and OTHER-ADDRESS; `None` if `local` is in no RFC 5780 group.
+    pub(crate) fn nat_answer(
+        &self,
+        local: &SocketAddr,
+        change_ip: bool,
+        change_port: bool,
+    ) -> Option<(Token, SocketAddr, SocketAddr)> {
+        self.nat.iter().find_map(|g| {
+            let i = g.iter().position(|a| a == local)?;
+            let j = i ^ (usize::from(change_ip) << 1) ^ usize::from(change_port);
+            let origin = *g.get(j)?;
+            let other = *g.get(i ^ 3)?;
+            Some((self.listen_token(&origin)?, origin, other))
+        })
     }
 
     pub(crate) fn listen_token(&self, local: &SocketAddr) -> Option<Token> {

@@ -86,6 +86,10 @@ impl std::fmt::Debug for Command {
 pub(crate) struct WorkerInit {
     pub(crate) id: usize,
     pub(crate) listen: Vec<Socket>,
+    /// NAT discovery companions of the listening sockets (Binding only, RFC 5780).
+    pub(crate) companions: Vec<Socket>,
+    /// The RFC 5780 groups the listening sockets and companions form.
+    pub(crate) nat_groups: Vec<crate::table::NatGroup>,
     pub(crate) rx: mpsc::Receiver<Command>,
     /// Set by a producer that has written the wake eventfd; cleared before the queue is
     /// drained (see [`Worker::handle_commands`]).
@@ -221,6 +225,14 @@ impl Worker {
             let (t, local) = w.socks.insert(sock)?;
             w.core.add_listen(t, local);
             w.io_ops.push(IoOp::Register(t));
+        }
+        for sock in init.companions {
+            let (t, local) = w.socks.insert(sock)?;
+            w.core.add_companion(t, local);
+            w.io_ops.push(IoOp::Register(t));
+        }
+        for g in init.nat_groups {
+            w.core.add_nat_group(g);
         }
         for (sock, kind) in init.listen_streams {
             let (t, _) = w.socks.insert_kind(sock, Kind::Listener(kind))?;
@@ -482,6 +494,8 @@ mod tests {
         let w = Worker::new(WorkerInit {
             id: 0,
             listen: Vec::new(),
+            companions: Vec::new(),
+            nat_groups: Vec::new(),
             rx,
             notified: Arc::default(),
             sink: Arc::new(NoSink),

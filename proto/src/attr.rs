@@ -22,6 +22,10 @@ impl AttrType {
 pub const MAPPED_ADDRESS: u16 = 0x0001;
 /// USERNAME (RFC 8489 §14.3).
 pub const USERNAME: u16 = 0x0006;
+/// CHANGE-REQUEST (RFC 5780 §7.2). Comprehension-required and deliberately not in
+/// [`is_known`]: only a server with an alternate address understands it (RFC 5780 §6.1
+/// wants 420 from one without), which the server decides, not the codec.
+pub const CHANGE_REQUEST: u16 = 0x0003;
 /// MESSAGE-INTEGRITY (RFC 8489 §14.5).
 pub const MESSAGE_INTEGRITY: u16 = 0x0008;
 /// ERROR-CODE (RFC 8489 §14.8).
@@ -84,6 +88,10 @@ pub const FINGERPRINT: u16 = 0x8028;
 pub const ICE_CONTROLLED: u16 = 0x8029;
 /// ICE-CONTROLLING (RFC 8445 §16.1).
 pub const ICE_CONTROLLING: u16 = 0x802A;
+/// RESPONSE-ORIGIN (RFC 5780 §7.3).
+pub const RESPONSE_ORIGIN: u16 = 0x802B;
+/// OTHER-ADDRESS (RFC 5780 §7.4).
+pub const OTHER_ADDRESS: u16 = 0x802C;
 
 /// Whether this codec knows the comprehension-required attribute `t`.
 pub fn is_known(t: u16) -> bool {
@@ -235,6 +243,15 @@ address_attr!(
 address_attr!(
     /// XOR-RELAYED-ADDRESS: an allocation's relayed address (one per family).
     XorRelayedAddress, XOR_RELAYED_ADDRESS, true
+);
+address_attr!(
+    /// RESPONSE-ORIGIN (RFC 5780 §7.3): the address a Binding response was sent from.
+    ResponseOrigin, RESPONSE_ORIGIN, false
+);
+address_attr!(
+    /// OTHER-ADDRESS (RFC 5780 §7.4): the server's address differing from the one the
+    /// request reached in both IP and port.
+    OtherAddress, OTHER_ADDRESS, false
 );
 address_attr!(
     /// ALTERNATE-SERVER: where a client should go instead (with 300 Try Alternate).
@@ -412,6 +429,47 @@ flag_attr!(
     /// USE-CANDIDATE (ICE).
     UseCandidate, USE_CANDIDATE
 );
+
+/// CHANGE-REQUEST (RFC 5780 §7.2): asks for the Binding response to be sent from the
+/// server's alternate IP, alternate port, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ChangeRequest {
+    /// The "A" flag (0x4): send from the alternate IP address.
+    pub change_ip: bool,
+    /// The "B" flag (0x2): send from the alternate port.
+    pub change_port: bool,
+}
+
+impl ChangeRequest {
+    const CHANGE_IP: u32 = 0x4;
+    const CHANGE_PORT: u32 = 0x2;
+}
+
+impl<'a> Attribute<'a> for ChangeRequest {
+    const TYPE: AttrType = AttrType(CHANGE_REQUEST);
+    fn decode(value: &'a [u8], _: &TransactionId) -> Result<Self, DecodeError> {
+        let v: [u8; 4] = value.try_into().map_err(|_| bad(CHANGE_REQUEST))?;
+        let flags = u32::from_be_bytes(v);
+        // Other bits are zero when sent and ignored when received (RFC 5780 §7.2).
+        Ok(ChangeRequest {
+            change_ip: flags & Self::CHANGE_IP != 0,
+            change_port: flags & Self::CHANGE_PORT != 0,
+        })
+    }
+    fn encoded_len(&self) -> usize {
+        4
+    }
+    fn encode(&self, out: &mut [u8], _: &TransactionId) {
+        let mut flags = 0;
+        if self.change_ip {
+            flags |= Self::CHANGE_IP;
+        }
+        if self.change_port {
+            flags |= Self::CHANGE_PORT;
+        }
+        out.copy_from_slice(&flags.to_be_bytes());
+    }
+}
 
 /// MESSAGE-INTEGRITY's raw value (HMAC-SHA1). Use [`crate::stun::Message::verify_integrity`]
 /// to check it and [`crate::stun::MessageWriter::add_integrity`] to write it.

@@ -126,3 +126,26 @@ pub fn write_classic_binding_response(
         .copy_from_slice(&[c0, c1, c2, c3]);
     Ok(n)
 }
+
+/// Answers a Binding request as an RFC 5780 server (one with an alternate address
+/// and port): XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN (`origin`, the address the response
+/// is sent from) and OTHER-ADDRESS (`other`, the server's address differing in both IP
+/// and port from the one the request reached), then FINGERPRINT when the request carried
+/// one. The caller has checked the request's comprehension-required attributes (see
+/// [`write_binding_response`]). Returns the response's length.
+pub fn write_rfc5780_binding_response(
+    out: &mut [u8],
+    req: &Message<'_>,
+    mapped: SocketAddr,
+    origin: SocketAddr,
+    other: SocketAddr,
+) -> Result<usize, EncodeError> {
+    let mut w = MessageWriter::new(out, Method::BINDING, Class::Success, req.transaction_id())?;
+    w.add(&attr::XorMappedAddress(mapped))?;
+    w.add(&attr::ResponseOrigin(origin))?;
+    w.add(&attr::OtherAddress(other))?;
+    if req.has_fingerprint() {
+        w.add_fingerprint()?;
+    }
+    Ok(w.finish())
+}

@@ -748,3 +748,57 @@ fn legacy_channel_range_is_opt_in() {
     );
     assert_eq!(attr::legacy_channel_number(&[0x80, 0x00, 0, 0]), None);
 }
+
+#[test]
+fn rfc5780_attributes_round_trip() {
+    use turnpike_proto::attr::{ChangeRequest, OtherAddress, ResponseOrigin};
+    let origin: SocketAddr = "192.0.2.2:3479".parse().unwrap();
+    let other: SocketAddr = "[2001:db8::2]:3479".parse().unwrap();
+    for (change_ip, change_port) in [(false, false), (true, false), (false, true), (true, true)] {
+        let cr = ChangeRequest {
+            change_ip,
+            change_port,
+        };
+        let mut buf = [0u8; 256];
+        let mut w = MessageWriter::new(&mut buf, Method::BINDING, Class::Request, TID).unwrap();
+        w.add(&cr).unwrap();
+        w.add(&ResponseOrigin(origin)).unwrap();
+        w.add(&OtherAddress(other)).unwrap();
+        let n = w.finish();
+        let m = Message::parse(&buf[..n]).unwrap();
+        assert_eq!(m.attr::<ChangeRequest>().unwrap(), Some(cr));
+        assert_eq!(
+            m.attr::<ResponseOrigin>().unwrap(),
+            Some(ResponseOrigin(origin))
+        );
+        assert_eq!(m.attr::<OtherAddress>().unwrap(), Some(OtherAddress(other)));
+        // CHANGE-REQUEST is comprehension-required and left to the server to understand.
+        assert_eq!(m.unknown_required(), &[attr::CHANGE_REQUEST]);
+    }
+    // The wire form of RFC 5780 §7.2: change-IP is 0x4, change-port 0x2, other bits ignored.
+    let mut buf = [0u8; 64];
+    let mut w = MessageWriter::new(&mut buf, Method::BINDING, Class::Request, TID).unwrap();
+    w.add_raw(AttrType(attr::CHANGE_REQUEST), &[0, 0, 0, 0x4 | 0x1])
+        .unwrap();
+    let n = w.finish();
+    assert_eq!(&buf[20..24], &[0x00, 0x03, 0x00, 0x04]);
+    let m = Message::parse(&buf[..n]).unwrap();
+    assert_eq!(
+        m.attr::<ChangeRequest>().unwrap(),
+        Some(ChangeRequest {
+            change_ip: true,
+            change_port: false
+        })
+    );
+    // A value of the wrong length is an error, not a guess.
+    let mut w = MessageWriter::new(&mut buf, Method::BINDING, Class::Request, TID).unwrap();
+    w.add_raw(AttrType(attr::CHANGE_REQUEST), &[0, 0, 4])
+        .unwrap();
+    let n = w.finish();
+    assert!(
+        Message::parse(&buf[..n])
+            .unwrap()
+            .attr::<ChangeRequest>()
+            .is_err()
+    );
+}

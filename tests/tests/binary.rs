@@ -28,6 +28,8 @@ fn bad_configuration_exits_64_naming_the_option() {
         (vec!["serve", "--allow-peer", "10.0.0.0/40"], "allow_peers"),
         (vec!["serve", "--user", "nopassword"], "users"),
         (vec!["serve", "--listen", "0.0.0.0:3478"], "relay_ips"),
+        (vec!["serve", "--alt-ip", "not-an-ip"], "alt_ip"),
+        (vec!["serve", "--alt-ip", "::1"], "alt_ip"),
     ] {
         let (code, err) = exit_code(&args);
         assert_eq!(code, 64, "{args:?}: {err}");

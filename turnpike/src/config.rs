@@ -38,6 +38,8 @@ pub struct FileConfig {
     /// Behind a 1:1 NAT: "PUBLIC/PRIVATE" per relay IP (or "PUBLIC" when one relay IP of
     /// that family exists), the address clients are given for a private relay IP.
     pub external_ips: Option<Vec<String>>,
+    /// NAT behaviour discovery (RFC 5780): the server's second IP address.
+    pub alt_ip: Option<String>,
     /// Relay port range "MIN-MAX".
     pub relay_ports: Option<String>,
     /// Realm.
@@ -234,6 +236,11 @@ pub struct Flags {
         value_delimiter = ','
     )]
     pub external_ip: Vec<String>,
+    /// NAT behaviour discovery (RFC 5780): a second IP address of this host. Every UDP
+    /// listening address IP:PORT of its family is joined by IP:PORT+1, ALT:PORT and
+    /// ALT:PORT+1, which answer Binding requests only (as coturn's -o/--alt-listening-*).
+    #[arg(long = "alt-ip", env = "TURNPIKE_ALT_IP")]
+    pub alt_ip: Option<String>,
     /// Relay port range MIN-MAX (default 49152-65535).
     #[arg(long, env = "TURNPIKE_RELAY_PORTS")]
     pub relay_ports: Option<String>,
@@ -516,6 +523,8 @@ pub struct Config {
     pub drain_grace: std::time::Duration,
     /// The XDP fast path.
     pub xdp: turnpike_dataplane::xdp::XdpConfig,
+    /// NAT behaviour discovery (RFC 5780): the server's second IP.
+    pub alt_ip: Option<IpAddr>,
     /// The fleet on etcd, if configured.
     pub fleet: Option<FleetConfig>,
 }
@@ -699,7 +708,40 @@ impl Config {
             return Err(err("workers (--workers)", "at most 1024"));
         }
         let (streams, tls, stream_limits) = streams_config(flags, &file_streams, &listen)?;
+        let alt_ip = match flags.alt_ip.clone().or(file.alt_ip.take()) {
+            Some(s) => Some(
+                s.trim()
+                    .parse::<IpAddr>()
+                    .map_err(|e| err("alt_ip (--alt-ip)", format!("{s:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        if let Some(alt) = alt_ip
+            && !listen
+                .iter()
+                .any(|a| !a.ip().is_unspecified() && a.is_ipv4() == alt.is_ipv4() && a.ip() != alt)
+        {
+            return Err(err(
+                "alt_ip (--alt-ip)",
+                format!(
+                    "{alt}: NAT behaviour discovery needs a UDP listening address (--listen) of \
+                     the same family that is neither a wildcard nor {alt} itself"
+                ),
+            ));
+        }
         let mut own: Vec<SocketAddr> = listen.clone();
+        // The NAT discovery companions are our sockets too (see `--alt-ip`).
+        if let Some(alt) = alt_ip {
+            for a in &listen {
+                if let Some(p2) = a.port().checked_add(1) {
+                    own.extend([
+                        SocketAddr::new(a.ip(), p2),
+                        SocketAddr::new(alt, a.port()),
+                        SocketAddr::new(alt, p2),
+                    ]);
+                }
+            }
+        }
         own.extend(grpc_listen);
         own.extend(metrics_listen);
         if let Some(a) = flags
@@ -866,6 +908,7 @@ impl Config {
                     None => turnpike_dataplane::xdp::XdpMode::Auto,
                 },
             },
+            alt_ip,
             listen,
             relay_ips,
             external_ips,

@@ -15,6 +15,7 @@
 //! on stderr), 64 for bad arguments.
 
 mod conn;
+pub mod nat;
 pub mod report;
 pub mod stats;
 pub mod tls;
@@ -364,6 +365,7 @@ fn probe(t: &Target, ctx: &Ctx) -> TargetReport {
             mapped: None,
             relayed: Vec::new(),
             tls: None,
+            nat: None,
             echo: None,
             max_datagram: None,
             checks: Vec::new(),
@@ -413,6 +415,22 @@ fn steps(t: &Target, ctx: &Ctx, rec: &mut Recorder<'_>) -> Result<(), Stop> {
 
     // reachability, TLS, Binding: allocation A's connection.
     let mut a = connect(t, ctx, addr, rec, true)?;
+
+    // NAT behaviour, when the server offers its discovery (RFC 5780; UDP only).
+    if t.url.transport == Transport::Udp {
+        let started = Instant::now();
+        if let Ok(Some(nat)) = nat::discover(addr) {
+            rec.pass(
+                "nat",
+                format!(
+                    "{} mapping, {} filtering (RFC 5780, other address {})",
+                    nat.mapping, nat.filtering, nat.other_address
+                ),
+                Some(started),
+            );
+            rec.r.nat = Some(nat);
+        }
+    }
 
     // authentication, allocate
     let started = Instant::now();

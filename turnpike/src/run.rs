@@ -389,6 +389,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 tls,
                 stream_limits: cfg.stream_limits,
                 xdp: cfg.xdp.clone(),
+                alt_ip: cfg.alt_ip,
                 ..DataPlaneConfig::default()
             },
             queue.clone(),

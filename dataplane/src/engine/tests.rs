@@ -532,8 +532,8 @@ fn binding_answers_barely_larger_than_requests() {
             assert_eq!(msg.has_fingerprint(), fp);
             for src in [v4, v6] {
                 let mut out = [0u8; 512];
-                let n =
-                    write_binding_answer(&mut out, &msg, src).unwrap_or_else(|e| panic!("{e:?}"));
+                let n = write_binding_answer(&mut out, &msg, src, None)
+                    .unwrap_or_else(|e| panic!("{e:?}"));
                 let ans = Message::parse(&out[..n]).unwrap_or_else(|e| panic!("{e:?}"));
                 let class = if unknown == 0 {
                     Class::Success
@@ -671,4 +671,93 @@ fn tcp_connection_carries_its_allocation_and_ends_it() {
     // Closing again, or closing a connection that never had the tuple, does nothing.
     assert_eq!(h.core.conn_closed(CONN, &tcp, &mut out), None);
     assert_eq!(h.core.conn_closed(Token(8), &tcp, &mut out), None);
+}
+
+fn change_request(change_ip: bool, change_port: bool) -> Vec<u8> {
+    let mut buf = [0u8; 64];
+    let mut w = MessageWriter::new(
+        &mut buf,
+        Method::BINDING,
+        Class::Request,
+        TransactionId([5; 12]),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    w.add(&turnpike_proto::attr::ChangeRequest {
+        change_ip,
+        change_port,
+    })
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    let n = w.finish();
+    buf[..n].to_vec()
+}
+
+#[test]
+fn change_request_without_an_alternate_address_is_420() {
+    let mut h = H::new(Denied::default(), BindingLimit::default());
+    let [Did::Send(from, _, d)] = &h.client_sends(&change_request(true, true))[..] else {
+        panic!("one answer expected");
+    };
+    assert_eq!(*from, LISTEN);
+    let m = Message::parse(d).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(m.class(), Class::Error);
+    let unknown = m
+        .attr::<turnpike_proto::attr::UnknownAttributes>()
+        .ok()
+        .flatten()
+        .map(|u| u.types().collect::<Vec<_>>());
+    assert_eq!(unknown, Some(vec![turnpike_proto::attr::CHANGE_REQUEST]));
+    // And a plain Binding answer carries no RFC 5780 attribute.
+    let [Did::Send(_, _, d)] = &h.client_sends(&message(Method::BINDING, Class::Request))[..]
+    else {
+        panic!("one answer expected");
+    };
+    let m = Message::parse(d).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(!m.has(turnpike_proto::attr::AttrType(
+        turnpike_proto::attr::OTHER_ADDRESS
+    )));
+}
+
+#[test]
+fn rfc5780_answers_leave_from_the_socket_change_request_names() {
+    use turnpike_proto::attr::{OtherAddress, ResponseOrigin};
+    let mut h = H::new(Denied::default(), BindingLimit::default());
+    let group = [
+        server(),
+        addr("198.51.100.1:3479"),
+        addr("198.51.100.2:3478"),
+        addr("198.51.100.2:3479"),
+    ];
+    let tokens = [LISTEN, Token(10), Token(11), Token(12)];
+    for i in 1..4 {
+        h.core.add_companion(tokens[i], group[i]);
+    }
+    h.core.add_nat_group(group);
+    for i in 0..4 {
+        for (ci, cp) in [(false, false), (true, false), (false, true), (true, true)] {
+            let req = change_request(ci, cp);
+            let [Did::Send(from, to, d)] = &h.feed(tokens[i], client(), &req)[..] else {
+                panic!("one answer expected");
+            };
+            let j = i ^ (usize::from(ci) << 1) ^ usize::from(cp);
+            assert_eq!((*from, *to), (tokens[j], client()));
+            let m = Message::parse(d).unwrap_or_else(|e| panic!("{e:?}"));
+            assert_eq!(m.class(), Class::Success);
+            assert_eq!(
+                m.attr::<ResponseOrigin>().ok().flatten(),
+                Some(ResponseOrigin(group[j]))
+            );
+            assert_eq!(
+                m.attr::<OtherAddress>().ok().flatten(),
+                Some(OtherAddress(group[i ^ 3]))
+            );
+            assert_eq!(
+                m.attr::<XorMappedAddress>().ok().flatten(),
+                Some(XorMappedAddress(client()))
+            );
+        }
+    }
+    // A companion serves Binding only: nothing is punted from it.
+    let alloc = message(Method::ALLOCATE, Class::Request);
+    assert!(h.feed(tokens[1], client(), &alloc).is_empty());
+    assert!(!h.feed(LISTEN, client(), &alloc).is_empty());
 }

@@ -116,6 +116,9 @@ pub struct TargetReport {
     pub relayed: Vec<String>,
     /// TLS facts (TLS targets).
     pub tls: Option<TlsReport>,
+    /// NAT behaviour between the probe and the server (RFC 5780), when the server
+    /// offers its discovery (UDP targets).
+    pub nat: Option<super::nat::NatReport>,
     /// The relayed echo.
     pub echo: Option<EchoStats>,
     /// The largest payload that came back through the relay, bytes.
