@@ -32,6 +32,10 @@ pub async fn signal() -> Stop {
     }
 }
 
+/// How long a drained process waits before stopping, so that the answers to the last
+/// requests (a Refresh 0) are sent.
+const REPLY_SETTLE: Duration = Duration::from_millis(500);
+
 /// Drains the instance of `cp` for at most `grace`: marks it drained (`draining` tells
 /// the fleet registry, which redirects its new clients), then waits until it holds no
 /// allocation, the grace passes, or another signal arrives.
@@ -73,6 +77,10 @@ pub async fn drain(cp: &ControlPlaneHandle, grace: Duration, draining: &watch::S
         let n = left(&cp.stats().await.unwrap_or_default());
         if n == 0 {
             tracing::info!("drained: no allocation left");
+            // The last allocation usually ends with a Refresh 0 (or a TCP close) whose
+            // answer the control plane has just made: let it reach the data plane and
+            // leave before the process stops.
+            tokio::time::sleep(REPLY_SETTLE).await;
             return;
         }
     }
