@@ -194,10 +194,11 @@ fn uclient(flags: &[&str], server_port: u16, peer_port: u16, n: usize) -> (usize
 
 /// The entrypoint and user the image declares, run chrooted into `rootfs`.
 fn chrooted(rootfs: &Path, user: &str, entrypoint: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new("/usr/bin/timeout");
-    // Bounded: the server is killed by the test long before this.
-    cmd.args(["300", "/usr/sbin/chroot"])
-        .arg(format!("--userspec={user}"))
+    // chroot execs the entrypoint, so the child's pid is turnpike's own: killing it (as
+    // `Proc` does on drop, also when the test panics) stops the server. A `timeout`
+    // wrapper here would be what got killed, leaving the server orphaned.
+    let mut cmd = Command::new("/usr/sbin/chroot");
+    cmd.arg(format!("--userspec={user}"))
         .arg(rootfs)
         .arg(entrypoint)
         .args(args)
