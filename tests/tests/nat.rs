@@ -183,18 +183,7 @@ impl Nat {
 }}
 "
         );
-        let mut nft = Command::new("ip")
-            .args(["netns", "exec", r, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        std::io::Write::write_all(&mut nft.stdin.take().unwrap(), rules.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let o = nft.wait_with_output().map_err(|e| e.to_string())?;
-        if !o.status.success() {
-            return Err(format!("nft: {}", String::from_utf8_lossy(&o.stderr)));
-        }
+        common::netns::nft(r, &rules)?;
         Ok(())
     }
 

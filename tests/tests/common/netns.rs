@@ -70,6 +70,23 @@ fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
+/// Loads nftables `rules` (an `nft -f` script) in namespace `ns`.
+pub fn nft(ns: &str, rules: &str) -> Result<(), String> {
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), rules.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let o = nft.wait_with_output().map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(format!("nft: {}", String::from_utf8_lossy(&o.stderr)));
+    }
+    Ok(())
+}
+
 /// A process started inside a namespace; killed (SIGKILL) on drop.
 pub struct NsProc {
     pub child: Child,
