@@ -18,9 +18,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
-use turnpike_proto::api::ip_to_bytes;
-use turnpike_proto::api::v1::{self, control_plane_message, data_plane_message};
-use turnpike_proto::plane::{RelayIp, Transport, advertised_addr, tuple_from_api};
+use turnpike_api::ip_to_bytes;
+use turnpike_api::v1::{self, control_plane_message, data_plane_message};
+use turnpike_api::{table_change_to_api, tuple_from_api};
+use turnpike_plane::{RelayIp, Transport, advertised_addr};
 
 use crate::server::{AllocationInfo, Server};
 use crate::types::{
@@ -976,7 +977,7 @@ impl Cluster {
                     self.pending_tables
                         .entry(conn)
                         .or_default()
-                        .push(change.to_api(worker));
+                        .push(table_change_to_api(&change, worker));
                 }
                 Output::Event(e) => self.lifecycle(e),
             }

@@ -1,7 +1,7 @@
 //! A small client for etcd's v3 API: the fleet registry (keys under leases), configuration
 //! watches, transactions, and the election of a control-plane leader.
 //!
-//! [`Etcd`] wraps the generated clients of [`turnpike_proto::etcd`] over one
+//! [`Etcd`] wraps the generated clients of [`turnpike_api::etcd`] over one
 //! `tonic::transport::Channel`. Every unary call carries a timeout
 //! ([`CALL_TIMEOUT`] unless [`Etcd::with_call_timeout`] says otherwise); the calls that
 //! wait by design ([`Etcd::campaign`]) do not, and are abandoned by dropping their future.
@@ -51,15 +51,15 @@ use tokio::time::{Instant, sleep, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status, Streaming};
-use turnpike_proto::etcd::etcdserverpb::{
+use turnpike_api::etcd::etcdserverpb::{
     Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
     LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest, RequestOp,
     ResponseHeader, TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse, compare,
     kv_client::KvClient, lease_client::LeaseClient, request_op, watch_client::WatchClient,
     watch_request,
 };
-use turnpike_proto::etcd::mvccpb::{self, event::EventType};
-use turnpike_proto::etcd::v3electionpb::{
+use turnpike_api::etcd::mvccpb::{self, event::EventType};
+use turnpike_api::etcd::v3electionpb::{
     self as electionpb, CampaignRequest, LeaderRequest, ProclaimRequest, ResignRequest,
     election_client::ElectionClient,
 };

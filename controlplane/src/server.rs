@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use ahash::AHashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use turnpike_plane::{RelayIp, advertised_addr};
 use turnpike_proto::attr::{
     self, AdditionalAddressFamily, AddressErrorCode, ChannelNumber, DontFragment, ErrorCode,
     EvenPort, Family, Lifetime, Nonce, PasswordAlgorithm, PasswordAlgorithmId, PasswordAlgorithms,
@@ -20,7 +21,6 @@ use turnpike_proto::attr::{
     Userhash, Username, XorMappedAddress, XorPeerAddress, XorRelayedAddress,
 };
 use turnpike_proto::auth::IntegrityKey;
-use turnpike_proto::plane::{RelayIp, advertised_addr};
 use turnpike_proto::stun::{
     self, Class, HEADER_LEN, Message, MessageWriter, Method, TransactionId,
 };

@@ -21,7 +21,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
-use turnpike_proto::api::v1::{
+use turnpike_api::v1::{
     self, admin_server::Admin, control_plane_server::ControlPlane, data_plane_message,
 };
 

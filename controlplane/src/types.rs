@@ -1,10 +1,10 @@
 //! Values that cross the control plane's boundary: the plane-to-plane contract (time,
-//! 5-tuples, table changes, snapshots, binds: defined once in `turnpike_proto::plane`)
+//! 5-tuples, table changes, snapshots, binds: defined once in `turnpike_plane`)
 //! and the outputs of the state machine.
 
 use std::net::SocketAddr;
 
-pub use turnpike_proto::plane::{
+pub use turnpike_plane::{
     AllocationId, AllocationSnapshot, BindError, BindRequest, FiveTuple, Millis, TableChange,
     Transport,
 };

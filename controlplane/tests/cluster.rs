@@ -7,14 +7,14 @@ mod harness;
 use std::net::SocketAddr;
 
 use harness::{REALM, T0, config};
+use turnpike_api::v1::{self, control_plane_message as down, data_plane_message as up};
 use turnpike_controlplane::{
     AllocationSnapshot, Cluster, ClusterOutput, ConnId, Credentials, FiveTuple, Millis, Server,
     ServerConfig,
 };
-use turnpike_proto::api::v1::{self, control_plane_message as down, data_plane_message as up};
+use turnpike_plane::{RelayIp, TableChange};
 use turnpike_proto::attr::{AlternateServer, ErrorCode, XorRelayedAddress};
 use turnpike_proto::client::{Client, Event};
-use turnpike_proto::plane::{RelayIp, TableChange};
 use turnpike_proto::stun::Message;
 
 const DP1: &str = "192.0.2.10:3478";
@@ -33,7 +33,7 @@ fn hello(id: &str, listen: &str, table: Vec<v1::AllocationState>) -> v1::Hello {
             address: Some(listen.into()),
         }],
         relay_ips: vec![v1::RelayIp {
-            ip: turnpike_proto::api::ip_to_bytes(listen.ip()),
+            ip: turnpike_api::ip_to_bytes(listen.ip()),
             advertised_ip: Vec::new(),
         }],
         worker_count: 4,
@@ -175,7 +175,7 @@ impl Cell {
                 _ => None,
             })
             .flatten()
-            .map(|c| TableChange::from_api(&c).unwrap())
+            .map(|c| turnpike_api::table_change_from_api(&c).unwrap())
             .collect()
     }
 

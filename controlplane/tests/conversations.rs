@@ -9,13 +9,13 @@ use harness::{Ev, Harness, REALM, T0, config, error_code, tuple};
 use turnpike_controlplane::{
     Cidr, Credentials, Millis, Output, PeerPolicy, ServerConfig, TableChange, Via, rest_password,
 };
+use turnpike_plane::RelayIp;
 use turnpike_proto::attr::{
     self, AttrType, ChannelNumber, Family, Lifetime, Nonce, PasswordAlgorithm, PasswordAlgorithmId,
     PasswordAlgorithms, Realm, RequestedTransport, Userhash, Username, XorPeerAddress,
 };
 use turnpike_proto::auth::{long_term_key_md5, long_term_key_sha256, userhash};
 use turnpike_proto::client::{AllocateOptions, Client};
-use turnpike_proto::plane::RelayIp;
 use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
 const PEER: &str = "198.51.100.20:7000";

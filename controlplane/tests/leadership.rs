@@ -9,12 +9,12 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::Code;
 use tonic::transport::{Channel, Server as GrpcServer};
-use turnpike_controlplane::{ControlPlaneHandle, Credentials, Server, ServerConfig};
-use turnpike_proto::api::v1::{
+use turnpike_api::v1::{
     self, admin_client::AdminClient, admin_server::AdminServer,
     control_plane_client::ControlPlaneClient, control_plane_server::ControlPlaneServer,
     data_plane_message,
 };
+use turnpike_controlplane::{ControlPlaneHandle, Credentials, Server, ServerConfig};
 
 /// A control plane on loopback (plain HTTP/2: the gate, not TLS, is under test).
 async fn start() -> (ControlPlaneHandle, Channel) {

@@ -12,10 +12,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-use turnpike_proto::api::v1::{
+use turnpike_api::v1::{
     self, control_plane_client::ControlPlaneClient, control_plane_message, data_plane_message,
 };
-use turnpike_proto::plane::{BindError, RelayIp, TableChange, Usage, tuple_from_api};
+use turnpike_api::{table_change_from_api, tuple_from_api};
+use turnpike_plane::{BindError, RelayIp, Usage};
 
 use crate::{
     AllocationSnapshot, ControlSink, DataPlaneHandle, Drops, FiveTuple, Punted, WorkerCounters,
@@ -429,7 +430,7 @@ async fn apply(
             let changes = batch
                 .changes
                 .iter()
-                .filter_map(|c| match TableChange::from_api(c) {
+                .filter_map(|c| match table_change_from_api(c) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "invalid table change dropped");

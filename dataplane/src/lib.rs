@@ -148,7 +148,7 @@ pub use plane::{DataPlane, DataPlaneHandle};
 pub use streams::{StreamLimits, StreamListen};
 pub use sys::release_free_memory;
 /// The plane-to-plane contract the data plane speaks, re-exported for its users.
-pub use turnpike_proto::plane::{
+pub use turnpike_plane::{
     AllocationId, AllocationSnapshot, BindError, FiveTuple, Millis, TableChange, Traffic,
     Transport, Usage,
 };

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use turnpike_proto::plane::BindError;
+use turnpike_plane::BindError;
 
 use crate::sys;
 

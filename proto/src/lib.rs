@@ -10,12 +10,10 @@
 //! - [`demux`]: the RFC 7983 first-byte demultiplexer.
 //! - [`turn`]: fast-path helpers for Send and Data indications and Binding responses.
 //! - [`client`]: a sans-IO TURN client, reused by tests and the load generator.
-//! - [`plane`]: the plane-to-plane contract, typed once (5-tuple, allocation id, table
-//!   change, table snapshot, bind error), with its conversions to the gRPC messages.
-//! - [`api`]: the gRPC API (`turnpike.v1`): the control-plane/data-plane stream and the
-//!   admin service, generated from `proto/proto/turnpike/v1/*.proto`.
-//! - [`etcd`]: the client side of etcd's v3 gRPC API (KV, Watch, Lease, Election), from
-//!   the `.proto` files vendored into `proto/proto/etcd`.
+//!
+//! The plane contract (`turnpike-plane`, in `proto/plane`) and the gRPC API
+//! (`turnpike-api`, in `proto/api`) are crates of their own: this one depends on no RPC,
+//! async or TLS crate, so the fuzz target and the load generator build without them.
 //!
 //! # Fuzzing
 //!
@@ -23,15 +21,12 @@
 //! that runs it on the stable toolchain.
 #![forbid(unsafe_code)]
 
-pub mod api;
 pub mod attr;
 pub mod auth;
 pub mod channel;
 pub mod client;
 pub mod demux;
 pub mod error;
-pub mod etcd;
-pub mod plane;
 pub mod reason;
 pub mod stun;
 pub mod turn;

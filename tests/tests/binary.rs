@@ -201,7 +201,7 @@ fn split_mode_survives_a_control_plane_restart() {
 
 #[test]
 fn admin_api_lists_revokes_and_watches() {
-    use turnpike_proto::api::v1::{self, admin_client::AdminClient};
+    use turnpike_api::v1::{self, admin_client::AdminClient};
     let (_p, server, grpc) = serve(&["--allow-peer", "127.0.0.0/8"]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

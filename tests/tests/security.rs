@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Certs, Outcome, Proc, TOKEN, Turn, free_tcp_port, free_udp_port, spawn_owned};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use turnpike_proto::api::v1::{
+use turnpike_api::v1::{
     self, admin_client::AdminClient, control_plane_client::ControlPlaneClient, data_plane_message,
 };
 

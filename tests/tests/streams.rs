@@ -19,7 +19,7 @@ use common::tls::{
     ALPN, CertFiles, SERVER_NAME, TestCa, client_config, connect as tls_connect, turn_tls,
 };
 use common::{EchoPeer, Outcome, Proc, TOKEN, free_tcp_port, free_udp_port};
-use turnpike_proto::api::v1::{self, admin_client::AdminClient};
+use turnpike_api::v1::{self, admin_client::AdminClient};
 use turnpike_proto::client::{AllocateOptions, Client};
 
 const USER: &str = "u";

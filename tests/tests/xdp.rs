@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::netns::{self, CLIENT, NsProc, PEER, SERVER, STRANGER, Topology};
 use common::{Outcome, Turn};
-use turnpike_proto::api::v1::{self, admin_client::AdminClient};
+use turnpike_api::v1::{self, admin_client::AdminClient};
 
 /// The namespaces, with the veths' transmit checksum offload at its default (on).
 fn topology() -> Option<Topology> {

@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 use turnpike_controlplane::{Cidr, PeerPolicy, ServerConfig};
 use turnpike_dataplane::{Backend, StreamLimits, StreamListen};
-use turnpike_proto::plane::{RelayIp, advertised_addr};
+use turnpike_plane::{RelayIp, advertised_addr};
 
 /// A configuration error: the option it concerns and what is wrong. Exit code 64.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-use turnpike_proto::api::v1::{self, admin_client::AdminClient};
+use turnpike_api::v1::{self, admin_client::AdminClient};
 
 /// Writes a line to stdout; a reader that went away (`ctl list | head`) ends the program
 /// quietly, as a command-line tool should.

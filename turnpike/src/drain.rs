@@ -47,9 +47,8 @@ pub async fn drain(cp: &ControlPlaneHandle, grace: Duration, draining: &watch::S
     if cp.set_self_draining(true).await.is_err() {
         return;
     }
-    let left = |s: &turnpike_proto::api::v1::GetStatsResponse| {
-        s.totals.as_ref().map_or(0, |t| t.allocations)
-    };
+    let left =
+        |s: &turnpike_api::v1::GetStatsResponse| s.totals.as_ref().map_or(0, |t| t.allocations);
     let start = left(&cp.stats().await.unwrap_or_default());
     tracing::info!(
         allocations = start,

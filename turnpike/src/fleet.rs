@@ -29,7 +29,7 @@ use turnpike_controlplane::fleet::{
     FleetView, InstanceRecord, RedirectConfig, SharedConfig, heavy_threshold,
 };
 use turnpike_dataplane::DataPlaneHandle;
-use turnpike_proto::plane::{RelayIp, advertised_addr};
+use turnpike_plane::{RelayIp, advertised_addr};
 
 /// Seconds a record outlives its instance.
 pub const LEASE_TTL: i64 = 10;
@@ -331,9 +331,9 @@ async fn report(
                     continue;
                 };
                 let a = advertised_addr(&relays, a);
-                let list = match turnpike_proto::api::v1::Transport::try_from(l.transport) {
-                    Ok(turnpike_proto::api::v1::Transport::Tcp) => &mut base.tcp,
-                    Ok(turnpike_proto::api::v1::Transport::Tls) => &mut base.tls,
+                let list = match turnpike_api::v1::Transport::try_from(l.transport) {
+                    Ok(turnpike_api::v1::Transport::Tcp) => &mut base.tcp,
+                    Ok(turnpike_api::v1::Transport::Tls) => &mut base.tls,
                     _ => &mut base.udp,
                 };
                 if !list.contains(&a) {

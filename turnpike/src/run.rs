@@ -12,7 +12,7 @@ use tonic::transport::Endpoint;
 use turnpike_controlplane::{AdminAuth, ControlPlaneHandle, Credentials, Server};
 use turnpike_dataplane::agent::{self, Identity, PuntQueue};
 use turnpike_dataplane::{DataPlane, DataPlaneConfig, Transport};
-use turnpike_proto::plane::advertised_addr;
+use turnpike_plane::advertised_addr;
 
 use crate::config::Config;
 use crate::listener::{self, Limits};

@@ -638,7 +638,7 @@ mod tests {
     //! change here is a change users and their scripts see.
     #![allow(clippy::unwrap_used)]
 
-    use turnpike_proto::api::v1;
+    use turnpike_api::v1;
 
     use super::*;
     use crate::ctl::view::{self, Now};

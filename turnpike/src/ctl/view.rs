@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use turnpike_proto::api::{ip_from_bytes, v1};
+use turnpike_api::{ip_from_bytes, v1};
 
 /// The schema name every JSON document carries; bumped only on a breaking change.
 pub const SCHEMA: &str = "turnpike.ctl/v1";

@@ -14,16 +14,16 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::server::Router;
 use tonic::transport::{Endpoint, Server};
 use tonic::{Request, Response, Status, Streaming};
-use turnpike_proto::api::v1::admin_client::AdminClient;
-use turnpike_proto::api::v1::admin_server::{Admin, AdminServer};
-use turnpike_proto::api::v1::control_plane_client::ControlPlaneClient;
-use turnpike_proto::api::v1::control_plane_message::Message as Down;
-use turnpike_proto::api::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
-use turnpike_proto::api::v1::data_plane_message::Message as Up;
-use turnpike_proto::api::v1::event::Body;
-use turnpike_proto::api::v1::table_change::Change;
-use turnpike_proto::api::v1::*;
-use turnpike_proto::api::{AddressError, ip_from_bytes, ip_to_bytes};
+use turnpike_api::v1::admin_client::AdminClient;
+use turnpike_api::v1::admin_server::{Admin, AdminServer};
+use turnpike_api::v1::control_plane_client::ControlPlaneClient;
+use turnpike_api::v1::control_plane_message::Message as Down;
+use turnpike_api::v1::control_plane_server::{ControlPlane, ControlPlaneServer};
+use turnpike_api::v1::data_plane_message::Message as Up;
+use turnpike_api::v1::event::Body;
+use turnpike_api::v1::table_change::Change;
+use turnpike_api::v1::*;
+use turnpike_api::{AddressError, ip_from_bytes, ip_to_bytes};
 
 type TestResult = Result<(), Box<dyn Error + Send + Sync>>;
 
