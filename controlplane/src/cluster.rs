@@ -18,15 +18,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
-use turnpike_api::ip_to_bytes;
-use turnpike_api::v1::{self, control_plane_message, data_plane_message};
-use turnpike_api::{table_change_to_api, tuple_from_api};
-use turnpike_plane::{RelayIp, Transport, advertised_addr};
+use turnpike_plane::admin::{
+    AdminEvent, AllocationView, CellStats, DataPlaneView, EventBody, Totals,
+};
+use turnpike_plane::{
+    Batch, Bind, Datagram, Down, DropReason, Hello, LoadReport, Punted, RelayIp, Snapshot,
+    Transport, Up, Usage, advertised_addr,
+};
 
 use crate::server::{AllocationInfo, Server};
 use crate::types::{
-    AllocationId, AllocationSnapshot, BindError, EndReason, Event, FiveTuple, Millis, Output,
-    TableChange,
+    AllocationId, AllocationSnapshot, BindError, Event, FiveTuple, Millis, Output, TableChange,
 };
 
 /// How long a bind's route is kept without an acknowledgement (the state machine gives
@@ -36,9 +38,30 @@ const BIND_ROUTE_MS: u64 = 10_000;
 /// Pool binds are numbered from here, apart from the TURN server's binds (from 1).
 const POOL_BIND_IDS: u64 = 1 << 63;
 
+/// How long a data plane may leave batches unacknowledged, making no progress, before
+/// they are sent again: a batch lost with nothing after it (so no gap to see) is
+/// recovered by this.
+const RESEND_AFTER_MS: u64 = 2_000;
+
+/// Table changes and binds a data plane may leave unacknowledged. Beyond, its punted
+/// requests are shed (counted; clients retransmit) until it catches up: what makes
+/// changes is held back instead of queueing them without bound.
+pub const UNACKED_MAX: usize = 65_536;
+
 /// One data plane's stream, as the cluster numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
+
+/// The seam's counters (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeamStats {
+    /// Batches the shell could not queue (a full link): each was sent again.
+    pub batches_dropped: u64,
+    /// Batches sent again, after the data plane saw a gap or stayed silent.
+    pub batches_resent: u64,
+    /// Punted requests shed because their data plane was [`UNACKED_MAX`] changes behind.
+    pub punts_held_back: u64,
+}
 
 /// What the caller must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,10 +71,10 @@ pub enum ClusterOutput {
         /// The stream.
         conn: ConnId,
         /// The message.
-        msg: control_plane_message::Message,
+        msg: Down,
     },
     /// Tell the admin watchers.
-    Event(v1::Event),
+    Event(AdminEvent),
 }
 
 /// Whether an instance takes new allocations (for readiness, and for the fleet
@@ -79,21 +102,27 @@ pub enum DrainError {
 #[derive(Debug)]
 struct Conn {
     id: String,
-    hello: v1::Hello,
-    /// Its relay IPs (from the Hello): new allocations arriving there relay from them,
-    /// and clients are given their advertised addresses.
-    relay_ips: Vec<RelayIp>,
+    hello: Hello,
+    /// The last batch version sent.
     version: u64,
+    /// The last batch version it acknowledged.
     acked: u64,
+    /// Batches sent and not yet acknowledged, oldest first: sent again when the data
+    /// plane reports a gap, or makes no progress for [`RESEND_AFTER_MS`].
+    unacked: VecDeque<Batch>,
+    /// Binds and changes in `unacked`.
+    unacked_items: usize,
+    /// When it last acknowledged something, or the batches were last sent again.
+    progress_at: Millis,
     draining: bool,
-    load: Option<v1::LoadReport>,
+    load: Option<(LoadReport, Millis)>,
     attached_at: Millis,
 }
 
 /// A data plane that has gone away: kept for stats.
 #[derive(Debug)]
 struct Gone {
-    hello: v1::Hello,
+    hello: Hello,
     at: Millis,
 }
 
@@ -115,17 +144,25 @@ pub struct Cluster {
     binds: HashMap<u64, (ConnId, FiveTuple, Millis)>,
     next_sweep: Millis,
     ownership_violations: u64,
-    usage: HashMap<AllocationId, v1::Usage>,
+    usage: HashMap<AllocationId, Usage>,
     allocation_dp: HashMap<AllocationId, String>,
     sequence: u64,
     punted: u64,
     out: VecDeque<ClusterOutput>,
     /// The operator's reason for a revocation in progress, for its Ended event.
     revoke_reasons: HashMap<AllocationId, String>,
-    /// This turn's table changes per data plane, sent as one batch by `flush`.
-    pending_tables: HashMap<ConnId, Vec<v1::TableChange>>,
+    /// This turn's binds and table changes per data plane, sent as one numbered batch
+    /// by `flush`.
+    pending_tables: HashMap<ConnId, Batch>,
     /// This turn's datagrams, sent per data plane as one message by `flush`.
-    pending_sends: Vec<(ConnId, v1::SendDatagram)>,
+    pending_sends: Vec<(ConnId, Datagram)>,
+    /// Punted requests shed because their data plane had [`UNACKED_MAX`] changes
+    /// unacknowledged.
+    punts_held_back: u64,
+    /// Batches sent again (after a gap or a silence).
+    batches_resent: u64,
+    /// Batches the shell could not queue.
+    batches_dropped: u64,
     /// Relay sockets each worker of each data plane holds bound in advance, ready for a
     /// plain Allocate (see [`crate::Via::pool`]).
     pools: HashMap<(ConnId, u32), Vec<SocketAddr>>,
@@ -179,6 +216,9 @@ impl Cluster {
             revoke_reasons: HashMap::new(),
             pending_tables: HashMap::new(),
             pending_sends: Vec::new(),
+            punts_held_back: 0,
+            batches_resent: 0,
+            batches_dropped: 0,
             pools: HashMap::new(),
             fleet: None,
             fleet_draining: false,
@@ -193,6 +233,12 @@ impl Cluster {
             scratch_out: Vec::new(),
             scratch_ips: Vec::new(),
         }
+    }
+
+    /// The wall clock at `now` (see [`Server::set_wall`]): TURN REST usernames are
+    /// checked against it, and nothing else.
+    pub fn set_wall(&mut self, now: Millis, wall: u64) {
+        self.server.set_wall(now, wall);
     }
 
     /// The TURN state machine (for counters and configuration).
@@ -239,6 +285,7 @@ impl Cluster {
         self.route(&mut out, None);
         if now >= self.next_sweep {
             self.sweep(now);
+            self.resend_stale(now);
             self.refill_pools();
             self.next_sweep = now.plus_secs(1);
         }
@@ -261,9 +308,9 @@ impl Cluster {
             if c.draining {
                 continue;
             }
-            for worker in 0..c.hello.worker_count {
+            for worker in 0..c.hello.workers {
                 let ready = self.pools.get(&(conn, worker));
-                for ip in c.relay_ips.iter().map(|r| &r.ip) {
+                for ip in c.hello.relay_ips.iter().map(|r| &r.ip) {
                     let have = ready.map_or(0, |r| r.iter().filter(|a| a.ip() == *ip).count())
                         + self
                             .pool_binds
@@ -283,26 +330,27 @@ impl Cluster {
             let id = self.next_pool_bind;
             self.next_pool_bind += 1;
             self.pool_binds.insert(id, (conn, worker, addr));
-            self.send(
-                conn,
-                control_plane_message::Message::BindRequest(v1::BindRequest {
-                    request_id: id,
-                    worker_id: worker,
-                    relay_addresses: vec![sa(addr)],
-                    five_tuple: None,
-                }),
-            );
+            self.pending_tables
+                .entry(conn)
+                .or_default()
+                .binds
+                .push(Bind {
+                    id,
+                    worker,
+                    relays: vec![addr],
+                    tuple: None,
+                });
         }
     }
 
     /// A data plane said Hello: it is attached as the returned connection. Its table (in
     /// the Hello, and in TableSnapshot messages after it) is restored; a data plane
     /// reconnecting under the same id replaces its old stream.
-    pub fn attach(&mut self, now: Millis, mut hello: v1::Hello) -> ConnId {
+    pub fn attach(&mut self, now: Millis, mut hello: Hello) -> ConnId {
         self.now = now;
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
-        let id = hello.data_plane_id.clone();
+        let id = hello.id.clone();
         let stale: Vec<ConnId> = self
             .conns
             .iter()
@@ -313,22 +361,16 @@ impl Cluster {
             self.detach(now, old);
         }
         let table = hello.table.take();
-        let version = table.as_ref().map(|t| t.table_version).unwrap_or(0);
-        tracing::info!(data_plane = %id, workers = hello.worker_count, restored = table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
+        let version = table.as_ref().map(|t| t.version).unwrap_or(0);
+        tracing::info!(data_plane = %id, workers = hello.workers, restored = table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
         self.gone.remove(&id);
-        let relay_ips: Vec<RelayIp> = hello
-            .relay_ips
-            .iter()
-            .filter_map(|r| RelayIp::try_from(r).ok())
-            .collect();
         // Its listening sockets are never a peer (ChannelBind to a data plane's own
         // socket would loop the server into itself), nor their public forms behind a
         // 1:1 NAT (the loop would then go out through the NAT and back).
         let own: Vec<SocketAddr> = hello
-            .listening_addresses
+            .listening
             .iter()
-            .filter_map(|l| SocketAddr::try_from(l.address.as_ref()?).ok())
-            .flat_map(|a| [a, advertised_addr(&relay_ips, a)])
+            .flat_map(|&(_, a)| [a, advertised_addr(&hello.relay_ips, a)])
             .collect();
         let mut policy = self.server.config().policy.clone();
         policy.add_own_sockets(own);
@@ -337,16 +379,18 @@ impl Cluster {
             conn,
             Conn {
                 id: id.clone(),
-                relay_ips,
                 hello,
                 version,
                 acked: version,
+                unacked: VecDeque::new(),
+                unacked_items: 0,
+                progress_at: now,
                 draining: false,
                 load: None,
                 attached_at: now,
             },
         );
-        if let Some(table) = &table {
+        if let Some(table) = table {
             self.restore(conn, &id, table);
         }
         self.refill_pools();
@@ -391,7 +435,7 @@ impl Cluster {
     }
 
     /// A message on data plane `conn`'s stream.
-    pub fn handle_message(&mut self, now: Millis, conn: ConnId, msg: data_plane_message::Message) {
+    pub fn handle_message(&mut self, now: Millis, conn: ConnId, msg: Up) {
         self.now = now;
         self.up(conn, msg);
         if std::mem::take(&mut self.pool_taken) {
@@ -401,18 +445,18 @@ impl Cluster {
 
     /// Every allocation, for the admin API, filtered by user (account or username) and
     /// data plane id (empty: any).
-    pub fn list(&self, user: &str, data_plane: &str) -> Vec<v1::AllocationInfo> {
+    pub fn list(&self, user: &str, data_plane: &str) -> Vec<AllocationView> {
         self.server
             .allocations()
             .filter(|a| user.is_empty() || a.account == user || a.username == user)
-            .map(|a| self.info_to_api(&a))
-            .filter(|i| data_plane.is_empty() || i.data_plane_id == data_plane)
+            .map(|a| self.view(&a))
+            .filter(|i| data_plane.is_empty() || i.data_plane == data_plane)
             .collect()
     }
 
     /// One allocation, for the admin API.
-    pub fn allocation(&self, id: AllocationId) -> Option<v1::AllocationInfo> {
-        self.server.allocation(id).map(|a| self.info_to_api(&a))
+    pub fn allocation(&self, id: AllocationId) -> Option<AllocationView> {
+        self.server.allocation(id).map(|a| self.view(&a))
     }
 
     /// Revokes an allocation for `reason` (logged, and the detail of its Ended event);
@@ -422,7 +466,7 @@ impl Cluster {
         now: Millis,
         id: AllocationId,
         reason: &str,
-    ) -> Option<v1::AllocationInfo> {
+    ) -> Option<AllocationView> {
         self.now = now;
         let info = self.allocation(id)?;
         tracing::info!(
@@ -467,13 +511,14 @@ impl Cluster {
 
     /// Drains (or undrains) data plane `data_plane` (empty: all): it keeps relaying its
     /// allocations, and new Allocates arriving there get 300 Try Alternate towards the
-    /// least loaded open data plane (508 when none is open).
+    /// least loaded open data plane (508 when none is open). Returns how many allocations
+    /// those data planes hold.
     pub fn drain(
         &mut self,
         now: Millis,
         data_plane: &str,
         draining: bool,
-    ) -> Result<v1::DrainDataPlaneResponse, DrainError> {
+    ) -> Result<u64, DrainError> {
         self.now = now;
         let targets: Vec<ConnId> = self
             .conns
@@ -488,22 +533,15 @@ impl Cluster {
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.draining = draining;
             }
-            self.send(
-                conn,
-                control_plane_message::Message::Drain(v1::Drain { draining }),
-            );
+            self.pending_tables.entry(conn).or_default().drain = Some(draining);
         }
         self.cell_drained = !self.conns.values().any(|c| !c.draining);
         self.update_draining();
-        let allocations = self
+        Ok(self
             .allocation_dp
             .values()
             .filter(|d| **d == data_plane || data_plane.is_empty())
-            .count() as u64;
-        Ok(v1::DrainDataPlaneResponse {
-            draining,
-            allocations,
-        })
+            .count() as u64)
     }
 
     /// The fleet's decision for this instance: `draining` (take no new allocations:
@@ -640,21 +678,15 @@ impl Cluster {
         if !self.conns.get(&conn)?.draining {
             return None;
         }
-        let want = v1::Transport::from(transport) as i32;
         self.conns
             .iter()
             .filter(|(id, c)| **id != conn && !c.draining)
             .filter_map(|(_, c)| {
-                let l = c
-                    .hello
-                    .listening_addresses
-                    .iter()
-                    .find(|l| l.transport == want)?;
-                let a = SocketAddr::try_from(l.address.as_ref()?).ok()?;
+                let &(_, a) = c.hello.listening.iter().find(|l| l.0 == transport)?;
                 // Clients are sent where they can reach it: its public address
                 // behind a 1:1 NAT.
-                let a = advertised_addr(&c.relay_ips, a);
-                Some((c.load.as_ref().map(|l| l.allocations).unwrap_or(0), a))
+                let a = advertised_addr(&c.hello.relay_ips, a);
+                Some((c.load.as_ref().map(|l| l.0.allocations).unwrap_or(0), a))
             })
             .min_by_key(|&(load, _)| load)
             .map(|(_, a)| a)
@@ -663,22 +695,14 @@ impl Cluster {
     /// Rebuilds allocations from a data plane's table, keeping only what that data plane
     /// can own: 5-tuples on its own listening addresses, relays on its own relay IPs, and
     /// allocations no other attached data plane owns.
-    fn restore(&mut self, conn: ConnId, dp: &str, table: &v1::TableSnapshot) {
+    fn restore(&mut self, conn: ConnId, dp: &str, table: Snapshot) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
-        let listens: Vec<SocketAddr> = c
-            .hello
-            .listening_addresses
-            .iter()
-            .filter_map(|l| SocketAddr::try_from(l.address.as_ref()?).ok())
-            .collect();
+        let listens: Vec<SocketAddr> = c.hello.listening.iter().map(|l| l.1).collect();
         // Relay sockets bind the private IPs: the table holds those.
-        let relay_ips: Vec<std::net::IpAddr> = c.relay_ips.iter().map(|r| r.ip).collect();
-        for s in &table.allocations {
-            let Ok(r) = AllocationSnapshot::try_from(s) else {
-                continue;
-            };
+        let relay_ips: Vec<std::net::IpAddr> = c.hello.relay_ips.iter().map(|r| r.ip).collect();
+        for r in table.allocations {
             let worker = r.worker;
             let on_listen = listens.iter().any(|l| {
                 *l == r.tuple.server
@@ -708,19 +732,22 @@ impl Cluster {
 
     /// A STUN request a worker of `conn` punted: answered (through the TURN state
     /// machine) back to that connection and worker.
-    fn punted_request(&mut self, conn: ConnId, p: v1::PuntedRequest) {
-        let Ok(tuple) = tuple_from_api(p.five_tuple.as_ref()) else {
-            return;
-        };
+    fn punted_request(&mut self, conn: ConnId, p: Punted) {
+        let tuple = p.tuple;
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
+        // Back-pressure: a data plane far behind on its table gets no new changes.
+        if c.unacked_items >= UNACKED_MAX {
+            self.punts_held_back += 1;
+            return;
+        }
         self.punted += 1;
         let relay_ips = std::mem::take(&mut self.scratch_ips);
         let mut relay_ips = relay_ips;
         relay_ips.clear();
-        relay_ips.extend_from_slice(&c.relay_ips);
-        let key = (conn, p.worker_id);
+        relay_ips.extend_from_slice(&c.hello.relay_ips);
+        let key = (conn, p.worker);
         let mut pool = self.pools.remove(&key).unwrap_or_default();
         // A drained data plane sends its clients to another of the cell; an instance
         // that redirects (drained, or loaded: see `fleet.rs`) to another of the fleet.
@@ -748,7 +775,7 @@ impl Cluster {
         };
         let mut out = std::mem::take(&mut self.scratch_out);
         self.server
-            .handle_via(self.now, tuple, &p.datagram, &via, &mut out);
+            .handle_via(self.now, tuple, &p.data, &via, &mut out);
         self.scratch_ips = relay_ips;
         // A pooled socket an allocation took leaves the pool, and is replaced at the end
         // of this message (off the allocation's path).
@@ -762,78 +789,74 @@ impl Cluster {
         if !pool.is_empty() {
             self.pools.insert(key, pool);
         }
-        self.route(&mut out, Some((tuple, conn, p.worker_id)));
+        self.route(&mut out, Some((tuple, conn, p.worker)));
         self.scratch_out = out;
     }
 
-    fn up(&mut self, conn: ConnId, msg: data_plane_message::Message) {
-        use data_plane_message::Message as M;
+    fn up(&mut self, conn: ConnId, msg: Up) {
         match msg {
-            M::PuntedRequest(p) => self.punted_request(conn, p),
-            M::PuntedRequests(batch) => {
-                for p in batch.requests {
+            Up::Punted(batch) => {
+                for p in batch {
                     self.punted_request(conn, p);
                 }
             }
-            M::BindAck(ack) if ack.request_id >= POOL_BIND_IDS => {
-                let Some(&(asked, worker, addr)) = self.pool_binds.get(&ack.request_id) else {
+            Up::BindResult { id, result } if id >= POOL_BIND_IDS => {
+                let Some(&(asked, worker, addr)) = self.pool_binds.get(&id) else {
                     return;
                 };
                 if asked != conn {
                     self.ownership_violations += 1;
                     tracing::warn!(
-                        request = ack.request_id,
+                        request = id,
                         "pool bind acknowledged by another data plane; ignored"
                     );
                     return;
                 }
-                self.pool_binds.remove(&ack.request_id);
-                match ack.outcome {
-                    Some(v1::bind_ack::Outcome::Success(_)) => {
-                        self.pools.entry((conn, worker)).or_default().push(addr);
-                    }
-                    other => {
-                        tracing::debug!(%addr, outcome = ?other, "pool bind failed; the port is released");
+                self.pool_binds.remove(&id);
+                match result {
+                    Ok(()) => self.pools.entry((conn, worker)).or_default().push(addr),
+                    Err(e) => {
+                        tracing::debug!(%addr, error = %e, "pool bind failed; the port is released");
                         self.server.release_relay(addr);
                     }
                 }
             }
-            M::BindAck(ack) => {
-                match self.binds.get(&ack.request_id) {
+            Up::BindResult { id, result } => {
+                match self.binds.get(&id) {
                     Some(&(asked, _, _)) if asked == conn => {
-                        self.binds.remove(&ack.request_id);
+                        self.binds.remove(&id);
                     }
                     _ => {
                         self.ownership_violations += 1;
                         tracing::warn!(
-                            request = ack.request_id,
+                            request = id,
                             "bind acknowledgement for a bind not asked of this data plane; ignored"
                         );
                         return;
                     }
                 }
-                let result = match ack.outcome {
-                    Some(v1::bind_ack::Outcome::Success(_)) => Ok(()),
-                    Some(v1::bind_ack::Outcome::Error(e)) => Err(BindError::from(&e)),
-                    None => Err(BindError::Invalid("empty bind acknowledgement".to_owned())),
-                };
                 let mut out = Vec::new();
                 self.server
-                    .handle_bind_result(self.now, ack.request_id, result, &mut out);
+                    .handle_bind_result(self.now, id, result, &mut out);
                 self.route(&mut out, None);
             }
-            M::TableAck(a) => {
+            Up::TableAck { version } => self.acked(conn, version),
+            Up::Resync { applied } => {
+                self.acked(conn, applied);
+                let now = self.now;
+                if let Some(c) = self.conns.get(&conn) {
+                    tracing::info!(data_plane = %c.id, applied, missing = c.unacked.len(), "data plane missed a batch; sending again what followed");
+                }
+                self.resend(conn, now);
+            }
+            Up::Load(l) => {
+                let now = self.now;
                 if let Some(c) = self.conns.get_mut(&conn) {
-                    c.acked = c.acked.max(a.table_version);
+                    c.load = Some((l, now));
                 }
             }
-            M::LoadReport(l) => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.load = Some(l);
-                }
-            }
-            M::UsageReport(u) => self.usage_report(conn, u),
-            M::TableSnapshot(t) => {
+            Up::Usage(u) => self.usage_report(conn, u),
+            Up::Snapshot(t) => {
                 if t.complete {
                     tracing::info!(data_plane = %self.conns.get(&conn).map(|c| c.id.as_str()).unwrap_or("?"), "table snapshot complete");
                 }
@@ -842,23 +865,66 @@ impl Cluster {
                     .get(&conn)
                     .map(|c| c.id.clone())
                     .unwrap_or_default();
-                self.restore(conn, &dp, &t);
+                self.restore(conn, &dp, t);
             }
-            M::ConnectionClosed(c) => self.connection_closed(conn, &c),
-            M::Hello(_) => {}
+            Up::ConnectionClosed { worker: _, tuple } => self.connection_closed(conn, tuple),
+            Up::Hello(_) => {}
+        }
+    }
+
+    /// Data plane `conn` has applied every batch up to `version`.
+    fn acked(&mut self, conn: ConnId, version: u64) {
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if version > c.acked {
+            c.acked = version;
+            c.progress_at = now;
+        }
+        while let Some(b) = c.unacked.front() {
+            if b.version > c.acked {
+                break;
+            }
+            c.unacked_items -= b.binds.len() + b.changes.len();
+            c.unacked.pop_front();
+        }
+    }
+
+    /// Sends again every batch data plane `conn` has not acknowledged, in order.
+    fn resend(&mut self, conn: ConnId, now: Millis) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.progress_at = now;
+        let again: Vec<Batch> = c.unacked.iter().cloned().collect();
+        self.batches_resent += again.len() as u64;
+        for b in again {
+            self.send(conn, Down::Batch(b));
+        }
+    }
+
+    /// Data planes silent about batches for [`RESEND_AFTER_MS`] get them again.
+    fn resend_stale(&mut self, now: Millis) {
+        let stale: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                !c.unacked.is_empty() && now.0 >= c.progress_at.0.saturating_add(RESEND_AFTER_MS)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for conn in stale {
+            if let Some(c) = self.conns.get(&conn) {
+                tracing::info!(data_plane = %c.id, unacknowledged = c.unacked.len(), acked = c.acked, "batches unacknowledged; sending them again");
+            }
+            self.resend(conn, now);
         }
     }
 
     /// A client connection of data plane `conn` closed: its allocation ends (the data
     /// plane removed it already; the removal it is sent is a no-op there).
-    fn connection_closed(&mut self, conn: ConnId, c: &v1::ConnectionClosed) {
-        let tuple = match tuple_from_api(c.five_tuple.as_ref()) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "ConnectionClosed without a valid 5-tuple; ignored");
-                return;
-            }
-        };
+    fn connection_closed(&mut self, conn: ConnId, tuple: FiveTuple) {
         let Some(id) = self.server.allocation_of(&tuple) else {
             return;
         };
@@ -870,49 +936,39 @@ impl Cluster {
         self.route(&mut out, None);
     }
 
-    fn usage_report(&mut self, conn: ConnId, u: v1::UsageReport) {
+    fn usage_report(&mut self, conn: ConnId, u: Vec<(AllocationId, Usage)>) {
         let dp = self
             .conns
             .get(&conn)
             .map(|c| c.id.clone())
             .unwrap_or_default();
-        for a in u.allocations {
-            let id = AllocationId(a.allocation_id);
+        for (id, total) in u {
             if !self.owns(conn, id, "usage report") {
                 continue;
             }
-            let total = a.usage.unwrap_or_default();
             let prev = self.usage.insert(id, total).unwrap_or_default();
-            let delta = usage_delta(&total, &prev);
-            if delta == v1::Usage::default() {
+            let delta = total.since(&prev);
+            if delta == Usage::default() {
                 continue;
             }
             let user = self.server.account_of(id).unwrap_or_default().to_owned();
-            self.emit(
-                id,
-                &user,
-                &dp,
-                v1::event::Body::Usage(v1::UsageUpdate {
-                    total: Some(total),
-                    delta: Some(delta),
-                }),
-            );
+            self.emit(id, &user, &dp, EventBody::Usage { total, delta });
         }
     }
 
-    fn emit(&mut self, id: AllocationId, user: &str, dp: &str, body: v1::event::Body) {
+    fn emit(&mut self, id: AllocationId, user: &str, dp: &str, body: EventBody) {
         self.sequence += 1;
-        self.out.push_back(ClusterOutput::Event(v1::Event {
+        self.out.push_back(ClusterOutput::Event(AdminEvent {
             sequence: self.sequence,
-            timestamp_unix_millis: self.now.0,
-            allocation_id: id.0,
-            user_id: user.to_owned(),
-            data_plane_id: dp.to_owned(),
-            body: Some(body),
+            at: self.now,
+            allocation: id,
+            user: user.to_owned(),
+            data_plane: dp.to_owned(),
+            body,
         }));
     }
 
-    fn send(&mut self, conn: ConnId, msg: control_plane_message::Message) {
+    fn send(&mut self, conn: ConnId, msg: Down) {
         if self.conns.contains_key(&conn) {
             self.out.push_back(ClusterOutput::Send { conn, msg });
         }
@@ -937,15 +993,16 @@ impl Cluster {
                     if let Some((conn, worker)) = owner_of(self, &b.tuple) {
                         self.tuple_owner.insert(b.tuple, (conn, worker));
                         self.binds.insert(b.id, (conn, b.tuple, self.now));
-                        self.send(
-                            conn,
-                            control_plane_message::Message::BindRequest(v1::BindRequest {
-                                request_id: b.id,
-                                worker_id: worker,
-                                relay_addresses: b.relays.iter().map(|r| sa(*r)).collect(),
-                                five_tuple: Some((&b.tuple).into()),
-                            }),
-                        );
+                        self.pending_tables
+                            .entry(conn)
+                            .or_default()
+                            .binds
+                            .push(Bind {
+                                id: b.id,
+                                worker,
+                                relays: b.relays,
+                                tuple: Some(b.tuple),
+                            });
                     } else {
                         let mut sink = Vec::new();
                         self.server.handle_bind_result(
@@ -977,7 +1034,8 @@ impl Cluster {
                     self.pending_tables
                         .entry(conn)
                         .or_default()
-                        .push(table_change_to_api(&change, worker));
+                        .changes
+                        .push((worker, change));
                 }
                 Output::Event(e) => self.lifecycle(e),
             }
@@ -986,10 +1044,10 @@ impl Cluster {
             if let Some((conn, worker)) = owner_of(self, &tuple) {
                 self.pending_sends.push((
                     conn,
-                    v1::SendDatagram {
-                        worker_id: worker,
-                        five_tuple: Some((&tuple).into()),
-                        datagram: data.into(),
+                    Datagram {
+                        worker,
+                        tuple,
+                        data,
                     },
                 ));
             }
@@ -1001,21 +1059,23 @@ impl Cluster {
     /// the responses: a client that has read "ChannelBind succeeded" may send on the
     /// channel at once, and the data plane must know the channel by then.
     fn flush(&mut self) {
-        let mut tables: Vec<(ConnId, Vec<v1::TableChange>)> = self.pending_tables.drain().collect();
+        let mut tables: Vec<(ConnId, Batch)> = self.pending_tables.drain().collect();
         tables.sort_by_key(|(c, _)| *c);
-        for (conn, changes) in tables {
+        for (conn, mut batch) in tables {
             let Some(c) = self.conns.get_mut(&conn) else {
                 continue;
             };
+            if batch.is_empty() {
+                continue;
+            }
             c.version += 1;
-            let version = c.version;
-            self.send(
-                conn,
-                control_plane_message::Message::TableChanges(v1::TableChangeBatch {
-                    table_version: version,
-                    changes,
-                }),
-            );
+            batch.version = c.version;
+            if c.unacked.is_empty() {
+                c.progress_at = self.now;
+            }
+            c.unacked_items += batch.binds.len() + batch.changes.len();
+            c.unacked.push_back(batch.clone());
+            self.send(conn, Down::Batch(batch));
         }
         let mut sends = std::mem::take(&mut self.pending_sends);
         // Memory follows the load: what a burst needed is not kept.
@@ -1028,44 +1088,41 @@ impl Cluster {
             while let Some((_, d)) = it.next_if(|(c, _)| *c == conn) {
                 batch.push(d);
             }
-            let msg = if batch.len() == 1 {
-                control_plane_message::Message::SendDatagram(batch.remove(0))
-            } else {
-                control_plane_message::Message::SendDatagrams(v1::SendDatagrams {
+            let after = self.conns.get(&conn).map_or(0, |c| c.version);
+            self.send(
+                conn,
+                Down::Send {
+                    after,
                     datagrams: batch,
-                })
-            };
-            self.send(conn, msg);
+                },
+            );
         }
     }
 
     fn lifecycle(&mut self, e: Event) {
-        use v1::event::Body;
         let (id, body) = match &e {
             Event::Created {
                 id, tuple, relays, ..
             } => (
                 *id,
-                Body::Created(v1::AllocationCreated {
-                    five_tuple: Some(tuple.into()),
-                    relay_addresses: relays.iter().map(|r| sa(*r)).collect(),
-                    deadline_unix_millis: self.server.expiry_of(*id).map(|t| t.0).unwrap_or(0),
-                }),
+                EventBody::Created {
+                    tuple: *tuple,
+                    relays: relays.clone(),
+                    deadline: self.server.expiry_of(*id),
+                },
             ),
             Event::Refreshed { id, deadline } => (
                 *id,
-                Body::Refreshed(v1::AllocationRefreshed {
-                    deadline_unix_millis: deadline.0,
-                }),
+                EventBody::Refreshed {
+                    deadline: *deadline,
+                },
             ),
             Event::PermissionAdded { id, peer, deadline } => (
                 *id,
-                Body::PermissionAdded(v1::PermissionAdded {
-                    permission: Some(v1::Permission {
-                        peer_ip: ip_to_bytes(*peer),
-                        deadline_unix_millis: deadline.0,
-                    }),
-                }),
+                EventBody::PermissionAdded {
+                    peer: *peer,
+                    deadline: *deadline,
+                },
             ),
             Event::ChannelBound {
                 id,
@@ -1074,30 +1131,20 @@ impl Cluster {
                 deadline,
             } => (
                 *id,
-                Body::ChannelAdded(v1::ChannelAdded {
-                    channel: Some(v1::Channel {
-                        channel_number: u32::from(*channel),
-                        peer: Some(sa(*peer)),
-                        deadline_unix_millis: deadline.0,
-                    }),
-                }),
+                EventBody::ChannelAdded {
+                    channel: *channel,
+                    peer: *peer,
+                    deadline: *deadline,
+                },
             ),
-            Event::Ended { id, reason } => {
-                let reason = match reason {
-                    EndReason::Deleted => v1::DeletionReason::Released,
-                    EndReason::Expired => v1::DeletionReason::Expired,
-                    EndReason::Revoked => v1::DeletionReason::Revoked,
-                    EndReason::ConnectionClosed => v1::DeletionReason::ConnectionClosed,
-                };
-                (
-                    *id,
-                    Body::Deleted(v1::AllocationDeleted {
-                        reason: reason as i32,
-                        detail: self.revoke_reasons.remove(id).unwrap_or_default(),
-                        usage: self.usage.remove(id),
-                    }),
-                )
-            }
+            Event::Ended { id, reason } => (
+                *id,
+                EventBody::Deleted {
+                    reason: *reason,
+                    detail: self.revoke_reasons.remove(id).unwrap_or_default(),
+                    usage: self.usage.remove(id),
+                },
+            ),
         };
         let user = match &e {
             Event::Created { user, .. } => user.clone(),
@@ -1111,11 +1158,11 @@ impl Cluster {
         self.emit(id, &user, &dp, body);
     }
 
-    fn info_to_api(&self, a: &AllocationInfo) -> v1::AllocationInfo {
+    fn view(&self, a: &AllocationInfo) -> AllocationView {
         let worker = self.alloc_owner.get(&a.id).map(|o| o.1).unwrap_or(0);
-        v1::AllocationInfo {
-            data_plane_id: self.allocation_dp.get(&a.id).cloned().unwrap_or_default(),
-            state: Some(v1::AllocationState::from(&AllocationSnapshot {
+        AllocationView {
+            data_plane: self.allocation_dp.get(&a.id).cloned().unwrap_or_default(),
+            row: AllocationSnapshot {
                 id: a.id,
                 worker,
                 tuple: a.tuple,
@@ -1128,9 +1175,9 @@ impl Cluster {
                 permissions: a.permissions.clone(),
                 channels: a.channels.clone(),
                 usage: Default::default(),
-            })),
+            },
             usage: self.usage.get(&a.id).copied(),
-            created_unix_millis: a.created_at.0,
+            created: a.created_at,
         }
     }
 
@@ -1140,53 +1187,50 @@ impl Cluster {
     }
 
     /// Statistics of the cell, for the admin API.
-    pub fn stats(&self) -> v1::GetStatsResponse {
+    pub fn stats(&self) -> CellStats {
         let s = self.server.stats();
-        let mut traffic = v1::Usage::default();
-        let mut drops: HashMap<i32, u64> = HashMap::new();
+        let mut traffic = Usage::default();
+        let mut drops: std::collections::BTreeMap<DropReason, u64> = Default::default();
         let mut data_planes = Vec::new();
         for c in self.conns.values() {
-            if let Some(l) = &c.load {
-                add_usage(&mut traffic, l.traffic.as_ref());
-                for d in &l.drops {
-                    *drops.entry(d.reason).or_default() += d.packets;
+            if let Some((l, _)) = &c.load {
+                traffic.add(&l.traffic);
+                for &(reason, n) in &l.drops {
+                    *drops.entry(reason).or_default() += n;
                 }
             }
-            data_planes.push(v1::DataPlaneStats {
-                data_plane_id: c.id.clone(),
+            data_planes.push(DataPlaneView {
+                id: c.id.clone(),
                 version: c.hello.version.clone(),
                 attached: true,
                 draining: c.draining,
-                worker_count: c.hello.worker_count,
-                listening_addresses: c.hello.listening_addresses.clone(),
-                acked_table_version: c.acked,
+                workers: c.hello.workers,
+                listening: c.hello.listening.clone(),
+                acked_version: c.acked,
                 load: c.load.clone(),
-                attached_changed_unix_millis: c.attached_at.0,
+                changed: c.attached_at,
                 relay_ips: c.hello.relay_ips.clone(),
             });
         }
         for (id, g) in &self.gone {
-            data_planes.push(v1::DataPlaneStats {
-                data_plane_id: id.clone(),
+            data_planes.push(DataPlaneView {
+                id: id.clone(),
                 version: g.hello.version.clone(),
                 attached: false,
-                worker_count: g.hello.worker_count,
-                attached_changed_unix_millis: g.at.0,
+                workers: g.hello.workers,
+                changed: g.at,
                 ..Default::default()
             });
         }
         let users: std::collections::HashSet<String> =
             self.server.allocations().map(|a| a.account).collect();
-        v1::GetStatsResponse {
-            totals: Some(v1::ServerStats {
+        CellStats {
+            totals: Totals {
                 allocations: s.allocations,
                 users: users.len() as u64,
                 data_planes_attached: self.conns.len() as u32,
-                traffic: Some(traffic),
-                drops: drops
-                    .into_iter()
-                    .map(|(reason, packets)| v1::DropCount { reason, packets })
-                    .collect(),
+                traffic,
+                drops: drops.into_iter().collect(),
                 punted_requests: self.punted,
                 auth_failures: s.auth_failures,
                 rate_limited: s.rate_limited,
@@ -1195,40 +1239,24 @@ impl Cluster {
                 ownership_violations: self.ownership_violations,
                 user_quota: self.server.config().user_quota,
                 total_quota: self.server.config().total_quota,
-            }),
+            },
             data_planes,
         }
     }
-}
 
-fn add_usage(total: &mut v1::Usage, u: Option<&v1::Usage>) {
-    let Some(u) = u else {
-        return;
-    };
-    let add = |t: &mut Option<v1::TrafficCounters>, x: &Option<v1::TrafficCounters>| {
-        let x = x.unwrap_or_default();
-        let t = t.get_or_insert_with(Default::default);
-        t.packets += x.packets;
-        t.bytes += x.bytes;
-    };
-    add(&mut total.client_to_peer, &u.client_to_peer);
-    add(&mut total.peer_to_client, &u.peer_to_client);
-}
-
-fn usage_delta(now: &v1::Usage, prev: &v1::Usage) -> v1::Usage {
-    let d = |a: &Option<v1::TrafficCounters>, b: &Option<v1::TrafficCounters>| {
-        let (a, b) = (a.unwrap_or_default(), b.unwrap_or_default());
-        Some(v1::TrafficCounters {
-            packets: a.packets.saturating_sub(b.packets),
-            bytes: a.bytes.saturating_sub(b.bytes),
-        })
-    };
-    v1::Usage {
-        client_to_peer: d(&now.client_to_peer, &prev.client_to_peer),
-        peer_to_client: d(&now.peer_to_client, &prev.peer_to_client),
+    /// Counts batches the shell could not queue (the link was full): the data plane gets
+    /// them again (a gap or a silence), see [`Cluster::seam_stats`].
+    pub fn count_batches_dropped(&mut self, n: u64) {
+        self.batches_dropped += n;
     }
-}
 
-fn sa(a: SocketAddr) -> v1::SocketAddress {
-    v1::SocketAddress::from(a)
+    /// The seam's counters: batches sent again (after a gap or a silence) and punted
+    /// requests held back because a data plane was [`UNACKED_MAX`] changes behind.
+    pub fn seam_stats(&self) -> SeamStats {
+        SeamStats {
+            batches_dropped: self.batches_dropped,
+            batches_resent: self.batches_resent,
+            punts_held_back: self.punts_held_back,
+        }
+    }
 }

@@ -283,6 +283,8 @@ pub struct Stats {
 #[derive(Debug)]
 pub struct Server {
     cfg: ServerConfig,
+    /// The wall clock minus the plane's clock, milliseconds (see [`Server::set_wall`]).
+    wall_offset: i64,
     creds: Credentials,
     nonces: NonceKey,
     limiter: RateLimiter,
@@ -422,6 +424,7 @@ impl Server {
         let ports = Ports::new(cfg.relay_ports.0, cfg.relay_ports.1);
         Server {
             cfg,
+            wall_offset: 0,
             creds,
             nonces,
             limiter,
@@ -474,6 +477,14 @@ impl Server {
     /// Counts replies the caller shed instead of queueing them (see [`Stats::replies_shed`]).
     pub fn count_replies_shed(&mut self, n: u64) {
         self.stats.replies_shed += n;
+    }
+
+    /// The wall clock read at `now` (unix milliseconds): what TURN REST usernames, whose
+    /// expiry is a wall-clock time, are checked against. Nothing else depends on it, so
+    /// a step of the wall clock changes no lifetime. Until set, the plane's clock is
+    /// taken for the wall clock (it starts at the wall time of the process's start).
+    pub fn set_wall(&mut self, now: Millis, wall: u64) {
+        self.wall_offset = (wall as i64).saturating_sub(now.0 as i64);
     }
 
     /// `alternate` if given, else 508. Existing allocations carry on.
@@ -840,7 +851,9 @@ impl Server {
         } else {
             IntegrityKey::Sha1
         };
-        let candidates = match self.creds.candidates(&user, algorithm, now) {
+        // TURN REST usernames carry a wall-clock expiry: checked against the wall clock.
+        let wall = Millis(now.0.saturating_add_signed(self.wall_offset));
+        let candidates = match self.creds.candidates(&user, algorithm, wall) {
             Ok(c) => c,
             Err(e) => {
                 let why = match e {

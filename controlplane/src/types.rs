@@ -9,18 +9,7 @@ pub use turnpike_plane::{
     Transport,
 };
 
-/// Why an allocation ended, for lifecycle events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// The client sent Refresh with LIFETIME 0.
-    Deleted,
-    /// Its lifetime ran out.
-    Expired,
-    /// An operator revoked it.
-    Revoked,
-    /// The client's TCP or TLS connection closed.
-    ConnectionClosed,
-}
+pub use turnpike_plane::admin::EndReason;
 
 /// Lifecycle events (for the admin API's watch).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,12 +7,11 @@ mod harness;
 use std::net::SocketAddr;
 
 use harness::{REALM, T0, config};
-use turnpike_api::v1::{self, control_plane_message as down, data_plane_message as up};
 use turnpike_controlplane::{
     AllocationSnapshot, Cluster, ClusterOutput, ConnId, Credentials, FiveTuple, Millis, Server,
-    ServerConfig,
+    ServerConfig, Transport,
 };
-use turnpike_plane::{RelayIp, TableChange};
+use turnpike_plane::{Bind, Down, Hello, LoadReport, Punted, RelayIp, Snapshot, TableChange, Up};
 use turnpike_proto::attr::{AlternateServer, ErrorCode, XorRelayedAddress};
 use turnpike_proto::client::{Client, Event};
 use turnpike_proto::stun::Message;
@@ -24,33 +23,51 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn hello(id: &str, listen: &str, table: Vec<v1::AllocationState>) -> v1::Hello {
+fn hello(id: &str, listen: &str, table: Vec<AllocationSnapshot>) -> Hello {
     let listen = addr(listen);
-    v1::Hello {
-        data_plane_id: id.to_owned(),
-        listening_addresses: vec![v1::ListeningAddress {
-            transport: v1::Transport::Udp as i32,
-            address: Some(listen.into()),
-        }],
-        relay_ips: vec![v1::RelayIp {
-            ip: turnpike_api::ip_to_bytes(listen.ip()),
-            advertised_ip: Vec::new(),
-        }],
-        worker_count: 4,
+    Hello {
+        id: id.to_owned(),
+        listening: vec![(Transport::Udp, listen)],
+        relay_ips: vec![RelayIp::local(listen.ip())],
+        workers: 4,
         version: "test".into(),
-        table: (!table.is_empty()).then_some(v1::TableSnapshot {
-            table_version: 10,
+        table: (!table.is_empty()).then_some(Snapshot {
+            version: 10,
             allocations: table,
             complete: true,
         }),
     }
 }
 
+/// The binds of a message down.
+fn binds(m: &Down) -> &[Bind] {
+    match m {
+        Down::Batch(b) => &b.binds,
+        _ => &[],
+    }
+}
+
+/// The datagrams of a message down.
+fn datagrams(m: &Down) -> &[turnpike_plane::Datagram] {
+    match m {
+        Down::Send { datagrams, .. } => datagrams,
+        _ => &[],
+    }
+}
+
+/// The last datagram sent.
+fn last_datagram(sent: &[(ConnId, Down)]) -> Vec<u8> {
+    sent.iter()
+        .rev()
+        .find_map(|(_, m)| datagrams(m).last().map(|d| d.data.clone()))
+        .unwrap()
+}
+
 /// A cell and what it sent, per data-plane stream.
 struct Cell {
     cluster: Cluster,
     now: Millis,
-    sent: Vec<(ConnId, down::Message)>,
+    sent: Vec<(ConnId, Down)>,
     /// Binds are acknowledged by this stream (normally the one asked).
     ack_from: Option<ConnId>,
 }
@@ -66,11 +83,18 @@ fn cell(cfg: ServerConfig) -> Cell {
 }
 
 impl Cell {
-    fn collect(&mut self) -> Vec<(ConnId, down::Message)> {
+    /// What the cluster sent; every batch is acknowledged, as a data plane does.
+    fn collect(&mut self) -> Vec<(ConnId, Down)> {
         let mut new = Vec::new();
         while let Some(o) = self.cluster.poll_output() {
             if let ClusterOutput::Send { conn, msg } = o {
                 new.push((conn, msg));
+            }
+        }
+        for (conn, m) in &new {
+            if let Down::Batch(b) = m {
+                self.cluster
+                    .handle_message(self.now, *conn, Up::TableAck { version: b.version });
             }
         }
         self.sent.extend(new.iter().cloned());
@@ -81,11 +105,11 @@ impl Cell {
         self.cluster.handle_message(
             self.now,
             conn,
-            up::Message::PuntedRequest(v1::PuntedRequest {
-                worker_id: worker,
-                five_tuple: Some((&t).into()),
-                datagram: data.to_vec().into(),
-            }),
+            Up::Punted(vec![Punted {
+                worker,
+                tuple: t,
+                data: data.to_vec(),
+            }]),
         );
     }
 
@@ -107,31 +131,28 @@ impl Cell {
             while !pending.is_empty() {
                 let mut next = Vec::new();
                 for (to, m) in pending {
-                    match m {
-                        down::Message::BindRequest(b) => {
+                    for b in binds(&m) {
+                        if b.tuple.is_some() {
                             assert_eq!(to, conn, "the bind goes to the data plane of the request");
-                            assert_eq!(b.worker_id, worker, "and to its worker");
-                            let from = self.ack_from.unwrap_or(to);
-                            self.cluster.handle_message(
-                                self.now,
-                                from,
-                                up::Message::BindAck(v1::BindAck {
-                                    request_id: b.request_id,
-                                    outcome: Some(v1::bind_ack::Outcome::Success(
-                                        v1::BindSuccess::default(),
-                                    )),
-                                }),
-                            );
-                            next.extend(self.collect());
+                            assert_eq!(b.worker, worker, "and to its worker");
                         }
-                        down::Message::SendDatagram(d) => {
-                            assert_eq!(to, conn, "answers go back where the request came from");
-                            assert_eq!(d.worker_id, worker);
-                            if FiveTuple::try_from(d.five_tuple.as_ref().unwrap()).unwrap() == t {
-                                answers.push(d.datagram);
-                            }
+                        let from = self.ack_from.unwrap_or(to);
+                        self.cluster.handle_message(
+                            self.now,
+                            from,
+                            Up::BindResult {
+                                id: b.id,
+                                result: Ok(()),
+                            },
+                        );
+                        next.extend(self.collect());
+                    }
+                    for d in datagrams(&m) {
+                        assert_eq!(to, conn, "answers go back where the request came from");
+                        assert_eq!(d.worker, worker);
+                        if d.tuple == t {
+                            answers.push(d.data.clone());
                         }
-                        _ => {}
                     }
                 }
                 pending = next;
@@ -171,11 +192,10 @@ impl Cell {
             .iter()
             .filter(|(to, _)| *to == conn)
             .filter_map(|(_, m)| match m {
-                down::Message::TableChanges(b) => Some(b.changes.clone()),
+                Down::Batch(b) => Some(b.changes.iter().map(|(w, c)| (c.clone(), *w))),
                 _ => None,
             })
             .flatten()
-            .map(|c| turnpike_api::table_change_from_api(&c).unwrap())
             .collect()
     }
 
@@ -239,7 +259,7 @@ fn a_bind_acknowledged_by_another_data_plane_is_ignored() {
     assert!(r.is_err(), "no allocation from a forged acknowledgement");
     assert!(cell.changes_to(dp1).is_empty() && cell.changes_to(dp2).is_empty());
     let stats = cell.cluster.stats();
-    assert_eq!(stats.totals.unwrap().ownership_violations, 1);
+    assert_eq!(stats.totals.ownership_violations, 1);
 }
 
 #[test]
@@ -267,33 +287,24 @@ fn drain_sends_new_clients_to_the_least_loaded_open_data_plane() {
         .cluster
         .attach(T0, hello("dp3", "192.0.2.30:3478", vec![]));
     let load = |n| {
-        up::Message::LoadReport(v1::LoadReport {
+        Up::Load(LoadReport {
             allocations: n,
             ..Default::default()
         })
     };
     cell.cluster.handle_message(T0, dp2, load(50));
     cell.cluster.handle_message(T0, dp3, load(5));
-    let r = cell.cluster.drain(T0, "dp1", true).unwrap();
-    assert!(r.draining);
+    assert_eq!(cell.cluster.drain(T0, "dp1", true).unwrap(), 0);
     assert!(
         cell.collect()
             .iter()
-            .any(|(to, m)| *to == dp1 && matches!(m, down::Message::Drain(d) if d.draining))
+            .any(|(to, m)| *to == dp1 && matches!(m, Down::Batch(b) if b.drain == Some(true)))
     );
     // A new Allocate at dp1 is sent to dp3 (least loaded), with 300.
     let t = tuple("203.0.113.1:4000", DP1);
     let mut c = alice();
     assert_eq!(cell.allocate(&mut c, dp1, 0, t), Err(300));
-    let last = cell
-        .sent
-        .iter()
-        .rev()
-        .find_map(|(_, m)| match m {
-            down::Message::SendDatagram(d) => Some(d.datagram.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let last = last_datagram(&cell.sent);
     let m = Message::parse(&last).unwrap();
     assert_eq!(m.attr::<ErrorCode>().unwrap().unwrap().code, 300);
     assert_eq!(
@@ -322,7 +333,7 @@ fn a_reattached_data_plane_restores_its_allocations_and_routes() {
     );
     // It comes back (a new stream) with its table: requests on the allocation succeed
     // and are answered on the new stream, to the worker in the table.
-    let state = info.state.unwrap();
+    let state = info.row;
     let dp1b = cell
         .cluster
         .attach(T0.plus_secs(5), hello("dp1", DP1, vec![state]));
@@ -343,20 +354,18 @@ fn a_data_plane_cannot_restore_what_it_does_not_own() {
     let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
     let t = tuple("203.0.113.1:4000", DP1);
     assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Ok(()));
-    let state = cell.cluster.list("", "")[0].state.clone().unwrap();
+    let state = cell.cluster.list("", "")[0].row.clone();
     // dp2 claims dp1's allocation (its 5-tuple is on dp1's listening address).
     let _dp2 = cell
         .cluster
         .attach(T0, hello("dp2", DP2, vec![state.clone()]));
-    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
+    assert_eq!(cell.cluster.stats().totals.ownership_violations, 1);
     // And an invented allocation on dp2's own address with someone else's relay IP.
-    let mut fake = AllocationSnapshot::try_from(&state).unwrap();
+    let mut fake = state.clone();
     fake.id = turnpike_controlplane::AllocationId(999);
     fake.tuple = tuple("203.0.113.9:1", DP2);
-    let _dp2 = cell
-        .cluster
-        .attach(T0, hello("dp2", DP2, vec![(&fake).into()]));
-    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 2);
+    let _dp2 = cell.cluster.attach(T0, hello("dp2", DP2, vec![fake]));
+    assert_eq!(cell.cluster.stats().totals.ownership_violations, 2);
     assert_eq!(cell.cluster.list("", "").len(), 1);
 }
 
@@ -389,7 +398,7 @@ fn expiry_removes_the_allocation_on_its_owner_and_forgets_its_route() {
         .sent
         .iter()
         .filter_map(|(_, m)| match m {
-            down::Message::TableChanges(b) => Some(b.table_version),
+            Down::Batch(b) => Some(b.version),
             _ => None,
         })
         .collect();
@@ -405,30 +414,19 @@ fn usage_reports_count_only_for_owned_allocations() {
         cell.allocate(&mut alice(), dp1, 0, tuple("203.0.113.1:4000", DP1)),
         Ok(())
     );
-    let id = cell.cluster.list("", "")[0]
-        .state
-        .as_ref()
-        .unwrap()
-        .allocation
-        .as_ref()
-        .unwrap()
-        .allocation_id;
+    let id = cell.cluster.list("", "")[0].row.id;
     let report = |bytes| {
-        up::Message::UsageReport(v1::UsageReport {
-            allocations: vec![v1::AllocationUsage {
-                allocation_id: id,
-                usage: Some(v1::Usage {
-                    client_to_peer: Some(v1::TrafficCounters { packets: 1, bytes }),
-                    peer_to_client: None,
-                }),
-            }],
-        })
+        let u = turnpike_plane::Usage {
+            to_peer: turnpike_plane::Traffic { packets: 1, bytes },
+            ..Default::default()
+        };
+        Up::Usage(vec![(id, u)])
     };
     cell.cluster.handle_message(T0, dp2, report(1_000_000_000));
     cell.cluster.handle_message(T0, dp1, report(100));
     let usage = cell.cluster.list("", "")[0].usage.unwrap();
-    assert_eq!(usage.client_to_peer.unwrap().bytes, 100);
-    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
+    assert_eq!(usage.to_peer.bytes, 100);
+    assert_eq!(cell.cluster.stats().totals.ownership_violations, 1);
 }
 
 #[test]
@@ -441,25 +439,19 @@ fn a_batch_of_requests_is_answered_in_one_message() {
             Client::new("alice", "wonderland", u64::from(i))
                 .allocate(T0.0, Default::default(), &mut req)
                 .unwrap();
-            v1::PuntedRequest {
-                worker_id: 1,
-                five_tuple: Some((&tuple(&format!("203.0.113.1:{}", 4000 + i), DP1)).into()),
-                datagram: req.into(),
+            Punted {
+                worker: 1,
+                tuple: tuple(&format!("203.0.113.1:{}", 4000 + i), DP1),
+                data: req,
             }
         })
         .collect();
-    cell.cluster.handle_message(
-        T0,
-        dp1,
-        up::Message::PuntedRequests(v1::PuntedRequests { requests }),
-    );
+    cell.cluster.handle_message(T0, dp1, Up::Punted(requests));
     let sent = cell.collect();
     assert_eq!(sent.len(), 1, "{sent:?}");
-    let down::Message::SendDatagrams(d) = &sent[0].1 else {
-        panic!("{sent:?}");
-    };
-    assert_eq!(d.datagrams.len(), 3);
-    assert!(d.datagrams.iter().all(|d| d.worker_id == 1));
+    let d = datagrams(&sent[0].1);
+    assert_eq!(d.len(), 3);
+    assert!(d.iter().all(|d| d.worker == 1));
 }
 
 #[test]
@@ -469,34 +461,32 @@ fn a_plain_allocate_takes_a_pooled_relay_without_a_bind_round_trip() {
     let mut cell = cell(cfg);
     let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
     // Attaching asks each of its 4 workers for 2 pooled sockets (one relay IP).
-    let asks: Vec<v1::BindRequest> = cell
+    let asks: Vec<Bind> = cell
         .collect()
         .into_iter()
-        .filter_map(|(to, m)| match m {
-            down::Message::BindRequest(b) if to == dp1 => Some(b),
-            _ => None,
-        })
+        .filter(|(to, _)| *to == dp1)
+        .flat_map(|(_, m)| binds(&m).to_vec())
         .collect();
     assert_eq!(asks.len(), 8);
     assert!(
         asks.iter()
-            .all(|b| b.five_tuple.is_none() && b.relay_addresses.len() == 1)
+            .all(|b| b.tuple.is_none() && b.relays.len() == 1)
     );
     for b in &asks {
         cell.cluster.handle_message(
             T0,
             dp1,
-            up::Message::BindAck(v1::BindAck {
-                request_id: b.request_id,
-                outcome: Some(v1::bind_ack::Outcome::Success(v1::BindSuccess {})),
-            }),
+            Up::BindResult {
+                id: b.id,
+                result: Ok(()),
+            },
         );
     }
     assert_eq!(cell.cluster.pooled(), 8);
     let pooled_w3: Vec<SocketAddr> = asks
         .iter()
-        .filter(|b| b.worker_id == 3)
-        .map(|b| SocketAddr::try_from(&b.relay_addresses[0]).unwrap())
+        .filter(|b| b.worker == 3)
+        .map(|b| b.relays[0])
         .collect();
     // Worker 3's client allocates: no BindRequest for it, a pooled relay of worker 3.
     cell.sent.clear();
@@ -506,13 +496,14 @@ fn a_plain_allocate_takes_a_pooled_relay_without_a_bind_round_trip() {
         !cell
             .sent
             .iter()
-            .any(|(_, m)| matches!(m, down::Message::BindRequest(b) if b.five_tuple.is_some()))
+            .any(|(_, m)| binds(m).iter().any(|b| b.tuple.is_some()))
     );
     // The taken socket is replaced at once, off the allocation's path.
     assert_eq!(
         cell.sent
             .iter()
-            .filter(|(_, m)| matches!(m, down::Message::BindRequest(b) if b.five_tuple.is_none() && b.worker_id == 3))
+            .flat_map(|(_, m)| binds(m))
+            .filter(|b| b.tuple.is_none() && b.worker == 3)
             .count(),
         1
     );
@@ -537,12 +528,7 @@ fn a_plain_allocate_takes_a_pooled_relay_without_a_bind_round_trip() {
     // Full pools: the sweep asks for nothing more.
     cell.sent.clear();
     cell.advance(1);
-    assert!(
-        !cell
-            .sent
-            .iter()
-            .any(|(_, m)| matches!(m, down::Message::BindRequest(_)))
-    );
+    assert!(!cell.sent.iter().any(|(_, m)| !binds(m).is_empty()));
     // A detached data plane's pool is gone (its ports are free again).
     cell.cluster.detach(T0, dp1);
     assert_eq!(cell.cluster.pooled(), 0);
@@ -556,17 +542,15 @@ fn a_closed_connection_ends_its_allocation_on_its_owner_only() {
     let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
     let dp2 = cell.cluster.attach(T0, hello("dp2", DP2, vec![]));
     let t = FiveTuple {
-        transport: turnpike_controlplane::Transport::Tcp,
+        transport: Transport::Tcp,
         client: addr("203.0.113.1:4000"),
         server: addr(DP1),
     };
     assert_eq!(cell.allocate(&mut alice(), dp1, 1, t), Ok(()));
     assert_eq!(cell.cluster.routes(), 1);
-    let closed = || {
-        up::Message::ConnectionClosed(v1::ConnectionClosed {
-            worker_id: 1,
-            five_tuple: Some((&t).into()),
-        })
+    let closed = || Up::ConnectionClosed {
+        worker: 1,
+        tuple: t,
     };
     let removed = |cell: &Cell, conn| {
         cell.changes_to(conn)
@@ -577,17 +561,17 @@ fn a_closed_connection_ends_its_allocation_on_its_owner_only() {
     cell.cluster.handle_message(cell.now, dp2, closed());
     cell.collect();
     assert!(!removed(&cell, dp1) && !removed(&cell, dp2));
-    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
+    assert_eq!(cell.cluster.stats().totals.ownership_violations, 1);
     // Its own data plane does: the allocation and its route are gone at once.
     cell.cluster.handle_message(cell.now, dp1, closed());
     cell.collect();
     assert!(removed(&cell, dp1));
-    assert_eq!(cell.cluster.stats().totals.unwrap().allocations, 0);
+    assert_eq!(cell.cluster.stats().totals.allocations, 0);
     cell.advance(1);
     assert_eq!(cell.cluster.routes(), 0);
     // A late or repeated notice is harmless.
     cell.cluster.handle_message(cell.now, dp1, closed());
-    assert_eq!(cell.cluster.stats().totals.unwrap().ownership_violations, 1);
+    assert_eq!(cell.cluster.stats().totals.ownership_violations, 1);
 }
 
 /// A TCP or TLS client redirected by a drain is given the other data plane's address
@@ -597,11 +581,8 @@ fn drain_redirects_a_stream_client_to_the_same_transport() {
     let mut cell = cell(config());
     let with_streams = |id: &str, ip: &str| {
         let mut h = hello(id, &format!("{ip}:3478"), vec![]);
-        for (transport, port) in [(v1::Transport::Tcp, 3478), (v1::Transport::Tls, 443)] {
-            h.listening_addresses.push(v1::ListeningAddress {
-                transport: transport as i32,
-                address: Some(addr(&format!("{ip}:{port}")).into()),
-            });
+        for (transport, port) in [(Transport::Tcp, 3478), (Transport::Tls, 443)] {
+            h.listening.push((transport, addr(&format!("{ip}:{port}"))));
         }
         h
     };
@@ -610,20 +591,12 @@ fn drain_redirects_a_stream_client_to_the_same_transport() {
     cell.cluster.drain(T0, "dp1", true).unwrap();
     cell.collect();
     let t = FiveTuple {
-        transport: turnpike_controlplane::Transport::Tls,
+        transport: Transport::Tls,
         client: addr("203.0.113.1:4000"),
         server: addr("192.0.2.10:443"),
     };
     assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Err(300));
-    let last = cell
-        .sent
-        .iter()
-        .rev()
-        .find_map(|(_, m)| match m {
-            down::Message::SendDatagram(d) => Some(d.datagram.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let last = last_datagram(&cell.sent);
     let m = Message::parse(&last).unwrap();
     assert_eq!(
         m.attr::<AlternateServer>().unwrap().unwrap().0,
@@ -669,10 +642,10 @@ fn data_planes_behind_a_nat_are_advertised_by_their_public_addresses() {
     let nat = |id: &str, private: &str, public: &str| {
         let mut h = hello(id, private, vec![]);
         let ip = addr(private).ip();
-        h.relay_ips = vec![v1::RelayIp::from(&RelayIp {
+        h.relay_ips = vec![RelayIp {
             ip,
             advertised: public.parse().unwrap(),
-        })];
+        }];
         h
     };
     let mut cell = cell(config());
@@ -686,15 +659,7 @@ fn data_planes_behind_a_nat_are_advertised_by_their_public_addresses() {
     let t = tuple("198.51.100.1:4000", "10.0.0.2:3478");
     let mut c = alice();
     assert_eq!(cell.allocate(&mut c, dp2, 0, t), Ok(()));
-    let last = cell
-        .sent
-        .iter()
-        .rev()
-        .find_map(|(_, m)| match m {
-            down::Message::SendDatagram(d) => Some(d.datagram.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let last = last_datagram(&cell.sent);
     let m = Message::parse(&last).unwrap();
     let relayed = [m.attr::<XorRelayedAddress>().unwrap().unwrap().0];
     assert_eq!(relayed[0].ip(), addr("203.0.113.2:0").ip());
@@ -715,15 +680,7 @@ fn data_planes_behind_a_nat_are_advertised_by_their_public_addresses() {
     cell.collect();
     let t = tuple("198.51.100.2:4000", "10.0.0.1:3478");
     assert_eq!(cell.allocate(&mut alice(), dp1, 0, t), Err(300));
-    let last = cell
-        .sent
-        .iter()
-        .rev()
-        .find_map(|(_, m)| match m {
-            down::Message::SendDatagram(d) => Some(d.datagram.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let last = last_datagram(&cell.sent);
     let m = Message::parse(&last).unwrap();
     assert_eq!(
         m.attr::<AlternateServer>().unwrap().unwrap().0,

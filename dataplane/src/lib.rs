@@ -131,6 +131,8 @@ mod mmsg;
 mod path;
 mod plane;
 mod proxy;
+#[cfg(test)]
+mod sim;
 mod slab;
 mod stream;
 mod streams;

@@ -3,11 +3,10 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::Socket;
@@ -19,8 +18,8 @@ use crate::table::Denied;
 use crate::worker::{Command, Worker, WorkerInit};
 use crate::xdp::FastPath;
 use crate::{
-    AllocationId, AllocationSnapshot, Backend, BindError, ControlSink, DataPlaneConfig, FiveTuple,
-    StreamListen, TableChange, mmsg, uring,
+    AllocationSnapshot, Backend, BindError, ControlSink, DataPlaneConfig, FiveTuple, StreamListen,
+    TableChange, mmsg, uring,
 };
 
 /// How long [`DataPlaneHandle::snapshot`] waits for a worker's answer.
@@ -63,15 +62,9 @@ struct Queue {
     notified: Arc<AtomicBool>,
 }
 
-/// The worker that owns each allocation, learnt from its `AllocationAdd` (which names
-/// the worker the control plane asked to bind its relay sockets) and used to route the
-/// allocation's later changes, which name none.
-type Routes = AHashMap<AllocationId, usize>;
-
 struct Shared {
     queues: Vec<Queue>,
     counters: Vec<Arc<Counters>>,
-    routes: Mutex<Routes>,
     denied: Arc<ArcSwap<Denied>>,
     /// The server's own listening addresses, UDP and TCP/TLS: never a peer.
     own: Vec<SocketAddr>,
@@ -302,7 +295,6 @@ impl DataPlane {
                 shared: Arc::new(Shared {
                     queues,
                     counters,
-                    routes: Mutex::new(Routes::default()),
                     denied,
                     own,
                     xdp,
@@ -454,50 +446,23 @@ impl DataPlaneHandle {
         }
     }
 
-    /// Applies table changes, each on the worker that owns its allocation. Each change
-    /// comes with the worker a [`TableChange::AllocationAdd`] names (the one asked to
-    /// [`bind`](Self::bind) its relay sockets), as [`TableChange::from_api`] returns it;
-    /// the other changes go to the worker their allocation was added on, whatever number
-    /// they come with. Changes for an unknown allocation or worker are dropped.
-    pub fn apply(&self, changes: impl IntoIterator<Item = (TableChange, u32)>) {
+    /// Applies table changes, each on the worker that owns its allocation (the worker
+    /// every change carries: the one its allocation's AllocationAdd named). Changes for a
+    /// worker that does not exist are dropped (and logged).
+    pub fn apply(&self, changes: impl IntoIterator<Item = (u32, TableChange)>) {
         let n = self.workers();
         let mut per: Vec<Vec<TableChange>> = (0..n).map(|_| Vec::new()).collect();
-        {
-            let Ok(mut r) = self.shared.routes.lock() else {
-                return;
-            };
-            for (c, add_worker) in changes {
-                let worker = match &c {
-                    TableChange::AllocationAdd { id, .. } => {
-                        let w = add_worker as usize;
-                        if w < n {
-                            r.insert(*id, w);
-                            Some(w)
-                        } else {
-                            r.remove(id);
-                            None
-                        }
-                    }
-                    TableChange::AllocationRemove { id } => r.remove(id),
-                    TableChange::AllocationRefresh { id, .. }
-                    | TableChange::PermissionSet { id, .. }
-                    | TableChange::PermissionRemove { id, .. }
-                    | TableChange::ChannelSet { id, .. }
-                    | TableChange::ChannelRemove { id, .. } => r.get(id).copied(),
-                };
-                match worker.and_then(|w| per.get_mut(w)) {
-                    Some(v) => v.push(c),
-                    None => {
-                        tracing::warn!(change = ?c, "table change for an allocation no worker owns: dropped")
-                    }
+        for (worker, c) in changes {
+            match per.get_mut(worker as usize) {
+                Some(v) => v.push(c),
+                None => {
+                    tracing::warn!(worker, change = ?c, "table change for a worker that does not exist: dropped")
                 }
             }
-            // Queued under the lock: a snapshot (which prunes the routes) sees a route
-            // only once its AllocationAdd is ahead of the snapshot in the worker's queue.
-            for (w, changes) in per.into_iter().enumerate() {
-                if !changes.is_empty() {
-                    let _ = self.push(w, Command::Apply(changes));
-                }
+        }
+        for (w, changes) in per.into_iter().enumerate() {
+            if !changes.is_empty() {
+                let _ = self.push(w, Command::Apply(changes));
             }
         }
     }
@@ -510,45 +475,21 @@ impl DataPlaneHandle {
     /// Every live allocation of every worker, with its permissions, channels, deadlines
     /// and usage. Waits for each worker to answer between two batches (at most a few
     /// seconds for one that does not).
-    ///
-    /// Routes of allocations the workers no longer have (expired while no control
-    /// plane was attached to remove them) are forgotten here.
     pub fn snapshot(&self) -> Vec<AllocationSnapshot> {
         let mut waiting = Vec::with_capacity(self.workers());
-        let known: Vec<AllocationId> = {
-            let Ok(r) = self.shared.routes.lock() else {
-                return Vec::new();
-            };
-            for w in 0..self.workers() {
-                let (tx, rx) = mpsc::channel();
-                if self.push(w, Command::Snapshot(tx)).is_ok() {
-                    waiting.push(rx);
-                }
-            }
-            r.keys().copied().collect()
-        };
-        let mut all = Vec::new();
-        let mut complete = waiting.len() == self.workers();
-        for rx in waiting {
-            match rx.recv_timeout(SNAPSHOT_WAIT) {
-                Ok(mut v) => all.append(&mut v),
-                Err(_) => complete = false,
+        for w in 0..self.workers() {
+            let (tx, rx) = mpsc::channel();
+            if self.push(w, Command::Snapshot(tx)).is_ok() {
+                waiting.push(rx);
             }
         }
-        if complete && let Ok(mut r) = self.shared.routes.lock() {
-            let live: ahash::AHashSet<AllocationId> = all.iter().map(|a| a.id).collect();
-            for id in known {
-                if !live.contains(&id) {
-                    r.remove(&id);
-                }
+        let mut all = Vec::new();
+        for rx in waiting {
+            if let Ok(mut v) = rx.recv_timeout(SNAPSHOT_WAIT) {
+                all.append(&mut v);
             }
         }
         all
-    }
-
-    /// Allocations whose later changes this handle can route (for tests).
-    pub fn routed(&self) -> usize {
-        self.shared.routes.lock().map_or(0, |r| r.len())
     }
 
     /// Replaces the peers never relayed to (the listening addresses, UDP and TCP/TLS,

@@ -22,15 +22,10 @@ use crate::{
     AllocationSnapshot, BindError, BindingLimit, ControlSink, FiveTuple, Millis, TableChange,
 };
 
-/// Unix time in milliseconds: the workers' one clock read, once per loop turn.
-#[allow(clippy::disallowed_methods)]
+/// The data plane's clock (the process's monotonic [`turnpike_plane::Clock`]): the
+/// workers read it once per loop turn.
 pub(crate) fn unix_millis() -> Millis {
-    Millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
-    )
+    turnpike_plane::Clock::new().now()
 }
 
 /// A socket change the backend must reflect in its poller.

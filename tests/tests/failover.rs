@@ -387,7 +387,7 @@ fn a_leader_whose_lease_is_revoked_stops_at_once() {
         .build()
         .unwrap();
     let revoked = rt.block_on(async {
-        use turnpike_controlplane::etcd::{Etcd, LeaseId};
+        use turnpike_controlplane_runtime::etcd::{Etcd, LeaseId};
         let e = Etcd::connect(std::slice::from_ref(&url)).await.unwrap();
         let keys = e.get_prefix(&election).await.unwrap();
         let (key, _) = keys

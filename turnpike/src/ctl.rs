@@ -261,7 +261,7 @@ struct AdminOpts {
 
 /// The live instances' records, by id.
 async fn instances(
-    e: &turnpike_controlplane::etcd::Etcd,
+    e: &turnpike_controlplane_runtime::etcd::Etcd,
     prefix: &str,
 ) -> anyhow::Result<Vec<turnpike_controlplane::fleet::InstanceRecord>> {
     let listing = e.get_prefix(&format!("{prefix}instances/")).await?;
@@ -275,7 +275,7 @@ async fn instances(
 /// The live instances in id order, drained as their records or a drain key say, and
 /// when they were read.
 async fn live_instances(
-    e: &turnpike_controlplane::etcd::Etcd,
+    e: &turnpike_controlplane_runtime::etcd::Etcd,
     prefix: &str,
 ) -> anyhow::Result<(view::Now, Vec<view::Instance>)> {
     use turnpike_controlplane::fleet::InstanceRecord;
@@ -305,7 +305,7 @@ async fn fleet_cmd(
     admin: &AdminOpts,
     output: Output,
 ) -> anyhow::Result<()> {
-    use turnpike_controlplane::etcd::Etcd;
+    use turnpike_controlplane_runtime::etcd::Etcd;
     let e = Etcd::connect(etcd).await?;
     let prefix = crate::fleet::prefix(fleet);
     match cmd {

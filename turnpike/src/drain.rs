@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
-use turnpike_controlplane::ControlPlaneHandle;
+use turnpike_controlplane_runtime::ControlPlaneHandle;
 
 /// How the process was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -23,11 +23,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use turnpike_controlplane::Cidr;
-use turnpike_controlplane::ControlPlaneHandle;
-use turnpike_controlplane::etcd::{Etcd, EtcdError, LeaseId, WatchEvent};
 use turnpike_controlplane::fleet::{
     FleetView, InstanceRecord, RedirectConfig, SharedConfig, heavy_threshold,
 };
+use turnpike_controlplane_runtime::ControlPlaneHandle;
+use turnpike_controlplane_runtime::etcd::{Etcd, EtcdError, LeaseId, WatchEvent};
 use turnpike_dataplane::DataPlaneHandle;
 use turnpike_plane::{RelayIp, advertised_addr};
 

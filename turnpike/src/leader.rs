@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, watch};
 use tonic::transport::Endpoint;
-use turnpike_controlplane::ControlPlaneHandle;
-use turnpike_controlplane::etcd::{Etcd, LeaderKey, LeaseState, WatchEvent};
+use turnpike_controlplane_runtime::ControlPlaneHandle;
+use turnpike_controlplane_runtime::etcd::{Etcd, LeaderKey, LeaseState, WatchEvent};
 
 use crate::config::FleetConfig;
 

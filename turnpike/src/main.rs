@@ -9,6 +9,7 @@ mod drain;
 mod fleet;
 mod leader;
 mod listener;
+mod local;
 mod metrics;
 mod probe;
 mod run;

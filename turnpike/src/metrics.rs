@@ -14,7 +14,7 @@ use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use turnpike_controlplane::ControlPlaneHandle;
+use turnpike_controlplane_runtime::ControlPlaneHandle;
 use turnpike_dataplane::DataPlaneHandle;
 
 use turnpike_dataplane::agent::PuntQueue;

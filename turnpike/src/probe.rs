@@ -246,7 +246,7 @@ fn fleet_targets(etcd: &[String], fleet: &str) -> anyhow::Result<Vec<Target>> {
         .enable_all()
         .build()?;
     let records: Vec<InstanceRecord> = rt.block_on(async {
-        let e = turnpike_controlplane::etcd::Etcd::connect(etcd).await?;
+        let e = turnpike_controlplane_runtime::etcd::Etcd::connect(etcd).await?;
         let listing = e
             .get_prefix(&format!("{}instances/", crate::fleet::prefix(fleet)))
             .await?;

@@ -9,7 +9,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-use turnpike_controlplane::{AdminAuth, ControlPlaneHandle, Credentials, Server};
+use turnpike_controlplane::{Credentials, Server};
+use turnpike_controlplane_runtime::{AdminAuth, ControlPlaneHandle};
+use turnpike_dataplane::agent::grpc::Grpc;
 use turnpike_dataplane::agent::{self, Identity, PuntQueue};
 use turnpike_dataplane::{DataPlane, DataPlaneConfig, Transport};
 use turnpike_plane::advertised_addr;
@@ -44,11 +46,9 @@ fn random_string(n: usize) -> String {
 /// Where the control plane serves, once started.
 struct Started {
     cp: ControlPlaneHandle,
-    /// The ControlPlane service's address.
-    grpc: SocketAddr,
-    /// The client certificates of the data plane in the same process (`serve`), named
-    /// after its id; `None` for a control plane alone.
-    local_data_plane: Option<Pems>,
+    /// The ControlPlane service's address; `None` for `serve` without `--grpc-listen`
+    /// (its data plane is attached in process).
+    grpc: Option<SocketAddr>,
     /// The Admin API's URL.
     admin: String,
 }
@@ -99,21 +99,15 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
             cfg.realm
         );
     }
-    let local_id = cfg
-        .data_plane_id
-        .clone()
-        .unwrap_or_else(|| LOCAL_DATA_PLANE.to_owned());
-    let (pems, local_data_plane) = match &cfg.grpc_tls {
-        Some(t) if embedded => {
-            let fleet = Pems::load(&t.ca, &t.cert, &t.key)?;
-            let (server, dp) = tls::local_data_plane(&fleet, &local_id)?;
-            (server, Some(dp))
-        }
-        Some(t) => (Pems::load(&t.ca, &t.cert, &t.key)?, None),
-        None if embedded => {
-            let (cp, dp) = tls::ephemeral(&local_id)?;
-            (cp, Some(dp))
-        }
+    // `serve` attaches its own data plane in process: it listens for data planes only
+    // when asked to (`--grpc-listen`), for other hosts' data planes.
+    let plane_listener = !embedded || cfg.grpc_listen.is_some();
+    let pems = match &cfg.grpc_tls {
+        Some(t) => Some(Pems::load(&t.ca, &t.cert, &t.key)?),
+        // Without the fleet's certificates, a listener of `serve` gets a certificate of
+        // its own (no data plane can attach there without the fleet's CA).
+        None if embedded && plane_listener => Some(tls::ephemeral()?),
+        None if embedded => None,
         None => {
             eprintln!(
                 "turnpike: invalid configuration: grpc_ca, grpc_cert, grpc_key (--grpc-ca, --grpc-cert, --grpc-key): \
@@ -148,48 +142,50 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     let mut secret = [0u8; 32];
     rand::rng().fill(&mut secret);
     let server = Server::new(cfg.server.clone(), creds, secret, rand::rng().random());
-    let cp = ControlPlaneHandle::spawn(server);
+    let cp = ControlPlaneHandle::spawn_with_clock(server, turnpike_plane::Clock::new());
     if !embedded && cfg.fleet.is_some() {
         // Elected through etcd: no data plane attaches before the election is won.
         cp.set_leader(false);
     }
 
-    let default_grpc = if embedded {
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    } else {
-        SocketAddr::from(([127, 0, 0, 1], 3479))
-    };
-    let grpc_addr = cfg.grpc_listen.unwrap_or(default_grpc);
+    let grpc_addr = cfg
+        .grpc_listen
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 3479)));
     let admin_addr = match cfg.admin_listen {
         Some(a) => Some(a),
         None if embedded => Some(SocketAddr::from(([127, 0, 0, 1], 3479))),
         None => None,
     };
     let limits = listener_limits(cfg);
-    let grpc = bind(grpc_addr, "gRPC", "--grpc-listen").await?;
-    let grpc_local = grpc.local_addr()?;
-    let (incoming, _) = listener::accept(grpc, limits, "grpc");
-    let mut router = tonic::transport::Server::builder()
-        .tls_config(pems.server())
-        .context("gRPC TLS configuration")?
-        .max_concurrent_streams(64)
-        .add_service(cp.control_plane_service());
-    if admin_addr.is_none() {
-        router = router.add_service(cp.admin_service(auth.clone()));
-    }
-    tokio::spawn(async move {
-        if let Err(e) = router
-            .serve_with_incoming(ReceiverStream::new(incoming))
-            .await
-        {
-            tracing::error!(error = %e, "gRPC server failed");
+    let mut grpc_local = None;
+    if let (true, Some(pems)) = (plane_listener, &pems) {
+        let grpc = bind(grpc_addr, "gRPC", "--grpc-listen").await?;
+        let local = grpc.local_addr()?;
+        let (incoming, _) = listener::accept(grpc, limits, "grpc");
+        let mut router = tonic::transport::Server::builder()
+            .tls_config(pems.server())
+            .context("gRPC TLS configuration")?
+            .max_concurrent_streams(64)
+            .add_service(cp.control_plane_service());
+        if admin_addr.is_none() {
+            router = router.add_service(cp.admin_service(auth.clone()));
         }
-    });
-    tracing::info!(%grpc_local, "gRPC ControlPlane (mutual TLS) listening");
-    println!("turnpike grpc listening on {grpc_local}");
-    let admin_local = match admin_addr {
-        None => grpc_local,
-        Some(addr) => {
+        tokio::spawn(async move {
+            if let Err(e) = router
+                .serve_with_incoming(ReceiverStream::new(incoming))
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        tracing::info!(grpc_local = %local, "gRPC ControlPlane (mutual TLS) listening");
+        println!("turnpike grpc listening on {local}");
+        grpc_local = Some(local);
+    }
+    let admin_local = match (admin_addr, grpc_local) {
+        (None, Some(grpc_local)) => grpc_local,
+        (None, None) => anyhow::bail!("the Admin API needs admin_listen or grpc_listen"),
+        (Some(addr), _) => {
             let tls = cfg.grpc_tls.is_some();
             if !tls && !addr.ip().is_loopback() {
                 eprintln!(
@@ -202,7 +198,7 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
             let local = l.local_addr()?;
             let (incoming, _) = listener::accept(l, limits, "admin");
             let mut b = tonic::transport::Server::builder();
-            if tls {
+            if let (true, Some(pems)) = (tls, &pems) {
                 b = b
                     .tls_config(pems.server())
                     .context("Admin TLS configuration")?;
@@ -231,9 +227,16 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     Ok(Started {
         cp,
         grpc: grpc_local,
-        local_data_plane,
         admin: format!("{scheme}://{admin_local}"),
     })
+}
+
+/// How `serve`'s or `dataplane`'s agent reaches its control plane.
+enum Link {
+    /// In process (`serve`).
+    Local(crate::local::Local),
+    /// Over gRPC with mutual TLS.
+    Grpc(Box<Grpc>),
 }
 
 /// Which control plane a data plane attaches to.
@@ -315,7 +318,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         spawn_memory_release();
         let mut cp = None;
         let mut admin_url = None;
-        let (control, pems) = match control {
+        let pems = match control {
             Control::Fixed(_) | Control::Elected => {
                 let Some(t) = &cfg.grpc_tls else {
                     eprintln!(
@@ -337,39 +340,49 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                     };
                     cfg.data_plane_id = Some(id);
                 }
-                (control, pems)
+                Some(pems)
             }
             Control::Embedded => {
                 let started = start_control_plane(&mut cfg, true).await?;
                 cp = Some(started.cp);
                 admin_url = Some(started.admin);
-                let Some(pems) = started.local_data_plane else {
-                    anyhow::bail!("the embedded control plane made no data-plane certificate");
-                };
-                (Control::Fixed(format!("https://{}", started.grpc)), pems)
+                None
             }
         };
         let data_plane_id = cfg
             .data_plane_id
             .clone()
             .unwrap_or_else(|| LOCAL_DATA_PLANE.to_owned());
-        // Where the agent attaches: one address, or the cell's leader as etcd says.
-        let (control_tx, control_rx) = watch::channel(None);
-        let control_name = match &control {
-            Control::Fixed(url) => {
-                let _ = control_tx.send(Some(control_endpoint(url, &pems, &cfg.grpc_server_name)?));
-                url.clone()
-            }
-            _ => {
+        // Where the agent attaches: in process, one address, or the cell's leader as
+        // etcd says.
+        let (control_name, link) = match (&control, &pems, &cp) {
+            (Control::Embedded, _, Some(cp)) => (
+                "in-process".to_owned(),
+                Link::Local(crate::local::Local::new(cp.clone())),
+            ),
+            (Control::Fixed(url), Some(pems), _) => (
+                url.clone(),
+                Link::Grpc(Box::new(Grpc::fixed(control_endpoint(
+                    url,
+                    pems,
+                    &cfg.grpc_server_name,
+                )?))),
+            ),
+            (_, Some(pems), _) => {
                 let Some(f) = cfg.fleet.clone() else {
                     anyhow::bail!("following an elected control plane needs --etcd");
                 };
+                let (control_tx, control_rx) = watch::channel(None);
                 let (pems, name) = (pems.clone(), cfg.grpc_server_name.clone());
                 tokio::spawn(crate::leader::follow(f, control_tx, move |url: &str| {
                     control_endpoint(url, &pems, &name)
                 }));
-                "the elected leader".to_owned()
+                (
+                    "the elected leader".to_owned(),
+                    Link::Grpc(Box::new(Grpc::following(control_rx))),
+                )
             }
+            _ => anyhow::bail!("no control plane to attach to"),
         };
         // Punted requests waiting for the agent: bounded (a flood's are dropped and
         // counted beyond), and small, since the agent takes them every turn.
@@ -402,19 +415,17 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             .map(|s| (if s.tls { Transport::Tls } else { Transport::Tcp }, s.addr))
             .collect();
         let (attached_tx, mut attached) = watch::channel(false);
-        tokio::spawn(agent::run_following(
-            dp.handle(),
-            punted,
-            queue.clone(),
-            control_rx,
-            Identity {
-                id: data_plane_id,
-                listen: listen.clone(),
-                streams: stream_addrs.clone(),
-                relay_ips: cfg.relays(),
-            },
-            attached_tx,
-        ));
+        let me = Identity {
+            id: data_plane_id,
+            listen: listen.clone(),
+            streams: stream_addrs.clone(),
+            relay_ips: cfg.relays(),
+        };
+        let (h, q) = (dp.handle(), queue.clone());
+        match link {
+            Link::Local(l) => tokio::spawn(agent::run(h, punted, q, l, me, attached_tx)),
+            Link::Grpc(g) => tokio::spawn(agent::run(h, punted, q, *g, me, attached_tx)),
+        };
         if let Some(addr) = cfg.metrics_listen {
             let health = metrics::Health {
                 cp: cp.clone(),
@@ -509,6 +520,9 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
     runtime(2)?.block_on(async move {
         spawn_memory_release();
         let started = start_control_plane(&mut cfg, false).await?;
+        let Some(grpc) = started.grpc else {
+            anyhow::bail!("a control plane alone listens for its data planes");
+        };
         let held = crate::leader::Held::default();
         let (draining, _) = watch::channel(false);
         if let Some(m) = cfg.metrics_listen {
@@ -546,14 +560,14 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
             ));
             let url = match &f.advertise_grpc {
                 Some(u) => u.clone(),
-                None if started.grpc.ip().is_unspecified() => {
+                None if grpc.ip().is_unspecified() => {
                     eprintln!(
                         "turnpike: invalid configuration: advertise_grpc (--advertise-grpc): required \
                          with --etcd when grpc_listen is a wildcard address"
                     );
                     std::process::exit(64);
                 }
-                None => format!("https://{}", started.grpc),
+                None => format!("https://{grpc}"),
             };
             tokio::spawn(crate::leader::campaign(
                 f,
@@ -562,7 +576,7 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
                 held.clone(),
             ));
         }
-        println!("turnpike control plane ready: grpc={}", started.grpc);
+        println!("turnpike control plane ready: grpc={grpc}");
         if crate::drain::signal().await == crate::drain::Stop::Drain && !cfg.drain_grace.is_zero() {
             crate::drain::drain(&started.cp, cfg.drain_grace, &draining).await;
         }

@@ -13,7 +13,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
-use turnpike_controlplane::service::DATA_PLANE_PREFIX;
+use turnpike_controlplane_runtime::service::DATA_PLANE_PREFIX;
 
 /// The name the control plane's certificate carries and data planes check, unless the
 /// control plane's address is a name of its own (then that name, or an IP SAN).
@@ -165,12 +165,12 @@ impl Ca {
     }
 }
 
-/// `serve`'s in-memory certificates: the control plane's server identity and the data
-/// plane's client identity (named after `data_plane_id`), both under a CA made now and
-/// forgotten.
-pub fn ephemeral(data_plane_id: &str) -> anyhow::Result<(Pems, Pems)> {
+/// `serve`'s in-memory certificate for a `--grpc-listen` without the fleet's files: the
+/// control plane's server identity under a CA made now and forgotten (no data plane can
+/// attach there; `serve`'s own is attached in process).
+pub fn ephemeral() -> anyhow::Result<Pems> {
     let ca = Ca::generate()?;
-    let cp = ca.issue(
+    ca.issue(
         Role::ControlPlane,
         CONTROL_PLANE_NAME,
         &[
@@ -178,27 +178,7 @@ pub fn ephemeral(data_plane_id: &str) -> anyhow::Result<(Pems, Pems)> {
             "127.0.0.1".to_owned(),
             "::1".to_owned(),
         ],
-    )?;
-    let dp = ca.issue(Role::DataPlane, &data_plane_name(data_plane_id), &[])?;
-    Ok((cp, dp))
-}
-
-/// `serve` with the fleet's certificates: its own data plane gets a client certificate
-/// named after `id` from a CA made now and forgotten (the control plane's certificate is
-/// for servers only, and no fleet CA key is at hand). Returns the port's server side,
-/// trusting that CA next to the fleet CA, and the data plane's client side.
-pub fn local_data_plane(fleet: &Pems, id: &str) -> anyhow::Result<(Pems, Pems)> {
-    let local = Ca::generate()?;
-    let dp = local.issue(Role::DataPlane, &data_plane_name(id), &[])?;
-    let server = Pems {
-        ca: format!("{}\n{}", fleet.ca.trim_end(), local.cert_pem),
-        ..fleet.clone()
-    };
-    let client = Pems {
-        ca: fleet.ca.clone(),
-        ..dp
-    };
-    Ok((server, client))
+    )
 }
 
 /// The certificate name of data plane `id`.

@@ -112,9 +112,62 @@ fn socket(a: Option<&v1::SocketAddress>, name: &'static str) -> Result<SocketAdd
         .map_err(|_| ConvertError::Invalid(name))
 }
 
+/// The clock readings a conversion needs. Deadlines cross between the planes as the
+/// milliseconds that remain at `now` (the converting side's [`turnpike_plane::Clock`]);
+/// for people (the Admin API) they are also shown as wall-clock times, from `wall` (the
+/// wall clock at the same moment, unix milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct At {
+    /// Now on the converting plane's clock.
+    pub now: Millis,
+    /// Now on the wall clock, unix milliseconds.
+    pub wall: u64,
+}
+
+impl At {
+    /// Readings of `clock`. The plane's clock starts at the wall time of the process's
+    /// start, so the two agree until the wall clock is stepped: within a second they are
+    /// taken as equal, so that a deadline shows as the same wall time in every answer
+    /// (two readings of two clocks would differ by a millisecond now and then).
+    pub fn of(clock: &turnpike_plane::Clock) -> At {
+        let now = clock.now();
+        let wall = clock.wall();
+        let wall = if wall.abs_diff(now.0) < 1_000 {
+            now.0
+        } else {
+            wall
+        };
+        At { now, wall }
+    }
+
+    /// What remains of `deadline`.
+    pub fn remaining(&self, deadline: Millis) -> u64 {
+        deadline.remaining(self.now)
+    }
+
+    /// `deadline` on the wall clock, for display.
+    pub fn unix(&self, deadline: Millis) -> u64 {
+        self.wall.saturating_add(deadline.remaining(self.now))
+    }
+
+    /// A past (or future) moment of this side's clock on the wall clock, for display.
+    pub fn wall_of(&self, t: Millis) -> u64 {
+        if t >= self.now {
+            self.wall.saturating_add(t.0 - self.now.0)
+        } else {
+            self.wall.saturating_sub(self.now.0 - t.0)
+        }
+    }
+
+    /// A received duration as a deadline on this side's clock.
+    pub fn deadline(&self, remaining_millis: u64) -> Millis {
+        self.now.plus_ms(remaining_millis)
+    }
+}
+
 /// The gRPC form of a table change, for the data plane worker `worker` (carried by
 /// AllocationAdd; the other changes are routed by allocation id).
-pub fn table_change_to_api(change: &TableChange, worker: u32) -> v1::TableChange {
+pub fn table_change_to_api(change: &TableChange, worker: u32, at: At) -> v1::TableChange {
     use table_change::Change as C;
     let change = match change {
         TableChange::AllocationAdd {
@@ -132,7 +185,8 @@ pub fn table_change_to_api(change: &TableChange, worker: u32) -> v1::TableChange
                 worker_id: worker,
                 five_tuple: Some(tuple.into()),
                 relay_addresses: relays.iter().map(|r| (*r).into()).collect(),
-                deadline_unix_millis: deadline.0,
+                deadline_unix_millis: at.unix(*deadline),
+                remaining_millis: at.remaining(*deadline),
                 bandwidth_limit_bytes_per_second: *bandwidth,
                 user_id: user.clone(),
                 dont_fragment: *dont_fragment,
@@ -142,7 +196,7 @@ pub fn table_change_to_api(change: &TableChange, worker: u32) -> v1::TableChange
         TableChange::AllocationRefresh { id, deadline } => {
             C::AllocationRefresh(v1::AllocationRefresh {
                 allocation_id: id.0,
-                deadline_unix_millis: deadline.0,
+                remaining_millis: at.remaining(*deadline),
             })
         }
         TableChange::AllocationRemove { id } => C::AllocationRemove(v1::AllocationRemove {
@@ -152,7 +206,8 @@ pub fn table_change_to_api(change: &TableChange, worker: u32) -> v1::TableChange
             allocation_id: id.0,
             permission: Some(v1::Permission {
                 peer_ip: ip_to_bytes(*peer),
-                deadline_unix_millis: deadline.0,
+                deadline_unix_millis: at.unix(*deadline),
+                remaining_millis: at.remaining(*deadline),
             }),
         }),
         TableChange::PermissionRemove { id, peer } => C::PermissionRemove(v1::PermissionRemove {
@@ -169,7 +224,8 @@ pub fn table_change_to_api(change: &TableChange, worker: u32) -> v1::TableChange
             channel: Some(v1::Channel {
                 channel_number: u32::from(*channel),
                 peer: Some((*peer).into()),
-                deadline_unix_millis: deadline.0,
+                deadline_unix_millis: at.unix(*deadline),
+                remaining_millis: at.remaining(*deadline),
             }),
         }),
         TableChange::ChannelRemove { id, channel } => C::ChannelRemove(v1::ChannelRemove {
@@ -179,12 +235,26 @@ pub fn table_change_to_api(change: &TableChange, worker: u32) -> v1::TableChange
     };
     v1::TableChange {
         change: Some(change),
+        worker_id: worker,
     }
 }
 
 /// From the gRPC form: the change, and the worker an AllocationAdd names (0 for the
 /// other changes).
-pub fn table_change_from_api(c: &v1::TableChange) -> Result<(TableChange, u32), ConvertError> {
+pub fn table_change_from_api(
+    c: &v1::TableChange,
+    at: At,
+) -> Result<(TableChange, u32), ConvertError> {
+    let (change, add_worker) = change_from_api(c, at)?;
+    // An AllocationAdd names its worker in the allocation; every change names it too.
+    let worker = match change {
+        TableChange::AllocationAdd { .. } => add_worker,
+        _ => c.worker_id,
+    };
+    Ok((change, worker))
+}
+
+fn change_from_api(c: &v1::TableChange, at: At) -> Result<(TableChange, u32), ConvertError> {
     use table_change::Change as C;
     let missing = ConvertError::Missing;
     Ok(match c.change.as_ref().ok_or(missing("change"))? {
@@ -199,7 +269,7 @@ pub fn table_change_from_api(c: &v1::TableChange) -> Result<(TableChange, u32), 
                         .iter()
                         .map(|r| socket(Some(r), "relay_addresses"))
                         .collect::<Result<_, _>>()?,
-                    deadline: Millis(a.deadline_unix_millis),
+                    deadline: at.deadline(a.remaining_millis),
                     bandwidth: a.bandwidth_limit_bytes_per_second,
                     user: a.user_id.clone(),
                     username: a.username.clone(),
@@ -211,7 +281,7 @@ pub fn table_change_from_api(c: &v1::TableChange) -> Result<(TableChange, u32), 
         C::AllocationRefresh(r) => (
             TableChange::AllocationRefresh {
                 id: AllocationId(r.allocation_id),
-                deadline: Millis(r.deadline_unix_millis),
+                deadline: at.deadline(r.remaining_millis),
             },
             0,
         ),
@@ -227,7 +297,7 @@ pub fn table_change_from_api(c: &v1::TableChange) -> Result<(TableChange, u32), 
                 TableChange::PermissionSet {
                     id: AllocationId(p.allocation_id),
                     peer: peer_ip(&perm.peer_ip)?,
-                    deadline: Millis(perm.deadline_unix_millis),
+                    deadline: at.deadline(perm.remaining_millis),
                 },
                 0,
             )
@@ -246,7 +316,7 @@ pub fn table_change_from_api(c: &v1::TableChange) -> Result<(TableChange, u32), 
                     id: AllocationId(ch.allocation_id),
                     channel: channel_number(c.channel_number)?,
                     peer: socket(c.peer.as_ref(), "channel.peer")?,
-                    deadline: Millis(c.deadline_unix_millis),
+                    deadline: at.deadline(c.remaining_millis),
                 },
                 0,
             )
@@ -261,81 +331,84 @@ pub fn table_change_from_api(c: &v1::TableChange) -> Result<(TableChange, u32), 
     })
 }
 
-impl From<&AllocationSnapshot> for v1::AllocationState {
-    fn from(s: &AllocationSnapshot) -> v1::AllocationState {
-        v1::AllocationState {
-            allocation: Some(v1::Allocation {
-                allocation_id: s.id.0,
-                worker_id: s.worker,
-                five_tuple: Some((&s.tuple).into()),
-                relay_addresses: s.relays.iter().map(|r| (*r).into()).collect(),
-                deadline_unix_millis: s.deadline.0,
-                bandwidth_limit_bytes_per_second: s.bandwidth,
-                user_id: s.user.clone(),
-                dont_fragment: s.dont_fragment,
-                username: s.username.clone(),
-            }),
-            permissions: s
-                .permissions
-                .iter()
-                .map(|(ip, t)| v1::Permission {
-                    peer_ip: ip_to_bytes(*ip),
-                    deadline_unix_millis: t.0,
-                })
-                .collect(),
-            channels: s
-                .channels
-                .iter()
-                .map(|(c, p, t)| v1::Channel {
-                    channel_number: u32::from(*c),
-                    peer: Some((*p).into()),
-                    deadline_unix_millis: t.0,
-                })
-                .collect(),
-        }
+/// The gRPC form of a table row.
+pub fn snapshot_to_api(s: &AllocationSnapshot, at: At) -> v1::AllocationState {
+    v1::AllocationState {
+        allocation: Some(v1::Allocation {
+            allocation_id: s.id.0,
+            worker_id: s.worker,
+            five_tuple: Some((&s.tuple).into()),
+            relay_addresses: s.relays.iter().map(|r| (*r).into()).collect(),
+            deadline_unix_millis: at.unix(s.deadline),
+            remaining_millis: at.remaining(s.deadline),
+            bandwidth_limit_bytes_per_second: s.bandwidth,
+            user_id: s.user.clone(),
+            dont_fragment: s.dont_fragment,
+            username: s.username.clone(),
+        }),
+        permissions: s
+            .permissions
+            .iter()
+            .map(|(ip, t)| v1::Permission {
+                peer_ip: ip_to_bytes(*ip),
+                deadline_unix_millis: at.unix(*t),
+                remaining_millis: at.remaining(*t),
+            })
+            .collect(),
+        channels: s
+            .channels
+            .iter()
+            .map(|(c, p, t)| v1::Channel {
+                channel_number: u32::from(*c),
+                peer: Some((*p).into()),
+                deadline_unix_millis: at.unix(*t),
+                remaining_millis: at.remaining(*t),
+            })
+            .collect(),
     }
 }
 
-impl TryFrom<&v1::AllocationState> for AllocationSnapshot {
-    type Error = ConvertError;
-    fn try_from(s: &v1::AllocationState) -> Result<AllocationSnapshot, ConvertError> {
-        let a = s
-            .allocation
-            .as_ref()
-            .ok_or(ConvertError::Missing("allocation"))?;
-        Ok(AllocationSnapshot {
-            id: AllocationId(a.allocation_id),
-            worker: a.worker_id,
-            tuple: tuple_from_api(a.five_tuple.as_ref())?,
-            relays: a
-                .relay_addresses
-                .iter()
-                .map(|r| socket(Some(r), "relay_addresses"))
-                .collect::<Result<_, _>>()?,
-            deadline: Millis(a.deadline_unix_millis),
-            bandwidth: a.bandwidth_limit_bytes_per_second,
-            user: a.user_id.clone(),
-            username: a.username.clone(),
-            dont_fragment: a.dont_fragment,
-            permissions: s
-                .permissions
-                .iter()
-                .map(|p| Ok((peer_ip(&p.peer_ip)?, Millis(p.deadline_unix_millis))))
-                .collect::<Result<_, ConvertError>>()?,
-            channels: s
-                .channels
-                .iter()
-                .map(|c| {
-                    Ok((
-                        channel_number(c.channel_number)?,
-                        socket(c.peer.as_ref(), "channel.peer")?,
-                        Millis(c.deadline_unix_millis),
-                    ))
-                })
-                .collect::<Result<_, ConvertError>>()?,
-            usage: Usage::default(),
-        })
-    }
+/// A table row from its gRPC form.
+pub fn snapshot_from_api(
+    s: &v1::AllocationState,
+    at: At,
+) -> Result<AllocationSnapshot, ConvertError> {
+    let a = s
+        .allocation
+        .as_ref()
+        .ok_or(ConvertError::Missing("allocation"))?;
+    Ok(AllocationSnapshot {
+        id: AllocationId(a.allocation_id),
+        worker: a.worker_id,
+        tuple: tuple_from_api(a.five_tuple.as_ref())?,
+        relays: a
+            .relay_addresses
+            .iter()
+            .map(|r| socket(Some(r), "relay_addresses"))
+            .collect::<Result<_, _>>()?,
+        deadline: at.deadline(a.remaining_millis),
+        bandwidth: a.bandwidth_limit_bytes_per_second,
+        user: a.user_id.clone(),
+        username: a.username.clone(),
+        dont_fragment: a.dont_fragment,
+        permissions: s
+            .permissions
+            .iter()
+            .map(|p| Ok((peer_ip(&p.peer_ip)?, at.deadline(p.remaining_millis))))
+            .collect::<Result<_, ConvertError>>()?,
+        channels: s
+            .channels
+            .iter()
+            .map(|c| {
+                Ok((
+                    channel_number(c.channel_number)?,
+                    socket(c.peer.as_ref(), "channel.peer")?,
+                    at.deadline(c.remaining_millis),
+                ))
+            })
+            .collect::<Result<_, ConvertError>>()?,
+        usage: Usage::default(),
+    })
 }
 
 impl From<&RelayIp> for v1::RelayIp {
@@ -397,10 +470,564 @@ impl From<&v1::BindError> for BindError {
     }
 }
 
+// ----- the seam's messages ----------------------------------------------------------------
+
+use turnpike_plane::{
+    Batch, Bind, Datagram, Down, DropReason, FastPathReport, Hello, LoadReport, Punted, Snapshot,
+    Up, WorkerLoad,
+};
+use v1::{control_plane_message as cpm, data_plane_message as dpm};
+
+fn tuple_to_api(t: &FiveTuple) -> Option<v1::FiveTuple> {
+    Some(t.into())
+}
+
+/// A table snapshot's gRPC form.
+pub fn table_to_api(t: &Snapshot, at: At) -> v1::TableSnapshot {
+    v1::TableSnapshot {
+        table_version: t.version,
+        allocations: t
+            .allocations
+            .iter()
+            .map(|a| snapshot_to_api(a, at))
+            .collect(),
+        complete: t.complete,
+    }
+}
+
+/// A table snapshot from its gRPC form: rows that do not convert are left out (and
+/// counted in the returned number).
+pub fn table_from_api(t: &v1::TableSnapshot, at: At) -> (Snapshot, usize) {
+    let mut bad = 0;
+    let allocations = t
+        .allocations
+        .iter()
+        .filter_map(|a| match snapshot_from_api(a, at) {
+            Ok(a) => Some(a),
+            Err(_) => {
+                bad += 1;
+                None
+            }
+        })
+        .collect();
+    (
+        Snapshot {
+            version: t.table_version,
+            allocations,
+            complete: t.complete,
+        },
+        bad,
+    )
+}
+
+/// The gRPC form of a drop reason.
+pub fn drop_reason_to_api(r: DropReason) -> v1::DropReason {
+    match r {
+        DropReason::Other => v1::DropReason::Unspecified,
+        DropReason::Malformed => v1::DropReason::Malformed,
+        DropReason::NoAllocation => v1::DropReason::NoAllocation,
+        DropReason::NoPermission => v1::DropReason::NoPermission,
+        DropReason::NoChannel => v1::DropReason::NoChannel,
+        DropReason::Bandwidth => v1::DropReason::BandwidthLimit,
+        DropReason::PeerPolicy => v1::DropReason::PeerPolicy,
+        DropReason::RateLimited => v1::DropReason::RateLimited,
+        DropReason::QueueFull => v1::DropReason::QueueFull,
+        DropReason::SendError => v1::DropReason::SendError,
+    }
+}
+
+fn drop_reason_from_api(r: i32) -> DropReason {
+    match v1::DropReason::try_from(r) {
+        Ok(v1::DropReason::Malformed) => DropReason::Malformed,
+        Ok(v1::DropReason::NoAllocation) => DropReason::NoAllocation,
+        Ok(v1::DropReason::NoPermission) => DropReason::NoPermission,
+        Ok(v1::DropReason::NoChannel) => DropReason::NoChannel,
+        Ok(v1::DropReason::BandwidthLimit) => DropReason::Bandwidth,
+        Ok(v1::DropReason::PeerPolicy) => DropReason::PeerPolicy,
+        Ok(v1::DropReason::RateLimited) => DropReason::RateLimited,
+        Ok(v1::DropReason::QueueFull) => DropReason::QueueFull,
+        Ok(v1::DropReason::SendError) => DropReason::SendError,
+        _ => DropReason::Other,
+    }
+}
+
+fn counts_to_api(c: &[(String, u64)]) -> Vec<v1::PathCount> {
+    c.iter()
+        .map(|(name, packets)| v1::PathCount {
+            name: name.clone(),
+            packets: *packets,
+        })
+        .collect()
+}
+
+fn counts_from_api(c: &[v1::PathCount]) -> Vec<(String, u64)> {
+    c.iter().map(|p| (p.name.clone(), p.packets)).collect()
+}
+
+/// A load report's gRPC form; `sampled_unix_millis` is set by whoever shows it.
+pub fn load_to_api(l: &LoadReport, sampled_unix_millis: u64) -> v1::LoadReport {
+    v1::LoadReport {
+        sampled_unix_millis,
+        allocations: l.allocations,
+        traffic: Some(l.traffic.into()),
+        drops: l
+            .drops
+            .iter()
+            .map(|&(r, packets)| v1::DropCount {
+                reason: drop_reason_to_api(r) as i32,
+                packets,
+            })
+            .collect(),
+        workers: l
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(w, l)| v1::WorkerLoad {
+                worker_id: w as u32,
+                allocations: l.allocations,
+                received_packets: l.received_packets,
+            })
+            .collect(),
+        fast_path: l.fast_path.as_ref().map(|f| v1::FastPathReport {
+            interfaces: f.interfaces.clone(),
+            off_reason: f.off_reason.clone(),
+            traffic: Some(f.traffic.into()),
+            relayed: counts_to_api(&f.relayed),
+            passed: counts_to_api(&f.passed),
+            allocations: f.allocations,
+        }),
+    }
+}
+
+/// A load report from its gRPC form.
+pub fn load_from_api(l: &v1::LoadReport) -> LoadReport {
+    let mut workers = vec![WorkerLoad::default(); l.workers.len().min(4096)];
+    for w in &l.workers {
+        if let Some(slot) = workers.get_mut(w.worker_id as usize) {
+            *slot = WorkerLoad {
+                allocations: w.allocations,
+                received_packets: w.received_packets,
+            };
+        }
+    }
+    LoadReport {
+        allocations: l.allocations,
+        traffic: l.traffic.as_ref().map(Usage::from).unwrap_or_default(),
+        drops: l
+            .drops
+            .iter()
+            .map(|d| (drop_reason_from_api(d.reason), d.packets))
+            .collect(),
+        workers,
+        fast_path: l.fast_path.as_ref().map(|f| FastPathReport {
+            interfaces: f.interfaces.clone(),
+            off_reason: f.off_reason.clone(),
+            traffic: f.traffic.as_ref().map(Usage::from).unwrap_or_default(),
+            relayed: counts_from_api(&f.relayed),
+            passed: counts_from_api(&f.passed),
+            allocations: f.allocations,
+        }),
+    }
+}
+
+/// A Hello's gRPC form.
+pub fn hello_to_api(h: &Hello, at: At) -> v1::Hello {
+    v1::Hello {
+        data_plane_id: h.id.clone(),
+        listening_addresses: h
+            .listening
+            .iter()
+            .map(|(t, a)| v1::ListeningAddress {
+                transport: v1::Transport::from(*t) as i32,
+                address: Some((*a).into()),
+            })
+            .collect(),
+        relay_ips: h.relay_ips.iter().map(v1::RelayIp::from).collect(),
+        worker_count: h.workers,
+        version: h.version.clone(),
+        table: h.table.as_ref().map(|t| table_to_api(t, at)),
+    }
+}
+
+/// A Hello from its gRPC form (listening addresses and relay IPs that do not convert are
+/// left out).
+pub fn hello_from_api(h: &v1::Hello, at: At) -> Hello {
+    Hello {
+        id: h.data_plane_id.clone(),
+        listening: h
+            .listening_addresses
+            .iter()
+            .filter_map(|l| {
+                let t = match v1::Transport::try_from(l.transport) {
+                    Ok(v1::Transport::Udp) => Transport::Udp,
+                    Ok(v1::Transport::Tcp) => Transport::Tcp,
+                    Ok(v1::Transport::Tls) => Transport::Tls,
+                    _ => return None,
+                };
+                Some((t, SocketAddr::try_from(l.address.as_ref()?).ok()?))
+            })
+            .collect(),
+        relay_ips: h
+            .relay_ips
+            .iter()
+            .filter_map(|r| RelayIp::try_from(r).ok())
+            .collect(),
+        workers: h.worker_count,
+        version: h.version.clone(),
+        table: h.table.as_ref().map(|t| table_from_api(t, at).0),
+    }
+}
+
+fn bind_to_api(b: &Bind) -> v1::BindRequest {
+    v1::BindRequest {
+        request_id: b.id,
+        worker_id: b.worker,
+        relay_addresses: b.relays.iter().map(|r| (*r).into()).collect(),
+        five_tuple: b.tuple.as_ref().and_then(tuple_to_api),
+    }
+}
+
+fn bind_from_api(b: &v1::BindRequest) -> Result<Bind, ConvertError> {
+    Ok(Bind {
+        id: b.request_id,
+        worker: b.worker_id,
+        relays: b
+            .relay_addresses
+            .iter()
+            .map(|r| socket(Some(r), "relay_addresses"))
+            .collect::<Result<_, _>>()?,
+        tuple: match &b.five_tuple {
+            None => None,
+            Some(t) => Some(FiveTuple::try_from(t)?),
+        },
+    })
+}
+
+fn punted_to_api(p: &Punted) -> v1::PuntedRequest {
+    v1::PuntedRequest {
+        worker_id: p.worker,
+        five_tuple: tuple_to_api(&p.tuple),
+        datagram: p.data.clone().into(),
+    }
+}
+
+fn punted_from_api(p: &v1::PuntedRequest) -> Result<Punted, ConvertError> {
+    Ok(Punted {
+        worker: p.worker_id,
+        tuple: tuple_from_api(p.five_tuple.as_ref())?,
+        data: p.datagram.to_vec(),
+    })
+}
+
+/// The gRPC form of a message up.
+pub fn up_to_api(m: Up, at: At) -> v1::DataPlaneMessage {
+    let m = match m {
+        Up::Hello(h) => dpm::Message::Hello(hello_to_api(&h, at)),
+        Up::Snapshot(t) => dpm::Message::TableSnapshot(table_to_api(&t, at)),
+        Up::Punted(mut p) if p.len() == 1 => {
+            dpm::Message::PuntedRequest(punted_to_api(&p.remove(0)))
+        }
+        Up::Punted(p) => dpm::Message::PuntedRequests(v1::PuntedRequests {
+            requests: p.iter().map(punted_to_api).collect(),
+        }),
+        Up::BindResult { id, result } => dpm::Message::BindAck(v1::BindAck {
+            request_id: id,
+            outcome: Some(match result {
+                Ok(()) => v1::bind_ack::Outcome::Success(v1::BindSuccess {}),
+                Err(e) => v1::bind_ack::Outcome::Error(v1::BindError::from(&e)),
+            }),
+        }),
+        Up::TableAck { version } => dpm::Message::TableAck(v1::TableAck {
+            table_version: version,
+        }),
+        Up::Resync { applied } => dpm::Message::Resync(v1::Resync { applied }),
+        Up::Load(l) => dpm::Message::LoadReport(load_to_api(&l, 0)),
+        Up::Usage(u) => dpm::Message::UsageReport(v1::UsageReport {
+            allocations: u
+                .iter()
+                .map(|(id, usage)| v1::AllocationUsage {
+                    allocation_id: id.0,
+                    usage: Some((*usage).into()),
+                })
+                .collect(),
+        }),
+        Up::ConnectionClosed { worker, tuple } => {
+            dpm::Message::ConnectionClosed(v1::ConnectionClosed {
+                worker_id: worker,
+                five_tuple: tuple_to_api(&tuple),
+            })
+        }
+    };
+    v1::DataPlaneMessage { message: Some(m) }
+}
+
+/// A message up from its gRPC form.
+pub fn up_from_api(m: &v1::DataPlaneMessage, at: At) -> Result<Up, ConvertError> {
+    let m = m.message.as_ref().ok_or(ConvertError::Missing("message"))?;
+    Ok(match m {
+        dpm::Message::Hello(h) => Up::Hello(hello_from_api(h, at)),
+        dpm::Message::TableSnapshot(t) => Up::Snapshot(table_from_api(t, at).0),
+        dpm::Message::PuntedRequest(p) => Up::Punted(vec![punted_from_api(p)?]),
+        // A request that does not convert is left out, as a malformed datagram is.
+        dpm::Message::PuntedRequests(p) => Up::Punted(
+            p.requests
+                .iter()
+                .filter_map(|p| punted_from_api(p).ok())
+                .collect(),
+        ),
+        dpm::Message::BindAck(a) => Up::BindResult {
+            id: a.request_id,
+            result: match &a.outcome {
+                Some(v1::bind_ack::Outcome::Success(_)) => Ok(()),
+                Some(v1::bind_ack::Outcome::Error(e)) => Err(BindError::from(e)),
+                None => Err(BindError::Invalid("empty bind acknowledgement".to_owned())),
+            },
+        },
+        dpm::Message::TableAck(a) => Up::TableAck {
+            version: a.table_version,
+        },
+        dpm::Message::Resync(r) => Up::Resync { applied: r.applied },
+        dpm::Message::LoadReport(l) => Up::Load(load_from_api(l)),
+        dpm::Message::UsageReport(u) => Up::Usage(
+            u.allocations
+                .iter()
+                .map(|a| {
+                    (
+                        AllocationId(a.allocation_id),
+                        a.usage.as_ref().map(Usage::from).unwrap_or_default(),
+                    )
+                })
+                .collect(),
+        ),
+        dpm::Message::ConnectionClosed(c) => Up::ConnectionClosed {
+            worker: c.worker_id,
+            tuple: tuple_from_api(c.five_tuple.as_ref())?,
+        },
+    })
+}
+
+fn datagram_to_api(d: Datagram) -> v1::SendDatagram {
+    v1::SendDatagram {
+        worker_id: d.worker,
+        five_tuple: tuple_to_api(&d.tuple),
+        datagram: d.data.into(),
+    }
+}
+
+fn datagram_from_api(d: &v1::SendDatagram) -> Result<Datagram, ConvertError> {
+    Ok(Datagram {
+        worker: d.worker_id,
+        tuple: tuple_from_api(d.five_tuple.as_ref())?,
+        data: d.datagram.to_vec(),
+    })
+}
+
+/// The gRPC form of a message down.
+pub fn down_to_api(m: Down, at: At) -> v1::ControlPlaneMessage {
+    let m = match m {
+        Down::Batch(b) => cpm::Message::TableChanges(v1::TableChangeBatch {
+            table_version: b.version,
+            changes: b
+                .changes
+                .iter()
+                .map(|(w, c)| table_change_to_api(c, *w, at))
+                .collect(),
+            binds: b.binds.iter().map(bind_to_api).collect(),
+            drain: b.drain.map(|draining| v1::Drain { draining }),
+        }),
+        Down::Send { after, datagrams } => cpm::Message::SendDatagrams(v1::SendDatagrams {
+            datagrams: datagrams.into_iter().map(datagram_to_api).collect(),
+            after_table_version: after,
+        }),
+    };
+    v1::ControlPlaneMessage { message: Some(m) }
+}
+
+/// A message down from its gRPC form. A batch with a change or bind that does not
+/// convert is an error as a whole: applying part of it would leave the table between
+/// two versions.
+pub fn down_from_api(m: &v1::ControlPlaneMessage, at: At) -> Result<Down, ConvertError> {
+    let m = m.message.as_ref().ok_or(ConvertError::Missing("message"))?;
+    Ok(match m {
+        cpm::Message::TableChanges(b) => {
+            let mut changes = Vec::with_capacity(b.changes.len());
+            for c in &b.changes {
+                let (change, worker) = table_change_from_api(c, at)?;
+                changes.push((worker, change));
+            }
+            Down::Batch(Batch {
+                version: b.table_version,
+                binds: b
+                    .binds
+                    .iter()
+                    .map(bind_from_api)
+                    .collect::<Result<_, _>>()?,
+                changes,
+                drain: b.drain.map(|d| d.draining),
+            })
+        }
+        cpm::Message::SendDatagram(d) => Down::Send {
+            after: 0,
+            datagrams: vec![datagram_from_api(d)?],
+        },
+        cpm::Message::SendDatagrams(d) => Down::Send {
+            after: d.after_table_version,
+            datagrams: d
+                .datagrams
+                .iter()
+                .filter_map(|d| datagram_from_api(d).ok())
+                .collect(),
+        },
+    })
+}
+
+// ----- the Admin API's views ----------------------------------------------------------------
+
+use turnpike_plane::admin::{AdminEvent, AllocationView, CellStats, EndReason, EventBody};
+
+/// An allocation's Admin API form.
+pub fn allocation_view_to_api(v: &AllocationView, at: At) -> v1::AllocationInfo {
+    v1::AllocationInfo {
+        data_plane_id: v.data_plane.clone(),
+        state: Some(snapshot_to_api(&v.row, at)),
+        usage: v.usage.map(Into::into),
+        created_unix_millis: at.wall_of(v.created),
+    }
+}
+
+/// The cell's statistics in their Admin API form.
+pub fn stats_to_api(s: &CellStats, at: At) -> v1::GetStatsResponse {
+    let t = &s.totals;
+    v1::GetStatsResponse {
+        totals: Some(v1::ServerStats {
+            allocations: t.allocations,
+            users: t.users,
+            data_planes_attached: t.data_planes_attached,
+            traffic: Some(t.traffic.into()),
+            drops: t
+                .drops
+                .iter()
+                .map(|&(r, packets)| v1::DropCount {
+                    reason: drop_reason_to_api(r) as i32,
+                    packets,
+                })
+                .collect(),
+            punted_requests: t.punted_requests,
+            auth_failures: t.auth_failures,
+            rate_limited: t.rate_limited,
+            policy_denied: t.policy_denied,
+            quota_rejected: t.quota_rejected,
+            ownership_violations: t.ownership_violations,
+            user_quota: t.user_quota,
+            total_quota: t.total_quota,
+        }),
+        data_planes: s
+            .data_planes
+            .iter()
+            .map(|d| v1::DataPlaneStats {
+                data_plane_id: d.id.clone(),
+                version: d.version.clone(),
+                attached: d.attached,
+                draining: d.draining,
+                worker_count: d.workers,
+                listening_addresses: d
+                    .listening
+                    .iter()
+                    .map(|(t, a)| v1::ListeningAddress {
+                        transport: v1::Transport::from(*t) as i32,
+                        address: Some((*a).into()),
+                    })
+                    .collect(),
+                acked_table_version: d.acked_version,
+                load: d
+                    .load
+                    .as_ref()
+                    .map(|(l, when)| load_to_api(l, at.wall_of(*when))),
+                attached_changed_unix_millis: at.wall_of(d.changed),
+                relay_ips: d.relay_ips.iter().map(v1::RelayIp::from).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// A lifecycle event's Admin API form.
+pub fn event_to_api(e: &AdminEvent, at: At) -> v1::Event {
+    use v1::event::Body;
+    let body = match &e.body {
+        EventBody::Created {
+            tuple,
+            relays,
+            deadline,
+        } => Body::Created(v1::AllocationCreated {
+            five_tuple: Some(tuple.into()),
+            relay_addresses: relays.iter().map(|r| (*r).into()).collect(),
+            deadline_unix_millis: deadline.map(|d| at.unix(d)).unwrap_or(0),
+        }),
+        EventBody::Refreshed { deadline } => Body::Refreshed(v1::AllocationRefreshed {
+            deadline_unix_millis: at.unix(*deadline),
+        }),
+        EventBody::PermissionAdded { peer, deadline } => {
+            Body::PermissionAdded(v1::PermissionAdded {
+                permission: Some(v1::Permission {
+                    peer_ip: ip_to_bytes(*peer),
+                    deadline_unix_millis: at.unix(*deadline),
+                    remaining_millis: at.remaining(*deadline),
+                }),
+            })
+        }
+        EventBody::ChannelAdded {
+            channel,
+            peer,
+            deadline,
+        } => Body::ChannelAdded(v1::ChannelAdded {
+            channel: Some(v1::Channel {
+                channel_number: u32::from(*channel),
+                peer: Some((*peer).into()),
+                deadline_unix_millis: at.unix(*deadline),
+                remaining_millis: at.remaining(*deadline),
+            }),
+        }),
+        EventBody::Deleted {
+            reason,
+            detail,
+            usage,
+        } => Body::Deleted(v1::AllocationDeleted {
+            reason: match reason {
+                EndReason::Deleted => v1::DeletionReason::Released,
+                EndReason::Expired => v1::DeletionReason::Expired,
+                EndReason::Revoked => v1::DeletionReason::Revoked,
+                EndReason::ConnectionClosed => v1::DeletionReason::ConnectionClosed,
+            } as i32,
+            detail: detail.clone(),
+            usage: usage.map(Into::into),
+        }),
+        EventBody::Usage { total, delta } => Body::Usage(v1::UsageUpdate {
+            total: Some((*total).into()),
+            delta: Some((*delta).into()),
+        }),
+    };
+    v1::Event {
+        sequence: e.sequence,
+        timestamp_unix_millis: at.wall_of(e.at),
+        allocation_id: e.allocation.0,
+        user_id: e.user.clone(),
+        data_plane_id: e.data_plane.clone(),
+        body: Some(body),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Before every deadline below: they cross as durations and come back the same.
+    fn at() -> At {
+        At {
+            now: Millis(1),
+            wall: 1_700_000_000_000,
+        }
+    }
 
     fn tuple() -> FiveTuple {
         FiveTuple {
@@ -468,12 +1095,8 @@ mod tests {
             },
         ];
         for c in changes {
-            let worker = if matches!(c, TableChange::AllocationAdd { .. }) {
-                3
-            } else {
-                0
-            };
-            let back = table_change_from_api(&table_change_to_api(&c, worker)).unwrap();
+            let worker = 3;
+            let back = table_change_from_api(&table_change_to_api(&c, worker, at()), at()).unwrap();
             assert_eq!(back, (c.clone(), worker));
             assert_eq!(back.0.allocation(), id);
         }
@@ -495,8 +1118,8 @@ mod tests {
             channels: vec![(0x4000, "203.0.113.9:7".parse().unwrap(), Millis(6))],
             usage: Usage::default(),
         };
-        let api = v1::AllocationState::from(&s);
-        assert_eq!(AllocationSnapshot::try_from(&api).unwrap(), s);
+        let api = snapshot_to_api(&s, at());
+        assert_eq!(snapshot_from_api(&api, at()).unwrap(), s);
         for e in [
             BindError::AddressInUse,
             BindError::AddressNotAvailable,
@@ -511,15 +1134,25 @@ mod tests {
 
     #[test]
     fn bad_messages_are_errors_not_panics() {
-        assert!(table_change_from_api(&v1::TableChange { change: None }).is_err());
+        assert!(
+            table_change_from_api(
+                &v1::TableChange {
+                    change: None,
+                    worker_id: 0
+                },
+                at()
+            )
+            .is_err()
+        );
         let bad = v1::TableChange {
             change: Some(table_change::Change::ChannelRemove(v1::ChannelRemove {
                 allocation_id: 1,
                 channel_number: 70_000,
             })),
+            worker_id: 0,
         };
         assert_eq!(
-            table_change_from_api(&bad),
+            table_change_from_api(&bad, at()),
             Err(ConvertError::Invalid("channel_number"))
         );
         assert!(tuple_from_api(None).is_err());

@@ -56,6 +56,7 @@ fn allocation(id: u64, user: &str) -> Allocation {
         five_tuple: Some(five_tuple()),
         relay_addresses: vec![RELAY.into()],
         deadline_unix_millis: DEADLINE,
+        remaining_millis: 600_000,
         bandwidth_limit_bytes_per_second: 1_250_000,
         user_id: user.to_owned(),
         dont_fragment: false,
@@ -68,6 +69,7 @@ fn channel() -> Channel {
         channel_number: 0x4000,
         peer: Some(PEER.into()),
         deadline_unix_millis: DEADLINE - 1,
+        remaining_millis: 599_999,
     }
 }
 
@@ -75,6 +77,7 @@ fn permission() -> Permission {
     Permission {
         peer_ip: ip_to_bytes(PEER.ip()),
         deadline_unix_millis: DEADLINE - 2,
+        remaining_millis: 599_998,
     }
 }
 
@@ -120,7 +123,9 @@ fn wire_encoding_is_stable() {
                 change: Some(Change::AllocationRemove(AllocationRemove {
                     allocation_id: 9,
                 })),
+                worker_id: 0,
             }],
+            ..Default::default()
         })),
     };
     assert_eq!(
@@ -137,7 +142,7 @@ fn table_change_batch_round_trips() -> TestResult {
         }),
         Change::AllocationRefresh(AllocationRefresh {
             allocation_id: 42,
-            deadline_unix_millis: DEADLINE + 600_000,
+            remaining_millis: 1_200_000,
         }),
         Change::PermissionAdd(PermissionAdd {
             allocation_id: 42,
@@ -164,8 +169,10 @@ fn table_change_batch_round_trips() -> TestResult {
             .cloned()
             .map(|change| TableChange {
                 change: Some(change),
+                worker_id: 1,
             })
             .collect(),
+        ..Default::default()
     };
     let down = ControlPlaneMessage {
         message: Some(Down::TableChanges(batch.clone())),
@@ -406,7 +413,9 @@ async fn run_attach(
                             change: Some(Change::AllocationAdd(AllocationAdd {
                                 allocation: Some(allocation(7, "alice")),
                             })),
+                            worker_id: 1,
                         }],
+                        ..Default::default()
                     }),
                 ];
                 for reply in replies {

@@ -3,13 +3,23 @@
 //! relay-port binds. Both planes use these types; the gRPC messages they travel in and
 //! the conversions to them live in `turnpike-api`, and nowhere else.
 //!
-//! Times are [`Millis`], unix milliseconds: deadlines cross the wire as absolute times so
-//! that they survive reconnects and restarts.
+//! The seam itself is two enums: [`Up`] (data plane → control plane) and [`Down`]
+//! (control plane → data plane). `serve` passes them through an in-process channel; split
+//! mode through the gRPC adapters of both planes, which convert them with `turnpike-api`.
+//!
+//! Time: a [`Millis`] is a reading of the [`Clock`] of the plane that holds it: a
+//! monotonic clock (so a step of the wall clock changes no lifetime), started at the wall
+//! time of the process's start (so readings read like unix milliseconds in logs and stay
+//! near those of other hosts). Deadlines in these types are on the holder's clock; on the
+//! wire they travel as durations (what remains), each side converting with its own
+//! clock, so two hosts whose clocks disagree still agree on lifetimes.
 
 use std::net::{IpAddr, SocketAddr};
 
-/// A point in time: milliseconds since the Unix epoch. Sans-IO code never reads a clock;
-/// the caller passes `now` in, and tests pass a virtual clock.
+pub mod admin;
+
+/// A point in time on a plane's [`Clock`], in milliseconds. Sans-IO code never reads a
+/// clock; the caller passes `now` in, and tests pass a virtual clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Millis(pub u64);
 
@@ -28,6 +38,63 @@ impl Millis {
     pub fn secs(self) -> u64 {
         self.0 / 1000
     }
+
+    /// Milliseconds from `now` until `self` (0 when it is past): a deadline as the
+    /// duration that crosses the wire.
+    pub fn remaining(self, now: Millis) -> u64 {
+        self.0.saturating_sub(now.0)
+    }
+}
+
+/// A plane's one source of time: monotonic, so that a step of the wall clock (NTP, an
+/// operator) changes no lifetime; its readings start at the wall-clock time of the
+/// clock's creation, so that they read like unix milliseconds. Wall time proper
+/// ([`Clock::wall`]) is read only where a protocol defines it: TURN REST usernames, and
+/// times shown to people.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: std::time::Instant,
+    base: u64,
+}
+
+// The clock is the one place the planes read time: this is its exception to the
+// sans-IO rule of the crates around it.
+#[allow(clippy::disallowed_methods)]
+impl Clock {
+    /// The process's clock: every plane of one process (`serve` runs both) reads the
+    /// same one, so a deadline handed from one to the other in memory means the same.
+    pub fn new() -> Clock {
+        static PROCESS: std::sync::OnceLock<Clock> = std::sync::OnceLock::new();
+        *PROCESS.get_or_init(|| Clock {
+            start: std::time::Instant::now(),
+            base: wall_millis(std::time::SystemTime::now()),
+        })
+    }
+
+    /// Now, on this clock.
+    pub fn now(&self) -> Millis {
+        Millis(
+            self.base
+                .saturating_add(self.start.elapsed().as_millis() as u64),
+        )
+    }
+
+    /// The wall-clock time, unix milliseconds (for protocols that define it, and display).
+    pub fn wall(&self) -> u64 {
+        wall_millis(std::time::SystemTime::now())
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
+fn wall_millis(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The transport a client reached the server over.
@@ -176,6 +243,28 @@ pub struct Usage {
     pub to_client: Traffic,
 }
 
+impl Usage {
+    /// What `self` counts beyond `prev` (counters are cumulative).
+    pub fn since(&self, prev: &Usage) -> Usage {
+        let d = |a: Traffic, b: Traffic| Traffic {
+            packets: a.packets.saturating_sub(b.packets),
+            bytes: a.bytes.saturating_sub(b.bytes),
+        };
+        Usage {
+            to_peer: d(self.to_peer, prev.to_peer),
+            to_client: d(self.to_client, prev.to_client),
+        }
+    }
+
+    /// Adds `other` to `self`.
+    pub fn add(&mut self, other: &Usage) {
+        self.to_peer.packets += other.to_peer.packets;
+        self.to_peer.bytes += other.to_peer.bytes;
+        self.to_client.packets += other.to_client.packets;
+        self.to_client.bytes += other.to_client.bytes;
+    }
+}
+
 /// One row of a data plane's relay table, as it reports it after (re)attaching: what a
 /// control plane rebuilds its state from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,6 +383,218 @@ impl BindError {
             _ => BindError::System(e.to_string()),
         }
     }
+}
+
+// ----- the seam: what the planes say to each other ---------------------------------------
+
+/// A message from a data plane to its control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Up {
+    /// The first message of every attachment: who the data plane is, and the first part
+    /// of its table.
+    Hello(Hello),
+    /// A further part of the table snapshot begun by [`Hello::table`].
+    Snapshot(Snapshot),
+    /// STUN requests the workers punted, in order.
+    Punted(Vec<Punted>),
+    /// The outcome of a bind of [`Batch::binds`].
+    BindResult {
+        /// The bind's id.
+        id: u64,
+        /// Whether the sockets are bound.
+        result: Result<(), BindError>,
+    },
+    /// Every batch up to `version` is applied (cumulative).
+    TableAck {
+        /// The version.
+        version: u64,
+    },
+    /// The data plane received a batch beyond the next one: a batch was lost on the way.
+    /// It applied everything up to `applied` and ignores later batches until the control
+    /// plane sends again what followed `applied`.
+    Resync {
+        /// The last version applied.
+        applied: u64,
+    },
+    /// Load and traffic, periodic.
+    Load(LoadReport),
+    /// Per-allocation traffic (cumulative), periodic.
+    Usage(Vec<(AllocationId, Usage)>),
+    /// A client connection (TCP or TLS) closed: its allocation has ended.
+    ConnectionClosed {
+        /// The worker that held it.
+        worker: u32,
+        /// Its 5-tuple.
+        tuple: FiveTuple,
+    },
+}
+
+/// A message from a control plane to one of its data planes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Down {
+    /// The next numbered batch of binds and table changes. Batches are numbered
+    /// consecutively per attachment: a data plane applies them in order, exactly once,
+    /// and asks for what it missed ([`Up::Resync`]).
+    Batch(Batch),
+    /// Datagrams for workers to send to clients, in order (answers to punted requests),
+    /// once every batch up to `after` is applied: an answer never overtakes the table
+    /// change it reports (a client told "ChannelBind succeeded" may use the channel at
+    /// once), even when a batch was lost and comes again later.
+    Send {
+        /// The batch the answers follow.
+        after: u64,
+        /// The datagrams.
+        datagrams: Vec<Datagram>,
+    },
+}
+
+/// A numbered batch: what one turn of the control plane changed for one data plane.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Batch {
+    /// Its version: one above the previous batch's.
+    pub version: u64,
+    /// Relay sockets to bind, before the changes are applied.
+    pub binds: Vec<Bind>,
+    /// Table changes, in order, each with the worker that owns its allocation.
+    pub changes: Vec<(u32, TableChange)>,
+    /// Start (`true`) or stop draining.
+    pub drain: Option<bool>,
+}
+
+impl Batch {
+    /// Whether it carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.binds.is_empty() && self.changes.is_empty() && self.drain.is_none()
+    }
+}
+
+/// A request to bind relay sockets on a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    /// Echoed in [`Up::BindResult`].
+    pub id: u64,
+    /// The worker that will own the sockets.
+    pub worker: u32,
+    /// The addresses to bind, all or none.
+    pub relays: Vec<SocketAddr>,
+    /// The client the allocation will serve; `None` for a socket of the worker's pool.
+    pub tuple: Option<FiveTuple>,
+}
+
+/// A datagram for a worker to send to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    /// The worker to send it from.
+    pub worker: u32,
+    /// The client and the listening address to send from.
+    pub tuple: FiveTuple,
+    /// One UDP datagram, or one STUN message for a stream.
+    pub data: Vec<u8>,
+}
+
+/// A STUN request a worker did not answer itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Punted {
+    /// The worker that received it.
+    pub worker: u32,
+    /// Where it came from and on which listening address.
+    pub tuple: FiveTuple,
+    /// The datagram, or one framed STUN message.
+    pub data: Vec<u8>,
+}
+
+/// Who a data plane is, said first on every attachment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hello {
+    /// Its id, stable across restarts.
+    pub id: String,
+    /// Where clients reach it.
+    pub listening: Vec<(Transport, SocketAddr)>,
+    /// The IPs it binds relay sockets on.
+    pub relay_ips: Vec<RelayIp>,
+    /// Its workers (ids 0 to workers - 1).
+    pub workers: u32,
+    /// Its software version.
+    pub version: String,
+    /// The first part of its table (`None` on a first start with an empty table).
+    pub table: Option<Snapshot>,
+}
+
+/// A data plane's table, or a part of it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Snapshot {
+    /// The last batch version applied: the control plane numbers on from it.
+    pub version: u64,
+    /// Allocations with their permissions and channels.
+    pub allocations: Vec<AllocationSnapshot>,
+    /// The last part.
+    pub complete: bool,
+}
+
+/// Why a data plane dropped packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Another reason.
+    Other,
+    /// Not STUN, not ChannelData, or failed to parse.
+    Malformed,
+    /// No allocation for the 5-tuple.
+    NoAllocation,
+    /// No permission for the peer.
+    NoPermission,
+    /// ChannelData on an unbound channel.
+    NoChannel,
+    /// The bandwidth limit.
+    Bandwidth,
+    /// The peer policy.
+    PeerPolicy,
+    /// A rate limit of unauthenticated requests.
+    RateLimited,
+    /// A queue was full.
+    QueueFull,
+    /// The system refused to send.
+    SendError,
+}
+
+/// A data plane's load, periodic.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LoadReport {
+    /// Allocations in its table.
+    pub allocations: u64,
+    /// Relayed traffic, cumulative.
+    pub traffic: Usage,
+    /// Dropped packets by reason, cumulative (non-zero only).
+    pub drops: Vec<(DropReason, u64)>,
+    /// Per worker: allocations and received packets.
+    pub workers: Vec<WorkerLoad>,
+    /// The XDP fast path, when it was asked for.
+    pub fast_path: Option<FastPathReport>,
+}
+
+/// One worker's load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WorkerLoad {
+    /// Its allocations.
+    pub allocations: u64,
+    /// Packets it received, cumulative.
+    pub received_packets: u64,
+}
+
+/// The XDP fast path's part of a load report.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct FastPathReport {
+    /// Where it is attached, as "name (mode)"; empty when off.
+    pub interfaces: Vec<String>,
+    /// Why it is off, when it is.
+    pub off_reason: String,
+    /// What it relayed (included in [`LoadReport::traffic`]).
+    pub traffic: Usage,
+    /// Packets relayed, by path.
+    pub relayed: Vec<(String, u64)>,
+    /// Frames passed to the workers, by reason.
+    pub passed: Vec<(String, u64)>,
+    /// Allocations with entries in its maps.
+    pub allocations: u64,
 }
 
 #[cfg(test)]

@@ -680,6 +680,7 @@ mod tests {
                         }),
                         relay_addresses: vec![sa("203.0.113.1:49152").unwrap()],
                         deadline_unix_millis: NOW + 252_000,
+                        remaining_millis: 0,
                         bandwidth_limit_bytes_per_second: 0,
                         user_id: "alice".into(),
                         dont_fragment: false,
@@ -689,6 +690,7 @@ mod tests {
                         v1::Permission {
                             peer_ip: vec![192, 0, 2, 10],
                             deadline_unix_millis: NOW + 299_400,
+                            remaining_millis: 0,
                         },
                         v1::Permission {
                             peer_ip: "2001:db8::5"
@@ -697,6 +699,7 @@ mod tests {
                                 .octets()
                                 .to_vec(),
                             deadline_unix_millis: NOW + 61_000,
+                            remaining_millis: 0,
                         },
                     ],
                     channels: vec![
@@ -704,11 +707,13 @@ mod tests {
                             channel_number: 0x4000,
                             peer: sa("192.0.2.10:40000"),
                             deadline_unix_millis: NOW + 598_000,
+                            remaining_millis: 0,
                         },
                         v1::Channel {
                             channel_number: 0x4001,
                             peer: sa("[2001:db8::5]:5004"),
                             deadline_unix_millis: NOW - 500,
+                            remaining_millis: 0,
                         },
                     ],
                 }),
@@ -731,6 +736,7 @@ mod tests {
                             sa("[2001:db8::1]:49153").unwrap(),
                         ],
                         deadline_unix_millis: NOW + 3_600_000,
+                        remaining_millis: 0,
                         bandwidth_limit_bytes_per_second: 1_048_576,
                         user_id: "bob".into(),
                         dont_fragment: true,
@@ -1031,6 +1037,7 @@ dp1: XDP on vs (native) relayed 6000 packets to peers, 5000 to clients, passed 1
                         channel_number: 0x4000,
                         peer: sa("192.0.2.10:40000"),
                         deadline_unix_millis: NOW + 600_000,
+                        remaining_millis: 0,
                     }),
                 }),
             ),

@@ -21,22 +21,18 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
+use turnpike_api::convert::{
+    At, allocation_view_to_api, down_to_api, event_to_api, hello_from_api, stats_to_api,
+    up_from_api,
+};
 use turnpike_api::v1::{
     self, admin_server::Admin, control_plane_server::ControlPlane, data_plane_message,
 };
-
-use crate::cluster::{Cluster, ClusterOutput, ConnId};
-use crate::server::Server;
-use crate::types::{AllocationId, Millis};
-
-/// The wall clock, read only here: the core is given `now`.
-#[allow(clippy::disallowed_methods)]
-fn now() -> Millis {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    Millis(d.as_millis() as u64)
-}
+use turnpike_controlplane::cluster::{Cluster, ClusterOutput, ConnId, DrainState};
+use turnpike_controlplane::server::Server;
+use turnpike_controlplane::types::{AllocationId, Millis};
+use turnpike_controlplane::{fleet, server};
+use turnpike_plane::{Clock, Datagram, Down, Hello, Transport, Up};
 
 /// Most commands handled in one turn of the actor (bounds what one turn buffers).
 const TURN_COMMANDS: usize = 32;
@@ -45,12 +41,19 @@ pub const MAX_CONTROL_MESSAGE: usize = 4 << 20;
 /// The largest Admin request.
 pub const MAX_ADMIN_MESSAGE: usize = 64 << 10;
 
-/// The stream to one data plane, and the bytes of UDP replies queued on it.
+/// The link to one data plane (a gRPC stream or the in-process link), and the bytes of
+/// UDP replies queued on it.
 #[derive(Clone)]
 struct Tx {
-    tx: mpsc::Sender<Result<v1::ControlPlaneMessage, Status>>,
+    tx: mpsc::Sender<Down>,
     replies: Arc<AtomicUsize>,
 }
+
+/// Messages queued towards one data plane at most. A full queue drops what does not
+/// fit: datagrams (clients retransmit) are counted as shed; a numbered batch dropped is
+/// seen by the data plane as a gap, or by the cluster as a silence, and sent again (see
+/// [`Cluster`]), so no table change or bind is lost.
+pub const DOWN_QUEUE: usize = 8192;
 
 /// UDP replies queued towards one data plane beyond which more are shed (counted as
 /// `replies_shed`): under a flood of spoofed requests the data plane cannot send 401s
@@ -67,41 +70,36 @@ const QUEUED_REPLY_BYTES: usize = 512 * 1024;
 const UP_IN_FLIGHT: usize = 32;
 
 /// What a queued UDP reply is charged: its bytes and its bookkeeping.
-fn reply_cost(d: &v1::SendDatagram) -> usize {
-    d.datagram.len() + 96
+fn reply_cost(d: &Datagram) -> usize {
+    d.data.len() + 96
 }
 
-fn is_udp(d: &v1::SendDatagram) -> bool {
-    d.five_tuple
-        .as_ref()
-        .is_some_and(|t| t.transport == v1::Transport::Udp as i32)
+fn is_udp(d: &Datagram) -> bool {
+    d.tuple.transport == Transport::Udp
 }
 
 /// The UDP replies' cost in a message to a data plane (0 for other messages).
-fn queued_reply_bytes(m: &v1::ControlPlaneMessage) -> usize {
-    match &m.message {
-        Some(v1::control_plane_message::Message::SendDatagrams(d)) => d
-            .datagrams
-            .iter()
-            .filter(|d| is_udp(d))
-            .map(reply_cost)
-            .sum(),
+fn queued_reply_bytes(m: &Down) -> usize {
+    match m {
+        Down::Send { datagrams, .. } => {
+            datagrams.iter().filter(|d| is_udp(d)).map(reply_cost).sum()
+        }
         _ => 0,
     }
 }
 
 enum Cmd {
     Attach {
-        hello: v1::Hello,
+        hello: Hello,
         tx: Tx,
         /// `None`: refused, this control plane no longer leads.
         reply: oneshot::Sender<Option<ConnId>>,
     },
     Up {
         conn: ConnId,
-        msg: data_plane_message::Message,
+        msg: Up,
         /// Held until the actor has handled the message (see [`UP_IN_FLIGHT`]).
-        _slot: tokio::sync::OwnedSemaphorePermit,
+        _slot: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// A data plane was refused for claiming an id its certificate does not name.
     IdentityRefused,
@@ -129,19 +127,19 @@ enum Cmd {
     Drain {
         data_plane: String,
         draining: bool,
-        reply: oneshot::Sender<Result<v1::DrainDataPlaneResponse, Status>>,
+        reply: oneshot::Sender<Result<u64, Status>>,
     },
     Rotate {
         secrets: Vec<String>,
         reply: oneshot::Sender<u32>,
     },
     ServerStats {
-        reply: oneshot::Sender<crate::server::Stats>,
+        reply: oneshot::Sender<server::Stats>,
     },
     Fleet {
         draining: bool,
-        alternates: Option<crate::fleet::Alternates>,
-        on_drain: Option<crate::fleet::Alternates>,
+        alternates: Option<fleet::Alternates>,
+        on_drain: Option<fleet::Alternates>,
         users: Option<HashMap<String, u32>>,
     },
     SelfDrain {
@@ -152,7 +150,7 @@ enum Cmd {
         reply: oneshot::Sender<Vec<(String, u32)>>,
     },
     Shared {
-        shared: crate::fleet::SharedConfig,
+        shared: fleet::SharedConfig,
     },
     Revoked {
         users: Vec<String>,
@@ -167,19 +165,22 @@ enum Cmd {
 /// once per turn, feeds the cluster, and carries out what comes out.
 struct Actor {
     cluster: Cluster,
+    /// The control plane's one clock.
+    clock: Clock,
     txs: HashMap<ConnId, Tx>,
     events: broadcast::Sender<v1::Event>,
     /// Read again when a data plane attaches: a stream that arrives after
     /// [`ControlPlaneHandle::step_down`] is refused.
     leadership: Arc<Leadership>,
     /// The cluster's drain state, published after every turn.
-    drain_state: tokio::sync::watch::Sender<crate::cluster::DrainState>,
+    drain_state: tokio::sync::watch::Sender<DrainState>,
 }
 
 /// Handles to the running control plane.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneHandle {
     tx: mpsc::Sender<Cmd>,
+    clock: Clock,
     /// The quotas in force (the fleet may replace the configured ones).
     quotas: Arc<std::sync::Mutex<(u32, u32)>>,
     configured_quotas: (u32, u32),
@@ -188,7 +189,7 @@ pub struct ControlPlaneHandle {
     /// planes may attach only to the leader.
     leadership: Arc<Leadership>,
     /// Whether it takes new allocations (see [`ControlPlaneHandle::drain_state`]).
-    drain_state: tokio::sync::watch::Receiver<crate::cluster::DrainState>,
+    drain_state: tokio::sync::watch::Receiver<DrainState>,
 }
 
 /// Whether a control plane leads its cell, and who does when it does not.
@@ -206,8 +207,14 @@ impl std::fmt::Debug for Cmd {
 }
 
 impl ControlPlaneHandle {
-    /// Starts the actor owning `server` on the current tokio runtime.
+    /// Starts the actor owning `server` on the current tokio runtime, with a clock of
+    /// its own.
     pub fn spawn(server: Server) -> ControlPlaneHandle {
+        ControlPlaneHandle::spawn_with_clock(server, Clock::new())
+    }
+
+    /// As [`ControlPlaneHandle::spawn`], on `clock` (`serve` gives both planes one).
+    pub fn spawn_with_clock(server: Server, clock: Clock) -> ControlPlaneHandle {
         let quotas = (server.config().user_quota, server.config().total_quota);
         let (tx, rx) = mpsc::channel(4096);
         let (events, _) = broadcast::channel(4096);
@@ -218,6 +225,7 @@ impl ControlPlaneHandle {
         let (drain_tx, drain_state) = tokio::sync::watch::channel(Default::default());
         let actor = Actor {
             cluster: Cluster::new(server),
+            clock,
             txs: HashMap::new(),
             events: events.clone(),
             leadership: leadership.clone(),
@@ -226,6 +234,7 @@ impl ControlPlaneHandle {
         tokio::spawn(actor.run(rx));
         ControlPlaneHandle {
             tx,
+            clock,
             quotas: Arc::new(std::sync::Mutex::new(quotas)),
             configured_quotas: quotas,
             events,
@@ -268,7 +277,7 @@ impl ControlPlaneHandle {
     }
 
     /// The state machine's counters (for metrics).
-    pub async fn server_stats(&self) -> Result<crate::server::Stats, Status> {
+    pub async fn server_stats(&self) -> Result<server::Stats, Status> {
         self.ask(|reply| Cmd::ServerStats { reply }).await
     }
 
@@ -345,10 +354,7 @@ impl ControlPlaneHandle {
 
     /// Applies the configuration shared through the fleet (see
     /// [`Cluster::set_shared_config`]).
-    pub async fn set_shared_config(
-        &self,
-        shared: crate::fleet::SharedConfig,
-    ) -> Result<(), Status> {
+    pub async fn set_shared_config(&self, shared: fleet::SharedConfig) -> Result<(), Status> {
         *self.quotas.lock().unwrap_or_else(|p| p.into_inner()) =
             shared.quotas.unwrap_or(self.configured_quotas);
         self.tx
@@ -378,8 +384,8 @@ impl ControlPlaneHandle {
     pub async fn set_fleet(
         &self,
         draining: bool,
-        alternates: Option<crate::fleet::Alternates>,
-        on_drain: Option<crate::fleet::Alternates>,
+        alternates: Option<fleet::Alternates>,
+        on_drain: Option<fleet::Alternates>,
         users: Option<HashMap<String, u32>>,
     ) -> Result<(), Status> {
         self.tx
@@ -403,12 +409,12 @@ impl ControlPlaneHandle {
 
     /// Whether this instance takes new allocations now, and why not (updated after
     /// every turn of the actor).
-    pub fn drain_state(&self) -> crate::cluster::DrainState {
+    pub fn drain_state(&self) -> DrainState {
         *self.drain_state.borrow()
     }
 
     /// A receiver that sees every change of [`ControlPlaneHandle::drain_state`].
-    pub fn watch_drain_state(&self) -> tokio::sync::watch::Receiver<crate::cluster::DrainState> {
+    pub fn watch_drain_state(&self) -> tokio::sync::watch::Receiver<DrainState> {
         self.drain_state.clone()
     }
 
@@ -567,7 +573,7 @@ impl Actor {
             let wait = self
                 .cluster
                 .poll_timeout()
-                .map(|t| Duration::from_millis(t.0.saturating_sub(now().0)))
+                .map(|t| Duration::from_millis(t.remaining(self.clock.now())))
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
             let cmd = tokio::select! {
@@ -577,8 +583,10 @@ impl Actor {
                 },
                 _ = tokio::time::sleep(wait) => None,
             };
-            // The one clock read of this turn.
-            let now = now();
+            // The one clock read of this turn (and the wall clock, for TURN REST
+            // usernames only).
+            let now = self.clock.now();
+            self.cluster.set_wall(now, self.clock.wall());
             if let Some(cmd) = cmd {
                 self.command(now, cmd);
                 // Whatever else is queued joins this turn, so that its answers and table
@@ -631,10 +639,14 @@ impl Actor {
                 data_plane,
                 reply,
             } => {
-                let _ = reply.send(c.list(&user, &data_plane));
+                let at = At::of(&self.clock);
+                let list = c.list(&user, &data_plane);
+                let _ = reply.send(list.iter().map(|v| allocation_view_to_api(v, at)).collect());
             }
             Cmd::Revoke { id, reason, reply } => {
-                let _ = reply.send(c.revoke(now, AllocationId(id), &reason));
+                let at = At::of(&self.clock);
+                let v = c.revoke(now, AllocationId(id), &reason);
+                let _ = reply.send(v.map(|v| allocation_view_to_api(&v, at)));
             }
             Cmd::RevokeUser {
                 user,
@@ -644,7 +656,7 @@ impl Actor {
                 let _ = reply.send(c.revoke_user(now, &user, &reason));
             }
             Cmd::Stats { reply } => {
-                let _ = reply.send(c.stats());
+                let _ = reply.send(stats_to_api(&c.stats(), At::of(&self.clock)));
             }
             Cmd::Drain {
                 data_plane,
@@ -676,10 +688,7 @@ impl Actor {
             Cmd::SelfDrain { draining } => c.set_self_draining(draining),
             Cmd::Shared { shared } => c.set_shared_config(&shared),
             Cmd::HeavyUsers { min, reply } => {
-                let _ = reply.send(
-                    c.server()
-                        .heavy_users(min, crate::fleet::MAX_PUBLISHED_USERS),
-                );
+                let _ = reply.send(c.server().heavy_users(min, fleet::MAX_PUBLISHED_USERS));
             }
             Cmd::Revoked { users, reply } => {
                 let _ = reply.send(c.set_revoked_users(now, users));
@@ -694,59 +703,66 @@ impl Actor {
         }
     }
 
-    /// Carries out what the cluster produced: messages onto data-plane streams (never
-    /// blocking: a full stream drops, and says so), events to watchers.
+    /// Carries out what the cluster produced: messages onto data-plane links (never
+    /// blocking: see [`DOWN_QUEUE`]), events to watchers.
     fn flush(&mut self) {
-        let mut dropped = 0u64;
-        let mut shed_now = 0u64;
+        let (mut batches_dropped, mut shed_now) = (0u64, 0u64);
+        let mut at = None;
         while let Some(o) = self.cluster.poll_output() {
             match o {
                 ClusterOutput::Send { conn, mut msg } => {
                     let Some(tx) = self.txs.get(&conn) else {
                         continue;
                     };
-                    if let v1::control_plane_message::Message::SendDatagrams(d) = &mut msg {
+                    if let Down::Send { datagrams: d, .. } = &mut msg {
                         let mut queued = tx.replies.load(Ordering::Relaxed);
-                        let before = d.datagrams.len();
-                        d.datagrams.retain(|d| {
+                        let before = d.len();
+                        d.retain(|d| {
                             if !is_udp(d) {
                                 return true;
                             }
                             queued += reply_cost(d);
                             queued <= QUEUED_REPLY_BYTES
                         });
-                        let shed = before - d.datagrams.len();
+                        let shed = before - d.len();
                         if shed > 0 {
                             self.cluster.count_replies_shed(shed as u64);
                             shed_now += shed as u64;
                         }
-                        if d.datagrams.is_empty() {
+                        if d.is_empty() {
                             continue;
                         }
                     }
-                    let m = v1::ControlPlaneMessage { message: Some(msg) };
                     // Charged before it can be taken off the queue, so that the
-                    // stream's discharge never comes first.
-                    let cost = queued_reply_bytes(&m);
+                    // link's discharge never comes first.
+                    let cost = queued_reply_bytes(&msg);
                     tx.replies.fetch_add(cost, Ordering::Relaxed);
-                    if tx.tx.try_send(Ok(m)).is_err() {
+                    if let Err(e) = tx.tx.try_send(msg) {
                         tx.replies.fetch_sub(cost, Ordering::Relaxed);
-                        dropped += 1;
+                        match e.into_inner() {
+                            Down::Batch(_) => batches_dropped += 1,
+                            Down::Send { datagrams: d, .. } => {
+                                self.cluster.count_replies_shed(d.len() as u64);
+                                shed_now += d.len() as u64;
+                            }
+                        }
                     }
                 }
                 ClusterOutput::Event(e) => {
-                    let _ = self.events.send(e);
+                    let at = *at.get_or_insert_with(|| At::of(&self.clock));
+                    let _ = self.events.send(event_to_api(&e, at));
                 }
             }
         }
-        if dropped > 0 {
-            tracing::warn!(dropped, "data plane stream full; messages dropped");
+        if batches_dropped > 0 {
+            self.cluster.count_batches_dropped(batches_dropped);
+            tracing::debug!(
+                batches_dropped,
+                "data plane link full; its batches will be sent again"
+            );
         }
         if shed_now > 0 {
-            tracing::debug!(
-                shed = shed_now,
-                "UDP replies shed: the data plane is behind"
-            );
+            tracing::debug!(shed = shed_now, "replies shed: the data plane is behind");
         }
     }
 }
@@ -794,53 +810,188 @@ impl ControlPlane for ControlPlaneHandle {
                 hello.data_plane_id
             )));
         }
-        let (tx, rx) = mpsc::channel(8192);
-        let replies = Arc::new(AtomicUsize::new(0));
-        let tx = Tx {
-            tx,
-            replies: Arc::clone(&replies),
-        };
-        let conn = self
-            .ask(|reply| Cmd::Attach {
-                hello,
-                tx: tx.clone(),
-                reply,
-            })
-            .await?;
-        let Some(conn) = conn else {
-            // It stepped down while this stream said Hello.
-            self.leading()?;
-            return Err(Status::unavailable("not the leader of its cell"));
-        };
+        let hello = hello_from_api(&hello, At::of(&self.clock));
+        let (conn, rx, replies) = self.attach_link(hello, DOWN_QUEUE).await?;
         let cmds = self.tx.clone();
+        let clock = self.clock;
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(UP_IN_FLIGHT));
             while let Ok(Some(m)) = up.message().await {
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                     break;
                 };
-                if let Some(msg) = m.message
-                    && cmds
-                        .send(Cmd::Up {
-                            conn,
-                            msg,
-                            _slot: slot,
-                        })
-                        .await
-                        .is_err()
+                // Durations become deadlines on this plane's clock as they arrive.
+                let msg = match up_from_api(&m, At::of(&clock)) {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?peer, "invalid message from a data plane; ignored");
+                        continue;
+                    }
+                };
+                if cmds
+                    .send(Cmd::Up {
+                        conn,
+                        msg,
+                        _slot: Some(slot),
+                    })
+                    .await
+                    .is_err()
                 {
                     break;
                 }
             }
             let _ = cmds.send(Cmd::Detach { conn }).await;
         });
+        // Deadlines leave as durations, measured as each message is taken for sending.
         let out = ReceiverStream::new(rx).map(move |m| {
-            if let Ok(m) = &m {
-                replies.fetch_sub(queued_reply_bytes(m), Ordering::Relaxed);
-            }
-            m
+            replies.fetch_sub(queued_reply_bytes(&m), Ordering::Relaxed);
+            Ok(down_to_api(m, At::of(&clock)))
         });
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+impl ControlPlaneHandle {
+    /// Attaches a data plane whose messages down go into a queue of `depth`; returns its
+    /// connection, the queue's receiving end and the UDP reply bytes queued on it.
+    async fn attach_link(
+        &self,
+        hello: Hello,
+        depth: usize,
+    ) -> Result<(ConnId, mpsc::Receiver<Down>, Arc<AtomicUsize>), Status> {
+        let (tx, rx) = mpsc::channel(depth);
+        let replies = Arc::new(AtomicUsize::new(0));
+        let tx = Tx {
+            tx,
+            replies: Arc::clone(&replies),
+        };
+        let conn = self.ask(|reply| Cmd::Attach { hello, tx, reply }).await?;
+        let Some(conn) = conn else {
+            // It stepped down while this data plane said Hello.
+            self.leading()?;
+            return Err(Status::unavailable("not the leader of its cell"));
+        };
+        Ok((conn, rx, replies))
+    }
+
+    /// Attaches a data plane in this process (`serve`): no socket, no TLS, no encoding.
+    /// Messages travel as the plane contract's values on the same clock; `depth` bounds
+    /// the queue down (see [`DOWN_QUEUE`]: a full queue loses nothing for good). The
+    /// data plane is detached when both halves of the link are dropped.
+    pub async fn attach_local(
+        &self,
+        hello: Hello,
+        depth: usize,
+    ) -> Result<(LocalUp, LocalDown), Status> {
+        self.leading()?;
+        let (conn, rx, replies) = self.attach_link(hello, depth.max(1)).await?;
+        let guard = Arc::new(Detach {
+            conn,
+            cmds: self.tx.clone(),
+        });
+        Ok((
+            LocalUp {
+                conn,
+                cmds: self.tx.clone(),
+                slots: Arc::new(tokio::sync::Semaphore::new(UP_IN_FLIGHT)),
+                _guard: Arc::clone(&guard),
+            },
+            LocalDown {
+                down: rx,
+                replies,
+                _guard: guard,
+            },
+        ))
+    }
+}
+
+/// Why a message up was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalRefused {
+    /// The data plane has [`UP_IN_FLIGHT`] punt messages waiting for the actor: these
+    /// are dropped (the clients retransmit), as a gRPC stream's flow control would.
+    Full,
+    /// The control plane has stopped, or detached this data plane.
+    Closed,
+}
+
+/// The sending half of a data plane's in-process link.
+#[derive(Debug, Clone)]
+pub struct LocalUp {
+    conn: ConnId,
+    cmds: mpsc::Sender<Cmd>,
+    slots: Arc<tokio::sync::Semaphore>,
+    _guard: Arc<Detach>,
+}
+
+impl LocalUp {
+    /// Queues punted requests without waiting: at most [`UP_IN_FLIGHT`] messages of
+    /// them wait for the actor (the bound a gRPC stream has).
+    pub fn try_punts(&self, p: Vec<turnpike_plane::Punted>) -> Result<(), LocalRefused> {
+        let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            return Err(LocalRefused::Full);
+        };
+        self.cmds
+            .try_send(Cmd::Up {
+                conn: self.conn,
+                msg: Up::Punted(p),
+                _slot: Some(slot),
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => LocalRefused::Full,
+                mpsc::error::TrySendError::Closed(_) => LocalRefused::Closed,
+            })
+    }
+
+    /// Sends a message that must not be lost; waits while the actor's queue is full.
+    pub async fn send(&self, msg: Up) -> Result<(), LocalRefused> {
+        self.cmds
+            .send(Cmd::Up {
+                conn: self.conn,
+                msg,
+                _slot: None,
+            })
+            .await
+            .map_err(|_| LocalRefused::Closed)
+    }
+}
+
+/// The receiving half of a data plane's in-process link.
+#[derive(Debug)]
+pub struct LocalDown {
+    down: mpsc::Receiver<Down>,
+    replies: Arc<AtomicUsize>,
+    _guard: Arc<Detach>,
+}
+
+impl LocalDown {
+    /// The next message down; `None` when the control plane has detached this data
+    /// plane (it stepped down, or another attached under the same id).
+    pub async fn recv(&mut self) -> Option<Down> {
+        let m = self.down.recv().await?;
+        self.replies
+            .fetch_sub(queued_reply_bytes(&m), Ordering::Relaxed);
+        Some(m)
+    }
+}
+
+/// Detaches an in-process data plane when the last half of its link is dropped.
+#[derive(Debug)]
+struct Detach {
+    conn: ConnId,
+    cmds: mpsc::Sender<Cmd>,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let (cmds, conn) = (self.cmds.clone(), self.conn);
+        if cmds.try_send(Cmd::Detach { conn }).is_err()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = cmds.send(Cmd::Detach { conn }).await;
+            });
+        }
     }
 }
 
@@ -973,7 +1124,10 @@ impl Admin for ControlPlaneHandle {
                 reply,
             })
             .await??;
-        Ok(Response::new(res))
+        Ok(Response::new(v1::DrainDataPlaneResponse {
+            draining: !r.undrain,
+            allocations: res,
+        }))
     }
 
     async fn rotate_secrets(

@@ -14,7 +14,8 @@ use turnpike_api::v1::{
     control_plane_client::ControlPlaneClient, control_plane_server::ControlPlaneServer,
     data_plane_message,
 };
-use turnpike_controlplane::{ControlPlaneHandle, Credentials, Server, ServerConfig};
+use turnpike_controlplane::{Credentials, Server, ServerConfig};
+use turnpike_controlplane_runtime::ControlPlaneHandle;
 
 /// A control plane on loopback (plain HTTP/2: the gate, not TLS, is under test).
 async fn start() -> (ControlPlaneHandle, Channel) {

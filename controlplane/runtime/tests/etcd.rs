@@ -1,4 +1,4 @@
-//! `turnpike_controlplane::etcd` against a real etcd: each test starts its own etcd
+//! `turnpike_controlplane_runtime::etcd` against a real etcd: each test starts its own etcd
 //! (`/usr/bin/etcd`, or `$ETCD_BIN`) on free loopback ports with a data directory of its
 //! own, waits until it answers, and kills it and removes the directory when done.
 //!
@@ -15,7 +15,7 @@ use std::{env, fs};
 
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
-use turnpike_controlplane::etcd::{Etcd, EtcdError, LeaseLoss, LeaseState, WatchEvent};
+use turnpike_controlplane_runtime::etcd::{Etcd, EtcdError, LeaseLoss, LeaseState, WatchEvent};
 
 /// How long etcd may take to answer after it is started.
 const READY_WITHIN: Duration = Duration::from_secs(10);

@@ -21,9 +21,9 @@
 //! tool, is read with its invalid bytes replaced (`String::from_utf8_lossy`).
 //!
 //! ```no_run
-//! use turnpike_controlplane::etcd::{Etcd, WatchEvent};
+//! use turnpike_controlplane_runtime::etcd::{Etcd, WatchEvent};
 //!
-//! # async fn example() -> Result<(), turnpike_controlplane::etcd::EtcdError> {
+//! # async fn example() -> Result<(), turnpike_controlplane_runtime::etcd::EtcdError> {
 //! let etcd = Etcd::connect(&["http://127.0.0.1:2379".to_string()]).await?;
 //! // Register this node under a lease that lives while the process renews it.
 //! let lease = etcd.lease_grant(10).await?;
