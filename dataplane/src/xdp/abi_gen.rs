@@ -895,6 +895,36 @@ enum tp_stat {
         );
     }
 
+    /// The real header: a field renamed or retyped there changes the generated struct
+    /// the loader uses, so `xdp.rs` stops compiling where it names the field (checked
+    /// by hand too: renaming `tp_chan.peer_ip` gives "error\[E0560\]: struct `TpChan`
+    /// has no field named `peer_ip`" at xdp.rs, and `tp_perm_key.relay_port` as a `__u32`
+    /// "error\[E0308\]: mismatched types").
+    #[test]
+    fn a_change_in_relay_h_reaches_the_structs_the_loader_uses() {
+        const RELAY_H: &str = include_str!("../../bpf/relay.h");
+        let rust = Abi::parse(RELAY_H).unwrap().rust();
+        let chan = "pub(crate) struct TpChan {\n    pub(crate) deadline_ns: u64,\n    pub(crate) relay_ip: u32,\n    pub(crate) peer_ip: u32,";
+        assert!(rust.contains(chan), "{rust}");
+        let renamed = RELAY_H.replacen(
+            "\t__u32 peer_ip;\n\t__u16 relay_port;\n\t__u16 peer_port;\n\t__u32 slot;",
+            "\t__u32 peer_addr;\n\t__u16 relay_port;\n\t__u16 peer_port;\n\t__u32 slot;",
+            1,
+        );
+        assert_ne!(renamed, RELAY_H);
+        let rust = Abi::parse(&renamed).unwrap().rust();
+        assert!(!rust.contains(chan), "{rust}");
+        assert!(rust.contains("pub(crate) peer_addr: u32,"), "{rust}");
+        let retyped = RELAY_H.replacen(
+            "\t__u16 relay_port;\n\t__u16 _pad;\n};",
+            "\t__u32 relay_port;\n};",
+            1,
+        );
+        assert_ne!(retyped, RELAY_H);
+        let rust = Abi::parse(&retyped).unwrap().rust();
+        assert!(rust.contains("pub(crate) struct TpPermKey {\n    pub(crate) relay_ip: u32,\n    pub(crate) peer_ip: u32,\n    pub(crate) relay_port: u32,\n}"), "{rust}");
+    }
+
     #[test]
     fn what_the_parser_does_not_read_is_refused_with_its_line() {
         let e = Abi::parse("struct tp_a {\n\tint x;\n};").unwrap_err();
