@@ -44,6 +44,9 @@
 #define SEND_MAX_HEAD 128
 #define SEND_MAX_TAIL 64
 #define HEADERS (sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct udphdr))
+#define HEADERS6 (sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct udphdr))
+/* STUN header, XOR-PEER-ADDRESS (IPv6) and the DATA attribute's header. */
+#define DATA_IND_HEADER6 (STUN_HEADER + 24 + 4)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -239,6 +242,415 @@ static __attribute__((noinline)) __u64 frame_sum(struct xdp_md *ctx, __u32 off, 
 	return s;
 }
 
+/* ---- Common to both families --------------------------------------------------
+ * The steps the IPv4 and IPv6 paths share are these helpers, so that the two cannot
+ * drift: lengths, padding, checksum updates, deadlines, the next-hop lookup's answer,
+ * the ChannelData and Data indication headers, the UDP header and the accounting. */
+
+/* A 16-bit field in network order, as a number. */
+static __always_inline __u16 be16(const __u8 *p)
+{
+	return ((__u16)p[0] << 8) | p[1];
+}
+
+/* An entry is used only while now < its deadline (relay.h). */
+static __always_inline int live(__u64 now, __u64 deadline_ns)
+{
+	return now < deadline_ns;
+}
+
+/* The lengths of the UDP datagram at `udp` (its header readable), in an IP packet
+ * with `ip_payload` bytes after its IP header: the UDP payload's (`n`) and the
+ * Ethernet padding after the packet (`extra`, cut off when the frame is sent). A short
+ * frame may carry such padding: the IP length rules. 0, or why the frame is passed. */
+static __always_inline int udp_lengths(struct udphdr *udp, void *end, __u32 ip_payload,
+				       __u32 *n, __u32 *extra)
+{
+	__u32 ulen = bpf_ntohs(udp->len);
+	if (ulen < sizeof(*udp) || ip_payload != ulen || (void *)udp + ulen > end)
+		return TP_PASS_MALFORMED;
+	*extra = end - ((void *)udp + ulen);
+	if (*extra > 64)
+		return TP_PASS_MALFORMED;
+	*n = ulen - sizeof(*udp);
+	return 0;
+}
+
+/* What a client's UDP payload at `p` (`n` bytes) is for the program. */
+enum kind {
+	KIND_OTHER,   /* a peer's datagram to a relayed address, or the workers' */
+	KIND_CHANNEL, /* perhaps ChannelData (first byte 0x40..0x7f) */
+	KIND_SEND,    /* a Send indication */
+};
+
+static __always_inline int payload_kind(const __u8 *p, __u32 n, void *end)
+{
+	if ((void *)(p + 1) > end)
+		return KIND_OTHER;
+	__u8 first = p[0];
+	if (first >= 0x40 && first <= 0x7f)
+		return KIND_CHANNEL;
+	if (first <= 0x01 && n >= STUN_HEADER && (void *)(p + 8) <= end &&
+	    *(__u32 *)(p + 4) == bpf_htonl(STUN_COOKIE) && be16(p) == 0x0016)
+		return KIND_SEND;
+	/* A request or another indication to a relayed address is a peer's datagram
+	 * like any other; to a listening address, the workers'. */
+	return KIND_OTHER;
+}
+
+/* The pseudo-header's length and the UDP header (its checksum aside), out of the sum
+ * (`sub`) or into it: the part of a checksum update both families share. Over IPv6
+ * the pseudo-header's length is 32 bits, its upper half 0 here. */
+static __always_inline __u64 csum_udp(__u64 s, __u16 sport, __u16 dport, __u16 ulen,
+				      int sub)
+{
+	if (sub) {
+		s = sub16(s, ulen); /* pseudo-header */
+		s = sub16(s, sport);
+		s = sub16(s, dport);
+		return sub16(s, ulen); /* UDP header */
+	}
+	s = add16(s, ulen);
+	s = add16(s, sport);
+	s = add16(s, dport);
+	return add16(s, ulen);
+}
+
+/* The checksum a relayed datagram goes out with, from the received one `old` and the
+ * updated sum: none when it came without one (IPv4 only: over IPv6 it is mandatory,
+ * and a datagram without one is passed). */
+static __always_inline __u16 finish_csum(__u16 old, __u64 s)
+{
+	if (old == 0)
+		return 0;
+	__u16 c = ~fold(s);
+	return c ? c : 0xffff;
+}
+
+/* A ChannelData message of `n` bytes at `p` (its 4-byte header readable): its data's
+ * length, and the 0 to 3 bytes of padding after the data. 0, or why the frame is
+ * passed. */
+static __always_inline int channel_len(const __u8 *p, __u32 n, __u32 *len, __u32 *pad)
+{
+	*len = be16(p + 2);
+	if (*len + CHANNEL_HEADER > n)
+		return TP_PASS_MALFORMED;
+	*pad = n - CHANNEL_HEADER - *len;
+	if (*pad > 3)
+		return TP_PASS_MALFORMED;
+	return 0;
+}
+
+/* The ChannelData header at `p`, out of the sum. */
+static __always_inline __u64 sub_channel_header(__u64 s, const __u8 *p)
+{
+	s = sub16(s, *(__u16 *)p);
+	return sub16(s, *(__u16 *)(p + 2));
+}
+
+/* Padding over UDP is optional; non-zero padding would change the sum: left to the
+ * workers. `pad` (0 to 3) bytes at frame offset `at`. 0, or why the frame is passed. */
+static __always_inline int zero_padding(struct xdp_md *ctx, __u32 at, __u32 pad)
+{
+	if (!pad)
+		return 0;
+	__u8 z[4] = {};
+	int bad = pad == 1   ? bpf_xdp_load_bytes(ctx, at, z, 1)
+		  : pad == 2 ? bpf_xdp_load_bytes(ctx, at, z, 2)
+			     : bpf_xdp_load_bytes(ctx, at, z, 3);
+	if (bad)
+		return TP_PASS_MALFORMED;
+	if (*(__u32 *)z)
+		return TP_PASS_UNSUPPORTED;
+	return 0;
+}
+
+/* Writes `pad` (0 to 3) zeros at frame offset `at`; non-zero when it could not. */
+static __always_inline int put_padding(struct xdp_md *ctx, __u32 at, __u32 pad)
+{
+	if (!pad)
+		return 0;
+	__u8 zero[4] = {};
+	return pad == 1   ? bpf_xdp_store_bytes(ctx, at, zero, 1)
+	       : pad == 2 ? bpf_xdp_store_bytes(ctx, at, zero, 2)
+			  : bpf_xdp_store_bytes(ctx, at, zero, 3);
+}
+
+/* A Send indication's STUN header, read into `hdr` from frame offset `base` (the UDP
+ * payload, `n` bytes): its length must be the rest of the payload, a multiple of 4.
+ * 0, or why the frame is passed. */
+static __always_inline int send_header(struct xdp_md *ctx, __u32 base, __u32 n, __u8 *hdr)
+{
+	if (bpf_xdp_load_bytes(ctx, base, hdr, STUN_HEADER))
+		return TP_PASS_MALFORMED;
+	__u32 mlen = be16(hdr + 2);
+	if (mlen + STUN_HEADER != n || (mlen & 3))
+		return TP_PASS_MALFORMED;
+	return 0;
+}
+
+/* What the program takes from a Send indication. */
+struct send_ind {
+	__u32 data_off, data_len; /* DATA's value, from the STUN header's start */
+	__u8 peer_ip[16];         /* XOR-PEER-ADDRESS, decoded: 4 bytes for IPv4 */
+	__u16 peer_port;          /* network order */
+};
+
+/* Walks a Send indication's attributes (`hdr` its STUN header, `base` and `n` as for
+ * send_header): exactly one XOR-PEER-ADDRESS of the family of the path (`v6`) and one
+ * DATA; other comprehension-optional attributes are ignored as the workers ignore
+ * them; MESSAGE-INTEGRITY and other comprehension-required attributes are left to the
+ * workers. 0, or why the frame is passed. */
+static __always_inline int send_attrs(struct xdp_md *ctx, __u32 base, __u32 n,
+				      const __u8 *hdr, int v6, struct send_ind *si)
+{
+	/* XOR-PEER-ADDRESS: family 1 and 4 address bytes, or family 2 and 16. */
+	const __u32 alen_peer = v6 ? 20 : 8;
+	__u32 off = STUN_HEADER;
+	int have_peer = 0, have_data = 0;
+	si->data_off = 0;
+	si->data_len = 0;
+	si->peer_port = 0;
+	for (int i = 0; i < SEND_MAX_ATTRS; i++) {
+		if (off >= n)
+			break;
+		__u8 ah[4];
+		if (off > 0xffff || bpf_xdp_load_bytes(ctx, base + off, ah, 4))
+			return TP_PASS_MALFORMED;
+		__u16 type = be16(ah);
+		__u32 alen = be16(ah + 2);
+		__u32 value = off + 4;
+		if (value + alen > n)
+			return TP_PASS_MALFORMED;
+		if (type == 0x0012) {
+			__u8 xa[20];
+			if (have_peer || alen != alen_peer)
+				return TP_PASS_UNSUPPORTED;
+			if (v6 ? bpf_xdp_load_bytes(ctx, base + value, xa, 20)
+			       : bpf_xdp_load_bytes(ctx, base + value, xa, 8))
+				return TP_PASS_UNSUPPORTED;
+			if (xa[1] != (v6 ? 0x02 : 0x01))
+				return TP_PASS_UNSUPPORTED; /* a peer of the other family */
+			si->peer_port = *(__u16 *)(xa + 2) ^ bpf_htons(STUN_COOKIE >> 16);
+			/* XORed with the magic cookie (and, for IPv6, the transaction id that
+			 * follows it in the header). */
+#pragma unroll
+			for (int j = 0; j < 16; j++)
+				if (j < (int)alen_peer - 4)
+					si->peer_ip[j] = xa[4 + j] ^ hdr[4 + j];
+			have_peer = 1;
+		} else if (type == 0x0013) {
+			if (have_data)
+				return TP_PASS_UNSUPPORTED;
+			si->data_off = value;
+			si->data_len = alen;
+			have_data = 1;
+		} else if (type == 0x8028) {
+			/* FINGERPRINT, last: not verified, as the workers do not verify it
+			 * on a Send indication from a client with an allocation either. */
+			if (alen != 4 || value + 4 != n)
+				return TP_PASS_UNSUPPORTED;
+		} else if (type != 0x001A && type < 0x8000) {
+			/* DONT-FRAGMENT is the allocation's, as for the workers. */
+			return TP_PASS_UNSUPPORTED;
+		}
+		off = value + ((alen + 3) & ~3u);
+	}
+	if (off < n || !have_peer || !have_data || si->peer_port == 0)
+		return TP_PASS_UNSUPPORTED;
+	if (denied_port(si->peer_port))
+		return TP_PASS_DENIED_PORT;
+	return 0;
+}
+
+/* Takes out of the sum `*s` what a Send indication loses when only its DATA is sent:
+ * everything before DATA's value (a multiple of 4 bytes), `*head` bytes, and
+ * everything after it (padding, later attributes), `*tail` bytes. 0, or why the frame
+ * is passed. */
+static __always_inline int send_unsum(struct xdp_md *ctx, __u32 base, __u32 n,
+				      const struct send_ind *si, __u64 *s, __u32 *head,
+				      __u32 *tail)
+{
+	*head = si->data_off;
+	*tail = n - si->data_off - si->data_len;
+	if (*head > SEND_MAX_HEAD || *tail > SEND_MAX_TAIL)
+		return TP_PASS_UNSUPPORTED;
+	if (*head < STUN_HEADER)
+		return TP_PASS_MALFORMED;
+	__u64 sum = *s;
+	for (int i = 0; i < SEND_MAX_HEAD / 4; i++) {
+		__u16 w[2];
+		if ((__u32)i * 4 >= *head)
+			break;
+		if (bpf_xdp_load_bytes(ctx, base + i * 4, w, 4))
+			return TP_PASS_MALFORMED;
+		sum = sub16(sub16(sum, w[0]), w[1]);
+	}
+	int odd = si->data_len & 1;
+	for (int i = 0; i < SEND_MAX_TAIL; i++) {
+		__u8 b;
+		if ((__u32)i >= *tail)
+			break;
+		if (bpf_xdp_load_bytes(ctx, base + si->data_off + si->data_len + i, &b, 1))
+			return TP_PASS_MALFORMED;
+		sum = sub16(sum, byte_word(b, (odd + i) & 1));
+	}
+	*s = sum;
+	return 0;
+}
+
+/* Writes a ChannelData header for channel `ch` and `n` bytes of data at `h` (the
+ * frame's UDP payload) and adds it to `*s`. -1 when the frame is shorter (not as
+ * resized). */
+static __always_inline int put_channel_header(__u8 *h, void *end, __u16 ch, __u32 n,
+					      __u64 *s)
+{
+	if ((void *)(h + CHANNEL_HEADER) > end)
+		return -1;
+	h[0] = ch >> 8;
+	h[1] = ch & 0xff;
+	h[2] = n >> 8;
+	h[3] = n & 0xff;
+	*s = add16(add16(*s, *(__u16 *)h), *(__u16 *)(h + 2));
+	return 0;
+}
+
+/* Writes a Data indication's header at `h` (the frame's UDP payload, at frame offset
+ * `at`): a STUN header with a random transaction id, XOR-PEER-ADDRESS of the peer
+ * `peer_ip` (4 or 16 bytes, `v6`), `peer_port` and DATA's header, for `n` bytes of
+ * data and `pad` zeros after them (written too); adds the header to `*s` (the zeros
+ * add nothing). -1 when the frame is shorter (not as resized). */
+static __always_inline int put_data_ind(struct xdp_md *ctx, __u8 *h, void *end, __u32 at,
+					const __u8 *peer_ip, __u16 peer_port, int v6, __u32 n,
+					__u32 pad, __u64 *s)
+{
+	const __u32 alen = v6 ? 16 : 4;
+	/* DATA_IND_HEADER or DATA_IND_HEADER6 */
+	const __u32 hlen = STUN_HEADER + 8 + alen + 4;
+	if ((void *)(h + hlen) > end)
+		return -1;
+	__u16 *w = (__u16 *)h;
+	w[0] = bpf_htons(0x0017);
+	w[1] = bpf_htons(hlen - STUN_HEADER + n + pad);
+	*(__u32 *)(h + 4) = bpf_htonl(STUN_COOKIE);
+	*(__u32 *)(h + 8) = bpf_get_prandom_u32();
+	*(__u32 *)(h + 12) = bpf_get_prandom_u32();
+	*(__u32 *)(h + 16) = bpf_get_prandom_u32();
+	w[10] = bpf_htons(0x0012);
+	w[11] = bpf_htons(4 + alen);
+	w[12] = bpf_htons(v6 ? 0x0002 : 0x0001);
+	w[13] = peer_port ^ bpf_htons(STUN_COOKIE >> 16);
+	/* XORed with the magic cookie and (IPv6) the transaction id, just written. */
+#pragma unroll
+	for (int j = 0; j < 16; j++)
+		if (j < (int)alen)
+			h[28 + j] = peer_ip[j] ^ h[4 + j];
+	__u16 *d = (__u16 *)(h + 28 + alen);
+	d[0] = bpf_htons(0x0013);
+	d[1] = bpf_htons(n);
+	__u64 sum = *s;
+#pragma unroll
+	for (int i = 0; i < DATA_IND_HEADER6 / 2; i++)
+		if (i < (int)hlen / 2)
+			sum = add16(sum, w[i]);
+	*s = sum;
+	if (put_padding(ctx, at + hlen + n, pad))
+		return -1;
+	return 0;
+}
+
+/* Moves the frame's start by `head` bytes and its end by `tail`, with the signs of
+ * bpf_xdp_adjust_head and bpf_xdp_adjust_tail (a positive head shrinks the frame, a
+ * positive tail grows it). 0, or why the frame is passed. */
+static __always_inline int resize(struct xdp_md *ctx, int head, int tail)
+{
+	if (bpf_xdp_adjust_head(ctx, head))
+		return TP_PASS_HEADROOM;
+	if (tail && bpf_xdp_adjust_tail(ctx, tail))
+		return TP_PASS_HEADROOM;
+	return 0;
+}
+
+/* What a relayed datagram is, whatever its family: its new UDP checksum and what it
+ * counts for. */
+struct relayed {
+	__u16 csum; /* the new UDP checksum, 0 for none */
+	__u8 dont_fragment; /* IPv4 */
+	__u32 slot;
+	__u32 payload; /* application bytes */
+	__u32 stat;
+	int down;
+};
+
+/* BPF_FIB_LOOKUP_SRC (Linux 6.7), spelled out for older uapi headers. */
+#define TP_FIB_LOOKUP_SRC (1U << 4)
+
+/* A next-hop lookup for a datagram of `ip_len` bytes, to go out where the frame came
+ * in: the addresses are the family's. */
+static __always_inline void fib_start(struct xdp_md *ctx, struct bpf_fib_lookup *fib,
+				      __u8 family, __u16 ip_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = family;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->tot_len = ip_len;
+	fib->ifindex = ctx->ingress_ifindex;
+}
+
+/* Why the frame is passed when the next-hop lookup answered `rc`; 0 on success. */
+static __always_inline int fib_reason(int rc)
+{
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return TP_PASS_TOO_BIG;
+	/* The kernel looks routes up for XDP as a router does: only on an interface with
+	 * forwarding on (net.ipv4.conf.IFACE.forwarding, net.ipv6.conf.IFACE.forwarding). */
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return TP_PASS_FORWARDING_OFF;
+	return TP_PASS_NO_ROUTE;
+}
+
+/* The Ethernet header of a frame to the next hop `fib` found. */
+static __always_inline void put_eth(struct ethhdr *eth, const struct bpf_fib_lookup *fib,
+				    __u16 proto)
+{
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(proto);
+}
+
+/* The steps after the IP header: writes the UDP header, counts the datagram in its
+ * allocation's usage and in tp_stats, and sends the frame to the next hop. */
+static __always_inline int send_frame(struct xdp_md *ctx, struct udphdr *udp, __u16 sport,
+				      __u16 dport, __u16 ulen, const struct relayed *r,
+				      const struct bpf_fib_lookup *fib)
+{
+	udp->source = sport;
+	udp->dest = dport;
+	udp->len = ulen;
+	udp->check = r->csum;
+
+	__u32 slot = r->slot;
+	struct tp_usage *u = bpf_map_lookup_elem(&tp_usage, &slot);
+	if (u) {
+		if (r->down) {
+			u->to_client_packets += 1;
+			u->to_client_bytes += r->payload;
+		} else {
+			u->to_peer_packets += 1;
+			u->to_peer_bytes += r->payload;
+		}
+	}
+	stat_add(r->stat, 1);
+	stat_add(r->down ? TP_BYTES_DOWN : TP_BYTES_UP, r->payload);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return bpf_redirect(fib->ifindex, 0);
+}
+
+/* ---- IPv4 ---------------------------------------------------------------------- */
+
 /* What changes in the UDP checksum when a datagram's addresses, ports and length
  * change: the pseudo-header and the UDP header, old out, new in. */
 struct flow {
@@ -251,31 +663,16 @@ static __always_inline __u64 csum_swap(__u64 s, const struct flow *o, const stru
 {
 	s = sub32(s, o->saddr);
 	s = sub32(s, o->daddr);
-	s = sub16(s, o->ulen); /* pseudo-header */
-	s = sub16(s, o->sport);
-	s = sub16(s, o->dport);
-	s = sub16(s, o->ulen); /* UDP header */
+	s = csum_udp(s, o->sport, o->dport, o->ulen, 1);
 	s = add32(s, n->saddr);
 	s = add32(s, n->daddr);
-	s = add16(s, n->ulen);
-	s = add16(s, n->sport);
-	s = add16(s, n->dport);
-	s = add16(s, n->ulen);
-	return s;
+	return csum_udp(s, n->sport, n->dport, n->ulen, 0);
 }
 
 struct out {
 	struct flow flow;
-	__u16 csum; /* the new UDP checksum, 0 for none */
-	__u8 dont_fragment;
-	__u32 slot;
-	__u32 payload; /* application bytes */
-	__u32 stat;
-	int down;
+	struct relayed r;
 };
-
-/* BPF_FIB_LOOKUP_SRC (Linux 6.7), spelled out for older uapi headers. */
-#define TP_FIB_LOOKUP_SRC (1U << 4)
 
 /* A hit in tp_hops/tp_hops6: the next hop into `fib` as bpf_fib_lookup would give it. */
 static __always_inline int hop_hit(const struct tp_hop *h, __u64 now, __u16 len,
@@ -360,26 +757,13 @@ static __always_inline int fib_lookup6(struct xdp_md *ctx, struct bpf_fib_lookup
 }
 
 /* Looks up the next hop of the datagram to be sent, before the frame is changed. */
-static __always_inline int route(struct xdp_md *ctx, const struct out *o, __u16 ip_len,
+static __always_inline int route(struct xdp_md *ctx, const struct out *o,
 				 struct bpf_fib_lookup *fib, __u64 now)
 {
-	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->family = AF_INET;
-	fib->l4_protocol = IPPROTO_UDP;
-	fib->tot_len = ip_len;
+	fib_start(ctx, fib, AF_INET, sizeof(struct iphdr) + bpf_ntohs(o->flow.ulen));
 	fib->ipv4_src = o->flow.saddr;
 	fib->ipv4_dst = o->flow.daddr;
-	fib->ifindex = ctx->ingress_ifindex;
-	int rc = fib_lookup4(ctx, fib, now);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
-		return 0;
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return TP_PASS_TOO_BIG;
-	/* The kernel looks routes up for XDP as a router does: only on an interface with
-	 * net.ipv4.conf.IFACE.forwarding on. */
-	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-		return TP_PASS_FORWARDING_OFF;
-	return TP_PASS_NO_ROUTE;
+	return fib_reason(fib_lookup4(ctx, fib, now));
 }
 
 /* Writes Ethernet, IPv4 and UDP headers at the frame's start (the frame already has its
@@ -395,15 +779,13 @@ static __always_inline int emit(struct xdp_md *ctx, const struct out *o,
 	if ((void *)(udp + 1) > end)
 		return pass(TP_PASS_HEADROOM);
 
-	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IP);
+	put_eth(eth, fib, ETH_P_IP);
 
 	ip->version = 4;
 	ip->ihl = 5;
 	ip->tos = 0;
 	ip->tot_len = bpf_htons(bpf_ntohs(o->flow.ulen) + sizeof(*ip));
-	if (o->dont_fragment) {
+	if (o->r.dont_fragment) {
 		ip->id = 0;
 		ip->frag_off = bpf_htons(0x4000);
 	} else {
@@ -422,35 +804,7 @@ static __always_inline int emit(struct xdp_md *ctx, const struct out *o,
 		s += w[i];
 	ip->check = ~fold(s);
 
-	udp->source = o->flow.sport;
-	udp->dest = o->flow.dport;
-	udp->len = o->flow.ulen;
-	udp->check = o->csum;
-
-	__u32 slot = o->slot;
-	struct tp_usage *u = bpf_map_lookup_elem(&tp_usage, &slot);
-	if (u) {
-		if (o->down) {
-			u->to_client_packets += 1;
-			u->to_client_bytes += o->payload;
-		} else {
-			u->to_peer_packets += 1;
-			u->to_peer_bytes += o->payload;
-		}
-	}
-	stat_add(o->stat, 1);
-	stat_add(o->down ? TP_BYTES_DOWN : TP_BYTES_UP, o->payload);
-	if (fib->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	return bpf_redirect(fib->ifindex, 0);
-}
-
-static __always_inline __u16 finish_csum(__u16 old, __u64 s)
-{
-	if (old == 0)
-		return 0;
-	__u16 c = ~fold(s);
-	return c ? c : 0xffff;
+	return send_frame(ctx, udp, o->flow.sport, o->flow.dport, o->flow.ulen, &o->r, fib);
 }
 
 /* client -> peer: ChannelData. `p` is the UDP payload, `n` its length. */
@@ -466,26 +820,25 @@ static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in,
 			.client_port = in->sport,
 			.server_port = in->dport,
 		},
-		.channel = ((__u16)p[0] << 8) | p[1],
+		.channel = be16(p),
 	};
 	struct tp_chan *c = bpf_map_lookup_elem(&tp_chans, &k);
 	if (!c) {
+		/* A wildcard listener's allocation has the unspecified server address. */
 		k.client.server_ip = 0;
 		c = bpf_map_lookup_elem(&tp_chans, &k);
 	}
 	if (!c)
 		return -1; /* perhaps a peer's datagram to a relayed address */
 	__u64 now = bpf_ktime_get_ns();
-	if (now >= c->deadline_ns)
+	if (!live(now, c->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
 	if (denied_port(c->peer_port))
 		return pass(TP_PASS_DENIED_PORT);
-	__u32 len = ((__u32)p[2] << 8) | p[3];
-	if (len + CHANNEL_HEADER > n)
-		return pass(TP_PASS_MALFORMED);
-	__u32 pad = n - CHANNEL_HEADER - len;
-	if (pad > 3)
-		return pass(TP_PASS_MALFORMED);
+	__u32 len, pad;
+	int why = channel_len(p, n, &len, &pad);
+	if (why)
+		return pass(why);
 
 	struct out o = {
 		.flow = {
@@ -495,34 +848,27 @@ static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in,
 			.dport = c->peer_port,
 			.ulen = bpf_htons(len + sizeof(struct udphdr)),
 		},
-		.dont_fragment = c->flags & TP_FLAG_DONT_FRAGMENT,
-		.slot = c->slot,
-		.payload = len,
-		.stat = TP_RELAYED_CHANNEL_UP,
+		.r = {
+			.dont_fragment = c->flags & TP_FLAG_DONT_FRAGMENT,
+			.slot = c->slot,
+			.payload = len,
+			.stat = TP_RELAYED_CHANNEL_UP,
+		},
 	};
 	__u64 s = (__u16)~old_csum;
 	s = csum_swap(s, in, &o.flow);
-	s = sub16(s, *(__u16 *)p);
-	s = sub16(s, *(__u16 *)(p + 2));
-	/* Padding over UDP is optional; non-zero padding would change the sum: left to
-	 * the workers. */
-	if (pad) {
-		__u8 z[4] = {};
-		if (bpf_xdp_load_bytes(ctx, HEADERS + CHANNEL_HEADER + len, z, pad & 3))
-			return pass(TP_PASS_MALFORMED);
-		if (*(__u32 *)z)
-			return pass(TP_PASS_UNSUPPORTED);
-	}
-	o.csum = finish_csum(old_csum, s);
-
-	struct bpf_fib_lookup fib;
-	int why = route(ctx, &o, len + sizeof(struct udphdr) + sizeof(struct iphdr), &fib, now);
+	s = sub_channel_header(s, p);
+	why = zero_padding(ctx, HEADERS + CHANNEL_HEADER + len, pad);
 	if (why)
 		return pass(why);
-	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
-		return pass(TP_PASS_HEADROOM);
-	if (pad + extra && bpf_xdp_adjust_tail(ctx, -(int)(pad + extra)))
-		return pass(TP_PASS_HEADROOM);
+	o.r.csum = finish_csum(old_csum, s);
+
+	struct bpf_fib_lookup fib;
+	why = route(ctx, &o, &fib, now);
+	if (!why)
+		why = resize(ctx, CHANNEL_HEADER, -(int)(pad + extra));
+	if (why)
+		return pass(why);
 	return emit(ctx, &o, &fib);
 }
 
@@ -532,11 +878,9 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 {
 	const __u32 base = HEADERS; /* the UDP payload's offset in the frame */
 	__u8 hdr[STUN_HEADER];
-	if (bpf_xdp_load_bytes(ctx, base, hdr, sizeof(hdr)))
-		return pass(TP_PASS_MALFORMED);
-	__u32 mlen = ((__u32)hdr[2] << 8) | hdr[3];
-	if (mlen + STUN_HEADER != n || (mlen & 3))
-		return pass(TP_PASS_MALFORMED);
+	int why = send_header(ctx, base, n, hdr);
+	if (why)
+		return pass(why);
 
 	struct tp_client ck = {
 		.client_ip = in->saddr,
@@ -552,61 +896,15 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 	if (!a)
 		return pass(TP_PASS_NO_ENTRY);
 	__u64 now = bpf_ktime_get_ns();
-	if (now >= a->deadline_ns)
+	if (!live(now, a->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
 
-	/* Walk the attributes: exactly one XOR-PEER-ADDRESS (IPv4) and one DATA; other
-	 * comprehension-optional attributes are ignored as the workers ignore them;
-	 * MESSAGE-INTEGRITY and other comprehension-required attributes are left to the
-	 * workers. */
-	__u32 off = STUN_HEADER, data_off = 0, data_len = 0;
-	__u32 peer_ip = 0;
-	__u16 peer_port = 0;
-	int have_peer = 0, have_data = 0;
-	for (int i = 0; i < SEND_MAX_ATTRS; i++) {
-		if (off >= n)
-			break;
-		__u8 ah[4];
-		if (off > 0xffff || bpf_xdp_load_bytes(ctx, base + off, ah, 4))
-			return pass(TP_PASS_MALFORMED);
-		__u16 type = ((__u16)ah[0] << 8) | ah[1];
-		__u32 alen = ((__u32)ah[2] << 8) | ah[3];
-		__u32 value = off + 4;
-		if (value + alen > n)
-			return pass(TP_PASS_MALFORMED);
-		if (type == 0x0012) {
-			__u8 xa[8];
-			if (have_peer || alen != 8 ||
-			    bpf_xdp_load_bytes(ctx, base + value, xa, 8))
-				return pass(TP_PASS_UNSUPPORTED);
-			if (xa[1] != 0x01)
-				return pass(TP_PASS_UNSUPPORTED); /* IPv6 peer */
-			peer_port = *(__u16 *)(xa + 2) ^ bpf_htons(STUN_COOKIE >> 16);
-			peer_ip = *(__u32 *)(xa + 4) ^ bpf_htonl(STUN_COOKIE);
-			have_peer = 1;
-		} else if (type == 0x0013) {
-			if (have_data)
-				return pass(TP_PASS_UNSUPPORTED);
-			data_off = value;
-			data_len = alen;
-			have_data = 1;
-		} else if (type == 0x8028) {
-			/* FINGERPRINT, last: not verified, as the workers do not verify it
-			 * on a Send indication from a client with an allocation either. */
-			if (alen != 4 || value + 4 != n)
-				return pass(TP_PASS_UNSUPPORTED);
-		} else if (type != 0x001A && type < 0x8000) {
-			/* DONT-FRAGMENT is the allocation's, as for the workers. */
-			return pass(TP_PASS_UNSUPPORTED);
-		}
-		off = value + ((alen + 3) & ~3u);
-	}
-	if (off < n || !have_peer || !have_data)
-		return pass(TP_PASS_UNSUPPORTED);
-	if (peer_port == 0)
-		return pass(TP_PASS_UNSUPPORTED);
-	if (denied_port(peer_port))
-		return pass(TP_PASS_DENIED_PORT);
+	struct send_ind si;
+	why = send_attrs(ctx, base, n, hdr, 0, &si);
+	if (why)
+		return pass(why);
+	__u32 peer_ip;
+	__builtin_memcpy(&peer_ip, si.peer_ip, 4);
 
 	struct tp_perm_key pk = {
 		.relay_ip = a->relay_ip,
@@ -616,7 +914,7 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 	struct tp_perm *pm = bpf_map_lookup_elem(&tp_perms, &pk);
 	if (!pm)
 		return pass(TP_PASS_NO_ENTRY);
-	if (now >= pm->deadline_ns)
+	if (!live(now, pm->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
 
 	struct out o = {
@@ -624,53 +922,30 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 			.saddr = a->relay_ip,
 			.daddr = peer_ip,
 			.sport = a->relay_port,
-			.dport = peer_port,
-			.ulen = bpf_htons(data_len + sizeof(struct udphdr)),
+			.dport = si.peer_port,
+			.ulen = bpf_htons(si.data_len + sizeof(struct udphdr)),
 		},
-		.dont_fragment = a->flags & TP_FLAG_DONT_FRAGMENT,
-		.slot = a->slot,
-		.payload = data_len,
-		.stat = TP_RELAYED_SEND_UP,
+		.r = {
+			.dont_fragment = a->flags & TP_FLAG_DONT_FRAGMENT,
+			.slot = a->slot,
+			.payload = si.data_len,
+			.stat = TP_RELAYED_SEND_UP,
+		},
 	};
-
-	/* Out of the sum: everything before DATA's value (a multiple of 4 bytes) and
-	 * everything after it (padding, later attributes). */
-	__u32 head = data_off;
-	__u32 tail = n - data_off - data_len;
-	if (head > SEND_MAX_HEAD || tail > SEND_MAX_TAIL)
-		return pass(TP_PASS_UNSUPPORTED);
 	__u64 s = (__u16)~old_csum;
 	s = csum_swap(s, in, &o.flow);
-	if (head < STUN_HEADER)
-		return pass(TP_PASS_MALFORMED);
-	for (int i = 0; i < SEND_MAX_HEAD / 4; i++) {
-		__u16 w[2];
-		if ((__u32)i * 4 >= head)
-			break;
-		if (bpf_xdp_load_bytes(ctx, base + i * 4, w, 4))
-			return pass(TP_PASS_MALFORMED);
-		s = sub16(sub16(s, w[0]), w[1]);
-	}
-	int odd = data_len & 1;
-	for (int i = 0; i < SEND_MAX_TAIL; i++) {
-		__u8 b;
-		if ((__u32)i >= tail)
-			break;
-		if (bpf_xdp_load_bytes(ctx, base + data_off + data_len + i, &b, 1))
-			return pass(TP_PASS_MALFORMED);
-		s = sub16(s, byte_word(b, (odd + i) & 1));
-	}
-	o.csum = finish_csum(old_csum, s);
-
-	struct bpf_fib_lookup fib;
-	int why = route(ctx, &o, data_len + sizeof(struct udphdr) + sizeof(struct iphdr), &fib,
-			 now);
+	__u32 head, tail;
+	why = send_unsum(ctx, base, n, &si, &s, &head, &tail);
 	if (why)
 		return pass(why);
-	if (bpf_xdp_adjust_head(ctx, (int)head))
-		return pass(TP_PASS_HEADROOM);
-	if (tail + extra && bpf_xdp_adjust_tail(ctx, -(int)(tail + extra)))
-		return pass(TP_PASS_HEADROOM);
+	o.r.csum = finish_csum(old_csum, s);
+
+	struct bpf_fib_lookup fib;
+	why = route(ctx, &o, &fib, now);
+	if (!why)
+		why = resize(ctx, (int)head, -(int)(tail + extra));
+	if (why)
+		return pass(why);
 	return emit(ctx, &o, &fib);
 }
 
@@ -687,7 +962,7 @@ static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, 
 	if (!pm)
 		return pass(TP_PASS_NO_ENTRY);
 	__u64 now = bpf_ktime_get_ns();
-	if (now >= pm->deadline_ns)
+	if (!live(now, pm->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
 	if (denied_port(in->sport))
 		return pass(TP_PASS_DENIED_PORT);
@@ -698,7 +973,7 @@ static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, 
 		.peer_port = in->sport,
 	};
 	struct tp_peer *q = bpf_map_lookup_elem(&tp_peers, &qk);
-	int channel = q && now < q->deadline_ns;
+	int channel = q && live(now, q->deadline_ns);
 
 	__u32 grow = channel ? CHANNEL_HEADER : DATA_IND_HEADER;
 	__u32 pad = channel ? 0 : (4 - (n & 3)) & 3;
@@ -710,73 +985,38 @@ static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, 
 			.dport = pm->client.client_port,
 			.ulen = bpf_htons(n + grow + pad + sizeof(struct udphdr)),
 		},
-		.slot = pm->slot,
-		.payload = n,
-		.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
-		.down = 1,
+		.r = {
+			.slot = pm->slot,
+			.payload = n,
+			.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
+			.down = 1,
+		},
 	};
 	__u16 ch = channel ? q->channel : 0;
 
 	/* A wildcard listener (server_ip 0): the route lookup supplies the source. */
 	struct bpf_fib_lookup fib;
-	int why = route(ctx, &o, n + grow + pad + sizeof(struct udphdr) + sizeof(struct iphdr),
-			&fib, now);
+	int why = route(ctx, &o, &fib, now);
 	if (why)
 		return pass(why);
 	if (o.flow.saddr == 0)
 		o.flow.saddr = fib.ipv4_src;
 	if (o.flow.saddr == 0)
 		return pass(TP_PASS_NO_ROUTE);
-	if (bpf_xdp_adjust_head(ctx, -(int)grow))
-		return pass(TP_PASS_HEADROOM);
-	if (pad != extra && bpf_xdp_adjust_tail(ctx, (int)pad - (int)extra))
-		return pass(TP_PASS_HEADROOM);
+	why = resize(ctx, -(int)grow, (int)pad - (int)extra);
+	if (why)
+		return pass(why);
 
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	__u8 *h = data + HEADERS;
 	__u64 s = (__u16)~old_csum;
 	s = csum_swap(s, in, &o.flow);
-	if (channel) {
-		if ((void *)(h + CHANNEL_HEADER) > end)
-			return XDP_DROP;
-		h[0] = ch >> 8;
-		h[1] = ch & 0xff;
-		h[2] = n >> 8;
-		h[3] = n & 0xff;
-		s = add16(s, *(__u16 *)h);
-		s = add16(s, *(__u16 *)(h + 2));
-	} else {
-		if ((void *)(h + DATA_IND_HEADER) > end)
-			return XDP_DROP;
-		__u16 *w = (__u16 *)h;
-		w[0] = bpf_htons(0x0017);
-		w[1] = bpf_htons(12 + 4 + n + pad);
-		*(__u32 *)(h + 4) = bpf_htonl(STUN_COOKIE);
-		*(__u32 *)(h + 8) = bpf_get_prandom_u32();
-		*(__u32 *)(h + 12) = bpf_get_prandom_u32();
-		*(__u32 *)(h + 16) = bpf_get_prandom_u32();
-		w[10] = bpf_htons(0x0012);
-		w[11] = bpf_htons(8);
-		w[12] = bpf_htons(0x0001);
-		w[13] = in->sport ^ bpf_htons(STUN_COOKIE >> 16);
-		*(__u32 *)(h + 28) = in->saddr ^ bpf_htonl(STUN_COOKIE);
-		w[16] = bpf_htons(0x0013);
-		w[17] = bpf_htons(n);
-#pragma unroll
-		for (int i = 0; i < DATA_IND_HEADER / 2; i++)
-			s = add16(s, w[i]);
-		if (pad) {
-			__u32 at = HEADERS + DATA_IND_HEADER + n;
-			__u8 zero[4] = {};
-			int bad = pad == 1   ? bpf_xdp_store_bytes(ctx, at, zero, 1)
-				  : pad == 2 ? bpf_xdp_store_bytes(ctx, at, zero, 2)
-					     : bpf_xdp_store_bytes(ctx, at, zero, 3);
-			if (bad)
-				return XDP_DROP;
-		}
-	}
-	o.csum = finish_csum(old_csum, s);
+	if (channel ? put_channel_header(h, end, ch, n, &s)
+		    : put_data_ind(ctx, h, end, HEADERS, (const __u8 *)&in->saddr, in->sport, 0,
+				   n, pad, &s))
+		return XDP_DROP;
+	o.r.csum = finish_csum(old_csum, s);
 	return emit(ctx, &o, &fib);
 }
 
@@ -814,10 +1054,6 @@ struct {
 	__type(value, struct tp_peer);
 } tp_peers6 SEC(".maps");
 
-#define HEADERS6 (sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + sizeof(struct udphdr))
-/* STUN header, XOR-PEER-ADDRESS (IPv6) and the DATA attribute's header. */
-#define DATA_IND_HEADER6 (STUN_HEADER + 24 + 4)
-
 struct flow6 {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -849,46 +1085,24 @@ static __always_inline __u64 csum_swap6(__u64 s, const struct flow6 *o, const st
 {
 	s = sum_addr(s, o->saddr, 1);
 	s = sum_addr(s, o->daddr, 1);
-	s = sub16(s, o->ulen); /* pseudo-header (upper 16 bits of its length are 0) */
-	s = sub16(s, o->sport);
-	s = sub16(s, o->dport);
-	s = sub16(s, o->ulen);
+	s = csum_udp(s, o->sport, o->dport, o->ulen, 1);
 	s = sum_addr(s, n->saddr, 0);
 	s = sum_addr(s, n->daddr, 0);
-	s = add16(s, n->ulen);
-	s = add16(s, n->sport);
-	s = add16(s, n->dport);
-	s = add16(s, n->ulen);
-	return s;
+	return csum_udp(s, n->sport, n->dport, n->ulen, 0);
 }
 
 struct out6 {
 	struct flow6 flow;
-	__u16 csum;
-	__u32 slot;
-	__u32 payload;
-	__u32 stat;
-	int down;
+	struct relayed r;
 };
 
 static __always_inline int route6(struct xdp_md *ctx, const struct out6 *o,
 				  struct bpf_fib_lookup *fib, __u64 now)
 {
-	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->family = AF_INET6;
-	fib->l4_protocol = IPPROTO_UDP;
-	fib->tot_len = sizeof(struct ipv6hdr) + bpf_ntohs(o->flow.ulen);
+	fib_start(ctx, fib, AF_INET6, sizeof(struct ipv6hdr) + bpf_ntohs(o->flow.ulen));
 	__builtin_memcpy(fib->ipv6_src, o->flow.saddr, 16);
 	__builtin_memcpy(fib->ipv6_dst, o->flow.daddr, 16);
-	fib->ifindex = ctx->ingress_ifindex;
-	int rc = fib_lookup6(ctx, fib, now);
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS)
-		return 0;
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return TP_PASS_TOO_BIG;
-	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
-		return TP_PASS_FORWARDING_OFF;
-	return TP_PASS_NO_ROUTE;
+	return fib_reason(fib_lookup6(ctx, fib, now));
 }
 
 static __always_inline int emit6(struct xdp_md *ctx, const struct out6 *o,
@@ -901,41 +1115,14 @@ static __always_inline int emit6(struct xdp_md *ctx, const struct out6 *o,
 	struct udphdr *udp = (void *)ip + sizeof(*ip);
 	if ((void *)(udp + 1) > end)
 		return pass(TP_PASS_HEADROOM);
-	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	put_eth(eth, fib, ETH_P_IPV6);
 	*(__u32 *)ip = bpf_htonl(0x60000000);
 	ip->payload_len = o->flow.ulen;
 	ip->nexthdr = IPPROTO_UDP;
 	ip->hop_limit = 64;
 	__builtin_memcpy(&ip->saddr, o->flow.saddr, 16);
 	__builtin_memcpy(&ip->daddr, o->flow.daddr, 16);
-	udp->source = o->flow.sport;
-	udp->dest = o->flow.dport;
-	udp->len = o->flow.ulen;
-	udp->check = o->csum;
-	__u32 slot = o->slot;
-	struct tp_usage *u = bpf_map_lookup_elem(&tp_usage, &slot);
-	if (u) {
-		if (o->down) {
-			u->to_client_packets += 1;
-			u->to_client_bytes += o->payload;
-		} else {
-			u->to_peer_packets += 1;
-			u->to_peer_bytes += o->payload;
-		}
-	}
-	stat_add(o->stat, 1);
-	stat_add(o->down ? TP_BYTES_DOWN : TP_BYTES_UP, o->payload);
-	if (fib->ifindex == ctx->ingress_ifindex)
-		return XDP_TX;
-	return bpf_redirect(fib->ifindex, 0);
-}
-
-static __always_inline __u16 finish_csum6(__u64 s)
-{
-	__u16 c = ~fold(s);
-	return c ? c : 0xffff;
+	return send_frame(ctx, udp, o->flow.sport, o->flow.dport, o->flow.ulen, &o->r, fib);
 }
 
 static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struct flow6 *in)
@@ -951,7 +1138,7 @@ static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struc
 	__builtin_memcpy(k.client.server_ip, in->daddr, 16);
 	k.client.client_port = in->sport;
 	k.client.server_port = in->dport;
-	k.channel = ((__u16)p[0] << 8) | p[1];
+	k.channel = be16(p);
 	struct tp_chan6 *c = bpf_map_lookup_elem(&tp_chans6, &k);
 	if (!c) {
 		/* A wildcard listener's allocation has the unspecified server address. */
@@ -961,52 +1148,41 @@ static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struc
 	if (!c)
 		return -1;
 	__u64 now = bpf_ktime_get_ns();
-	if (now >= c->deadline_ns)
+	if (!live(now, c->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
 	if (denied_port(c->peer_port))
 		return pass(TP_PASS_DENIED_PORT);
-	__u32 len = ((__u32)p[2] << 8) | p[3];
-	if (len + CHANNEL_HEADER > n)
-		return pass(TP_PASS_MALFORMED);
-	__u32 pad = n - CHANNEL_HEADER - len;
-	if (pad > 3)
-		return pass(TP_PASS_MALFORMED);
+	__u32 len, pad;
+	int why = channel_len(p, n, &len, &pad);
+	if (why)
+		return pass(why);
 	struct out6 o = {
 		.flow = {
 			.sport = c->relay_port,
 			.dport = c->peer_port,
 			.ulen = bpf_htons(len + sizeof(struct udphdr)),
 		},
-		.slot = c->slot,
-		.payload = len,
-		.stat = TP_RELAYED_CHANNEL_UP,
+		.r = {
+			.slot = c->slot,
+			.payload = len,
+			.stat = TP_RELAYED_CHANNEL_UP,
+		},
 	};
 	__builtin_memcpy(o.flow.saddr, c->relay_ip, 16);
 	__builtin_memcpy(o.flow.daddr, c->peer_ip, 16);
 	__u64 s = (__u16)~old_csum;
 	s = csum_swap6(s, in, &o.flow);
-	s = sub16(s, *(__u16 *)p);
-	s = sub16(s, *(__u16 *)(p + 2));
-	if (pad) {
-		__u8 z[4] = {};
-		__u32 at = HEADERS6 + CHANNEL_HEADER + len;
-		int bad = pad == 1   ? bpf_xdp_load_bytes(ctx, at, z, 1)
-			  : pad == 2 ? bpf_xdp_load_bytes(ctx, at, z, 2)
-				     : bpf_xdp_load_bytes(ctx, at, z, 3);
-		if (bad)
-			return pass(TP_PASS_MALFORMED);
-		if (*(__u32 *)z)
-			return pass(TP_PASS_UNSUPPORTED);
-	}
-	o.csum = finish_csum6(s);
-	struct bpf_fib_lookup fib;
-	int why = route6(ctx, &o, &fib, now);
+	s = sub_channel_header(s, p);
+	why = zero_padding(ctx, HEADERS6 + CHANNEL_HEADER + len, pad);
 	if (why)
 		return pass(why);
-	if (bpf_xdp_adjust_head(ctx, CHANNEL_HEADER))
-		return pass(TP_PASS_HEADROOM);
-	if (pad + extra && bpf_xdp_adjust_tail(ctx, -(int)(pad + extra)))
-		return pass(TP_PASS_HEADROOM);
+	o.r.csum = finish_csum(old_csum, s);
+	struct bpf_fib_lookup fib;
+	why = route6(ctx, &o, &fib, now);
+	if (!why)
+		why = resize(ctx, CHANNEL_HEADER, -(int)(pad + extra));
+	if (why)
+		return pass(why);
 	return emit6(ctx, &o, &fib);
 }
 
@@ -1016,11 +1192,9 @@ static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct f
 	__u32 n = in->n, extra = in->extra;
 	const __u32 base = HEADERS6;
 	__u8 hdr[STUN_HEADER];
-	if (bpf_xdp_load_bytes(ctx, base, hdr, sizeof(hdr)))
-		return pass(TP_PASS_MALFORMED);
-	__u32 mlen = ((__u32)hdr[2] << 8) | hdr[3];
-	if (mlen + STUN_HEADER != n || (mlen & 3))
-		return pass(TP_PASS_MALFORMED);
+	int why = send_header(ctx, base, n, hdr);
+	if (why)
+		return pass(why);
 	struct tp_client6 ck = {};
 	__builtin_memcpy(ck.client_ip, in->saddr, 16);
 	__builtin_memcpy(ck.server_ip, in->daddr, 16);
@@ -1034,108 +1208,49 @@ static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct f
 	if (!a)
 		return pass(TP_PASS_NO_ENTRY);
 	__u64 now = bpf_ktime_get_ns();
-	if (now >= a->deadline_ns)
+	if (!live(now, a->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
 
-	__u32 off = STUN_HEADER, data_off = 0, data_len = 0;
-	__u8 peer_ip[16];
-	__u16 peer_port = 0;
-	int have_peer = 0, have_data = 0;
-	for (int i = 0; i < SEND_MAX_ATTRS; i++) {
-		if (off >= n)
-			break;
-		__u8 ah[4];
-		if (off > 0xffff || bpf_xdp_load_bytes(ctx, base + off, ah, 4))
-			return pass(TP_PASS_MALFORMED);
-		__u16 type = ((__u16)ah[0] << 8) | ah[1];
-		__u32 alen = ((__u32)ah[2] << 8) | ah[3];
-		__u32 value = off + 4;
-		if (value + alen > n)
-			return pass(TP_PASS_MALFORMED);
-		if (type == 0x0012) {
-			__u8 xa[20];
-			if (have_peer || alen != 20 ||
-			    bpf_xdp_load_bytes(ctx, base + value, xa, 20))
-				return pass(TP_PASS_UNSUPPORTED);
-			if (xa[1] != 0x02)
-				return pass(TP_PASS_UNSUPPORTED); /* an IPv4 peer */
-			peer_port = *(__u16 *)(xa + 2) ^ bpf_htons(STUN_COOKIE >> 16);
-			/* XORed with the magic cookie and the transaction id. */
-#pragma unroll
-			for (int j = 0; j < 16; j++)
-				peer_ip[j] = xa[4 + j] ^ hdr[4 + j];
-			have_peer = 1;
-		} else if (type == 0x0013) {
-			if (have_data)
-				return pass(TP_PASS_UNSUPPORTED);
-			data_off = value;
-			data_len = alen;
-			have_data = 1;
-		} else if (type == 0x8028) {
-			if (alen != 4 || value + 4 != n)
-				return pass(TP_PASS_UNSUPPORTED);
-		} else if (type != 0x001A && type < 0x8000) {
-			return pass(TP_PASS_UNSUPPORTED);
-		}
-		off = value + ((alen + 3) & ~3u);
-	}
-	if (off < n || !have_peer || !have_data || peer_port == 0)
-		return pass(TP_PASS_UNSUPPORTED);
-	if (denied_port(peer_port))
-		return pass(TP_PASS_DENIED_PORT);
+	struct send_ind si;
+	why = send_attrs(ctx, base, n, hdr, 1, &si);
+	if (why)
+		return pass(why);
 	struct tp_perm_key6 pk = {};
 	__builtin_memcpy(pk.relay_ip, a->relay_ip, 16);
-	__builtin_memcpy(pk.peer_ip, peer_ip, 16);
+	__builtin_memcpy(pk.peer_ip, si.peer_ip, 16);
 	pk.relay_port = a->relay_port;
 	struct tp_perm6 *pm = bpf_map_lookup_elem(&tp_perms6, &pk);
 	if (!pm)
 		return pass(TP_PASS_NO_ENTRY);
-	if (now >= pm->deadline_ns)
+	if (!live(now, pm->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
 	struct out6 o = {
 		.flow = {
 			.sport = a->relay_port,
-			.dport = peer_port,
-			.ulen = bpf_htons(data_len + sizeof(struct udphdr)),
+			.dport = si.peer_port,
+			.ulen = bpf_htons(si.data_len + sizeof(struct udphdr)),
 		},
-		.slot = a->slot,
-		.payload = data_len,
-		.stat = TP_RELAYED_SEND_UP,
+		.r = {
+			.slot = a->slot,
+			.payload = si.data_len,
+			.stat = TP_RELAYED_SEND_UP,
+		},
 	};
 	__builtin_memcpy(o.flow.saddr, a->relay_ip, 16);
-	__builtin_memcpy(o.flow.daddr, peer_ip, 16);
-	__u32 head = data_off;
-	__u32 tail = n - data_off - data_len;
-	if (head > SEND_MAX_HEAD || tail > SEND_MAX_TAIL || head < STUN_HEADER)
-		return pass(TP_PASS_UNSUPPORTED);
+	__builtin_memcpy(o.flow.daddr, si.peer_ip, 16);
 	__u64 s = (__u16)~old_csum;
 	s = csum_swap6(s, in, &o.flow);
-	for (int i = 0; i < SEND_MAX_HEAD / 4; i++) {
-		__u16 w[2];
-		if ((__u32)i * 4 >= head)
-			break;
-		if (bpf_xdp_load_bytes(ctx, base + i * 4, w, 4))
-			return pass(TP_PASS_MALFORMED);
-		s = sub16(sub16(s, w[0]), w[1]);
-	}
-	int odd = data_len & 1;
-	for (int i = 0; i < SEND_MAX_TAIL; i++) {
-		__u8 b;
-		if ((__u32)i >= tail)
-			break;
-		if (bpf_xdp_load_bytes(ctx, base + data_off + data_len + i, &b, 1))
-			return pass(TP_PASS_MALFORMED);
-		s = sub16(s, byte_word(b, (odd + i) & 1));
-	}
-	o.csum = finish_csum6(s);
-	struct bpf_fib_lookup fib;
-	int why = route6(ctx, &o, &fib, now);
+	__u32 head, tail;
+	why = send_unsum(ctx, base, n, &si, &s, &head, &tail);
 	if (why)
 		return pass(why);
-	if (bpf_xdp_adjust_head(ctx, (int)head))
-		return pass(TP_PASS_HEADROOM);
-	if (tail + extra && bpf_xdp_adjust_tail(ctx, -(int)(tail + extra)))
-		return pass(TP_PASS_HEADROOM);
+	o.r.csum = finish_csum(old_csum, s);
+	struct bpf_fib_lookup fib;
+	why = route6(ctx, &o, &fib, now);
+	if (!why)
+		why = resize(ctx, (int)head, -(int)(tail + extra));
+	if (why)
+		return pass(why);
 	return emit6(ctx, &o, &fib);
 }
 
@@ -1151,7 +1266,7 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 	if (!pm)
 		return pass(TP_PASS_NO_ENTRY);
 	__u64 now = bpf_ktime_get_ns();
-	if (now >= pm->deadline_ns)
+	if (!live(now, pm->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
 	if (denied_port(in->sport))
 		return pass(TP_PASS_DENIED_PORT);
@@ -1161,7 +1276,7 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 	qk.relay_port = in->dport;
 	qk.peer_port = in->sport;
 	struct tp_peer *q = bpf_map_lookup_elem(&tp_peers6, &qk);
-	int channel = q && now < q->deadline_ns;
+	int channel = q && live(now, q->deadline_ns);
 	__u32 grow = channel ? CHANNEL_HEADER : DATA_IND_HEADER6;
 	__u32 pad = channel ? 0 : (4 - (n & 3)) & 3;
 	struct out6 o = {
@@ -1170,10 +1285,12 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 			.dport = pm->client.client_port,
 			.ulen = bpf_htons(n + grow + pad + sizeof(struct udphdr)),
 		},
-		.slot = pm->slot,
-		.payload = n,
-		.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
-		.down = 1,
+		.r = {
+			.slot = pm->slot,
+			.payload = n,
+			.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
+			.down = 1,
+		},
 	};
 	__builtin_memcpy(o.flow.saddr, pm->client.server_ip, 16);
 	__builtin_memcpy(o.flow.daddr, pm->client.client_ip, 16);
@@ -1184,57 +1301,18 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 		return pass(why);
 	/* A wildcard listener: the route lookup supplied the source. */
 	__builtin_memcpy(o.flow.saddr, fib.ipv6_src, 16);
-	if (bpf_xdp_adjust_head(ctx, -(int)grow))
-		return pass(TP_PASS_HEADROOM);
-	if (pad != extra && bpf_xdp_adjust_tail(ctx, (int)pad - (int)extra))
-		return pass(TP_PASS_HEADROOM);
+	why = resize(ctx, -(int)grow, (int)pad - (int)extra);
+	if (why)
+		return pass(why);
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
 	__u8 *h = data + HEADERS6;
 	__u64 s = (__u16)~old_csum;
 	s = csum_swap6(s, in, &o.flow);
-	if (channel) {
-		if ((void *)(h + CHANNEL_HEADER) > end)
-			return XDP_DROP;
-		h[0] = ch >> 8;
-		h[1] = ch & 0xff;
-		h[2] = n >> 8;
-		h[3] = n & 0xff;
-		s = add16(s, *(__u16 *)h);
-		s = add16(s, *(__u16 *)(h + 2));
-	} else {
-		if ((void *)(h + DATA_IND_HEADER6) > end)
-			return XDP_DROP;
-		__u16 *w = (__u16 *)h;
-		w[0] = bpf_htons(0x0017);
-		w[1] = bpf_htons(24 + 4 + n + pad);
-		*(__u32 *)(h + 4) = bpf_htonl(STUN_COOKIE);
-		*(__u32 *)(h + 8) = bpf_get_prandom_u32();
-		*(__u32 *)(h + 12) = bpf_get_prandom_u32();
-		*(__u32 *)(h + 16) = bpf_get_prandom_u32();
-		w[10] = bpf_htons(0x0012);
-		w[11] = bpf_htons(20);
-		w[12] = bpf_htons(0x0002);
-		w[13] = in->sport ^ bpf_htons(STUN_COOKIE >> 16);
-#pragma unroll
-		for (int j = 0; j < 16; j++)
-			h[28 + j] = in->saddr[j] ^ h[4 + j];
-		w[22] = bpf_htons(0x0013);
-		w[23] = bpf_htons(n);
-#pragma unroll
-		for (int i = 0; i < DATA_IND_HEADER6 / 2; i++)
-			s = add16(s, w[i]);
-		if (pad) {
-			__u32 at = HEADERS6 + DATA_IND_HEADER6 + n;
-			__u8 zero[4] = {};
-			int bad = pad == 1   ? bpf_xdp_store_bytes(ctx, at, zero, 1)
-				  : pad == 2 ? bpf_xdp_store_bytes(ctx, at, zero, 2)
-					     : bpf_xdp_store_bytes(ctx, at, zero, 3);
-			if (bad)
-				return XDP_DROP;
-		}
-	}
-	o.csum = finish_csum6(s);
+	if (channel ? put_channel_header(h, end, ch, n, &s)
+		    : put_data_ind(ctx, h, end, HEADERS6, in->saddr, in->sport, 1, n, pad, &s))
+		return XDP_DROP;
+	o.r.csum = finish_csum(old_csum, s);
 	return emit6(ctx, &o, &fib);
 }
 
@@ -1306,17 +1384,13 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	struct udphdr *udp = (void *)(ip + 1);
 	if ((void *)(udp + 1) > end)
 		return pass(TP_PASS_MALFORMED);
-	__u32 ulen = bpf_ntohs(udp->len);
-	if (ulen < sizeof(*udp) || bpf_ntohs(ip->payload_len) != ulen ||
-	    (void *)udp + ulen > end)
-		return pass(TP_PASS_MALFORMED);
-	__u32 extra = end - ((void *)udp + ulen);
-	if (extra > 64)
-		return pass(TP_PASS_MALFORMED);
+	__u32 n, extra;
+	int why = udp_lengths(udp, end, bpf_ntohs(ip->payload_len), &n, &extra);
+	if (why)
+		return pass(why);
 	/* A UDP checksum is mandatory over IPv6. */
 	if (udp->check == 0)
 		return pass(TP_PASS_MALFORMED);
-	__u32 n = ulen - sizeof(*udp);
 	/* The received datagram, described in a per-CPU value rather than on the stack,
 	 * which the paths below need nearly all of. */
 	__u32 zero = 0;
@@ -1334,19 +1408,13 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	if (csum & TP_CSUM_PASS)
 		return pass(csum & ~TP_CSUM_PASS);
 	in->csum = csum;
-	__u8 *p = (void *)(udp + 1);
-	if ((void *)(p + 1) <= end) {
-		__u8 first = p[0];
-		if (first >= 0x40 && first <= 0x7f) {
-			int r = channel_up6(ctx, in);
-			if (r >= 0)
-				return r;
-		} else if (first <= 0x01 && n >= STUN_HEADER && (void *)(p + 8) <= end &&
-			   *(__u32 *)(p + 4) == bpf_htonl(STUN_COOKIE)) {
-			__u16 type = ((__u16)p[0] << 8) | p[1];
-			if (type == 0x0016)
-				return send_up6(ctx, in);
-		}
+	int kind = payload_kind((void *)(udp + 1), n, end);
+	if (kind == KIND_CHANNEL) {
+		int r = channel_up6(ctx, in);
+		if (r >= 0)
+			return r;
+	} else if (kind == KIND_SEND) {
+		return send_up6(ctx, in);
 	}
 	return peer_down6(ctx, in);
 }
@@ -1369,15 +1437,10 @@ static __attribute__((noinline)) int relay4(struct xdp_md *ctx)
 	struct udphdr *udp = (void *)(ip + 1);
 	if ((void *)(udp + 1) > end)
 		return pass(TP_PASS_MALFORMED);
-	__u32 ip_len = bpf_ntohs(ip->tot_len);
-	__u32 ulen = bpf_ntohs(udp->len);
-	/* A short frame may carry Ethernet padding after the IP packet: the IP length
-	 * rules, and the padding is cut off. */
-	if (ulen < sizeof(*udp) || ip_len != ulen + sizeof(*ip) || (void *)udp + ulen > end)
-		return pass(TP_PASS_MALFORMED);
-	__u32 extra = end - ((void *)udp + ulen);
-	if (extra > 64)
-		return pass(TP_PASS_MALFORMED);
+	__u32 n, extra;
+	int why = udp_lengths(udp, end, (__u32)bpf_ntohs(ip->tot_len) - sizeof(*ip), &n, &extra);
+	if (why)
+		return pass(why);
 	struct flow in = {
 		.saddr = ip->saddr,
 		.daddr = ip->daddr,
@@ -1390,22 +1453,13 @@ static __attribute__((noinline)) int relay4(struct xdp_md *ctx)
 		return pass(csum & ~TP_CSUM_PASS);
 	__u16 old_csum = csum;
 	__u8 *p = (void *)(udp + 1);
-	__u32 n = ulen - sizeof(*udp);
-
-	if ((void *)(p + 1) <= end) {
-		__u8 first = p[0];
-		if (first >= 0x40 && first <= 0x7f) {
-			int r = channel_up(ctx, &in, old_csum, p, n, extra, end);
-			if (r >= 0)
-				return r;
-		} else if (first <= 0x01 && n >= STUN_HEADER && (void *)(p + 8) <= end &&
-			   *(__u32 *)(p + 4) == bpf_htonl(STUN_COOKIE)) {
-			__u16 type = ((__u16)p[0] << 8) | p[1];
-			if (type == 0x0016)
-				return send_up(ctx, &in, old_csum, n, extra);
-			/* A request or another indication to a relayed address is a peer's
-			 * datagram like any other; to a listening address, the workers'. */
-		}
+	int kind = payload_kind(p, n, end);
+	if (kind == KIND_CHANNEL) {
+		int r = channel_up(ctx, &in, old_csum, p, n, extra, end);
+		if (r >= 0)
+			return r;
+	} else if (kind == KIND_SEND) {
+		return send_up(ctx, &in, old_csum, n, extra);
 	}
 	return peer_down(ctx, &in, old_csum, n, extra);
 }

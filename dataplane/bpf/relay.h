@@ -1,5 +1,16 @@
-/* The maps the XDP relay shares with the data plane's workers (dataplane/src/xdp.rs
- * mirrors every struct here with #[repr(C)]; a change on one side is a change on both).
+/* The maps the XDP relay shares with the data plane's workers.
+ *
+ * The Rust side is generated from this file by dataplane/build.rs: every struct as a
+ * #[repr(C)] struct (tp_chan_key is TpChanKey, fields keep their names), every #define
+ * with a value and every enumerator as a constant, with the layout checked field by
+ * field against both rustc and clang. A change here is a change in Rust: a renamed or
+ * retyped field fails the build where the loader uses it. The syntax is restricted to
+ * what the generator reads (dataplane/src/xdp/abi_gen.rs): structs of __u8, __u16,
+ * __u32, __u64, arrays of them with a literal length and structs defined earlier, with
+ * every padding byte an explicit _pad field; #define NAME with an integer expression
+ * of literals and earlier constants (a u64 in Rust with an ULL literal, a u32 else,
+ * unless cast as ((__u8)1)); enums of literal values; C comments (the one before an
+ * item, or after a field on its line, is its doc in Rust). No other C here.
  *
  * Addresses and ports are in network byte order, as on the wire; channel numbers and
  * slots in host order. Padding fields are zero. Deadlines are CLOCK_MONOTONIC
@@ -146,9 +157,10 @@ struct tp_usage {
 };
 
 /* Allocation flags. */
-#define TP_FLAG_DONT_FRAGMENT 1
+#define TP_FLAG_DONT_FRAGMENT ((__u8)1)
 
-/* tp_stats indexes (per CPU u64 counters). */
+/* tp_stats indexes (per CPU u64 counters). A counter's name (metrics, `turnpike xdp`)
+ * is its enumerator's, lowercased, without TP_PASS_ or TP_. */
 enum tp_stat {
 	TP_RELAYED_CHANNEL_UP = 0,  /* ChannelData client -> peer */
 	TP_RELAYED_SEND_UP,         /* Send indication client -> peer */

@@ -11,6 +11,10 @@
 //!
 //! The program is attached through a BPF link: the kernel detaches it when the process
 //! ends, however it ends, so a crashed server leaves nothing attached.
+//!
+//! The maps' keys and values, the constants and the counter indexes are not written
+//! here: `abi` is generated from `bpf/relay.h` by the build script, with its layout
+//! checked against rustc and clang (see `abi_gen.rs`).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -23,6 +27,17 @@ use aya::programs::{Xdp, XdpFlags};
 
 use crate::table::{Alloc, Denied};
 use crate::{AllocationId, Transport, Usage};
+use abi::{
+    TP_BYTES_DOWN, TP_BYTES_UP, TP_CSUM_COMPLETED, TP_DENY_WORDS, TP_FLAG_DONT_FRAGMENT,
+    TP_MAX_SLOTS, TP_PASS_NOT_UDP, TP_PASS_PARTIAL_CSUM, TP_RELAYED_CHANNEL_DOWN,
+    TP_RELAYED_CHANNEL_UP, TP_RELAYED_DATA_DOWN, TP_RELAYED_SEND_UP, TP_STAT_MAX, TpAlloc,
+    TpAlloc6, TpChan, TpChan6, TpChanKey, TpChanKey6, TpClient, TpClient6, TpPeer, TpPeerKey,
+    TpPeerKey6, TpPerm, TpPerm6, TpPermKey, TpPermKey6, TpUsage,
+};
+
+mod abi;
+#[cfg(test)]
+mod abi_gen;
 
 /// The program, built by the build script from `bpf/relay.c` when clang was there.
 #[cfg(turnpike_xdp)]
@@ -49,10 +64,6 @@ pub const PASS_PROGRAM: &str = "turnpike_pass";
 /// A program that sends every UDP datagram to port 7 back to its sender: the floor of
 /// the benchmark.
 pub const REFLECT_PROGRAM: &str = "turnpike_reflect";
-
-const TP_MAX_SLOTS: u32 = 65536;
-const TP_DENY_WORDS: u32 = 2048;
-const FLAG_DONT_FRAGMENT: u8 = 1;
 
 /// How the program is attached to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -129,250 +140,45 @@ fn off_reason() -> &'static str {
     }
 }
 
-// The maps' keys and values, as `bpf/relay.h` lays them out.
+/// The number of the program's counters (`TP_STAT_MAX`).
+pub const STAT_COUNT: usize = TP_STAT_MAX as usize;
 
-/// A UDP client's 5-tuple (network byte order).
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct ClientKey {
-    pub(crate) client_ip: u32,
-    pub(crate) server_ip: u32,
-    pub(crate) client_port: u16,
-    pub(crate) server_port: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct AllocVal {
-    pub(crate) deadline_ns: u64,
-    pub(crate) relay_ip: u32,
-    pub(crate) relay_port: u16,
-    pub(crate) flags: u8,
-    pub(crate) _pad: u8,
-    pub(crate) slot: u32,
-    pub(crate) _pad2: u32,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct ChanKey {
-    pub(crate) client: ClientKey,
-    pub(crate) channel: u16,
-    pub(crate) _pad: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct ChanVal {
-    pub(crate) deadline_ns: u64,
-    pub(crate) relay_ip: u32,
-    pub(crate) peer_ip: u32,
-    pub(crate) relay_port: u16,
-    pub(crate) peer_port: u16,
-    pub(crate) slot: u32,
-    pub(crate) flags: u8,
-    pub(crate) _pad: [u8; 7],
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct PermKey {
-    pub(crate) relay_ip: u32,
-    pub(crate) peer_ip: u32,
-    pub(crate) relay_port: u16,
-    pub(crate) _pad: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct PermVal {
-    pub(crate) deadline_ns: u64,
-    pub(crate) client: ClientKey,
-    pub(crate) slot: u32,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct PeerKey {
-    pub(crate) relay_ip: u32,
-    pub(crate) peer_ip: u32,
-    pub(crate) relay_port: u16,
-    pub(crate) peer_port: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct PeerVal {
-    pub(crate) deadline_ns: u64,
-    pub(crate) channel: u16,
-    pub(crate) _pad: [u16; 3],
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct UsageVal {
-    pub(crate) to_peer_packets: u64,
-    pub(crate) to_peer_bytes: u64,
-    pub(crate) to_client_packets: u64,
-    pub(crate) to_client_bytes: u64,
-}
-
-/// A UDP client's 5-tuple over IPv6.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct ClientKey6 {
-    pub(crate) client_ip: [u8; 16],
-    pub(crate) server_ip: [u8; 16],
-    pub(crate) client_port: u16,
-    pub(crate) server_port: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct AllocVal6 {
-    pub(crate) deadline_ns: u64,
-    pub(crate) relay_ip: [u8; 16],
-    pub(crate) relay_port: u16,
-    pub(crate) flags: u8,
-    pub(crate) _pad: u8,
-    pub(crate) slot: u32,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct ChanKey6 {
-    pub(crate) client: ClientKey6,
-    pub(crate) channel: u16,
-    pub(crate) _pad: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct ChanVal6 {
-    pub(crate) deadline_ns: u64,
-    pub(crate) relay_ip: [u8; 16],
-    pub(crate) peer_ip: [u8; 16],
-    pub(crate) relay_port: u16,
-    pub(crate) peer_port: u16,
-    pub(crate) slot: u32,
-    pub(crate) flags: u8,
-    pub(crate) _pad: [u8; 7],
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct PermKey6 {
-    pub(crate) relay_ip: [u8; 16],
-    pub(crate) peer_ip: [u8; 16],
-    pub(crate) relay_port: u16,
-    pub(crate) _pad: u16,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct PermVal6 {
-    pub(crate) deadline_ns: u64,
-    pub(crate) client: ClientKey6,
-    pub(crate) slot: u32,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub(crate) struct PeerKey6 {
-    pub(crate) relay_ip: [u8; 16],
-    pub(crate) peer_ip: [u8; 16],
-    pub(crate) relay_port: u16,
-    pub(crate) peer_port: u16,
-}
-
-// SAFETY: plain `repr(C)` structs of integers, with every padding byte an explicit
-// field: any bit pattern is a valid value and none has uninitialised bytes.
-unsafe impl Pod for ClientKey {}
-// SAFETY: as above.
-unsafe impl Pod for AllocVal {}
-// SAFETY: as above.
-unsafe impl Pod for ChanKey {}
-// SAFETY: as above.
-unsafe impl Pod for ChanVal {}
-// SAFETY: as above.
-unsafe impl Pod for PermKey {}
-// SAFETY: as above.
-unsafe impl Pod for PermVal {}
-// SAFETY: as above.
-unsafe impl Pod for PeerKey {}
-// SAFETY: as above.
-unsafe impl Pod for PeerVal {}
-// SAFETY: as above.
-unsafe impl Pod for UsageVal {}
-// SAFETY: as above.
-unsafe impl Pod for ClientKey6 {}
-// SAFETY: as above.
-unsafe impl Pod for AllocVal6 {}
-// SAFETY: as above.
-unsafe impl Pod for ChanKey6 {}
-// SAFETY: as above.
-unsafe impl Pod for ChanVal6 {}
-// SAFETY: as above.
-unsafe impl Pod for PermKey6 {}
-// SAFETY: as above.
-unsafe impl Pod for PermVal6 {}
-// SAFETY: as above.
-unsafe impl Pod for PeerKey6 {}
-
-/// The program's per-reason counters (`tp_stats`), in `relay.h`'s order.
-pub const STAT_NAMES: [&str; 20] = [
-    "relayed_channel_up",
-    "relayed_send_up",
-    "relayed_channel_down",
-    "relayed_data_down",
-    "bytes_up",
-    "bytes_down",
-    "not_udp",
-    "ip_options",
-    "fragment",
-    "no_entry",
-    "expired",
-    "unsupported",
-    "malformed",
-    "no_route",
-    "too_big",
-    "headroom",
-    "denied_port",
-    "forwarding_off",
-    "partial_csum",
-    "csum_completed",
-];
+/// The program's per-reason counters (`tp_stats`), in `relay.h`'s order: each
+/// enumerator of `enum tp_stat`, lowercased, without `TP_PASS_` or `TP_`.
+pub const STAT_NAMES: [&str; STAT_COUNT] = abi::TP_STAT_NAMES;
 
 /// The range of [`STAT_NAMES`] that are reasons a frame was passed to the socket path.
-const PASS_REASONS: std::ops::Range<usize> = 6..19;
+const PASS_REASONS: std::ops::RangeInclusive<usize> =
+    TP_PASS_NOT_UDP as usize..=TP_PASS_PARTIAL_CSUM as usize;
 
 /// What the program did, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XdpStats {
     /// Counters by [`STAT_NAMES`] index.
-    pub counters: [u64; 20],
+    pub counters: [u64; STAT_COUNT],
 }
 
 impl XdpStats {
     /// Datagrams relayed client → peer (ChannelData and Send indications).
     pub fn to_peer_packets(&self) -> u64 {
-        self.counters[0] + self.counters[1]
+        self.counter(TP_RELAYED_CHANNEL_UP) + self.counter(TP_RELAYED_SEND_UP)
     }
     /// Datagrams relayed peer → client (ChannelData and Data indications).
     pub fn to_client_packets(&self) -> u64 {
-        self.counters[2] + self.counters[3]
+        self.counter(TP_RELAYED_CHANNEL_DOWN) + self.counter(TP_RELAYED_DATA_DOWN)
     }
     /// Application bytes relayed client → peer.
     pub fn to_peer_bytes(&self) -> u64 {
-        self.counters[4]
+        self.counter(TP_BYTES_UP)
     }
     /// Application bytes relayed peer → client.
     pub fn to_client_bytes(&self) -> u64 {
-        self.counters[5]
+        self.counter(TP_BYTES_DOWN)
     }
     /// Datagrams relayed, by path: `(name, count)`.
     pub fn relayed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        (0..4).map(|i| (&STAT_NAMES[i]["relayed_".len()..], self.counters[i]))
+        (TP_RELAYED_CHANNEL_UP as usize..=TP_RELAYED_DATA_DOWN as usize)
+            .map(|i| (&STAT_NAMES[i]["relayed_".len()..], self.counters[i]))
     }
     /// Frames passed to the socket path, by reason: `(reason, count)`.
     pub fn passed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
@@ -381,7 +187,11 @@ impl XdpStats {
     /// Partial UDP checksums (from senders on this host, through a veth with transmit
     /// checksum offload) the program completed before relaying.
     pub fn completed_checksums(&self) -> u64 {
-        self.counters[19]
+        self.counter(TP_CSUM_COMPLETED)
+    }
+    /// One counter, by its `tp_stat` index.
+    fn counter(&self, index: u32) -> u64 {
+        self.counters[index as usize]
     }
     /// Every frame passed to the socket path.
     pub fn passed_total(&self) -> u64 {
@@ -742,31 +552,31 @@ fn attach_error(e: &aya::programs::ProgramError) -> String {
 #[derive(Debug, Default)]
 struct Installed {
     slot: u32,
-    client: Vec<ClientKey>,
-    chans: Vec<ChanKey>,
-    perms: Vec<PermKey>,
-    peers: Vec<PeerKey>,
-    client6: Vec<ClientKey6>,
-    chans6: Vec<ChanKey6>,
-    perms6: Vec<PermKey6>,
-    peers6: Vec<PeerKey6>,
+    client: Vec<TpClient>,
+    chans: Vec<TpChanKey>,
+    perms: Vec<TpPermKey>,
+    peers: Vec<TpPeerKey>,
+    client6: Vec<TpClient6>,
+    chans6: Vec<TpChanKey6>,
+    perms6: Vec<TpPermKey6>,
+    peers6: Vec<TpPeerKey6>,
     /// The slot's counters when last merged into the allocation's usage.
-    seen: UsageVal,
+    seen: TpUsage,
 }
 
 /// A worker's side of the maps: writes its allocations' entries, and merges what the
 /// program relayed into their usage.
 pub(crate) struct Mirror {
     fp: Arc<FastPath>,
-    allocs: HashMap<MapData, ClientKey, AllocVal>,
-    chans: HashMap<MapData, ChanKey, ChanVal>,
-    perms: HashMap<MapData, PermKey, PermVal>,
-    peers: HashMap<MapData, PeerKey, PeerVal>,
-    allocs6: HashMap<MapData, ClientKey6, AllocVal6>,
-    chans6: HashMap<MapData, ChanKey6, ChanVal6>,
-    perms6: HashMap<MapData, PermKey6, PermVal6>,
-    peers6: HashMap<MapData, PeerKey6, PeerVal>,
-    usage: PerCpuArray<MapData, UsageVal>,
+    allocs: HashMap<MapData, TpClient, TpAlloc>,
+    chans: HashMap<MapData, TpChanKey, TpChan>,
+    perms: HashMap<MapData, TpPermKey, TpPerm>,
+    peers: HashMap<MapData, TpPeerKey, TpPeer>,
+    allocs6: HashMap<MapData, TpClient6, TpAlloc6>,
+    chans6: HashMap<MapData, TpChanKey6, TpChan6>,
+    perms6: HashMap<MapData, TpPermKey6, TpPerm6>,
+    peers6: HashMap<MapData, TpPeerKey6, TpPeer>,
+    usage: PerCpuArray<MapData, TpUsage>,
     installed: AHashMap<AllocationId, Installed>,
     warned: bool,
 }
@@ -817,14 +627,14 @@ fn ip4(ip: &IpAddr) -> Option<Ipv4Addr> {
 /// The entries one allocation should have (of one family: the other's lists are empty).
 #[derive(Debug, Default)]
 struct Entries {
-    client: Vec<(ClientKey, AllocVal)>,
-    chans: Vec<(ChanKey, ChanVal)>,
-    perms: Vec<(PermKey, PermVal)>,
-    peers: Vec<(PeerKey, PeerVal)>,
-    client6: Vec<(ClientKey6, AllocVal6)>,
-    chans6: Vec<(ChanKey6, ChanVal6)>,
-    perms6: Vec<(PermKey6, PermVal6)>,
-    peers6: Vec<(PeerKey6, PeerVal)>,
+    client: Vec<(TpClient, TpAlloc)>,
+    chans: Vec<(TpChanKey, TpChan)>,
+    perms: Vec<(TpPermKey, TpPerm)>,
+    peers: Vec<(TpPeerKey, TpPeer)>,
+    client6: Vec<(TpClient6, TpAlloc6)>,
+    chans6: Vec<(TpChanKey6, TpChan6)>,
+    perms6: Vec<(TpPermKey6, TpPerm6)>,
+    peers6: Vec<(TpPeerKey6, TpPeer)>,
 }
 
 impl Entries {
@@ -859,7 +669,7 @@ fn entries6(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64, e: &m
     else {
         return;
     };
-    let client = ClientKey6 {
+    let client = TpClient6 {
         client_ip,
         server_ip,
         client_port,
@@ -868,12 +678,12 @@ fn entries6(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64, e: &m
     let alloc_deadline = deadline_ns(a.deadline, now_ms, mono);
     e.client6.push((
         client,
-        AllocVal6 {
+        TpAlloc6 {
             deadline_ns: alloc_deadline,
             relay_ip,
             relay_port,
             slot,
-            ..AllocVal6::default()
+            ..TpAlloc6::default()
         },
     ));
     let mut perm_deadlines = AHashMap::new();
@@ -887,13 +697,13 @@ fn entries6(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64, e: &m
         let deadline = alloc_deadline.min(deadline_ns(d, now_ms, mono));
         perm_deadlines.insert(peer, deadline);
         e.perms6.push((
-            PermKey6 {
+            TpPermKey6 {
                 relay_ip,
                 peer_ip: peer.octets(),
                 relay_port,
                 _pad: 0,
             },
-            PermVal6 {
+            TpPerm6 {
                 deadline_ns: deadline,
                 client,
                 slot,
@@ -913,12 +723,12 @@ fn entries6(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64, e: &m
         let deadline = perm.min(deadline_ns(ch.deadline, now_ms, mono));
         let (peer_ip, peer_port) = (peer.ip().octets(), peer.port().to_be());
         e.chans6.push((
-            ChanKey6 {
+            TpChanKey6 {
                 client,
                 channel: num,
                 _pad: 0,
             },
-            ChanVal6 {
+            TpChan6 {
                 deadline_ns: deadline,
                 relay_ip,
                 peer_ip,
@@ -931,13 +741,13 @@ fn entries6(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64, e: &m
         ));
         if ch.confirmed && a.peer_channel.get(&ch.peer) == Some(&num) {
             e.peers6.push((
-                PeerKey6 {
+                TpPeerKey6 {
                     relay_ip,
                     peer_ip,
                     relay_port,
                     peer_port,
                 },
-                PeerVal {
+                TpPeer {
                     deadline_ns: deadline,
                     channel: num,
                     _pad: [0; 3],
@@ -994,27 +804,27 @@ fn entries(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64) -> Ent
     else {
         return e;
     };
-    let client = ClientKey {
+    let client = TpClient {
         client_ip,
         server_ip,
         client_port,
         server_port,
     };
     let flags = if a.dont_fragment {
-        FLAG_DONT_FRAGMENT
+        TP_FLAG_DONT_FRAGMENT
     } else {
         0
     };
     let alloc_deadline = deadline_ns(a.deadline, now_ms, mono);
     e.client.push((
         client,
-        AllocVal {
+        TpAlloc {
             deadline_ns: alloc_deadline,
             relay_ip,
             relay_port,
             flags,
             slot,
-            ..AllocVal::default()
+            ..TpAlloc::default()
         },
     ));
     let mut perm_deadlines = AHashMap::new();
@@ -1026,13 +836,13 @@ fn entries(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64) -> Ent
         let deadline = alloc_deadline.min(deadline_ns(d, now_ms, mono));
         perm_deadlines.insert(peer, deadline);
         e.perms.push((
-            PermKey {
+            TpPermKey {
                 relay_ip,
                 peer_ip: u32::from_ne_bytes(peer.octets()),
                 relay_port,
                 _pad: 0,
             },
-            PermVal {
+            TpPerm {
                 deadline_ns: deadline,
                 client,
                 slot,
@@ -1052,12 +862,12 @@ fn entries(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64) -> Ent
         let deadline = perm.min(deadline_ns(ch.deadline, now_ms, mono));
         let (peer_ip, peer_port) = (u32::from_ne_bytes(peer.ip().octets()), peer.port().to_be());
         e.chans.push((
-            ChanKey {
+            TpChanKey {
                 client,
                 channel: num,
                 _pad: 0,
             },
-            ChanVal {
+            TpChan {
                 deadline_ns: deadline,
                 relay_ip,
                 peer_ip,
@@ -1070,13 +880,13 @@ fn entries(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64) -> Ent
         ));
         if ch.confirmed && a.peer_channel.get(&ch.peer) == Some(&num) {
             e.peers.push((
-                PeerKey {
+                TpPeerKey {
                     relay_ip,
                     peer_ip,
                     relay_port,
                     peer_port,
                 },
-                PeerVal {
+                TpPeer {
                     deadline_ns: deadline,
                     channel: num,
                     _pad: [0; 3],
@@ -1173,7 +983,7 @@ impl Mirror {
             .take()?;
         // A slot is zeroed before it is used again.
         let zeros =
-            PerCpuValues::try_from(vec![UsageVal::default(); aya::util::nr_cpus().unwrap_or(1)])
+            PerCpuValues::try_from(vec![TpUsage::default(); aya::util::nr_cpus().unwrap_or(1)])
                 .ok()?;
         if self.usage.set(slot, zeros, 0).is_err() {
             self.fp
@@ -1213,8 +1023,8 @@ impl Mirror {
             .push(inst.slot);
     }
 
-    fn read(&self, slot: u32) -> UsageVal {
-        let mut u = UsageVal::default();
+    fn read(&self, slot: u32) -> TpUsage {
+        let mut u = TpUsage::default();
         if let Ok(v) = self.usage.get(&slot, 0) {
             for c in v.iter() {
                 u.to_peer_packets += c.to_peer_packets;
@@ -1256,7 +1066,7 @@ impl Drop for Mirror {
     }
 }
 
-fn merge(u: &mut Usage, seen: &UsageVal, now: &UsageVal) {
+fn merge(u: &mut Usage, seen: &TpUsage, now: &TpUsage) {
     u.to_peer.packets += now.to_peer_packets.saturating_sub(seen.to_peer_packets);
     u.to_peer.bytes += now.to_peer_bytes.saturating_sub(seen.to_peer_bytes);
     u.to_client.packets += now.to_client_packets.saturating_sub(seen.to_client_packets);
