@@ -114,6 +114,9 @@ struct Conn {
     unacked_items: usize,
     /// When it last acknowledged something, or the batches were last sent again.
     progress_at: Millis,
+    /// A batch to it was dropped (its link was full): what it has not acknowledged is
+    /// sent again as soon as it acknowledges something (its link is moving again).
+    dropped: bool,
     draining: bool,
     load: Option<(LoadReport, Millis)>,
     attached_at: Millis,
@@ -124,6 +127,9 @@ struct Conn {
 struct Gone {
     hello: Hello,
     at: Millis,
+    /// The batches it had not acknowledged when its link went: sent again if it comes
+    /// back with the table they continue (a link lost under load must not lose them).
+    unacked: VecDeque<Batch>,
 }
 
 /// The cell. See the module docs for the call order.
@@ -363,7 +369,14 @@ impl Cluster {
         let table = hello.table.take();
         let version = table.as_ref().map(|t| t.version).unwrap_or(0);
         tracing::info!(data_plane = %id, workers = hello.workers, restored = table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
-        self.gone.remove(&id);
+        // What it had not acknowledged before its link went, if its table is where that
+        // continues: sent again below, in order.
+        let mut replay = self.gone.remove(&id).map(|g| g.unacked).unwrap_or_default();
+        replay.retain(|b| b.version > version);
+        if replay.front().is_some_and(|b| b.version != version + 1) {
+            tracing::warn!(data_plane = %id, version, first = replay.front().map(|b| b.version), "the data plane's table does not continue the batches it missed; they are not sent again");
+            replay.clear();
+        }
         // Its listening sockets are never a peer (ChannelBind to a data plane's own
         // socket would loop the server into itself), nor their public forms behind a
         // 1:1 NAT (the loop would then go out through the NAT and back).
@@ -375,16 +388,18 @@ impl Cluster {
         let mut policy = self.server.config().policy.clone();
         policy.add_own_sockets(own);
         self.server.set_policy(policy);
+        let complete = table.as_ref().is_none_or(|t| t.complete);
         self.conns.insert(
             conn,
             Conn {
                 id: id.clone(),
                 hello,
-                version,
+                version: replay.back().map_or(version, |b| b.version),
                 acked: version,
+                unacked_items: replay.iter().map(|b| b.binds.len() + b.changes.len()).sum(),
                 unacked: VecDeque::new(),
-                unacked_items: 0,
                 progress_at: now,
+                dropped: false,
                 draining: false,
                 load: None,
                 attached_at: now,
@@ -393,8 +408,61 @@ impl Cluster {
         if let Some(table) = table {
             self.restore(conn, &id, table);
         }
+        if !replay.is_empty() {
+            tracing::info!(data_plane = %id, batches = replay.len(), "sending again the batches the data plane missed when its link went");
+            for b in &replay {
+                for (worker, change) in &b.changes {
+                    if let TableChange::AllocationAdd { id: a, tuple, .. } = change
+                        && self.server.allocation_of(tuple) == Some(*a)
+                    {
+                        self.tuple_owner.insert(*tuple, (conn, *worker));
+                        self.alloc_owner.insert(*a, (conn, *worker, *tuple));
+                        self.allocation_dp.insert(*a, id.clone());
+                    }
+                }
+            }
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.unacked = replay.clone();
+            }
+            self.batches_resent += replay.len() as u64;
+            for b in replay {
+                self.send(conn, Down::Batch(b));
+            }
+        }
+        if complete {
+            self.end_orphans(conn);
+        }
         self.refill_pools();
         conn
+    }
+
+    /// Data plane `conn` has told its whole table: allocations this cell placed on it
+    /// that it neither has nor gets again (their batches were lost with a previous link,
+    /// or it restarted) end now, so that the two agree (their clients get 437 and
+    /// allocate again) instead of holding quota while relaying nothing.
+    fn end_orphans(&mut self, conn: ConnId) {
+        let Some(id) = self.conns.get(&conn).map(|c| c.id.clone()) else {
+            return;
+        };
+        let orphans: Vec<AllocationId> = self
+            .allocation_dp
+            .iter()
+            .filter(|(a, dp)| **dp == id && self.alloc_owner.get(a).is_none_or(|o| o.0 != conn))
+            .map(|(a, _)| *a)
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        tracing::warn!(data_plane = %id, allocations = orphans.len(), "allocations missing from the data plane's table ended");
+        let mut out = Vec::new();
+        for a in orphans {
+            self.revoke_reasons
+                .insert(a, "missing from its data plane's table".to_owned());
+            self.server.revoke(a, &mut out);
+            self.route(&mut out, None);
+            self.revoke_reasons.remove(&a);
+            self.allocation_dp.remove(&a);
+        }
     }
 
     /// Data plane `conn`'s stream ended. Its allocations keep relaying headless; their
@@ -429,6 +497,7 @@ impl Cluster {
                 Gone {
                     hello: c.hello,
                     at: now,
+                    unacked: c.unacked,
                 },
             );
         }
@@ -857,7 +926,8 @@ impl Cluster {
             }
             Up::Usage(u) => self.usage_report(conn, u),
             Up::Snapshot(t) => {
-                if t.complete {
+                let complete = t.complete;
+                if complete {
                     tracing::info!(data_plane = %self.conns.get(&conn).map(|c| c.id.as_str()).unwrap_or("?"), "table snapshot complete");
                 }
                 let dp = self
@@ -866,6 +936,9 @@ impl Cluster {
                     .map(|c| c.id.clone())
                     .unwrap_or_default();
                 self.restore(conn, &dp, t);
+                if complete {
+                    self.end_orphans(conn);
+                }
             }
             Up::ConnectionClosed { worker: _, tuple } => self.connection_closed(conn, tuple),
             Up::Hello(_) => {}
@@ -878,7 +951,8 @@ impl Cluster {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if version > c.acked {
+        let progress = version > c.acked;
+        if progress {
             c.acked = version;
             c.progress_at = now;
         }
@@ -888,6 +962,9 @@ impl Cluster {
             }
             c.unacked_items -= b.binds.len() + b.changes.len();
             c.unacked.pop_front();
+        }
+        if progress && std::mem::take(&mut c.dropped) && !c.unacked.is_empty() {
+            self.resend(conn, now);
         }
     }
 
@@ -1244,10 +1321,14 @@ impl Cluster {
         }
     }
 
-    /// Counts batches the shell could not queue (the link was full): the data plane gets
-    /// them again (a gap or a silence), see [`Cluster::seam_stats`].
-    pub fn count_batches_dropped(&mut self, n: u64) {
-        self.batches_dropped += n;
+    /// The shell could not queue a batch for data plane `conn` (its link was full): what
+    /// that data plane has not acknowledged is sent again when it next acknowledges
+    /// something (or after a silence, or when it sees the gap).
+    pub fn batch_dropped(&mut self, conn: ConnId) {
+        self.batches_dropped += 1;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.dropped = true;
+        }
     }
 
     /// The seam's counters: batches sent again (after a gap or a silence) and punted

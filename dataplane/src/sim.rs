@@ -394,7 +394,13 @@ impl Sim {
             let batch = matches!(msg, Down::Batch(_));
             if q.len() >= self.capacity || (batch && self.lose > 0) {
                 if batch {
-                    self.lose = self.lose.saturating_sub(1);
+                    // A full queue is the shell's drop, which it tells the cluster of; a
+                    // loss on the way (`lose`) nobody sees.
+                    if self.lose > 0 {
+                        self.lose -= 1;
+                    } else {
+                        self.cluster.batch_dropped(conn);
+                    }
                     self.lost += 1;
                 }
                 continue;
@@ -915,4 +921,63 @@ fn planes_on_different_hosts_agree_on_a_refresh() {
     // Past the first lifetime, within the refreshed one: still relaying.
     sim.advance(200_000);
     assert!(c.relays(&mut sim, 0x4000, relay, addr(PEER)));
+}
+
+#[test]
+fn batches_lost_with_a_link_are_sent_again_on_the_next() {
+    let mut sim = Sim::new(config());
+    sim.plane("dp1", DP1, 2, 0);
+    let (mut c, relay) = relaying(&mut sim, "203.0.113.1:4009", DP1, 10);
+    // A new peer's permission and channel: their batches are lost, and the link goes
+    // before the control plane sends them again (the answers wait on the data plane).
+    let peer2 = addr("198.51.100.9:9000");
+    sim.lose = 2;
+    let mut req = Vec::new();
+    c.turn
+        .create_permission(sim.now.0, &[peer2], &mut req)
+        .unwrap();
+    sim.send(c.addr, c.server, &req);
+    let mut req = Vec::new();
+    c.turn
+        .channel_bind(sim.now.0, 0x4001, peer2, &mut req)
+        .unwrap();
+    sim.send(c.addr, c.server, &req);
+    assert_eq!(sim.lost, 2);
+    sim.detach(0);
+    sim.attach(0);
+    // The permission and the channel are on the data plane: ChannelData on 0x4001
+    // reaches the new peer, and the new peer's data reaches the client.
+    let mut frame = [0u8; 64];
+    let n = Client::channel_data(0x4001, b"ping", &mut frame).unwrap();
+    sim.send(c.addr, c.server, &frame[..n]);
+    assert_eq!(sim.take(peer2), [(relay, b"ping".to_vec())], "replayed");
+    assert!(c.indicates(&mut sim, relay, peer2));
+    assert!(c.relays(&mut sim, 0x4000, relay, addr(PEER)));
+}
+
+#[test]
+fn a_data_plane_that_lost_its_table_and_its_cell_agree_again() {
+    let mut sim = Sim::new(config());
+    sim.plane("dp1", DP1, 1, 0);
+    let (mut c, _) = relaying(&mut sim, "203.0.113.1:4010", DP1, 11);
+    assert_eq!(sim.cluster.stats().totals.allocations, 1);
+    // The data plane restarts: empty table, no batches to continue.
+    sim.detach(0);
+    let now = sim.now;
+    let p = &mut sim.planes[0];
+    p.cores = vec![core(0, now)];
+    p.cores[0].add_listen(LISTEN, p.listen);
+    p.sockets.clear();
+    p.version = 0;
+    sim.attach(0);
+    // The control plane no longer counts an allocation nothing relays for; the client
+    // is told (437 on its Refresh) and allocates again.
+    assert_eq!(sim.cluster.stats().totals.allocations, 0);
+    assert_eq!(c.refresh(&mut sim, 600), Done::Failed(437, None));
+    let mut again = Peer::new("203.0.113.1:4011", addr(DP1), 12);
+    let Done::Allocated(relay) = again.allocate(&mut sim) else {
+        panic!("no new allocation")
+    };
+    assert_eq!(again.permit(&mut sim, addr(PEER)), Done::Ok);
+    assert!(again.indicates(&mut sim, relay, addr(PEER)));
 }

@@ -12,7 +12,9 @@
 #         them), bpftool, ethtool (the XDP tests and benchmark: tx offload off on veths),
 #         curl (the XDP tests scrape metrics inside a network namespace),
 #         buildah + ca-certificates (deploy/build-image.sh builds the container image from
-#         scratch with the host's CA bundle; tests/tests/image.rs runs it chrooted)
+#         scratch with the host's CA bundle; tests/tests/image.rs runs it chrooted),
+#         faketime (libfaketime: tests/tests/seam.rs steps and skews the wall clock of
+#         a server, the monotonic clock untouched)
 #   venv: tests/e2e/.venv with the pinned packages of tests/e2e/requirements.txt
 #
 # Installing coturn or etcd-server must not leave a system turnserver running on 3478 or
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 
 APT_PKGS=(coturn chromium iproute2 nftables procps openssl libnss3-tools etcd-server etcd-client
-          clang libbpf-dev bpftool ethtool curl buildah ca-certificates)
+          clang libbpf-dev bpftool ethtool curl buildah ca-certificates faketime)
 # The binary each package must provide (a package counts as installed only if it is there).
 declare -A PROBE=(
   [coturn]=/usr/bin/turnserver
@@ -42,6 +44,7 @@ declare -A PROBE=(
   [curl]=/usr/bin/curl
   [buildah]=/usr/bin/buildah
   [ca-certificates]=/etc/ssl/certs/ca-certificates.crt
+  [faketime]=/usr/bin/faketime
 )
 
 SUDO=""

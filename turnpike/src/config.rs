@@ -129,6 +129,8 @@ pub struct FileConfig {
     pub streams: Option<StreamsFile>,
     /// Seconds SIGTERM drains before the process exits (0: exit at once).
     pub drain_grace: Option<u64>,
+    /// Batches of table changes queued from the control plane towards each data plane.
+    pub plane_queue: Option<usize>,
     /// Network interfaces to attach the XDP fast path to.
     pub xdp: Option<Vec<String>>,
     /// XDP attach mode: "native", "generic" or "auto".
@@ -380,6 +382,12 @@ pub struct Flags {
     /// SIGINT always exits at once).
     #[arg(long, env = "TURNPIKE_DRAIN_GRACE")]
     pub drain_grace: Option<u64>,
+    /// Batches of table changes the control plane queues towards each data plane
+    /// (default 8192). Beyond, a batch is dropped and the data plane gets it again (it
+    /// sees the gap and asks, or the control plane sends again after 2 s of silence):
+    /// nothing is lost for good. Small values are for tests.
+    #[arg(long, env = "TURNPIKE_PLANE_QUEUE")]
+    pub plane_queue: Option<usize>,
     /// Attach the XDP fast path to this network interface (repeatable): established
     /// UDP flows (IPv4, and IPv6) are relayed in the kernel before the socket layer. Off when
     /// the build has no program or the kernel refuses it (logged, and `ctl stats` says
@@ -521,6 +529,8 @@ pub struct Config {
     pub stream_limits: StreamLimits,
     /// How long SIGTERM drains.
     pub drain_grace: std::time::Duration,
+    /// Messages queued towards each data plane.
+    pub plane_queue: usize,
     /// The XDP fast path.
     pub xdp: turnpike_dataplane::xdp::XdpConfig,
     /// NAT behaviour discovery (RFC 5780): the server's second IP.
@@ -898,6 +908,11 @@ impl Config {
             drain_grace: std::time::Duration::from_secs(
                 flags.drain_grace.or(file.drain_grace).unwrap_or(0),
             ),
+            plane_queue: match flags.plane_queue.or(file.plane_queue) {
+                None => turnpike_controlplane_runtime::DOWN_QUEUE,
+                Some(0) => return Err(err("plane_queue (--plane-queue)", "at least 1")),
+                Some(n) => n.min(1 << 20),
+            },
             fleet: fleet_config(flags, file.fleet.take())?,
             xdp: turnpike_dataplane::xdp::XdpConfig {
                 interfaces: pick(flags.xdp.clone(), file.xdp.take()),

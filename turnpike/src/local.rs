@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use turnpike_controlplane_runtime::{
-    ControlPlaneHandle, DOWN_QUEUE, LocalDown, LocalRefused, LocalUp,
-};
+use turnpike_controlplane_runtime::{ControlPlaneHandle, LocalDown, LocalRefused, LocalUp};
 use turnpike_dataplane::agent::{AttachError, Connect, DownLink, Refused, UpLink};
 use turnpike_plane::{Down, Punted, Up};
 
@@ -14,16 +12,12 @@ use turnpike_plane::{Down, Punted, Up};
 #[derive(Debug)]
 pub struct Local {
     cp: ControlPlaneHandle,
-    depth: usize,
 }
 
 impl Local {
-    /// The link to `cp`, whose queue down holds `depth` messages (see [`DOWN_QUEUE`]).
+    /// The link to `cp` (its queue down holds `--plane-queue` messages).
     pub fn new(cp: ControlPlaneHandle) -> Local {
-        Local {
-            cp,
-            depth: DOWN_QUEUE,
-        }
+        Local { cp }
     }
 }
 
@@ -75,7 +69,7 @@ impl Connect for Local {
         };
         let (up, down) = self
             .cp
-            .attach_local(hello, self.depth)
+            .attach_local(hello)
             .await
             .map_err(|e| AttachError::Refused(e.message().to_owned()))?;
         for m in opening {

@@ -370,6 +370,28 @@ async fn render(
             metric(&mut o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");
         }
+        if let Ok(seam) = cp.seam_stats().await {
+            for (name, help, v) in [
+                (
+                    "turnpike_plane_batches_dropped_total",
+                    "Table-change batches a full queue towards a data plane dropped (each sent again: none is lost).",
+                    seam.batches_dropped,
+                ),
+                (
+                    "turnpike_plane_batches_resent_total",
+                    "Table-change batches sent again, after a data plane saw a gap or stayed silent.",
+                    seam.batches_resent,
+                ),
+                (
+                    "turnpike_plane_punts_held_back_total",
+                    "Punted requests shed because their data plane was too many table changes behind.",
+                    seam.punts_held_back,
+                ),
+            ] {
+                metric(&mut o, name, "counter", help);
+                let _ = writeln!(o, "{name} {v}");
+            }
+        }
         let (user_quota, total_quota) = cp.quotas();
         metric(
             &mut o,

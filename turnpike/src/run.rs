@@ -142,7 +142,8 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
     let mut secret = [0u8; 32];
     rand::rng().fill(&mut secret);
     let server = Server::new(cfg.server.clone(), creds, secret, rand::rng().random());
-    let cp = ControlPlaneHandle::spawn_with_clock(server, turnpike_plane::Clock::new());
+    let cp = ControlPlaneHandle::spawn_with_clock(server, turnpike_plane::Clock::new())
+        .with_down_queue(cfg.plane_queue);
     if !embedded && cfg.fleet.is_some() {
         // Elected through etcd: no data plane attaches before the election is won.
         cp.set_leader(false);

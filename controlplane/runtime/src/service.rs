@@ -28,7 +28,7 @@ use turnpike_api::convert::{
 use turnpike_api::v1::{
     self, admin_server::Admin, control_plane_server::ControlPlane, data_plane_message,
 };
-use turnpike_controlplane::cluster::{Cluster, ClusterOutput, ConnId, DrainState};
+use turnpike_controlplane::cluster::{Cluster, ClusterOutput, ConnId, DrainState, SeamStats};
 use turnpike_controlplane::server::Server;
 use turnpike_controlplane::types::{AllocationId, Millis};
 use turnpike_controlplane::{fleet, server};
@@ -46,12 +46,34 @@ pub const MAX_ADMIN_MESSAGE: usize = 64 << 10;
 #[derive(Clone)]
 struct Tx {
     tx: mpsc::Sender<Down>,
-    replies: Arc<AtomicUsize>,
+    queued: Arc<Queued>,
+    /// Batches the link may hold (`--plane-queue`).
+    max_batches: usize,
 }
 
-/// Messages queued towards one data plane at most. A full queue drops what does not
-/// fit: datagrams (clients retransmit) are counted as shed; a numbered batch dropped is
-/// seen by the data plane as a gap, or by the cluster as a silence, and sent again (see
+/// What waits on one data plane's link: the bytes of UDP replies and the batches.
+#[derive(Debug, Default)]
+struct Queued {
+    replies: AtomicUsize,
+    batches: AtomicUsize,
+}
+
+impl Queued {
+    /// `m` was taken off the link.
+    fn taken(&self, m: &Down) {
+        match m {
+            Down::Batch(_) => self.batches.fetch_sub(1, Ordering::Relaxed),
+            _ => self
+                .replies
+                .fetch_sub(queued_reply_bytes(m), Ordering::Relaxed),
+        };
+    }
+}
+
+/// Messages queued towards one data plane at most, and by default the batches among
+/// them (`--plane-queue` sets those). A full queue drops what does not fit: datagrams
+/// (clients retransmit) are counted as shed; a numbered batch dropped is seen by the
+/// data plane as a gap, or by the cluster as a silence, and sent again (see
 /// [`Cluster`]), so no table change or bind is lost.
 pub const DOWN_QUEUE: usize = 8192;
 
@@ -136,6 +158,9 @@ enum Cmd {
     ServerStats {
         reply: oneshot::Sender<server::Stats>,
     },
+    SeamStats {
+        reply: oneshot::Sender<SeamStats>,
+    },
     Fleet {
         draining: bool,
         alternates: Option<fleet::Alternates>,
@@ -181,6 +206,8 @@ struct Actor {
 pub struct ControlPlaneHandle {
     tx: mpsc::Sender<Cmd>,
     clock: Clock,
+    /// Messages queued towards each data plane (see [`DOWN_QUEUE`]).
+    down_queue: usize,
     /// The quotas in force (the fleet may replace the configured ones).
     quotas: Arc<std::sync::Mutex<(u32, u32)>>,
     configured_quotas: (u32, u32),
@@ -235,12 +262,26 @@ impl ControlPlaneHandle {
         ControlPlaneHandle {
             tx,
             clock,
+            down_queue: DOWN_QUEUE,
             quotas: Arc::new(std::sync::Mutex::new(quotas)),
             configured_quotas: quotas,
             events,
             leadership,
             drain_state,
         }
+    }
+
+    /// Queues `n` messages towards each data plane (default [`DOWN_QUEUE`]): for the data
+    /// planes that attach from now on.
+    pub fn with_down_queue(mut self, n: usize) -> ControlPlaneHandle {
+        self.down_queue = n.max(1);
+        self
+    }
+
+    /// The seam's counters: batches dropped by a full queue and sent again, punted
+    /// requests held back from a data plane far behind.
+    pub async fn seam_stats(&self) -> Result<SeamStats, Status> {
+        self.ask(|reply| Cmd::SeamStats { reply }).await
     }
 
     /// The `ControlPlane` gRPC service. Serve it over TLS that verifies client
@@ -671,6 +712,9 @@ impl Actor {
             Cmd::ServerStats { reply } => {
                 let _ = reply.send(c.server().stats());
             }
+            Cmd::SeamStats { reply } => {
+                let _ = reply.send(c.seam_stats());
+            }
             Cmd::Rotate { secrets, reply } => {
                 let _ = reply.send(c.rotate_secrets(secrets));
             }
@@ -715,7 +759,7 @@ impl Actor {
                         continue;
                     };
                     if let Down::Send { datagrams: d, .. } = &mut msg {
-                        let mut queued = tx.replies.load(Ordering::Relaxed);
+                        let mut queued = tx.queued.replies.load(Ordering::Relaxed);
                         let before = d.len();
                         d.retain(|d| {
                             if !is_udp(d) {
@@ -735,12 +779,27 @@ impl Actor {
                     }
                     // Charged before it can be taken off the queue, so that the
                     // link's discharge never comes first.
+                    let batch = matches!(msg, Down::Batch(_));
+                    if batch && tx.queued.batches.fetch_add(1, Ordering::Relaxed) >= tx.max_batches
+                    {
+                        tx.queued.batches.fetch_sub(1, Ordering::Relaxed);
+                        batches_dropped += 1;
+                        self.cluster.batch_dropped(conn);
+                        continue;
+                    }
                     let cost = queued_reply_bytes(&msg);
-                    tx.replies.fetch_add(cost, Ordering::Relaxed);
+                    tx.queued.replies.fetch_add(cost, Ordering::Relaxed);
                     if let Err(e) = tx.tx.try_send(msg) {
-                        tx.replies.fetch_sub(cost, Ordering::Relaxed);
-                        match e.into_inner() {
-                            Down::Batch(_) => batches_dropped += 1,
+                        let m = e.into_inner();
+                        if batch {
+                            tx.queued.batches.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        tx.queued.replies.fetch_sub(cost, Ordering::Relaxed);
+                        match m {
+                            Down::Batch(_) => {
+                                batches_dropped += 1;
+                                self.cluster.batch_dropped(conn);
+                            }
                             Down::Send { datagrams: d, .. } => {
                                 self.cluster.count_replies_shed(d.len() as u64);
                                 shed_now += d.len() as u64;
@@ -755,7 +814,6 @@ impl Actor {
             }
         }
         if batches_dropped > 0 {
-            self.cluster.count_batches_dropped(batches_dropped);
             tracing::debug!(
                 batches_dropped,
                 "data plane link full; its batches will be sent again"
@@ -811,7 +869,7 @@ impl ControlPlane for ControlPlaneHandle {
             )));
         }
         let hello = hello_from_api(&hello, At::of(&self.clock));
-        let (conn, rx, replies) = self.attach_link(hello, DOWN_QUEUE).await?;
+        let (conn, rx, queued) = self.attach_link(hello, self.down_queue).await?;
         let cmds = self.tx.clone();
         let clock = self.clock;
         tokio::spawn(async move {
@@ -844,7 +902,7 @@ impl ControlPlane for ControlPlaneHandle {
         });
         // Deadlines leave as durations, measured as each message is taken for sending.
         let out = ReceiverStream::new(rx).map(move |m| {
-            replies.fetch_sub(queued_reply_bytes(&m), Ordering::Relaxed);
+            queued.taken(&m);
             Ok(down_to_api(m, At::of(&clock)))
         });
         Ok(Response::new(Box::pin(out)))
@@ -852,18 +910,19 @@ impl ControlPlane for ControlPlaneHandle {
 }
 
 impl ControlPlaneHandle {
-    /// Attaches a data plane whose messages down go into a queue of `depth`; returns its
-    /// connection, the queue's receiving end and the UDP reply bytes queued on it.
+    /// Attaches a data plane whose link holds at most `batches` batches; returns its
+    /// connection, the link's receiving end and what waits on it.
     async fn attach_link(
         &self,
         hello: Hello,
-        depth: usize,
-    ) -> Result<(ConnId, mpsc::Receiver<Down>, Arc<AtomicUsize>), Status> {
-        let (tx, rx) = mpsc::channel(depth);
-        let replies = Arc::new(AtomicUsize::new(0));
+        batches: usize,
+    ) -> Result<(ConnId, mpsc::Receiver<Down>, Arc<Queued>), Status> {
+        let (tx, rx) = mpsc::channel(DOWN_QUEUE.max(batches));
+        let queued = Arc::new(Queued::default());
         let tx = Tx {
             tx,
-            replies: Arc::clone(&replies),
+            queued: Arc::clone(&queued),
+            max_batches: batches,
         };
         let conn = self.ask(|reply| Cmd::Attach { hello, tx, reply }).await?;
         let Some(conn) = conn else {
@@ -871,20 +930,16 @@ impl ControlPlaneHandle {
             self.leading()?;
             return Err(Status::unavailable("not the leader of its cell"));
         };
-        Ok((conn, rx, replies))
+        Ok((conn, rx, queued))
     }
 
     /// Attaches a data plane in this process (`serve`): no socket, no TLS, no encoding.
     /// Messages travel as the plane contract's values on the same clock; `depth` bounds
     /// the queue down (see [`DOWN_QUEUE`]: a full queue loses nothing for good). The
     /// data plane is detached when both halves of the link are dropped.
-    pub async fn attach_local(
-        &self,
-        hello: Hello,
-        depth: usize,
-    ) -> Result<(LocalUp, LocalDown), Status> {
+    pub async fn attach_local(&self, hello: Hello) -> Result<(LocalUp, LocalDown), Status> {
         self.leading()?;
-        let (conn, rx, replies) = self.attach_link(hello, depth.max(1)).await?;
+        let (conn, rx, queued) = self.attach_link(hello, self.down_queue).await?;
         let guard = Arc::new(Detach {
             conn,
             cmds: self.tx.clone(),
@@ -898,7 +953,7 @@ impl ControlPlaneHandle {
             },
             LocalDown {
                 down: rx,
-                replies,
+                queued,
                 _guard: guard,
             },
         ))
@@ -960,7 +1015,7 @@ impl LocalUp {
 #[derive(Debug)]
 pub struct LocalDown {
     down: mpsc::Receiver<Down>,
-    replies: Arc<AtomicUsize>,
+    queued: Arc<Queued>,
     _guard: Arc<Detach>,
 }
 
@@ -969,8 +1024,7 @@ impl LocalDown {
     /// plane (it stepped down, or another attached under the same id).
     pub async fn recv(&mut self) -> Option<Down> {
         let m = self.down.recv().await?;
-        self.replies
-            .fetch_sub(queued_reply_bytes(&m), Ordering::Relaxed);
+        self.queued.taken(&m);
         Some(m)
     }
 }
