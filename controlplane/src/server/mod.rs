@@ -33,11 +33,11 @@ use std::net::{IpAddr, SocketAddr};
 use ahash::AHashMap;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
+use turnpike_plane::limit::{Limits, Rate, RefusalLog, TwoLevelLimiter};
 use turnpike_proto::stun::TransactionId;
 
 use crate::auth::{Credentials, NonceKey};
 use crate::ports::Ports;
-use crate::ratelimit::{LogSampler, RateLimiter};
 use crate::types::{AllocationId, FiveTuple, Millis};
 
 pub use admin::{AllocationInfo, Stats};
@@ -78,7 +78,7 @@ pub struct Server {
     wall_offset: i64,
     creds: Credentials,
     nonces: NonceKey,
-    limiter: RateLimiter,
+    limiter: TwoLevelLimiter,
     rng: StdRng,
     ports: Ports,
     allocations: AHashMap<AllocationId, Allocation>,
@@ -101,7 +101,7 @@ pub struct Server {
     /// When the rate limiter is next swept and refusal summaries written.
     next_sweep: Millis,
     /// One sampler per [`Refusal`] kind.
-    refusal_logs: [LogSampler; Refusal::COUNT],
+    refusal_logs: [RefusalLog; Refusal::COUNT],
     /// Users whose first 486 has been logged (at most [`QUOTA_LOGGED_USERS`]; emptied
     /// when full, so that each is logged again once).
     quota_logged: HashSet<String>,
@@ -113,13 +113,14 @@ impl Server {
     /// seeds the port choice and reservation tokens.
     pub fn new(cfg: ServerConfig, creds: Credentials, nonce_secret: [u8; 32], seed: u64) -> Server {
         let nonces = NonceKey::new(nonce_secret, u64::from(cfg.nonce_lifetime));
-        let limiter = RateLimiter::new(
-            cfg.unauth_rate,
-            cfg.unauth_burst,
-            cfg.unauth_ip_rate,
-            cfg.unauth_ip_burst,
-            RATE_LIMIT_SOURCES,
-        );
+        let limiter = TwoLevelLimiter::new(Limits {
+            source: Rate::new(cfg.unauth_rate, cfg.unauth_burst),
+            ip: Rate::new(cfg.unauth_ip_rate, cfg.unauth_ip_burst),
+            max_sources: RATE_LIMIT_SOURCES,
+            // Room is made by the sweep of `handle_timeout`, once a second: admission
+            // never walks the table.
+            sweep_when_full: None,
+        });
         let ports = Ports::new(cfg.relay_ports.0, cfg.relay_ports.1);
         Server {
             cfg,
@@ -144,7 +145,7 @@ impl Server {
             alternate: None,
             revoked: HashSet::new(),
             next_sweep: Millis(0),
-            refusal_logs: std::array::from_fn(|_| LogSampler::new(REFUSAL_LOGS_PER_SEC)),
+            refusal_logs: std::array::from_fn(|_| RefusalLog::new(REFUSAL_LOGS_PER_SEC)),
             quota_logged: HashSet::new(),
         }
     }

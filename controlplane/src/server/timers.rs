@@ -3,9 +3,10 @@
 
 use std::net::IpAddr;
 
+use turnpike_plane::limit::RefusalLog;
+
 use super::Server;
 use super::refusal::Refusal;
-use crate::ratelimit::LogSampler;
 use crate::types::{AllocationId, EndReason, Event, Millis, Output, TableChange};
 
 /// How often idle rate-limiter buckets are dropped and suppressed refusal log lines are
@@ -27,8 +28,8 @@ impl Server {
         let timer = self.timers.first().map(|(t, _)| *t);
         // The sweep only matters while there is something to sweep or summarize; an idle
         // server is not woken every second.
-        let housekeeping =
-            self.limiter.tracked() > 0 || self.refusal_logs.iter().any(LogSampler::has_suppressed);
+        let housekeeping = self.limiter.tracked() != (0, 0)
+            || self.refusal_logs.iter().any(RefusalLog::has_suppressed);
         let sweep = housekeeping.then_some(self.next_sweep);
         match (timer, sweep) {
             (Some(a), Some(b)) => Some(a.min(b)),
