@@ -13,7 +13,8 @@ pub struct ServerConfig {
     pub relay_ips: Vec<IpAddr>,
     /// Behind a 1:1 NAT: the address clients are given (XOR-RELAYED-ADDRESS) for relay
     /// IPs of `relay_ips`; those not listed are given as they are. Used when the data
-    /// plane of a request sent no relay IPs of its own (see [`Via::relay_ips`](super::Via::relay_ips)).
+    /// plane of a request sent no relay IPs of its own (see
+    /// [`Via::relay_ips`](super::Via::relay_ips)).
     pub advertised_ips: Vec<RelayIp>,
     /// Relay port range, inclusive.
     pub relay_ports: (u16, u16),
