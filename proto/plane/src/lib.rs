@@ -17,6 +17,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 pub mod admin;
+pub mod limit;
 
 /// A point in time on a plane's [`Clock`], in milliseconds. Sans-IO code never reads a
 /// clock; the caller passes `now` in, and tests pass a virtual clock.
