@@ -19,9 +19,9 @@
 //!
 //! The flows: 5,000 clients (sans-IO `turnpike_proto::client`), each allocating, then
 //! permitting and binding a channel to a peer, with up to [`IN_FLIGHT`] of them under way
-//! at once and RFC retransmissions. Then every flow sends ChannelData to its peer, which
-//! answers through the relay: a bounded number of tries per flow, every failure counted
-//! and named. The figures (time to allocate, retransmissions, errors, bytes on the link,
+//! at once (`TURNPIKE_CHAOS_IN_FLIGHT=N` to change it) and RFC retransmissions. Then every
+//! flow sends ChannelData to its peer, which answers through the relay: a bounded number
+//! of tries per flow, every failure counted and named. The figures (time to allocate, retransmissions, errors, bytes on the link,
 //! relay result) go to stderr (`--nocapture`).
 //!
 //! Needs root, `ip`, `tc` (tbf), `nft` and `ethtool`; reports `SKIPPED: reason` without
@@ -46,9 +46,23 @@ use turnpike_proto::client::{AllocateOptions, Client, Event};
 
 /// Allocations made across the bad link.
 const FLOWS: usize = 5000;
-/// Flows setting up at once (each with one transaction outstanding): enough to keep the
-/// link busy; 5,000 in a row over a 200 ms round trip would take many minutes.
+/// Flows setting up at once (each with one transaction outstanding) unless
+/// `TURNPIKE_CHAOS_IN_FLIGHT` says otherwise: enough to fill the link (the retransmissions
+/// come from its queue), which 5,000 in a row over a 200 ms round trip would not do in
+/// many minutes. More than the link carries within the control plane's bind timeout (5 s)
+/// or its HTTP/2 keepalive timeout (3 s) turns the test into an overload test: about 1,000
+/// at once got 508s (late bind acks) and 5,000 at once lost the stream, on the code of
+/// December 2026.
 const IN_FLIGHT: usize = 256;
+/// [`IN_FLIGHT`], or `TURNPIKE_CHAOS_IN_FLIGHT`.
+fn in_flight() -> usize {
+    std::env::var("TURNPIKE_CHAOS_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(IN_FLIGHT)
+        .clamp(1, FLOWS)
+}
+
 /// How long all the flows may take to set up (each transaction is bounded by the
 /// client's own 7 sends, 63.5 s).
 const SETUP_BUDGET: Duration = Duration::from_secs(150);
@@ -71,6 +85,8 @@ const CLIENT_IPS: usize = 50;
 /// Peers are 127.0.2.1..=PEERS (one socket each), shared by the flows in turn.
 const PEERS: usize = 50;
 const CHANNEL: u16 = 0x4000;
+/// Each plane's metrics, on its own namespace's loopback.
+const METRICS: &str = "127.0.0.1:9100";
 /// Tries of the relay check per flow, and how long each waits for the answer.
 const RELAY_TRIES: u32 = 5;
 const RELAY_WAIT: Duration = Duration::from_millis(400);
@@ -579,9 +595,9 @@ async fn relay_check(flow: &mut Flow, reached: &Reached) -> Result<u32, String> 
         }
     }
     Err(if reached.flows[flow.index].load(Ordering::Relaxed) {
-        "peer→client lost (the peer got the client's data)".into()
+        "set up, but peer→client lost (the peer got the client's data)".into()
     } else {
-        "client→peer lost".into()
+        "set up, but client→peer lost".into()
     })
 }
 
@@ -604,6 +620,27 @@ fn ranges(v: &[usize]) -> String {
     out.join(", ")
 }
 
+/// The sum of the values of the metric lines starting with `name`, scraped from the
+/// process whose metrics listen on [`METRICS`] in namespace `ns` (`None`: no answer).
+fn metric(ns: &str, name: &str) -> Option<f64> {
+    let text = netns::in_ns(ns, || {
+        let mut s =
+            TcpStream::connect_timeout(&METRICS.parse().unwrap(), Duration::from_secs(3)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text)
+    })?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
 /// Lines of a process's output seen so far (waits a moment for late ones).
 fn drain_lines(p: &mut Proc) -> Vec<String> {
     while let Ok(l) = p.lines.recv_timeout(Duration::from_millis(200)) {
@@ -614,6 +651,7 @@ fn drain_lines(p: &mut Proc) -> Vec<String> {
 
 #[test]
 fn five_thousand_allocations_over_a_bad_plane_link_all_relay() {
+    let test_start = Instant::now();
     if let Some(why) = unusable() {
         skip(&why);
         return;
@@ -640,10 +678,13 @@ fn five_thousand_allocations_over_a_bad_plane_link_all_relay() {
         "127.0.2.0/24",
         "--relay-ports",
         "20000-40000",
+        "--metrics-listen",
+        METRICS,
     ]
     .map(String::from)
     .to_vec();
     cp_args.extend(certs.control_plane());
+    let spawned = Instant::now();
     let mut cp = Proc::spawn_command(PlaneLink::command(&link.control, &cp_args));
     cp.wait_for("control plane ready", Duration::from_secs(20));
 
@@ -659,6 +700,8 @@ fn five_thousand_allocations_over_a_bad_plane_link_all_relay() {
         "2",
         "--relay-ports",
         "20000-40000",
+        "--metrics-listen",
+        METRICS,
     ]
     .map(String::from)
     .to_vec();
@@ -666,6 +709,7 @@ fn five_thousand_allocations_over_a_bad_plane_link_all_relay() {
     let mut dp = Proc::spawn_command(PlaneLink::command(&link.data, &dp_args));
     dp.wait_for("turnpike ready", Duration::from_secs(20));
     dp.wait_for("attached to control plane", Duration::from_secs(30));
+    let started = spawned.elapsed();
     let before = link.counters();
 
     // Every socket is made in D (clients and peers live there, beside the data plane).
@@ -706,9 +750,10 @@ fn five_thousand_allocations_over_a_bad_plane_link_all_relay() {
 
     // ----- 5,000 allocations across the bad link ---------------------------------------
     let stats = Arc::new(Stats::default());
+    let in_flight = in_flight();
     let start = Instant::now();
     let (ready, setup_failed, setup_time) = rt.block_on(async {
-        let gate = Arc::new(Semaphore::new(IN_FLIGHT));
+        let gate = Arc::new(Semaphore::new(in_flight));
         let mut tasks = tokio::task::JoinSet::new();
         for mut flow in flows {
             let (gate, stats) = (gate.clone(), stats.clone());
@@ -814,7 +859,7 @@ fn five_thousand_allocations_over_a_bad_plane_link_all_relay() {
     let secs = setup_time.as_secs_f64().max(0.001);
     eprintln!("chaos: plane link {RATE}, {LOSS_PERCENT} % loss each way, {DELAY:?} each way");
     eprintln!(
-        "chaos: {} of {FLOWS} flows set up (allocation, permission, channel) in {:.1} s, {IN_FLIGHT} at once",
+        "chaos: {} of {FLOWS} flows set up (allocation, permission, channel) in {:.1} s, {in_flight} at once",
         set_up_count, secs
     );
     eprintln!("chaos: {}", stats.allocate.line("Allocate"));
@@ -835,10 +880,33 @@ fn five_thousand_allocations_over_a_bad_plane_link_all_relay() {
         "chaos: control plane: {dropped} messages dropped for a full data-plane stream ({dropped_lines} warnings); data plane: {lost_streams} streams lost, {} proxy connections",
         proxy.accepted.load(Ordering::Relaxed)
     );
+    let m = |ns: &str, name: &str| metric(ns, name).map_or_else(|| "?".into(), |v| v.to_string());
+    let c = link.control.as_str();
+    eprintln!(
+        "chaos: control plane metrics: allocations {}, permissions {}, channels {}; replies shed {}, rate limited {}, stale nonces {}, relay bind failures {}",
+        m(c, "turnpike_allocations"),
+        m(c, "turnpike_permissions"),
+        m(c, "turnpike_channels"),
+        m(c, "turnpike_replies_shed_total"),
+        m(c, "turnpike_rate_limited_total"),
+        m(c, "turnpike_stale_nonces_total"),
+        m(c, "turnpike_relay_bind_failures_total"),
+    );
+    eprintln!(
+        "chaos: data plane metrics: punts dropped {}, packets dropped {}",
+        m(&link.data, "turnpike_punt_queue_dropped_total"),
+        m(&link.data, "turnpike_dropped_packets_total"),
+    );
+    eprintln!(
+        "chaos: the planes started and attached in {:.1} s; the whole test took {:.1} s (with the check that the binary is up to date)",
+        started.as_secs_f64(),
+        test_start.elapsed().as_secs_f64()
+    );
     let failed_count: usize = failed.values().map(Vec::len).sum();
     eprintln!(
-        "chaos: relay check in {:.1} s: {relay_ok}/{FLOWS} relayed both ways ({retried} needed more than one try), {failed_count} failed, {} datagrams from unexpected relay addresses",
+        "chaos: relay check in {:.1} s: {relay_ok}/{FLOWS} relayed both ways ({retried} needed more than one try), {} of those set up do not relay, {} datagrams from unexpected relay addresses",
         check_time.as_secs_f64(),
+        set_up_count - relay_ok,
         reached.strays.load(Ordering::Relaxed)
     );
     for v in failed.values_mut() {
