@@ -114,6 +114,26 @@ fn unusable() -> Option<String> {
     })
 }
 
+/// Open files this process and the data plane (which inherits the limit) need: a socket
+/// per client and per relay, with room to spare.
+const OPEN_FILES: u64 = 12_000;
+
+/// Raises the soft open-files limit to [`OPEN_FILES`] if it is lower; `Err` when the
+/// hard limit does not allow it.
+fn raise_open_files() -> Result<(), String> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| e.to_string())?;
+    if soft >= OPEN_FILES {
+        return Ok(());
+    }
+    if hard < OPEN_FILES {
+        return Err(format!(
+            "the open-files limit is {hard}, below the {OPEN_FILES} needed"
+        ));
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, OPEN_FILES, hard).map_err(|e| e.to_string())
+}
+
 /// Reports a skip, or fails under CI.
 fn skip(why: &str) {
     assert!(!in_ci(), "the chaos test cannot run under CI: {why}");
@@ -653,6 +673,10 @@ fn drain_lines(p: &mut Proc) -> Vec<String> {
 fn five_thousand_allocations_over_a_bad_plane_link_all_relay() {
     let test_start = Instant::now();
     if let Some(why) = unusable() {
+        skip(&why);
+        return;
+    }
+    if let Err(why) = raise_open_files() {
         skip(&why);
         return;
     }
