@@ -49,10 +49,13 @@ const FLOWS: usize = 5000;
 /// Flows setting up at once (each with one transaction outstanding) unless
 /// `TURNPIKE_CHAOS_IN_FLIGHT` says otherwise: enough to fill the link (the retransmissions
 /// come from its queue), which 5,000 in a row over a 200 ms round trip would not do in
-/// many minutes. More than the link carries within the control plane's bind timeout (5 s)
-/// or its HTTP/2 keepalive timeout (3 s) turns the test into an overload test: about 1,000
-/// at once got 508s (late bind acks) and 5,000 at once lost the stream, on the code of
-/// December 2026.
+/// many minutes. More turns it into an overload test, where the link's queue outgrows
+/// the agent's HTTP/2 keepalive timeout (3 s) or the control plane's bind timeout (5 s).
+/// On the code of December 2026, 256 at once passes; 512 at once lost the stream 5 times
+/// and left 124 flows that the control plane had answered (Allocate, CreatePermission,
+/// ChannelBind all successful) relaying nothing; 1,000 at once got 2,840 508s (late bind
+/// acks); 5,000 at once lost the stream and left 43-54 such flows. The proxy's loopback
+/// leg may queue more than a real link would, which makes keepalive timeouts likelier.
 const IN_FLIGHT: usize = 256;
 /// [`IN_FLIGHT`], or `TURNPIKE_CHAOS_IN_FLIGHT`.
 fn in_flight() -> usize {
