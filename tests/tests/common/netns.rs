@@ -55,7 +55,8 @@ pub fn skip(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+/// Runs `cmd` to its end; its stdout, or its stderr as the error.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
     let o = Command::new(cmd)
         .args(args)
         .output()
@@ -85,6 +86,25 @@ pub fn nft(ns: &str, rules: &str) -> Result<(), String> {
         return Err(format!("nft: {}", String::from_utf8_lossy(&o.stderr)));
     }
     Ok(())
+}
+
+/// Moves the calling thread into network namespace `ns` (`ip netns` names it): sockets
+/// it makes from then on live there.
+pub fn enter(ns: &str) {
+    let ns = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+}
+
+/// Runs `f` on a thread inside namespace `ns`: sockets it makes live there.
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|sc| {
+        sc.spawn(move || {
+            enter(ns);
+            f()
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 /// A process started inside a namespace; killed (SIGKILL) on drop.
@@ -242,16 +262,7 @@ impl Topology {
     }
 
     fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{ns}");
-        std::thread::scope(|sc| {
-            sc.spawn(move || {
-                let ns = std::fs::File::open(&path).unwrap();
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            })
-            .join()
-            .unwrap()
-        })
+        in_ns(ns, f)
     }
 
     /// A UDP socket in C on `ip` (any port).
