@@ -10,6 +10,10 @@ use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use sha1::Sha1;
 use sha2::Sha256;
+use std::net::SocketAddr;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use subtle::ConstantTimeEq;
 
 use crate::stun::HEADER_LEN;
@@ -116,4 +120,104 @@ pub fn fingerprint(covered: &[u8], length: usize) -> u32 {
 /// Compares two byte strings in time independent of where they differ.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// The nonce cookie of RFC 8489 §9.2 ("obMatJos2") followed by the base64 of the 24-bit
+/// security feature set: password algorithms and username anonymity (0xC00000).
+pub const NONCE_PREFIX: &str = "obMatJos2wAAA";
+
+/// The password algorithms a server offers in PASSWORD-ALGORITHMS, preferred first.
+pub const OFFERED_ALGORITHMS: [crate::attr::PasswordAlgorithmId; 2] = [
+    crate::attr::PasswordAlgorithmId::SHA256,
+    crate::attr::PasswordAlgorithmId::MD5,
+];
+
+/// What a nonce check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    /// Minted by us, for this client, and fresh.
+    Valid,
+    /// Not valid (expired, for another client, or forged): answer 438 with a new one.
+    Stale,
+}
+
+/// Mints and checks stateless nonces: `NONCE_PREFIX` + base64url(timestamp ‖ MAC) where
+/// the MAC (HMAC-SHA256, truncated to 96 bits) covers the timestamp and the client's
+/// address under a server secret. Unauthenticated clients thus create no state.
+#[derive(Clone)]
+pub struct NonceKey {
+    secret: [u8; 32],
+    lifetime_secs: u64,
+}
+
+impl std::fmt::Debug for NonceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NonceKey")
+            .field("lifetime_secs", &self.lifetime_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NonceKey {
+    /// A key from 32 secret bytes; nonces live `lifetime_secs`.
+    pub fn new(secret: [u8; 32], lifetime_secs: u64) -> NonceKey {
+        NonceKey {
+            secret,
+            lifetime_secs,
+        }
+    }
+
+    /// The secret and the lifetime, to hand a data plane that mints nonces too.
+    pub fn parts(&self) -> ([u8; 32], u64) {
+        (self.secret, self.lifetime_secs)
+    }
+
+    fn mac(&self, ts: u64, client: &SocketAddr) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.secret) else {
+            return out;
+        };
+        mac.update(&ts.to_be_bytes());
+        match client.ip() {
+            std::net::IpAddr::V4(ip) => mac.update(&ip.octets()),
+            std::net::IpAddr::V6(ip) => mac.update(&ip.octets()),
+        }
+        mac.update(&client.port().to_be_bytes());
+        out.copy_from_slice(&mac.finalize().into_bytes()[..12]);
+        out
+    }
+
+    /// A nonce for `client` minted at `now_secs` (seconds of the minting plane's clock).
+    pub fn mint(&self, now_secs: u64, client: &SocketAddr) -> String {
+        let ts = now_secs;
+        let mut raw = [0u8; 20];
+        raw[..8].copy_from_slice(&ts.to_be_bytes());
+        raw[8..].copy_from_slice(&self.mac(ts, client));
+        let mut s = String::with_capacity(NONCE_PREFIX.len() + 27);
+        s.push_str(NONCE_PREFIX);
+        URL_SAFE_NO_PAD.encode_string(raw, &mut s);
+        s
+    }
+
+    /// Checks a nonce a client sent back.
+    pub fn check(&self, nonce: &str, now_secs: u64, client: &SocketAddr) -> NonceCheck {
+        let Some(body) = nonce.strip_prefix(NONCE_PREFIX) else {
+            return NonceCheck::Stale;
+        };
+        let mut raw = [0u8; 20];
+        match URL_SAFE_NO_PAD.decode_slice(body, &mut raw) {
+            Ok(20) => {}
+            _ => return NonceCheck::Stale,
+        }
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&raw[..8]);
+        let ts = u64::from_be_bytes(ts);
+        let mac_ok = ct_eq(&self.mac(ts, client), &raw[8..]);
+        let fresh = ts <= now_secs && now_secs - ts < self.lifetime_secs;
+        if mac_ok && fresh {
+            NonceCheck::Valid
+        } else {
+            NonceCheck::Stale
+        }
+    }
 }

@@ -105,6 +105,28 @@ pub fn write_binding_response(
     Ok(w.finish())
 }
 
+/// Answers a request with a 401 or 438 challenge (RFC 8489 §9.2.4): ERROR-CODE, REALM,
+/// NONCE, PASSWORD-ALGORITHMS (the ones offered, [`crate::auth::OFFERED_ALGORITHMS`]) and
+/// FINGERPRINT. Written alike by the control plane and by the data plane, which answers
+/// the first request of a handshake itself. Returns the response's length.
+pub fn write_challenge(
+    out: &mut [u8],
+    req: &Message<'_>,
+    code: u16,
+    realm: &str,
+    nonce: &str,
+) -> Result<usize, EncodeError> {
+    let mut w = MessageWriter::new(out, req.method(), Class::Error, req.transaction_id())?;
+    w.add(&attr::ErrorCode::standard(code))?;
+    w.add(&attr::Realm(realm))?;
+    w.add(&attr::Nonce(nonce))?;
+    w.add(&attr::PasswordAlgorithms::new(
+        &crate::auth::OFFERED_ALGORITHMS,
+    ))?;
+    w.add_fingerprint()?;
+    Ok(w.finish())
+}
+
 /// Answers a classic RFC 3489 Binding request (RFC 5389 §12.2): a success response whose
 /// header carries the request's 16-byte transaction id where the magic cookie would be,
 /// with MAPPED-ADDRESS (not XOR-MAPPED-ADDRESS, which an RFC 3489 client does not know)

@@ -267,7 +267,7 @@ impl Server {
 
     /// A fresh nonce for `client` (for tests and tools).
     pub fn mint_nonce(&self, now: Millis, client: &SocketAddr) -> String {
-        self.nonces.mint(now, client)
+        self.nonces.mint(now.secs(), client)
     }
 
     /// The peer policy.

@@ -14,8 +14,7 @@ use crate::auth::{AuthError, NonceCheck};
 use crate::types::{FiveTuple, Millis, Output};
 
 /// The password algorithms offered, in order of preference (RFC 8489 §9.2.1).
-const OFFERED_ALGORITHMS: [PasswordAlgorithmId; 2] =
-    [PasswordAlgorithmId::SHA256, PasswordAlgorithmId::MD5];
+use turnpike_proto::auth::OFFERED_ALGORITHMS;
 
 /// The outcome of a successful authentication.
 #[derive(Debug, Clone)]
@@ -83,7 +82,7 @@ impl Server {
                 return None;
             }
         };
-        if self.nonces.check(nonce.0, now, &tuple.client) != NonceCheck::Valid {
+        if self.nonces.check(nonce.0, now.secs(), &tuple.client) != NonceCheck::Valid {
             self.stats.stale_nonces += 1;
             self.challenge(now, tuple, msg, 438, out);
             return None;
@@ -211,13 +210,15 @@ impl Server {
         if !self.limit_auth(tuple, msg, now) {
             return;
         }
-        let nonce = self.nonces.mint(now, &tuple.client);
-        let realm = self.creds.realm().to_owned();
-        self.respond_error(tuple, msg, None, reject(code), out, |w| {
-            w.add(&Realm(&realm))?;
-            w.add(&Nonce(&nonce))?;
-            w.add(&PasswordAlgorithms::new(&OFFERED_ALGORITHMS))?;
-            Ok(())
-        });
+        let nonce = self.nonces.mint(now.secs(), &tuple.client);
+        let mut buf = [0u8; 512];
+        if let Ok(n) =
+            turnpike_proto::turn::write_challenge(&mut buf, msg, code, self.creds.realm(), &nonce)
+        {
+            out.push(Output::Transmit {
+                tuple,
+                data: buf[..n].to_vec(),
+            });
+        }
     }
 }
