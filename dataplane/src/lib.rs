@@ -122,33 +122,17 @@
 use std::net::SocketAddr;
 
 pub mod agent;
-mod batch;
-mod counters;
-mod engine;
-mod limit;
-#[allow(unsafe_code)]
-mod mmsg;
-mod path;
-mod plane;
-mod proxy;
+mod core;
+mod io;
 #[cfg(test)]
 mod sim;
-mod slab;
-mod stream;
-mod streams;
-#[allow(unsafe_code)]
-mod sys;
-mod table;
-#[allow(unsafe_code)]
-mod uring;
-mod worker;
 #[allow(unsafe_code)]
 pub mod xdp;
 
-pub use counters::{Drops, StreamStats, WorkerCounters};
-pub use plane::{DataPlane, DataPlaneHandle};
-pub use streams::{StreamLimits, StreamListen};
-pub use sys::release_free_memory;
+pub use crate::core::counters::{Drops, StreamStats, WorkerCounters};
+pub use crate::io::conns::{StreamLimits, StreamListen};
+pub use crate::io::start::{DataPlane, DataPlaneHandle};
+pub use crate::io::sys::release_free_memory;
 /// The plane-to-plane contract the data plane speaks, re-exported for its users.
 pub use turnpike_plane::{
     AllocationId, AllocationSnapshot, BindError, FiveTuple, Millis, TableChange, Traffic,

@@ -26,10 +26,10 @@ use turnpike_proto::stun::Message;
 
 use crate::BindingLimit;
 use crate::agent::session::{self, Session, Verdict};
-use crate::counters::Counters;
-use crate::engine::{Core, CoreConfig, HEADROOM, Output, SLOT};
-use crate::slab::Token;
-use crate::table::Denied;
+use crate::core::Token;
+use crate::core::counters::Counters;
+use crate::core::table::Denied;
+use crate::core::{Core, CoreConfig, HEADROOM, Output, SLOT};
 
 /// The start of the virtual clock.
 const T0: Millis = Millis(1_767_225_600_000);

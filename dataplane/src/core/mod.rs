@@ -24,12 +24,23 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use turnpike_proto::turn::MAX_DATA_INDICATION_HEADER;
 
-use crate::counters::{Counters, bump, bump_set, unbump};
-use crate::limit::Limiter;
-use crate::path::is_channel_bind_success;
-use crate::slab::Token;
-use crate::table::{Denied, Owner, Role, Table};
+use crate::core::counters::{Counters, bump, bump_set, unbump};
+use crate::core::limit::Limiter;
+use crate::core::path::is_channel_bind_success;
+use crate::core::table::{Denied, Owner, Role, Table};
 use crate::{AllocationSnapshot, BindingLimit, FiveTuple, Millis, Punted, TableChange};
+
+pub(crate) mod counters;
+pub(crate) mod framer;
+pub(crate) mod limit;
+pub(crate) mod path;
+pub(crate) mod proxy;
+pub(crate) mod table;
+
+/// A socket, as the core knows it: an index the I/O side gives each socket it creates
+/// (the worker's slab, `io/slab.rs`). The core names sockets only by token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Token(pub(crate) u32);
 
 /// Bytes reserved in front of every received payload for the header written in place.
 pub(crate) const HEADROOM: usize = MAX_DATA_INDICATION_HEADER;
@@ -145,7 +156,7 @@ impl Core {
 
     /// An RFC 5780 group of addresses: [IP1:P1, IP1:P2, IP2:P1, IP2:P2], each a
     /// listening socket or companion of this worker.
-    pub(crate) fn add_nat_group(&mut self, group: crate::table::NatGroup) {
+    pub(crate) fn add_nat_group(&mut self, group: crate::core::table::NatGroup) {
         self.table.add_nat_group(group);
     }
 

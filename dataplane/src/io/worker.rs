@@ -12,12 +12,13 @@ use std::sync::{Arc, mpsc};
 use arc_swap::ArcSwap;
 use socket2::{SockAddr, Socket};
 
-use crate::counters::{Counters, bump, bump_set};
-use crate::engine::{Core, CoreConfig, Output, SLOT, Transmit};
-use crate::slab::{Kind, Sockets, Token};
-use crate::streams::{ListenerKind, StreamShared};
-use crate::sys;
-use crate::table::Denied;
+use crate::core::Token;
+use crate::core::counters::{Counters, bump, bump_set};
+use crate::core::table::Denied;
+use crate::core::{Core, CoreConfig, Output, SLOT, Transmit};
+use crate::io::conns::{ListenerKind, StreamShared};
+use crate::io::slab::{Kind, Sockets};
+use crate::io::sys;
 use crate::{
     AllocationSnapshot, BindError, BindingLimit, ControlSink, FiveTuple, Millis, TableChange,
 };
@@ -84,7 +85,7 @@ pub(crate) struct WorkerInit {
     /// NAT discovery companions of the listening sockets (Binding only, RFC 5780).
     pub(crate) companions: Vec<Socket>,
     /// The RFC 5780 groups the listening sockets and companions form.
-    pub(crate) nat_groups: Vec<crate::table::NatGroup>,
+    pub(crate) nat_groups: Vec<crate::core::table::NatGroup>,
     pub(crate) rx: mpsc::Receiver<Command>,
     /// Set by a producer that has written the wake eventfd; cleared before the queue is
     /// drained (see [`Worker::handle_commands`]).
@@ -152,7 +153,7 @@ pub(crate) struct Worker {
     /// Plaintext read out of TLS sessions.
     pub(crate) plain: Vec<u8>,
     /// Datagrams from client connections to peers, sent at the end of each read.
-    pub(crate) relay_batch: crate::streams::RelayBatch,
+    pub(crate) relay_batch: crate::io::conns::RelayBatch,
     /// Listeners paused until a time (accept backoff).
     paused: Vec<(Token, u64)>,
     next_stream_sweep: u64,
@@ -237,7 +238,7 @@ impl Worker {
     }
 
     /// A datagram of `len` bytes received on `t` from `src` into receive slot number
-    /// `slot` (`buf`, payload at [`crate::engine::HEADROOM`]); what must be sent from
+    /// `slot` (`buf`, payload at [`crate::core::HEADROOM`]); what must be sent from
     /// that slot is pushed to `transmits`, in order.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn on_datagram(

@@ -29,10 +29,10 @@ use turnpike_proto::turn::{
     write_classic_binding_response, write_data_indication_header, write_rfc5780_binding_response,
 };
 
-use crate::counters::bump;
-use crate::engine::{Core, HEADROOM, Output};
-use crate::slab::Token;
-use crate::table::{Channel, canonical};
+use crate::core::Token;
+use crate::core::counters::bump;
+use crate::core::table::{Channel, canonical};
+use crate::core::{Core, HEADROOM, Output};
 use crate::{AllocationId, FiveTuple, Punted};
 
 /// Where a datagram goes: from this socket to this address, `len` bytes at `start` of

@@ -11,7 +11,7 @@ use turnpike_proto::client::Client;
 use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
 use super::*;
-use crate::path::write_binding_answer;
+use crate::core::path::write_binding_answer;
 use crate::{AllocationId, Drops};
 
 const LISTEN: Token = Token(0);

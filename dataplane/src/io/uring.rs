@@ -28,12 +28,13 @@ use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use nix::sys::eventfd::EventFd;
 
-use crate::batch::{MAX_SEGS, group_end, gso_refused, report_ready};
-use crate::counters::bump;
-use crate::engine::{HEADROOM, SLOT, TAILROOM, Transmit};
-use crate::slab::{Kind, Token};
-use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
-use crate::worker::{IoOp, Worker, unix_millis};
+use crate::core::Token;
+use crate::core::counters::bump;
+use crate::core::{HEADROOM, SLOT, TAILROOM, Transmit};
+use crate::io::batch::{MAX_SEGS, group_end, gso_refused, report_ready};
+use crate::io::slab::Kind;
+use crate::io::sys::{self, GsoCmsg, NAME_LEN, RawName};
+use crate::io::worker::{IoOp, Worker, unix_millis};
 
 /// Provided receive buffers per worker (a power of two). With DEFER_TASKRUN one enter
 /// completes at most ~33 receives per socket, and sends give their buffers back at the

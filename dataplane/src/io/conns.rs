@@ -38,12 +38,13 @@ use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use socket2::{SockAddr, Socket, TcpKeepalive};
 
-use crate::counters::{bump, bump_set};
-use crate::engine::{HEADROOM, Output, RECV_CAP};
-use crate::proxy;
-use crate::slab::{Kind, Token};
-use crate::stream::{Framer, HalfClose, SendQueue, Verdict};
-use crate::worker::{IoOp, Worker};
+use crate::core::Token;
+use crate::core::counters::{bump, bump_set};
+use crate::core::framer::{Framer, HalfClose, SendQueue, Verdict};
+use crate::core::proxy;
+use crate::core::{HEADROOM, Output, RECV_CAP};
+use crate::io::slab::Kind;
+use crate::io::worker::{IoOp, Worker};
 use crate::{FiveTuple, Transport};
 
 /// Connections accepted per listener and loop turn before other sockets get their turn.
@@ -282,7 +283,7 @@ struct Run {
 }
 
 /// Segments per GSO send at most.
-const MAX_SEGS: usize = crate::batch::MAX_SEGS;
+const MAX_SEGS: usize = crate::io::batch::MAX_SEGS;
 /// Bytes per GSO send at most.
 const MAX_GSO_BYTES: usize = 63 * 1024;
 
@@ -683,7 +684,7 @@ impl Worker {
                 }
                 Ok(proxy::Parsed::Header { len, addrs }) => {
                     if let Some((src, _)) = addrs {
-                        let local = crate::table::canonical(conn.local);
+                        let local = crate::core::table::canonical(conn.local);
                         let denied = self.core.denied.load();
                         let own = |a: &std::net::SocketAddr| *a == local || denied.has_exact(a);
                         if let Err(e) = proxy::check_source(src, own) {
@@ -938,13 +939,13 @@ impl Worker {
                 bump(&self.ctr.send_error, r.count as u64);
                 continue;
             };
-            match crate::sys::send_segments(e.sock.as_fd(), &r.to, bytes, r.seg) {
+            match crate::io::sys::send_segments(e.sock.as_fd(), &r.to, bytes, r.seg) {
                 Ok(_) => {
                     if r.count > 1 {
                         bump(&self.ctr.gso_sends, 1);
                     }
                 }
-                Err(err) if crate::batch::gso_refused(self, r.from, r.count, &err) => {
+                Err(err) if crate::io::batch::gso_refused(self, r.from, r.count, &err) => {
                     // One at a time from the same bytes.
                     for chunk in bytes.chunks(r.seg) {
                         let ok = self
