@@ -29,7 +29,7 @@ use crate::agent::session::{self, Session, Verdict};
 use crate::core::Token;
 use crate::core::counters::Counters;
 use crate::core::table::Denied;
-use crate::core::{Core, CoreConfig, HEADROOM, Output, SLOT};
+use crate::core::{Core, CoreConfig, HEADROOM, Output, Received, SLOT};
 
 /// The start of the virtual clock.
 const T0: Millis = Millis(1_767_225_600_000);
@@ -419,16 +419,15 @@ impl Sim {
         buf[HEADROOM..HEADROOM + data.len()].copy_from_slice(data);
         let mut out = Vec::new();
         let now = self.planes[i].now(cp_now);
-        self.planes[i].cores[w].handle_datagram(
-            now,
-            t,
-            from,
-            &mut buf,
-            data.len(),
-            false,
-            0,
-            &mut out,
-        );
+        let rx = Received {
+            token: t,
+            src: from,
+            buf: &mut buf,
+            len: data.len(),
+            truncated: false,
+            slot: 0,
+        };
+        self.planes[i].cores[w].handle_datagram(now, rx, &mut out);
         let ups = self.outputs(i, w, out, &buf);
         if let Some(conn) = self.planes[i].conn {
             for u in ups {

@@ -6,11 +6,11 @@
 //! owns the connection and both directions of its traffic stay on one core. A
 //! connection's bytes go: (PROXY protocol header, if the listener expects one) → TLS
 //! (rustls, sans-IO: `read_tls`/`process_new_packets`/`reader`) → the framer
-//! (`stream::Framer`: STUN messages and ChannelData, padded over streams) → each message,
+//! (`core::framer::Framer`: STUN messages and ChannelData, padded over streams) → each message,
 //! copied into a slot-sized scratch buffer, through the same sans-IO core as a UDP
 //! datagram (`Core::handle_message`). Towards the client, everything (relayed data,
 //! Binding answers, control-plane answers) goes into the connection's bounded send queue
-//! (`stream::SendQueue`), through TLS when the connection has it; the backend sends the
+//! (`core::framer::SendQueue`), through TLS when the connection has it; the backend sends the
 //! queues of the connections marked dirty at the end of each turn. Relaying to peers
 //! stays UDP, sent at once from the allocation's relay socket.
 //!
@@ -25,7 +25,7 @@
 //!
 //! Half-close: at the end of the client's stream (FIN, or a TLS close_notify) the
 //! connection is read no more but stays open until the answers to what the client sent
-//! are sent, within bounds (`stream::HalfClose`); a reset closes it at once.
+//! are sent, within bounds (`core::framer::HalfClose`); a reset closes it at once.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -42,7 +42,7 @@ use crate::core::Token;
 use crate::core::counters::{bump, bump_set};
 use crate::core::framer::{Framer, HalfClose, SendQueue, Verdict};
 use crate::core::proxy;
-use crate::core::{HEADROOM, Output, RECV_CAP};
+use crate::core::{Framed, HEADROOM, Output, RECV_CAP};
 use crate::io::slab::Kind;
 use crate::io::worker::{IoOp, Worker};
 use crate::{FiveTuple, Transport};
@@ -874,8 +874,14 @@ impl Worker {
                 return;
             };
             dst.copy_from_slice(frame);
-            self.core
-                .handle_message(self.now, t, tuple, &mut scratch, n, 0, &mut outputs);
+            let msg = Framed {
+                conn: t,
+                tuple,
+                buf: &mut scratch,
+                len: n,
+                slot: 0,
+            };
+            self.core.handle_message(self.now, msg, &mut outputs);
             for o in outputs.drain(..) {
                 match o {
                     Output::Transmit(tx) => {

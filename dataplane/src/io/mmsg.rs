@@ -10,7 +10,7 @@ use nix::sys::eventfd::EventFd;
 
 use crate::core::Token;
 use crate::core::counters::bump;
-use crate::core::{HEADROOM, RECV_CAP, SLOT, Transmit};
+use crate::core::{HEADROOM, RECV_CAP, Received, SLOT, Transmit};
 use crate::io::batch::{group_end, gso_refused, report_ready};
 use crate::io::slab::Kind;
 use crate::io::sys::{self, GsoCmsg, NAME_LEN, RawName};
@@ -255,7 +255,15 @@ impl Mmsg {
                 continue;
             };
             let slot = &mut self.bufs[i * SLOT..(i + 1) * SLOT];
-            worker.on_datagram(t, src, slot, len, truncated, i as u32, &mut self.outs);
+            let rx = Received {
+                token: t,
+                src,
+                buf: slot,
+                len,
+                truncated,
+                slot: i as u32,
+            };
+            worker.on_datagram(rx, &mut self.outs);
         }
         self.flush(worker);
         n

@@ -30,7 +30,7 @@ use nix::sys::eventfd::EventFd;
 
 use crate::core::Token;
 use crate::core::counters::bump;
-use crate::core::{HEADROOM, SLOT, TAILROOM, Transmit};
+use crate::core::{HEADROOM, Received, SLOT, TAILROOM, Transmit};
 use crate::io::batch::{MAX_SEGS, group_end, gso_refused, report_ready};
 use crate::io::slab::Kind;
 use crate::io::sys::{self, GsoCmsg, NAME_LEN, RawName};
@@ -747,15 +747,15 @@ impl Uring {
             return;
         };
         let before = self.outs.len();
-        worker.on_datagram(
-            t,
+        let rx = Received {
+            token: t,
             src,
-            slot,
-            payloadlen,
+            buf: slot,
+            len: payloadlen,
             truncated,
-            u32::from(bid),
-            &mut self.outs,
-        );
+            slot: u32::from(bid),
+        };
+        worker.on_datagram(rx, &mut self.outs);
         if self.outs.len() > before {
             self.refs[usize::from(bid)] += 1;
         } else {

@@ -15,7 +15,7 @@ use socket2::{SockAddr, Socket};
 use crate::core::Token;
 use crate::core::counters::{Counters, bump, bump_set};
 use crate::core::table::Denied;
-use crate::core::{Core, CoreConfig, Output, SLOT, Transmit};
+use crate::core::{Core, CoreConfig, Output, Received, SLOT, Transmit};
 use crate::io::conns::{ListenerKind, StreamShared};
 use crate::io::slab::{Kind, Sockets};
 use crate::io::sys;
@@ -146,7 +146,7 @@ pub(crate) struct Worker {
     pub(crate) refusals: Refusals,
     /// Open connections: TCP, TLS.
     pub(crate) open_streams: [usize; 2],
-    /// Connections with something to send (see `streams.rs`).
+    /// Connections with something to send (see `conns.rs`).
     pub(crate) dirty: Vec<Token>,
     /// A slot-sized buffer a connection's message is copied into for the core.
     pub(crate) scratch: Vec<u8>,
@@ -237,31 +237,28 @@ impl Worker {
         Ok(w)
     }
 
-    /// A datagram of `len` bytes received on `t` from `src` into receive slot number
-    /// `slot` (`buf`, payload at [`crate::core::HEADROOM`]); what must be sent from
-    /// that slot is pushed to `transmits`, in order.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn on_datagram(
-        &mut self,
-        t: Token,
-        src: SocketAddr,
-        buf: &mut [u8],
-        len: usize,
-        truncated: bool,
-        slot: u32,
-        transmits: &mut Vec<Transmit>,
-    ) {
+    /// A datagram received into a receive slot; what must be sent from that slot is
+    /// pushed to `transmits`, in order.
+    pub(crate) fn on_datagram(&mut self, rx: Received<'_>, transmits: &mut Vec<Transmit>) {
         let mut outputs = std::mem::take(&mut self.outputs);
-        self.core
-            .handle_datagram(self.now, t, src, buf, len, truncated, slot, &mut outputs);
+        let (buf, len) = (rx.buf, rx.len);
+        self.core.handle_datagram(
+            self.now,
+            Received {
+                buf: &mut *buf,
+                ..rx
+            },
+            &mut outputs,
+        );
         self.act(&mut outputs, transmits, buf, len);
         self.outputs = outputs;
     }
 
     /// Acts on the core's outputs; transmits (which name receive slots) go to
     /// `transmits` for the backend to batch, except those to a client connection, whose
-    /// bytes (in `slot`) go into its send queue; one its queue has no room for is
-    /// dropped, and the `payload` bytes it relayed are not counted as relayed.
+    /// bytes (in `slot`) go into its send queue; one queued is counted as relayed
+    /// (`payload` bytes, `Core::queued_to_client`), one its queue has no room for is
+    /// dropped.
     fn act(
         &mut self,
         outputs: &mut Vec<Output>,
@@ -278,8 +275,8 @@ impl Worker {
                             Some(bytes) => self.stream_send(tx.from, bytes),
                             None => false,
                         };
-                        if !sent && let Some(tuple) = self.stream_tuple(tx.from) {
-                            self.core.uncount_to_client(&tuple, payload);
+                        if sent && let Some(tuple) = self.stream_tuple(tx.from) {
+                            self.core.queued_to_client(&tuple, payload);
                         }
                         continue;
                     }
