@@ -1,14 +1,17 @@
 //! The forwarding core of a worker, sans I/O: it owns no socket, reads no clock and
 //! sends nothing. Every input carries `now`; what must happen comes out as [`Output`]s
-//! pushed into a vector the caller owns.
+//! pushed into a vector the caller owns. Nothing in this tree imports from `crate::io`
+//! (the `layers` test in `lib.rs` checks it): sockets are [`Token`]s here.
 //!
 //! Call order (the worker in `io/worker.rs` does this for both backends):
 //! 1. [`Core::add_listen`] for every listening socket, [`Core::add_companion`] for every
 //!    NAT discovery companion and [`Core::add_nat_group`] for every RFC 5780 group, at
 //!    start;
-//! 2. per received datagram, [`Core::handle_datagram`] with the receive slot it lies in
-//!    (payload at [`HEADROOM`]); a [`Output::Transmit`] it produces names a range of that
-//!    same slot, so nothing is copied;
+//! 2. per received datagram, [`Core::handle_datagram`] with a [`Received`] (the receive
+//!    slot it lies in, payload at [`HEADROOM`]); a [`Output::Transmit`] it produces
+//!    names a range of that same slot, so nothing is copied; per message framed from a
+//!    client connection, [`Core::handle_message`] with a [`Framed`], and
+//!    [`Core::queued_to_client`] for what the worker then queued on a connection;
 //! 3. per control command: [`Core::relays_bound`] once the worker bound relay sockets,
 //!    [`Core::handle_change`] for table changes, [`Core::reply`] for a control-plane
 //!    datagram to a client, [`Core::snapshot`];
@@ -16,7 +19,10 @@
 //! 5. then act on every output: send transmits (batched by the backend), hand punts to
 //!    the control plane, close sockets, set socket options.
 //!
-//! The per-datagram decisions are in `path.rs`, the table in `table.rs`.
+//! The per-datagram decisions are in [`path`], the table in [`table`], the Binding rate
+//! limit in [`limit`]; [`framer`] and [`proxy`] are the sans-IO parts of TCP/TLS
+//! connections (framing, send queue, half-close; PROXY headers), [`counters`] the
+//! per-worker counters.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,13 +6,13 @@
 //! owns the connection and both directions of its traffic stay on one core. A
 //! connection's bytes go: (PROXY protocol header, if the listener expects one) → TLS
 //! (rustls, sans-IO: `read_tls`/`process_new_packets`/`reader`) → the framer
-//! (`core::framer::Framer`: STUN messages and ChannelData, padded over streams) → each message,
-//! copied into a slot-sized scratch buffer, through the same sans-IO core as a UDP
-//! datagram (`Core::handle_message`). Towards the client, everything (relayed data,
-//! Binding answers, control-plane answers) goes into the connection's bounded send queue
-//! (`core::framer::SendQueue`), through TLS when the connection has it; the backend sends the
-//! queues of the connections marked dirty at the end of each turn. Relaying to peers
-//! stays UDP, sent at once from the allocation's relay socket.
+//! (`core::framer::Framer`: STUN messages and ChannelData, padded over streams) → each
+//! message, copied into a slot-sized scratch buffer, through the same sans-IO core as a
+//! UDP datagram (`Core::handle_message`). Towards the client, everything (relayed data,
+//! Binding answers, control-plane answers) goes into the connection's bounded send
+//! queue (`core::framer::SendQueue`), through TLS when the connection has it; the
+//! backend sends the queues of the connections marked dirty at the end of each turn.
+//! Relaying to peers stays UDP, sent at once from the allocation's relay socket.
 //!
 //! Hostile and slow clients: a connection without a live allocation is closed after
 //! [`StreamLimits::idle_ms`] (a slow-loris or a connection that never allocates), a TLS
