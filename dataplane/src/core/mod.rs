@@ -1,7 +1,7 @@
 //! The forwarding core of a worker, sans I/O: it owns no socket, reads no clock and
 //! sends nothing. Every input carries `now`; what must happen comes out as [`Output`]s
-//! pushed into a vector the caller owns. Nothing in this tree imports from `crate::io`
-//! (the `layers` test in `lib.rs` checks it): sockets are [`Token`]s here.
+//! pushed into a vector the caller owns. Nothing in this tree imports from the I/O
+//! tree, `io/` (the `layers` test in `lib.rs` checks it): sockets are [`Token`]s here.
 //!
 //! Call order (the worker in `io/worker.rs` does this for both backends):
 //! 1. [`Core::add_listen`] for every listening socket, [`Core::add_companion`] for every
