@@ -11,29 +11,59 @@
 //!
 //! # Where things are
 //!
+//! Two trees, one rule: `core/` is the sans-IO forwarding core (no socket, no clock,
+//! no thread), `io/` drives it with sockets and threads. The core imports nothing from
+//! `io/` (a test, `layers`, checks it), so every forwarding rule runs without sockets.
+//!
+//! ```text
+//! src/
+//!   lib.rs        this page, the configuration, the re-exports
+//!   core/         sans-IO: time, datagrams and table changes in, `Output`s out
+//!     mod.rs      `Core`, its inputs (`Received`, `Framed`) and `Output`, the `Token`
+//!     path.rs     the per-datagram decisions (a `Forward`, or a drop counted by reason)
+//!     table.rs    allocations, permissions, channels, bandwidth buckets, the sweep
+//!     limit.rs    the Binding rate limit
+//!     framer.rs   TCP/TLS byte stream → messages, the send queue, half-close
+//!     proxy.rs    PROXY protocol v1/v2 headers
+//!     counters.rs the per-worker counters (atomics only its worker writes)
+//!     tests.rs    the core's deterministic tests (virtual clock, no sockets)
+//!   io/           threads, sockets and system calls
+//!     start.rs    `DataPlane::start` and the `DataPlaneHandle`
+//!     worker.rs   what both backends share: clock, command queue, acting on outputs
+//!     uring.rs    the io_uring backend
+//!     mmsg.rs     the epoll + recvmmsg/sendmmsg backend
+//!     batch.rs    GSO grouping and the refused-GSO fallback (both backends)
+//!     slab.rs     socket creation; the worker's sockets by `Token`
+//!     conns.rs    TCP/TLS client connections in the workers
+//!     sys.rs      raw socket calls
+//!   xdp/          the XDP fast path: loader, map mirror, generated ABI
+//!   agent/        the gRPC side of the plane stream
+//!   sim.rs        (tests) the core driven by the control plane's cluster
+//! ```
+//!
 //! A datagram's way from arrival to forwarding:
-//! 1. a backend (`uring.rs` or `mmsg.rs`) receives it into a 4 KiB slot on a socket of
-//!    the worker's slab (`slab.rs`, which creates and owns every socket; a socket is a
-//!    `Token` everywhere else) and hands it to the worker (`worker.rs`), with the clock
-//!    value the backend read once for this loop turn;
-//! 2. the worker passes it to the sans-IO core (`engine.rs`: `Core::handle_datagram`,
+//! 1. a backend (`io/uring.rs` or `io/mmsg.rs`) receives it into a 4 KiB slot on a
+//!    socket of the worker's slab (`io/slab.rs`, which creates and owns every socket; a
+//!    socket is a `Token` everywhere else) and hands it to the worker (`io/worker.rs`) as
+//!    a `Received`, with the clock value the backend read once for this loop turn;
+//! 2. the worker passes it to the sans-IO core (`core/mod.rs`: `Core::handle_datagram`,
 //!    which owns no socket, reads no clock and sends nothing);
 //! 3. the core looks up the socket's role and the allocation in its table
-//!    (`table.rs`: allocations, permissions, channels, bandwidth buckets, deadlines and
-//!    the sweep) and decides (`path.rs`: one function per direction, each check in
-//!    order, every drop counted by reason);
+//!    (`core/table.rs`: allocations, permissions, channels, bandwidth buckets, deadlines
+//!    and the sweep) and decides (`core/path.rs`: one function per direction, each check
+//!    in order, every drop counted by reason, a `Forward` when it is sent);
 //! 4. the decision comes out as one `Output`: a `Transmit` (a byte range of the same
 //!    slot, from a socket to an address), a `Punt` for the control plane, a `Reply`, or
 //!    a socket to close or to set DONT-FRAGMENT on;
 //! 5. the worker acts on the others and returns the transmits to the backend, which
 //!    sends them in batches: GSO groups and the GSO-refusal fallback are shared
-//!    (`batch.rs`), the calls are its own (sendmmsg, or io_uring SendMsg).
+//!    (`io/batch.rs`), the calls are its own (sendmmsg, or io_uring SendMsg).
 //!
 //! Control commands from the [`DataPlaneHandle`] take the same way: the worker binds
 //! relay sockets in its slab and tells the core (`Core::relays_bound`), and passes
 //! table changes (`Core::handle_change`) and control-plane answers (`Core::reply`).
 //! The deterministic tests of the forwarding rules drive `Core` with a virtual clock
-//! (`engine/tests.rs`); `tests/forwarding.rs` runs the same rules end to end on both
+//! (`core/tests.rs`); `tests/forwarding.rs` runs the same rules end to end on both
 //! backends.
 //!
 //! # Packet path
@@ -77,7 +107,7 @@
 //! [`Backend::Auto`] probes io_uring on a throwaway thread (ring with
 //! SINGLE_ISSUER|DEFER_TASKRUN, opcodes, EXT_ARG, buffer-ring registration, Linux 6.10
 //! features for multishot recvmsg) and falls back to [`Backend::Mmsg`]. Both backends
-//! share the worker (`worker.rs`) and its core (`engine.rs`) and differ only in I/O:
+//! share the worker (`io/worker.rs`) and its core (`core/`) and differ only in I/O:
 //! - io_uring: one provided buffer ring of 1024 slots, a multishot `RecvMsgMulti` per
 //!   socket (re-armed when it ends, e.g. on ENOBUFS after the ring ran dry), a
 //!   `SendMsg` per datagram or GSO group from a fixed arena of send slots, and one
@@ -106,7 +136,7 @@
 //! ChannelData needs a live permission for the channel's peer in both directions, as
 //! Send and Data indications do (RFC 8656 §12). Peer → client, a new channel is used
 //! only once the worker has sent the client a ChannelBind success response; until then
-//! the peer's data goes as Data indications (see `Channel` in `table.rs`).
+//! the peer's data goes as Data indications (see `Channel` in `core/table.rs`).
 //!
 //! # Bandwidth
 //!
@@ -122,33 +152,17 @@
 use std::net::SocketAddr;
 
 pub mod agent;
-mod batch;
-mod counters;
-mod engine;
-mod limit;
-#[allow(unsafe_code)]
-mod mmsg;
-mod path;
-mod plane;
-mod proxy;
+mod core;
+mod io;
 #[cfg(test)]
 mod sim;
-mod slab;
-mod stream;
-mod streams;
-#[allow(unsafe_code)]
-mod sys;
-mod table;
-#[allow(unsafe_code)]
-mod uring;
-mod worker;
 #[allow(unsafe_code)]
 pub mod xdp;
 
-pub use counters::{Drops, StreamStats, WorkerCounters};
-pub use plane::{DataPlane, DataPlaneHandle};
-pub use streams::{StreamLimits, StreamListen};
-pub use sys::release_free_memory;
+pub use crate::core::counters::{Drops, StreamStats, WorkerCounters};
+pub use crate::io::conns::{StreamLimits, StreamListen};
+pub use crate::io::start::{DataPlane, DataPlaneHandle};
+pub use crate::io::sys::release_free_memory;
 /// The plane-to-plane contract the data plane speaks, re-exported for its users.
 pub use turnpike_plane::{
     AllocationId, AllocationSnapshot, BindError, FiveTuple, Millis, TableChange, Traffic,
@@ -278,4 +292,43 @@ pub trait ControlSink: Send + Sync + 'static {
     /// allocation, if any, has ended (RFC 8656 §3.1); the data plane has removed it
     /// already.
     fn connection_closed(&self, worker: usize, tuple: FiveTuple);
+}
+
+#[cfg(test)]
+mod layers {
+    use std::path::Path;
+
+    /// Every line of the Rust files under `dir` that names the I/O tree.
+    fn io_imports(dir: &Path, found: &mut Vec<String>) {
+        let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for entry in entries {
+            let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+            if path.is_dir() {
+                io_imports(&path, found);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                found.extend(
+                    text.lines()
+                        .filter(|l| l.contains("crate::io") || l.contains("super::io"))
+                        .map(|l| format!("{}: {l}", path.display())),
+                );
+            }
+        }
+    }
+
+    /// The sans-IO core imports nothing from the I/O tree (see "Where things are").
+    #[test]
+    fn core_imports_nothing_from_io() {
+        let mut found = Vec::new();
+        io_imports(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core"),
+            &mut found,
+        );
+        assert!(
+            found.is_empty(),
+            "the core names the I/O tree:\n{}",
+            found.join("\n")
+        );
+    }
 }

@@ -26,10 +26,10 @@ use turnpike_proto::stun::Message;
 
 use crate::BindingLimit;
 use crate::agent::session::{self, Session, Verdict};
-use crate::counters::Counters;
-use crate::engine::{Core, CoreConfig, HEADROOM, Output, SLOT};
-use crate::slab::Token;
-use crate::table::Denied;
+use crate::core::Token;
+use crate::core::counters::Counters;
+use crate::core::table::Denied;
+use crate::core::{Core, CoreConfig, HEADROOM, Output, Received, SLOT};
 
 /// The start of the virtual clock.
 const T0: Millis = Millis(1_767_225_600_000);
@@ -425,16 +425,15 @@ impl Sim {
         buf[HEADROOM..HEADROOM + data.len()].copy_from_slice(data);
         let mut out = Vec::new();
         let now = self.planes[i].now(cp_now);
-        self.planes[i].cores[w].handle_datagram(
-            now,
-            t,
-            from,
-            &mut buf,
-            data.len(),
-            false,
-            0,
-            &mut out,
-        );
+        let rx = Received {
+            token: t,
+            src: from,
+            buf: &mut buf,
+            len: data.len(),
+            truncated: false,
+            slot: 0,
+        };
+        self.planes[i].cores[w].handle_datagram(now, rx, &mut out);
         let ups = self.outputs(i, w, out, &buf);
         if let Some(conn) = self.planes[i].conn {
             for u in ups {

@@ -18,6 +18,7 @@ use turnpike_controlplane_runtime::ControlPlaneHandle;
 use turnpike_dataplane::DataPlaneHandle;
 
 use turnpike_dataplane::agent::PuntQueue;
+use turnpike_dataplane::xdp::XdpState;
 
 use crate::listener::{self, Limits};
 
@@ -187,8 +188,12 @@ fn render_xdp(
         "1 when the XDP fast path is attached (see the interface and mode labels of turnpike_xdp_attached).",
     );
     let status = dp.xdp_status();
-    let _ = writeln!(o, "turnpike_xdp_enabled {}", u8::from(status.is_ok()));
-    let (Ok(attached), Some(stats)) = (status, dp.xdp_stats()) else {
+    let _ = writeln!(
+        o,
+        "turnpike_xdp_enabled {}",
+        u8::from(matches!(status, XdpState::On(_)))
+    );
+    let (XdpState::On(attached), Some(stats)) = (status, dp.xdp_stats()) else {
         // Off: the families are declared all the same (no samples), so that dashboards
         // and alerts can name them whatever the host.
         for (name, kind, help) in XDP_FAMILIES {

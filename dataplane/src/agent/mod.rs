@@ -27,6 +27,7 @@ use turnpike_plane::{
     Traffic, Up, Usage, WorkerLoad,
 };
 
+use crate::xdp::XdpState;
 use crate::{AllocationSnapshot, ControlSink, DataPlaneHandle, FiveTuple, WorkerCounters};
 use session::{PuntBatch, Session, Verdict};
 
@@ -404,12 +405,12 @@ fn worker_loads(counters: &[WorkerCounters], snapshot: &[AllocationSnapshot]) ->
 /// The XDP fast path's part of a load report; `None` when it was not asked for.
 fn fast_path_report(dp: &DataPlaneHandle, counters: &[WorkerCounters]) -> Option<FastPathReport> {
     match dp.xdp_status() {
-        Err(why) if dp.xdp_stats().is_none() && why.starts_with("not asked") => None,
-        Err(why) => Some(FastPathReport {
+        XdpState::NotAsked => None,
+        XdpState::Off(why) => Some(FastPathReport {
             off_reason: why,
             ..Default::default()
         }),
-        Ok(attached) => {
+        XdpState::On(attached) => {
             let s = dp.xdp_stats().unwrap_or_default();
             let count = |(name, packets): (&str, u64)| (name.to_owned(), packets);
             Some(FastPathReport {

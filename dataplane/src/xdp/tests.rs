@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use super::*;
-use crate::counters::Counters;
-use crate::engine::Output;
-use crate::table::Table;
+use crate::core::Output;
+use crate::core::counters::Counters;
+use crate::core::table::Table;
 use crate::{FiveTuple, Millis, TableChange};
 
 const XDP_PASS: u32 = 2;
@@ -314,7 +314,7 @@ struct Fixture {
 }
 
 fn unix_ms() -> u64 {
-    crate::worker::unix_millis().0
+    crate::io::worker::unix_millis().0
 }
 
 impl Fixture {

@@ -28,12 +28,13 @@ use io_uring::types::{BufRingEntry, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 use nix::sys::eventfd::EventFd;
 
-use crate::batch::{MAX_SEGS, group_end, gso_refused, report_ready};
-use crate::counters::bump;
-use crate::engine::{HEADROOM, SLOT, TAILROOM, Transmit};
-use crate::slab::{Kind, Token};
-use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
-use crate::worker::{IoOp, Worker, unix_millis};
+use crate::core::Token;
+use crate::core::counters::bump;
+use crate::core::{HEADROOM, Received, SLOT, TAILROOM, Transmit};
+use crate::io::batch::{MAX_SEGS, group_end, gso_refused, report_ready};
+use crate::io::slab::Kind;
+use crate::io::sys::{self, GsoCmsg, NAME_LEN, RawName};
+use crate::io::worker::{IoOp, Worker, unix_millis};
 
 /// Provided receive buffers per worker (a power of two). With DEFER_TASKRUN one enter
 /// completes at most ~33 receives per socket, and sends give their buffers back at the
@@ -746,15 +747,15 @@ impl Uring {
             return;
         };
         let before = self.outs.len();
-        worker.on_datagram(
-            t,
+        let rx = Received {
+            token: t,
             src,
-            slot,
-            payloadlen,
+            buf: slot,
+            len: payloadlen,
             truncated,
-            u32::from(bid),
-            &mut self.outs,
-        );
+            slot: u32::from(bid),
+        };
+        worker.on_datagram(rx, &mut self.outs);
         if self.outs.len() > before {
             self.refs[usize::from(bid)] += 1;
         } else {

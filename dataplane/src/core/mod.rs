@@ -1,14 +1,17 @@
 //! The forwarding core of a worker, sans I/O: it owns no socket, reads no clock and
 //! sends nothing. Every input carries `now`; what must happen comes out as [`Output`]s
-//! pushed into a vector the caller owns.
+//! pushed into a vector the caller owns. Nothing in this tree imports from the I/O
+//! tree, `io/` (the `layers` test in `lib.rs` checks it): sockets are [`Token`]s here.
 //!
-//! Call order (the worker in `worker.rs` does this for both backends):
+//! Call order (the worker in `io/worker.rs` does this for both backends):
 //! 1. [`Core::add_listen`] for every listening socket, [`Core::add_companion`] for every
 //!    NAT discovery companion and [`Core::add_nat_group`] for every RFC 5780 group, at
 //!    start;
-//! 2. per received datagram, [`Core::handle_datagram`] with the receive slot it lies in
-//!    (payload at [`HEADROOM`]); a [`Output::Transmit`] it produces names a range of that
-//!    same slot, so nothing is copied;
+//! 2. per received datagram, [`Core::handle_datagram`] with a [`Received`] (the receive
+//!    slot it lies in, payload at [`HEADROOM`]); a [`Output::Transmit`] it produces
+//!    names a range of that same slot, so nothing is copied; per message framed from a
+//!    client connection, [`Core::handle_message`] with a [`Framed`], and
+//!    [`Core::queued_to_client`] for what the worker then queued on a connection;
 //! 3. per control command: [`Core::relays_bound`] once the worker bound relay sockets,
 //!    [`Core::handle_change`] for table changes, [`Core::reply`] for a control-plane
 //!    datagram to a client, [`Core::snapshot`];
@@ -16,7 +19,10 @@
 //! 5. then act on every output: send transmits (batched by the backend), hand punts to
 //!    the control plane, close sockets, set socket options.
 //!
-//! The per-datagram decisions are in `path.rs`, the table in `table.rs`.
+//! The per-datagram decisions are in [`path`], the table in [`table`], the Binding rate
+//! limit in [`limit`]; [`framer`] and [`proxy`] are the sans-IO parts of TCP/TLS
+//! connections (framing, send queue, half-close; PROXY headers), [`counters`] the
+//! per-worker counters.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,12 +30,23 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use turnpike_proto::turn::MAX_DATA_INDICATION_HEADER;
 
-use crate::counters::{Counters, bump, bump_set, unbump};
-use crate::limit::Limiter;
-use crate::path::is_channel_bind_success;
-use crate::slab::Token;
-use crate::table::{Denied, Owner, Role, Table};
+use crate::core::counters::{Counters, bump, bump_set};
+use crate::core::limit::Limiter;
+use crate::core::path::is_channel_bind_success;
+use crate::core::table::{Denied, Owner, Role, Table};
 use crate::{AllocationSnapshot, BindingLimit, FiveTuple, Millis, Punted, TableChange};
+
+pub(crate) mod counters;
+pub(crate) mod framer;
+pub(crate) mod limit;
+pub(crate) mod path;
+pub(crate) mod proxy;
+pub(crate) mod table;
+
+/// A socket, as the core knows it: an index the I/O side gives each socket it creates
+/// (the worker's slab, `io/slab.rs`). The core names sockets only by token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Token(pub(crate) u32);
 
 /// Bytes reserved in front of every received payload for the header written in place.
 pub(crate) const HEADROOM: usize = MAX_DATA_INDICATION_HEADER;
@@ -55,6 +72,41 @@ pub(crate) struct Transmit {
     /// Order of production, to keep per-socket order when transmits are grouped (set by
     /// the worker).
     pub(crate) seq: u32,
+}
+
+/// A datagram received on a socket of the worker: the input of
+/// [`Core::handle_datagram`] (and of the worker's `on_datagram`).
+#[derive(Debug)]
+pub(crate) struct Received<'a> {
+    /// The socket it arrived on.
+    pub(crate) token: Token,
+    /// Where it came from.
+    pub(crate) src: SocketAddr,
+    /// The receive slot it lies in, payload at [`HEADROOM`]; a [`Transmit`] decided on
+    /// it names a range of this same slot.
+    pub(crate) buf: &'a mut [u8],
+    /// The payload's length.
+    pub(crate) len: usize,
+    /// The kernel cut it to fit the slot.
+    pub(crate) truncated: bool,
+    /// The slot's index, carried into the transmits.
+    pub(crate) slot: u32,
+}
+
+/// One message (STUN or ChannelData) framed from a client connection's byte stream:
+/// the input of [`Core::handle_message`].
+#[derive(Debug)]
+pub(crate) struct Framed<'a> {
+    /// The connection's socket.
+    pub(crate) conn: Token,
+    /// The connection's 5-tuple (transport TCP or TLS).
+    pub(crate) tuple: FiveTuple,
+    /// A slot-sized scratch buffer, message at [`HEADROOM`].
+    pub(crate) buf: &'a mut [u8],
+    /// The message's length.
+    pub(crate) len: usize,
+    /// The index a [`Transmit`] decided on it names.
+    pub(crate) slot: u32,
 }
 
 /// What the core asks its worker to do.
@@ -145,7 +197,7 @@ impl Core {
 
     /// An RFC 5780 group of addresses: [IP1:P1, IP1:P2, IP2:P1, IP2:P2], each a
     /// listening socket or companion of this worker.
-    pub(crate) fn add_nat_group(&mut self, group: crate::table::NatGroup) {
+    pub(crate) fn add_nat_group(&mut self, group: crate::core::table::NatGroup) {
         self.table.add_nat_group(group);
     }
 
@@ -176,20 +228,16 @@ impl Core {
         bump_set(&self.ctr.relay_pool, 0);
     }
 
-    /// A datagram of `len` bytes arrived on socket `t` from `src`, in `buf` (one receive
-    /// slot, index `slot`, payload at [`HEADROOM`]); pushes at most one output.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn handle_datagram(
-        &mut self,
-        now: Millis,
-        t: Token,
-        src: SocketAddr,
-        buf: &mut [u8],
-        len: usize,
-        truncated: bool,
-        slot: u32,
-        out: &mut Vec<Output>,
-    ) {
+    /// A datagram arrived on a socket of the worker; pushes at most one output.
+    pub(crate) fn handle_datagram(&mut self, now: Millis, rx: Received<'_>, out: &mut Vec<Output>) {
+        let Received {
+            token: t,
+            src,
+            buf,
+            len,
+            truncated,
+            slot,
+        } = rx;
         self.now = now.0;
         bump(&self.ctr.received, 1);
         if truncated || len > RECV_CAP || buf.len() < SLOT {
@@ -210,15 +258,8 @@ impl Core {
                 None
             }
         };
-        if let Some((from, to, start, n)) = decision {
-            out.push(Output::Transmit(Transmit {
-                from,
-                to,
-                slot,
-                start: start as u32,
-                len: n as u32,
-                seq: 0,
-            }));
+        if let Some(forward) = decision {
+            out.push(Output::Transmit(forward.in_slot(slot)));
         }
     }
 
@@ -245,49 +286,40 @@ impl Core {
         self.table.has_live_allocation(tuple, now.0)
     }
 
-    /// One framed message (STUN or ChannelData) of `len` bytes from the client of
-    /// connection `t`, in `buf` (a slot-sized scratch buffer, message at
-    /// [`HEADROOM`]): decided exactly like a datagram on a listening socket. A
-    /// [`Output::Transmit`] names `slot` and a range of `buf`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn handle_message(
-        &mut self,
-        now: Millis,
-        t: Token,
-        tuple: FiveTuple,
-        buf: &mut [u8],
-        len: usize,
-        slot: u32,
-        out: &mut Vec<Output>,
-    ) {
+    /// One framed message from the client of a connection: decided exactly like a
+    /// datagram on a listening socket. A [`Output::Transmit`] names the message's `slot`
+    /// and a range of its buffer.
+    pub(crate) fn handle_message(&mut self, now: Millis, msg: Framed<'_>, out: &mut Vec<Output>) {
+        let Framed {
+            conn: t,
+            tuple,
+            buf,
+            len,
+            slot,
+        } = msg;
         self.now = now.0;
         bump(&self.ctr.received, 1);
         if len > RECV_CAP || buf.len() < SLOT {
             bump(&self.ctr.malformed, 1);
             return;
         }
-        if let Some((from, to, start, n)) = self.client_datagram(t, tuple, buf, len, out) {
-            out.push(Output::Transmit(Transmit {
-                from,
-                to,
-                slot,
-                start: start as u32,
-                len: n as u32,
-                seq: 0,
-            }));
+        if let Some(forward) = self.client_datagram(t, tuple, buf, len, out) {
+            out.push(Output::Transmit(forward.in_slot(slot)));
         }
     }
 
-    /// A datagram relayed to the client of `tuple` (`payload` application bytes) was
-    /// dropped after the decision (its connection's send queue was full): it is not
-    /// counted as relayed, for the allocation's usage or the worker's counters.
-    pub(crate) fn uncount_to_client(&mut self, tuple: &FiveTuple, payload: usize) {
+    /// A datagram relayed to the client of connection `tuple` (`payload` application
+    /// bytes) is in the connection's send queue: it counts as relayed now, for the
+    /// allocation's usage and the worker's counters. What goes to a connection is not
+    /// counted when it is decided (`path.rs` `peer_datagram`), because a full send
+    /// queue may still drop it; the worker reports only what it queued.
+    pub(crate) fn queued_to_client(&mut self, tuple: &FiveTuple, payload: usize) {
         if let Some(a) = self.table.by_tuple_mut(tuple) {
-            a.usage.to_client.packets = a.usage.to_client.packets.saturating_sub(1);
-            a.usage.to_client.bytes = a.usage.to_client.bytes.saturating_sub(payload as u64);
+            a.usage.to_client.packets += 1;
+            a.usage.to_client.bytes += payload as u64;
         }
-        unbump(&self.ctr.to_client_packets, 1);
-        unbump(&self.ctr.to_client_bytes, payload as u64);
+        bump(&self.ctr.to_client_packets, 1);
+        bump(&self.ctr.to_client_bytes, payload as u64);
     }
 
     /// Applies a relay-table change.

@@ -29,15 +29,35 @@ use turnpike_proto::turn::{
     write_classic_binding_response, write_data_indication_header, write_rfc5780_binding_response,
 };
 
-use crate::counters::bump;
-use crate::engine::{Core, HEADROOM, Output};
-use crate::slab::Token;
-use crate::table::{Channel, canonical};
-use crate::{AllocationId, FiveTuple, Punted};
+use crate::core::Token;
+use crate::core::counters::bump;
+use crate::core::table::{Channel, canonical};
+use crate::core::{Core, HEADROOM, Output, Transmit};
+use crate::{AllocationId, FiveTuple, Punted, Transport};
 
-/// Where a datagram goes: from this socket to this address, `len` bytes at `start` of
-/// the receive slot.
-pub(crate) type Decision = Option<(Token, SocketAddr, usize, usize)>;
+/// A decision to send: `len` bytes at `start` of the receive slot, from socket `from`
+/// to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Forward {
+    pub(crate) from: Token,
+    pub(crate) to: SocketAddr,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+impl Forward {
+    /// The transmit of these bytes of receive slot number `slot`.
+    pub(crate) fn in_slot(self, slot: u32) -> Transmit {
+        Transmit {
+            from: self.from,
+            to: self.to,
+            slot,
+            start: self.start as u32,
+            len: self.len as u32,
+            seq: 0,
+        }
+    }
+}
 
 /// What the bandwidth limit charges per datagram on top of its application bytes: the
 /// IP and UDP headers of the datagram sent to `to`, so that empty datagrams are not free.
@@ -145,7 +165,7 @@ impl Core {
         buf: &mut [u8],
         len: usize,
         out: &mut Vec<Output>,
-    ) -> Decision {
+    ) -> Option<Forward> {
         let now = self.now;
         let pkt = buf.get(HEADROOM..HEADROOM + len)?;
         let kind = match (classify(pkt), pkt.first()) {
@@ -180,7 +200,12 @@ impl Core {
                     return None;
                 }
                 let from = self.admit_to_peer(&tuple, &peer, n)?;
-                Some((from, peer, HEADROOM + CHANNEL_HEADER_LEN, n))
+                Some(Forward {
+                    from,
+                    to: peer,
+                    start: HEADROOM + CHANNEL_HEADER_LEN,
+                    len: n,
+                })
             }
             PacketKind::Stun => {
                 let Ok(msg) = Message::parse(pkt) else {
@@ -214,7 +239,12 @@ impl Core {
                             return None;
                         }
                         let from = self.admit_to_peer(&tuple, &peer, n)?;
-                        Some((from, peer, start, n))
+                        Some(Forward {
+                            from,
+                            to: peer,
+                            start,
+                            len: n,
+                        })
                     }
                     (_, Class::Request) => {
                         bump(&self.ctr.punted, 1);
@@ -266,7 +296,7 @@ impl Core {
         tuple: FiveTuple,
         buf: &mut [u8],
         len: usize,
-    ) -> Decision {
+    ) -> Option<Forward> {
         let pkt = buf.get(HEADROOM..HEADROOM + len)?;
         let binding = Message::parse(pkt)
             .is_ok_and(|m| (m.method(), m.class()) == (Method::BINDING, Class::Request));
@@ -287,7 +317,7 @@ impl Core {
         tuple: FiveTuple,
         buf: &mut [u8],
         len: usize,
-    ) -> Decision {
+    ) -> Option<Forward> {
         if !self.binding_limit.allow(tuple.client, self.now) {
             bump(&self.ctr.rate_limited, 1);
             return None;
@@ -322,7 +352,12 @@ impl Core {
         match answer {
             Ok(n) => {
                 bump(&self.ctr.binding_answered, 1);
-                Some((from, tuple.client, at, n))
+                Some(Forward {
+                    from,
+                    to: tuple.client,
+                    start: at,
+                    len: n,
+                })
             }
             Err(_) => {
                 bump(&self.ctr.malformed, 1);
@@ -339,7 +374,7 @@ impl Core {
         peer: SocketAddr,
         buf: &mut [u8],
         len: usize,
-    ) -> Decision {
+    ) -> Option<Forward> {
         let now = self.now;
         let tid = self.next_tid();
         let peer = canonical(peer);
@@ -394,10 +429,19 @@ impl Core {
                 (start, end - start)
             }
         };
-        a.usage.to_client.packets += 1;
-        a.usage.to_client.bytes += len as u64;
-        bump(&self.ctr.to_client_packets, 1);
-        bump(&self.ctr.to_client_bytes, len as u64);
-        Some((listen, a.tuple.client, start, total))
+        // A client connection's send queue may still refuse it: the worker counts it
+        // once queued (`Core::queued_to_client`).
+        if a.tuple.transport == Transport::Udp {
+            a.usage.to_client.packets += 1;
+            a.usage.to_client.bytes += len as u64;
+            bump(&self.ctr.to_client_packets, 1);
+            bump(&self.ctr.to_client_bytes, len as u64);
+        }
+        Some(Forward {
+            from: listen,
+            to: a.tuple.client,
+            start,
+            len: total,
+        })
     }
 }

@@ -5,9 +5,9 @@
 use std::io;
 use std::sync::mpsc;
 
-use crate::engine::Transmit;
-use crate::slab::Token;
-use crate::worker::Worker;
+use crate::core::Token;
+use crate::core::Transmit;
+use crate::io::worker::Worker;
 
 /// Most GSO segments in one send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
 pub(crate) const MAX_SEGS: usize = 64;

@@ -221,13 +221,6 @@ pub(crate) fn bump(c: &AtomicU64, n: u64) {
     c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
 }
 
-/// Takes back `n` from a counter that only the calling thread writes (a decision
-/// undone).
-#[inline]
-pub(crate) fn unbump(c: &AtomicU64, n: u64) {
-    c.store(c.load(Relaxed).saturating_sub(n), Relaxed);
-}
-
 /// Sets a gauge that only the calling thread writes.
 #[inline]
 pub(crate) fn bump_set(c: &AtomicU64, v: usize) {

@@ -6,13 +6,13 @@
 //! owns the connection and both directions of its traffic stay on one core. A
 //! connection's bytes go: (PROXY protocol header, if the listener expects one) → TLS
 //! (rustls, sans-IO: `read_tls`/`process_new_packets`/`reader`) → the framer
-//! (`stream::Framer`: STUN messages and ChannelData, padded over streams) → each message,
-//! copied into a slot-sized scratch buffer, through the same sans-IO core as a UDP
-//! datagram (`Core::handle_message`). Towards the client, everything (relayed data,
-//! Binding answers, control-plane answers) goes into the connection's bounded send queue
-//! (`stream::SendQueue`), through TLS when the connection has it; the backend sends the
-//! queues of the connections marked dirty at the end of each turn. Relaying to peers
-//! stays UDP, sent at once from the allocation's relay socket.
+//! (`core::framer::Framer`: STUN messages and ChannelData, padded over streams) → each
+//! message, copied into a slot-sized scratch buffer, through the same sans-IO core as a
+//! UDP datagram (`Core::handle_message`). Towards the client, everything (relayed data,
+//! Binding answers, control-plane answers) goes into the connection's bounded send
+//! queue (`core::framer::SendQueue`), through TLS when the connection has it; the
+//! backend sends the queues of the connections marked dirty at the end of each turn.
+//! Relaying to peers stays UDP, sent at once from the allocation's relay socket.
 //!
 //! Hostile and slow clients: a connection without a live allocation is closed after
 //! [`StreamLimits::idle_ms`] (a slow-loris or a connection that never allocates), a TLS
@@ -25,7 +25,7 @@
 //!
 //! Half-close: at the end of the client's stream (FIN, or a TLS close_notify) the
 //! connection is read no more but stays open until the answers to what the client sent
-//! are sent, within bounds (`stream::HalfClose`); a reset closes it at once.
+//! are sent, within bounds (`core::framer::HalfClose`); a reset closes it at once.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -38,12 +38,13 @@ use ahash::AHashMap;
 use arc_swap::ArcSwap;
 use socket2::{SockAddr, Socket, TcpKeepalive};
 
-use crate::counters::{bump, bump_set};
-use crate::engine::{HEADROOM, Output, RECV_CAP};
-use crate::proxy;
-use crate::slab::{Kind, Token};
-use crate::stream::{Framer, HalfClose, SendQueue, Verdict};
-use crate::worker::{IoOp, Worker};
+use crate::core::Token;
+use crate::core::counters::{bump, bump_set};
+use crate::core::framer::{Framer, HalfClose, SendQueue, Verdict};
+use crate::core::proxy;
+use crate::core::{Framed, HEADROOM, Output, RECV_CAP};
+use crate::io::slab::Kind;
+use crate::io::worker::{IoOp, Worker};
 use crate::{FiveTuple, Transport};
 
 /// Connections accepted per listener and loop turn before other sockets get their turn.
@@ -282,7 +283,7 @@ struct Run {
 }
 
 /// Segments per GSO send at most.
-const MAX_SEGS: usize = crate::batch::MAX_SEGS;
+const MAX_SEGS: usize = crate::io::batch::MAX_SEGS;
 /// Bytes per GSO send at most.
 const MAX_GSO_BYTES: usize = 63 * 1024;
 
@@ -683,7 +684,7 @@ impl Worker {
                 }
                 Ok(proxy::Parsed::Header { len, addrs }) => {
                     if let Some((src, _)) = addrs {
-                        let local = crate::table::canonical(conn.local);
+                        let local = crate::core::table::canonical(conn.local);
                         let denied = self.core.denied.load();
                         let own = |a: &std::net::SocketAddr| *a == local || denied.has_exact(a);
                         if let Err(e) = proxy::check_source(src, own) {
@@ -873,8 +874,14 @@ impl Worker {
                 return;
             };
             dst.copy_from_slice(frame);
-            self.core
-                .handle_message(self.now, t, tuple, &mut scratch, n, 0, &mut outputs);
+            let msg = Framed {
+                conn: t,
+                tuple,
+                buf: &mut scratch,
+                len: n,
+                slot: 0,
+            };
+            self.core.handle_message(self.now, msg, &mut outputs);
             for o in outputs.drain(..) {
                 match o {
                     Output::Transmit(tx) => {
@@ -938,13 +945,13 @@ impl Worker {
                 bump(&self.ctr.send_error, r.count as u64);
                 continue;
             };
-            match crate::sys::send_segments(e.sock.as_fd(), &r.to, bytes, r.seg) {
+            match crate::io::sys::send_segments(e.sock.as_fd(), &r.to, bytes, r.seg) {
                 Ok(_) => {
                     if r.count > 1 {
                         bump(&self.ctr.gso_sends, 1);
                     }
                 }
-                Err(err) if crate::batch::gso_refused(self, r.from, r.count, &err) => {
+                Err(err) if crate::io::batch::gso_refused(self, r.from, r.count, &err) => {
                     // One at a time from the same bytes.
                     for chunk in bytes.chunks(r.seg) {
                         let ok = self

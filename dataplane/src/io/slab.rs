@@ -9,11 +9,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use socket2::{Domain, Protocol, Socket, Type};
 use turnpike_plane::BindError;
 
-use crate::sys;
-
-/// A socket's index in its worker's slab.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct Token(pub(crate) u32);
+use crate::core::Token;
+use crate::io::sys;
 
 /// What a socket of the worker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +18,7 @@ pub(crate) enum Kind {
     /// UDP: a listening socket or a relay socket.
     Udp,
     /// A TCP listening socket clients connect to (plain TCP or TLS).
-    Listener(crate::streams::ListenerKind),
+    Listener(crate::io::conns::ListenerKind),
     /// A client connection (TCP or TLS), its state in [`SockEntry::stream`].
     Stream,
 }
@@ -34,7 +31,7 @@ pub(crate) struct SockEntry {
     pub(crate) kind: Kind,
     /// The connection state of a [`Kind::Stream`] socket (taken out while the worker
     /// works on it).
-    pub(crate) stream: Option<Box<crate::streams::Conn>>,
+    pub(crate) stream: Option<Box<crate::io::conns::Conn>>,
     /// UDP GSO may be used (probed at creation, cleared when the kernel refuses).
     pub(crate) gso: bool,
     /// Closed by the core; the backend still has to let go of it.

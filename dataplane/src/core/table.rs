@@ -7,9 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use ahash::{AHashMap, AHashSet};
 
-use crate::counters::{Counters, bump};
-use crate::engine::{Output, UNCLAIMED_BIND_MS};
-use crate::slab::Token;
+use crate::core::Token;
+use crate::core::counters::{Counters, bump};
+use crate::core::{Output, UNCLAIMED_BIND_MS};
 use crate::{AllocationId, AllocationSnapshot, FiveTuple, Millis, TableChange, Transport, Usage};
 
 /// Who a relay socket belongs to.

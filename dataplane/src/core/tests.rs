@@ -11,7 +11,7 @@ use turnpike_proto::client::Client;
 use turnpike_proto::stun::{Class, Message, MessageWriter, Method, TransactionId};
 
 use super::*;
-use crate::path::write_binding_answer;
+use crate::core::path::write_binding_answer;
 use crate::{AllocationId, Drops};
 
 const LISTEN: Token = Token(0);
@@ -105,16 +105,15 @@ impl H {
         let mut buf = vec![0u8; SLOT];
         buf[HEADROOM..HEADROOM + pkt.len()].copy_from_slice(pkt);
         let mut out = Vec::new();
-        self.core.handle_datagram(
-            Millis(self.now),
-            t,
+        let rx = Received {
+            token: t,
             src,
-            &mut buf,
-            pkt.len(),
-            false,
-            0,
-            &mut out,
-        );
+            buf: &mut buf,
+            len: pkt.len(),
+            truncated: false,
+            slot: 0,
+        };
+        self.core.handle_datagram(Millis(self.now), rx, &mut out);
         out.into_iter()
             .map(|o| match o {
                 Output::Transmit(tx) => {
@@ -631,8 +630,14 @@ fn tcp_connection_carries_its_allocation_and_ends_it() {
     let mut buf = vec![0u8; SLOT];
     buf[HEADROOM..HEADROOM + cd.len()].copy_from_slice(&cd);
     let mut out = Vec::new();
-    h.core
-        .handle_message(Millis(h.now), CONN, tcp, &mut buf, cd.len(), 0, &mut out);
+    let msg = Framed {
+        conn: CONN,
+        tuple: tcp,
+        buf: &mut buf,
+        len: cd.len(),
+        slot: 0,
+    };
+    h.core.handle_message(Millis(h.now), msg, &mut out);
     match out.as_slice() {
         [Output::Transmit(tx)] => {
             assert_eq!((tx.from, tx.to), (RELAY, peer()));
@@ -653,6 +658,16 @@ fn tcp_connection_carries_its_allocation_and_ends_it() {
         }
         o => panic!("{o:?}"),
     }
+    // Relayed to a connection, it counts once the worker has queued it (a full send
+    // queue drops it): not at the decision.
+    let to_client = |h: &H| {
+        let u = h.core.snapshot()[0].usage.to_client;
+        let c = h.core.ctr.snapshot();
+        (u.packets, u.bytes, c.to_client_packets, c.to_client_bytes)
+    };
+    assert_eq!(to_client(&h), (0, 0, 0, 0));
+    h.core.queued_to_client(&tcp, 4);
+    assert_eq!(to_client(&h), (1, 4, 1, 4));
     // A control-plane answer to the TCP client goes out on the connection too.
     let mut out = Vec::new();
     h.core

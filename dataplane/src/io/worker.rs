@@ -12,12 +12,13 @@ use std::sync::{Arc, mpsc};
 use arc_swap::ArcSwap;
 use socket2::{SockAddr, Socket};
 
-use crate::counters::{Counters, bump, bump_set};
-use crate::engine::{Core, CoreConfig, Output, SLOT, Transmit};
-use crate::slab::{Kind, Sockets, Token};
-use crate::streams::{ListenerKind, StreamShared};
-use crate::sys;
-use crate::table::Denied;
+use crate::core::Token;
+use crate::core::counters::{Counters, bump, bump_set};
+use crate::core::table::Denied;
+use crate::core::{Core, CoreConfig, Output, Received, SLOT, Transmit};
+use crate::io::conns::{ListenerKind, StreamShared};
+use crate::io::slab::{Kind, Sockets};
+use crate::io::sys;
 use crate::{
     AllocationSnapshot, BindError, BindingLimit, ControlSink, FiveTuple, Millis, TableChange,
 };
@@ -84,7 +85,7 @@ pub(crate) struct WorkerInit {
     /// NAT discovery companions of the listening sockets (Binding only, RFC 5780).
     pub(crate) companions: Vec<Socket>,
     /// The RFC 5780 groups the listening sockets and companions form.
-    pub(crate) nat_groups: Vec<crate::table::NatGroup>,
+    pub(crate) nat_groups: Vec<crate::core::table::NatGroup>,
     pub(crate) rx: mpsc::Receiver<Command>,
     /// Set by a producer that has written the wake eventfd; cleared before the queue is
     /// drained (see [`Worker::handle_commands`]).
@@ -145,14 +146,14 @@ pub(crate) struct Worker {
     pub(crate) refusals: Refusals,
     /// Open connections: TCP, TLS.
     pub(crate) open_streams: [usize; 2],
-    /// Connections with something to send (see `streams.rs`).
+    /// Connections with something to send (see `conns.rs`).
     pub(crate) dirty: Vec<Token>,
     /// A slot-sized buffer a connection's message is copied into for the core.
     pub(crate) scratch: Vec<u8>,
     /// Plaintext read out of TLS sessions.
     pub(crate) plain: Vec<u8>,
     /// Datagrams from client connections to peers, sent at the end of each read.
-    pub(crate) relay_batch: crate::streams::RelayBatch,
+    pub(crate) relay_batch: crate::io::conns::RelayBatch,
     /// Listeners paused until a time (accept backoff).
     paused: Vec<(Token, u64)>,
     next_stream_sweep: u64,
@@ -236,31 +237,28 @@ impl Worker {
         Ok(w)
     }
 
-    /// A datagram of `len` bytes received on `t` from `src` into receive slot number
-    /// `slot` (`buf`, payload at [`crate::engine::HEADROOM`]); what must be sent from
-    /// that slot is pushed to `transmits`, in order.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn on_datagram(
-        &mut self,
-        t: Token,
-        src: SocketAddr,
-        buf: &mut [u8],
-        len: usize,
-        truncated: bool,
-        slot: u32,
-        transmits: &mut Vec<Transmit>,
-    ) {
+    /// A datagram received into a receive slot; what must be sent from that slot is
+    /// pushed to `transmits`, in order.
+    pub(crate) fn on_datagram(&mut self, rx: Received<'_>, transmits: &mut Vec<Transmit>) {
         let mut outputs = std::mem::take(&mut self.outputs);
-        self.core
-            .handle_datagram(self.now, t, src, buf, len, truncated, slot, &mut outputs);
+        let (buf, len) = (rx.buf, rx.len);
+        self.core.handle_datagram(
+            self.now,
+            Received {
+                buf: &mut *buf,
+                ..rx
+            },
+            &mut outputs,
+        );
         self.act(&mut outputs, transmits, buf, len);
         self.outputs = outputs;
     }
 
     /// Acts on the core's outputs; transmits (which name receive slots) go to
     /// `transmits` for the backend to batch, except those to a client connection, whose
-    /// bytes (in `slot`) go into its send queue; one its queue has no room for is
-    /// dropped, and the `payload` bytes it relayed are not counted as relayed.
+    /// bytes (in `slot`) go into its send queue; one queued is counted as relayed
+    /// (`payload` bytes, `Core::queued_to_client`), one its queue has no room for is
+    /// dropped.
     fn act(
         &mut self,
         outputs: &mut Vec<Output>,
@@ -277,8 +275,8 @@ impl Worker {
                             Some(bytes) => self.stream_send(tx.from, bytes),
                             None => false,
                         };
-                        if !sent && let Some(tuple) = self.stream_tuple(tx.from) {
-                            self.core.uncount_to_client(&tuple, payload);
+                        if sent && let Some(tuple) = self.stream_tuple(tx.from) {
+                            self.core.queued_to_client(&tuple, payload);
                         }
                         continue;
                     }

@@ -8,12 +8,13 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::EventFd;
 
-use crate::batch::{group_end, gso_refused, report_ready};
-use crate::counters::bump;
-use crate::engine::{HEADROOM, RECV_CAP, SLOT, Transmit};
-use crate::slab::{Kind, Token};
-use crate::sys::{self, GsoCmsg, NAME_LEN, RawName};
-use crate::worker::{IoOp, Worker, unix_millis};
+use crate::core::Token;
+use crate::core::counters::bump;
+use crate::core::{HEADROOM, RECV_CAP, Received, SLOT, Transmit};
+use crate::io::batch::{group_end, gso_refused, report_ready};
+use crate::io::slab::Kind;
+use crate::io::sys::{self, GsoCmsg, NAME_LEN, RawName};
+use crate::io::worker::{IoOp, Worker, unix_millis};
 
 /// Datagrams per recvmmsg/sendmmsg call.
 pub(crate) const BATCH: usize = 64;
@@ -107,7 +108,7 @@ pub(crate) fn run(
 
 /// What a connection is polled for: input until its end of stream, room to write
 /// while its queue waits for it (EPOLLHUP and EPOLLERR come regardless).
-fn interest(c: &crate::streams::Conn) -> EpollFlags {
+fn interest(c: &crate::io::conns::Conn) -> EpollFlags {
     let mut flags = EpollFlags::empty();
     if c.reading() {
         flags |= EpollFlags::EPOLLIN;
@@ -254,7 +255,15 @@ impl Mmsg {
                 continue;
             };
             let slot = &mut self.bufs[i * SLOT..(i + 1) * SLOT];
-            worker.on_datagram(t, src, slot, len, truncated, i as u32, &mut self.outs);
+            let rx = Received {
+                token: t,
+                src,
+                buf: slot,
+                len,
+                truncated,
+                slot: i as u32,
+            };
+            worker.on_datagram(rx, &mut self.outs);
         }
         self.flush(worker);
         n

@@ -11,15 +11,16 @@ use arc_swap::ArcSwap;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::Socket;
 
-use crate::counters::{Counters, WorkerCounters};
-use crate::slab::{tcp_listener, udp_socket};
-use crate::streams::{ListenerKind, StreamShared};
-use crate::table::Denied;
-use crate::worker::{Command, Worker, WorkerInit};
-use crate::xdp::FastPath;
+use crate::core::counters::{Counters, WorkerCounters};
+use crate::core::table::Denied;
+use crate::io::conns::{ListenerKind, StreamShared};
+use crate::io::slab::{tcp_listener, udp_socket};
+use crate::io::worker::{Command, Worker, WorkerInit};
+use crate::io::{mmsg, uring};
+use crate::xdp::{FastPath, XdpState};
 use crate::{
     AllocationSnapshot, Backend, BindError, ControlSink, DataPlaneConfig, FiveTuple, StreamListen,
-    TableChange, mmsg, uring,
+    TableChange,
 };
 
 /// How long [`DataPlaneHandle::snapshot`] waits for a worker's answer.
@@ -69,9 +70,26 @@ struct Shared {
     /// The server's own listening addresses, UDP and TCP/TLS: never a peer.
     own: Vec<SocketAddr>,
     /// The XDP fast path, when it is on; else why it is off.
-    xdp: Result<Arc<FastPath>, String>,
+    xdp: FastPathState,
     /// Its control plane drained it (`ctl drain`): for readiness.
     drained: std::sync::atomic::AtomicBool,
+}
+
+/// The XDP fast path of a data plane: not asked for, off (and why), or on.
+enum FastPathState {
+    NotAsked,
+    Off(String),
+    On(Arc<FastPath>),
+}
+
+impl FastPathState {
+    /// The fast path, when it is on.
+    fn on(&self) -> Option<&Arc<FastPath>> {
+        match self {
+            FastPathState::On(fp) => Some(fp),
+            FastPathState::NotAsked | FastPathState::Off(_) => None,
+        }
+    }
 }
 
 impl DataPlane {
@@ -189,19 +207,17 @@ impl DataPlane {
             cfg.denied_peers.iter().chain(&own).copied(),
         )));
         let xdp = if cfg.xdp.interfaces.is_empty() {
-            Err("not asked for (--xdp IFACE)".to_string())
+            FastPathState::NotAsked
         } else {
             match FastPath::start(&cfg.xdp) {
                 Ok(fp) => match fp.set_denied(&denied.load()) {
-                    Ok(()) => Ok(Arc::new(fp)),
-                    Err(e) => Err(e.to_string()),
+                    Ok(()) => FastPathState::On(Arc::new(fp)),
+                    Err(e) => FastPathState::Off(e.to_string()),
                 },
-                Err(e) => Err(e.to_string()),
+                Err(e) => FastPathState::Off(e.to_string()),
             }
         };
-        if let Err(why) = &xdp
-            && !cfg.xdp.interfaces.is_empty()
-        {
+        if let FastPathState::Off(why) = &xdp {
             tracing::warn!(reason = %why, "the XDP fast path is off: relaying on the socket path only");
         }
         let cores = if cfg.pin {
@@ -242,7 +258,7 @@ impl DataPlane {
                 binding_limit: cfg.binding_limit,
                 listen_streams,
                 streams: Arc::clone(&streams),
-                fast_path: xdp.as_ref().ok().cloned(),
+                fast_path: xdp.on().cloned(),
             };
             let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let worker_wake = Arc::clone(&wake);
@@ -496,7 +512,7 @@ impl DataPlaneHandle {
     /// stay denied).
     pub fn set_denied_peers(&self, peers: Vec<SocketAddr>) {
         let d = Denied::new(peers.into_iter().chain(self.shared.own.iter().copied()));
-        if let Ok(fp) = &self.shared.xdp
+        if let Some(fp) = self.shared.xdp.on()
             && let Err(e) = fp.set_denied(&d)
         {
             tracing::warn!(error = %e, "the XDP program's denied ports not updated");
@@ -505,16 +521,17 @@ impl DataPlaneHandle {
     }
 
     /// The XDP fast path: the interfaces it is attached to, or why it is off.
-    pub fn xdp_status(&self) -> Result<Vec<crate::xdp::Attached>, String> {
+    pub fn xdp_status(&self) -> XdpState {
         match &self.shared.xdp {
-            Ok(fp) => Ok(fp.attached().to_vec()),
-            Err(why) => Err(why.clone()),
+            FastPathState::NotAsked => XdpState::NotAsked,
+            FastPathState::Off(why) => XdpState::Off(why.clone()),
+            FastPathState::On(fp) => XdpState::On(fp.attached().to_vec()),
         }
     }
 
     /// What the XDP program relayed and passed, when it is on.
     pub fn xdp_stats(&self) -> Option<crate::xdp::XdpStats> {
-        self.shared.xdp.as_ref().ok().map(|fp| fp.stats())
+        self.shared.xdp.on().map(|fp| fp.stats())
     }
 }
 
@@ -526,7 +543,7 @@ impl DataPlaneHandle {
 fn nat_groups(
     local: &[SocketAddr],
     alt: Option<std::net::IpAddr>,
-) -> io::Result<Vec<crate::table::NatGroup>> {
+) -> io::Result<Vec<crate::core::table::NatGroup>> {
     let Some(alt) = alt else {
         return Ok(Vec::new());
     };

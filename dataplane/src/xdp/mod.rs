@@ -25,7 +25,7 @@ use aya::Pod;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::{Xdp, XdpFlags};
 
-use crate::table::{Alloc, Denied};
+use crate::core::table::{Alloc, Denied};
 use crate::{AllocationId, Transport, Usage};
 use abi::{
     TP_BYTES_DOWN, TP_BYTES_UP, TP_CSUM_COMPLETED, TP_DENY_WORDS, TP_FLAG_DONT_FRAGMENT,
@@ -230,6 +230,17 @@ impl Slots {
             self.next - 1
         })
     }
+}
+
+/// Whether the XDP fast path runs ([`crate::DataPlaneHandle::xdp_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XdpState {
+    /// No interface was given (`--xdp IFACE`): relaying on the socket path only.
+    NotAsked,
+    /// Asked for but off (the program did not load or attach): why.
+    Off(String),
+    /// Attached to these interfaces.
+    On(Vec<Attached>),
 }
 
 /// An interface the program is attached to.
@@ -472,7 +483,7 @@ impl FastPath {
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| std::io::Error::other("no program"))?;
         let fd = prog.fd().map_err(std::io::Error::other)?;
-        crate::sys::bpf_test_run_xdp(fd.as_fd(), frame, ifindex)
+        crate::io::sys::bpf_test_run_xdp(fd.as_fd(), frame, ifindex)
     }
 
     /// Loads [`PASS_PROGRAM`] and attaches it to `iface` natively, for as long as the
