@@ -31,14 +31,13 @@ use arc_swap::ArcSwap;
 use turnpike_proto::turn::MAX_DATA_INDICATION_HEADER;
 
 use crate::core::counters::{Counters, bump, bump_set};
-use crate::core::limit::Limiter;
 use crate::core::path::is_channel_bind_success;
 use crate::core::table::{Denied, Owner, Role, Table};
 use crate::{AllocationSnapshot, BindingLimit, FiveTuple, Millis, Punted, TableChange};
+use turnpike_plane::limit::{Limits, Rate, TwoLevelLimiter};
 
 pub(crate) mod counters;
 pub(crate) mod framer;
-pub(crate) mod limit;
 pub(crate) mod path;
 pub(crate) mod proxy;
 pub(crate) mod table;
@@ -156,7 +155,7 @@ pub(crate) struct Core {
     next_sweep: u64,
     pub(crate) tid_state: u64,
     /// Binding answers per source.
-    pub(crate) binding_limit: Limiter,
+    pub(crate) binding_limit: TwoLevelLimiter,
 }
 
 impl std::fmt::Debug for Core {
@@ -178,7 +177,13 @@ impl Core {
             table: Table::default(),
             now: now.0,
             next_sweep: now.0.saturating_add(SWEEP_MS),
-            binding_limit: Limiter::new(&cfg.binding_limit),
+            binding_limit: TwoLevelLimiter::new(Limits {
+                source: Rate::new(cfg.binding_limit.rate, cfg.binding_limit.burst),
+                ip: Rate::new(cfg.binding_limit.ip_rate, cfg.binding_limit.ip_burst),
+                max_sources: cfg.binding_limit.max_sources,
+                // A full table is swept at most every 10 ms (as the data plane always did).
+                sweep_when_full: Some(10),
+            }),
             tid_state: 0x9E37_79B9_7F4A_7C15
                 ^ (cfg.id as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
                 ^ now.0,
@@ -368,7 +373,7 @@ impl Core {
             return;
         }
         self.next_sweep = now.0.saturating_add(SWEEP_MS);
-        self.binding_limit.sweep(now.0);
+        self.binding_limit.sweep(now);
         self.table.sweep(now.0, out);
     }
 

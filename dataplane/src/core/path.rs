@@ -318,7 +318,10 @@ impl Core {
         buf: &mut [u8],
         len: usize,
     ) -> Option<Forward> {
-        if !self.binding_limit.allow(tuple.client, self.now) {
+        if !self
+            .binding_limit
+            .allow(tuple.client, crate::Millis(self.now))
+        {
             bump(&self.ctr.rate_limited, 1);
             return None;
         }

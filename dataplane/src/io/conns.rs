@@ -424,16 +424,18 @@ impl Worker {
         let shared = Arc::clone(&self.streams);
         if !shared.admit() {
             bump(&self.ctr.streams.refused, 1);
-            self.refusals
-                .log("connection refused: connection limit reached", peer);
+            if let Some(n) = self.refusals.admit_counting(self.now) {
+                tracing::warn!(%peer, not_logged = n, "connection refused: connection limit reached");
+            }
             return;
         }
         let ip = peer.ip();
         if !lk.proxy && !shared.admit_ip(ip) {
             shared.release();
             bump(&self.ctr.streams.refused, 1);
-            self.refusals
-                .log("connection refused: per-IP connection limit reached", peer);
+            if let Some(n) = self.refusals.admit_counting(self.now) {
+                tracing::warn!(%peer, not_logged = n, "connection refused: per-IP connection limit reached");
+            }
             return;
         }
         let release = |ip_counted: bool| {

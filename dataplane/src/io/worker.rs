@@ -103,29 +103,6 @@ pub(crate) struct WorkerInit {
     pub(crate) fast_path: Option<Arc<crate::xdp::FastPath>>,
 }
 
-/// Logs a kind of refusal at most once every few seconds, with how many were not
-/// logged (a flood must not flood the log); each refusal is counted elsewhere.
-#[derive(Debug, Default)]
-pub(crate) struct Refusals {
-    last: u64,
-    quiet: u64,
-    now: u64,
-}
-
-impl Refusals {
-    const EVERY_MS: u64 = 5_000;
-
-    pub(crate) fn log(&mut self, what: &'static str, peer: SocketAddr) {
-        if self.last == 0 || self.now.saturating_sub(self.last) >= Self::EVERY_MS {
-            tracing::warn!(%peer, not_logged = self.quiet, "{what}");
-            self.last = self.now.max(1);
-            self.quiet = 0;
-        } else {
-            self.quiet += 1;
-        }
-    }
-}
-
 /// One worker, whatever its backend: the core, the sockets and the control queue.
 pub(crate) struct Worker {
     pub(crate) id: usize,
@@ -143,7 +120,8 @@ pub(crate) struct Worker {
     pub(crate) outputs: Vec<Output>,
     /// What connections share (TLS configuration, limits, counts).
     pub(crate) streams: Arc<StreamShared>,
-    pub(crate) refusals: Refusals,
+    /// Refusals of connections: a line at most every 5 s, with how many were not logged.
+    pub(crate) refusals: turnpike_plane::limit::RefusalLog,
     /// Open connections: TCP, TLS.
     pub(crate) open_streams: [usize; 2],
     /// Connections with something to send (see `conns.rs`).
@@ -196,7 +174,7 @@ impl Worker {
             buffers: init.buffers,
             outputs: Vec::with_capacity(64),
             streams: init.streams,
-            refusals: Refusals::default(),
+            refusals: turnpike_plane::limit::RefusalLog::with_window(1, 5_000),
             open_streams: [0; 2],
             dirty: Vec::new(),
             scratch: vec![0; SLOT],
@@ -413,7 +391,6 @@ impl Worker {
         self.core.handle_timeout(self.now, &mut out);
         self.mirror();
         self.act_control(out);
-        self.refusals.now = self.now.0;
         if self.now.0 >= self.next_stream_sweep {
             self.next_stream_sweep = self.now.0.saturating_add(1_000);
             self.sweep_streams();
