@@ -38,6 +38,10 @@ const BIND_ROUTE_MS: u64 = 10_000;
 /// Pool binds are numbered from here, apart from the TURN server's binds (from 1).
 const POOL_BIND_IDS: u64 = 1 << 63;
 
+/// Binds added to batches sent again on a new link are numbered from here (below the
+/// pool's): their results concern nobody.
+const REPLAY_BIND_IDS: u64 = 1 << 62;
+
 /// How long a data plane may leave batches unacknowledged, making no progress, before
 /// they are sent again: a batch lost with nothing after it (so no gap to see) is
 /// recovered by this.
@@ -195,6 +199,7 @@ pub struct Cluster {
     /// Pool binds in flight: the worker asked and the address.
     pool_binds: HashMap<u64, (ConnId, u32, SocketAddr)>,
     next_pool_bind: u64,
+    next_replay_bind: u64,
     /// Reused buffers of the per-request path.
     scratch_out: Vec<Output>,
     scratch_ips: Vec<RelayIp>,
@@ -236,6 +241,7 @@ impl Cluster {
             pool_taken: false,
             pool_binds: HashMap::new(),
             next_pool_bind: POOL_BIND_IDS,
+            next_replay_bind: 0,
             scratch_out: Vec::new(),
             scratch_ips: Vec::new(),
         }
@@ -421,7 +427,34 @@ impl Cluster {
                     }
                 }
             }
+            // A data plane closes its pooled sockets when it attaches: an allocation
+            // that took one, in a batch it never applied, needs its socket bound again
+            // (a socket still held for its 5-tuple makes the bind fail, harmlessly, and
+            // the allocation claims the one it has).
+            let mut bound: std::collections::HashSet<SocketAddr> = Default::default();
+            for b in &mut replay {
+                bound.extend(b.binds.iter().flat_map(|x| x.relays.iter().copied()));
+                let mut extra = Vec::new();
+                for (worker, change) in &b.changes {
+                    if let TableChange::AllocationAdd { tuple, relays, .. } = change
+                        && !relays.iter().all(|r| bound.contains(r))
+                    {
+                        self.next_replay_bind += 1;
+                        extra.push(Bind {
+                            id: REPLAY_BIND_IDS + self.next_replay_bind,
+                            worker: *worker,
+                            relays: relays.clone(),
+                            tuple: Some(*tuple),
+                        });
+                        bound.extend(relays.iter().copied());
+                    }
+                }
+                // Before the batch's own binds and changes.
+                extra.append(&mut b.binds);
+                b.binds = extra;
+            }
             if let Some(c) = self.conns.get_mut(&conn) {
+                c.unacked_items = replay.iter().map(|b| b.binds.len() + b.changes.len()).sum();
                 c.unacked = replay.clone();
             }
             self.batches_resent += replay.len() as u64;
@@ -868,6 +901,9 @@ impl Cluster {
                 for p in batch {
                     self.punted_request(conn, p);
                 }
+            }
+            Up::BindResult { id, result } if (REPLAY_BIND_IDS..POOL_BIND_IDS).contains(&id) => {
+                tracing::debug!(id, ?result, "bind of a batch sent again");
             }
             Up::BindResult { id, result } if id >= POOL_BIND_IDS => {
                 let Some(&(asked, worker, addr)) = self.pool_binds.get(&id) else {

@@ -980,3 +980,32 @@ fn a_data_plane_that_lost_its_table_and_its_cell_agree_again() {
     assert_eq!(again.permit(&mut sim, addr(PEER)), Done::Ok);
     assert!(again.indicates(&mut sim, relay, addr(PEER)));
 }
+
+#[test]
+fn a_pooled_allocation_lost_with_a_link_relays_after_the_next() {
+    let mut cfg = config();
+    cfg.relay_pool = 2;
+    let mut sim = Sim::new(cfg);
+    sim.plane("dp1", DP1, 1, 0);
+    assert_eq!(sim.cluster.pooled(), 2);
+    // The allocation takes a pooled socket; its batch is lost, then the link.
+    let mut c = Peer::new("203.0.113.1:4012", addr(DP1), 13);
+    let mut req = Vec::new();
+    c.turn
+        .allocate(sim.now.0, Default::default(), &mut req)
+        .unwrap();
+    sim.lose = 1;
+    sim.send(c.addr, c.server, &req);
+    let mut next = Vec::new();
+    c.collect(&mut sim, &mut next);
+    sim.send(c.addr, c.server, &next);
+    assert_eq!(sim.lost, 1);
+    // Reattaching closes the pool; the allocation's socket is bound again.
+    sim.detach(0);
+    sim.attach(0);
+    let Done::Allocated(relay) = c.run(&mut sim, next, PATIENCE) else {
+        panic!("no allocation")
+    };
+    assert_eq!(c.permit(&mut sim, addr(PEER)), Done::Ok);
+    assert!(c.indicates(&mut sim, relay, addr(PEER)));
+}
