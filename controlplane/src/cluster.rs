@@ -465,6 +465,9 @@ impl Cluster {
         if complete {
             self.end_orphans(conn);
         }
+        // It answers the first request of a handshake itself from now on.
+        let challenge = self.server.challenge_config();
+        self.pending_tables.entry(conn).or_default().challenge = Some(challenge);
         self.refill_pools();
         conn
     }

@@ -24,12 +24,12 @@ use turnpike_proto::attr::{AlternateServer, ErrorCode};
 use turnpike_proto::client::{Client, Event};
 use turnpike_proto::stun::Message;
 
-use crate::BindingLimit;
 use crate::agent::session::{self, Session, Verdict};
 use crate::core::Token;
 use crate::core::counters::Counters;
 use crate::core::table::Denied;
 use crate::core::{Core, CoreConfig, HEADROOM, Output, Received, SLOT};
+use crate::{BindingLimit, FiveTuple};
 
 /// The start of the virtual clock.
 const T0: Millis = Millis(1_767_225_600_000);
@@ -312,6 +312,12 @@ impl Sim {
                         }
                         if let Some(d) = b.drain {
                             p.drained = d;
+                        }
+                        if let Some(c) = &b.challenge {
+                            let c = Arc::new(crate::core::Challenger::new(c));
+                            for core in &mut p.cores {
+                                core.challenge = Some(Arc::clone(&c));
+                            }
                         }
                         p.version = b.version;
                         ups.push(p.session.applied_now(b.version));
@@ -1008,4 +1014,37 @@ fn a_pooled_allocation_lost_with_a_link_relays_after_the_next() {
     };
     assert_eq!(c.permit(&mut sim, addr(PEER)), Done::Ok);
     assert!(c.indicates(&mut sim, relay, addr(PEER)));
+}
+
+#[test]
+fn the_data_plane_answers_the_first_allocate_as_the_control_plane_would() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut sim = Sim::new(config());
+    sim.plane("dp1", DP1, 1, 0);
+    let (mut c, relay) = relaying(&mut sim, "203.0.113.1:4013", DP1, 14);
+    assert!(c.relays(&mut sim, 0x4000, relay, addr(PEER)));
+    // The 401 came from the worker: the control plane saw three requests, not four.
+    assert_eq!(sim.planes[0].cores[0].ctr.challenged.load(Relaxed), 1);
+    assert_eq!(sim.cluster.stats().totals.punted_requests, 3);
+    // Byte for byte the control plane's 401 for the same request at the same time.
+    let client: SocketAddr = "203.0.113.1:4014".parse().unwrap();
+    let mut req = Vec::new();
+    Client::new("alice", "wonderland", 15)
+        .allocate(sim.now.0, Default::default(), &mut req)
+        .unwrap();
+    sim.send(client, addr(DP1), &req);
+    let from_dp = sim.take(client);
+    assert_eq!(from_dp.len(), 1);
+    let mut server = Server::new(
+        config(),
+        Credentials::new(REALM, &[("alice".into(), "wonderland".into())], &[]),
+        [42; 32],
+        7,
+    );
+    let mut out = Vec::new();
+    server.handle(sim.now, FiveTuple::udp(client, addr(DP1)), &req, &mut out);
+    let [turnpike_controlplane::Output::Transmit { data, .. }] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(&from_dp[0].1, data);
 }

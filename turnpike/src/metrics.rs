@@ -474,6 +474,19 @@ async fn render(
         for (w, c) in workers.iter().enumerate() {
             let _ = writeln!(o, "turnpike_punted_total{{worker=\"{w}\"}} {}", c.punted);
         }
+        metric(
+            &mut o,
+            "turnpike_challenged_total",
+            "counter",
+            "Unauthenticated Allocates answered by the worker with the control plane's 401, by worker.",
+        );
+        for (w, c) in workers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "turnpike_challenged_total{{worker=\"{w}\"}} {}",
+                c.challenged
+            );
+        }
         render_xdp(&mut o, dp, &workers);
         metric(
             &mut o,

@@ -221,4 +221,14 @@ impl Server {
             });
         }
     }
+
+    /// What a data plane needs to answer unauthenticated Allocates as this server would.
+    pub fn challenge_config(&self) -> turnpike_plane::Challenge {
+        let (nonce_secret, nonce_lifetime_secs) = self.nonces.parts();
+        turnpike_plane::Challenge {
+            realm: self.creds.realm().to_owned(),
+            nonce_secret,
+            nonce_lifetime_secs,
+        }
+    }
 }

@@ -243,6 +243,9 @@ pub async fn run<C: Connect>(
                                     }
                                 }
                                 dp.apply(b.changes);
+                                if let Some(c) = &b.challenge {
+                                    dp.set_challenge(Some(c));
+                                }
                                 if let Some(draining) = b.drain {
                                     tracing::info!(draining, "drain state from control plane");
                                     dp.set_drained(draining);
@@ -342,6 +345,8 @@ pub async fn run<C: Connect>(
             }
         }
         let _ = attached.send(false);
+        // Another control plane may have another nonce key: punt until it says.
+        dp.set_challenge(None);
         tracing::warn!(
             "control plane stream lost: existing allocations keep relaying; reconnecting"
         );

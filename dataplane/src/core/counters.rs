@@ -45,6 +45,8 @@ pub struct WorkerCounters {
     pub punted: u64,
     /// Binding requests answered by the worker.
     pub binding_answered: u64,
+    /// Unauthenticated Allocates answered by the worker with the control plane's 401.
+    pub challenged: u64,
     /// Datagrams sent for the control plane ([`crate::DataPlaneHandle::send`]).
     pub control_sent: u64,
     /// Sends that carried several segments with UDP GSO.
@@ -196,6 +198,7 @@ pub(crate) struct Counters {
     pub(crate) to_client_bytes: AtomicU64,
     pub(crate) punted: AtomicU64,
     pub(crate) binding_answered: AtomicU64,
+    pub(crate) challenged: AtomicU64,
     pub(crate) control_sent: AtomicU64,
     pub(crate) gso_sends: AtomicU64,
     pub(crate) channels_refused: AtomicU64,
@@ -237,6 +240,7 @@ impl Counters {
             to_client_bytes: r(&self.to_client_bytes),
             punted: r(&self.punted),
             binding_answered: r(&self.binding_answered),
+            challenged: r(&self.challenged),
             control_sent: r(&self.control_sent),
             gso_sends: r(&self.gso_sends),
             channels_refused: r(&self.channels_refused),

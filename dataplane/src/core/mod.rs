@@ -154,8 +154,30 @@ pub(crate) struct Core {
     pub(crate) now: u64,
     next_sweep: u64,
     pub(crate) tid_state: u64,
-    /// Binding answers per source.
+    /// Binding answers (and 401 challenges) per source.
     pub(crate) binding_limit: TwoLevelLimiter,
+    /// How to answer an unauthenticated Allocate (from the control plane): `None`
+    /// punts it.
+    pub(crate) challenge: Option<Arc<Challenger>>,
+}
+
+/// Answers the first, unauthenticated Allocate of a handshake as the control plane
+/// would (a 401 with its realm and a nonce of its key), so that one of the four requests
+/// of a handshake does not cross the seam.
+#[derive(Debug)]
+pub(crate) struct Challenger {
+    pub(crate) realm: String,
+    pub(crate) nonces: turnpike_proto::auth::NonceKey,
+}
+
+impl Challenger {
+    /// From the control plane's configuration.
+    pub(crate) fn new(c: &turnpike_plane::Challenge) -> Challenger {
+        Challenger {
+            realm: c.realm.clone(),
+            nonces: turnpike_proto::auth::NonceKey::new(c.nonce_secret, c.nonce_lifetime_secs),
+        }
+    }
 }
 
 impl std::fmt::Debug for Core {
@@ -184,6 +206,7 @@ impl Core {
                 // A full table is swept at most every 10 ms (as the data plane always did).
                 sweep_when_full: Some(10),
             }),
+            challenge: None,
             tid_state: 0x9E37_79B9_7F4A_7C15
                 ^ (cfg.id as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
                 ^ now.0,

@@ -246,6 +246,14 @@ impl Core {
                             len: n,
                         })
                     }
+                    (Method::ALLOCATE, Class::Request)
+                        if self.challenge.is_some()
+                            && !msg.has_integrity()
+                            && !msg.has_integrity_sha256()
+                            && msg.verify_fingerprint().is_ok() =>
+                    {
+                        self.answer_challenge(listen, tuple, buf, len)
+                    }
                     (_, Class::Request) => {
                         bump(&self.ctr.punted, 1);
                         out.push(Output::Punt(Punted {
@@ -305,6 +313,46 @@ impl Core {
             return None;
         }
         self.answer_binding(at, tuple, buf, len)
+    }
+
+    /// Answers the first, unauthenticated Allocate of a handshake with the control
+    /// plane's 401 (its realm, a nonce of its key, the password algorithms), within the
+    /// same rate limit as Binding answers.
+    fn answer_challenge(
+        &mut self,
+        listen: Token,
+        tuple: FiveTuple,
+        buf: &mut [u8],
+        len: usize,
+    ) -> Option<Forward> {
+        let c = self.challenge.clone()?;
+        if !self
+            .binding_limit
+            .allow(tuple.client, crate::Millis(self.now))
+        {
+            bump(&self.ctr.rate_limited, 1);
+            return None;
+        }
+        let at = padded(HEADROOM + len);
+        let (head, tail) = buf.split_at_mut_checked(at)?;
+        let msg = Message::parse(head.get(HEADROOM..HEADROOM + len)?).ok()?;
+        let nonce = c.nonces.mint(self.now / 1000, &tuple.client);
+        match turnpike_proto::turn::write_challenge(tail, &msg, 401, &c.realm, &nonce) {
+            Ok(n) => {
+                bump(&self.ctr.challenged, 1);
+                Some(Forward {
+                    from: listen,
+                    to: tuple.client,
+                    start: at,
+                    len: n,
+                })
+            }
+            Err(_) => {
+                // Too long for the slot (a long realm): the control plane answers it.
+                bump(&self.ctr.punted, 1);
+                None
+            }
+        }
     }
 
     /// Answers a Binding request, RFC 5389 or classic RFC 3489, if its source is within

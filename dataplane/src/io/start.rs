@@ -441,6 +441,15 @@ impl DataPlaneHandle {
         }
     }
 
+    /// How the workers answer the first, unauthenticated Allocate of a handshake: with
+    /// the control plane's 401 (`Some`, from the control plane), or by punting it.
+    pub fn set_challenge(&self, c: Option<&turnpike_plane::Challenge>) {
+        let c = c.map(|c| Arc::new(crate::core::Challenger::new(c)));
+        for w in 0..self.workers() {
+            let _ = self.push(w, Command::Challenge(c.clone()));
+        }
+    }
+
     fn bind_for(
         &self,
         worker: usize,

@@ -59,6 +59,8 @@ pub(crate) enum Command {
     Apply(Vec<TableChange>),
     /// Close the pooled relay sockets.
     ClearPool,
+    /// How to answer unauthenticated Allocates (`None`: punt them).
+    Challenge(Option<Arc<crate::core::Challenger>>),
     /// Report every allocation.
     Snapshot(mpsc::Sender<Vec<AllocationSnapshot>>),
     /// Stop.
@@ -72,6 +74,7 @@ impl std::fmt::Debug for Command {
             Command::Bind { tuple, relays, .. } => write!(f, "Bind({tuple:?}, {relays:?})"),
             Command::Apply(c) => write!(f, "Apply({} changes)", c.len()),
             Command::ClearPool => f.write_str("ClearPool"),
+            Command::Challenge(c) => write!(f, "Challenge({})", c.is_some()),
             Command::Snapshot(_) => f.write_str("Snapshot"),
             Command::Shutdown => f.write_str("Shutdown"),
         }
@@ -354,6 +357,7 @@ impl Worker {
                 }
             }
             Command::ClearPool => self.core.clear_pool(&mut out),
+            Command::Challenge(c) => self.core.challenge = c,
             Command::Snapshot(tx) => {
                 if let Some(m) = &mut self.xdp {
                     m.collect(&mut self.core.table.allocs);

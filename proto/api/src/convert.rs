@@ -834,6 +834,11 @@ pub fn down_to_api(m: Down, at: At) -> v1::ControlPlaneMessage {
                 .collect(),
             binds: b.binds.iter().map(bind_to_api).collect(),
             drain: b.drain.map(|draining| v1::Drain { draining }),
+            challenge: b.challenge.map(|c| v1::Challenge {
+                realm: c.realm,
+                nonce_secret: c.nonce_secret.to_vec(),
+                nonce_lifetime_secs: c.nonce_lifetime_secs,
+            }),
         }),
         Down::Send { after, datagrams } => cpm::Message::SendDatagrams(v1::SendDatagrams {
             datagrams: datagrams.into_iter().map(datagram_to_api).collect(),
@@ -864,6 +869,15 @@ pub fn down_from_api(m: &v1::ControlPlaneMessage, at: At) -> Result<Down, Conver
                     .collect::<Result<_, _>>()?,
                 changes,
                 drain: b.drain.map(|d| d.draining),
+                challenge: match &b.challenge {
+                    None => None,
+                    Some(c) => Some(turnpike_plane::Challenge {
+                        realm: c.realm.clone(),
+                        nonce_secret: <[u8; 32]>::try_from(c.nonce_secret.as_slice())
+                            .map_err(|_| ConvertError::Invalid("challenge.nonce_secret"))?,
+                        nonce_lifetime_secs: c.nonce_lifetime_secs,
+                    }),
+                },
             })
         }
         cpm::Message::SendDatagram(d) => Down::Send {

@@ -460,12 +460,39 @@ pub struct Batch {
     pub changes: Vec<(u32, TableChange)>,
     /// Start (`true`) or stop draining.
     pub drain: Option<bool>,
+    /// How to answer the first request of a handshake (sent once per attachment).
+    pub challenge: Option<Challenge>,
+}
+
+/// What a data plane needs to answer an unauthenticated Allocate itself, as the control
+/// plane would: 401 with the realm and a stateless nonce minted with the control plane's
+/// nonce key (which the control plane then checks). Crosses only the planes' own link.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// The realm.
+    pub realm: String,
+    /// The nonce key's secret.
+    pub nonce_secret: [u8; 32],
+    /// How long a nonce lives, seconds.
+    pub nonce_lifetime_secs: u64,
+}
+
+impl std::fmt::Debug for Challenge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Challenge")
+            .field("realm", &self.realm)
+            .field("nonce_lifetime_secs", &self.nonce_lifetime_secs)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Batch {
     /// Whether it carries nothing.
     pub fn is_empty(&self) -> bool {
-        self.binds.is_empty() && self.changes.is_empty() && self.drain.is_none()
+        self.binds.is_empty()
+            && self.changes.is_empty()
+            && self.drain.is_none()
+            && self.challenge.is_none()
     }
 }
 
