@@ -316,7 +316,7 @@ impl Sim {
                         if let Some(c) = &b.challenge {
                             let c = Arc::new(crate::core::Challenger::new(c));
                             for core in &mut p.cores {
-                                core.challenge = Some(Arc::clone(&c));
+                                core.set_challenge(Some(Arc::clone(&c)));
                             }
                         }
                         p.version = b.version;

@@ -229,6 +229,14 @@ impl Server {
             realm: self.creds.realm().to_owned(),
             nonce_secret,
             nonce_lifetime_secs,
+            per_source: turnpike_plane::limit::Rate::new(
+                self.cfg.unauth_rate,
+                self.cfg.unauth_burst,
+            ),
+            per_ip: turnpike_plane::limit::Rate::new(
+                self.cfg.unauth_ip_rate,
+                self.cfg.unauth_ip_burst,
+            ),
         }
     }
 }

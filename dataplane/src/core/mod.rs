@@ -159,6 +159,8 @@ pub(crate) struct Core {
     /// How to answer an unauthenticated Allocate (from the control plane): `None`
     /// punts it.
     pub(crate) challenge: Option<Arc<Challenger>>,
+    /// Its limiter.
+    pub(crate) challenge_limit: Option<TwoLevelLimiter>,
 }
 
 /// Answers the first, unauthenticated Allocate of a handshake as the control plane
@@ -168,6 +170,8 @@ pub(crate) struct Core {
 pub(crate) struct Challenger {
     pub(crate) realm: String,
     pub(crate) nonces: turnpike_proto::auth::NonceKey,
+    /// The control plane's limit of unauthenticated answers.
+    pub(crate) limits: Limits,
 }
 
 impl Challenger {
@@ -176,7 +180,22 @@ impl Challenger {
         Challenger {
             realm: c.realm.clone(),
             nonces: turnpike_proto::auth::NonceKey::new(c.nonce_secret, c.nonce_lifetime_secs),
+            limits: Limits {
+                source: c.per_source,
+                ip: c.per_ip,
+                max_sources: 65_536,
+                sweep_when_full: Some(10),
+            },
         }
+    }
+}
+
+impl Core {
+    /// How to answer unauthenticated Allocates from now on (`None`: punt them), each
+    /// worker with a limiter of its own at the control plane's rates.
+    pub(crate) fn set_challenge(&mut self, c: Option<Arc<Challenger>>) {
+        self.challenge_limit = c.as_ref().map(|c| TwoLevelLimiter::new(c.limits));
+        self.challenge = c;
     }
 }
 
@@ -207,6 +226,7 @@ impl Core {
                 sweep_when_full: Some(10),
             }),
             challenge: None,
+            challenge_limit: None,
             tid_state: 0x9E37_79B9_7F4A_7C15
                 ^ (cfg.id as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
                 ^ now.0,
@@ -397,6 +417,9 @@ impl Core {
         }
         self.next_sweep = now.0.saturating_add(SWEEP_MS);
         self.binding_limit.sweep(now);
+        if let Some(l) = &mut self.challenge_limit {
+            l.sweep(now);
+        }
         self.table.sweep(now.0, out);
     }
 

@@ -317,7 +317,7 @@ impl Core {
 
     /// Answers the first, unauthenticated Allocate of a handshake with the control
     /// plane's 401 (its realm, a nonce of its key, the password algorithms), within the
-    /// same rate limit as Binding answers.
+    /// control plane's limit of unauthenticated answers.
     fn answer_challenge(
         &mut self,
         listen: Token,
@@ -326,9 +326,11 @@ impl Core {
         len: usize,
     ) -> Option<Forward> {
         let c = self.challenge.clone()?;
+        let now = crate::Millis(self.now);
         if !self
-            .binding_limit
-            .allow(tuple.client, crate::Millis(self.now))
+            .challenge_limit
+            .as_mut()
+            .is_none_or(|l| l.allow(tuple.client, now))
         {
             bump(&self.ctr.rate_limited, 1);
             return None;

@@ -357,7 +357,7 @@ impl Worker {
                 }
             }
             Command::ClearPool => self.core.clear_pool(&mut out),
-            Command::Challenge(c) => self.core.challenge = c,
+            Command::Challenge(c) => self.core.set_challenge(c),
             Command::Snapshot(tx) => {
                 if let Some(m) = &mut self.xdp {
                     m.collect(&mut self.core.table.allocs);

@@ -838,6 +838,10 @@ pub fn down_to_api(m: Down, at: At) -> v1::ControlPlaneMessage {
                 realm: c.realm,
                 nonce_secret: c.nonce_secret.to_vec(),
                 nonce_lifetime_secs: c.nonce_lifetime_secs,
+                source_rate: c.per_source.per_sec(),
+                source_burst: c.per_source.burst(),
+                ip_rate: c.per_ip.per_sec(),
+                ip_burst: c.per_ip.burst(),
             }),
         }),
         Down::Send { after, datagrams } => cpm::Message::SendDatagrams(v1::SendDatagrams {
@@ -876,6 +880,8 @@ pub fn down_from_api(m: &v1::ControlPlaneMessage, at: At) -> Result<Down, Conver
                         nonce_secret: <[u8; 32]>::try_from(c.nonce_secret.as_slice())
                             .map_err(|_| ConvertError::Invalid("challenge.nonce_secret"))?,
                         nonce_lifetime_secs: c.nonce_lifetime_secs,
+                        per_source: turnpike_plane::limit::Rate::new(c.source_rate, c.source_burst),
+                        per_ip: turnpike_plane::limit::Rate::new(c.ip_rate, c.ip_burst),
                     }),
                 },
             })

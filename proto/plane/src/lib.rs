@@ -475,6 +475,11 @@ pub struct Challenge {
     pub nonce_secret: [u8; 32],
     /// How long a nonce lives, seconds.
     pub nonce_lifetime_secs: u64,
+    /// The control plane's limit of unauthenticated answers per source IP and port
+    /// (a rate of 0: none), which the data plane applies to the 401s it writes.
+    pub per_source: limit::Rate,
+    /// The same per source IP.
+    pub per_ip: limit::Rate,
 }
 
 impl std::fmt::Debug for Challenge {
