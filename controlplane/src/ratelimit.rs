@@ -3,6 +3,3 @@
 //! names it for the control plane's users.
 
 pub use turnpike_plane::limit::{Limits, Rate, RefusalLog, TokenBucket, TwoLevelLimiter};
-
-/// The control plane's name of the refusal log sampler.
-pub use turnpike_plane::limit::RefusalLog as LogSampler;
