@@ -1824,7 +1824,8 @@ fn dataplane_markdown(a: &CompareArgs, o: &Output) -> String {
 
 /// The `turnpike serve` flags every benchmark run uses: loopback, one unpinned worker
 /// (the harness pins the process), relay ports `ports`, the user bench:bench, loopback
-/// peers allowed, no quotas (the benchmark's one user holds thousands of allocations).
+/// peers allowed, no quotas (the benchmark's one user holds thousands of allocations),
+/// and no plane listener (its data plane is attached in process).
 pub(crate) fn serve_args(ports: &str) -> Vec<&str> {
     vec![
         "serve",
@@ -1838,8 +1839,6 @@ pub(crate) fn serve_args(ports: &str) -> Vec<&str> {
         "bench",
         "--allow-peer",
         "127.0.0.0/8",
-        "--grpc-listen",
-        "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
         "--workers",
