@@ -303,3 +303,50 @@ fn a_data_plane_thirty_seconds_off_expires_allocations_on_time() {
         let _ = std::fs::remove_file(&config);
     }
 }
+
+/// `serve` without `--grpc-listen` attaches its data plane in process: it listens on TCP
+/// for TURN, Admin and metrics only (no plane port), and says where it is attached.
+#[test]
+fn serve_without_grpc_listen_opens_no_plane_port() {
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let mut p = Proc::spawn(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        &metrics,
+        "--relay-ports",
+        "32101-32200",
+    ]);
+    let ready = p.wait_for("turnpike ready", Duration::from_secs(20));
+    assert!(ready.contains("control=in-process"), "{ready}");
+    let admin = p.wait_for("admin listening on http://", Duration::from_secs(5));
+    let admin_port = admin.rsplit(':').next().unwrap().trim().to_owned();
+    let out = Command::new("ss").args(["-H", "-ltnp"]).output().unwrap();
+    let pid = format!("pid={},", p.child.id());
+    let mut ports: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&pid))
+        .filter_map(|l| {
+            let local = l.split_whitespace().nth(3)?;
+            Some(local.rsplit(':').next()?.to_owned())
+        })
+        .collect();
+    // One TURN-over-TCP listener per worker (SO_REUSEPORT): the same port.
+    ports.sort();
+    ports.dedup();
+    let mut want = vec![
+        listen.rsplit(':').next().unwrap().to_owned(),
+        admin_port,
+        metrics.rsplit(':').next().unwrap().to_owned(),
+    ];
+    want.sort();
+    assert_eq!(
+        ports, want,
+        "TCP listeners of serve (TURN over TCP, Admin, metrics)"
+    );
+    assert!(!p.seen.iter().any(|l| l.contains("grpc listening")));
+}
