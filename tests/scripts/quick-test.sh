@@ -13,5 +13,5 @@ cargo test --workspace -- --nocapture --test-threads=2 >"$log" 2>&1
 status=$?
 grep -E '^test result|^test .* FAILED|panicked at' "$log"
 echo "== skipped, and why =="
-grep -hoiE 'skipped: .*' "$log" | sort | uniq -c || echo "(nothing skipped)"
+grep -hoiE '(skip|skipped): .*' "$log" | sort | uniq -c || echo "(nothing skipped)"
 exit "$status"
