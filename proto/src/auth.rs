@@ -126,6 +126,10 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// security feature set: password algorithms and username anonymity (0xC00000).
 pub const NONCE_PREFIX: &str = "obMatJos2wAAA";
 
+/// How far ahead of the checking clock a nonce's timestamp may be (see
+/// [`NonceKey::check`]).
+pub const NONCE_AHEAD_SECS: u64 = 2;
+
 /// The password algorithms a server offers in PASSWORD-ALGORITHMS, preferred first.
 pub const OFFERED_ALGORITHMS: [crate::attr::PasswordAlgorithmId; 2] = [
     crate::attr::PasswordAlgorithmId::SHA256,
@@ -213,11 +217,43 @@ impl NonceKey {
         ts.copy_from_slice(&raw[..8]);
         let ts = u64::from_be_bytes(ts);
         let mac_ok = ct_eq(&self.mac(ts, client), &raw[8..]);
-        let fresh = ts <= now_secs && now_secs - ts < self.lifetime_secs;
+        // A nonce minted up to NONCE_AHEAD_SECS "in the future" is taken: a data plane
+        // mints on a clock of its own, which may read a second boundary a moment before
+        // the control plane's. Refusing it would let a retransmission of the same
+        // request succeed a moment later, after its client had moved on (437).
+        let fresh = ts <= now_secs.saturating_add(NONCE_AHEAD_SECS)
+            && now_secs.saturating_sub(ts) < self.lifetime_secs;
         if mac_ok && fresh {
             NonceCheck::Valid
         } else {
             NonceCheck::Stale
         }
+    }
+}
+
+#[cfg(test)]
+mod nonce_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_nonce_is_fresh_for_its_lifetime_and_a_little_ahead() {
+        let k = NonceKey::new([9; 32], 600);
+        let c: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let n = k.mint(1_000, &c);
+        assert!(n.starts_with(NONCE_PREFIX));
+        assert_eq!(k.check(&n, 1_000, &c), NonceCheck::Valid);
+        assert_eq!(k.check(&n, 1_599, &c), NonceCheck::Valid);
+        assert_eq!(k.check(&n, 1_600, &c), NonceCheck::Stale);
+        // Minted on a clock a second or two ahead (a data plane's): taken.
+        assert_eq!(k.check(&n, 998, &c), NonceCheck::Valid);
+        assert_eq!(k.check(&n, 997, &c), NonceCheck::Stale);
+        // Another client, or another key: stale.
+        let other: SocketAddr = "192.0.2.1:4001".parse().unwrap();
+        assert_eq!(k.check(&n, 1_000, &other), NonceCheck::Stale);
+        assert_eq!(
+            NonceKey::new([8; 32], 600).check(&n, 1_000, &c),
+            NonceCheck::Stale
+        );
     }
 }
