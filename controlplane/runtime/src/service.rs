@@ -89,7 +89,7 @@ const QUEUED_REPLY_BYTES: usize = 512 * 1024;
 /// a flood's requests by the hundred thousand. Beyond this the stream is not read, HTTP/2
 /// flow control holds the data plane's sender, and its punt queue (bounded, counted as
 /// drops) sheds the rest (issue #25 N4).
-const UP_IN_FLIGHT: usize = 32;
+pub const UP_IN_FLIGHT: usize = 32;
 
 /// What a queued UDP reply is charged: its bytes and its bookkeeping.
 fn reply_cost(d: &Datagram) -> usize {
