@@ -65,6 +65,14 @@ pub struct SeamStats {
     pub batches_resent: u64,
     /// Punted requests shed because their data plane was [`UNACKED_MAX`] changes behind.
     pub punts_held_back: u64,
+    /// Allocations handed back to their data plane when it came back without them (it
+    /// restarted): bound again on the same relayed addresses, with their permissions
+    /// and channels.
+    pub allocations_handed_back: u64,
+    /// Allocations ended because their data plane came back without them and they
+    /// could not be handed back (a TCP or TLS client, whose connection went with the
+    /// process; a relayed address that could not be bound again).
+    pub allocations_lost: u64,
 }
 
 /// What the caller must do.
@@ -124,6 +132,8 @@ struct Conn {
     draining: bool,
     load: Option<(LoadReport, Millis)>,
     attached_at: Millis,
+    /// The worker each allocation was on under this id's previous link (see `Gone`).
+    workers_before: HashMap<AllocationId, u32>,
 }
 
 /// A data plane that has gone away: kept for stats.
@@ -134,6 +144,9 @@ struct Gone {
     /// The batches it had not acknowledged when its link went: sent again if it comes
     /// back with the table they continue (a link lost under load must not lose them).
     unacked: VecDeque<Batch>,
+    /// The worker each of its allocations was on: one it comes back without (it
+    /// restarted) is handed back to the same worker.
+    workers: HashMap<AllocationId, u32>,
 }
 
 /// The cell. See the module docs for the call order.
@@ -200,6 +213,14 @@ pub struct Cluster {
     pool_binds: HashMap<u64, (ConnId, u32, SocketAddr)>,
     next_pool_bind: u64,
     next_replay_bind: u64,
+    /// Binds of allocations handed back to a restarted data plane, by bind id: one that
+    /// fails ends its allocation.
+    handbacks: HashMap<u64, AllocationId>,
+    /// Usage counted before an allocation was handed back (its data plane counts from
+    /// zero again): added to what it reports, so that totals stay continuous.
+    usage_base: HashMap<AllocationId, Usage>,
+    allocations_handed_back: u64,
+    allocations_lost: u64,
     /// Reused buffers of the per-request path.
     scratch_out: Vec<Output>,
     scratch_ips: Vec<RelayIp>,
@@ -242,6 +263,10 @@ impl Cluster {
             pool_binds: HashMap::new(),
             next_pool_bind: POOL_BIND_IDS,
             next_replay_bind: 0,
+            handbacks: HashMap::new(),
+            usage_base: HashMap::new(),
+            allocations_handed_back: 0,
+            allocations_lost: 0,
             scratch_out: Vec::new(),
             scratch_ips: Vec::new(),
         }
@@ -377,7 +402,11 @@ impl Cluster {
         tracing::info!(data_plane = %id, workers = hello.workers, restored = table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
         // What it had not acknowledged before its link went, if its table is where that
         // continues: sent again below, in order.
-        let mut replay = self.gone.remove(&id).map(|g| g.unacked).unwrap_or_default();
+        let (mut replay, workers) = self
+            .gone
+            .remove(&id)
+            .map(|g| (g.unacked, g.workers))
+            .unwrap_or_default();
         replay.retain(|b| b.version > version);
         if replay.front().is_some_and(|b| b.version != version + 1) {
             tracing::warn!(data_plane = %id, version, first = replay.front().map(|b| b.version), "the data plane's table does not continue the batches it missed; they are not sent again");
@@ -409,6 +438,7 @@ impl Cluster {
                 draining: false,
                 load: None,
                 attached_at: now,
+                workers_before: workers,
             },
         );
         if let Some(table) = table {
@@ -463,7 +493,7 @@ impl Cluster {
             }
         }
         if complete {
-            self.end_orphans(conn);
+            self.hand_back(conn);
         }
         // It answers the first request of a handshake itself from now on.
         let challenge = self.server.challenge_config();
@@ -472,15 +502,24 @@ impl Cluster {
         conn
     }
 
-    /// Data plane `conn` has told its whole table: allocations this cell placed on it
-    /// that it neither has nor gets again (their batches were lost with a previous link,
-    /// or it restarted) end now, so that the two agree (their clients get 437 and
-    /// allocate again) instead of holding quota while relaying nothing.
-    fn end_orphans(&mut self, conn: ConnId) {
-        let Some(id) = self.conns.get(&conn).map(|c| c.id.clone()) else {
+    /// Data plane `conn` has told its whole table. Allocations this cell placed on it
+    /// that it does not have (it restarted, or their batches were lost with a previous
+    /// link) are handed back: bound again on the same relayed addresses, on the same
+    /// worker, with their permissions, channels and remaining lifetimes, so that their
+    /// clients keep relaying on the addresses they were given. Those that cannot be
+    /// (a TCP or TLS client: its connection went with the process; a listening address
+    /// or relay IP the data plane no longer has) end now, so that the two agree instead
+    /// of holding quota while relaying nothing.
+    fn hand_back(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        let orphans: Vec<AllocationId> = self
+        let id = c.id.clone();
+        let workers_before = std::mem::take(&mut c.workers_before);
+        let workers = c.hello.workers.max(1);
+        let listens: Vec<SocketAddr> = c.hello.listening.iter().map(|l| l.1).collect();
+        let relay_ips: Vec<std::net::IpAddr> = c.hello.relay_ips.iter().map(|r| r.ip).collect();
+        let mut orphans: Vec<AllocationId> = self
             .allocation_dp
             .iter()
             .filter(|(a, dp)| **dp == id && self.alloc_owner.get(a).is_none_or(|o| o.0 != conn))
@@ -489,22 +528,121 @@ impl Cluster {
         if orphans.is_empty() {
             return;
         }
-        tracing::warn!(data_plane = %id, allocations = orphans.len(), "allocations missing from the data plane's table ended");
-        let mut out = Vec::new();
+        orphans.sort();
+        let mut ended = Vec::new();
+        let mut handed = 0u64;
         for a in orphans {
-            self.revoke_reasons
-                .insert(a, "missing from its data plane's table".to_owned());
-            self.server.revoke(a, &mut out);
-            self.route(&mut out, None);
-            self.revoke_reasons.remove(&a);
-            self.allocation_dp.remove(&a);
+            let worker = workers_before.get(&a).copied().unwrap_or(0) % workers;
+            let Some(snap) = self.server.snapshot_of(a, worker) else {
+                // Ended here meanwhile (expired, revoked).
+                self.allocation_dp.remove(&a);
+                continue;
+            };
+            let on_listen = listens.iter().any(|l| {
+                *l == snap.tuple.server
+                    || (l.ip().is_unspecified() && l.port() == snap.tuple.server.port())
+            });
+            let on_relays =
+                relay_ips.is_empty() || snap.relays.iter().all(|r| relay_ips.contains(&r.ip()));
+            let why = if snap.tuple.transport != Transport::Udp {
+                Some("its TCP or TLS connection went with its data plane")
+            } else if !on_listen || !on_relays {
+                Some("its data plane came back without its listening address or relay IP")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                ended.push((a, why));
+                continue;
+            }
+            self.next_replay_bind += 1;
+            let bind = REPLAY_BIND_IDS + self.next_replay_bind;
+            self.handbacks.insert(bind, a);
+            self.tuple_owner.insert(snap.tuple, (conn, worker));
+            self.alloc_owner.insert(a, (conn, worker, snap.tuple));
+            // What it reported last already includes an earlier base.
+            if let Some(u) = self.usage.remove(&a) {
+                self.usage_base.insert(a, u);
+            }
+            let pending = self.pending_tables.entry(conn).or_default();
+            pending.binds.push(Bind {
+                id: bind,
+                worker,
+                relays: snap.relays.clone(),
+                tuple: Some(snap.tuple),
+            });
+            pending.changes.push((
+                worker,
+                TableChange::AllocationAdd {
+                    id: a,
+                    tuple: snap.tuple,
+                    relays: snap.relays,
+                    deadline: snap.deadline,
+                    bandwidth: snap.bandwidth,
+                    user: snap.user,
+                    username: snap.username,
+                    dont_fragment: snap.dont_fragment,
+                },
+            ));
+            for (peer, deadline) in snap.permissions {
+                pending.changes.push((
+                    worker,
+                    TableChange::PermissionSet {
+                        id: a,
+                        peer,
+                        deadline,
+                    },
+                ));
+            }
+            for (channel, peer, deadline) in snap.channels {
+                pending.changes.push((
+                    worker,
+                    TableChange::ChannelSet {
+                        id: a,
+                        channel,
+                        peer,
+                        deadline,
+                        // Its client was answered before the data plane restarted.
+                        confirmed: true,
+                    },
+                ));
+            }
+            handed += 1;
         }
+        if handed > 0 {
+            self.allocations_handed_back += handed;
+            tracing::info!(data_plane = %id, allocations = handed, "allocations handed back to the data plane (bound again on their relayed addresses)");
+        }
+        if !ended.is_empty() {
+            tracing::warn!(data_plane = %id, allocations = ended.len(), "allocations missing from the data plane's table ended");
+        }
+        for (a, why) in ended {
+            self.end_lost(a, why);
+        }
+    }
+
+    /// Ends allocation `a`, which its data plane lost, with `why` in its Deleted event.
+    fn end_lost(&mut self, a: AllocationId, why: &str) {
+        self.allocations_lost += 1;
+        let mut out = Vec::new();
+        self.revoke_reasons.insert(a, why.to_owned());
+        self.server.revoke(a, &mut out);
+        self.route(&mut out, None);
+        self.revoke_reasons.remove(&a);
+        self.allocation_dp.remove(&a);
+        self.usage_base.remove(&a);
     }
 
     /// Data plane `conn`'s stream ended. Its allocations keep relaying headless; their
     /// routes come back with its table when it reattaches.
     pub fn detach(&mut self, now: Millis, conn: ConnId) {
         self.now = now;
+        let workers: HashMap<AllocationId, u32> = self
+            .alloc_owner
+            .iter()
+            .filter(|(_, o)| o.0 == conn)
+            .map(|(a, o)| (*a, o.1))
+            .collect();
         self.alloc_owner.retain(|_, o| o.0 != conn);
         self.tuple_owner.retain(|_, o| o.0 != conn);
         self.binds.retain(|_, b| b.0 != conn);
@@ -534,6 +672,7 @@ impl Cluster {
                     hello: c.hello,
                     at: now,
                     unacked: c.unacked,
+                    workers,
                 },
             );
         }
@@ -906,7 +1045,13 @@ impl Cluster {
                 }
             }
             Up::BindResult { id, result } if (REPLAY_BIND_IDS..POOL_BIND_IDS).contains(&id) => {
-                tracing::debug!(id, ?result, "bind of a batch sent again");
+                match (self.handbacks.remove(&id), result) {
+                    (Some(a), Err(e)) if self.alloc_owner.get(&a).is_some_and(|o| o.0 == conn) => {
+                        tracing::warn!(allocation = a.0, error = %e, "an allocation handed back could not bind its relayed address again; it ends");
+                        self.end_lost(a, "its relayed address could not be bound again");
+                    }
+                    (_, result) => tracing::debug!(id, ?result, "bind of a batch sent again"),
+                }
             }
             Up::BindResult { id, result } if id >= POOL_BIND_IDS => {
                 let Some(&(asked, worker, addr)) = self.pool_binds.get(&id) else {
@@ -976,7 +1121,7 @@ impl Cluster {
                     .unwrap_or_default();
                 self.restore(conn, &dp, t);
                 if complete {
-                    self.end_orphans(conn);
+                    self.hand_back(conn);
                 }
             }
             Up::ConnectionClosed { worker: _, tuple } => self.connection_closed(conn, tuple),
@@ -1061,6 +1206,10 @@ impl Cluster {
         for (id, total) in u {
             if !self.owns(conn, id, "usage report") {
                 continue;
+            }
+            let mut total = total;
+            if let Some(base) = self.usage_base.get(&id) {
+                total.add(base);
             }
             let prev = self.usage.insert(id, total).unwrap_or_default();
             let delta = total.since(&prev);
@@ -1258,7 +1407,10 @@ impl Cluster {
                 EventBody::Deleted {
                     reason: *reason,
                     detail: self.revoke_reasons.remove(id).unwrap_or_default(),
-                    usage: self.usage.remove(id),
+                    usage: {
+                        let base = self.usage_base.remove(id);
+                        self.usage.remove(id).or(base)
+                    },
                 },
             ),
         };
@@ -1377,6 +1529,8 @@ impl Cluster {
             batches_dropped: self.batches_dropped,
             batches_resent: self.batches_resent,
             punts_held_back: self.punts_held_back,
+            allocations_handed_back: self.allocations_handed_back,
+            allocations_lost: self.allocations_lost,
         }
     }
 }

@@ -689,3 +689,127 @@ fn data_planes_behind_a_nat_are_advertised_by_their_public_addresses() {
         addr("203.0.113.2:3478")
     );
 }
+
+#[test]
+fn a_restarted_data_plane_is_handed_its_udp_allocations_back_and_tcp_ones_end() {
+    let mut cell = cell(config());
+    let dp1 = cell.cluster.attach(T0, hello("dp1", DP1, vec![]));
+    let udp = tuple("203.0.113.1:4000", DP1);
+    let tcp = FiveTuple {
+        transport: Transport::Tcp,
+        ..tuple("203.0.113.2:4000", DP1)
+    };
+    let peer = addr("198.51.100.7:9000");
+    let mut a = alice();
+    assert_eq!(cell.allocate(&mut a, dp1, 2, udp), Ok(()));
+    let mut req = Vec::new();
+    a.channel_bind(cell.now.0, 0x4001, peer, &mut req).unwrap();
+    assert_eq!(cell.run(&mut a, dp1, 2, udp, &req), Ok(()));
+    let mut b = Client::new("alice", "wonderland", 2);
+    assert_eq!(cell.allocate(&mut b, dp1, 1, tcp), Ok(()));
+    let before = cell.cluster.list("", "");
+    let relays = |id| {
+        before
+            .iter()
+            .find(|v| v.row.id == id)
+            .map(|v| v.row.relays.clone())
+            .unwrap()
+    };
+    let udp_id = before.iter().find(|v| v.row.tuple == udp).unwrap().row.id;
+
+    // The process dies (its stream ends) and a new one attaches under its id with an
+    // empty table.
+    cell.cluster.detach(T0.plus_secs(20), dp1);
+    cell.now = T0.plus_secs(21);
+    let dp1b = cell.cluster.attach(cell.now, hello("dp1", DP1, vec![]));
+    let sent = cell.collect();
+    let batch = sent
+        .iter()
+        .find_map(|(to, m)| match m {
+            Down::Batch(b) if *to == dp1b && !b.binds.is_empty() => Some(b.clone()),
+            _ => None,
+        })
+        .expect("a batch handing the allocation back");
+    // Its relayed address is bound again, on its worker, for its 5-tuple...
+    let bind = batch
+        .binds
+        .iter()
+        .find(|b| b.tuple == Some(udp))
+        .expect("a bind of the UDP allocation");
+    assert_eq!(bind.worker, 2);
+    assert_eq!(bind.relays, relays(udp_id));
+    // ...and its allocation, permission and channel installed with their remaining
+    // lifetimes, the channel already confirmed.
+    let mut kinds = Vec::new();
+    for (w, c) in &batch.changes {
+        assert_eq!(*w, 2);
+        match c {
+            TableChange::AllocationAdd { id, tuple, .. } => {
+                assert_eq!((*id, *tuple), (udp_id, udp));
+                kinds.push("allocation");
+            }
+            TableChange::PermissionSet { peer: p, .. } => {
+                assert_eq!(*p, peer.ip());
+                kinds.push("permission");
+            }
+            TableChange::ChannelSet {
+                channel,
+                confirmed,
+                deadline,
+                ..
+            } => {
+                assert_eq!(*channel, 0x4001);
+                assert!(*confirmed);
+                assert_eq!(
+                    *deadline,
+                    T0.plus_secs(600),
+                    "its own deadline, not a new one"
+                );
+                kinds.push("channel");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(kinds, ["allocation", "permission", "channel"]);
+    // The TCP allocation's connection went with the process: it ended.
+    let after = cell.cluster.list("", "");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].row.id, udp_id);
+    let seam = cell.cluster.seam_stats();
+    assert_eq!(
+        (seam.allocations_handed_back, seam.allocations_lost),
+        (1, 1)
+    );
+    // Requests on the allocation are answered through the new stream.
+    let mut req = Vec::new();
+    a.refresh(cell.now.0, 600, &mut req).unwrap();
+    assert_eq!(cell.run(&mut a, dp1b, 2, udp, &req), Ok(()));
+
+    // It restarts again, and this time its relayed address cannot be bound: the
+    // allocation ends rather than being kept with nothing relaying.
+    cell.cluster.detach(cell.now, dp1b);
+    let dp1c = cell.cluster.attach(cell.now, hello("dp1", DP1, vec![]));
+    let mut failed = 0;
+    while let Some(o) = cell.cluster.poll_output() {
+        if let ClusterOutput::Send {
+            msg: Down::Batch(b),
+            ..
+        } = o
+        {
+            for bind in b.binds.iter().filter(|b| b.tuple == Some(udp)) {
+                cell.cluster.handle_message(
+                    cell.now,
+                    dp1c,
+                    Up::BindResult {
+                        id: bind.id,
+                        result: Err(turnpike_plane::BindError::AddressInUse),
+                    },
+                );
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 1);
+    assert!(cell.cluster.list("", "").is_empty());
+    assert_eq!(cell.cluster.seam_stats().allocations_lost, 2);
+}

@@ -120,7 +120,8 @@ fn full_conversation_401_allocate_permission_channel_refresh_expiry() {
         id,
         channel: 0x4001,
         peer: peer(),
-        deadline: T0.plus_secs(600)
+        deadline: T0.plus_secs(600),
+        confirmed: false,
     }));
 
     // The permission (300 s) expires at t+300 with its own table change.

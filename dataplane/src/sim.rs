@@ -960,31 +960,60 @@ fn batches_lost_with_a_link_are_sent_again_on_the_next() {
     assert!(c.relays(&mut sim, 0x4000, relay, addr(PEER)));
 }
 
-#[test]
-fn a_data_plane_that_lost_its_table_and_its_cell_agree_again() {
-    let mut sim = Sim::new(config());
-    sim.plane("dp1", DP1, 1, 0);
-    let (mut c, _) = relaying(&mut sim, "203.0.113.1:4010", DP1, 11);
-    assert_eq!(sim.cluster.stats().totals.allocations, 1);
-    // The data plane restarts: empty table, no batches to continue.
-    sim.detach(0);
+/// Data plane `i` restarts: a new process with an empty table and no sockets, under
+/// the same id (its certificate's), which attaches again.
+fn restart_data_plane(sim: &mut Sim, i: usize) {
+    sim.detach(i);
     let now = sim.now;
-    let p = &mut sim.planes[0];
-    p.cores = vec![core(0, now)];
-    p.cores[0].add_listen(LISTEN, p.listen);
+    let p = &mut sim.planes[i];
+    let workers = p.cores.len();
+    p.cores = (0..workers).map(|w| core(w, now)).collect();
+    for c in &mut p.cores {
+        c.add_listen(LISTEN, p.listen);
+    }
     p.sockets.clear();
     p.version = 0;
-    sim.attach(0);
-    // The control plane no longer counts an allocation nothing relays for; the client
-    // is told (437 on its Refresh) and allocates again.
-    assert_eq!(sim.cluster.stats().totals.allocations, 0);
-    assert_eq!(c.refresh(&mut sim, 600), Done::Failed(437, None));
-    let mut again = Peer::new("203.0.113.1:4011", addr(DP1), 12);
-    let Done::Allocated(relay) = again.allocate(&mut sim) else {
-        panic!("no new allocation")
-    };
-    assert_eq!(again.permit(&mut sim, addr(PEER)), Done::Ok);
-    assert!(again.indicates(&mut sim, relay, addr(PEER)));
+    sim.attach(i);
+}
+
+#[test]
+fn a_restarted_data_plane_gets_its_allocations_back() {
+    let mut sim = Sim::new(config());
+    sim.plane("dp1", DP1, 2, 0);
+    let (mut a, relay_a) = relaying(&mut sim, "203.0.113.1:4010", DP1, 11);
+    let (mut b, relay_b) = relaying(&mut sim, "203.0.113.2:4010", DP1, 14);
+    assert_eq!(sim.cluster.stats().totals.allocations, 2);
+    sim.advance(10_000);
+    restart_data_plane(&mut sim, 0);
+    // Both are bound again on their relayed addresses, on their workers, with their
+    // permissions and channels: they relay at once, both ways, with no request.
+    assert_eq!(sim.cluster.seam_stats().allocations_handed_back, 2);
+    assert_eq!(sim.cluster.stats().totals.allocations, 2);
+    assert!(a.relays(&mut sim, 0x4000, relay_a, addr(PEER)));
+    assert!(b.relays(&mut sim, 0x4000, relay_b, addr(PEER)));
+    assert!(a.indicates(&mut sim, relay_a, addr(PEER)));
+    // Their lifetimes went on: a Refresh works, and the permission still expires on
+    // time (300 s after it was made, not after the restart).
+    assert_eq!(a.refresh(&mut sim, 600), Done::Ok);
+    sim.advance(291_000);
+    assert!(!a.indicates(&mut sim, relay_a, addr(PEER)));
+    // The 5-tuple is still taken.
+    assert_eq!(b.allocate(&mut sim), Done::Failed(437, None));
+}
+
+#[test]
+fn a_data_plane_restarted_twice_and_one_that_lost_batches_agree_again() {
+    let mut sim = Sim::new(config());
+    sim.plane("dp1", DP1, 1, 0);
+    let (mut c, relay) = relaying(&mut sim, "203.0.113.1:4013", DP1, 15);
+    restart_data_plane(&mut sim, 0);
+    restart_data_plane(&mut sim, 0);
+    assert_eq!(sim.cluster.seam_stats().allocations_handed_back, 2);
+    assert!(c.relays(&mut sim, 0x4000, relay, addr(PEER)));
+    // A new allocation after the restarts relays too.
+    let (mut d, relay_d) = relaying(&mut sim, "203.0.113.1:4014", DP1, 16);
+    assert!(d.relays(&mut sim, 0x4000, relay_d, addr(PEER)));
+    assert_eq!(sim.cluster.stats().totals.allocations, 2);
 }
 
 #[test]

@@ -322,6 +322,7 @@ fn chan(id: AllocationId, channel: u16, peer: SocketAddr, deadline: u64) -> Tabl
         channel,
         peer,
         deadline: Millis(deadline),
+        confirmed: false,
     }
 }
 

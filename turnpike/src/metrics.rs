@@ -392,6 +392,16 @@ async fn render(
                     "Punted requests shed because their data plane was too many table changes behind.",
                     seam.punts_held_back,
                 ),
+                (
+                    "turnpike_plane_allocations_handed_back_total",
+                    "Allocations handed back to a data plane that came back without them (it restarted): bound again on their relayed addresses.",
+                    seam.allocations_handed_back,
+                ),
+                (
+                    "turnpike_plane_allocations_lost_total",
+                    "Allocations ended because their data plane came back without them and they could not be handed back (TCP/TLS clients, a relayed address that could not be bound again).",
+                    seam.allocations_lost,
+                ),
             ] {
                 metric(&mut o, name, "counter", help);
                 let _ = writeln!(o, "{name} {v}");

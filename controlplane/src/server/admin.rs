@@ -171,6 +171,30 @@ impl Server {
         }
     }
 
+    /// Allocation `id` as a data plane's table holds it (on `worker`, with no usage):
+    /// what a data plane that lost it is handed again.
+    pub fn snapshot_of(&self, id: AllocationId, worker: u32) -> Option<AllocationSnapshot> {
+        let a = self.allocations.get(&id)?;
+        let mut permissions: Vec<_> = a.permissions.iter().map(|(k, v)| (*k, *v)).collect();
+        permissions.sort();
+        let mut channels: Vec<_> = a.channels.iter().map(|(c, (p, t))| (*c, *p, *t)).collect();
+        channels.sort();
+        Some(AllocationSnapshot {
+            id,
+            worker,
+            tuple: a.tuple,
+            relays: a.relays.clone(),
+            deadline: a.expires,
+            bandwidth: self.cfg.bandwidth_limit,
+            user: a.account.clone(),
+            username: a.username.clone(),
+            dont_fragment: a.dont_fragment,
+            permissions,
+            channels,
+            usage: Default::default(),
+        })
+    }
+
     /// Revokes one allocation (admin). Returns whether it existed.
     pub fn revoke(&mut self, id: AllocationId, out: &mut Vec<Output>) -> bool {
         let existed = self.allocations.contains_key(&id);
@@ -244,6 +268,7 @@ impl Server {
             relays: r.relays,
             expires: r.deadline,
             created_at: Millis(0),
+            dont_fragment: r.dont_fragment,
             permissions: AHashMap::new(),
             channels: AHashMap::new(),
             peer_channel: AHashMap::new(),

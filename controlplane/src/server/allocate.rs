@@ -439,6 +439,7 @@ impl Server {
                 relays: p.relays,
                 expires,
                 created_at: now,
+                dont_fragment: p.dont_fragment,
                 permissions: AHashMap::new(),
                 channels: AHashMap::new(),
                 peer_channel: AHashMap::new(),

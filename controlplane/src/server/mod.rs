@@ -62,6 +62,8 @@ struct Allocation {
     relays: Vec<SocketAddr>,
     expires: Millis,
     created_at: Millis,
+    /// DONT-FRAGMENT was asked (handed to a data plane again with the allocation).
+    dont_fragment: bool,
     permissions: AHashMap<IpAddr, Millis>,
     channels: AHashMap<u16, (SocketAddr, Millis)>,
     peer_channel: AHashMap<SocketAddr, u16>,

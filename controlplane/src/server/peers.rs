@@ -162,6 +162,7 @@ impl Server {
             channel,
             peer,
             deadline,
+            confirmed: false,
         }));
         self.respond_success(tuple, msg, auth, out, |_| Ok(()));
         Ok(())

@@ -557,6 +557,7 @@ impl Table {
                 channel,
                 peer,
                 deadline,
+                confirmed: answered,
             } => {
                 let peer = canonical(peer);
                 if denied.contains(&peer) {
@@ -569,11 +570,12 @@ impl Table {
                         "channel to a denied peer (one of the server's own sockets) refused"
                     );
                 } else if let Some(a) = self.allocs.get_mut(&id) {
-                    // A refresh (same number, same peer) keeps its confirmation.
-                    let confirmed = a
-                        .channels
-                        .get(&channel)
-                        .is_some_and(|c| c.peer == peer && c.confirmed);
+                    // A refresh (same number, same peer) keeps its confirmation; one
+                    // handed back after a restart comes confirmed.
+                    let confirmed = answered
+                        || a.channels
+                            .get(&channel)
+                            .is_some_and(|c| c.peer == peer && c.confirmed);
                     let new = Channel {
                         peer,
                         deadline: deadline.0,

@@ -98,6 +98,7 @@ impl H {
             channel,
             peer,
             deadline: Millis(deadline),
+            confirmed: false,
         });
     }
 

@@ -361,6 +361,7 @@ impl Fixture {
             channel: CHANNEL,
             peer: SocketAddr::V4(sa(PEER, PEER_PORT)),
             deadline: Millis(now + 600_000),
+            confirmed: false,
         });
         f
     }
@@ -701,6 +702,7 @@ fn a_wildcard_listener_is_relayed_both_ways_from_the_routes_source() {
         channel: CHANNEL,
         peer: SocketAddr::V4(sa(PEER, PEER_PORT)),
         deadline: Millis(f.now + 600_000),
+        confirmed: false,
     });
     // Client to peer: as for a specific listener.
     let (action, out) = ns.run(&f.fp, &up_channel(50, &[], false));
@@ -1080,6 +1082,7 @@ fn ethernet_padding_is_cut_and_dont_fragment_is_kept() {
         channel: CHANNEL,
         peer: SocketAddr::V4(sa(PEER, PEER_PORT)),
         deadline: Millis(f.now + 600_000),
+        confirmed: false,
     });
     let (action, out) = ns.run(&f.fp, &up_channel(50, &[], false));
     assert_eq!(action, XDP_TX);
@@ -1243,6 +1246,7 @@ fn fixture6_on(fp: FastPath, listen: Ipv6Addr) -> Fixture {
         channel: CHANNEL,
         peer: SocketAddr::V6(sa6(PEER6, PEER_PORT)),
         deadline: Millis(now + 600_000),
+        confirmed: false,
     });
     f
 }

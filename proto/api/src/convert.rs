@@ -219,8 +219,10 @@ pub fn table_change_to_api(change: &TableChange, worker: u32, at: At) -> v1::Tab
             channel,
             peer,
             deadline,
+            confirmed,
         } => C::ChannelAdd(v1::ChannelAdd {
             allocation_id: id.0,
+            confirmed: *confirmed,
             channel: Some(v1::Channel {
                 channel_number: u32::from(*channel),
                 peer: Some((*peer).into()),
@@ -317,6 +319,7 @@ fn change_from_api(c: &v1::TableChange, at: At) -> Result<(TableChange, u32), Co
                     channel: channel_number(c.channel_number)?,
                     peer: socket(c.peer.as_ref(), "channel.peer")?,
                     deadline: at.deadline(c.remaining_millis),
+                    confirmed: ch.confirmed,
                 },
                 0,
             )
@@ -1108,6 +1111,7 @@ mod tests {
                 channel: 0x4001,
                 peer: "203.0.113.9:7".parse().unwrap(),
                 deadline: Millis(12),
+                confirmed: true,
             },
             TableChange::ChannelRemove {
                 id,

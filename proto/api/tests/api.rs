@@ -151,6 +151,7 @@ fn table_change_batch_round_trips() -> TestResult {
         Change::ChannelAdd(ChannelAdd {
             allocation_id: 42,
             channel: Some(channel()),
+            confirmed: true,
         }),
         Change::ChannelRemove(ChannelRemove {
             allocation_id: 42,

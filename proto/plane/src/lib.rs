@@ -201,6 +201,11 @@ pub enum TableChange {
         peer: SocketAddr,
         /// When it expires.
         deadline: Millis,
+        /// The client has already been sent this ChannelBind's success response (a
+        /// channel handed back to a data plane that restarted): peer data may go to it
+        /// as ChannelData at once. A new bind is `false`: the data plane confirms it when
+        /// it sends the response.
+        confirmed: bool,
     },
     /// A channel expired.
     ChannelRemove {
