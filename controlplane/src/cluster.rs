@@ -221,6 +221,9 @@ pub struct Cluster {
     usage_base: HashMap<AllocationId, Usage>,
     allocations_handed_back: u64,
     allocations_lost: u64,
+    /// Allocations taken over from the previous process of this instance (an upgrade),
+    /// by data plane id, with their workers: handed back when that data plane attaches.
+    adopted: HashMap<String, HashMap<AllocationId, u32>>,
     /// Reused buffers of the per-request path.
     scratch_out: Vec<Output>,
     scratch_ips: Vec<RelayIp>,
@@ -267,6 +270,7 @@ impl Cluster {
             usage_base: HashMap::new(),
             allocations_handed_back: 0,
             allocations_lost: 0,
+            adopted: HashMap::new(),
             scratch_out: Vec::new(),
             scratch_ips: Vec::new(),
         }
@@ -402,11 +406,12 @@ impl Cluster {
         tracing::info!(data_plane = %id, workers = hello.workers, restored = table.as_ref().map(|t| t.allocations.len()).unwrap_or(0), "data plane attached");
         // What it had not acknowledged before its link went, if its table is where that
         // continues: sent again below, in order.
-        let (mut replay, workers) = self
+        let (mut replay, mut workers) = self
             .gone
             .remove(&id)
             .map(|g| (g.unacked, g.workers))
             .unwrap_or_default();
+        workers.extend(self.adopted.remove(&id).unwrap_or_default());
         replay.retain(|b| b.version > version);
         if replay.front().is_some_and(|b| b.version != version + 1) {
             tracing::warn!(data_plane = %id, version, first = replay.front().map(|b| b.version), "the data plane's table does not continue the batches it missed; they are not sent again");
@@ -619,6 +624,62 @@ impl Cluster {
         for (a, why) in ended {
             self.end_lost(a, why);
         }
+    }
+
+    /// Every allocation of data plane `dp` as its table holds it (worker and usage
+    /// included): what this process hands to the one that takes over from it.
+    pub fn export(&self, dp: &str) -> Vec<AllocationSnapshot> {
+        let mut rows: Vec<AllocationSnapshot> = self
+            .allocation_dp
+            .iter()
+            .filter(|(_, d)| d.as_str() == dp)
+            .filter_map(|(a, _)| {
+                let worker = self
+                    .alloc_owner
+                    .get(a)
+                    .map(|o| o.1)
+                    .or_else(|| self.gone.get(dp).and_then(|g| g.workers.get(a).copied()))
+                    .or_else(|| self.adopted.get(dp).and_then(|w| w.get(a).copied()))
+                    .unwrap_or(0);
+                let mut row = self.server.snapshot_of(*a, worker)?;
+                row.usage = self
+                    .usage
+                    .get(a)
+                    .or_else(|| self.usage_base.get(a))
+                    .copied()
+                    .unwrap_or_default();
+                Some(row)
+            })
+            .collect();
+        rows.sort_by_key(|r| r.id);
+        rows
+    }
+
+    /// Takes over the allocations of data plane `dp` from the process this one
+    /// upgrades: they are this cell's as if `dp` had gone away with them, and are handed
+    /// back to it (bound again on their relayed addresses, with their permissions and
+    /// channels) when it attaches. Usage counts on from the rows'.
+    pub fn adopt(&mut self, now: Millis, dp: &str, rows: Vec<AllocationSnapshot>) -> usize {
+        self.now = now;
+        let mut workers = HashMap::new();
+        for row in rows {
+            let (id, worker, usage, tuple) = (row.id, row.worker, row.usage, row.tuple);
+            if self.server.allocation_of(&tuple).is_some() {
+                continue;
+            }
+            self.server.restore(row);
+            if self.server.allocation_of(&tuple) != Some(id) {
+                continue;
+            }
+            self.allocation_dp.insert(id, dp.to_owned());
+            if usage != Usage::default() {
+                self.usage_base.insert(id, usage);
+            }
+            workers.insert(id, worker);
+        }
+        let n = workers.len();
+        self.adopted.entry(dp.to_owned()).or_default().extend(workers);
+        n
     }
 
     /// Ends allocation `a`, which its data plane lost, with `why` in its Deleted event.

@@ -161,6 +161,12 @@ pub mod xdp;
 
 pub use crate::core::counters::{Drops, StreamStats, WorkerCounters};
 pub use crate::io::conns::{StreamLimits, StreamListen};
+pub use crate::io::handover::{Inherited, WorkerSockets};
+/// The link between the two processes of an upgrade: a Unix socket pair carrying
+/// messages and descriptors.
+pub mod upgrade_link {
+    pub use crate::io::handover::{MAX_FDS, link_pair, recv_fds, send_fds, take_link};
+}
 pub use crate::io::start::{DataPlane, DataPlaneHandle};
 pub use crate::io::sys::release_free_memory;
 /// The plane-to-plane contract the data plane speaks, re-exported for its users.
@@ -218,6 +224,9 @@ pub struct DataPlaneConfig {
     /// carry RESPONSE-ORIGIN and OTHER-ADDRESS and honour CHANGE-REQUEST. `None`: off,
     /// and CHANGE-REQUEST is answered with 420.
     pub alt_ip: Option<std::net::IpAddr>,
+    /// Sockets handed over by the process this one upgrades (`SIGUSR2`): listening
+    /// sockets are taken instead of bound, relay sockets when their address is bound.
+    pub inherited: Option<std::sync::Arc<Inherited>>,
 }
 
 /// How many Binding requests each worker answers per source; the others are dropped
@@ -268,6 +277,7 @@ impl Default for DataPlaneConfig {
             stream_limits: StreamLimits::default(),
             xdp: xdp::XdpConfig::default(),
             alt_ip: None,
+            inherited: None,
         }
     }
 }

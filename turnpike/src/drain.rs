@@ -15,20 +15,25 @@ pub enum Stop {
     Now,
     /// SIGTERM: drain first.
     Drain,
+    /// SIGUSR2: hand over to a new process of the binary at this one's path, then stop
+    /// (`serve`; see `upgrade.rs`).
+    Upgrade,
 }
 
-/// Waits for SIGINT or SIGTERM.
+/// Waits for SIGINT, SIGTERM or SIGUSR2.
 pub async fn signal() -> Stop {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return Stop::Now;
-        }
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut usr2)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return Stop::Now;
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => Stop::Now,
         _ = term.recv() => Stop::Drain,
+        _ = usr2.recv() => Stop::Upgrade,
     }
 }
 

@@ -16,6 +16,7 @@ mod run;
 mod tls;
 mod tls_clients;
 mod turn_tls;
+mod upgrade;
 
 use clap::{Parser, Subcommand};
 

@@ -51,6 +51,16 @@ struct Started {
     grpc: Option<SocketAddr>,
     /// The Admin API's URL.
     admin: String,
+    /// What a process taking over from this one needs to carry on as it (`SIGUSR2`).
+    carried: Carried,
+}
+
+/// The generated values a new process takes over in an upgrade.
+#[derive(Debug, Clone)]
+struct Carried {
+    admin_token: String,
+    dev_users: Vec<(String, String)>,
+    nonce_secret: [u8; 32],
 }
 
 /// The id of `serve`'s own data plane unless `data_plane_id` is set.
@@ -74,9 +84,23 @@ async fn bind(addr: SocketAddr, what: &str, option: &str) -> anyhow::Result<TcpL
 /// Starts the control plane: the actor, the ControlPlane service (mutual TLS) and the
 /// Admin service (bearer token; TLS when certificates are configured, else plain
 /// HTTP/2 on loopback only).
-async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result<Started> {
+async fn start_control_plane(
+    cfg: &mut Config,
+    embedded: bool,
+    handed: Option<&crate::upgrade::Header>,
+) -> anyhow::Result<Started> {
+    let mut dev_users = Vec::new();
+    if let Some(h) = handed.filter(|h| !h.dev_users.is_empty())
+        && cfg.users.is_empty()
+        && cfg.secrets.is_empty()
+    {
+        // The dev credential of the process this one upgrades: its clients keep it.
+        cfg.users.extend(h.dev_users.iter().cloned());
+        dev_users = h.dev_users.clone();
+    }
     if cfg.users.is_empty() && cfg.secrets.is_empty() {
         let password = random_string(20);
+        dev_users.push(("turnpike".to_owned(), password.clone()));
         cfg.users.push(("turnpike".to_owned(), password.clone()));
         // The URLs clients use: public addresses behind a 1:1 NAT.
         let relays = cfg.relays();
@@ -116,9 +140,10 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
             std::process::exit(64);
         }
     };
-    let token = match &cfg.admin_token {
-        Some(t) => t.clone(),
-        None => {
+    let token = match (&cfg.admin_token, handed) {
+        (Some(t), _) => t.clone(),
+        (None, Some(h)) => h.admin_token.clone(),
+        (None, None) => {
             let t = random_string(32);
             println!("turnpike admin token: {t} (turnpike ctl --token, or TURNPIKE_ADMIN_TOKEN)");
             t
@@ -138,9 +163,14 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
         unlimited(cfg.server.total_quota)
     );
     let auth = AdminAuth::new(std::slice::from_ref(&token));
+    let token_kept = token.clone();
     let creds = Credentials::new(&cfg.realm, &cfg.users, &cfg.secrets);
     let mut secret = [0u8; 32];
-    rand::rng().fill(&mut secret);
+    match handed.map(|h| h.nonce_secret.as_slice()) {
+        // Nonces the old process minted stay valid.
+        Some(s) if s.len() == 32 => secret.copy_from_slice(s),
+        _ => rand::rng().fill(&mut secret),
+    }
     let server = Server::new(cfg.server.clone(), creds, secret, rand::rng().random());
     let cp = ControlPlaneHandle::spawn_with_clock(server, turnpike_plane::Clock::new())
         .with_down_queue(cfg.plane_queue);
@@ -229,6 +259,11 @@ async fn start_control_plane(cfg: &mut Config, embedded: bool) -> anyhow::Result
         cp,
         grpc: grpc_local,
         admin: format!("{scheme}://{admin_local}"),
+        carried: Carried {
+            admin_token: token_kept,
+            dev_users,
+            nonce_secret: secret,
+        },
     })
 }
 
@@ -315,10 +350,22 @@ fn spawn_memory_release() {
 
 pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
     check_relay_ips(&cfg);
+    // Started by an upgrade (`SIGUSR2` to the previous process): its state and sockets.
+    let handed = match control {
+        Control::Embedded => crate::upgrade::inherit(turnpike_api::convert::At::of(
+            &turnpike_plane::Clock::new(),
+        ))
+        .context("taking over from the process being upgraded")?,
+        _ => None,
+    };
+    if let Some(h) = &handed {
+        tracing::info!(from = h.header.pid, allocations = h.rows.len(), "taking over from the process being upgraded");
+    }
     runtime(1)?.block_on(async move {
         spawn_memory_release();
         let mut cp = None;
         let mut admin_url = None;
+        let mut carried = None;
         let pems = match control {
             Control::Fixed(_) | Control::Elected => {
                 let Some(t) = &cfg.grpc_tls else {
@@ -344,9 +391,12 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 Some(pems)
             }
             Control::Embedded => {
-                let started = start_control_plane(&mut cfg, true).await?;
+                let started =
+                    start_control_plane(&mut cfg, true, handed.as_ref().map(|h| &h.header))
+                        .await?;
                 cp = Some(started.cp);
                 admin_url = Some(started.admin);
+                carried = Some(started.carried);
                 None
             }
         };
@@ -354,6 +404,15 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             .data_plane_id
             .clone()
             .unwrap_or_else(|| LOCAL_DATA_PLANE.to_owned());
+        // The allocations of the process this one upgrades: handed back to this data
+        // plane when it attaches, on the sockets it inherits.
+        let mut adopted = 0;
+        if let (Some(h), Some(cp)) = (&handed, &cp) {
+            adopted = cp
+                .adopt(&data_plane_id, h.rows.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("taking over the allocations: {}", e.message()))?;
+        }
         // Where the agent attaches: in process, one address, or the cell's leader as
         // etcd says.
         let (control_name, link) = match (&control, &pems, &cp) {
@@ -404,6 +463,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 stream_limits: cfg.stream_limits,
                 xdp: cfg.xdp.clone(),
                 alt_ip: cfg.alt_ip,
+                inherited: handed.as_ref().map(|h| h.inherited.clone()),
                 ..DataPlaneConfig::default()
             },
             queue.clone(),
@@ -416,6 +476,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             .map(|s| (if s.tls { Transport::Tls } else { Transport::Tcp }, s.addr))
             .collect();
         let (attached_tx, mut attached) = watch::channel(false);
+        let me_id = data_plane_id.clone();
         let me = Identity {
             id: data_plane_id,
             listen: listen.clone(),
@@ -484,6 +545,30 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         if !ready {
             tracing::warn!(control = %control_name, "not attached to a control plane yet; relaying existing allocations only");
         }
+        if let Some(h) = &handed {
+            // Ready once the allocations taken over are in this data plane's table, on
+            // the inherited sockets: then the old process stops.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let handle = dp.handle();
+            loop {
+                let h2 = handle.clone();
+                let have = tokio::task::spawn_blocking(move || h2.snapshot().len()).await?;
+                if have >= adopted || tokio::time::Instant::now() >= deadline {
+                    if have < adopted {
+                        tracing::warn!(have, adopted, "not every allocation taken over is in the table yet");
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let unclaimed = h.inherited.release_unclaimed();
+            h.ready().context("telling the process being upgraded that this one is ready")?;
+            tracing::info!(from = h.header.pid, allocations = adopted, unclaimed_sockets = unclaimed, upgrades = h.header.upgrades + 1, "upgrade complete: this process serves now");
+            println!(
+                "turnpike upgraded: took over {adopted} allocations from pid {}",
+                h.header.pid
+            );
+        }
         let listen_s: Vec<String> = listen.iter().map(ToString::to_string).collect();
         let tcp_s: Vec<String> = stream_addrs
             .iter()
@@ -504,7 +589,34 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             dp.backend(),
             dp.handle().workers()
         );
-        let stop = crate::drain::signal().await;
+        let stop = loop {
+            match crate::drain::signal().await {
+                crate::drain::Stop::Upgrade => {
+                    let (Some(cp), Some(carried)) = (&cp, &carried) else {
+                        tracing::warn!("SIGUSR2: binary upgrades are for `serve`; not yet for `dataplane`");
+                        continue;
+                    };
+                    if matches!(dp.handle().xdp_status(), turnpike_dataplane::xdp::XdpState::On(_)) {
+                        tracing::warn!("SIGUSR2: upgrade refused: not yet with the XDP fast path on (stop and start instead)");
+                        crate::upgrade::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
+                    match upgrade(cp, &dp, &queue, carried, &me_id).await {
+                        Ok(pid) => {
+                            tracing::info!(successor = pid, "upgrade: the new process serves; this one stops");
+                            println!("turnpike handed over to pid {pid}");
+                            break crate::drain::Stop::Now;
+                        }
+                        Err(e) => {
+                            crate::upgrade::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            queue.freeze(false);
+                            tracing::error!(error = %format!("{e:#}"), "upgrade failed; this process carries on");
+                        }
+                    }
+                }
+                s => break s,
+            }
+        };
         if let (crate::drain::Stop::Drain, Some(cp)) = (stop, &cp)
             && !cfg.drain_grace.is_zero()
         {
@@ -516,11 +628,49 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
     })
 }
 
+/// Hands this `serve` over to a new process of the binary at its path: stops taking
+/// requests, copies the control plane's allocations and the data plane's sockets to it,
+/// and waits until it is ready. On failure the new process is stopped; the caller takes
+/// requests again.
+async fn upgrade(
+    cp: &ControlPlaneHandle,
+    dp: &DataPlane,
+    queue: &PuntQueue,
+    carried: &Carried,
+    data_plane: &str,
+) -> anyhow::Result<u32> {
+    tracing::info!("SIGUSR2: upgrading: starting the binary at this one's path");
+    queue.freeze(true);
+    let rows = cp
+        .export(data_plane)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the allocations: {}", e.message()))?;
+    let handle = dp.handle();
+    let socks = tokio::task::spawn_blocking(move || handle.handover())
+        .await?
+        .context("duplicating the sockets")?;
+    let header = crate::upgrade::Header {
+        pid: std::process::id(),
+        upgrades: crate::upgrade::UPGRADES.load(std::sync::atomic::Ordering::Relaxed),
+        admin_token: carried.admin_token.clone(),
+        dev_users: carried.dev_users.clone(),
+        nonce_secret: carried.nonce_secret.to_vec(),
+        data_plane: data_plane.to_owned(),
+        workers: dp.handle().workers(),
+    };
+    let at = turnpike_api::convert::At::of(&turnpike_plane::Clock::new());
+    tracing::info!(allocations = rows.len(), "upgrade: handing over");
+    tokio::task::spawn_blocking(move || {
+        crate::upgrade::start_successor(&header, &rows, socks, at)
+    })
+    .await?
+}
+
 /// `controlplane`: the control plane alone.
 pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
     runtime(2)?.block_on(async move {
         spawn_memory_release();
-        let started = start_control_plane(&mut cfg, false).await?;
+        let started = start_control_plane(&mut cfg, false, None).await?;
         let Some(grpc) = started.grpc else {
             anyhow::bail!("a control plane alone listens for its data planes");
         };
@@ -578,7 +728,15 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
             ));
         }
         println!("turnpike control plane ready: grpc={grpc}");
-        if crate::drain::signal().await == crate::drain::Stop::Drain && !cfg.drain_grace.is_zero() {
+        let stop = loop {
+            match crate::drain::signal().await {
+                crate::drain::Stop::Upgrade => {
+                    tracing::warn!("SIGUSR2: binary upgrades are for `serve`; not yet for `controlplane`");
+                }
+                s => break s,
+            }
+        };
+        if stop == crate::drain::Stop::Drain && !cfg.drain_grace.is_zero() {
             crate::drain::drain(&started.cp, cfg.drain_grace, &draining).await;
         }
         crate::leader::resign(&held, &started.cp).await;

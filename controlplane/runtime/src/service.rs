@@ -161,6 +161,15 @@ enum Cmd {
     SeamStats {
         reply: oneshot::Sender<SeamStats>,
     },
+    Export {
+        data_plane: String,
+        reply: oneshot::Sender<Vec<turnpike_plane::AllocationSnapshot>>,
+    },
+    Adopt {
+        data_plane: String,
+        rows: Vec<turnpike_plane::AllocationSnapshot>,
+        reply: oneshot::Sender<usize>,
+    },
     Fleet {
         draining: bool,
         alternates: Option<fleet::Alternates>,
@@ -282,6 +291,32 @@ impl ControlPlaneHandle {
     /// requests held back from a data plane far behind.
     pub async fn seam_stats(&self) -> Result<SeamStats, Status> {
         self.ask(|reply| Cmd::SeamStats { reply }).await
+    }
+
+    /// Every allocation of data plane `data_plane`, worker and usage included, for the
+    /// process that takes over from this one (`SIGUSR2`).
+    pub async fn export(
+        &self,
+        data_plane: &str,
+    ) -> Result<Vec<turnpike_plane::AllocationSnapshot>, Status> {
+        let data_plane = data_plane.to_owned();
+        self.ask(|reply| Cmd::Export { data_plane, reply }).await
+    }
+
+    /// Takes over allocations of data plane `data_plane` from the process this one
+    /// upgrades; they are handed back to it when it attaches. Returns how many.
+    pub async fn adopt(
+        &self,
+        data_plane: &str,
+        rows: Vec<turnpike_plane::AllocationSnapshot>,
+    ) -> Result<usize, Status> {
+        let data_plane = data_plane.to_owned();
+        self.ask(|reply| Cmd::Adopt {
+            data_plane,
+            rows,
+            reply,
+        })
+        .await
     }
 
     /// The `ControlPlane` gRPC service. Serve it over TLS that verifies client
@@ -714,6 +749,16 @@ impl Actor {
             }
             Cmd::SeamStats { reply } => {
                 let _ = reply.send(c.seam_stats());
+            }
+            Cmd::Export { data_plane, reply } => {
+                let _ = reply.send(c.export(&data_plane));
+            }
+            Cmd::Adopt {
+                data_plane,
+                rows,
+                reply,
+            } => {
+                let _ = reply.send(c.adopt(now, &data_plane, rows));
             }
             Cmd::Rotate { secrets, reply } => {
                 let _ = reply.send(c.rotate_secrets(secrets));

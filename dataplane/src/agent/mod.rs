@@ -38,6 +38,10 @@ pub struct PuntQueue {
     tx: mpsc::Sender<Upward>,
     /// Requests dropped because a queue towards the control plane was full.
     pub dropped: AtomicU64,
+    /// Set while the process hands over to a new one (`SIGUSR2`): requests are dropped
+    /// (their clients retransmit them to the new process), so that no allocation
+    /// changes after its state was handed over.
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl PuntQueue {
@@ -48,6 +52,7 @@ impl PuntQueue {
             Arc::new(PuntQueue {
                 tx,
                 dropped: AtomicU64::new(0),
+                frozen: std::sync::atomic::AtomicBool::new(false),
             }),
             rx,
         )
@@ -68,9 +73,16 @@ pub enum Upward {
     },
 }
 
+impl PuntQueue {
+    /// Drops requests from now on (`true`), or takes them again.
+    pub fn freeze(&self, on: bool) {
+        self.frozen.store(on, Ordering::SeqCst);
+    }
+}
+
 impl ControlSink for PuntQueue {
     fn punt(&self, p: crate::Punted) {
-        if self.tx.try_send(Upward::Punt(p)).is_err() {
+        if self.frozen.load(Ordering::Relaxed) || self.tx.try_send(Upward::Punt(p)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -18,6 +18,8 @@
 pub(crate) mod batch;
 pub(crate) mod conns;
 #[allow(unsafe_code)]
+pub(crate) mod handover;
+#[allow(unsafe_code)]
 pub(crate) mod mmsg;
 pub(crate) mod slab;
 pub(crate) mod start;

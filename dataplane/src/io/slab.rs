@@ -92,12 +92,19 @@ impl Sockets {
         &mut self,
         relays: &[SocketAddr],
         buffers: usize,
+        inherited: Option<&crate::Inherited>,
     ) -> Result<Vec<Token>, BindError> {
         if relays.is_empty() {
             return Err(BindError::Invalid("no relay address to bind".into()));
         }
         let mut socks = Vec::with_capacity(relays.len());
         for &r in relays {
+            // A socket the previous process handed over (an upgrade): taken as it is,
+            // with what its receive buffer holds.
+            if let Some(s) = inherited.and_then(|i| i.take_relay(r)) {
+                socks.push(s);
+                continue;
+            }
             match udp_socket(r, false, buffers) {
                 Ok(s) => socks.push(s),
                 // The sockets bound so far close as `socks` drops: all or none.

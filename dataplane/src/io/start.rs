@@ -127,10 +127,14 @@ impl DataPlane {
 
         let mut per_worker: Vec<Vec<Socket>> = (0..n).map(|_| Vec::new()).collect();
         let mut local = Vec::with_capacity(cfg.listen.len());
-        for &addr in &cfg.listen {
+        let inherited = cfg.inherited.clone();
+        for (index, &addr) in cfg.listen.iter().enumerate() {
             let mut actual = addr;
-            for socks in per_worker.iter_mut() {
-                let s = udp_socket(actual, true, cfg.socket_buffer)?;
+            for (worker, socks) in per_worker.iter_mut().enumerate() {
+                let s = match inherited.as_ref().and_then(|i| i.take_listen(index, worker)) {
+                    Some(s) => s,
+                    None => udp_socket(actual, true, cfg.socket_buffer)?,
+                };
                 if actual.port() == 0 {
                     actual = s.local_addr()?.as_socket().ok_or_else(|| {
                         io::Error::other("listening socket without an IP address")
@@ -161,7 +165,7 @@ impl DataPlane {
         let mut stream_socks: Vec<Vec<(Socket, ListenerKind)>> =
             (0..n).map(|_| Vec::new()).collect();
         let mut stream_local = Vec::with_capacity(cfg.streams.len());
-        for l in &cfg.streams {
+        for (index, l) in cfg.streams.iter().enumerate() {
             if l.tls && cfg.tls.is_none() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -176,10 +180,13 @@ impl DataPlane {
                 proxy: l.proxy_protocol,
             };
             let mut actual = l.addr;
-            for socks in stream_socks.iter_mut() {
-                let s = tcp_listener(actual, 1024).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot listen on TCP {actual}: {e}"))
-                })?;
+            for (worker, socks) in stream_socks.iter_mut().enumerate() {
+                let s = match inherited.as_ref().and_then(|i| i.take_stream(index, worker)) {
+                    Some(s) => s,
+                    None => tcp_listener(actual, 1024).map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot listen on TCP {actual}: {e}"))
+                    })?,
+                };
                 if actual.port() == 0 {
                     actual = s.local_addr()?.as_socket().ok_or_else(|| {
                         io::Error::other("listening socket without an IP address")
@@ -259,6 +266,7 @@ impl DataPlane {
                 listen_streams,
                 streams: Arc::clone(&streams),
                 fast_path: xdp.on().cloned(),
+                inherited: inherited.clone(),
             };
             let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
             let worker_wake = Arc::clone(&wake);
@@ -515,6 +523,27 @@ impl DataPlaneHandle {
             }
         }
         all
+    }
+
+    /// Duplicates of every worker's listening and relay sockets, for the process that
+    /// takes over from this one (`SIGUSR2`). This process keeps its own and goes on
+    /// serving until it stops.
+    pub fn handover(&self) -> io::Result<Vec<crate::WorkerSockets>> {
+        let mut waiting = Vec::with_capacity(self.workers());
+        for w in 0..self.workers() {
+            let (tx, rx) = mpsc::channel();
+            self.push(w, Command::Handover(tx))
+                .map_err(|_| io::Error::other(format!("worker {w} has stopped")))?;
+            waiting.push((w, rx));
+        }
+        let mut all = Vec::with_capacity(waiting.len());
+        for (w, rx) in waiting {
+            let socks = rx
+                .recv_timeout(SNAPSHOT_WAIT)
+                .map_err(|_| io::Error::other(format!("worker {w} did not hand its sockets")))??;
+            all.push(socks);
+        }
+        Ok(all)
     }
 
     /// Replaces the peers never relayed to (the listening addresses, UDP and TCP/TLS,

@@ -63,6 +63,8 @@ pub(crate) enum Command {
     Challenge(Option<Arc<crate::core::Challenger>>),
     /// Report every allocation.
     Snapshot(mpsc::Sender<Vec<AllocationSnapshot>>),
+    /// Duplicate the listening and relay sockets for a new process.
+    Handover(mpsc::Sender<std::io::Result<crate::WorkerSockets>>),
     /// Stop.
     Shutdown,
 }
@@ -76,6 +78,7 @@ impl std::fmt::Debug for Command {
             Command::ClearPool => f.write_str("ClearPool"),
             Command::Challenge(c) => write!(f, "Challenge({})", c.is_some()),
             Command::Snapshot(_) => f.write_str("Snapshot"),
+            Command::Handover(_) => f.write_str("Handover"),
             Command::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -104,6 +107,8 @@ pub(crate) struct WorkerInit {
     pub(crate) streams: Arc<StreamShared>,
     /// The XDP fast path, when it is on: the worker mirrors its table into its maps.
     pub(crate) fast_path: Option<Arc<crate::xdp::FastPath>>,
+    /// Sockets handed over by the process this one upgrades.
+    pub(crate) inherited: Option<Arc<crate::Inherited>>,
 }
 
 /// One worker, whatever its backend: the core, the sockets and the control queue.
@@ -140,6 +145,14 @@ pub(crate) struct Worker {
     next_stream_sweep: u64,
     /// This worker's side of the XDP maps, when the fast path is on.
     xdp: Option<crate::xdp::Mirror>,
+    /// The UDP listening sockets, in their configured order.
+    listen_tokens: Vec<Token>,
+    /// The TCP/TLS listening sockets, in their configured order.
+    stream_tokens: Vec<Token>,
+    /// UDP sockets that are neither listening nor relay sockets (NAT discovery).
+    special: Vec<Token>,
+    /// Sockets handed over by the process this one upgrades.
+    inherited: Option<Arc<crate::Inherited>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -186,6 +199,10 @@ impl Worker {
             paused: Vec::new(),
             next_stream_sweep: now.0.saturating_add(1_000),
             xdp: None,
+            listen_tokens: Vec::new(),
+            stream_tokens: Vec::new(),
+            special: Vec::new(),
+            inherited: init.inherited,
         };
         if let Some(fp) = &init.fast_path {
             match fp.mirror() {
@@ -202,11 +219,13 @@ impl Worker {
             let (t, local) = w.socks.insert(sock)?;
             w.core.add_listen(t, local);
             w.io_ops.push(IoOp::Register(t));
+            w.listen_tokens.push(t);
         }
         for sock in init.companions {
             let (t, local) = w.socks.insert(sock)?;
             w.core.add_companion(t, local);
             w.io_ops.push(IoOp::Register(t));
+            w.special.push(t);
         }
         for g in init.nat_groups {
             w.core.add_nat_group(g);
@@ -214,6 +233,7 @@ impl Worker {
         for (sock, kind) in init.listen_streams {
             let (t, _) = w.socks.insert_kind(sock, Kind::Listener(kind))?;
             w.io_ops.push(IoOp::Register(t));
+            w.stream_tokens.push(t);
         }
         Ok(w)
     }
@@ -334,11 +354,17 @@ impl Worker {
         let mut out = std::mem::take(&mut self.outputs);
         match cmd {
             Command::Send { tuple, data } => self.core.reply(tuple, data, &mut out),
+            Command::Handover(reply) => {
+                let _ = reply.send(self.handover());
+            }
             Command::Bind {
                 tuple,
                 relays,
                 done,
-            } => match self.socks.bind_relays(&relays, self.buffers) {
+            } => match self
+                .socks
+                .bind_relays(&relays, self.buffers, self.inherited.as_deref())
+            {
                 Ok(tokens) => {
                     self.io_ops
                         .extend(tokens.iter().map(|&t| IoOp::Register(t)));
@@ -368,6 +394,39 @@ impl Worker {
         }
         self.mirror();
         self.act_control(out);
+    }
+
+    /// Duplicates of this worker's listening sockets (in their configured order) and
+    /// relay sockets, for a new process.
+    fn handover(&self) -> std::io::Result<crate::WorkerSockets> {
+        let dup = |t: Token| -> std::io::Result<Socket> {
+            self.socks
+                .get(t)
+                .ok_or_else(|| std::io::Error::other("listening socket gone"))?
+                .sock
+                .try_clone()
+        };
+        let mut out = crate::WorkerSockets {
+            worker: self.id,
+            ..Default::default()
+        };
+        for &t in &self.listen_tokens {
+            out.listen.push(dup(t)?);
+        }
+        for &t in &self.stream_tokens {
+            out.streams.push(dup(t)?);
+        }
+        for t in self.socks.tokens() {
+            let Some(e) = self.socks.get(t) else { continue };
+            if e.kind == Kind::Udp
+                && !e.closing
+                && !self.listen_tokens.contains(&t)
+                && !self.special.contains(&t)
+            {
+                out.relays.push((e.local, e.sock.try_clone()?));
+            }
+        }
+        Ok(out)
     }
 
     /// Brings the XDP maps in step with the allocations the core changed.
@@ -481,6 +540,7 @@ mod tests {
             listen_streams: Vec::new(),
             streams: Arc::new(StreamShared::new(None, Default::default(), false)),
             fast_path: None,
+            inherited: None,
         });
         (w.unwrap_or_else(|e| panic!("{e}")), tx)
     }
