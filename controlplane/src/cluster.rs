@@ -678,7 +678,10 @@ impl Cluster {
             workers.insert(id, worker);
         }
         let n = workers.len();
-        self.adopted.entry(dp.to_owned()).or_default().extend(workers);
+        self.adopted
+            .entry(dp.to_owned())
+            .or_default()
+            .extend(workers);
         n
     }
 

@@ -371,6 +371,18 @@ async fn render(
                 "Replies to UDP clients shed because the data plane was too far behind (a flood).",
                 s.replies_shed,
             ),
+            (
+                "turnpike_upgrades_total",
+                "counter",
+                "Binary upgrades (SIGUSR2) this instance has been through, counted on by each new process.",
+                crate::upgrade::UPGRADES.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            (
+                "turnpike_upgrades_failed_total",
+                "counter",
+                "Upgrades this process attempted that failed (it carried on serving).",
+                crate::upgrade::UPGRADES_FAILED.load(std::sync::atomic::Ordering::Relaxed),
+            ),
         ] {
             metric(&mut o, name, kind, help);
             let _ = writeln!(o, "{name} {v}");

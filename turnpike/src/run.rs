@@ -352,14 +352,18 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
     check_relay_ips(&cfg);
     // Started by an upgrade (`SIGUSR2` to the previous process): its state and sockets.
     let handed = match control {
-        Control::Embedded => crate::upgrade::inherit(turnpike_api::convert::At::of(
-            &turnpike_plane::Clock::new(),
-        ))
-        .context("taking over from the process being upgraded")?,
+        Control::Embedded => {
+            crate::upgrade::inherit(turnpike_api::convert::At::of(&turnpike_plane::Clock::new()))
+                .context("taking over from the process being upgraded")?
+        }
         _ => None,
     };
     if let Some(h) = &handed {
-        tracing::info!(from = h.header.pid, allocations = h.rows.len(), "taking over from the process being upgraded");
+        tracing::info!(
+            from = h.header.pid,
+            allocations = h.rows.len(),
+            "taking over from the process being upgraded"
+        );
     }
     runtime(1)?.block_on(async move {
         spawn_memory_release();
@@ -561,6 +565,9 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            // Its workers read the inherited sockets from now on (the old process until
+            // it stops: each datagram is read by one of the two).
+            handle.resume();
             let unclaimed = h.inherited.release_unclaimed();
             h.ready().context("telling the process being upgraded that this one is ready")?;
             tracing::info!(from = h.header.pid, allocations = adopted, unclaimed_sockets = unclaimed, upgrades = h.header.upgrades + 1, "upgrade complete: this process serves now");
@@ -660,10 +667,8 @@ async fn upgrade(
     };
     let at = turnpike_api::convert::At::of(&turnpike_plane::Clock::new());
     tracing::info!(allocations = rows.len(), "upgrade: handing over");
-    tokio::task::spawn_blocking(move || {
-        crate::upgrade::start_successor(&header, &rows, socks, at)
-    })
-    .await?
+    tokio::task::spawn_blocking(move || crate::upgrade::start_successor(&header, &rows, socks, at))
+        .await?
 }
 
 /// `controlplane`: the control plane alone.

@@ -295,7 +295,9 @@ pub fn start_successor(
                         "the new process refused: {}",
                         String::from_utf8_lossy(&m[1..])
                     )),
-                    _ => Err(anyhow::anyhow!("the new process exited before it was ready")),
+                    _ => Err(anyhow::anyhow!(
+                        "the new process exited before it was ready"
+                    )),
                 };
             }
             if let Some(status) = child.try_wait()? {
@@ -312,9 +314,24 @@ pub fn start_successor(
     match result {
         Ok(()) => Ok(pid),
         Err(e) => {
+            // Said plainly when it simply exited (a send to it then fails too; its end
+            // closes a moment before it is reaped).
+            let t = Instant::now();
+            let mut exited = None;
+            while exited.is_none() && t.elapsed() < Duration::from_secs(1) {
+                exited = child.try_wait().ok().flatten();
+                if exited.is_none() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
-            Err(e)
+            match exited {
+                Some(status) if !e.to_string().contains("exited") => Err(anyhow::anyhow!(
+                    "the new process exited before it was ready ({status}): {e}"
+                )),
+                _ => Err(e),
+            }
         }
     }
 }

@@ -131,7 +131,10 @@ impl DataPlane {
         for (index, &addr) in cfg.listen.iter().enumerate() {
             let mut actual = addr;
             for (worker, socks) in per_worker.iter_mut().enumerate() {
-                let s = match inherited.as_ref().and_then(|i| i.take_listen(index, worker)) {
+                let s = match inherited
+                    .as_ref()
+                    .and_then(|i| i.take_listen(index, worker))
+                {
                     Some(s) => s,
                     None => udp_socket(actual, true, cfg.socket_buffer)?,
                 };
@@ -181,7 +184,10 @@ impl DataPlane {
             };
             let mut actual = l.addr;
             for (worker, socks) in stream_socks.iter_mut().enumerate() {
-                let s = match inherited.as_ref().and_then(|i| i.take_stream(index, worker)) {
+                let s = match inherited
+                    .as_ref()
+                    .and_then(|i| i.take_stream(index, worker))
+                {
                     Some(s) => s,
                     None => tcp_listener(actual, 1024).map_err(|e| {
                         io::Error::new(e.kind(), format!("cannot listen on TCP {actual}: {e}"))
@@ -544,6 +550,14 @@ impl DataPlaneHandle {
             all.push(socks);
         }
         Ok(all)
+    }
+
+    /// Starts reading the sockets inherited from the process this one upgrades, once
+    /// the table they serve is in place.
+    pub fn resume(&self) {
+        for w in 0..self.workers() {
+            let _ = self.push(w, Command::Resume);
+        }
     }
 
     /// Replaces the peers never relayed to (the listening addresses, UDP and TCP/TLS,

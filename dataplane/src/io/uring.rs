@@ -304,6 +304,7 @@ pub(crate) fn run(
     });
     let mut u = report_ready(&ready, started)?;
     let r = u.serve(&mut worker);
+    u.quiesce(&mut worker);
     worker.close_all();
     u.apply_io_ops(&mut worker);
     let drained = u.drain(&mut worker);
@@ -879,6 +880,54 @@ impl Uring {
         }
         for &bid in &bids[..nseg] {
             self.unref(bid);
+        }
+    }
+
+    /// Stops receiving on every UDP socket before they close, relaying what the
+    /// receives already took in: the kernel may have written datagrams into the buffer
+    /// ring that no completion has reported yet, and after an upgrade (`SIGUSR2`) the
+    /// new process shares these sockets: a datagram this one took must still go out.
+    // A wall-clock bound on shutdown, not forwarding time.
+    #[allow(clippy::disallowed_methods)]
+    fn quiesce(&mut self, worker: &mut Worker) {
+        let deadline = Instant::now() + DRAIN;
+        let udp: Vec<Token> = worker
+            .socks
+            .tokens()
+            .filter(|t| worker.socks.kind(*t) == Some(Kind::Udp))
+            .collect();
+        for &t in &udp {
+            let Some(st) = self.recv.get_mut(t.0 as usize) else {
+                continue;
+            };
+            st.paused = true;
+            if st.armed && !st.closing {
+                let e = opcode::AsyncCancel::new(user_data(KIND_RECV, st.gen_, t.0))
+                    .build()
+                    .user_data(user_data(KIND_CANCEL, 0, 0));
+                self.push(e);
+            }
+        }
+        loop {
+            let armed = udp
+                .iter()
+                .any(|t| self.recv.get(t.0 as usize).is_some_and(|s| s.armed));
+            if !armed || Instant::now() >= deadline {
+                break;
+            }
+            let ts = Timespec::from(Duration::from_millis(50));
+            let args = SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(_) => break,
+            }
+            self.reap(worker);
+            self.rearm.clear();
         }
     }
 

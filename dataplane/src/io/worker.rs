@@ -65,6 +65,9 @@ pub(crate) enum Command {
     Snapshot(mpsc::Sender<Vec<AllocationSnapshot>>),
     /// Duplicate the listening and relay sockets for a new process.
     Handover(mpsc::Sender<std::io::Result<crate::WorkerSockets>>),
+    /// Start reading the sockets inherited from the process this one upgrades (its
+    /// table is in place now).
+    Resume,
     /// Stop.
     Shutdown,
 }
@@ -79,6 +82,7 @@ impl std::fmt::Debug for Command {
             Command::Challenge(c) => write!(f, "Challenge({})", c.is_some()),
             Command::Snapshot(_) => f.write_str("Snapshot"),
             Command::Handover(_) => f.write_str("Handover"),
+            Command::Resume => f.write_str("Resume"),
             Command::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -153,6 +157,10 @@ pub(crate) struct Worker {
     special: Vec<Token>,
     /// Sockets handed over by the process this one upgrades.
     inherited: Option<Arc<crate::Inherited>>,
+    /// While this process takes over from the one it upgrades: the inherited sockets,
+    /// not read until its table is in place ([`Command::Resume`]); the old process
+    /// reads them meanwhile.
+    deferred: Option<Vec<Token>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -202,6 +210,7 @@ impl Worker {
             listen_tokens: Vec::new(),
             stream_tokens: Vec::new(),
             special: Vec::new(),
+            deferred: init.inherited.as_ref().map(|_| Vec::new()),
             inherited: init.inherited,
         };
         if let Some(fp) = &init.fast_path {
@@ -218,7 +227,10 @@ impl Worker {
         for sock in init.listen {
             let (t, local) = w.socks.insert(sock)?;
             w.core.add_listen(t, local);
-            w.io_ops.push(IoOp::Register(t));
+            match &mut w.deferred {
+                Some(d) => d.push(t),
+                None => w.io_ops.push(IoOp::Register(t)),
+            }
             w.listen_tokens.push(t);
         }
         for sock in init.companions {
@@ -357,17 +369,31 @@ impl Worker {
             Command::Handover(reply) => {
                 let _ = reply.send(self.handover());
             }
+            Command::Resume => {
+                for t in self.deferred.take().unwrap_or_default() {
+                    if self.socks.get(t).is_some_and(|e| !e.closing) {
+                        self.io_ops.push(IoOp::Register(t));
+                    }
+                }
+            }
             Command::Bind {
                 tuple,
                 relays,
                 done,
-            } => match self
-                .socks
-                .bind_relays(&relays, self.buffers, self.inherited.as_deref())
-            {
+            } => match self.socks.bind_relays(
+                &relays,
+                self.buffers,
+                self.inherited
+                    .as_deref()
+                    .filter(|_| self.deferred.is_some()),
+            ) {
                 Ok(tokens) => {
-                    self.io_ops
-                        .extend(tokens.iter().map(|&t| IoOp::Register(t)));
+                    match &mut self.deferred {
+                        Some(d) => d.extend(&tokens),
+                        None => self
+                            .io_ops
+                            .extend(tokens.iter().map(|&t| IoOp::Register(t))),
+                    }
                     let bound = relays.into_iter().zip(tokens).collect();
                     match tuple {
                         Some(tuple) => self.core.relays_bound(self.now, tuple, bound),
