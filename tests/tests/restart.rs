@@ -413,3 +413,39 @@ fn ten_upgrades_in_a_row_leak_no_descriptor() {
         "{fds_before} descriptors before, {fds_after} after ten upgrades"
     );
 }
+
+#[test]
+fn systemd_is_told_ready_and_then_the_new_main_pid() {
+    let dir = std::env::temp_dir().join(format!("turnpike-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock_path = dir.join("notify");
+    let _ = std::fs::remove_file(&sock_path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let mut cmd = std::process::Command::new(common::bin());
+    cmd.args([
+        "serve",
+        "--listen",
+        &listen,
+        "--user",
+        "u:p",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ])
+    .env("NOTIFY_SOCKET", &sock_path);
+    let mut p = common::Proc::spawn_command(cmd);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    usr2(p.child.id() as i32);
+    let new_pid = successor(&mut p, 1);
+    let _guard = Successor(new_pid);
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&buf[..n]),
+        format!("MAINPID={new_pid}\nREADY=1")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

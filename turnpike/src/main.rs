@@ -11,6 +11,7 @@ mod leader;
 mod listener;
 mod local;
 mod metrics;
+mod notify;
 mod probe;
 mod run;
 mod tls;

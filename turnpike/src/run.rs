@@ -569,6 +569,8 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             // it stops: each datagram is read by one of the two).
             handle.resume();
             let unclaimed = h.inherited.release_unclaimed();
+            // systemd learns the new main process before the old one exits.
+            crate::notify::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
             h.ready().context("telling the process being upgraded that this one is ready")?;
             tracing::info!(from = h.header.pid, allocations = adopted, unclaimed_sockets = unclaimed, upgrades = h.header.upgrades + 1, "upgrade complete: this process serves now");
             println!(
@@ -596,6 +598,9 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             dp.backend(),
             dp.handle().workers()
         );
+        if handed.is_none() {
+            crate::notify::notify("READY=1");
+        }
         let stop = loop {
             match crate::drain::signal().await {
                 crate::drain::Stop::Upgrade => {
@@ -733,6 +738,7 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
             ));
         }
         println!("turnpike control plane ready: grpc={grpc}");
+        crate::notify::notify("READY=1");
         let stop = loop {
             match crate::drain::signal().await {
                 crate::drain::Stop::Upgrade => {
