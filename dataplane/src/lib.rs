@@ -160,7 +160,11 @@ mod sim;
 pub mod xdp;
 
 pub use crate::core::counters::{Drops, StreamStats, WorkerCounters};
+pub use crate::core::front::{Decision, Route, WebRules, classify_plain, classify_tls};
 pub use crate::io::conns::{StreamLimits, StreamListen};
+pub use crate::io::front::{
+    BACKEND_CONNECT_MS, FrontDoor, FrontDoorConfig, FrontListen, FrontStats, FrontStatsHandle,
+};
 pub use crate::io::start::{DataPlane, DataPlaneHandle};
 pub use crate::io::sys::release_free_memory;
 /// The plane-to-plane contract the data plane speaks, re-exported for its users.

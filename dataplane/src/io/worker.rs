@@ -63,6 +63,9 @@ pub(crate) enum Command {
     Challenge(Option<Arc<crate::core::Challenger>>),
     /// Report every allocation.
     Snapshot(mpsc::Sender<Vec<AllocationSnapshot>>),
+    /// Serve a TURN connection the front door accepted and routed here (nothing of it
+    /// read yet).
+    Adopt { sock: Socket, tls: bool },
     /// Stop.
     Shutdown,
 }
@@ -76,6 +79,7 @@ impl std::fmt::Debug for Command {
             Command::ClearPool => f.write_str("ClearPool"),
             Command::Challenge(c) => write!(f, "Challenge({})", c.is_some()),
             Command::Snapshot(_) => f.write_str("Snapshot"),
+            Command::Adopt { tls, .. } => write!(f, "Adopt(tls: {tls})"),
             Command::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -364,6 +368,14 @@ impl Worker {
                 }
                 let _ = tx.send(self.core.snapshot());
             }
+            Command::Adopt { sock, tls } => match sock.peer_addr().ok().and_then(|a| a.as_socket())
+            {
+                Some(peer) => {
+                    let kind = ListenerKind { tls, proxy: false };
+                    self.admit_stream(kind, sock, peer);
+                }
+                None => bump(&self.ctr.streams.refused, 1),
+            },
             Command::Shutdown => {}
         }
         self.mirror();
