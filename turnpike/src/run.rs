@@ -13,7 +13,7 @@ use turnpike_controlplane::{Credentials, Server};
 use turnpike_controlplane_runtime::{AdminAuth, ControlPlaneHandle};
 use turnpike_dataplane::agent::grpc::Grpc;
 use turnpike_dataplane::agent::{self, Identity, PuntQueue};
-use turnpike_dataplane::{DataPlane, DataPlaneConfig, Transport};
+use turnpike_dataplane::{DataPlane, DataPlaneConfig, FrontDoor, FrontDoorConfig, Transport};
 use turnpike_plane::advertised_addr;
 
 use crate::config::Config;
@@ -391,15 +391,33 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         // Set while draining (SIGTERM): the fleet registry publishes it.
         let (draining, _) = watch::channel(false);
         let tls = crate::turn_tls::start(&cfg)?;
+        // The front door binds the shared ports before the data plane starts: they are
+        // the server's own addresses, never a peer.
+        let front_listens = cfg.front_listens();
+        let front = if front_listens.is_empty() {
+            None
+        } else {
+            Some(
+                FrontDoor::bind(FrontDoorConfig {
+                    listen: front_listens,
+                    rules: cfg.front.rules.clone(),
+                    limits: cfg.stream_limits,
+                })
+                .context("cannot start the front door")?,
+            )
+        };
+        let front_local = front.as_ref().map(FrontDoor::local).unwrap_or_default();
+        let mut denied_peers = cfg.server.policy.own_sockets().to_vec();
+        denied_peers.extend(front_local.iter().map(|f| f.addr));
         let dp = DataPlane::start(
             DataPlaneConfig {
                 listen: cfg.listen.clone(),
                 workers: cfg.workers,
                 backend: cfg.backend,
                 pin: cfg.pin,
-                denied_peers: cfg.server.policy.own_sockets().to_vec(),
+                denied_peers,
                 legacy_channel_numbers: cfg.server.legacy_channel_numbers,
-                streams: cfg.streams.clone(),
+                streams: cfg.worker_streams(),
                 tls,
                 stream_limits: cfg.stream_limits,
                 xdp: cfg.xdp.clone(),
@@ -410,11 +428,17 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         )
         .context("cannot start the data plane")?;
         let listen = dp.local_addrs();
+        let transport = |tls: bool| if tls { Transport::Tls } else { Transport::Tcp };
         let stream_addrs: Vec<(Transport, std::net::SocketAddr)> = dp
             .stream_addrs()
             .iter()
-            .map(|s| (if s.tls { Transport::Tls } else { Transport::Tcp }, s.addr))
+            .map(|s| (transport(s.tls), s.addr))
+            .chain(front_local.iter().map(|f| (transport(f.tls), f.addr)))
             .collect();
+        let front_stats = front.as_ref().map(FrontDoor::stats);
+        if let Some(front) = front {
+            front.spawn(dp.handle()).context("cannot start the front door")?;
+        }
         let (attached_tx, mut attached) = watch::channel(false);
         let me = Identity {
             id: data_plane_id,
@@ -434,6 +458,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 attached: Some(attached.clone()),
                 stopping: draining.subscribe(),
                 elected: false,
+                front: front_stats.clone(),
             };
             metrics::spawn(addr, listener_limits(&cfg), health, queue.clone()).await?;
         }
@@ -534,6 +559,7 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
                 attached: None,
                 stopping: draining.subscribe(),
                 elected: cfg.fleet.is_some(),
+                front: None,
             };
             metrics::spawn(m, listener_limits(&cfg), health, q).await?;
         }
