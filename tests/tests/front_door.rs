@@ -762,26 +762,41 @@ fn page_collector(ns: &Ns) -> (u16, mpsc::Receiver<String>) {
     (port, rx)
 }
 
+/// nginx's configuration: the server blocks of `deploy/front-door/nginx.conf` as written,
+/// with this test's files (certificate, page root) and the page's POSTs forwarded to
+/// the collector, in an `http` block of the test's own (logs, temporary files).
 fn nginx_conf(dir: &std::path::Path, collector: u16) -> String {
     let d = dir.display();
-    let locations = format!(
-        "root {d}/www; index index.html; default_type application/json;\n\
-         location = /result {{ proxy_pass http://127.0.0.1:{collector}; }}\n\
-         location = /log {{ proxy_pass http://127.0.0.1:{collector}; }}\n"
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/front-door/nginx.conf"
     );
+    let servers = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("/etc/ssl/turn.example.com.pem", &format!("{d}/nginx.pem"))
+        .replace("/etc/ssl/turn.example.com.key", &format!("{d}/nginx.key"))
+        .replace(
+            "root /var/www/html;",
+            &format!(
+                "root {d}/www; index index.html; default_type application/json;\n\
+                 location = /result {{ proxy_pass http://127.0.0.1:{collector}; }}\n\
+                 location = /log {{ proxy_pass http://127.0.0.1:{collector}; }}"
+            ),
+        );
+    assert!(servers.contains(&format!(
+        "listen 127.0.0.1:{NGINX_HTTPS} ssl http2 proxy_protocol;"
+    )));
+    assert!(servers.contains(&format!("listen 127.0.0.1:{NGINX_HTTP} proxy_protocol;")));
     format!(
         "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
          events {{ worker_connections 256; }}\n\
          http {{\n\
          types {{ text/html html; }}\n\
-         log_format front '$proxy_protocol_addr $remote_addr $server_port $status \"$request\" \"$http_user_agent\"';\n\
+         log_format front '$proxy_protocol_addr $remote_addr $realip_remote_addr $server_port $status \"$request\" \"$http_user_agent\"';\n\
          access_log {d}/access.log front;\n\
          client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy;\n\
          fastcgi_temp_path {d}/tmp-fcgi; uwsgi_temp_path {d}/tmp-uwsgi; scgi_temp_path {d}/tmp-scgi;\n\
-         server {{ listen 127.0.0.1:{NGINX_HTTPS} ssl http2 proxy_protocol;\n\
-         ssl_certificate {d}/nginx.pem; ssl_certificate_key {d}/nginx.key;\n{locations}}}\n\
-         server {{ listen 127.0.0.1:{NGINX_HTTP} proxy_protocol;\n{locations}}}\n\
-         }}\n"
+         {servers}\n}}\n"
     )
 }
 
@@ -865,8 +880,8 @@ fn check_page(r: &serde_json::Value, relay: &str, tag: &str) {
 }
 
 /// Debian's nginx and headless Chromium through turnpike's 443 and 80, in a network
-/// namespace: nginx serves a page over HTTPS and HTTP on loopback ports with
-/// `proxy_protocol`; turnpike listens on 10.89.0.1:443 (TLS) and :80 (TCP) in front of
+/// namespace: nginx, configured with the server blocks of `deploy/front-door/nginx.conf`,
+/// serves a page over HTTPS and HTTP on loopback ports with `proxy_protocol`; turnpike listens on 10.89.0.1:443 (TLS) and :80 (TCP) in front of
 /// them (`--https-backend`, `--http-backend`, `--backend-proxy-protocol`), with a
 /// test-CA certificate for turn.test (nginx has its own, serial 2).
 /// - `curl --http2` and `curl --http1.1` get nginx's page through 443 (nginx's
@@ -1029,8 +1044,9 @@ fn nginx_and_chromium_share_443_and_80() {
     let r = chromium_page(&ns, &dir, "http://turn.test/", &results, "http");
     check_page(&r, "tcp", "http + turn:80");
 
-    // nginx's log: the client address is the namespace's (Chromium's, curl's), the TCP
-    // peer turnpike's loopback connection.
+    // nginx's log: the client address (the PROXY header's, and $remote_addr through
+    // real_ip_header) is the namespace's, Chromium's; the TCP peer is turnpike's loopback
+    // connection.
     let log = std::fs::read_to_string(dir.join("access.log")).unwrap();
     let chromium_lines: Vec<&str> = log
         .lines()
@@ -1038,7 +1054,7 @@ fn nginx_and_chromium_share_443_and_80() {
         .collect();
     assert_eq!(chromium_lines.len(), 2, "{log}");
     for l in &chromium_lines {
-        assert!(l.starts_with(&format!("{NS_IP} 127.0.0.1 ")), "{l}");
+        assert!(l.starts_with(&format!("{NS_IP} {NS_IP} 127.0.0.1 ")), "{l}");
     }
     assert!(
         chromium_lines
@@ -1075,4 +1091,78 @@ fn nginx_and_chromium_share_443_and_80() {
     turnpike.kill();
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `deploy/front-door/turnpike.toml` as written, with this machine's addresses, ports and
+/// files put in for the example's: it starts, HTTPS and HTTP reach the web backend (the
+/// PROXY header naming the client), TURN over TLS and TCP allocates.
+#[test]
+fn deploy_example_works_as_written() {
+    let ca = TestCa::new();
+    let turn_leaf = ca.issue(SERVER_NAME, 1);
+    let files = CertFiles::write(&format!("front-deploy-{}", free_udp_port()), &turn_leaf);
+    let web = Web::start(Some(server_config(&ca.issue(WEB_HOST, 2))));
+    let http = Web::start(None);
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/front-door/turnpike.toml"
+    );
+    let text = std::fs::read_to_string(example).unwrap();
+    let udp = format!("127.0.0.1:{}", free_udp_port());
+    let mut edited = text.clone();
+    for (from, to) in [
+        ("203.0.113.10:3478", udp.as_str()),
+        ("203.0.113.10:80", "127.0.0.1:0"),
+        ("203.0.113.10:443", "127.0.0.1:0"),
+        ("\"203.0.113.10\"", "\"127.0.0.1\""),
+        ("/etc/turnpike/tls/turn.example.com.pem", files.cert_str()),
+        ("/etc/turnpike/tls/turn.example.com.key", files.key_str()),
+        ("127.0.0.1:8443", &web.addr.to_string()),
+        ("127.0.0.1:8080", &http.addr.to_string()),
+    ] {
+        assert!(edited.contains(from), "the example no longer has {from}");
+        edited = edited.replace(from, to);
+    }
+    let path = std::env::temp_dir().join(format!(
+        "turnpike-front-deploy-{}-{}.toml",
+        std::process::id(),
+        free_udp_port()
+    ));
+    std::fs::write(&path, edited).unwrap();
+    let _cleanup = tempfile_path::TempFile(path.clone());
+    let mut proc = Proc::spawn(&[
+        "serve",
+        "--config",
+        path.to_str().unwrap(),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--user",
+        "u:p",
+        "--no-pin",
+    ]);
+    let ready = proc.wait_for("turnpike ready:", Duration::from_secs(30));
+    let tls: SocketAddr = common::field(&ready, "tls").parse().unwrap();
+    let tcp: SocketAddr = common::field(&ready, "tcp").parse().unwrap();
+
+    let mut w = tls_to(
+        tls,
+        client_config(&ca.cert, &[], Some(b"h2")),
+        Some(WEB_HOST),
+    )
+    .unwrap();
+    let local = w.sock.local_addr().unwrap();
+    assert!(get(&mut w).ends_with("web"));
+    assert_eq!(web.seen()[0].client, local);
+    let mut c = TcpStream::connect(tcp).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let local = c.local_addr().unwrap();
+    assert!(get(&mut c).ends_with("web"));
+    assert_eq!(http.seen()[0].client, local);
+
+    let mut t = turn_tls(tls, client_config(&ca.cert, &[], None), USER, PASS);
+    allocated(t.allocate(), "TURNS through the example's 443");
+    let mut t = TurnStream::tcp(tcp, USER, PASS);
+    allocated(t.allocate(), "TURN over TCP through the example's 80");
 }
