@@ -1166,3 +1166,94 @@ fn deploy_example_works_as_written() {
     let mut t = TurnStream::tcp(tcp, USER, PASS);
     allocated(t.allocate(), "TURN over TCP through the example's 80");
 }
+
+/// Front-door settings that cannot work stop the start with exit code 64, naming the
+/// option and why (the config is validated before anything binds).
+#[test]
+fn bad_front_door_configuration_exits_64_naming_the_option() {
+    let tcp = format!("127.0.0.1:{}", free_tcp_port());
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec!["--https-backend", "127.0.0.1:8443"],
+            "front_door.https_backend",
+            "needs a TURN TLS listener",
+        ),
+        (
+            vec!["--http-backend", "127.0.0.1:8080", "--no-tcp"],
+            "front_door.http_backend",
+            "needs a TURN TCP listener",
+        ),
+        (
+            vec!["--http-backend", "nginx:80"],
+            "front_door.http_backend",
+            "not an IP:PORT",
+        ),
+        (
+            vec!["--http-backend", "0.0.0.0:80"],
+            "front_door.http_backend",
+            "needs an IP address and a port",
+        ),
+        (
+            vec!["--listen-tcp", &tcp, "--http-backend", &tcp],
+            "front_door.http_backend",
+            "turnpike's own listener",
+        ),
+        (
+            vec![
+                "--listen-tcp",
+                &tcp,
+                "--proxy-protocol",
+                &tcp,
+                "--http-backend",
+                "127.0.0.1:8080",
+            ],
+            "front_door.http_backend",
+            "PROXY header",
+        ),
+        (
+            vec!["--web-host", "www.test"],
+            "front_door",
+            "need https_backend",
+        ),
+        (
+            vec!["--http-backend", "127.0.0.1:8080", "--web-host", "bad name"],
+            "front_door.web_hosts",
+            "not a DNS name",
+        ),
+    ];
+    for (extra, option, why) in cases {
+        let mut args = vec!["serve", "--admin-listen", "127.0.0.1:0"];
+        args.extend(&extra);
+        let out = std::process::Command::new(common::bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{extra:?}: {err}");
+        assert!(
+            err.contains(option) && err.contains(why),
+            "{extra:?}: {err}"
+        );
+    }
+    let path =
+        std::env::temp_dir().join(format!("turnpike-front-alpn-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "[front_door]\nhttp_backend = \"127.0.0.1:8080\"\nweb_alpn = [\"stun.turn\"]\n",
+    )
+    .unwrap();
+    let _cleanup = tempfile_path::TempFile(path.clone());
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "serve",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("front_door.web_alpn"), "{err}");
+}
