@@ -9,6 +9,7 @@
 mod certs;
 mod compare;
 mod forwarder;
+mod front;
 mod hs;
 mod net;
 mod payload;
@@ -56,6 +57,9 @@ enum Cmd {
     Idle(IdleArgs),
     /// A bare recvmmsg/sendmmsg UDP forwarder (no TURN), the physical reference.
     Forwarder(forwarder::ForwarderArgs),
+    /// The front door's web pass-through (splice) against a direct connection to the
+    /// same backend: throughput, connection latency and round trip, in one run.
+    Front(front::FrontArgs),
     /// turnpike vs coturn vs the bare forwarder, side by side, on pinned cores.
     Compare(compare::CompareArgs),
     /// A short soak (not in CI): allocation churn plus a spoofed-source flood while a
@@ -239,6 +243,7 @@ fn main() -> Result<()> {
         Cmd::Compare(a) => compare::run(&a)?,
         Cmd::Soak(a) => soak::run(&a)?,
         Cmd::Xdp(a) => xdp::run(&a)?,
+        Cmd::Front(a) => front::run(&a)?,
     }
     Ok(())
 }

@@ -160,6 +160,7 @@ mod sim;
 pub mod xdp;
 
 pub use crate::core::counters::{Drops, StreamStats, WorkerCounters};
+pub use crate::core::front::{Decision, Route, WebRules, classify_plain, classify_tls};
 pub use crate::io::conns::{StreamLimits, StreamListen};
 pub use crate::io::handover::{Inherited, WorkerSockets};
 /// The link between the two processes of an upgrade: a Unix socket pair carrying
@@ -167,6 +168,9 @@ pub use crate::io::handover::{Inherited, WorkerSockets};
 pub mod upgrade_link {
     pub use crate::io::handover::{MAX_FDS, link_pair, recv_fds, send_fds, take_link};
 }
+pub use crate::io::front::{
+    BACKEND_CONNECT_MS, FrontDoor, FrontDoorConfig, FrontListen, FrontStats, FrontStatsHandle,
+};
 pub use crate::io::start::{DataPlane, DataPlaneHandle};
 pub use crate::io::sys::release_free_memory;
 /// The plane-to-plane contract the data plane speaks, re-exported for its users.

@@ -14,18 +14,20 @@
 #         buildah + ca-certificates (deploy/build-image.sh builds the container image from
 #         scratch with the host's CA bundle; tests/tests/image.rs runs it chrooted),
 #         faketime (libfaketime: tests/tests/seam.rs steps and skews the wall clock of
-#         a server, the monotonic clock untouched)
+#         a server, the monotonic clock untouched),
+#         nginx (tests/tests/front_door.rs: the web server behind turnpike's shared 443
+#         and 80, started by the test in a network namespace with its own configuration)
 #   venv: tests/e2e/.venv with the pinned packages of tests/e2e/requirements.txt
 #
-# Installing coturn or etcd-server must not leave a system turnserver running on 3478 or
-# a system etcd on 2379: package scripts are kept from starting services (policy-rc.d
+# Installing coturn, etcd-server or nginx must not leave a system turnserver running on
+# 3478, a system etcd on 2379 or a system nginx on 80: package scripts are kept from starting services (policy-rc.d
 # answers 101 during the install), and the units are disabled where systemd is present.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="$PWD"
 
 APT_PKGS=(coturn chromium iproute2 nftables procps openssl libnss3-tools etcd-server etcd-client
-          clang libbpf-dev bpftool ethtool curl buildah ca-certificates faketime)
+          clang libbpf-dev bpftool ethtool curl buildah ca-certificates faketime nginx)
 # The binary each package must provide (a package counts as installed only if it is there).
 declare -A PROBE=(
   [coturn]=/usr/bin/turnserver
@@ -45,6 +47,7 @@ declare -A PROBE=(
   [buildah]=/usr/bin/buildah
   [ca-certificates]=/etc/ssl/certs/ca-certificates.crt
   [faketime]=/usr/bin/faketime
+  [nginx]=/usr/sbin/nginx
 )
 
 SUDO=""
@@ -80,7 +83,7 @@ fi
 
 # Never leave the distribution's coturn or etcd service enabled or running.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  for unit in coturn etcd; do
+  for unit in coturn etcd nginx; do
     if systemctl is-enabled --quiet "$unit" 2>/dev/null; then $SUDO systemctl disable --now "$unit" >/dev/null 2>&1 || true; fi
     if systemctl is-active --quiet "$unit" 2>/dev/null; then $SUDO systemctl stop "$unit" >/dev/null 2>&1 || true; fi
   done
@@ -90,6 +93,9 @@ else
   fi
   if [ -x /etc/init.d/etcd ] && $SUDO service etcd status >/dev/null 2>&1; then
     $SUDO service etcd stop >/dev/null 2>&1 || true
+  fi
+  if [ -x /etc/init.d/nginx ] && $SUDO service nginx status >/dev/null 2>&1; then
+    $SUDO service nginx stop >/dev/null 2>&1 || true
   fi
 fi
 

@@ -20,3 +20,12 @@ for backend in uring mmsg; do
   TURN_SERVER_CMD_DENY_LOOPBACK="$bin serve $common --io-backend $backend" \
   E2E_SKIP_SETUP=1 tests/e2e/run.sh
 done
+# The front door (issue #23): the TLS and TCP listeners share their ports with a web
+# backend (here one that is down: web connections are refused cleanly); coturn's
+# uclient (-t, -t -S), aioice over TCP and TLS, and Chromium's TURN and TURNS must go
+# through the demux to TURN unchanged. nginx and Chromium loading a page through the
+# same ports are tests/tests/front_door.rs (in the cargo test run above).
+echo "== end-to-end suite through the front door (shared ports, web backend down) =="
+TURN_SERVER_CMD="$bin serve $common --io-backend uring --allow-peer 127.0.0.0/8 --https-backend 127.0.0.1:9 --http-backend 127.0.0.1:9 --backend-proxy-protocol" \
+TURN_SERVER_CMD_DENY_LOOPBACK="$bin serve $common --io-backend uring" \
+E2E_SKIP_SETUP=1 tests/e2e/run.sh uclient-tcp aioice-tcp chromium-tcp

@@ -227,7 +227,15 @@ fn successor(p: &mut common::Proc, n: usize) -> i32 {
     line.rsplit(' ').next().unwrap().trim().parse().unwrap()
 }
 
+/// `serve` with fixed Admin and metrics ports (an upgrade hands them over: the new
+/// process could not bind them while the old one holds them).
 fn serve_for_upgrades(bin: &std::path::Path, listen: &str, backend: &str) -> common::Proc {
+    serve_with_ports(bin, listen, backend).0
+}
+
+fn serve_with_ports(bin: &std::path::Path, listen: &str, backend: &str) -> (common::Proc, String) {
+    let admin = format!("127.0.0.1:{}", free_tcp_port());
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let mut cmd = std::process::Command::new(bin);
     cmd.args([
         "serve",
@@ -238,7 +246,9 @@ fn serve_for_upgrades(bin: &std::path::Path, listen: &str, backend: &str) -> com
         "--allow-peer",
         "127.0.0.0/8",
         "--admin-listen",
-        "127.0.0.1:0",
+        &admin,
+        "--metrics-listen",
+        &metrics,
         "--workers",
         "2",
         "--io-backend",
@@ -246,7 +256,28 @@ fn serve_for_upgrades(bin: &std::path::Path, listen: &str, backend: &str) -> com
     ]);
     let mut p = common::Proc::spawn_command(cmd);
     p.wait_for("turnpike ready", Duration::from_secs(20));
-    p
+    (p, metrics)
+}
+
+/// The metrics page at `addr`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
 
 fn flows(server: SocketAddr, peer: &Peer, n: u16) -> Vec<Flow> {
@@ -298,7 +329,7 @@ fn sigusr2_hands_serve_over_to_a_new_process_without_losing_a_datagram() {
     for backend in ["uring", "mmsg"] {
         let listen = format!("127.0.0.1:{}", free_udp_port());
         let server: SocketAddr = listen.parse().unwrap();
-        let mut old = serve_for_upgrades(common::bin(), &listen, backend);
+        let (mut old, metrics) = serve_with_ports(common::bin(), &listen, backend);
         let old_pid = old.child.id() as i32;
         let peer = Peer::start();
         let fl = flows(server, &peer, 12);
@@ -338,6 +369,11 @@ fn sigusr2_hands_serve_over_to_a_new_process_without_losing_a_datagram() {
         assert_eq!(fl[0].turn.allocate(), Outcome::Failed(437));
         let mut more = flows(server, &peer, 1);
         assert!(more[0].echo(peer.addr, 2, Duration::from_secs(2)));
+        // The new process serves the metrics (and Admin) ports it took over, and counts
+        // the upgrade.
+        let page = scrape(&metrics);
+        assert_eq!(metric(&page, "turnpike_upgrades_total "), 1, "{backend}");
+        assert_eq!(metric(&page, "turnpike_allocations "), 13, "{backend}");
     }
 }
 

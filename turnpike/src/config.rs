@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Deserialize;
 use turnpike_controlplane::{Cidr, PeerPolicy, ServerConfig};
-use turnpike_dataplane::{Backend, StreamLimits, StreamListen};
+use turnpike_dataplane::{Backend, FrontListen, StreamLimits, StreamListen, WebRules};
 use turnpike_plane::{RelayIp, advertised_addr};
 
 /// A configuration error: the option it concerns and what is wrong. Exit code 64.
@@ -137,6 +137,30 @@ pub struct FileConfig {
     pub xdp_mode: Option<String>,
     /// `[fleet]`: coordination with the other instances through etcd.
     pub fleet: Option<FleetFile>,
+    /// `[front_door]`: the TURN listeners shared with a web server (off unless a
+    /// backend is named).
+    pub front_door: Option<FrontDoorFile>,
+}
+
+/// `[front_door]`: TURN and a web server on the same ports (443 and 80). With
+/// `https_backend`, every TURN TLS listener routes each connection on its ClientHello:
+/// ALPN `stun.turn` → TURN; SNI in `web_hosts` → web; ALPN in `web_alpn` → web;
+/// anything else (no ALPN: browsers' TURNS) → TURN. With `http_backend`, every TURN TCP
+/// listener routes HTTP/1.x requests to the web, STUN and ChannelData to TURN, and
+/// closes the rest. Web connections are passed through without terminating TLS.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FrontDoorFile {
+    /// Where HTTPS connections on the TLS listeners go (IP:PORT).
+    pub https_backend: Option<String>,
+    /// Where HTTP connections on the TCP listeners go (IP:PORT).
+    pub http_backend: Option<String>,
+    /// Send the backends a PROXY protocol v2 header with the client's address.
+    pub proxy_protocol: Option<bool>,
+    /// SNI names routed to the web (unless the client offers ALPN `stun.turn`).
+    pub web_hosts: Option<Vec<String>>,
+    /// ALPN protocols routed to the web (default `["h2", "http/1.1"]`).
+    pub web_alpn: Option<Vec<String>>,
 }
 
 /// `[fleet]`: the fleet on etcd.
@@ -398,6 +422,25 @@ pub struct Flags {
     /// (native, else generic).
     #[arg(long = "xdp-mode", env = "TURNPIKE_XDP_MODE")]
     pub xdp_mode: Option<String>,
+    /// Front door: HTTPS connections on the TURN TLS listeners are passed through (TLS
+    /// not terminated) to this IP:PORT; TURN clients (ALPN `stun.turn`, or no ALPN) stay.
+    #[arg(long = "https-backend", env = "TURNPIKE_HTTPS_BACKEND")]
+    pub https_backend: Option<String>,
+    /// Front door: HTTP/1.x connections on the TURN TCP listeners are passed through to
+    /// this IP:PORT; STUN and ChannelData stay, anything else is closed.
+    #[arg(long = "http-backend", env = "TURNPIKE_HTTP_BACKEND")]
+    pub http_backend: Option<String>,
+    /// Front door: send the web backends a PROXY protocol v2 header with the client's
+    /// address (nginx: `listen ... proxy_protocol`).
+    #[arg(
+        long = "backend-proxy-protocol",
+        env = "TURNPIKE_BACKEND_PROXY_PROTOCOL"
+    )]
+    pub backend_proxy_protocol: bool,
+    /// Front door: an SNI name routed to the web (repeatable), unless the client offers
+    /// ALPN `stun.turn`.
+    #[arg(long = "web-host", env = "TURNPIKE_WEB_HOST", value_delimiter = ',')]
+    pub web_host: Vec<String>,
     /// etcd endpoint of the fleet registry, repeatable (none: a standalone instance).
     #[arg(long = "etcd", env = "TURNPIKE_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
@@ -537,6 +580,156 @@ pub struct Config {
     pub alt_ip: Option<IpAddr>,
     /// The fleet on etcd, if configured.
     pub fleet: Option<FleetConfig>,
+    /// The front door (TURN listeners shared with a web server).
+    pub front: FrontConfig,
+}
+
+/// The front door's validated settings.
+#[derive(Debug, Clone, Default)]
+pub struct FrontConfig {
+    /// The web backend of the TLS listeners (none: they serve TURN alone).
+    pub https_backend: Option<SocketAddr>,
+    /// The web backend of the TCP listeners (none: they serve TURN alone).
+    pub http_backend: Option<SocketAddr>,
+    /// A PROXY protocol v2 header to the backends.
+    pub backend_proxy: bool,
+    /// The TLS routing rules.
+    pub rules: WebRules,
+}
+
+impl Config {
+    /// The TURN listeners that share their port with a web backend.
+    pub fn front_listens(&self) -> Vec<FrontListen> {
+        self.streams
+            .iter()
+            .filter_map(|s| {
+                let backend = if s.tls {
+                    self.front.https_backend
+                } else {
+                    self.front.http_backend
+                }?;
+                Some(FrontListen {
+                    addr: s.addr,
+                    tls: s.tls,
+                    backend,
+                    backend_proxy: self.front.backend_proxy,
+                })
+            })
+            .collect()
+    }
+
+    /// The TURN listeners the data-plane workers bind themselves.
+    pub fn worker_streams(&self) -> Vec<StreamListen> {
+        let front = self.front_listens();
+        self.streams
+            .iter()
+            .filter(|s| !front.iter().any(|f| f.addr == s.addr && f.tls == s.tls))
+            .copied()
+            .collect()
+    }
+}
+
+/// Validates `[front_door]` and its flags against the TURN listeners.
+fn front_config(
+    flags: &Flags,
+    file: Option<FrontDoorFile>,
+    streams: &[StreamListen],
+) -> Result<FrontConfig, ConfigError> {
+    let file = file.unwrap_or_default();
+    let https_backend = flags
+        .https_backend
+        .clone()
+        .or(file.https_backend)
+        .map(|s| parse_addr("front_door.https_backend (--https-backend)", &s))
+        .transpose()?;
+    let http_backend = flags
+        .http_backend
+        .clone()
+        .or(file.http_backend)
+        .map(|s| parse_addr("front_door.http_backend (--http-backend)", &s))
+        .transpose()?;
+    for (backend, tls, option, listener) in [
+        (
+            https_backend,
+            true,
+            "front_door.https_backend (--https-backend)",
+            "TLS listener (--listen-tls)",
+        ),
+        (
+            http_backend,
+            false,
+            "front_door.http_backend (--http-backend)",
+            "TCP listener (--listen-tcp)",
+        ),
+    ] {
+        let Some(b) = backend else { continue };
+        let fronted: Vec<&StreamListen> = streams.iter().filter(|s| s.tls == tls).collect();
+        if fronted.is_empty() {
+            return Err(err(option, format!("needs a TURN {listener}")));
+        }
+        if b.ip().is_unspecified() || b.port() == 0 {
+            return Err(err(
+                option,
+                format!("{b}: a backend needs an IP address and a port"),
+            ));
+        }
+        if let Some(s) = streams.iter().find(|s| s.addr == b) {
+            return Err(err(
+                option,
+                format!("{b} is turnpike's own listener {}", s.addr),
+            ));
+        }
+        if let Some(s) = fronted.iter().find(|s| s.proxy_protocol) {
+            return Err(err(
+                option,
+                format!(
+                    "{} expects a PROXY header (--proxy-protocol): a front door behind a load balancer is not supported",
+                    s.addr
+                ),
+            ));
+        }
+    }
+    let backend_proxy = flags.backend_proxy_protocol || file.proxy_protocol.unwrap_or(false);
+    let mut rules = WebRules::default();
+    let hosts = pick(flags.web_host.clone(), file.web_hosts);
+    for h in &hosts {
+        if h.is_empty()
+            || h.len() > 253
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(err(
+                "front_door.web_hosts (--web-host)",
+                format!("{h:?} is not a DNS name"),
+            ));
+        }
+    }
+    rules.web_hosts = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+    if let Some(alpn) = file.web_alpn {
+        if alpn
+            .iter()
+            .any(|p| p.is_empty() || p.len() > 255 || p == "stun.turn")
+        {
+            return Err(err(
+                "front_door.web_alpn",
+                "protocol ids are 1 to 255 bytes, and stun.turn is TURN's",
+            ));
+        }
+        rules.web_alpn = alpn.into_iter().map(String::into_bytes).collect();
+    }
+    if https_backend.is_none() && http_backend.is_none() && (!hosts.is_empty() || backend_proxy) {
+        return Err(err(
+            "front_door (--web-host, --backend-proxy-protocol)",
+            "need https_backend or http_backend (--https-backend, --http-backend)",
+        ));
+    }
+    Ok(FrontConfig {
+        https_backend,
+        http_backend,
+        backend_proxy,
+        rules,
+    })
 }
 
 fn parse_addr(option: &str, s: &str) -> Result<SocketAddr, ConfigError> {
@@ -718,6 +911,7 @@ impl Config {
             return Err(err("workers (--workers)", "at most 1024"));
         }
         let (streams, tls, stream_limits) = streams_config(flags, &file_streams, &listen)?;
+        let front = front_config(flags, file.front_door.take(), &streams)?;
         let alt_ip = match flags.alt_ip.clone().or(file.alt_ip.take()) {
             Some(s) => Some(
                 s.trim()
@@ -914,6 +1108,7 @@ impl Config {
                 Some(n) => n.min(1 << 20),
             },
             fleet: fleet_config(flags, file.fleet.take())?,
+            front,
             xdp: turnpike_dataplane::xdp::XdpConfig {
                 interfaces: pick(flags.xdp.clone(), file.xdp.take()),
                 mode: match flags.xdp_mode.clone().or(file.xdp_mode.take()) {

@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use turnpike_controlplane_runtime::ControlPlaneHandle;
 use turnpike_dataplane::DataPlaneHandle;
@@ -36,6 +35,9 @@ pub struct Health {
     pub stopping: watch::Receiver<bool>,
     /// A control plane alone that is elected through etcd (`--etcd`).
     pub elected: bool,
+    /// The front door's counters, when TURN listeners share their ports with a web
+    /// server.
+    pub front: Option<turnpike_dataplane::FrontStatsHandle>,
 }
 
 impl Health {
@@ -111,7 +113,7 @@ pub async fn spawn(
     health: Health,
     queue: Arc<PuntQueue>,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
+    let listener = crate::run::listen_tcp(addr)
         .await
         .with_context(|| format!("cannot listen for metrics on {addr}"))?;
     println!("turnpike metrics listening on {}", listener.local_addr()?);
@@ -159,7 +161,13 @@ pub async fn spawn(
                     _ => (
                         "200 OK",
                         "text/plain; version=0.0.4",
-                        render(health.cp.as_ref(), health.dp.as_ref(), &queue).await,
+                        render(
+                            health.cp.as_ref(),
+                            health.dp.as_ref(),
+                            health.front.as_ref(),
+                            &queue,
+                        )
+                        .await,
                     ),
                 };
                 let head = format!(
@@ -291,6 +299,50 @@ const XDP_FAMILIES: [(&str, &str, &str); 6] = [
     ),
 ];
 
+/// The front door's counters (the web connections' gauge is with the others).
+fn render_front(o: &mut String, f: &turnpike_dataplane::FrontStats) {
+    metric(
+        o,
+        "turnpike_front_door_events_total",
+        "counter",
+        "Connections on ports shared with a web server: accepted by transport, refused \
+         (connection caps), timeout (no route within the handshake timeout), closed_early \
+         (closed before a route), turn, web, unknown (neither: closed), backend_error \
+         (web backend unreachable: closed cleanly), handoff_error.",
+    );
+    for (event, v) in [
+        ("accepted_tcp", f.accepted_tcp),
+        ("accepted_tls", f.accepted_tls),
+        ("refused", f.refused),
+        ("timeout", f.timeouts),
+        ("closed_early", f.closed_early),
+        ("turn", f.to_turn),
+        ("web", f.to_web),
+        ("unknown", f.unknown),
+        ("backend_error", f.backend_errors),
+        ("handoff_error", f.handoff_errors),
+    ] {
+        let _ = writeln!(
+            o,
+            "turnpike_front_door_events_total{{event=\"{event}\"}} {v}"
+        );
+    }
+    metric(
+        o,
+        "turnpike_front_door_web_bytes_total",
+        "counter",
+        "Bytes passed through to and from web backends.",
+    );
+    let _ = writeln!(o, "turnpike_front_door_web_bytes_total {}", f.web_bytes);
+    metric(
+        o,
+        "turnpike_front_door_routing",
+        "gauge",
+        "Connections whose route (TURN or web) is being decided.",
+    );
+    let _ = writeln!(o, "turnpike_front_door_routing {}", f.routing);
+}
+
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -298,6 +350,7 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
 async fn render(
     cp: Option<&ControlPlaneHandle>,
     dp: Option<&DataPlaneHandle>,
+    front: Option<&turnpike_dataplane::FrontStatsHandle>,
     queue: &PuntQueue,
 ) -> String {
     let mut o = String::new();
@@ -527,19 +580,34 @@ async fn render(
             &mut o,
             "turnpike_connections",
             "gauge",
-            "Client connections open, by transport (tcp, tls) and worker.",
+            "Client connections open, by transport (tcp, tls), kind (turn; web: passed \
+             through by the front door) and worker (front: the front door).",
         );
         for (w, c) in workers.iter().enumerate() {
             let _ = writeln!(
                 o,
-                "turnpike_connections{{transport=\"tcp\",worker=\"{w}\"}} {}",
+                "turnpike_connections{{transport=\"tcp\",kind=\"turn\",worker=\"{w}\"}} {}",
                 c.streams.open_tcp
             );
             let _ = writeln!(
                 o,
-                "turnpike_connections{{transport=\"tls\",worker=\"{w}\"}} {}",
+                "turnpike_connections{{transport=\"tls\",kind=\"turn\",worker=\"{w}\"}} {}",
                 c.streams.open_tls
             );
+        }
+        if let Some(f) = front {
+            let f = f.stats();
+            let _ = writeln!(
+                o,
+                "turnpike_connections{{transport=\"tcp\",kind=\"web\",worker=\"front\"}} {}",
+                f.web_open_tcp
+            );
+            let _ = writeln!(
+                o,
+                "turnpike_connections{{transport=\"tls\",kind=\"web\",worker=\"front\"}} {}",
+                f.web_open_tls
+            );
+            render_front(&mut o, &f);
         }
         metric(
             &mut o,

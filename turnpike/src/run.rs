@@ -13,7 +13,7 @@ use turnpike_controlplane::{Credentials, Server};
 use turnpike_controlplane_runtime::{AdminAuth, ControlPlaneHandle};
 use turnpike_dataplane::agent::grpc::Grpc;
 use turnpike_dataplane::agent::{self, Identity, PuntQueue};
-use turnpike_dataplane::{DataPlane, DataPlaneConfig, Transport};
+use turnpike_dataplane::{DataPlane, DataPlaneConfig, FrontDoor, FrontDoorConfig, Transport};
 use turnpike_plane::advertised_addr;
 
 use crate::config::Config;
@@ -76,9 +76,24 @@ fn listener_limits(cfg: &Config) -> Limits {
 }
 
 async fn bind(addr: SocketAddr, what: &str, option: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+    listen_tcp(addr)
         .await
         .with_context(|| format!("cannot listen for {what} on {addr} (set {option})"))
+}
+
+/// A TCP listener for the Admin, gRPC or metrics service on `addr` (as configured): the
+/// one the process this one upgrades handed over for that address if there is one, else
+/// a new one. A duplicate is kept for the next upgrade.
+pub(crate) async fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = match crate::upgrade::take_tcp(addr) {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)?
+        }
+        None => TcpListener::bind(addr).await?,
+    };
+    crate::upgrade::keep_tcp(addr, &l);
+    Ok(l)
 }
 
 /// Starts the control plane: the actor, the ControlPlane service (mutual TLS) and the
@@ -454,15 +469,33 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         // Set while draining (SIGTERM): the fleet registry publishes it.
         let (draining, _) = watch::channel(false);
         let tls = crate::turn_tls::start(&cfg)?;
+        // The front door binds the shared ports before the data plane starts: they are
+        // the server's own addresses, never a peer.
+        let front_listens = cfg.front_listens();
+        let front = if front_listens.is_empty() {
+            None
+        } else {
+            Some(
+                FrontDoor::bind(FrontDoorConfig {
+                    listen: front_listens,
+                    rules: cfg.front.rules.clone(),
+                    limits: cfg.stream_limits,
+                })
+                .context("cannot start the front door")?,
+            )
+        };
+        let front_local = front.as_ref().map(FrontDoor::local).unwrap_or_default();
+        let mut denied_peers = cfg.server.policy.own_sockets().to_vec();
+        denied_peers.extend(front_local.iter().map(|f| f.addr));
         let dp = DataPlane::start(
             DataPlaneConfig {
                 listen: cfg.listen.clone(),
                 workers: cfg.workers,
                 backend: cfg.backend,
                 pin: cfg.pin,
-                denied_peers: cfg.server.policy.own_sockets().to_vec(),
+                denied_peers,
                 legacy_channel_numbers: cfg.server.legacy_channel_numbers,
-                streams: cfg.streams.clone(),
+                streams: cfg.worker_streams(),
                 tls,
                 stream_limits: cfg.stream_limits,
                 xdp: cfg.xdp.clone(),
@@ -474,11 +507,17 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         )
         .context("cannot start the data plane")?;
         let listen = dp.local_addrs();
+        let transport = |tls: bool| if tls { Transport::Tls } else { Transport::Tcp };
         let stream_addrs: Vec<(Transport, std::net::SocketAddr)> = dp
             .stream_addrs()
             .iter()
-            .map(|s| (if s.tls { Transport::Tls } else { Transport::Tcp }, s.addr))
+            .map(|s| (transport(s.tls), s.addr))
+            .chain(front_local.iter().map(|f| (transport(f.tls), f.addr)))
             .collect();
+        let front_stats = front.as_ref().map(FrontDoor::stats);
+        if let Some(front) = front {
+            front.spawn(dp.handle()).context("cannot start the front door")?;
+        }
         let (attached_tx, mut attached) = watch::channel(false);
         let me_id = data_plane_id.clone();
         let me = Identity {
@@ -499,6 +538,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 attached: Some(attached.clone()),
                 stopping: draining.subscribe(),
                 elected: false,
+                front: front_stats.clone(),
             };
             metrics::spawn(addr, listener_limits(&cfg), health, queue.clone()).await?;
         }
@@ -569,6 +609,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             // it stops: each datagram is read by one of the two).
             handle.resume();
             let unclaimed = h.inherited.release_unclaimed();
+            crate::upgrade::release_tcp();
             // systemd learns the new main process before the old one exits.
             crate::notify::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
             h.ready().context("telling the process being upgraded that this one is ready")?;
@@ -694,6 +735,7 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
                 attached: None,
                 stopping: draining.subscribe(),
                 elected: cfg.fleet.is_some(),
+                front: None,
             };
             metrics::spawn(m, listener_limits(&cfg), health, q).await?;
         }

@@ -27,8 +27,8 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
@@ -50,6 +50,37 @@ pub const READY_WAIT: Duration = Duration::from_secs(30);
 pub static UPGRADES: AtomicU64 = AtomicU64::new(0);
 /// Upgrades attempted by this process that failed (it carried on).
 pub static UPGRADES_FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// The Admin, gRPC and metrics listeners of this process by configured address:
+/// duplicates kept for an upgrade, and those a new process inherited until taken.
+static KEPT_TCP: Mutex<Vec<(SocketAddr, std::net::TcpListener)>> = Mutex::new(Vec::new());
+static INHERITED_TCP: Mutex<Vec<(SocketAddr, std::net::TcpListener)>> = Mutex::new(Vec::new());
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Keeps a duplicate of service listener `l` (configured as `addr`) for an upgrade.
+pub fn keep_tcp(addr: SocketAddr, l: &tokio::net::TcpListener) {
+    let dup = socket2::SockRef::from(l).try_clone();
+    match dup {
+        Ok(s) => locked(&KEPT_TCP).push((addr, s.into())),
+        Err(e) => tracing::warn!(%addr, error = %e, "listener not kept for upgrades"),
+    }
+}
+
+/// Closes the service listeners inherited and not taken (the configuration changed).
+pub fn release_tcp() {
+    locked(&INHERITED_TCP).clear();
+}
+
+/// The service listener configured as `addr` that the process this one upgrades handed
+/// over, if any.
+pub fn take_tcp(addr: SocketAddr) -> Option<std::net::TcpListener> {
+    let mut v = locked(&INHERITED_TCP);
+    let i = v.iter().position(|(a, _)| *a == addr)?;
+    Some(v.swap_remove(i).1)
+}
 
 /// What the old process hands over besides its allocations and sockets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +110,8 @@ enum Slot {
     Stream { index: usize, worker: usize },
     /// A relay socket bound to this address.
     Relay { addr: SocketAddr },
+    /// The Admin, gRPC or metrics listener configured as this address.
+    Service { addr: SocketAddr },
 }
 
 /// What the new process received.
@@ -173,6 +206,9 @@ fn hand(
             handed.push((Slot::Relay { addr }, s));
         }
     }
+    for (addr, l) in locked(&KEPT_TCP).iter() {
+        handed.push((Slot::Service { addr: *addr }, Socket::from(l.try_clone()?)));
+    }
     for chunk in handed.chunks(MAX_FDS) {
         let slots: Vec<&Slot> = chunk.iter().map(|(s, _)| s).collect();
         let fds: Vec<_> = chunk.iter().map(|(_, s)| s.as_fd()).collect();
@@ -217,6 +253,9 @@ pub fn inherit(at: At) -> anyhow::Result<Option<Handed>> {
                         Slot::Listen { index, worker } => inherited.add_listen(index, worker, s),
                         Slot::Stream { index, worker } => inherited.add_stream(index, worker, s),
                         Slot::Relay { addr } => inherited.add_relay(addr, s),
+                        Slot::Service { addr } => {
+                            locked(&INHERITED_TCP).push((addr, std::net::TcpListener::from(s)));
+                        }
                     }
                 }
             }

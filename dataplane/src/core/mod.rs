@@ -38,6 +38,7 @@ use turnpike_plane::limit::{Limits, Rate, TwoLevelLimiter};
 
 pub(crate) mod counters;
 pub(crate) mod framer;
+pub(crate) mod front;
 pub(crate) mod path;
 pub(crate) mod proxy;
 pub(crate) mod table;

@@ -369,8 +369,8 @@ pub(crate) fn v1_header(src: SocketAddr, dst: SocketAddr) -> String {
     )
 }
 
-/// A v2 PROXY header (TCP) for `src` and `dst`, of one family.
-#[cfg(test)]
+/// A v2 PROXY header (TCP, command PROXY) for `src` and `dst`: IPv4 when both are
+/// IPv4, else IPv6 (an IPv4 address mapped). The front door sends it to web backends.
 pub(crate) fn v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     let mut h = V2_SIGNATURE.to_vec();
     h.push(0x21);
@@ -395,7 +395,6 @@ pub(crate) fn v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
 }
 
 /// `ip` as IPv6, an IPv4 address mapped.
-#[cfg(test)]
 fn v6(ip: IpAddr) -> Ipv6Addr {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),

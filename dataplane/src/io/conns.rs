@@ -416,6 +416,12 @@ impl Worker {
         let Some(Kind::Listener(lk)) = self.socks.kind(listener) else {
             return;
         };
+        self.admit_stream(lk, sock, peer);
+    }
+
+    /// A connection from `peer`, accepted by one of this worker's listeners of kind
+    /// `lk` or handed over by the front door: counted against the limits, then served.
+    pub(crate) fn admit_stream(&mut self, lk: ListenerKind, sock: Socket, peer: SocketAddr) {
         let transport = if lk.tls {
             Transport::Tls
         } else {

@@ -13,10 +13,13 @@
 //!   [`Token`](crate::core::Token);
 //! - `conns`: TCP and TLS client connections (accept, PROXY header, TLS, framing,
 //!   send queues), in the workers;
+//! - `front`: the front door, a port shared by TURN and a web server (async: routes
+//!   on the first bytes, hands TURN connections to the workers, splices the web's);
 //! - `sys`: raw socket calls (GSO, DONT-FRAGMENT, buffer sizes, `malloc_trim`).
 
 pub(crate) mod batch;
 pub(crate) mod conns;
+pub(crate) mod front;
 #[allow(unsafe_code)]
 pub(crate) mod handover;
 #[allow(unsafe_code)]

@@ -73,6 +73,8 @@ struct Shared {
     xdp: FastPathState,
     /// Its control plane drained it (`ctl drain`): for readiness.
     drained: std::sync::atomic::AtomicBool,
+    /// The worker the next adopted connection goes to (round robin).
+    next_adopt: std::sync::atomic::AtomicUsize,
 }
 
 /// The XDP fast path of a data plane: not asked for, off (and why), or on.
@@ -329,6 +331,7 @@ impl DataPlane {
                     own,
                     xdp,
                     drained: std::sync::atomic::AtomicBool::new(false),
+                    next_adopt: std::sync::atomic::AtomicUsize::new(0),
                 }),
             },
             threads,
@@ -407,6 +410,18 @@ impl DataPlaneHandle {
     /// Whether its control plane drained it, as last told.
     pub fn drained(&self) -> bool {
         self.shared.drained.load(Ordering::Relaxed)
+    }
+
+    /// Hands a TURN connection over to a worker (round robin), as if that worker had
+    /// accepted it on a TCP (`tls`: TLS) listener: the front door's route to TURN.
+    /// Nothing of it must have been read (a peek is fine). The worker applies its
+    /// connection limits as to any connection.
+    pub fn adopt_stream(&self, sock: std::net::TcpStream, tls: bool) -> io::Result<()> {
+        let n = self.shared.queues.len().max(1);
+        let worker = self.shared.next_adopt.fetch_add(1, Ordering::Relaxed) % n;
+        let sock = Socket::from(sock);
+        self.push(worker, Command::Adopt { sock, tls })
+            .map_err(|_| io::Error::other("the data plane is stopped"))
     }
 
     /// How many workers there are.

@@ -68,6 +68,9 @@ pub(crate) enum Command {
     /// Start reading the sockets inherited from the process this one upgrades (its
     /// table is in place now).
     Resume,
+    /// Serve a TURN connection the front door accepted and routed here (nothing of it
+    /// read yet).
+    Adopt { sock: Socket, tls: bool },
     /// Stop.
     Shutdown,
 }
@@ -83,6 +86,7 @@ impl std::fmt::Debug for Command {
             Command::Snapshot(_) => f.write_str("Snapshot"),
             Command::Handover(_) => f.write_str("Handover"),
             Command::Resume => f.write_str("Resume"),
+            Command::Adopt { tls, .. } => write!(f, "Adopt(tls: {tls})"),
             Command::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -416,6 +420,14 @@ impl Worker {
                 }
                 let _ = tx.send(self.core.snapshot());
             }
+            Command::Adopt { sock, tls } => match sock.peer_addr().ok().and_then(|a| a.as_socket())
+            {
+                Some(peer) => {
+                    let kind = ListenerKind { tls, proxy: false };
+                    self.admit_stream(kind, sock, peer);
+                }
+                None => bump(&self.ctr.streams.refused, 1),
+            },
             Command::Shutdown => {}
         }
         self.mirror();
