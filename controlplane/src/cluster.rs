@@ -626,13 +626,20 @@ impl Cluster {
         }
     }
 
-    /// Every allocation of data plane `dp` as its table holds it (worker and usage
-    /// included): what this process hands to the one that takes over from it.
+    /// Every UDP allocation of data plane `dp` as its table holds it (worker and usage
+    /// included): what this process hands to the one that takes over from it. TCP and
+    /// TLS allocations stay with this process, which serves their connections until
+    /// they close.
     pub fn export(&self, dp: &str) -> Vec<AllocationSnapshot> {
         let mut rows: Vec<AllocationSnapshot> = self
             .allocation_dp
             .iter()
             .filter(|(_, d)| d.as_str() == dp)
+            .filter(|(a, _)| {
+                self.alloc_owner
+                    .get(a)
+                    .is_none_or(|o| o.2.transport == Transport::Udp)
+            })
             .filter_map(|(a, _)| {
                 let worker = self
                     .alloc_owner

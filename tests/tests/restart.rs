@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::stream::TurnStream;
 use common::{Outcome, Turn, free_tcp_port, free_udp_port};
 
 /// A UDP peer that echoes what it receives and remembers where it came from.
@@ -253,6 +254,8 @@ fn serve_with_ports(bin: &std::path::Path, listen: &str, backend: &str) -> (comm
         "2",
         "--io-backend",
         backend,
+        "--drain-grace",
+        "30",
     ]);
     let mut p = common::Proc::spawn_command(cmd);
     p.wait_for("turnpike ready", Duration::from_secs(20));
@@ -303,6 +306,13 @@ fn flows(server: SocketAddr, peer: &Peer, n: u16) -> Vec<Flow> {
         .collect()
 }
 
+/// One ChannelData out on a TCP client and its echo back.
+fn tcp_echo(t: &mut TurnStream<std::net::TcpStream>, channel: u16, i: usize) -> bool {
+    let payload = format!("tcp {i}");
+    t.send_channel(channel, payload.as_bytes()).unwrap();
+    t.recv_data(Duration::from_secs(2)).as_deref() == Some(payload.as_bytes())
+}
+
 /// Echoes on every flow, round after round, until `stop`; returns (sent, echoed) and
 /// the flows.
 fn keep_echoing(
@@ -334,6 +344,11 @@ fn sigusr2_hands_serve_over_to_a_new_process_without_losing_a_datagram() {
         let peer = Peer::start();
         let fl = flows(server, &peer, 12);
         let relays: HashSet<SocketAddr> = fl.iter().map(|f| f.relay).collect();
+        // A client over TCP (the listener shares the UDP port).
+        let mut tcp = TurnStream::tcp(server, "u", "p");
+        assert!(matches!(tcp.allocate(), Outcome::Allocated(_)));
+        assert_eq!(tcp.bind(0x4100, peer.addr), Outcome::Ok);
+        assert!(tcp_echo(&mut tcp, 0x4100, 0), "{backend}: TCP before");
         let stop = Arc::new(AtomicBool::new(false));
         let load = keep_echoing(fl, peer.addr, stop.clone());
         std::thread::sleep(Duration::from_millis(500));
@@ -341,8 +356,38 @@ fn sigusr2_hands_serve_over_to_a_new_process_without_losing_a_datagram() {
         let new_pid = successor(&mut old, 1);
         let _guard = Successor(new_pid);
         old.wait_for("took over 12 allocations", Duration::from_secs(5));
+        // The old process serves its open TCP connection on, requests included; a new
+        // TCP client lands on the new process.
+        assert!(
+            tcp_echo(&mut tcp, 0x4100, 1),
+            "{backend}: TCP after, through the old process"
+        );
+        assert_eq!(tcp.refresh(600), Outcome::Ok, "{backend}");
+        let mut tcp2 = TurnStream::tcp(server, "u", "p");
+        assert!(
+            matches!(tcp2.allocate(), Outcome::Allocated(_)),
+            "{backend}"
+        );
+        assert_eq!(tcp2.bind(0x4101, peer.addr), Outcome::Ok);
+        assert!(
+            alive(old_pid),
+            "{backend}: the old process waits for its connection"
+        );
+        drop(tcp);
+        let t = Instant::now();
+        while alive(old_pid) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = old.child.wait();
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{backend}: the old process stopped once its TCP client left"
+        );
         assert!(alive(new_pid), "{backend}: the new process runs");
+        assert!(
+            tcp_echo(&mut tcp2, 0x4101, 2),
+            "{backend}: the new TCP client relays through the new process"
+        );
         // Relaying goes on through the new process alone.
         std::thread::sleep(Duration::from_millis(700));
         stop.store(true, Ordering::Relaxed);
@@ -353,10 +398,15 @@ fn sigusr2_hands_serve_over_to_a_new_process_without_losing_a_datagram() {
             echoed, sent,
             "{backend}: no datagram lost across the upgrade"
         );
-        assert_eq!(
-            *peer.seen.lock().unwrap(),
-            relays,
+        // The same relayed addresses (the two TCP clients' relays are the others).
+        assert!(
+            relays.is_subset(&peer.seen.lock().unwrap()),
             "{backend}: same relayed addresses"
+        );
+        assert_eq!(
+            peer.seen.lock().unwrap().len(),
+            relays.len() + 2,
+            "{backend}"
         );
         // The allocations are whole in the new process: refresh, a new channel, and a
         // second Allocate on a 5-tuple is still a mismatch; a new client allocates.
@@ -373,7 +423,7 @@ fn sigusr2_hands_serve_over_to_a_new_process_without_losing_a_datagram() {
         // the upgrade.
         let page = scrape(&metrics);
         assert_eq!(metric(&page, "turnpike_upgrades_total "), 1, "{backend}");
-        assert_eq!(metric(&page, "turnpike_allocations "), 13, "{backend}");
+        assert_eq!(metric(&page, "turnpike_allocations "), 14, "{backend}");
     }
 }
 

@@ -658,6 +658,13 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                         Ok(pid) => {
                             tracing::info!(successor = pid, "upgrade: the new process serves; this one stops");
                             println!("turnpike handed over to pid {pid}");
+                            // The new process reads the UDP sockets and accepts
+                            // connections; this one serves its open TCP/TLS connections
+                            // (requests on them too) until they close or the drain grace
+                            // passes.
+                            dp.handle().retire();
+                            queue.freeze(false);
+                            serve_open_streams(&dp, cfg.drain_grace).await;
                             break crate::drain::Stop::Now;
                         }
                         Err(e) => {
@@ -679,6 +686,48 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || dp.shutdown()).await?;
         Ok(())
     })
+}
+
+/// After an upgrade: waits until this process's TCP/TLS connections have closed, the
+/// drain grace has passed, or a signal arrives.
+async fn serve_open_streams(dp: &DataPlane, grace: Duration) {
+    let open = || -> u64 {
+        dp.handle()
+            .counters()
+            .iter()
+            .map(|c| c.streams.open_tcp + c.streams.open_tls)
+            .sum()
+    };
+    let n = open();
+    if n == 0 || grace.is_zero() {
+        if n > 0 {
+            tracing::warn!(
+                connections = n,
+                "upgrade: closing open TCP/TLS connections (no --drain-grace)"
+            );
+        }
+        return;
+    }
+    tracing::info!(
+        connections = n,
+        grace_secs = grace.as_secs(),
+        "upgrade: serving the open TCP/TLS connections until they close"
+    );
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(connections = open(), "upgrade: drain grace over; closing the remaining connections");
+                return;
+            }
+            _ = crate::drain::signal() => return,
+        }
+        if open() == 0 {
+            tracing::info!("upgrade: the last TCP/TLS connection closed");
+            return;
+        }
+    }
 }
 
 /// Hands this `serve` over to a new process of the binary at its path: stops taking

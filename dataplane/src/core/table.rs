@@ -606,6 +606,15 @@ impl Table {
         }
     }
 
+    /// The relay sockets of allocations whose client is on TCP or TLS.
+    pub(crate) fn stream_relay_tokens(&self) -> Vec<Token> {
+        self.allocs
+            .values()
+            .filter(|a| a.tuple.transport != crate::Transport::Udp)
+            .flat_map(|a| a.relay_tokens.iter().copied())
+            .collect()
+    }
+
     /// The client of `tuple` has been sent a ChannelBind success response: its
     /// allocation's channels may carry ChannelData to it from now on.
     pub(crate) fn confirm_channels(&mut self, tuple: &FiveTuple) {

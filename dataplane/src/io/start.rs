@@ -567,6 +567,14 @@ impl DataPlaneHandle {
         Ok(all)
     }
 
+    /// Stops reading the UDP sockets and accepting connections (the process that took
+    /// over from this one reads them now); open TCP/TLS connections are served on.
+    pub fn retire(&self) {
+        for w in 0..self.workers() {
+            let _ = self.push(w, Command::Retire);
+        }
+    }
+
     /// Starts reading the sockets inherited from the process this one upgrades, once
     /// the table they serve is in place.
     pub fn resume(&self) {

@@ -482,6 +482,15 @@ impl Uring {
                 IoOp::Pause(t) => {
                     if let Some(st) = self.recv.get_mut(t.0 as usize) {
                         st.paused = true;
+                        // Stop now, not at the next completion: what the receive (or
+                        // accept) already took in is still handled, as it is not
+                        // closing.
+                        if st.armed && !st.closing {
+                            let e = opcode::AsyncCancel::new(user_data(KIND_RECV, st.gen_, t.0))
+                                .build()
+                                .user_data(user_data(KIND_CANCEL, 0, 0));
+                            self.push(e);
+                        }
                     }
                 }
                 // A FIN ended the connection's multishot receive, which is not armed
@@ -684,7 +693,11 @@ impl Uring {
                 self.release.push(t);
                 return;
             }
-            let paused = res < 0 && worker.accept_failed(t, &io::Error::from_raw_os_error(-res));
+            // An accept cancelled by a pause (`IoOp::Pause`) is no failure.
+            let cancelled = st.paused && res == -libc::ECANCELED;
+            let paused = res < 0
+                && !cancelled
+                && worker.accept_failed(t, &io::Error::from_raw_os_error(-res));
             if !paused {
                 self.rearm.push(t);
             }

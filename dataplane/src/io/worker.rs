@@ -68,6 +68,10 @@ pub(crate) enum Command {
     /// Start reading the sockets inherited from the process this one upgrades (its
     /// table is in place now).
     Resume,
+    /// The process that took over from this one serves now: stop reading the UDP
+    /// sockets and accepting connections; keep serving the open TCP/TLS connections
+    /// (and their allocations' relay sockets) until they close.
+    Retire,
     /// Serve a TURN connection the front door accepted and routed here (nothing of it
     /// read yet).
     Adopt { sock: Socket, tls: bool },
@@ -86,6 +90,7 @@ impl std::fmt::Debug for Command {
             Command::Snapshot(_) => f.write_str("Snapshot"),
             Command::Handover(_) => f.write_str("Handover"),
             Command::Resume => f.write_str("Resume"),
+            Command::Retire => f.write_str("Retire"),
             Command::Adopt { tls, .. } => write!(f, "Adopt(tls: {tls})"),
             Command::Shutdown => f.write_str("Shutdown"),
         }
@@ -372,6 +377,19 @@ impl Worker {
             Command::Send { tuple, data } => self.core.reply(tuple, data, &mut out),
             Command::Handover(reply) => {
                 let _ = reply.send(self.handover());
+            }
+            Command::Retire => {
+                let keep = self.core.table.stream_relay_tokens();
+                let stop: Vec<Token> = self
+                    .socks
+                    .tokens()
+                    .filter(|t| {
+                        matches!(self.socks.kind(*t), Some(Kind::Udp | Kind::Listener(_)))
+                            && !keep.contains(t)
+                    })
+                    .collect();
+                self.paused.clear();
+                self.io_ops.extend(stop.into_iter().map(IoOp::Pause));
             }
             Command::Resume => {
                 for t in self.deferred.take().unwrap_or_default() {
