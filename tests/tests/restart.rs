@@ -535,3 +535,62 @@ fn systemd_is_told_ready_and_then_the_new_main_pid() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sigusr2_hands_a_data_plane_over_without_losing_a_datagram() {
+    let certs = common::Certs::new("upgrade-dp");
+    let grpc = format!("127.0.0.1:{}", free_tcp_port());
+    let control = format!("https://{grpc}");
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let mut cp_args: Vec<String> = [
+        "controlplane",
+        "--grpc-listen",
+        grpc.as_str(),
+        "--user",
+        "u:p",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--listen",
+        listen.as_str(),
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    cp_args.extend(certs.control_plane());
+    let mut cp = common::spawn_owned(&cp_args);
+    cp.wait_for("control plane ready", Duration::from_secs(20));
+    let mut dp = certs.spawn_data_plane("dp1", &control, &listen, &["--workers", "2"]);
+    dp.wait_for("attached to control plane", Duration::from_secs(20));
+    let server: SocketAddr = listen.parse().unwrap();
+    let peer = Peer::start();
+    let fl = flows(server, &peer, 8);
+    let relays: HashSet<SocketAddr> = fl.iter().map(|f| f.relay).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = keep_echoing(fl, peer.addr, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let old_pid = dp.child.id() as i32;
+    usr2(old_pid);
+    let new_pid = successor(&mut dp, 1);
+    let _guard = Successor(new_pid);
+    dp.wait_for("took over 8 allocations", Duration::from_secs(5));
+    let _ = dp.child.wait();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, echoed, mut fl) = load.join().unwrap();
+    eprintln!("data plane: {sent} echoes asked across the upgrade, {echoed} answered");
+    assert!(sent > 100);
+    assert_eq!(
+        echoed, sent,
+        "no datagram lost across the data plane's upgrade"
+    );
+    assert_eq!(*peer.seen.lock().unwrap(), relays, "same relayed addresses");
+    // The control plane answers through the new process: the allocations are whole.
+    for f in &mut fl {
+        assert_eq!(f.turn.refresh(600), Outcome::Ok);
+    }
+    assert_eq!(fl[0].turn.allocate(), Outcome::Failed(437));
+    let mut more = flows(server, &peer, 1);
+    assert!(more[0].echo(peer.addr, 1, Duration::from_secs(2)));
+    cp.wait_for("allocations handed back", Duration::from_secs(1));
+}

@@ -366,13 +366,9 @@ fn spawn_memory_release() {
 pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
     check_relay_ips(&cfg);
     // Started by an upgrade (`SIGUSR2` to the previous process): its state and sockets.
-    let handed = match control {
-        Control::Embedded => {
-            crate::upgrade::inherit(turnpike_api::convert::At::of(&turnpike_plane::Clock::new()))
-                .context("taking over from the process being upgraded")?
-        }
-        _ => None,
-    };
+    let handed =
+        crate::upgrade::inherit(turnpike_api::convert::At::of(&turnpike_plane::Clock::new()))
+            .context("taking over from the process being upgraded")?;
     if let Some(h) = &handed {
         tracing::info!(
             from = h.header.pid,
@@ -425,7 +421,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             .unwrap_or_else(|| LOCAL_DATA_PLANE.to_owned());
         // The allocations of the process this one upgrades: handed back to this data
         // plane when it attaches, on the sockets it inherits.
-        let mut adopted = 0;
+        let mut adopted = handed.as_ref().map_or(0, |h| h.header.udp_allocations);
         if let (Some(h), Some(cp)) = (&handed, &cp) {
             adopted = cp
                 .adopt(&data_plane_id, h.rows.clone())
@@ -520,6 +516,9 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         }
         let (attached_tx, mut attached) = watch::channel(false);
         let me_id = data_plane_id.clone();
+        // Set while a data plane hands over to the process that upgrades it: its agent
+        // detaches, so that the new one attaches under the same id.
+        let (suspend_tx, suspend_rx) = watch::channel(false);
         let me = Identity {
             id: data_plane_id,
             listen: listen.clone(),
@@ -529,7 +528,14 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         let (h, q) = (dp.handle(), queue.clone());
         match link {
             Link::Local(l) => tokio::spawn(agent::run(h, punted, q, l, me, attached_tx)),
-            Link::Grpc(g) => tokio::spawn(agent::run(h, punted, q, *g, me, attached_tx)),
+            Link::Grpc(g) => tokio::spawn(agent::run(
+                h,
+                punted,
+                q,
+                agent::Suspendable::new(*g, suspend_rx),
+                me,
+                attached_tx,
+            )),
         };
         if let Some(addr) = cfg.metrics_listen {
             let health = metrics::Health {
@@ -645,16 +651,31 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         let stop = loop {
             match crate::drain::signal().await {
                 crate::drain::Stop::Upgrade => {
-                    let (Some(cp), Some(carried)) = (&cp, &carried) else {
-                        tracing::warn!("SIGUSR2: binary upgrades are for `serve`; not yet for `dataplane`");
-                        continue;
-                    };
                     if matches!(dp.handle().xdp_status(), turnpike_dataplane::xdp::XdpState::On(_)) {
                         tracing::warn!("SIGUSR2: upgrade refused: not yet with the XDP fast path on (stop and start instead)");
                         crate::upgrade::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         continue;
                     }
-                    match upgrade(cp, &dp, &queue, carried, &me_id).await {
+                    let Some(cp) = &cp else {
+                        // `dataplane`: its control plane hands the allocations back to
+                        // the new process when it attaches under the same id.
+                        let _ = suspend_tx.send(true);
+                        match upgrade(None, &dp, &queue, None, &me_id).await {
+                            Ok(pid) => {
+                                tracing::info!(successor = pid, "upgrade: the new process serves; this one stops");
+                                println!("turnpike handed over to pid {pid}");
+                                break crate::drain::Stop::Now;
+                            }
+                            Err(e) => {
+                                crate::upgrade::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                queue.freeze(false);
+                                let _ = suspend_tx.send(false);
+                                tracing::error!(error = %format!("{e:#}"), "upgrade failed; this process carries on");
+                            }
+                        }
+                        continue;
+                    };
+                    match upgrade(Some(cp), &dp, &queue, carried.as_ref(), &me_id).await {
                         Ok(pid) => {
                             tracing::info!(successor = pid, "upgrade: the new process serves; this one stops");
                             println!("turnpike handed over to pid {pid}");
@@ -735,30 +756,43 @@ async fn serve_open_streams(dp: &DataPlane, grace: Duration) {
 /// and waits until it is ready. On failure the new process is stopped; the caller takes
 /// requests again.
 async fn upgrade(
-    cp: &ControlPlaneHandle,
+    cp: Option<&ControlPlaneHandle>,
     dp: &DataPlane,
     queue: &PuntQueue,
-    carried: &Carried,
+    carried: Option<&Carried>,
     data_plane: &str,
 ) -> anyhow::Result<u32> {
     tracing::info!("SIGUSR2: upgrading: starting the binary at this one's path");
     queue.freeze(true);
-    let rows = cp
-        .export(data_plane)
-        .await
-        .map_err(|e| anyhow::anyhow!("reading the allocations: {}", e.message()))?;
+    // `serve` hands its control plane's allocations over; a data plane alone gets them
+    // back from its control plane.
+    let rows = match cp {
+        Some(cp) => cp
+            .export(data_plane)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the allocations: {}", e.message()))?,
+        None => Vec::new(),
+    };
     let handle = dp.handle();
-    let socks = tokio::task::spawn_blocking(move || handle.handover())
-        .await?
-        .context("duplicating the sockets")?;
+    let (socks, udp_allocations) = tokio::task::spawn_blocking(move || {
+        let udp = handle
+            .snapshot()
+            .iter()
+            .filter(|a| a.tuple.transport == Transport::Udp)
+            .count();
+        handle.handover().map(|s| (s, udp))
+    })
+    .await?
+    .context("duplicating the sockets")?;
     let header = crate::upgrade::Header {
         pid: std::process::id(),
         upgrades: crate::upgrade::UPGRADES.load(std::sync::atomic::Ordering::Relaxed),
-        admin_token: carried.admin_token.clone(),
-        dev_users: carried.dev_users.clone(),
-        nonce_secret: carried.nonce_secret.to_vec(),
+        admin_token: carried.map(|c| c.admin_token.clone()).unwrap_or_default(),
+        dev_users: carried.map(|c| c.dev_users.clone()).unwrap_or_default(),
+        nonce_secret: carried.map(|c| c.nonce_secret.to_vec()).unwrap_or_default(),
         data_plane: data_plane.to_owned(),
         workers: dp.handle().workers(),
+        udp_allocations,
     };
     let at = turnpike_api::convert::At::of(&turnpike_plane::Clock::new());
     tracing::info!(allocations = rows.len(), "upgrade: handing over");

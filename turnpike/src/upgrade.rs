@@ -99,6 +99,8 @@ pub struct Header {
     pub data_plane: String,
     /// Its workers.
     pub workers: usize,
+    /// Its UDP allocations: the new process is ready when its table holds as many.
+    pub udp_allocations: usize,
 }
 
 /// Where a handed socket goes.

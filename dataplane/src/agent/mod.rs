@@ -181,6 +181,60 @@ pub trait Connect: Send + 'static {
     fn attached(&mut self);
 }
 
+/// A [`Connect`] that can be held detached: while `suspended` says so, the agent ends
+/// its attachment and attaches to nothing (a data plane handing over to the process that
+/// upgrades it, which attaches under the same id); when it says so no more, the agent
+/// attaches again (the upgrade failed).
+#[derive(Debug)]
+pub struct Suspendable<C> {
+    inner: C,
+    suspended: watch::Receiver<bool>,
+}
+
+impl<C> Suspendable<C> {
+    /// `inner`, held detached while `suspended` is true.
+    pub fn new(inner: C, suspended: watch::Receiver<bool>) -> Suspendable<C> {
+        Suspendable { inner, suspended }
+    }
+}
+
+impl<C: Connect + Sync> Connect for Suspendable<C> {
+    type Up = C::Up;
+    type Down = C::Down;
+
+    fn target(&mut self) -> Option<String> {
+        if *self.suspended.borrow_and_update() {
+            None
+        } else {
+            self.inner.target()
+        }
+    }
+
+    async fn attach(&mut self, opening: Vec<Up>) -> Result<(C::Up, C::Down), AttachError> {
+        self.inner.attach(opening).await
+    }
+
+    async fn changed(&mut self) {
+        tokio::select! {
+            _ = self.inner.changed() => {}
+            r = self.suspended.changed() => {
+                if r.is_err() {
+                    // The sender is gone: never suspended again.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
+    async fn backoff(&mut self) {
+        self.inner.backoff().await
+    }
+
+    fn attached(&mut self) {
+        self.inner.attached();
+    }
+}
+
 /// Runs the agent forever: attaches through `connect`, then applies and forwards until
 /// the attachment ends, and attaches again. `attached` turns true while attached.
 pub async fn run<C: Connect>(
