@@ -1549,6 +1549,7 @@ impl Cluster {
                 load: c.load.clone(),
                 changed: c.attached_at,
                 relay_ips: c.hello.relay_ips.clone(),
+                started: c.hello.started,
             });
         }
         for (id, g) in &self.gone {
@@ -1558,6 +1559,7 @@ impl Cluster {
                 attached: false,
                 workers: g.hello.workers,
                 changed: g.at,
+                started: g.hello.started,
                 ..Default::default()
             });
         }

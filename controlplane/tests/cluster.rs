@@ -36,6 +36,7 @@ fn hello(id: &str, listen: &str, table: Vec<AllocationSnapshot>) -> Hello {
             allocations: table,
             complete: true,
         }),
+        started: 0,
     }
 }
 

@@ -192,6 +192,7 @@ impl Sim {
             workers: p.cores.len() as u32,
             version: "sim".into(),
             table: None,
+            started: 0,
         };
         let mut opening = session::opening(hello, p.version, table).into_iter();
         p.session = Session::new(p.version);

@@ -123,8 +123,14 @@ impl Identity {
             workers,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             table: None,
+            started: started_unix_millis(),
         }
     }
+}
+
+/// When this process started, unix milliseconds (for display).
+fn started_unix_millis() -> u64 {
+    Clock::new().started_unix_millis()
 }
 
 /// Why a message up was not taken.

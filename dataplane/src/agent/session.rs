@@ -229,6 +229,7 @@ mod tests {
             workers: 1,
             version: "0".into(),
             table: None,
+            started: 0,
         };
         let row = AllocationSnapshot {
             id: turnpike_plane::AllocationId(1),

@@ -649,6 +649,7 @@ pub fn hello_to_api(h: &Hello, at: At) -> v1::Hello {
         worker_count: h.workers,
         version: h.version.clone(),
         table: h.table.as_ref().map(|t| table_to_api(t, at)),
+        started_unix_millis: h.started,
     }
 }
 
@@ -677,6 +678,7 @@ pub fn hello_from_api(h: &v1::Hello, at: At) -> Hello {
             .collect(),
         workers: h.worker_count,
         version: h.version.clone(),
+        started: h.started_unix_millis,
         table: h.table.as_ref().map(|t| table_from_api(t, at).0),
     }
 }
@@ -968,6 +970,7 @@ pub fn stats_to_api(s: &CellStats, at: At) -> v1::GetStatsResponse {
                     .map(|(l, when)| load_to_api(l, at.wall_of(*when))),
                 attached_changed_unix_millis: at.wall_of(d.changed),
                 relay_ips: d.relay_ips.iter().map(v1::RelayIp::from).collect(),
+                started_unix_millis: d.started,
             })
             .collect(),
     }

@@ -238,6 +238,7 @@ fn hello_with_resync_round_trips() -> TestResult {
             ],
             complete: true,
         }),
+        started_unix_millis: 0,
     };
     let up = DataPlaneMessage {
         message: Some(Up::Hello(hello.clone())),

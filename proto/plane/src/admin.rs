@@ -83,6 +83,8 @@ pub struct DataPlaneView {
     pub changed: Millis,
     /// Its relay IPs.
     pub relay_ips: Vec<RelayIp>,
+    /// When its process started, unix milliseconds (0: not said).
+    pub started: u64,
 }
 
 /// Why an allocation ended.

@@ -84,6 +84,11 @@ impl Clock {
     pub fn wall(&self) -> u64 {
         wall_millis(std::time::SystemTime::now())
     }
+
+    /// The wall-clock time the clock (the process) started at, unix milliseconds.
+    pub fn started_unix_millis(&self) -> u64 {
+        self.base
+    }
 }
 
 impl Default for Clock {
@@ -556,6 +561,8 @@ pub struct Hello {
     pub version: String,
     /// The first part of its table (`None` on a first start with an empty table).
     pub table: Option<Snapshot>,
+    /// When its process started, unix milliseconds (display only; 0: not said).
+    pub started: u64,
 }
 
 /// A data plane's table, or a part of it.

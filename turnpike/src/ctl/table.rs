@@ -343,6 +343,7 @@ pub fn stats(s: &Stats) -> String {
                 traffic.map_or_else(|| "-".into(), |t| bytes(t.down.bytes)),
                 d.acked_table_version.to_string(),
                 or_dash(Some(&d.version)),
+                d.started_age_s.map_or_else(|| "-".into(), |s| age(Some(s))),
                 list_or_dash(
                     &d.listening
                         .iter()
@@ -363,6 +364,7 @@ pub fn stats(s: &Stats) -> String {
             "DOWN",
             "TABLE",
             "VERSION",
+            "STARTED",
             "LISTENING",
         ],
         &rows,
@@ -788,6 +790,7 @@ mod tests {
                 v1::DataPlaneStats {
                     data_plane_id: "dp1".into(),
                     version: "0.3.0".into(),
+                    started_unix_millis: NOW - 10_800_000,
                     attached: true,
                     draining: false,
                     worker_count: 2,
@@ -842,6 +845,7 @@ mod tests {
                 v1::DataPlaneStats {
                     data_plane_id: "dp2".into(),
                     version: "0.3.0".into(),
+                    started_unix_millis: 0,
                     attached: false,
                     draining: true,
                     worker_count: 4,
@@ -1002,9 +1006,9 @@ traffic_up: 1.2 MiB in 6912 packets
 traffic_down: 12.0 GiB in 5678 packets
 drops: malformed 1, no_permission 3
 
-DATA PLANE   STATE               SINCE   ALLOCS   WORKERS   UP        DOWN       TABLE   VERSION   LISTENING
-dp1          attached            2h3m    2        2         1.2 MiB   12.0 GiB   42      0.3.0     udp:203.0.113.1:3478,tcp:203.0.113.1:3478
-dp2          detached,draining   42s     -        4         -         -          7       0.3.0     -
+DATA PLANE   STATE               SINCE   ALLOCS   WORKERS   UP        DOWN       TABLE   VERSION   STARTED   LISTENING
+dp1          attached            2h3m    2        2         1.2 MiB   12.0 GiB   42      0.3.0     3h0m      udp:203.0.113.1:3478,tcp:203.0.113.1:3478
+dp2          detached,draining   42s     -        4         -         -          7       0.3.0     -         -
 
 dp1: XDP on vs (native) relayed 6000 packets to peers, 5000 to clients, passed 12 frames to the workers; socket path 912 to peers, 678 to clients
 "#;
@@ -1221,6 +1225,8 @@ i2         18   bob     tls:[2001:db8:1::2]:61000   203.0.113.1:49153,[2001:db8:
     {
       "id": "dp1",
       "version": "0.3.0",
+      "started_at": "2026-06-01T09:00:00.000Z",
+      "started_age_s": 10800,
       "attached": true,
       "draining": false,
       "attached_changed_at": "2026-06-01T09:57:00.000Z",
@@ -1295,6 +1301,8 @@ i2         18   bob     tls:[2001:db8:1::2]:61000   203.0.113.1:49153,[2001:db8:
     {
       "id": "dp2",
       "version": "0.3.0",
+      "started_at": null,
+      "started_age_s": null,
       "attached": false,
       "draining": true,
       "attached_changed_at": "2026-06-01T11:59:18.000Z",

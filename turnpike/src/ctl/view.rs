@@ -379,6 +379,10 @@ pub struct DataPlane {
     pub id: String,
     /// Its version.
     pub version: String,
+    /// When its process started (an upgrade starts a new one); `null` when not said.
+    pub started_at: Option<String>,
+    /// Seconds since then.
+    pub started_age_s: Option<u64>,
     /// Its stream to the control plane is open.
     pub attached: bool,
     /// It takes no new allocations.
@@ -494,6 +498,12 @@ impl Stats {
                 .map(|d| DataPlane {
                     id: d.data_plane_id.clone(),
                     version: d.version.clone(),
+                    started_at: (d.started_unix_millis > 0)
+                        .then(|| rfc3339(d.started_unix_millis))
+                        .flatten(),
+                    started_age_s: (d.started_unix_millis > 0)
+                        .then(|| now.since(d.started_unix_millis))
+                        .flatten(),
                     attached: d.attached,
                     draining: d.draining,
                     attached_changed_at: rfc3339(d.attached_changed_unix_millis),
