@@ -487,6 +487,19 @@ async fn render(
                 c.challenged
             );
         }
+        metric(
+            &mut o,
+            "turnpike_hairpinned_total",
+            "counter",
+            "Datagrams from a client to another allocation's relayed address on the same worker, delivered without the kernel's round trip (the hairpin), by worker.",
+        );
+        for (w, c) in workers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "turnpike_hairpinned_total{{worker=\"{w}\"}} {}",
+                c.hairpinned
+            );
+        }
         render_xdp(&mut o, dp, &workers);
         metric(
             &mut o,
