@@ -182,12 +182,6 @@ impl Denied {
         d
     }
 
-    /// Whether some denied address has this IP (or it is unspecified): no permission
-    /// for it goes to the XDP program, whose permissions are by IP.
-    pub(crate) fn has_ip(&self, ip: &IpAddr) -> bool {
-        ip.is_unspecified() || self.exact.iter().any(|a| a.ip() == *ip)
-    }
-
     /// Whether `a` (canonical) is one of the denied addresses as written (wildcards
     /// not expanded): the server's own sockets with a concrete address.
     pub(crate) fn has_exact(&self, a: &SocketAddr) -> bool {
