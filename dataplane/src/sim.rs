@@ -125,6 +125,7 @@ fn core(id: usize, now: Millis) -> Core {
         CoreConfig {
             id,
             legacy_channels: false,
+            hairpin: true,
             binding_limit: BindingLimit::default(),
             denied: Arc::new(ArcSwap::from_pointee(Denied::new([]))),
             ctr: Arc::new(Counters::default()),

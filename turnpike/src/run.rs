@@ -397,6 +397,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 workers: cfg.workers,
                 backend: cfg.backend,
                 pin: cfg.pin,
+                hairpin: cfg.hairpin,
                 denied_peers: cfg.server.policy.own_sockets().to_vec(),
                 legacy_channel_numbers: cfg.server.legacy_channel_numbers,
                 streams: cfg.streams.clone(),

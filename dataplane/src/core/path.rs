@@ -453,6 +453,9 @@ impl Core {
         start: usize,
         n: usize,
     ) -> Option<Option<Forward>> {
+        if !self.hairpin {
+            return None;
+        }
         let b = self.table.by_relay(peer)?;
         if self.table.allocs.get(&b)?.tuple.transport != Transport::Udp {
             return None;

@@ -59,6 +59,7 @@ impl H {
             CoreConfig {
                 id: 0,
                 legacy_channels: false,
+                hairpin: true,
                 binding_limit: limit,
                 denied: Arc::new(ArcSwap::from_pointee(denied)),
                 ctr: Arc::new(Counters::default()),
@@ -989,4 +990,17 @@ fn hairpin_only_to_this_workers_udp_allocations() {
         vec![Did::Send(RELAY, other, b"x".to_vec())]
     );
     assert_eq!(p.h.core.ctr.snapshot().hairpinned, 0);
+    // With the hairpin off (`--no-hairpin`), B's relayed address is reached through
+    // the kernel, as before.
+    let relay_b = p.relay_b;
+    p.permit(ID_B, p.relay_a, FAR);
+    p.permit(ID, relay_b, FAR);
+    p.h.core.hairpin = false;
+    assert_eq!(
+        p.a_sends(&send_indication(relay_b, b"y")),
+        vec![Did::Send(RELAY, relay_b, b"y".to_vec())]
+    );
+    p.h.core.hairpin = true;
+    assert_eq!(p.a_sends(&send_indication(relay_b, b"y")).len(), 1);
+    assert_eq!(p.h.core.ctr.snapshot().hairpinned, 1);
 }
