@@ -267,7 +267,7 @@ const XDP_FAMILIES: [(&str, &str, &str); 6] = [
     (
         "turnpike_xdp_relayed_packets_total",
         "counter",
-        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down); not in turnpike_relayed_packets_total.",
+        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down, and hairpin_channel, hairpin_data: one client to another of this relay, counted once); not in turnpike_relayed_packets_total.",
     ),
     (
         "turnpike_xdp_relayed_bytes_total",
