@@ -740,6 +740,7 @@ fn one_run(
             None
         },
         clients: a.clients,
+        hairpin: false,
         size,
         alternate: tg.alternate,
         rate: offered,

@@ -64,6 +64,11 @@ pub struct RelayArgs {
     /// Send indications (and Data indications back) instead of a channel.
     #[arg(long, conflicts_with = "forwarder")]
     pub send_indications: bool,
+    /// Both ends on the server (the hairpin): flows in pairs, each one's peer the other's
+    /// relayed address; up is the first of each pair to the second, down the second to
+    /// the first, both as clients (no peer socket).
+    #[arg(long, conflicts_with_all = ["transport", "forwarder", "echo"])]
+    pub hairpin: bool,
     /// Flows (allocations), each with its own client socket.
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
@@ -140,6 +145,7 @@ impl RelayArgs {
                 Mode::Channel
             },
             clients: self.clients,
+            hairpin: self.hairpin,
             size: self.size,
             alternate: self.alternate_sizes,
             rate: self.rate,
@@ -173,6 +179,8 @@ pub struct Config {
     /// The TLS client configuration (with [`Transport::Tls`]).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub clients: usize,
+    /// Flows in pairs, each one's peer the other's relayed address (`--hairpin`).
+    pub hairpin: bool,
     pub size: usize,
     pub alternate: bool,
     pub rate: u64,
@@ -364,10 +372,17 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let mut flows = match cfg.mode {
         Mode::Forwarder => setup_forwarder(cfg, &peer_sock)?,
         Mode::Echo => setup_echo(cfg)?,
+        _ if cfg.hairpin => setup_hairpin(cfg)?,
         _ => setup_turn(cfg, peer_addr)?,
     };
-    for (i, f) in flows.iter_mut().enumerate() {
-        build_templates(cfg, f, i as u32, peer_addr)?;
+    for i in 0..flows.len() {
+        // A hairpin flow's peer is its partner's relayed address.
+        let peer = if cfg.hairpin {
+            SocketAddr::V4(flows[i ^ 1].relay)
+        } else {
+            peer_addr
+        };
+        build_templates(cfg, &mut flows[i], i as u32, peer)?;
     }
     let n = flows.len();
 
@@ -417,7 +432,35 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
         let mut did = 0u64;
 
-        if sending {
+        if sending && cfg.hairpin {
+            // Up: the first client of each pair, down: the second, one burst per flow
+            // in turn.
+            for (parity, d, rr) in [(0, &mut up, &mut rr_up), (1, &mut down, &mut rr_down)] {
+                let mut quota = due_now(cfg.rate, el, d.sent, burst);
+                let mut guard = n / 2;
+                while quota > 0 && guard > 0 {
+                    guard -= 1;
+                    let f = &mut flows[(*rr % (n / 2)) * 2 + parity];
+                    *rr = rr.wrapping_add(1);
+                    let b = (quota as usize).min(burst);
+                    let sent = send_up(
+                        cfg,
+                        f,
+                        b,
+                        &mut sbuf,
+                        &mut tx,
+                        &mut msgs,
+                        m.ns(Instant::now()),
+                    )?;
+                    d.sent += sent as u64;
+                    did += sent as u64;
+                    quota = quota.saturating_sub(sent as u64);
+                    if sent < b {
+                        break;
+                    }
+                }
+            }
+        } else if sending {
             // Up: client sockets → server, one burst per flow in turn.
             let mut quota = due_now(cfg.rate, el, up.sent, burst);
             let mut guard = n;
@@ -484,10 +527,12 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 }
                 did += got as u64;
                 let now_ns = m.ns(Instant::now());
+                // What arrives at the second client of a hairpin pair went up.
+                let arrived_up = tok == PEER || (cfg.hairpin && tok % 2 == 1);
                 for r in rx.meta.iter() {
                     let data = rx.data(r);
                     if r.len > r.seg {
-                        let d = if tok == PEER { &mut up } else { &mut down };
+                        let d = if arrived_up { &mut up } else { &mut down };
                         d.coalesced += r.len.div_ceil(r.seg) as u64;
                     }
                     for chunk in data.chunks(r.seg) {
@@ -504,7 +549,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
                             && let Some(p) = client_payload(cfg.mode, f, chunk, &mut out)
                             && let Some(st) = payload::read(p)
                         {
-                            down.record(now_ns, st.ts_ns);
+                            let d = if arrived_up { &mut up } else { &mut down };
+                            d.record(now_ns, st.ts_ns);
                         }
                     }
                 }
@@ -1059,6 +1105,119 @@ fn setup_turn(cfg: &Config, peer: SocketAddr) -> Result<Vec<Flow>> {
         });
     }
     Ok(flows)
+}
+
+/// Hairpin flows: allocations in pairs, each with a permission (and a channel) for its
+/// partner's relayed address, so that both ends of each pair are clients of the server.
+fn setup_hairpin(cfg: &Config) -> Result<Vec<Flow>> {
+    if cfg.clients < 2 || !cfg.clients.is_multiple_of(2) {
+        bail!("--hairpin needs an even number of --clients");
+    }
+    let plan = Plan {
+        peer: None,
+        channel: false,
+        count: cfg.clients,
+        window: cfg.clients.min(256),
+        limit: Duration::from_secs(20),
+        keep: true,
+        buffer: cfg.buffer,
+        source: cfg.source,
+    };
+    let o = hs::handshakes(&cfg.server, &plan)?;
+    if o.sessions.len() < cfg.clients {
+        bail!(
+            "only {} of {} allocations succeeded: {}",
+            o.sessions.len(),
+            cfg.clients,
+            o.first_error.unwrap_or_default()
+        );
+    }
+    let mut flows = Vec::with_capacity(cfg.clients);
+    for s in o.sessions {
+        let relay = net::v4(
+            s.relay
+                .context("allocation without an IPv4 relay address")?,
+        )?;
+        flows.push(Flow {
+            sock: s.sock,
+            client: Some(s.client),
+            relay,
+            relay_sa: net::sockaddr(relay),
+            up: Default::default(),
+            up_off: [0; 2],
+            down: Default::default(),
+            seq_up: 0,
+            seq_down: 0,
+        });
+    }
+    let t0 = Instant::now();
+    for i in 0..flows.len() {
+        let partner = SocketAddr::V4(flows[i ^ 1].relay);
+        let f = &mut flows[i];
+        let c = f.client.as_mut().context("TURN flow without a client")?;
+        let mut out = Vec::new();
+        c.create_permission(t0.elapsed().as_millis() as u64, &[partner], &mut out)?;
+        transact(&f.sock, c, out, t0, |e| {
+            matches!(e, Event::PermissionCreated)
+        })?;
+        if cfg.mode == Mode::Channel {
+            let mut out = Vec::new();
+            c.channel_bind(t0.elapsed().as_millis() as u64, CHANNEL, partner, &mut out)?;
+            transact(&f.sock, c, out, t0, |e| {
+                matches!(e, Event::ChannelBound { .. })
+            })?;
+        }
+    }
+    for f in &flows {
+        if cfg.gro {
+            nix::sys::socket::setsockopt(&f.sock, nix::sys::socket::sockopt::UdpGroSegment, &true)?;
+        }
+    }
+    Ok(flows)
+}
+
+/// Sends the request in `req` on `sock` (connected to the server) and waits for the
+/// event `done` answers it with, following 401/438 and retransmitting as the client
+/// asks (10 s at most). The socket is blocking meanwhile, non-blocking again after.
+fn transact(
+    sock: &UdpSocket,
+    c: &mut Client,
+    req: Vec<u8>,
+    t0: Instant,
+    done: impl Fn(&Event<'_>) -> bool,
+) -> Result<()> {
+    let mut buf = vec![0u8; 2048];
+    sock.set_nonblocking(false)?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let end = Instant::now() + Duration::from_secs(10);
+    let _ = sock.send(&req);
+    let result = loop {
+        if Instant::now() >= end {
+            break Err(anyhow::anyhow!("no answer from the server in 10 s"));
+        }
+        let now = t0.elapsed().as_millis() as u64;
+        let mut next = Vec::new();
+        match sock.recv(&mut buf) {
+            Ok(n) => match c.handle(now, &buf[..n], &mut next) {
+                e if done(&e) => break Ok(()),
+                Event::Failed { code, reason, .. } => {
+                    break Err(anyhow::anyhow!("{code} {reason}"));
+                }
+                Event::Retry => {
+                    let _ = sock.send(&next);
+                }
+                _ => {}
+            },
+            Err(_) => {
+                if let Event::Retry = c.handle_timeout(now, &mut next) {
+                    let _ = sock.send(&next);
+                }
+            }
+        }
+    };
+    sock.set_read_timeout(None)?;
+    sock.set_nonblocking(true)?;
+    result
 }
 
 /// Forwarder flows: each client socket says hello until the peer socket has seen the

@@ -60,7 +60,9 @@ pub struct XdpArgs {
     #[arg(long, default_value_t = 50000)]
     pub equal_rate: u64,
     /// Which targets: any of xdp, xdp-send, socket, socket-send, coturn, coturn-old,
-    /// reflector.
+    /// reflector, and the hairpin (both ends of each flow clients of the server):
+    /// xdp-hairpin, socket-hairpin, kernel-hairpin (`--no-hairpin`, today's path before
+    /// the hairpin), coturn-hairpin.
     #[arg(
         long,
         value_delimiter = ',',
@@ -397,6 +399,44 @@ fn start(a: &XdpArgs, target: &str) -> Result<Server> {
             false,
             Duration::from_secs(2),
         ),
+        // The hairpin: both ends of each flow are clients of the server (the generator's
+        // `--hairpin`), on one worker.
+        "xdp-hairpin" => (
+            turn(true),
+            "10.99.0.1:3478",
+            vec!["--hairpin"],
+            Some("turnpike_relay"),
+            true,
+            Duration::from_millis(1500),
+        ),
+        "socket-hairpin" => (
+            turn(false),
+            "10.99.0.1:3478",
+            vec!["--hairpin"],
+            None,
+            true,
+            Duration::from_millis(1500),
+        ),
+        "kernel-hairpin" => (
+            {
+                let mut v = turn(false);
+                v.push("--no-hairpin".into());
+                v
+            },
+            "10.99.0.1:3478",
+            vec!["--hairpin"],
+            None,
+            true,
+            Duration::from_millis(1500),
+        ),
+        "coturn-hairpin" => (
+            coturn(&a.coturn),
+            "10.99.0.1:3478",
+            vec!["--hairpin"],
+            None,
+            false,
+            Duration::from_secs(2),
+        ),
         "coturn-old" => (
             coturn(&a.coturn_old),
             "10.99.0.1:3478",
@@ -480,8 +520,11 @@ fn relayed_split(metrics: &str) -> Option<(f64, f64)> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
+    // A hairpin is one packet to the program and two to the workers (out of one
+    // allocation, into another): counted twice here, as the workers count it.
     Some((
-        sum("turnpike_xdp_relayed_packets_total"),
+        sum("turnpike_xdp_relayed_packets_total")
+            + sum("turnpike_xdp_relayed_packets_total{path=\"hairpin_"),
         sum("turnpike_relayed_packets_total"),
     ))
 }
@@ -574,6 +617,14 @@ fn what(target: &str) -> &'static str {
         "socket-send" => "turnpike, socket path (io_uring), Send/Data indications",
         "coturn" => "coturn 4.17.1 (newest), ChannelData",
         "coturn-old" => "coturn 4.6.1 (Debian, old anchor), ChannelData",
+        "xdp-hairpin" => "turnpike, hairpin in the XDP program, ChannelData client to client",
+        "socket-hairpin" => {
+            "turnpike, hairpin in the worker (XDP off), ChannelData client to client"
+        }
+        "kernel-hairpin" => {
+            "turnpike --no-hairpin (XDP off): through the kernel as before, ChannelData client to client"
+        }
+        "coturn-hairpin" => "coturn 4.17.1 (newest), ChannelData client to client",
         "reflector" => "bare XDP reflector (XDP_TX back to the sender): the floor",
         _ => "?",
     }
@@ -591,7 +642,7 @@ fn report(a: &XdpArgs, target: &str) -> TargetReport {
         error: None,
     };
     let bin = match target {
-        "coturn" => Some(&a.coturn),
+        "coturn" | "coturn-hairpin" => Some(&a.coturn),
         "coturn-old" => Some(&a.coturn_old),
         _ => None,
     };

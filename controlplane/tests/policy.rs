@@ -308,3 +308,40 @@ fn the_default_list_is_the_iana_special_purpose_registries() {
     assert_eq!(lab.check_ip(ip("198.51.100.1")), Verdict::Allow);
     assert_eq!(lab.check_ip(ip("::1")), Verdict::Deny);
 }
+
+/// Both ends of a call on one relay (the hairpin, issue #26): another client's relayed
+/// address on this server is a peer like any other by default, while the server's
+/// service sockets on the same IP are not; the operator's lists and the default deny
+/// list apply to it as to any peer.
+#[test]
+fn the_servers_own_relayed_addresses_are_peers_subject_to_the_policy() {
+    let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+    // A public address (a documentation range would be denied by default).
+    let own = vec![sa("93.184.216.10:3478"), sa("0.0.0.0:9100")];
+    let p = PeerPolicy::new(vec![], vec![], own.clone());
+    // A relayed address (same IP, a relay port): allowed.
+    assert_eq!(p.check(sa("93.184.216.10:50000")), Verdict::Allow);
+    assert_eq!(p.check_ip(ip("93.184.216.10")), Verdict::Allow);
+    // The service sockets themselves: denied, whatever the spelling.
+    assert_eq!(p.check(sa("93.184.216.10:3478")), Verdict::Deny);
+    assert_eq!(p.check(sa("[::ffff:93.184.216.10]:3478")), Verdict::Deny);
+    assert_eq!(p.check(sa("93.184.216.10:9100")), Verdict::Deny);
+    // An operator deny rule covering the relay IP denies its relayed addresses too.
+    let p = PeerPolicy::new(
+        vec![],
+        vec!["93.184.216.0/24".parse().unwrap()],
+        own.clone(),
+    );
+    assert_eq!(p.check(sa("93.184.216.10:50000")), Verdict::Deny);
+    // A relay on a private address is denied by default, like any private peer, until
+    // the operator allows its range.
+    let p = PeerPolicy::new(vec![], vec![], vec![sa("10.88.0.1:3478")]);
+    assert_eq!(p.check(sa("10.88.0.1:50000")), Verdict::Deny);
+    let p = PeerPolicy::new(
+        vec!["10.88.0.0/24".parse().unwrap()],
+        vec![],
+        vec![sa("10.88.0.1:3478")],
+    );
+    assert_eq!(p.check(sa("10.88.0.1:50000")), Verdict::Allow);
+    assert_eq!(p.check(sa("10.88.0.1:3478")), Verdict::Deny);
+}

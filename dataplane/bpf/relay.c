@@ -580,6 +580,7 @@ struct relayed {
 	__u32 payload; /* application bytes */
 	__u32 stat;
 	int down;
+	__u32 up_slot; /* a hairpin: the sender's usage slot + 1 (counted to_peer); else 0 */
 };
 
 /* BPF_FIB_LOOKUP_SRC (Linux 6.7), spelled out for older uapi headers. */
@@ -641,6 +642,16 @@ static __always_inline int send_frame(struct xdp_md *ctx, struct udphdr *udp, __
 			u->to_peer_packets += 1;
 			u->to_peer_bytes += r->payload;
 		}
+	}
+	if (r->up_slot) {
+		/* A hairpin: relayed out of the sender's allocation as well. */
+		slot = r->up_slot - 1;
+		u = bpf_map_lookup_elem(&tp_usage, &slot);
+		if (u) {
+			u->to_peer_packets += 1;
+			u->to_peer_bytes += r->payload;
+		}
+		stat_add(TP_BYTES_UP, r->payload);
 	}
 	stat_add(r->stat, 1);
 	stat_add(r->down ? TP_BYTES_DOWN : TP_BYTES_UP, r->payload);
@@ -807,9 +818,139 @@ static __always_inline int emit(struct xdp_md *ctx, const struct out *o,
 	return send_frame(ctx, udp, o->flow.sport, o->flow.dport, o->flow.ulen, &o->r, fib);
 }
 
+/* A datagram at a relayed address, as the program delivers it to that allocation's
+ * client: from a peer, or from another allocation's relayed address on this server
+ * (the hairpin: channel_up, send_up), as it would have arrived had it been sent. Kept in
+ * a per-CPU value (tp_arrival): the paths that fill it have used most of the stack. */
+struct arrival {
+	struct flow flow; /* as it arrives at the relayed address */
+	__u16 csum; /* its UDP checksum (0 for none) */
+	__u64 now;
+	__u32 n;    /* its payload */
+	__u32 head; /* frame bytes between the UDP header and the payload, to remove */
+	__u32 tail; /* frame bytes after the payload, to remove (Ethernet padding too) */
+	__u32 up_slot; /* a hairpin: the sender's usage slot + 1; 0 from a peer */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct arrival);
+} tp_arrival SEC(".maps");
+
+/* What channel_up and send_up return when the datagram is a hairpin, its arrival
+ * written (-1 is "not ChannelData"). */
+#define TP_HAIRPIN -2
+
+/* The hairpin: `o` is a datagram the program is about to send from a relayed address
+ * (`o->r.slot` its allocation's slot), with `head` and `tail` the frame's bytes around
+ * its payload. When its destination is another relayed address of this server with a
+ * permission for the sender's relayed IP, it is to be delivered to that allocation's
+ * client rather than sent out and brought back: 1, and `*a` describes its arrival
+ * there. 0 otherwise: it is sent as it is (an address of this host is then left to
+ * the workers, which apply every rule). */
+static __always_inline int hairpin4(const struct out *o, __u64 now, __u32 head, __u32 tail,
+				    struct arrival *a)
+{
+	struct tp_perm_key hk = {
+		.relay_ip = o->flow.daddr,
+		.peer_ip = o->flow.saddr,
+		.relay_port = o->flow.dport,
+	};
+	if (!bpf_map_lookup_elem(&tp_perms, &hk))
+		return 0;
+	a->flow = o->flow;
+	a->now = now;
+	a->csum = o->r.csum;
+	a->n = o->r.payload;
+	a->head = head;
+	a->tail = tail;
+	a->up_slot = o->r.slot + 1;
+	return 1;
+}
+
+/* Delivers `in` to the client of the relayed address it arrives at, if that
+ * allocation permits the sender's IP: as ChannelData if the sender has a confirmed
+ * channel in tp_peers, else as a Data indication. The peer's path and the hairpins
+ * share it. */
+static __always_inline int deliver4(struct xdp_md *ctx, const struct arrival *in)
+{
+	struct tp_perm_key pk = {
+		.relay_ip = in->flow.daddr,
+		.peer_ip = in->flow.saddr,
+		.relay_port = in->flow.dport,
+	};
+	struct tp_perm *pm = bpf_map_lookup_elem(&tp_perms, &pk);
+	if (!pm)
+		return pass(TP_PASS_NO_ENTRY);
+	__u64 now = in->now;
+	if (!live(now, pm->deadline_ns))
+		return pass(TP_PASS_EXPIRED);
+	if (!in->up_slot && denied_port(in->flow.sport))
+		return pass(TP_PASS_DENIED_PORT);
+	struct tp_peer_key qk = {
+		.relay_ip = in->flow.daddr,
+		.peer_ip = in->flow.saddr,
+		.relay_port = in->flow.dport,
+		.peer_port = in->flow.sport,
+	};
+	struct tp_peer *q = bpf_map_lookup_elem(&tp_peers, &qk);
+	int channel = q && live(now, q->deadline_ns);
+
+	__u32 n = in->n;
+	__u32 grow = channel ? CHANNEL_HEADER : DATA_IND_HEADER;
+	__u32 pad = channel ? 0 : (4 - (n & 3)) & 3;
+	__u32 stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN;
+	if (in->up_slot)
+		stat = channel ? TP_RELAYED_HAIRPIN_CHANNEL : TP_RELAYED_HAIRPIN_DATA;
+	struct out o = {
+		.flow = {
+			.saddr = pm->client.server_ip,
+			.daddr = pm->client.client_ip,
+			.sport = pm->client.server_port,
+			.dport = pm->client.client_port,
+			.ulen = bpf_htons(n + grow + pad + sizeof(struct udphdr)),
+		},
+		.r = {
+			.slot = pm->slot,
+			.payload = n,
+			.stat = stat,
+			.down = 1,
+			.up_slot = in->up_slot,
+		},
+	};
+	__u16 ch = channel ? q->channel : 0;
+
+	/* A wildcard listener (server_ip 0): the route lookup supplies the source. */
+	struct bpf_fib_lookup fib;
+	int why = route(ctx, &o, &fib, now);
+	if (why)
+		return pass(why);
+	if (o.flow.saddr == 0)
+		o.flow.saddr = fib.ipv4_src;
+	if (o.flow.saddr == 0)
+		return pass(TP_PASS_NO_ROUTE);
+	why = resize(ctx, (int)in->head - (int)grow, (int)pad - (int)in->tail);
+	if (why)
+		return pass(why);
+
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u8 *h = data + HEADERS;
+	__u64 s = (__u16)~in->csum;
+	s = csum_swap(s, &in->flow, &o.flow);
+	if (channel ? put_channel_header(h, end, ch, n, &s)
+		    : put_data_ind(ctx, h, end, HEADERS, (const __u8 *)&in->flow.saddr,
+				   in->flow.sport, 0, n, pad, &s))
+		return XDP_DROP;
+	o.r.csum = finish_csum(in->csum, s);
+	return emit(ctx, &o, &fib);
+}
+
 /* client -> peer: ChannelData. `p` is the UDP payload, `n` its length. */
 static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in, __u16 old_csum,
-				      __u8 *p, __u32 n, __u32 extra, void *end)
+				      __u8 *p, __u32 n, __u32 extra, void *end, struct arrival *hp)
 {
 	if ((void *)(p + CHANNEL_HEADER) > end)
 		return -1;
@@ -862,6 +1003,8 @@ static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in,
 	if (why)
 		return pass(why);
 	o.r.csum = finish_csum(old_csum, s);
+	if (hairpin4(&o, now, CHANNEL_HEADER, pad + extra, hp))
+		return TP_HAIRPIN;
 
 	struct bpf_fib_lookup fib;
 	why = route(ctx, &o, &fib, now);
@@ -874,7 +1017,7 @@ static __always_inline int channel_up(struct xdp_md *ctx, const struct flow *in,
 
 /* client -> peer: a Send indication. */
 static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __u16 old_csum,
-				   __u32 n, __u32 extra)
+				   __u32 n, __u32 extra, struct arrival *hp)
 {
 	const __u32 base = HEADERS; /* the UDP payload's offset in the frame */
 	__u8 hdr[STUN_HEADER];
@@ -939,6 +1082,8 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 	if (why)
 		return pass(why);
 	o.r.csum = finish_csum(old_csum, s);
+	if (hairpin4(&o, now, head, tail + extra, hp))
+		return TP_HAIRPIN;
 
 	struct bpf_fib_lookup fib;
 	why = route(ctx, &o, &fib, now);
@@ -946,77 +1091,6 @@ static __always_inline int send_up(struct xdp_md *ctx, const struct flow *in, __
 		why = resize(ctx, (int)head, -(int)(tail + extra));
 	if (why)
 		return pass(why);
-	return emit(ctx, &o, &fib);
-}
-
-/* peer -> client. */
-static __always_inline int peer_down(struct xdp_md *ctx, const struct flow *in, __u16 old_csum,
-				     __u32 n, __u32 extra)
-{
-	struct tp_perm_key pk = {
-		.relay_ip = in->daddr,
-		.peer_ip = in->saddr,
-		.relay_port = in->dport,
-	};
-	struct tp_perm *pm = bpf_map_lookup_elem(&tp_perms, &pk);
-	if (!pm)
-		return pass(TP_PASS_NO_ENTRY);
-	__u64 now = bpf_ktime_get_ns();
-	if (!live(now, pm->deadline_ns))
-		return pass(TP_PASS_EXPIRED);
-	if (denied_port(in->sport))
-		return pass(TP_PASS_DENIED_PORT);
-	struct tp_peer_key qk = {
-		.relay_ip = in->daddr,
-		.peer_ip = in->saddr,
-		.relay_port = in->dport,
-		.peer_port = in->sport,
-	};
-	struct tp_peer *q = bpf_map_lookup_elem(&tp_peers, &qk);
-	int channel = q && live(now, q->deadline_ns);
-
-	__u32 grow = channel ? CHANNEL_HEADER : DATA_IND_HEADER;
-	__u32 pad = channel ? 0 : (4 - (n & 3)) & 3;
-	struct out o = {
-		.flow = {
-			.saddr = pm->client.server_ip,
-			.daddr = pm->client.client_ip,
-			.sport = pm->client.server_port,
-			.dport = pm->client.client_port,
-			.ulen = bpf_htons(n + grow + pad + sizeof(struct udphdr)),
-		},
-		.r = {
-			.slot = pm->slot,
-			.payload = n,
-			.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
-			.down = 1,
-		},
-	};
-	__u16 ch = channel ? q->channel : 0;
-
-	/* A wildcard listener (server_ip 0): the route lookup supplies the source. */
-	struct bpf_fib_lookup fib;
-	int why = route(ctx, &o, &fib, now);
-	if (why)
-		return pass(why);
-	if (o.flow.saddr == 0)
-		o.flow.saddr = fib.ipv4_src;
-	if (o.flow.saddr == 0)
-		return pass(TP_PASS_NO_ROUTE);
-	why = resize(ctx, -(int)grow, (int)pad - (int)extra);
-	if (why)
-		return pass(why);
-
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	__u8 *h = data + HEADERS;
-	__u64 s = (__u16)~old_csum;
-	s = csum_swap(s, in, &o.flow);
-	if (channel ? put_channel_header(h, end, ch, n, &s)
-		    : put_data_ind(ctx, h, end, HEADERS, (const __u8 *)&in->saddr, in->sport, 0,
-				   n, pad, &s))
-		return XDP_DROP;
-	o.r.csum = finish_csum(old_csum, s);
 	return emit(ctx, &o, &fib);
 }
 
@@ -1060,9 +1134,13 @@ struct flow6 {
 	__u16 sport, dport;
 	__u16 ulen; /* network order */
 	/* Of a received datagram: its UDP checksum, payload length and the Ethernet
-	 * padding after it (BPF functions take at most five arguments). */
+	 * padding after it (BPF functions take at most five arguments). Of a hairpin's
+	 * arrival (tp_arrival6): the bytes around its payload to remove (`head`, and
+	 * `extra` for all those after it) and the sender's usage slot + 1 (`up_slot`);
+	 * both 0 for a received datagram. */
 	__u16 csum;
 	__u32 n, extra;
+	__u32 head, up_slot;
 };
 
 struct {
@@ -1071,6 +1149,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct flow6);
 } tp_flow6 SEC(".maps");
+
+/* A hairpin's arrival at the other relayed address (see struct arrival). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow6);
+} tp_arrival6 SEC(".maps");
 
 static __always_inline __u64 sum_addr(__u64 s, const __u8 *a, int sub)
 {
@@ -1125,6 +1211,33 @@ static __always_inline int emit6(struct xdp_md *ctx, const struct out6 *o,
 	return send_frame(ctx, udp, o->flow.sport, o->flow.dport, o->flow.ulen, &o->r, fib);
 }
 
+/* The hairpin over IPv6 (see hairpin4): 1 and the arrival written in tp_arrival6 when
+ * `o` goes to a relayed address of this server with a permission for the sender's. */
+static __always_inline int hairpin6(const struct out6 *o, __u32 head, __u32 tail)
+{
+	struct tp_perm_key6 hk = {};
+	__builtin_memcpy(hk.relay_ip, o->flow.daddr, 16);
+	__builtin_memcpy(hk.peer_ip, o->flow.saddr, 16);
+	hk.relay_port = o->flow.dport;
+	if (!bpf_map_lookup_elem(&tp_perms6, &hk))
+		return 0;
+	__u32 zero = 0;
+	struct flow6 *a = bpf_map_lookup_elem(&tp_arrival6, &zero);
+	if (!a)
+		return 0;
+	__builtin_memcpy(a->saddr, o->flow.saddr, 16);
+	__builtin_memcpy(a->daddr, o->flow.daddr, 16);
+	a->sport = o->flow.sport;
+	a->dport = o->flow.dport;
+	a->ulen = o->flow.ulen;
+	a->csum = o->r.csum;
+	a->n = o->r.payload;
+	a->head = head;
+	a->extra = tail;
+	a->up_slot = o->r.slot + 1;
+	return 1;
+}
+
 static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struct flow6 *in)
 {
 	__u16 old_csum = in->csum;
@@ -1177,6 +1290,8 @@ static __attribute__((noinline)) int channel_up6(struct xdp_md *ctx, const struc
 	if (why)
 		return pass(why);
 	o.r.csum = finish_csum(old_csum, s);
+	if (hairpin6(&o, CHANNEL_HEADER, pad + extra))
+		return TP_HAIRPIN;
 	struct bpf_fib_lookup fib;
 	why = route6(ctx, &o, &fib, now);
 	if (!why)
@@ -1245,6 +1360,8 @@ static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct f
 	if (why)
 		return pass(why);
 	o.r.csum = finish_csum(old_csum, s);
+	if (hairpin6(&o, head, tail + extra))
+		return TP_HAIRPIN;
 	struct bpf_fib_lookup fib;
 	why = route6(ctx, &o, &fib, now);
 	if (!why)
@@ -1254,10 +1371,12 @@ static __attribute__((noinline)) int send_up6(struct xdp_md *ctx, const struct f
 	return emit6(ctx, &o, &fib);
 }
 
+/* peer -> client, and a hairpin's arrival (see deliver4). */
 static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct flow6 *in)
 {
 	__u16 old_csum = in->csum;
 	__u32 n = in->n, extra = in->extra;
+	__u32 up_slot = in->up_slot;
 	struct tp_perm_key6 pk = {};
 	__builtin_memcpy(pk.relay_ip, in->daddr, 16);
 	__builtin_memcpy(pk.peer_ip, in->saddr, 16);
@@ -1268,7 +1387,7 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 	__u64 now = bpf_ktime_get_ns();
 	if (!live(now, pm->deadline_ns))
 		return pass(TP_PASS_EXPIRED);
-	if (denied_port(in->sport))
+	if (!up_slot && denied_port(in->sport))
 		return pass(TP_PASS_DENIED_PORT);
 	struct tp_peer_key6 qk = {};
 	__builtin_memcpy(qk.relay_ip, in->daddr, 16);
@@ -1279,6 +1398,9 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 	int channel = q && live(now, q->deadline_ns);
 	__u32 grow = channel ? CHANNEL_HEADER : DATA_IND_HEADER6;
 	__u32 pad = channel ? 0 : (4 - (n & 3)) & 3;
+	__u32 stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN;
+	if (up_slot)
+		stat = channel ? TP_RELAYED_HAIRPIN_CHANNEL : TP_RELAYED_HAIRPIN_DATA;
 	struct out6 o = {
 		.flow = {
 			.sport = pm->client.server_port,
@@ -1288,8 +1410,9 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 		.r = {
 			.slot = pm->slot,
 			.payload = n,
-			.stat = channel ? TP_RELAYED_CHANNEL_DOWN : TP_RELAYED_DATA_DOWN,
+			.stat = stat,
 			.down = 1,
+			.up_slot = up_slot,
 		},
 	};
 	__builtin_memcpy(o.flow.saddr, pm->client.server_ip, 16);
@@ -1301,7 +1424,7 @@ static __attribute__((noinline)) int peer_down6(struct xdp_md *ctx, const struct
 		return pass(why);
 	/* A wildcard listener: the route lookup supplied the source. */
 	__builtin_memcpy(o.flow.saddr, fib.ipv6_src, 16);
-	why = resize(ctx, -(int)grow, (int)pad - (int)extra);
+	why = resize(ctx, (int)in->head - (int)grow, (int)pad - (int)extra);
 	if (why)
 		return pass(why);
 	void *data = (void *)(long)ctx->data;
@@ -1402,6 +1525,8 @@ static __always_inline int relay6(struct xdp_md *ctx)
 	in->ulen = udp->len;
 	in->n = n;
 	in->extra = extra;
+	in->head = 0;
+	in->up_slot = 0;
 	__builtin_memcpy(in->saddr, &ip->saddr, 16);
 	__builtin_memcpy(in->daddr, &ip->daddr, 16);
 	__u32 csum = received_csum(ctx, 1);
@@ -1409,12 +1534,21 @@ static __always_inline int relay6(struct xdp_md *ctx)
 		return pass(csum & ~TP_CSUM_PASS);
 	in->csum = csum;
 	int kind = payload_kind((void *)(udp + 1), n, end);
+	int r = -1;
 	if (kind == KIND_CHANNEL) {
-		int r = channel_up6(ctx, in);
+		r = channel_up6(ctx, in);
 		if (r >= 0)
 			return r;
 	} else if (kind == KIND_SEND) {
-		return send_up6(ctx, in);
+		r = send_up6(ctx, in);
+		if (r != TP_HAIRPIN)
+			return r;
+	}
+	if (r == TP_HAIRPIN) {
+		struct flow6 *a = bpf_map_lookup_elem(&tp_arrival6, &zero);
+		if (!a)
+			return pass(TP_PASS_UNSUPPORTED);
+		return peer_down6(ctx, a);
 	}
 	return peer_down6(ctx, in);
 }
@@ -1452,16 +1586,33 @@ static __attribute__((noinline)) int relay4(struct xdp_md *ctx)
 	if (csum & TP_CSUM_PASS)
 		return pass(csum & ~TP_CSUM_PASS);
 	__u16 old_csum = csum;
+	__u32 zero = 0;
+	struct arrival *a = bpf_map_lookup_elem(&tp_arrival, &zero);
+	if (!a)
+		return pass(TP_PASS_UNSUPPORTED);
 	__u8 *p = (void *)(udp + 1);
 	int kind = payload_kind(p, n, end);
 	if (kind == KIND_CHANNEL) {
-		int r = channel_up(ctx, &in, old_csum, p, n, extra, end);
+		int r = channel_up(ctx, &in, old_csum, p, n, extra, end, a);
 		if (r >= 0)
 			return r;
+		if (r == TP_HAIRPIN)
+			return deliver4(ctx, a);
 	} else if (kind == KIND_SEND) {
-		return send_up(ctx, &in, old_csum, n, extra);
+		int r = send_up(ctx, &in, old_csum, n, extra, a);
+		if (r != TP_HAIRPIN)
+			return r;
+		return deliver4(ctx, a);
 	}
-	return peer_down(ctx, &in, old_csum, n, extra);
+	/* peer -> client */
+	a->flow = in;
+	a->now = bpf_ktime_get_ns();
+	a->csum = old_csum;
+	a->n = n;
+	a->head = 0;
+	a->tail = extra;
+	a->up_slot = 0;
+	return deliver4(ctx, a);
 }
 
 SEC("xdp")

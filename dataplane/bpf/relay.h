@@ -166,8 +166,10 @@ enum tp_stat {
 	TP_RELAYED_SEND_UP,         /* Send indication client -> peer */
 	TP_RELAYED_CHANNEL_DOWN,    /* peer -> client as ChannelData */
 	TP_RELAYED_DATA_DOWN,       /* peer -> client as a Data indication */
-	TP_BYTES_UP,                /* application bytes relayed client -> peer */
-	TP_BYTES_DOWN,              /* application bytes relayed peer -> client */
+	TP_RELAYED_HAIRPIN_CHANNEL, /* client -> another client of this relay, as ChannelData */
+	TP_RELAYED_HAIRPIN_DATA,    /* client -> another client of this relay, as a Data indication */
+	TP_BYTES_UP,                /* application bytes relayed client -> peer (hairpins too) */
+	TP_BYTES_DOWN,              /* application bytes relayed peer -> client (hairpins too) */
 	TP_PASS_NOT_UDP,            /* not IPv4/UDP (ARP, TCP, IPv6, VLAN...) */
 	TP_PASS_IP_OPTIONS,         /* IPv4 with options */
 	TP_PASS_FRAGMENT,           /* an IPv4 fragment */

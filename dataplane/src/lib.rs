@@ -212,6 +212,9 @@ pub struct DataPlaneConfig {
     pub legacy_channel_numbers: bool,
     /// How many Binding requests a worker answers per source.
     pub binding_limit: BindingLimit,
+    /// A client's datagram to another allocation's relayed address on the same worker
+    /// is delivered without the kernel's round trip (the hairpin; on by default).
+    pub hairpin: bool,
     /// TCP and TLS addresses clients connect to (each worker has its own SO_REUSEPORT
     /// socket on each and serves the connections it accepts).
     pub streams: Vec<StreamListen>,
@@ -276,6 +279,7 @@ impl Default for DataPlaneConfig {
             socket_buffer: 4 << 20,
             legacy_channel_numbers: false,
             binding_limit: BindingLimit::default(),
+            hairpin: true,
             streams: Vec::new(),
             tls: None,
             stream_limits: StreamLimits::default(),

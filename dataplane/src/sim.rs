@@ -125,6 +125,7 @@ fn core(id: usize, now: Millis) -> Core {
         CoreConfig {
             id,
             legacy_channels: false,
+            hairpin: true,
             binding_limit: BindingLimit::default(),
             denied: Arc::new(ArcSwap::from_pointee(Denied::new([]))),
             ctr: Arc::new(Counters::default()),
@@ -1077,4 +1078,85 @@ fn the_data_plane_answers_the_first_allocate_as_the_control_plane_would() {
         panic!("{out:?}")
     };
     assert_eq!(&from_dp[0].1, data);
+}
+
+/// What a client got: the channel and data of one ChannelData or Data indication
+/// (channel 0 for the latter, with its peer).
+fn got(c: &mut Peer, sim: &mut Sim) -> Vec<(u16, Option<SocketAddr>, Vec<u8>)> {
+    let now = sim.now.0;
+    sim.take(c.addr)
+        .into_iter()
+        .filter_map(|(_, d)| match c.turn.handle(now, &d, &mut Vec::new()) {
+            Event::ChannelData { channel, data } => Some((channel, None, data.to_vec())),
+            Event::Data { peer, data } => Some((0, Some(peer), data.to_vec())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Two clients of one relay, each the other's peer (both ends of a call fell back to
+/// TURN on the same server): on one worker, what A sends to B's relayed address reaches
+/// B without going out of A's relay socket; on two workers, it goes through the kernel
+/// (here the simulated network) and reaches B the same way.
+#[test]
+fn two_clients_of_one_relay_reach_each_other_through_the_hairpin() {
+    for workers in [1, 2] {
+        let mut sim = Sim::new(config());
+        sim.plane("dp1", DP1, workers, 0);
+        // Ports 4000 and 4001: one worker each when there are two.
+        let mut a = Peer::new("203.0.113.1:4000", addr(DP1), 1);
+        let mut b = Peer::new("203.0.113.2:4001", addr(DP1), 2);
+        let Done::Allocated(ra) = a.allocate(&mut sim) else {
+            panic!("no allocation for A")
+        };
+        let Done::Allocated(rb) = b.allocate(&mut sim) else {
+            panic!("no allocation for B")
+        };
+        // The server's own relayed addresses are peers like any other (the policy
+        // allows them by default).
+        assert_eq!(a.permit(&mut sim, rb), Done::Ok);
+        assert_eq!(a.bind(&mut sim, 0x4000, rb), Done::Ok);
+        // Both ends are now checked: B has no permission for A's relayed address yet.
+        let mut frame = [0u8; 64];
+        let n = Client::channel_data(0x4000, b"ping", &mut frame).unwrap();
+        let deliver = |sim: &mut Sim| {
+            // Through the kernel: what reached B's relayed address arrives there.
+            for (from, d) in sim.take(rb) {
+                assert_eq!(workers, 2, "the hairpin went through the kernel");
+                sim.send(from, rb, &d);
+            }
+            for (from, d) in sim.take(ra) {
+                assert_eq!(workers, 2, "the hairpin went through the kernel");
+                sim.send(from, ra, &d);
+            }
+        };
+        sim.send(a.addr, a.server, &frame[..n]);
+        deliver(&mut sim);
+        assert!(got(&mut b, &mut sim).is_empty(), "{workers} workers");
+        assert_eq!(b.permit(&mut sim, ra), Done::Ok);
+        sim.send(a.addr, a.server, &frame[..n]);
+        deliver(&mut sim);
+        assert_eq!(
+            got(&mut b, &mut sim),
+            [(0, Some(ra), b"ping".to_vec())],
+            "{workers} workers"
+        );
+        // With B's channel to A bound (and confirmed by its response): ChannelData.
+        assert_eq!(b.bind(&mut sim, 0x4001, ra), Done::Ok);
+        sim.send(a.addr, a.server, &frame[..n]);
+        deliver(&mut sim);
+        assert_eq!(got(&mut b, &mut sim), [(0x4001, None, b"ping".to_vec())]);
+        // B answers with a Send indication: on A's channel.
+        let mut frame = [0u8; 128];
+        let n = b.turn.send_indication(ra, b"pong", &mut frame).unwrap();
+        sim.send(b.addr, b.server, &frame[..n]);
+        deliver(&mut sim);
+        assert_eq!(got(&mut a, &mut sim), [(0x4000, None, b"pong".to_vec())]);
+        let hairpinned: u64 = sim.planes[0]
+            .cores
+            .iter()
+            .map(|c| c.ctr.snapshot().hairpinned)
+            .sum();
+        assert_eq!(hairpinned, if workers == 1 { 3 } else { 0 });
+    }
 }

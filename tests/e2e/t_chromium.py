@@ -50,11 +50,11 @@ CHROMIUM_FLAGS = [
 
 
 class PageServer:
-    def __init__(self, config: dict, log_path: str) -> None:
+    def __init__(self, config: dict, log_path: str, page_path: str | None = None) -> None:
         self.result: dict | None = None
         self.got_result = threading.Event()
         self.logs: list[str] = []
-        page = open(os.path.join(HERE, "chromium_page.html"), "rb").read()
+        page = open(page_path or os.path.join(HERE, "chromium_page.html"), "rb").read()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):

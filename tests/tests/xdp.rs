@@ -88,10 +88,11 @@ fn server_in_mode(
         "127.0.0.1:9200",
         "--admin-token",
         common::TOKEN,
-        "--workers",
-        "2",
         "--no-pin",
     ];
+    if !more.contains(&"--workers") {
+        args.extend(["--workers", "2"]);
+    }
     if let Some(mode) = mode {
         args.extend(["--xdp", "vs", "--xdp-mode", mode]);
     }
@@ -653,4 +654,147 @@ fn uclient_through_an_ipv6_wildcard_listener_is_relayed_by_the_program_both_ways
         down1 >= 0.9 * sent as f64,
         "down through XDP: {down1} of {sent}"
     );
+}
+
+/// uclient client to client (`-y`): each of its clients' peer is another of its
+/// clients' relayed address on this server (both ends of a call on one relay). With
+/// channels and with Send indications, no loss; returns what the program hairpinned
+/// and what the workers did, per run: (program's hairpins, workers' hairpins, socket
+/// path's relayed packets), summed over both runs.
+fn uclient_hairpin_runs(t: &Topology, n: usize) -> (f64, f64, f64) {
+    let xdp0 = t.metric("turnpike_xdp_relayed_packets_total{path=\"hairpin_");
+    let hp0 = t.metric("turnpike_hairpinned_total");
+    let sock0 = t.metric("turnpike_relayed_packets_total");
+    for flags in [&["-y", "-c"][..], &["-y", "-c", "-s"][..]] {
+        let (sent, lost) = uclient(t, flags, n);
+        assert_eq!(lost, 0, "uclient {flags:?} lost {lost} of {sent}");
+    }
+    (
+        t.metric("turnpike_xdp_relayed_packets_total{path=\"hairpin_") - xdp0,
+        t.metric("turnpike_hairpinned_total") - hp0,
+        t.metric("turnpike_relayed_packets_total") - sock0,
+    )
+}
+
+#[test]
+fn uclient_client_to_client_is_hairpinned_by_the_program() {
+    let Some(t) = topology() else { return };
+    // The policy allows the server's own relayed addresses (10.88.0.1) as peers.
+    let _srv = server(&t, true);
+    let n = 300;
+    let csum_errors = t.csum_errors_c();
+    let (xdp, workers, sock) = uclient_hairpin_runs(&t, n);
+    // 4 clients × n packets each, per run, each delivered once to another client.
+    let all = (2 * 4 * n) as f64;
+    eprintln!("hairpin: program {xdp}, workers {workers}, socket path {sock} of {all}");
+    assert_eq!(t.csum_errors_c() - csum_errors, 0, "bad checksums in C");
+    // The first packets of a run may take the socket path (neighbour entries).
+    assert!(xdp >= 0.9 * all, "hairpins through XDP: {xdp} of {all}");
+}
+
+#[test]
+fn uclient_client_to_client_is_hairpinned_by_the_workers_with_the_program_off() {
+    let Some(t) = topology() else { return };
+    // One worker: every allocation is its own, so none goes through the kernel.
+    let _srv = server_with(
+        &t,
+        false,
+        "10.88.0.0/24",
+        "10.88.0.1:3478",
+        &["--workers", "1"],
+    );
+    let n = 300;
+    let (xdp, workers, sock) = uclient_hairpin_runs(&t, n);
+    let all = (2 * 4 * n) as f64;
+    eprintln!("hairpin: program {xdp}, workers {workers}, socket path {sock} of {all}");
+    assert_eq!(xdp, 0.0);
+    // uclient sends a few packets before both ends have their permissions: those the
+    // workers refuse and uclient does not count, so at least every counted one.
+    assert!(workers >= all, "hairpins in the worker: {workers} of {all}");
+}
+
+/// A headless Chromium call, audio and video both ways, relay only, both ends on this
+/// relay (see tests/e2e/chromium_call.py), with the program on: the share of what
+/// reached the clients that the program carried, or `None` when Chromium is missing
+/// (outside CI).
+fn chromium_call(t: &Topology) -> Option<f64> {
+    let has = std::process::Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has && std::env::var("CHROMIUM").is_err() {
+        if std::env::var_os("CI").is_some() {
+            panic!("chromium is missing (tests/scripts/setup-deps.sh)");
+        }
+        eprintln!("SKIPPED: chromium is missing");
+        return None;
+    }
+    let e2e = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e");
+    let venv = e2e.join(".venv/bin/python");
+    let python = if venv.exists() {
+        venv.to_str().unwrap().to_owned()
+    } else {
+        "python3".to_owned()
+    };
+    // Short: Chromium's singleton socket path (under it) has at most 107 bytes.
+    let work = format!("/tmp/tph-{}", t.c);
+    std::fs::create_dir_all(&work).unwrap();
+    let xdp0 = t.metric("turnpike_xdp_relayed_packets_total{path=\"hairpin_");
+    let sock0 = t.metric("turnpike_relayed_packets_total{direction=\"to_client\"");
+    let script = e2e.join("chromium_call.py");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.c, "timeout", "120", &python])
+        .arg(script)
+        .args([
+            "turn:10.88.0.1:3478?transport=udp",
+            "u",
+            "p",
+            "10.88.0.1",
+            "10",
+            &work,
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(format!("{work}/chromium-call.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&work);
+    assert!(
+        out.status.success(),
+        "chromium call:\n{text}\n--- chromium log (tail) ---\n{}",
+        {
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        }
+    );
+    let xdp = t.metric("turnpike_xdp_relayed_packets_total{path=\"hairpin_") - xdp0;
+    let sock = t.metric("turnpike_relayed_packets_total{direction=\"to_client\"") - sock0;
+    eprintln!("chromium call: {}", text.lines().last().unwrap_or(""));
+    eprintln!("chromium call: the program carried {xdp}, the socket path {sock}");
+    Some(xdp / (xdp + sock).max(1.0))
+}
+
+#[test]
+fn a_chromium_call_on_this_relay_is_carried_by_the_program() {
+    let Some(t) = topology() else { return };
+    let _srv = server(&t, true);
+    let Some(share) = chromium_call(&t) else {
+        return;
+    };
+    assert!(share >= 0.99, "the program carried {share} of the call");
+}
+
+#[test]
+fn a_chromium_call_on_this_relay_is_carried_by_the_program_with_tx_offload_off() {
+    let Some(t) = topology_with(false) else {
+        return;
+    };
+    let _srv = server(&t, true);
+    let Some(share) = chromium_call(&t) else {
+        return;
+    };
+    assert!(share >= 0.99, "the program carried {share} of the call");
 }

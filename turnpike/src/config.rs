@@ -328,6 +328,11 @@ pub struct Flags {
     /// Do not pin workers to cores.
     #[arg(long, env = "TURNPIKE_NO_PIN")]
     pub no_pin: bool,
+    /// Send datagrams from a client to another allocation's relayed address on the same
+    /// worker out through the kernel, as before the hairpin (for comparison: the bench
+    /// measures both); the XDP program's hairpin is not affected.
+    #[arg(long, env = "TURNPIKE_NO_HAIRPIN")]
+    pub no_hairpin: bool,
     /// Accept RFC 5766 channel numbers 0x5000-0x7FFF (older clients such as coturn's
     /// turnutils_uclient); RFC 8656 allows only 0x4000-0x4FFF.
     #[arg(long, env = "TURNPIKE_LEGACY_CHANNEL_NUMBERS")]
@@ -543,6 +548,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Pin workers.
     pub pin: bool,
+    /// Workers deliver between their own allocations without the kernel (the hairpin).
+    pub hairpin: bool,
     /// Control-plane settings.
     pub server: ServerConfig,
     /// Data-plane id, if configured (else the name of its certificate; `local` in
@@ -1130,6 +1137,7 @@ impl Config {
             grpc_listen,
             metrics_listen,
             pin: !flags.no_pin && file.pin_workers.unwrap_or(true),
+            hairpin: !flags.no_hairpin,
             server,
             data_plane_id: file.data_plane_id,
         })

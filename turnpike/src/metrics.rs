@@ -275,7 +275,7 @@ const XDP_FAMILIES: [(&str, &str, &str); 6] = [
     (
         "turnpike_xdp_relayed_packets_total",
         "counter",
-        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down); not in turnpike_relayed_packets_total.",
+        "Packets relayed by the XDP program, by path (channel_up, send_up, channel_down, data_down, and hairpin_channel, hairpin_data: one client to another of this relay, counted once); not in turnpike_relayed_packets_total.",
     ),
     (
         "turnpike_xdp_relayed_bytes_total",
@@ -560,6 +560,19 @@ async fn render(
                 o,
                 "turnpike_challenged_total{{worker=\"{w}\"}} {}",
                 c.challenged
+            );
+        }
+        metric(
+            &mut o,
+            "turnpike_hairpinned_total",
+            "counter",
+            "Datagrams from a client to another allocation's relayed address on the same worker, delivered without the kernel's round trip (the hairpin), by worker.",
+        );
+        for (w, c) in workers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "turnpike_hairpinned_total{{worker=\"{w}\"}} {}",
+                c.hairpinned
             );
         }
         render_xdp(&mut o, dp, &workers);

@@ -489,6 +489,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 workers: cfg.workers,
                 backend: cfg.backend,
                 pin: cfg.pin,
+                hairpin: cfg.hairpin,
                 denied_peers,
                 legacy_channel_numbers: cfg.server.legacy_channel_numbers,
                 streams: cfg.worker_streams(),

@@ -60,6 +60,10 @@ pub struct WorkerCounters {
     pub relay_pool: u64,
     /// Allocations with entries in the XDP program's maps (a gauge).
     pub xdp_allocations: u64,
+    /// Datagrams from a client to the relayed address of another allocation of the
+    /// same worker, delivered without the kernel's round trip (the hairpin); counted
+    /// as relayed in both directions as well, when delivered.
+    pub hairpinned: u64,
     /// Drops, by reason.
     pub dropped: Drops,
     /// Client connections over TCP and TLS.
@@ -205,6 +209,7 @@ pub(crate) struct Counters {
     pub(crate) received: AtomicU64,
     pub(crate) relay_pool: AtomicU64,
     pub(crate) xdp_allocations: AtomicU64,
+    pub(crate) hairpinned: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) unexpected: AtomicU64,
     pub(crate) no_allocation: AtomicU64,
@@ -247,6 +252,7 @@ impl Counters {
             received_packets: r(&self.received),
             relay_pool: r(&self.relay_pool),
             xdp_allocations: r(&self.xdp_allocations),
+            hairpinned: r(&self.hairpinned),
             dropped: Drops {
                 malformed: r(&self.malformed),
                 unexpected: r(&self.unexpected),

@@ -138,6 +138,9 @@ pub(crate) struct CoreConfig {
     pub(crate) id: usize,
     /// Accept RFC 5766 channel numbers (0x5000..=0x7FFF) as well.
     pub(crate) legacy_channels: bool,
+    /// Deliver between this worker's allocations without the kernel (`path.rs`, the
+    /// hairpin).
+    pub(crate) hairpin: bool,
     pub(crate) binding_limit: BindingLimit,
     /// The denied peers, shared by every worker and replaced by the handle.
     pub(crate) denied: Arc<ArcSwap<Denied>>,
@@ -148,6 +151,7 @@ pub(crate) struct CoreConfig {
 pub(crate) struct Core {
     pub(crate) id: usize,
     pub(crate) legacy_channels: bool,
+    pub(crate) hairpin: bool,
     pub(crate) ctr: Arc<Counters>,
     pub(crate) denied: Arc<ArcSwap<Denied>>,
     pub(crate) table: Table,
@@ -214,6 +218,7 @@ impl Core {
         Core {
             id: cfg.id,
             legacy_channels: cfg.legacy_channels,
+            hairpin: cfg.hairpin,
             ctr: cfg.ctr,
             denied: cfg.denied,
             table: Table::default(),

@@ -14,6 +14,12 @@
 //! confirmed, live channel is bound to the peer, else a Data indication, its header
 //! written into the headroom in front of the payload.
 //!
+//! A datagram from a client to the relayed address of another allocation of the same
+//! worker (both ends of a call on this relay) is the hairpin: it is checked and counted
+//! for the sender's allocation as it leaves, then for the receiver's as if it had come
+//! back through the kernel, and delivered to the receiver's client at once
+//! ([`Core::hairpin`]).
+//!
 //! Every drop is counted under its reason (see [`crate::Drops`]).
 
 use std::net::SocketAddr;
@@ -200,10 +206,14 @@ impl Core {
                     return None;
                 }
                 let from = self.admit_to_peer(&tuple, &peer, n)?;
+                let start = HEADROOM + CHANNEL_HEADER_LEN;
+                if let Some(delivered) = self.hairpin(&tuple, &peer, buf, start, n) {
+                    return delivered;
+                }
                 Some(Forward {
                     from,
                     to: peer,
-                    start: HEADROOM + CHANNEL_HEADER_LEN,
+                    start,
                     len: n,
                 })
             }
@@ -239,6 +249,9 @@ impl Core {
                             return None;
                         }
                         let from = self.admit_to_peer(&tuple, &peer, n)?;
+                        if let Some(delivered) = self.hairpin(&tuple, &peer, buf, start, n) {
+                            return delivered;
+                        }
                         Some(Forward {
                             from,
                             to: peer,
@@ -419,6 +432,45 @@ impl Core {
         }
     }
 
+    /// The hairpin: client A relays `n` bytes (at `start` in `buf`) to `peer`, which is
+    /// the relayed address of allocation B of this worker. Instead of sending them out
+    /// of A's relay socket for the kernel to bring back to B's, they are delivered to
+    /// B's client here, decided exactly as [`Core::peer_datagram`] decides a datagram
+    /// from A's relayed address: B's deadline, B's permission for A's relayed IP, B's
+    /// bandwidth limit, B's channel (confirmed) or a Data indication, B's usage. A's
+    /// side (permission, denied peers, A's bandwidth and usage) was checked and counted
+    /// by the caller, as for any datagram leaving A's relay socket.
+    ///
+    /// `None` when this is not a hairpin the worker completes: the peer is no relayed
+    /// address of this worker (another worker's, reached through the kernel, or not
+    /// this server's), or B's client is on a connection (whose sends the worker counts
+    /// itself). `Some(decision)` otherwise, `Some(None)` when B's rules drop it.
+    fn hairpin(
+        &mut self,
+        a: &FiveTuple,
+        peer: &SocketAddr,
+        buf: &mut [u8],
+        start: usize,
+        n: usize,
+    ) -> Option<Option<Forward>> {
+        if !self.hairpin {
+            return None;
+        }
+        let b = self.table.by_relay(peer)?;
+        if self.table.allocs.get(&b)?.tuple.transport != Transport::Udp {
+            return None;
+        }
+        let src = self
+            .table
+            .by_tuple_mut(a)
+            .and_then(|a| a.relayed_addr_for(peer))?;
+        let delivered = self.deliver(b, src, buf, start, n);
+        if delivered.is_some() {
+            bump(&self.ctr.hairpinned, 1);
+        }
+        Some(delivered)
+    }
+
     /// Peer → client: ChannelData if a confirmed channel is bound to the peer, else a
     /// Data indication, its header written into the headroom in front of the payload.
     pub(crate) fn peer_datagram(
@@ -426,6 +478,20 @@ impl Core {
         id: AllocationId,
         peer: SocketAddr,
         buf: &mut [u8],
+        len: usize,
+    ) -> Option<Forward> {
+        self.deliver(id, peer, buf, HEADROOM, len)
+    }
+
+    /// `len` bytes at `at` in `buf` from `peer` to the client of allocation `id`, as
+    /// [`Core::peer_datagram`] describes; the header goes in front of `at`, a Data
+    /// indication's padding after the payload.
+    fn deliver(
+        &mut self,
+        id: AllocationId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        at: usize,
         len: usize,
     ) -> Option<Forward> {
         let now = self.now;
@@ -468,17 +534,16 @@ impl Core {
         let (start, total) = match channel {
             Some(c) => {
                 let header = ChannelData::header(c, len).ok()?;
-                let start = HEADROOM - CHANNEL_HEADER_LEN;
-                buf.get_mut(start..HEADROOM)?.copy_from_slice(&header);
+                let start = at.checked_sub(CHANNEL_HEADER_LEN)?;
+                buf.get_mut(start..at)?.copy_from_slice(&header);
                 (start, CHANNEL_HEADER_LEN + len)
             }
             None => {
                 let hlen = data_indication_header_len(&peer);
-                let start = HEADROOM - hlen;
-                write_data_indication_header(buf.get_mut(start..HEADROOM)?, tid, &peer, len)
-                    .ok()?;
-                let end = HEADROOM + padded(len);
-                buf.get_mut(HEADROOM + len..end)?.fill(0);
+                let start = at.checked_sub(hlen)?;
+                write_data_indication_header(buf.get_mut(start..at)?, tid, &peer, len).ok()?;
+                let end = at + padded(len);
+                buf.get_mut(at + len..end)?.fill(0);
                 (start, end - start)
             }
         };

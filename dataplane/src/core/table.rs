@@ -142,6 +142,15 @@ impl Alloc {
             SocketAddr::V6(_) => self.relay_v6,
         }
     }
+
+    /// The relayed address that sends to `peer` (of the peer's family), as the peer
+    /// sees it: the source of what this allocation relays there.
+    pub(crate) fn relayed_addr_for(&self, peer: &SocketAddr) -> Option<SocketAddr> {
+        self.relays
+            .iter()
+            .map(|r| canonical(*r))
+            .find(|r| r.is_ipv4() == peer.is_ipv4())
+    }
 }
 
 /// Relay sockets bound for a 5-tuple, waiting for their `AllocationAdd`.
@@ -171,12 +180,6 @@ impl Denied {
             }
         }
         d
-    }
-
-    /// Whether some denied address has this IP (or it is unspecified): no permission
-    /// for it goes to the XDP program, whose permissions are by IP.
-    pub(crate) fn has_ip(&self, ip: &IpAddr) -> bool {
-        ip.is_unspecified() || self.exact.iter().any(|a| a.ip() == *ip)
     }
 
     /// Whether `a` (canonical) is one of the denied addresses as written (wildcards
@@ -223,6 +226,10 @@ pub(crate) struct Table {
     conns: AHashMap<FiveTuple, Token>,
     pub(crate) allocs: AHashMap<AllocationId, Alloc>,
     by_tuple: AHashMap<FiveTuple, AllocationId>,
+    /// The allocations of this worker by relayed address (canonical): a datagram to one
+    /// of them from another allocation of this worker is delivered without the kernel
+    /// (the hairpin, `path.rs`).
+    by_relay: AHashMap<SocketAddr, AllocationId>,
     pending: AHashMap<FiveTuple, Vec<PendingBind>>,
     /// Relay sockets bound in advance for no 5-tuple yet: the control plane hands one to
     /// a plain Allocate and names it in the `AllocationAdd`. Never closed by the sweep;
@@ -373,6 +380,11 @@ impl Table {
         Some(a)
     }
 
+    /// The allocation of this worker whose relayed address is `relay` (canonical).
+    pub(crate) fn by_relay(&self, relay: &SocketAddr) -> Option<AllocationId> {
+        self.by_relay.get(relay).copied()
+    }
+
     pub(crate) fn by_tuple_mut(&mut self, tuple: &FiveTuple) -> Option<&mut Alloc> {
         self.by_tuple
             .get(tuple)
@@ -398,6 +410,12 @@ impl Table {
             self.touch(id);
             if self.by_tuple.get(&a.tuple) == Some(&id) {
                 self.by_tuple.remove(&a.tuple);
+            }
+            for r in &a.relays {
+                let r = canonical(*r);
+                if self.by_relay.get(&r) == Some(&id) {
+                    self.by_relay.remove(&r);
+                }
             }
             for t in a.relay_tokens {
                 self.close(t, out);
@@ -513,6 +531,11 @@ impl Table {
                     );
                 }
                 self.by_tuple.insert(tuple, id);
+                // Only relayed addresses whose socket this worker holds: the others are
+                // reached through the kernel.
+                for &(local, _) in &claimed {
+                    self.by_relay.insert(canonical(local), id);
+                }
                 self.allocs.insert(
                     id,
                     Alloc {

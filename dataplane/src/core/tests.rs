@@ -59,6 +59,7 @@ impl H {
             CoreConfig {
                 id: 0,
                 legacy_channels: false,
+                hairpin: true,
                 binding_limit: limit,
                 denied: Arc::new(ArcSwap::from_pointee(denied)),
                 ctr: Arc::new(Counters::default()),
@@ -776,4 +777,232 @@ fn rfc5780_answers_leave_from_the_socket_change_request_names() {
     let alloc = message(Method::ALLOCATE, Class::Request);
     assert!(h.feed(tokens[1], client(), &alloc).is_empty());
     assert!(!h.feed(LISTEN, client(), &alloc).is_empty());
+}
+
+/// Two clients of this worker, A and B, each the other's peer: A's relayed address is
+/// B's peer and B's is A's (both ends of a call on this relay). IPv4 or IPv6.
+struct Pair {
+    h: H,
+    a: FiveTuple,
+    b: FiveTuple,
+    relay_a: SocketAddr,
+    relay_b: SocketAddr,
+}
+
+const ID_B: AllocationId = AllocationId(2);
+const RELAY_B: Token = Token(2);
+
+impl Pair {
+    fn new(v6: bool) -> Pair {
+        let (server, ca, cb, ra, rb) = if v6 {
+            (
+                addr("[2001:db8::1]:3478"),
+                addr("[2001:db8:5::5]:40000"),
+                addr("[2001:db8:6::6]:40001"),
+                addr("[2001:db8::1]:50000"),
+                addr("[2001:db8::1]:50001"),
+            )
+        } else {
+            (
+                server(),
+                client(),
+                addr("203.0.113.6:40001"),
+                relay(),
+                addr("198.51.100.1:50001"),
+            )
+        };
+        let mut h = H::new(Denied::new([server]), BindingLimit::default());
+        h.core.add_listen(Token(9), server);
+        let (a, b) = (FiveTuple::udp(ca, server), FiveTuple::udp(cb, server));
+        for (id, tuple, relay, token) in [(ID, a, ra, RELAY), (ID_B, b, rb, RELAY_B)] {
+            h.core.relays_bound(Millis(T0), tuple, vec![(relay, token)]);
+            h.change(TableChange::AllocationAdd {
+                id,
+                tuple,
+                relays: vec![relay],
+                deadline: Millis(FAR),
+                bandwidth: 0,
+                user: "u".into(),
+                username: "name".into(),
+                dont_fragment: false,
+            });
+        }
+        Pair {
+            h,
+            a,
+            b,
+            relay_a: ra,
+            relay_b: rb,
+        }
+    }
+
+    /// Allocation `id` permits `peer`'s IP until `deadline`.
+    fn permit(&mut self, id: AllocationId, peer: SocketAddr, deadline: u64) {
+        self.h.change(TableChange::PermissionSet {
+            id,
+            peer: peer.ip(),
+            deadline: Millis(deadline),
+        });
+    }
+
+    fn channel(&mut self, id: AllocationId, channel: u16, peer: SocketAddr) {
+        self.h.change(TableChange::ChannelSet {
+            id,
+            channel,
+            peer,
+            deadline: Millis(FAR),
+            confirmed: false,
+        });
+    }
+
+    /// A's client sends `pkt`.
+    fn a_sends(&mut self, pkt: &[u8]) -> Vec<Did> {
+        let listen = self.h.core.table.client_token(&self.a);
+        self.h.feed(listen.unwrap_or(LISTEN), self.a.client, pkt)
+    }
+
+    fn usage(&self, id: AllocationId) -> crate::Usage {
+        self.h.core.table.allocs[&id].usage
+    }
+}
+
+#[test]
+fn hairpin_delivers_to_the_other_client_as_its_relay_would() {
+    for v6 in [false, true] {
+        let mut p = Pair::new(v6);
+        let (relay_a, relay_b) = (p.relay_a, p.relay_b);
+        let listen = p.h.core.table.client_token(&p.b).unwrap_or(LISTEN);
+        p.permit(ID, relay_b, FAR);
+        p.channel(ID, 0x4000, relay_b);
+        // B has no permission for A's relayed IP: B gets nothing, as if the datagram had
+        // left A's relay and been refused by B's. It left A: A counts it.
+        assert!(p.a_sends(&channel_data(0x4000, b"hello")).is_empty());
+        assert_eq!(p.h.drops().no_permission, 1, "v6 {v6}");
+        assert_eq!(p.usage(ID).to_peer.packets, 1);
+        assert_eq!(p.usage(ID_B).to_client.packets, 0);
+        p.permit(ID_B, relay_a, FAR);
+        // ChannelData from A: a Data indication from A's relayed address to B (B has no
+        // channel for it), sent from B's listening socket.
+        let [Did::Send(from, to, d)] = &p.a_sends(&channel_data(0x4000, b"hello"))[..] else {
+            panic!("one transmit expected (v6 {v6})");
+        };
+        assert_eq!((*from, *to), (listen, p.b.client));
+        assert_eq!(data_indication(d), (relay_a, b"hello".to_vec()));
+        // A Send indication from A: the same.
+        let [Did::Send(_, to, d)] = &p.a_sends(&send_indication(relay_b, b"abcdef"))[..] else {
+            panic!("one transmit expected (v6 {v6})");
+        };
+        assert_eq!(*to, p.b.client);
+        assert_eq!(data_indication(d), (relay_a, b"abcdef".to_vec()));
+        // B binds a channel to A's relayed address; once confirmed, ChannelData on it.
+        p.channel(ID_B, 0x4005, relay_a);
+        let mut out = Vec::new();
+        p.h.core
+            .reply(p.b, message(Method::CHANNEL_BIND, Class::Success), &mut out);
+        for pkt in [
+            channel_data(0x4000, b"xyz"),
+            send_indication(relay_b, b"xyz"),
+        ] {
+            let [Did::Send(_, to, d)] = &p.a_sends(&pkt)[..] else {
+                panic!("one transmit expected (v6 {v6})");
+            };
+            assert_eq!(*to, p.b.client);
+            let cd = ChannelData::parse(d).unwrap_or_else(|e| panic!("{e:?}"));
+            assert_eq!((cd.channel, cd.payload), (0x4005, &b"xyz"[..]));
+        }
+        // Usage is counted once on each side: A sent, B received.
+        let (ua, ub) = (p.usage(ID), p.usage(ID_B));
+        assert_eq!(
+            (ua.to_peer.packets, ua.to_peer.bytes),
+            (5, 5 + 5 + 6 + 3 + 3)
+        );
+        assert_eq!(
+            (ub.to_client.packets, ub.to_client.bytes),
+            (4, 5 + 6 + 3 + 3)
+        );
+        assert_eq!((ua.to_client.packets, ub.to_peer.packets), (0, 0));
+        let c = p.h.core.ctr.snapshot();
+        assert_eq!(
+            (c.hairpinned, c.to_peer_packets, c.to_client_packets),
+            (4, 5, 4)
+        );
+    }
+}
+
+#[test]
+fn hairpin_keeps_the_receivers_deadlines_and_bandwidth() {
+    let mut p = Pair::new(false);
+    let (relay_a, relay_b) = (p.relay_a, p.relay_b);
+    p.permit(ID, relay_b, FAR);
+    p.permit(ID_B, relay_a, T0 + 1_000);
+    let send = send_indication(relay_b, b"data");
+    assert_eq!(p.a_sends(&send).len(), 1);
+    // B's permission expires: nothing more reaches B.
+    p.h.now = T0 + 1_000;
+    assert!(p.a_sends(&send).is_empty());
+    assert_eq!(p.h.drops().expired, 1);
+    // B's permission again, but B's allocation expired.
+    p.permit(ID_B, relay_a, FAR);
+    p.h.change(TableChange::AllocationRefresh {
+        id: ID_B,
+        deadline: Millis(T0 + 2_000),
+    });
+    assert_eq!(p.a_sends(&send).len(), 1);
+    p.h.now = T0 + 2_000;
+    assert!(p.a_sends(&send).is_empty());
+    assert_eq!(p.h.drops().expired, 2);
+    // B gone: the datagram goes out to B's former relayed address, as to any peer.
+    p.h.change(TableChange::AllocationRemove { id: ID_B });
+    assert_eq!(
+        p.a_sends(&send),
+        vec![Did::Send(RELAY, relay_b, b"data".to_vec())]
+    );
+    // B's bandwidth limit applies to what A sends it.
+    let mut p = Pair::new(false);
+    p.h.change(TableChange::AllocationRemove { id: ID_B });
+    p.h.core
+        .relays_bound(Millis(p.h.now), p.b, vec![(relay_b, RELAY_B)]);
+    p.h.change(TableChange::AllocationAdd {
+        id: ID_B,
+        tuple: p.b,
+        relays: vec![relay_b],
+        deadline: Millis(FAR),
+        bandwidth: 100,
+        user: "u".into(),
+        username: "name".into(),
+        dont_fragment: false,
+    });
+    p.permit(ID, relay_b, FAR);
+    p.permit(ID_B, relay_a, FAR);
+    let big = send_indication(relay_b, &[7; 60]);
+    assert_eq!(p.a_sends(&big).len(), 1);
+    assert!(p.a_sends(&big).is_empty());
+    assert_eq!(p.h.drops().bandwidth, 1);
+}
+
+#[test]
+fn hairpin_only_to_this_workers_udp_allocations() {
+    // A peer that is another worker's relayed address (not in this table) goes out
+    // through the kernel, as before.
+    let mut p = Pair::new(false);
+    let other = addr("198.51.100.1:50002");
+    p.permit(ID, other, FAR);
+    assert_eq!(
+        p.a_sends(&send_indication(other, b"x")),
+        vec![Did::Send(RELAY, other, b"x".to_vec())]
+    );
+    assert_eq!(p.h.core.ctr.snapshot().hairpinned, 0);
+    // With the hairpin off (`--no-hairpin`), B's relayed address is reached through
+    // the kernel, as before.
+    let relay_b = p.relay_b;
+    p.permit(ID_B, p.relay_a, FAR);
+    p.permit(ID, relay_b, FAR);
+    p.h.core.hairpin = false;
+    assert_eq!(
+        p.a_sends(&send_indication(relay_b, b"y")),
+        vec![Did::Send(RELAY, relay_b, b"y".to_vec())]
+    );
+    p.h.core.hairpin = true;
+    assert_eq!(p.a_sends(&send_indication(relay_b, b"y")).len(), 1);
+    assert_eq!(p.h.core.ctr.snapshot().hairpinned, 1);
 }

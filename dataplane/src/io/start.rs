@@ -270,6 +270,7 @@ impl DataPlane {
                 ctr: Arc::clone(&ctr),
                 buffers: cfg.socket_buffer,
                 legacy_channels: cfg.legacy_channel_numbers,
+                hairpin: cfg.hairpin,
                 binding_limit: cfg.binding_limit,
                 listen_streams,
                 streams: Arc::clone(&streams),

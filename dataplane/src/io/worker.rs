@@ -114,6 +114,8 @@ pub(crate) struct WorkerInit {
     pub(crate) ctr: Arc<Counters>,
     pub(crate) buffers: usize,
     pub(crate) legacy_channels: bool,
+    /// Deliver between this worker's allocations without the kernel (the hairpin).
+    pub(crate) hairpin: bool,
     pub(crate) binding_limit: BindingLimit,
     /// TCP/TLS listening sockets (this worker's own SO_REUSEPORT ones).
     pub(crate) listen_streams: Vec<(Socket, ListenerKind)>,
@@ -189,6 +191,7 @@ impl Worker {
             CoreConfig {
                 id: init.id,
                 legacy_channels: init.legacy_channels,
+                hairpin: init.hairpin,
                 binding_limit: init.binding_limit,
                 denied: init.denied,
                 ctr: Arc::clone(&init.ctr),
@@ -592,6 +595,7 @@ mod tests {
             ctr: Arc::new(Counters::default()),
             buffers: 0,
             legacy_channels: false,
+            hairpin: true,
             binding_limit: BindingLimit::default(),
             listen_streams: Vec::new(),
             streams: Arc::new(StreamShared::new(None, Default::default(), false)),

@@ -7,7 +7,15 @@
 //! Entries are written only for UDP allocations without a bandwidth limit (limits stay
 //! on the socket path, where the token buckets are) whose client, listening and relayed
 //! addresses are of one family, IPv4 or IPv6, for permissions and channels of that
-//! family that are live, to peers that are not the server's own sockets.
+//! family that are live, to peers that are not the server's own sockets. A permission
+//! for an IP of the server itself is written too (another client's relayed address on
+//! this server, the hairpin): the program refuses a peer on a port of the server's own
+//! sockets (`set_denied`), as the workers refuse those sockets exactly.
+//!
+//! The hairpin: a client's datagram to a relayed address of this server whose
+//! allocation has a permission for the sender's relayed IP is delivered by the program
+//! to that allocation's client, whichever worker owns it (the maps are shared), and
+//! counted in both allocations' usage slots.
 //!
 //! The program is attached through a BPF link: the kernel detaches it when the process
 //! ends, however it ends, so a crashed server leaves nothing attached.
@@ -30,9 +38,10 @@ use crate::{AllocationId, Transport, Usage};
 use abi::{
     TP_BYTES_DOWN, TP_BYTES_UP, TP_CSUM_COMPLETED, TP_DENY_WORDS, TP_FLAG_DONT_FRAGMENT,
     TP_MAX_SLOTS, TP_PASS_NOT_UDP, TP_PASS_PARTIAL_CSUM, TP_RELAYED_CHANNEL_DOWN,
-    TP_RELAYED_CHANNEL_UP, TP_RELAYED_DATA_DOWN, TP_RELAYED_SEND_UP, TP_STAT_MAX, TpAlloc,
-    TpAlloc6, TpChan, TpChan6, TpChanKey, TpChanKey6, TpClient, TpClient6, TpPeer, TpPeerKey,
-    TpPeerKey6, TpPerm, TpPerm6, TpPermKey, TpPermKey6, TpUsage,
+    TP_RELAYED_CHANNEL_UP, TP_RELAYED_DATA_DOWN, TP_RELAYED_HAIRPIN_CHANNEL,
+    TP_RELAYED_HAIRPIN_DATA, TP_RELAYED_SEND_UP, TP_STAT_MAX, TpAlloc, TpAlloc6, TpChan, TpChan6,
+    TpChanKey, TpChanKey6, TpClient, TpClient6, TpPeer, TpPeerKey, TpPeerKey6, TpPerm, TpPerm6,
+    TpPermKey, TpPermKey6, TpUsage,
 };
 
 mod abi;
@@ -159,13 +168,21 @@ pub struct XdpStats {
 }
 
 impl XdpStats {
-    /// Datagrams relayed client → peer (ChannelData and Send indications).
+    /// Datagrams relayed client → peer (ChannelData and Send indications), hairpins
+    /// included (one allocation's client to another's, each counted in both
+    /// directions, as the socket path counts them).
     pub fn to_peer_packets(&self) -> u64 {
-        self.counter(TP_RELAYED_CHANNEL_UP) + self.counter(TP_RELAYED_SEND_UP)
+        self.counter(TP_RELAYED_CHANNEL_UP) + self.counter(TP_RELAYED_SEND_UP) + self.hairpins()
     }
-    /// Datagrams relayed peer → client (ChannelData and Data indications).
+    /// Datagrams relayed peer → client (ChannelData and Data indications), hairpins
+    /// included.
     pub fn to_client_packets(&self) -> u64 {
-        self.counter(TP_RELAYED_CHANNEL_DOWN) + self.counter(TP_RELAYED_DATA_DOWN)
+        self.counter(TP_RELAYED_CHANNEL_DOWN) + self.counter(TP_RELAYED_DATA_DOWN) + self.hairpins()
+    }
+    /// Datagrams from a client delivered to another client of this relay (its peer
+    /// being the other's relayed address) without leaving the program.
+    pub fn hairpins(&self) -> u64 {
+        self.counter(TP_RELAYED_HAIRPIN_CHANNEL) + self.counter(TP_RELAYED_HAIRPIN_DATA)
     }
     /// Application bytes relayed client → peer.
     pub fn to_peer_bytes(&self) -> u64 {
@@ -177,7 +194,7 @@ impl XdpStats {
     }
     /// Datagrams relayed, by path: `(name, count)`.
     pub fn relayed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        (TP_RELAYED_CHANNEL_UP as usize..=TP_RELAYED_DATA_DOWN as usize)
+        (TP_RELAYED_CHANNEL_UP as usize..=TP_RELAYED_HAIRPIN_DATA as usize)
             .map(|i| (&STAT_NAMES[i]["relayed_".len()..], self.counters[i]))
     }
     /// Frames passed to the socket path, by reason: `(reason, count)`.
@@ -702,7 +719,7 @@ fn entries6(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64, e: &m
         let IpAddr::V6(peer) = ip.to_canonical() else {
             continue;
         };
-        if d <= now_ms || denied.has_ip(&IpAddr::V6(peer)) {
+        if d <= now_ms || peer.is_unspecified() {
             continue;
         }
         let deadline = alloc_deadline.min(deadline_ns(d, now_ms, mono));
@@ -841,7 +858,7 @@ fn entries(a: &Alloc, slot: u32, denied: &Denied, now_ms: u64, mono: u64) -> Ent
     let mut perm_deadlines = AHashMap::new();
     for (ip, &d) in &a.perms {
         let Some(peer) = ip4(ip) else { continue };
-        if d <= now_ms || denied.has_ip(&IpAddr::V4(peer)) {
+        if d <= now_ms || peer.is_unspecified() {
             continue;
         }
         let deadline = alloc_deadline.min(deadline_ns(d, now_ms, mono));

@@ -970,20 +970,28 @@ fn what_the_program_relays_is_merged_into_usage() {
 }
 
 #[test]
-fn limited_allocations_and_denied_peers_get_no_entries() {
+fn limited_allocations_get_no_entries_and_own_ports_are_refused() {
     let Some(fp) = load() else { return };
     let f = Fixture::with(fp, 1_000_000, Denied::default());
     assert_eq!(f.mirror.installed(), 0);
     assert_eq!(f.mirror.allocs.keys().count(), 0);
 
     let Some(fp) = load() else { return };
-    // The peer's IP is one of the server's own (on another port): no permission entry,
-    // so neither a channel.
+    // The peer's IP is one of the server's own (on another port): its permission is
+    // written (another client's relayed address there is a peer like any other), and
+    // the program refuses what comes from, or goes to, the port of the server's own
+    // socket.
     let denied = Denied::new([SocketAddr::V4(sa(PEER, 3478))]);
     let f = Fixture::with(fp, 0, denied);
+    f.fp.set_denied(&f.denied).unwrap();
     assert_eq!(f.mirror.installed(), 1);
-    assert_eq!(f.mirror.perms.keys().count(), 0);
-    assert_eq!(f.mirror.chans.keys().count(), 0);
+    assert_eq!(f.mirror.perms.keys().count(), 1);
+    assert_eq!(f.mirror.chans.keys().count(), 1);
+    let ns = Netns::new();
+    let before = f.fp.stats();
+    let own = frame(sa(PEER, 3478), sa(SERVER, RELAY_PORT), &data(10), false);
+    assert_eq!(ns.run(&f.fp, &own).0, XDP_PASS);
+    assert_eq!(f.delta(&before, "denied_port"), 1);
 }
 
 #[test]
@@ -1536,4 +1544,322 @@ fn partial_ipv6_checksums_are_completed() {
         assert_eq!(action, XDP_TX, "ChannelData down {len}");
         assert_eq!(parse6(&out).payload, channel_data(CHANNEL, &data(len), &[]));
     }
+}
+
+// ---- The hairpin: both ends of a call on this relay ---------------------------------
+
+/// A Data indication's XOR-PEER-ADDRESS (IPv4) and data, its lengths and padding checked.
+fn data_indication_from(msg: &[u8]) -> (SocketAddrV4, Vec<u8>) {
+    assert_eq!(&msg[0..2], &[0x00, 0x17]);
+    let mlen = usize::from(u16::from_be_bytes([msg[2], msg[3]]));
+    assert_eq!(mlen + 20, msg.len());
+    assert_eq!(msg.len() % 4, 0);
+    assert_eq!(&msg[4..8], &0x2112_A442u32.to_be_bytes());
+    assert_eq!(&msg[20..24], &[0x00, 0x12, 0x00, 0x08]);
+    let port = u16::from_be_bytes([msg[26], msg[27]]) ^ 0x2112;
+    let ip = u32::from_be_bytes(msg[28..32].try_into().unwrap()) ^ 0x2112_A442;
+    assert_eq!(&msg[32..34], &[0x00, 0x13]);
+    let n = usize::from(u16::from_be_bytes([msg[34], msg[35]]));
+    assert!(msg[36 + n..].iter().all(|&b| b == 0), "padding");
+    (sa(Ipv4Addr::from(ip), port), msg[36..36 + n].to_vec())
+}
+
+/// A second worker's table and mirror, for allocation B of a hairpin.
+struct Worker2 {
+    mirror: Mirror,
+    table: Table,
+}
+
+impl Worker2 {
+    fn apply(&mut self, f: &Fixture, c: TableChange) {
+        let mut out: Vec<Output> = Vec::new();
+        self.table.apply(1, f.now, c, &f.denied, &f.ctr, &mut out);
+        let mut touched = std::mem::take(&mut self.table.touched);
+        self.mirror
+            .sync_all(&mut touched, &mut self.table.allocs, &f.denied, f.now);
+    }
+}
+
+#[test]
+fn a_hairpin_is_delivered_by_the_program_to_the_other_client() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    // The server listens on 10.77.0.1:3478, and relays from that IP: A's peer is B's
+    // relayed address 10.77.0.1:50001 and B's is A's, 10.77.0.1:50000. B lives on
+    // another worker (its own table and mirror): the maps are shared.
+    let denied = Denied::new([SocketAddr::V4(sa(SERVER, LISTEN_PORT))]);
+    let mut f = Fixture::with(fp, 0, denied);
+    f.fp.set_denied(&f.denied).unwrap();
+    let relay_a = sa(SERVER, RELAY_PORT);
+    let relay_b = sa(SERVER, RELAY_PORT + 1);
+    let client_b = sa(CLIENT, CLIENT_PORT + 1);
+    let id_b = AllocationId(8);
+    let mut w2 = Worker2 {
+        mirror: f.fp.mirror().unwrap(),
+        table: Table::default(),
+    };
+    w2.table.track = true;
+    w2.apply(
+        &f,
+        TableChange::AllocationAdd {
+            id: id_b,
+            tuple: FiveTuple::udp(
+                SocketAddr::V4(client_b),
+                SocketAddr::V4(sa(SERVER, LISTEN_PORT)),
+            ),
+            relays: vec![SocketAddr::V4(relay_b)],
+            deadline: Millis(f.now + 600_000),
+            bandwidth: 0,
+            user: "u".into(),
+            username: "u".into(),
+            dont_fragment: false,
+        },
+    );
+    f.apply(TableChange::PermissionSet {
+        id: f.id,
+        peer: SERVER.into(),
+        deadline: Millis(f.now + 300_000),
+    });
+    f.apply(TableChange::ChannelSet {
+        id: f.id,
+        channel: 0x4002,
+        peer: SocketAddr::V4(relay_b),
+        deadline: Millis(f.now + 600_000),
+        confirmed: false,
+    });
+    let to_b = |len: usize, pad: &[u8], no_csum: bool| {
+        frame(
+            sa(CLIENT, CLIENT_PORT),
+            sa(SERVER, LISTEN_PORT),
+            &channel_data(0x4002, &data(len), pad),
+            no_csum,
+        )
+    };
+    let send_to_b = |len: usize| {
+        let m = stun(
+            0x0016,
+            &[
+                (0x0012, xor_peer(relay_b)),
+                (0x0013, data(len)),
+                (0x8028, vec![1, 2, 3, 4]),
+            ],
+        );
+        frame(sa(CLIENT, CLIENT_PORT), sa(SERVER, LISTEN_PORT), &m, false)
+    };
+
+    // B has no permission for A's relayed IP: the program does not deliver it (the
+    // workers then refuse it, as B's relay socket would).
+    let before = f.fp.stats();
+    assert_eq!(ns.run(&f.fp, &to_b(10, &[], false)).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &send_to_b(10)).0, XDP_PASS);
+    assert_eq!(f.fp.stats().hairpins() - before.hairpins(), 0);
+
+    // With it: a Data indication from A's relayed address to B's client, from the
+    // listening address, checksums valid (input with a checksum, without one, and
+    // with a partial one from a sender on this host).
+    w2.apply(
+        &f,
+        TableChange::PermissionSet {
+            id: id_b,
+            peer: SERVER.into(),
+            deadline: Millis(f.now + 300_000),
+        },
+    );
+    let mut sent = 0u64;
+    let mut bytes = 0u64;
+    for (len, pad) in [
+        (100, &[][..]),
+        (101, &[0, 0, 0][..]),
+        (1, &[0][..]),
+        (0, &[][..]),
+        (1200, &[][..]),
+    ] {
+        for input in [
+            to_b(len, pad, false),
+            partial(&to_b(len, pad, false)),
+            send_to_b(len),
+        ] {
+            let before = f.fp.stats();
+            let (action, out) = ns.run(&f.fp, &input);
+            assert_eq!(action, XDP_TX, "len {len}");
+            let s = parse(&out);
+            assert_eq!(s.dst_mac, CLIENT_MAC);
+            assert_eq!((s.src, s.dst), (sa(SERVER, LISTEN_PORT), client_b));
+            assert_ne!(s.udp_csum, 0);
+            assert_eq!(data_indication_from(&s.payload), (relay_a, data(len)));
+            assert_eq!(f.delta(&before, "relayed_hairpin_data"), 1);
+            assert_eq!(f.delta(&before, "bytes_up"), len as u64);
+            assert_eq!(f.delta(&before, "bytes_down"), len as u64);
+            sent += 1;
+            bytes += len as u64;
+        }
+    }
+    let (action, out) = ns.run(&f.fp, &to_b(33, &[0, 0, 0], true));
+    assert_eq!(action, XDP_TX);
+    let s = parse(&out);
+    assert_eq!(s.udp_csum, 0, "no checksum in, none out");
+    assert_eq!(data_indication_from(&s.payload), (relay_a, data(33)));
+    sent += 1;
+    bytes += 33;
+
+    // B binds a channel to A's relayed address and has seen its response: ChannelData.
+    w2.apply(
+        &f,
+        TableChange::ChannelSet {
+            id: id_b,
+            channel: 0x4003,
+            peer: SocketAddr::V4(relay_a),
+            deadline: Millis(f.now + 600_000),
+            confirmed: false,
+        },
+    );
+    let tuple_b = w2.table.allocs[&id_b].tuple;
+    w2.table.confirm_channels(&tuple_b);
+    let mut touched = std::mem::take(&mut w2.table.touched);
+    w2.mirror
+        .sync_all(&mut touched, &mut w2.table.allocs, &f.denied, f.now);
+    for len in [0usize, 5, 100, 1300] {
+        for input in [
+            to_b(len, &[], false),
+            partial(&to_b(len, &[], false)),
+            send_to_b(len),
+        ] {
+            let before = f.fp.stats();
+            let (action, out) = ns.run(&f.fp, &input);
+            assert_eq!(action, XDP_TX);
+            let s = parse(&out);
+            assert_eq!((s.src, s.dst), (sa(SERVER, LISTEN_PORT), client_b));
+            assert_eq!(s.payload, channel_data(0x4003, &data(len), &[]));
+            assert_eq!(f.delta(&before, "relayed_hairpin_channel"), 1);
+            sent += 1;
+            bytes += len as u64;
+        }
+    }
+
+    // Usage, merged once into each allocation: A sent, B received.
+    f.mirror.collect(&mut f.table.allocs);
+    w2.mirror.collect(&mut w2.table.allocs);
+    let (ua, ub) = (f.table.allocs[&f.id].usage, w2.table.allocs[&id_b].usage);
+    assert_eq!((ua.to_peer.packets, ua.to_peer.bytes), (sent, bytes));
+    assert_eq!((ub.to_client.packets, ub.to_client.bytes), (sent, bytes));
+    assert_eq!((ua.to_client.packets, ub.to_peer.packets), (0, 0));
+    f.mirror.collect(&mut f.table.allocs);
+    w2.mirror.collect(&mut w2.table.allocs);
+    assert_eq!(f.table.allocs[&f.id].usage, ua);
+    assert_eq!(w2.table.allocs[&id_b].usage, ub);
+
+    // B's permission expires: the program stops delivering at its deadline.
+    w2.apply(
+        &f,
+        TableChange::PermissionSet {
+            id: id_b,
+            peer: SERVER.into(),
+            deadline: Millis(unix_ms() + 400),
+        },
+    );
+    assert_eq!(ns.run(&f.fp, &send_to_b(8)).0, XDP_TX);
+    std::thread::sleep(Duration::from_millis(600));
+    let before = f.fp.stats();
+    assert_eq!(ns.run(&f.fp, &send_to_b(8)).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &to_b(8, &[], false)).0, XDP_PASS);
+    assert_eq!(f.delta(&before, "expired"), 2);
+}
+
+#[test]
+fn an_ipv6_hairpin_is_delivered_by_the_program_to_the_other_client() {
+    let Some(fp) = load() else { return };
+    let ns = Netns::new();
+    let mut f = fixture6(fp);
+    let client = sa6(CLIENT6, CLIENT_PORT);
+    let listen = sa6(SERVER6, LISTEN_PORT);
+    let relay_a = sa6(SERVER6, RELAY_PORT);
+    let relay_b = sa6(SERVER6, RELAY_PORT + 1);
+    let client_b = sa6(CLIENT6, CLIENT_PORT + 1);
+    let id_b = AllocationId(10);
+    let tuple_b = FiveTuple::udp(SocketAddr::V6(client_b), SocketAddr::V6(listen));
+    f.apply(TableChange::AllocationAdd {
+        id: id_b,
+        tuple: tuple_b,
+        relays: vec![SocketAddr::V6(relay_b)],
+        deadline: Millis(f.now + 600_000),
+        bandwidth: 0,
+        user: "u".into(),
+        username: "u".into(),
+        dont_fragment: false,
+    });
+    f.apply(TableChange::PermissionSet {
+        id: f.id,
+        peer: SERVER6.into(),
+        deadline: Millis(f.now + 300_000),
+    });
+    f.apply(TableChange::ChannelSet {
+        id: f.id,
+        channel: 0x4002,
+        peer: SocketAddr::V6(relay_b),
+        deadline: Millis(f.now + 600_000),
+        confirmed: false,
+    });
+    let cd =
+        |len: usize, pad: &[u8]| frame6(client, listen, &channel_data(0x4002, &data(len), pad));
+    let send = |len: usize| {
+        let m = stun(
+            0x0016,
+            &[(0x0013, data(len)), (0x0012, xor_peer6(relay_b, &[7; 12]))],
+        );
+        frame6(client, listen, &m)
+    };
+    // No permission of B's for A's relayed IP: passed.
+    assert_eq!(ns.run(&f.fp, &cd(10, &[])).0, XDP_PASS);
+    assert_eq!(ns.run(&f.fp, &send(10)).0, XDP_PASS);
+    f.apply(TableChange::PermissionSet {
+        id: id_b,
+        peer: SERVER6.into(),
+        deadline: Millis(f.now + 300_000),
+    });
+    for (len, pad) in [
+        (0usize, &[][..]),
+        (1, &[0, 0, 0][..]),
+        (2, &[][..]),
+        (333, &[][..]),
+    ] {
+        for input in [cd(len, pad), partial(&cd(len, pad)), send(len)] {
+            let before = f.fp.stats();
+            let (action, out) = ns.run(&f.fp, &input);
+            assert_eq!(action, XDP_TX, "len {len}");
+            let s = parse6(&out);
+            assert_eq!(s.dst_mac, CLIENT_MAC);
+            assert_eq!((s.src, s.dst), (listen, client_b));
+            let m = &s.payload;
+            assert_eq!(&m[0..2], &[0x00, 0x17]);
+            assert_eq!(usize::from(u16::from_be_bytes([m[2], m[3]])) + 20, m.len());
+            assert_eq!(m.len() % 4, 0);
+            assert_eq!(&m[20..24], &[0x00, 0x12, 0x00, 0x14]);
+            assert_eq!(&m[24..44], &xor_peer6(relay_a, &m[8..20])[..]);
+            assert_eq!(&m[44..46], &[0x00, 0x13]);
+            assert_eq!(&m[48..48 + len], &data(len)[..]);
+            assert_eq!(f.delta(&before, "relayed_hairpin_data"), 1);
+        }
+    }
+    f.apply(TableChange::ChannelSet {
+        id: id_b,
+        channel: 0x4003,
+        peer: SocketAddr::V6(relay_a),
+        deadline: Millis(f.now + 600_000),
+        confirmed: false,
+    });
+    f.table.confirm_channels(&tuple_b);
+    f.sync();
+    for input in [cd(9, &[0, 0, 0]), send(9)] {
+        let before = f.fp.stats();
+        let (action, out) = ns.run(&f.fp, &input);
+        assert_eq!(action, XDP_TX);
+        let s = parse6(&out);
+        assert_eq!((s.src, s.dst), (listen, client_b));
+        assert_eq!(s.payload, channel_data(0x4003, &data(9), &[]));
+        assert_eq!(f.delta(&before, "relayed_hairpin_channel"), 1);
+    }
+    f.mirror.collect(&mut f.table.allocs);
+    let (ua, ub) = (f.table.allocs[&f.id].usage, f.table.allocs[&id_b].usage);
+    assert_eq!(ua.to_peer.packets, 14);
+    assert_eq!(ub.to_client.packets, 14);
 }
