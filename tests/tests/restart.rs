@@ -256,6 +256,8 @@ fn serve_with_ports(bin: &std::path::Path, listen: &str, backend: &str) -> (comm
         backend,
         "--drain-grace",
         "30",
+        // coturn's uclient binds channels above 0x4FFF.
+        "--legacy-channel-numbers",
     ]);
     let mut p = common::Proc::spawn_command(cmd);
     p.wait_for("turnpike ready", Duration::from_secs(20));
@@ -593,4 +595,104 @@ fn sigusr2_hands_a_data_plane_over_without_losing_a_datagram() {
     let mut more = flows(server, &peer, 1);
     assert!(more[0].echo(peer.addr, 1, Duration::from_secs(2)));
     cp.wait_for("allocations handed back", Duration::from_secs(1));
+}
+
+/// coturn's test client relays through an upgrade: `turnutils_uclient` (channels, then
+/// Send indications) runs while `serve` is upgraded mid-run, and loses nothing.
+#[test]
+fn uclient_keeps_relaying_across_an_upgrade() {
+    if std::process::Command::new("turnutils_uclient")
+        .arg("-h")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "turnutils_uclient missing (tests/scripts/setup-deps.sh installs it)"
+        );
+        eprintln!("SKIPPED: turnutils_uclient not installed");
+        return;
+    }
+    let listen = format!("127.0.0.1:{}", free_udp_port());
+    let port = listen.rsplit(':').next().unwrap().to_owned();
+    let mut p = serve_for_upgrades(common::bin(), &listen, "uring");
+    let peer_port = free_udp_port().to_string();
+    let mut peer = std::process::Command::new("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &peer_port])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut guards = Vec::new();
+    let mut pid = p.child.id() as i32;
+    for (n, flags) in [vec!["-c"], vec!["-c", "-s"]].into_iter().enumerate() {
+        // 4 clients × 300 messages, one every 20 ms each: about 6 s.
+        let mut args: Vec<&str> = vec!["60", "turnutils_uclient"];
+        args.extend(&flags);
+        args.extend([
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port,
+            "-n",
+            "300",
+            "-m",
+            "4",
+            "-l",
+            "171",
+            "-u",
+            "u",
+            "-w",
+            "p",
+            "-p",
+            &port,
+            "127.0.0.1",
+        ]);
+        let client = std::process::Command::new("timeout")
+            .args(&args)
+            .output_in_background();
+        std::thread::sleep(Duration::from_millis(2500));
+        usr2(pid);
+        let next = successor(&mut p, n + 1);
+        guards.push(Successor(next));
+        pid = next;
+        let out = client.join().unwrap();
+        let lost = out
+            .lines()
+            .find_map(|l| {
+                let rest = l.split("Total lost packets ").nth(1)?;
+                rest.split_whitespace().next()?.parse::<usize>().ok()
+            })
+            .unwrap_or_else(|| panic!("no uclient summary:\n{out}"));
+        assert_eq!(
+            lost, 0,
+            "uclient {flags:?} lost {lost} of 1200 across an upgrade"
+        );
+    }
+    let _ = peer.kill();
+    let _ = peer.wait();
+}
+
+trait Background {
+    fn output_in_background(&mut self) -> std::thread::JoinHandle<String>;
+}
+
+impl Background for std::process::Command {
+    fn output_in_background(&mut self) -> std::thread::JoinHandle<String> {
+        let child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::spawn(move || {
+            let o = child.wait_with_output().unwrap();
+            format!(
+                "{}{}(exit: {})",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr),
+                o.status
+            )
+        })
+    }
 }

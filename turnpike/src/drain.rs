@@ -20,6 +20,35 @@ pub enum Stop {
     Upgrade,
 }
 
+/// The signals a server waits for, listened to from its start: a signal that arrives
+/// before the server waits for it is kept, not lost (nor does SIGUSR2's default action,
+/// ending the process, apply).
+#[derive(Debug)]
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts listening (call within the runtime, before the server says it is ready).
+    pub fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// The next of SIGINT, SIGTERM or SIGUSR2.
+    pub async fn next(&mut self) -> Stop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => Stop::Now,
+            _ = self.term.recv() => Stop::Drain,
+            _ = self.usr2.recv() => Stop::Upgrade,
+        }
+    }
+}
+
 /// Waits for SIGINT, SIGTERM or SIGUSR2.
 pub async fn signal() -> Stop {
     use tokio::signal::unix::{SignalKind, signal};

@@ -377,6 +377,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         );
     }
     runtime(1)?.block_on(async move {
+        let mut signals = crate::drain::Signals::new().context("cannot watch signals")?;
         spawn_memory_release();
         let mut cp = None;
         let mut admin_url = None;
@@ -650,7 +651,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
             crate::notify::notify("READY=1");
         }
         let stop = loop {
-            match crate::drain::signal().await {
+            match signals.next().await {
                 crate::drain::Stop::Upgrade => {
                     if matches!(dp.handle().xdp_status(), turnpike_dataplane::xdp::XdpState::On(_)) {
                         tracing::warn!("SIGUSR2: upgrade refused: not yet with the XDP fast path on (stop and start instead)");
@@ -804,6 +805,7 @@ async fn upgrade(
 /// `controlplane`: the control plane alone.
 pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
     runtime(2)?.block_on(async move {
+        let mut signals = crate::drain::Signals::new().context("cannot watch signals")?;
         spawn_memory_release();
         let started = start_control_plane(&mut cfg, false, None).await?;
         let Some(grpc) = started.grpc else {
@@ -866,7 +868,7 @@ pub fn controlplane(mut cfg: Config) -> anyhow::Result<()> {
         println!("turnpike control plane ready: grpc={grpc}");
         crate::notify::notify("READY=1");
         let stop = loop {
-            match crate::drain::signal().await {
+            match signals.next().await {
                 crate::drain::Stop::Upgrade => {
                     tracing::warn!("SIGUSR2: binary upgrades are for `serve`; not yet for `controlplane`");
                 }

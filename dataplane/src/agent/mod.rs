@@ -38,9 +38,10 @@ pub struct PuntQueue {
     tx: mpsc::Sender<Upward>,
     /// Requests dropped because a queue towards the control plane was full.
     pub dropped: AtomicU64,
-    /// Set while the process hands over to a new one (`SIGUSR2`): requests are dropped
-    /// (their clients retransmit them to the new process), so that no allocation
-    /// changes after its state was handed over.
+    /// Set while the process hands over to a new one (`SIGUSR2`): requests from UDP
+    /// clients are dropped (they retransmit them, to the new process), so that no
+    /// allocation handed over changes after its state was copied. TCP and TLS clients'
+    /// requests are still answered: their allocations stay with this process.
     frozen: std::sync::atomic::AtomicBool,
 }
 
@@ -82,7 +83,9 @@ impl PuntQueue {
 
 impl ControlSink for PuntQueue {
     fn punt(&self, p: crate::Punted) {
-        if self.frozen.load(Ordering::Relaxed) || self.tx.try_send(Upward::Punt(p)).is_err() {
+        let frozen =
+            self.frozen.load(Ordering::Relaxed) && p.tuple.transport == crate::Transport::Udp;
+        if frozen || self.tx.try_send(Upward::Punt(p)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
