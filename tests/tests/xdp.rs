@@ -798,3 +798,172 @@ fn a_chromium_call_on_this_relay_is_carried_by_the_program_with_tx_offload_off()
     };
     assert!(share >= 0.99, "the program carried {share} of the call");
 }
+
+/// The program's id on `vs` (from `ip link`), if one is attached.
+fn vs_prog_id(t: &Topology) -> Option<String> {
+    let o = std::process::Command::new("ip")
+        .args(["-n", &t.s, "-d", "link", "show", "vs"])
+        .output()
+        .ok()?;
+    let s = String::from_utf8_lossy(&o.stdout).into_owned();
+    let rest = s.split("prog/xdp id ").nth(1)?;
+    Some(rest.split_whitespace().next()?.to_owned())
+}
+
+/// A child process of `pid` (the new process an upgrade started), once there is one.
+fn child_of(pid: u32) -> Option<u32> {
+    let dir = format!("/proc/{pid}/task");
+    for task in std::fs::read_dir(dir).ok()? {
+        let path = task.ok()?.path().join("children");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(c) = text.split_whitespace().next() {
+            return c.parse().ok();
+        }
+    }
+    None
+}
+
+/// Kills a process by pid on drop (the new process of an upgrade is not our child).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn an_upgrade_with_the_program_attached_swaps_it_and_loses_nothing() {
+    let Some(t) = topology() else { return };
+    let _peer = peer(&t);
+    let mut srv = server(&t, true);
+    let old = srv.child.id();
+    let before = vs_prog_id(&t).expect("a program on vs");
+    // uclient (channels) in C for about 6 s; the upgrade happens in the middle.
+    let c = t.c.clone();
+    let client = std::thread::spawn(move || {
+        let o = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c,
+                "timeout",
+                "60",
+                "turnutils_uclient",
+                "-c",
+            ])
+            .args([
+                "-e",
+                "10.88.0.3",
+                "-r",
+                "3480",
+                "-n",
+                "300",
+                "-m",
+                "4",
+                "-l",
+                "171",
+                "-u",
+                "u",
+                "-w",
+                "p",
+                "10.88.0.1",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    let relayed_before = t.metric("turnpike_xdp_relayed_packets_total{path=\"channel_");
+    assert!(
+        relayed_before > 0.0,
+        "the program relays before the upgrade"
+    );
+    // `ip netns exec` gave the server a mount namespace with a fresh /sys: mount the
+    // BPF file system there, as a host has it at /sys/fs/bpf (the old process pins its
+    // link there for the new one).
+    let mounted = std::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &old.to_string(),
+            "-m",
+            "mount",
+            "-t",
+            "bpf",
+            "bpf",
+            "/sys/fs/bpf",
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mount bpffs in the server's mount namespace"
+    );
+    std::process::Command::new("kill")
+        .args(["-USR2", &old.to_string()])
+        .status()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut new = None;
+    while t0.elapsed() < Duration::from_secs(20) {
+        if new.is_none() {
+            new = child_of(old);
+        }
+        if srv.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let Some(new) = new else {
+        let _ = srv.child.kill();
+        let mut err = String::new();
+        if let Some(mut e) = srv.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let mut out = String::new();
+        if let Some(mut o) = srv.child.stdout.take() {
+            use std::io::Read;
+            let _ = o.read_to_string(&mut out);
+        }
+        panic!("the upgrade started no new process:\n{out}\n{err}");
+    };
+    let _guard = KillOnDrop(new);
+    assert!(
+        srv.child.try_wait().unwrap().is_some(),
+        "the old process stopped once the new one was ready"
+    );
+    let out = client.join().unwrap();
+    let lost = out
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("Total lost packets ").nth(1)?;
+            rest.split_whitespace().next()?.parse::<usize>().ok()
+        })
+        .unwrap_or_else(|| panic!("no uclient summary:\n{out}"));
+    assert_eq!(lost, 0, "uclient lost {lost} of 1200 across the upgrade");
+    // One program on vs, the new one's, and it relays.
+    let after = vs_prog_id(&t).expect("a program on vs after the upgrade");
+    assert_ne!(
+        before, after,
+        "the new process's program replaced the old one"
+    );
+    assert_eq!(t.metric("turnpike_xdp_enabled"), 1.0);
+    let (sent, lost) = uclient(&t, &["-c"], 50);
+    assert_eq!(lost, 0, "uclient after the upgrade lost {lost} of {sent}");
+    assert!(
+        t.metric("turnpike_xdp_relayed_packets_total{path=\"channel_") > 0.0,
+        "the new process's program relays"
+    );
+    drop(_guard);
+    let t1 = std::time::Instant::now();
+    while t.vs_has_xdp() && t1.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !t.vs_has_xdp(),
+        "no program left once the new process is gone"
+    );
+}

@@ -1124,6 +1124,7 @@ impl Config {
                         .map_err(|e: String| err("xdp_mode (--xdp-mode)", e))?,
                     None => turnpike_dataplane::xdp::XdpMode::Auto,
                 },
+                adopt: Vec::new(),
             },
             alt_ip,
             listen,

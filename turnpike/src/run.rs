@@ -496,7 +496,21 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 streams: cfg.worker_streams(),
                 tls,
                 stream_limits: cfg.stream_limits,
-                xdp: cfg.xdp.clone(),
+                xdp: {
+                    // Taking over: the old process's links are swapped over, not attached.
+                    let mut x = cfg.xdp.clone();
+                    if let Some(h) = &handed {
+                        x.adopt = h
+                            .header
+                            .xdp_links
+                            .iter()
+                            .map(|(i, m, p)| {
+                                (i.clone(), if m == "generic" { "generic" } else { "native" }, p.clone())
+                            })
+                            .collect();
+                    }
+                    x
+                },
                 alt_ip: cfg.alt_ip,
                 inherited: handed.as_ref().map(|h| h.inherited.clone()),
                 ..DataPlaneConfig::default()
@@ -613,8 +627,16 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            // Its workers read the inherited sockets from now on (the old process until
-            // it stops: each datagram is read by one of the two).
+            // Its XDP program takes the old one's place on each link, atomically, its
+            // maps filled with the table; its workers read the inherited sockets from
+            // now on (the old process until it stops: each datagram is read by one of
+            // the two).
+            let swapped = handle
+                .xdp_take_over()
+                .context("taking over the XDP links")?;
+            if swapped > 0 {
+                tracing::info!(interfaces = swapped, "XDP program replaced on its links");
+            }
             handle.resume();
             let unclaimed = h.inherited.release_unclaimed();
             crate::upgrade::release_tcp();
@@ -653,11 +675,6 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
         let stop = loop {
             match signals.next().await {
                 crate::drain::Stop::Upgrade => {
-                    if matches!(dp.handle().xdp_status(), turnpike_dataplane::xdp::XdpState::On(_)) {
-                        tracing::warn!("SIGUSR2: upgrade refused: not yet with the XDP fast path on (stop and start instead)");
-                        crate::upgrade::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        continue;
-                    }
                     let Some(cp) = &cp else {
                         // `dataplane`: its control plane hands the allocations back to
                         // the new process when it attaches under the same id.
@@ -670,6 +687,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                             }
                             Err(e) => {
                                 crate::upgrade::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                dp.handle().xdp_unpin();
                                 queue.freeze(false);
                                 let _ = suspend_tx.send(false);
                                 tracing::error!(error = %format!("{e:#}"), "upgrade failed; this process carries on");
@@ -692,6 +710,7 @@ pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
                         }
                         Err(e) => {
                             crate::upgrade::UPGRADES_FAILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            dp.handle().xdp_unpin();
                             queue.freeze(false);
                             tracing::error!(error = %format!("{e:#}"), "upgrade failed; this process carries on");
                         }
@@ -786,7 +805,16 @@ async fn upgrade(
     })
     .await?
     .context("duplicating the sockets")?;
+    // The XDP program's links, pinned for the new process to swap its program into.
+    let xdp_links = dp
+        .handle()
+        .xdp_pin_links(std::path::Path::new(crate::upgrade::BPF_FS))
+        .context("pinning the XDP links (is a BPF file system mounted at /sys/fs/bpf?)")?
+        .into_iter()
+        .map(|(i, m, p)| (i, m.to_owned(), p))
+        .collect();
     let header = crate::upgrade::Header {
+        xdp_links,
         pid: std::process::id(),
         upgrades: crate::upgrade::UPGRADES.load(std::sync::atomic::Ordering::Relaxed),
         admin_token: carried.map(|c| c.admin_token.clone()).unwrap_or_default(),

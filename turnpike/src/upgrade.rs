@@ -42,6 +42,9 @@ use turnpike_dataplane::{AllocationSnapshot, Inherited, Traffic, Usage, WorkerSo
 /// The environment variable naming the new process's end of the socket pair.
 pub const ENV_FD: &str = "TURNPIKE_UPGRADE_FD";
 
+/// Where the old process pins its XDP links for the new one (a BPF file system).
+pub const BPF_FS: &str = "/sys/fs/bpf";
+
 /// How long the old process waits for the new one to report ready.
 pub const READY_WAIT: Duration = Duration::from_secs(30);
 
@@ -101,6 +104,10 @@ pub struct Header {
     pub workers: usize,
     /// Its UDP allocations: the new process is ready when its table holds as many.
     pub udp_allocations: usize,
+    /// The XDP program's links it pinned, by interface with their mode: the new
+    /// process swaps its program into them once its maps are filled.
+    #[serde(default)]
+    pub xdp_links: Vec<(String, String, std::path::PathBuf)>,
 }
 
 /// Where a handed socket goes.

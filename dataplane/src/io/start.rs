@@ -596,6 +596,34 @@ impl DataPlaneHandle {
         self.shared.denied.store(Arc::new(d));
     }
 
+    /// For an upgrade: pins the XDP program's links under `dir` for the new process
+    /// (none when the fast path is off).
+    pub fn xdp_pin_links(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<Vec<(String, &'static str, std::path::PathBuf)>, crate::xdp::XdpError> {
+        match self.shared.xdp.on() {
+            Some(fp) => fp.pin_links(dir),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The upgrade failed: the XDP links stay with this process's program.
+    pub fn xdp_unpin(&self) {
+        if let Some(fp) = self.shared.xdp.on() {
+            fp.unpin();
+        }
+    }
+
+    /// For the process that takes over: swaps its XDP program into the links the old
+    /// one pinned (its maps are filled by then); how many.
+    pub fn xdp_take_over(&self) -> Result<usize, crate::xdp::XdpError> {
+        match self.shared.xdp.on() {
+            Some(fp) => fp.take_over(),
+            None => Ok(0),
+        }
+    }
+
     /// The XDP fast path: the interfaces it is attached to, or why it is off.
     pub fn xdp_status(&self) -> XdpState {
         match &self.shared.xdp {

@@ -105,6 +105,10 @@ pub struct XdpConfig {
     pub interfaces: Vec<String>,
     /// The attach mode.
     pub mode: XdpMode,
+    /// Links the process this one upgrades pinned for it, by interface, with their
+    /// mode (`native` or `generic`): not attached at start; [`FastPath::take_over`]
+    /// swaps this process's program into them atomically once its maps are filled.
+    pub adopt: Vec<(String, &'static str, std::path::PathBuf)>,
 }
 
 /// Why the fast path is off, or what went wrong with it.
@@ -274,6 +278,14 @@ pub struct FastPath {
     /// Holds the program and its links: dropped, the program is detached.
     ebpf: Mutex<aya::Ebpf>,
     attached: Vec<Attached>,
+    /// The link of each interface attached here.
+    links: Mutex<Vec<(String, aya::programs::xdp::XdpLinkId)>>,
+    /// Links pinned for a process taking over (an upgrade), kept open here until it
+    /// has them or the upgrade fails.
+    pinned: Mutex<Vec<(String, aya::programs::links::PinnedLink)>>,
+    /// Links pinned by the process this one upgrades, taken over by
+    /// [`FastPath::take_over`].
+    adopt: Mutex<Vec<(String, std::path::PathBuf)>>,
     ids: MapIds,
     slots: Mutex<Slots>,
     stats: PerCpuArray<MapData, u64>,
@@ -331,6 +343,13 @@ impl FastPath {
             .load(object)
             .map_err(|e| XdpError::Load(e.to_string()))?;
         let mut attached = Vec::new();
+        let mut links = Vec::new();
+        for (iface, mode, _) in &cfg.adopt {
+            attached.push(Attached {
+                iface: iface.clone(),
+                mode,
+            });
+        }
         {
             let prog: &mut Xdp = ebpf
                 .program_mut(PROGRAM)
@@ -339,14 +358,19 @@ impl FastPath {
                 .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
             prog.load().map_err(|e| XdpError::Load(load_error(&e)))?;
             for iface in &cfg.interfaces {
-                let try_mode = |prog: &mut Xdp, flags: XdpFlags| {
-                    prog.attach(iface, flags).map(|_| ()).map_err(|e| {
-                        let why = attach_error(&e);
-                        XdpError::Attach {
-                            iface: iface.clone(),
-                            why,
-                        }
-                    })
+                if cfg.adopt.iter().any(|(i, _, _)| i == iface) {
+                    continue;
+                }
+                let mut try_mode = |prog: &mut Xdp, flags: XdpFlags| {
+                    prog.attach(iface, flags)
+                        .map(|id| links.push((iface.clone(), id)))
+                        .map_err(|e| {
+                            let why = attach_error(&e);
+                            XdpError::Attach {
+                                iface: iface.clone(),
+                                why,
+                            }
+                        })
                 };
                 let mode = match cfg.mode {
                     XdpMode::Native => try_mode(prog, XdpFlags::DRV_MODE).map(|()| "native")?,
@@ -424,6 +448,14 @@ impl FastPath {
         Ok(FastPath {
             ebpf: Mutex::new(ebpf),
             attached,
+            links: Mutex::new(links),
+            pinned: Mutex::new(Vec::new()),
+            adopt: Mutex::new(
+                cfg.adopt
+                    .iter()
+                    .map(|(i, _, p)| (i.clone(), p.clone()))
+                    .collect(),
+            ),
             ids,
             slots: Mutex::new(Slots::default()),
             stats,
@@ -434,6 +466,139 @@ impl FastPath {
     /// The interfaces the program is attached to.
     pub fn attached(&self) -> &[Attached] {
         &self.attached
+    }
+
+    /// For an upgrade: pins this program's link on every interface under `dir` (a BPF
+    /// file system) so that the new process can swap its own program into it; returns
+    /// each interface with its mode and pin. The program stays attached and relaying
+    /// until then. [`FastPath::unpin`] undoes it when the upgrade fails.
+    pub fn pin_links(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<Vec<(String, &'static str, std::path::PathBuf)>, XdpError> {
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM}")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+        let mut links = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pinned = self
+            .pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = Vec::new();
+        for (iface, id) in links.drain(..) {
+            let mode = self
+                .attached
+                .iter()
+                .find(|a| a.iface == iface)
+                .map_or("native", |a| a.mode);
+            let path = dir.join(format!("turnpike-upgrade-{}-{iface}", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let link = prog
+                .take_link(id)
+                .map_err(|e| XdpError::Load(format!("{iface}: {e}")))?;
+            let fd: aya::programs::links::FdLink =
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| {
+                        XdpError::Load(format!("{iface}: {e}"))
+                    })?;
+            let p = fd.pin(&path).map_err(|e| {
+                XdpError::Load(format!(
+                    "pinning the link of {iface} at {}: {e}",
+                    path.display()
+                ))
+            })?;
+            pinned.push((iface.clone(), p));
+            out.push((iface, mode, path));
+        }
+        Ok(out)
+    }
+
+    /// The upgrade failed: the pins go, the links stay with this program.
+    pub fn unpin(&self) {
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(prog) = ebpf.program_mut(PROGRAM) else {
+            return;
+        };
+        let Ok(prog): Result<&mut Xdp, _> = prog.try_into() else {
+            return;
+        };
+        let mut links = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pinned = self
+            .pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (iface, p) in pinned.drain(..) {
+            let kept = p
+                .unpin()
+                .map_err(|e| e.to_string())
+                .and_then(|fd| aya::programs::xdp::XdpLink::try_from(fd).map_err(|e| e.to_string()))
+                .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
+            match kept {
+                Ok(id) => links.push((iface, id)),
+                Err(e) => {
+                    tracing::warn!(iface = %iface, error = %e, "XDP link not taken back after a failed upgrade")
+                }
+            }
+        }
+    }
+
+    /// For the process that takes over (an upgrade): swaps this program into the links
+    /// the old process pinned, atomically on each interface (`bpf_link_update`): from
+    /// here on packets meet this program and its maps, which the caller has filled.
+    pub fn take_over(&self) -> Result<usize, XdpError> {
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM}")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+        let mut links = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut adopt = self
+            .adopt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut n = 0;
+        for (iface, path) in adopt.drain(..) {
+            let fail = |why: String| XdpError::Attach {
+                iface: iface.clone(),
+                why,
+            };
+            let pinned = aya::programs::links::PinnedLink::from_pin(&path)
+                .map_err(|e| fail(format!("the link pinned at {}: {e}", path.display())))?;
+            let fd = pinned
+                .unpin()
+                .map_err(|e| fail(format!("unpinning {}: {e}", path.display())))?;
+            let link =
+                aya::programs::xdp::XdpLink::try_from(fd).map_err(|e| fail(e.to_string()))?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(|e| fail(format!("replacing the program: {e}")))?;
+            tracing::info!(iface = %iface, "XDP program replaced on its link (upgrade)");
+            links.push((iface, id));
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The program's counters, summed over CPUs.
