@@ -79,27 +79,8 @@ impl Flow {
 #[test]
 fn a_killed_data_plane_restarts_and_relays_again_on_the_same_addresses() {
     let certs = common::Certs::new("restart");
-    let grpc = format!("127.0.0.1:{}", free_tcp_port());
-    let control = format!("https://{grpc}");
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let mut cp_args: Vec<String> = [
-        "controlplane",
-        "--grpc-listen",
-        grpc.as_str(),
-        "--user",
-        "u:p",
-        "--allow-peer",
-        "127.0.0.0/8",
-        "--listen",
-        listen.as_str(),
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]
-    .map(String::from)
-    .to_vec();
-    cp_args.extend(certs.control_plane());
-    let mut cp = common::spawn_owned(&cp_args);
-    cp.wait_for("control plane ready", Duration::from_secs(20));
+    let (mut cp, control) = common::split_control_plane(&certs, &listen);
     let dp_flags = ["--workers", "2"];
     let mut dp = certs.spawn_data_plane("dp1", &control, &listen, &dp_flags);
     dp.wait_for("attached to control plane", Duration::from_secs(20));
@@ -264,27 +245,6 @@ fn serve_with_ports(bin: &std::path::Path, listen: &str, backend: &str) -> (comm
     (p, metrics)
 }
 
-/// The metrics page at `addr`.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
-}
-
-fn metric(page: &str, name: &str) -> u64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics"))
-}
-
 fn flows(server: SocketAddr, peer: &Peer, n: u16) -> Vec<Flow> {
     (0..n)
         .map(|i| {
@@ -423,9 +383,17 @@ fn sigusr2_hands_serve_over_to_a_new_process_without_losing_a_datagram() {
         assert!(more[0].echo(peer.addr, 2, Duration::from_secs(2)));
         // The new process serves the metrics (and Admin) ports it took over, and counts
         // the upgrade.
-        let page = scrape(&metrics);
-        assert_eq!(metric(&page, "turnpike_upgrades_total "), 1, "{backend}");
-        assert_eq!(metric(&page, "turnpike_allocations "), 14, "{backend}");
+        let page = common::scrape(&metrics);
+        assert_eq!(
+            common::metric_in(&page, "turnpike_upgrades_total "),
+            1.0,
+            "{backend}"
+        );
+        assert_eq!(
+            common::metric_in(&page, "turnpike_allocations "),
+            14.0,
+            "{backend}"
+        );
     }
 }
 
@@ -541,27 +509,8 @@ fn systemd_is_told_ready_and_then_the_new_main_pid() {
 #[test]
 fn sigusr2_hands_a_data_plane_over_without_losing_a_datagram() {
     let certs = common::Certs::new("upgrade-dp");
-    let grpc = format!("127.0.0.1:{}", free_tcp_port());
-    let control = format!("https://{grpc}");
     let listen = format!("127.0.0.1:{}", free_udp_port());
-    let mut cp_args: Vec<String> = [
-        "controlplane",
-        "--grpc-listen",
-        grpc.as_str(),
-        "--user",
-        "u:p",
-        "--allow-peer",
-        "127.0.0.0/8",
-        "--listen",
-        listen.as_str(),
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]
-    .map(String::from)
-    .to_vec();
-    cp_args.extend(certs.control_plane());
-    let mut cp = common::spawn_owned(&cp_args);
-    cp.wait_for("control plane ready", Duration::from_secs(20));
+    let (mut cp, control) = common::split_control_plane(&certs, &listen);
     let mut dp = certs.spawn_data_plane("dp1", &control, &listen, &["--workers", "2"]);
     dp.wait_for("attached to control plane", Duration::from_secs(20));
     let server: SocketAddr = listen.parse().unwrap();

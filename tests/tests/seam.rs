@@ -7,12 +7,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{EchoPeer, Outcome, Proc, Turn, echo_round, free_tcp_port, free_udp_port};
+use common::{
+    EchoPeer, Outcome, Proc, Turn, echo_round, free_tcp_port, free_udp_port, metric_in as metric,
+    scrape,
+};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
@@ -48,26 +50,6 @@ fn stamp_file(tag: &str, spec: &str) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("turnpike-faketime-{tag}-{}", std::process::id()));
     std::fs::write(&p, format!("{spec}\n")).unwrap();
     p
-}
-
-/// The metrics page at `addr`.
-fn scrape(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body
-}
-
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
 
 /// A client with an allocation, a permission and a channel 0x4000 to `peer`.

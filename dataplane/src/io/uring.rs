@@ -928,20 +928,29 @@ impl Uring {
             if !armed || Instant::now() >= deadline {
                 break;
             }
-            let ts = Timespec::from(Duration::from_millis(50));
-            let args = SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(_) => break,
+            if !self.settle(worker) {
+                break;
             }
-            self.reap(worker);
-            self.rearm.clear();
         }
+    }
+
+    /// At shutdown: submits, waits up to 50 ms for a completion and handles what
+    /// completed, without re-arming; `false` when the ring failed.
+    fn settle(&mut self, worker: &mut Worker) -> bool {
+        let ts = Timespec::from(Duration::from_millis(50));
+        let args = SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(_) => return false,
+        }
+        self.reap(worker);
+        self.rearm.clear();
+        true
     }
 
     /// Waits until every receive has ended and every send completed; `true` if so.
@@ -962,20 +971,10 @@ impl Uring {
             if Instant::now() >= deadline {
                 return false;
             }
-            let ts = Timespec::from(Duration::from_millis(50));
-            let args = SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(_) => return false,
-            }
-            self.reap(worker);
             // No re-arming while draining.
-            self.rearm.clear();
+            if !self.settle(worker) {
+                return false;
+            }
         }
         for t in self.release.drain(..) {
             worker.socks.release(t);

@@ -317,6 +317,14 @@ fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<MapData, XdpError> {
     }
 }
 
+/// The relay program of a loaded object.
+fn program(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp, XdpError> {
+    ebpf.program_mut(PROGRAM)
+        .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM} in the object")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))
+}
+
 fn id_of(m: &MapData, name: &'static str) -> Result<u32, XdpError> {
     Ok(m.info().map_err(map_err(name))?.id())
 }
@@ -351,11 +359,7 @@ impl FastPath {
             });
         }
         {
-            let prog: &mut Xdp = ebpf
-                .program_mut(PROGRAM)
-                .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM} in the object")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+            let prog = program(&mut ebpf)?;
             prog.load().map_err(|e| XdpError::Load(load_error(&e)))?;
             for iface in &cfg.interfaces {
                 if cfg.adopt.iter().any(|(i, _, _)| i == iface) {
@@ -480,11 +484,7 @@ impl FastPath {
             .ebpf
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM}")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+        let prog = program(&mut ebpf)?;
         let mut links = self
             .links
             .lock()
@@ -528,10 +528,7 @@ impl FastPath {
             .ebpf
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(prog) = ebpf.program_mut(PROGRAM) else {
-            return;
-        };
-        let Ok(prog): Result<&mut Xdp, _> = prog.try_into() else {
+        let Ok(prog) = program(&mut ebpf) else {
             return;
         };
         let mut links = self
@@ -565,11 +562,7 @@ impl FastPath {
             .ebpf
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM)
-            .ok_or_else(|| XdpError::Load(format!("no program {PROGRAM}")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| XdpError::Load(e.to_string()))?;
+        let prog = program(&mut ebpf)?;
         let mut links = self
             .links
             .lock()

@@ -492,3 +492,51 @@ pub fn add_token(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic:
     r.metadata_mut().insert("authorization", bearer);
     Ok(r)
 }
+
+/// A control plane alone (split mode) with mutual TLS from `certs`, the user u:p,
+/// loopback peers allowed and `listen` as its data planes' address; ready. Returns it
+/// and the URL its data planes attach to.
+pub fn split_control_plane(certs: &Certs, listen: &str) -> (Proc, String) {
+    let grpc = format!("127.0.0.1:{}", free_tcp_port());
+    let mut args: Vec<String> = [
+        "controlplane",
+        "--grpc-listen",
+        grpc.as_str(),
+        "--user",
+        "u:p",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--listen",
+        listen,
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(certs.control_plane());
+    let mut cp = spawn_owned(&args);
+    cp.wait_for("control plane ready", Duration::from_secs(20));
+    (cp, format!("https://{grpc}"))
+}
+
+/// The Prometheus page of the metrics listener at `addr`.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+/// The value of the first sample of `page` whose line starts with `name`.
+pub fn metric_in(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
