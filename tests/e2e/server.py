@@ -169,6 +169,9 @@ class ServerUnderTest:
         os.makedirs(self.workdir, exist_ok=True)
         self.log_path = os.path.join(self.workdir, "server.log")
         self.proc: subprocess.Popen | None = None
+        # After a binary upgrade (SIGUSR2 to turnpike serve): the process that took over,
+        # in the first one's process group.
+        self.successor: int | None = None
         self.port = 0
         self.tls_port = 0
         self.relay_ports = range(0)
@@ -255,6 +258,12 @@ class ServerUnderTest:
         raise RuntimeError(f"server {self.name} {last_error}\n" + self.log_tail())
 
     def alive(self) -> bool:
+        if self.successor is not None:
+            try:
+                os.kill(self.successor, 0)
+                return True
+            except ProcessLookupError:
+                return False
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> int | None:
@@ -262,6 +271,23 @@ class ServerUnderTest:
         p = self.proc
         if p is None:
             return None
+        if self.successor is not None:
+            # The first process has handed over and exited; its group holds the
+            # successor.
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and self.alive():
+                time.sleep(0.05)
+            if self.alive():
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.poll()
+            return 0
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGTERM)

@@ -109,7 +109,7 @@ class PageServer:
 
 def run_page(ctx: Ctx, chromium: str, credential: str, tag: str, url: str | None = None,
              flags: list[str] | None = None, prepare=None,  # noqa: ANN001
-             timeout_s: float = PAGE_TIMEOUT_S) -> dict:
+             timeout_s: float = PAGE_TIMEOUT_S, messages: int = MESSAGES) -> dict:
     """Serve the page, run Chromium on it, return the result the page POSTed.
 
     url: the one ICE server URL (default turn:HOST:PORT?transport=udp); flags: the
@@ -119,7 +119,7 @@ def run_page(ctx: Ctx, chromium: str, credential: str, tag: str, url: str | None
     log_path = os.path.join(ctx.workroot, f"chromium{tag}.log")
     config = {"url": url or f"turn:{srv.listen_ip}:{srv.port}?transport=udp",
               "username": ctx.creds.user,
-              "credential": credential, "messages": MESSAGES,
+              "credential": credential, "messages": messages,
               "timeoutMs": int(timeout_s * 1000)}
     page = PageServer(config, log_path)
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=ctx.workroot)
@@ -160,18 +160,19 @@ def run_page(ctx: Ctx, chromium: str, credential: str, tag: str, url: str | None
 
 
 def relay_data_channel(ctx: Ctx, chromium: str, url: str | None = None,
-                       relay_protocol: str = "udp", tag: str = "", **page_kw) -> str:
+                       relay_protocol: str = "udp", tag: str = "", messages: int = MESSAGES,
+                       **page_kw) -> str:
     """The page with one ICE server (url; default TURN over UDP): relay candidates only,
     1000 messages echoed, relay<->relay selected on both sides, and every local relay
     candidate's relayProtocol (client<->server transport) equal to relay_protocol."""
-    r = run_page(ctx, chromium, ctx.creds.password, tag, url=url, **page_kw)
+    r = run_page(ctx, chromium, ctx.creds.password, tag, url=url, messages=messages, **page_kw)
     summary = json.dumps({k: r.get(k) for k in ("echoed", "error", "gathered", "iceErrors",
                                                  "pair1", "pair2", "ice1", "ice2",
                                                  "local1", "local2")})
     if r.get("error"):
         raise Fail(f"page: {r['error']}\n{summary}")
-    if r.get("echoed") != MESSAGES:
-        raise Fail(f"echoed {r.get('echoed')} of {MESSAGES}\n{summary}")
+    if r.get("echoed") != messages:
+        raise Fail(f"echoed {r.get('echoed')} of {messages}\n{summary}")
     for name in ("pc1", "pc2"):
         types = set((r.get("gathered") or {}).get(name) or [])
         if types != {"relay"}:
@@ -195,7 +196,7 @@ def relay_data_channel(ctx: Ctx, chromium: str, url: str | None = None,
     ua = r.get("userAgent", "")
     ver = ua.split("Chrome/")[1].split()[0] if "Chrome/" in ua else "?"
     proto = p1["local"].get("relayProtocol")
-    return (f"{MESSAGES} messages echoed, selected pair relay<->relay "
+    return (f"{messages} messages echoed, selected pair relay<->relay "
             f"{p1['local']['address']}:{p1['local']['port']} <-> "
             f"{p1['remote']['address']}:{p1['remote']['port']}"
             + (f", relayProtocol {proto}" if proto else "") + f" (Chromium {ver})")
@@ -212,6 +213,53 @@ def wrong_credential(ctx: Ctx, chromium: str, url: str | None = None, tag: str =
     return f"no relay candidate; icecandidateerror: {errors[0]}"
 
 
+UPGRADE_MESSAGES = 50000
+
+
+def across_upgrade(ctx: Ctx, chromium: str) -> str:
+    """A relay-only data channel (50,000 messages, about 10 s) while turnpike serve is
+    upgraded (SIGUSR2: the binary at its path takes over its sockets and allocations):
+    every message is echoed, and the new process serves on."""
+    srv = ctx.server
+    if "serve" not in srv.argv:
+        raise Skip("the server under test is not `turnpike serve`")
+    old = srv.proc.pid
+    handed: dict = {}
+
+    def upgrade() -> None:
+        # Once the page has started echoing (Chromium starts and ICE completes in
+        # about a second here).
+        time.sleep(3)
+        os.kill(old, signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(srv.log_path, "rb") as f:
+                text = f.read().decode(errors="replace")
+            if "turnpike handed over to pid " in text:
+                pid = int(text.split("turnpike handed over to pid ")[1].split()[0])
+                srv.successor = pid
+                handed["pid"] = pid
+                handed["at"] = time.monotonic()
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=upgrade, daemon=True)
+    t.start()
+    detail = relay_data_channel(ctx, chromium, tag="-upgrade", messages=UPGRADE_MESSAGES,
+                                timeout_s=60)
+    ended = time.monotonic()
+    t.join(timeout=40)
+    if "pid" not in handed:
+        raise Fail("the upgrade did not happen during the call\n" + srv.log_tail())
+    if ended - handed["at"] < 1.0:
+        raise Fail(f"the call went on only {ended - handed['at']:.1f}s after the upgrade: "
+                   "it did not clearly cross it (raise UPGRADE_MESSAGES)")
+    if srv.proc.poll() is None:
+        raise Fail("the old process still runs after the upgrade")
+    return (f"{detail}; served from pid {old}, then pid {handed['pid']} "
+            f"({ended - handed['at']:.1f}s of the call after the hand-over)")
+
+
 def run(ctx: Ctx) -> None:
     chromium = find_chromium()
     if chromium is None:
@@ -220,3 +268,5 @@ def run(ctx: Ctx) -> None:
               lambda: relay_data_channel(ctx, chromium))
     ctx.check("chromium: wrong credential gathers no relay candidate (401)",
               lambda: wrong_credential(ctx, chromium))
+    ctx.check("chromium: the data channel echoes on while serve is upgraded (SIGUSR2)",
+              lambda: across_upgrade(ctx, chromium))
