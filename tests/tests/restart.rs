@@ -190,6 +190,20 @@ fn alive(pid: i32) -> bool {
             .contains(") Z ")
 }
 
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -431,7 +445,7 @@ fn an_upgrade_to_a_binary_that_fails_leaves_the_old_process_serving() {
 }
 
 #[test]
-fn ten_upgrades_in_a_row_leak_no_descriptor() {
+fn ten_upgrades_in_a_row_leak_no_descriptor_and_no_memory() {
     let listen = format!("127.0.0.1:{}", free_udp_port());
     let server: SocketAddr = listen.parse().unwrap();
     let mut p = serve_for_upgrades(common::bin(), &listen, "uring");
@@ -441,6 +455,7 @@ fn ten_upgrades_in_a_row_leak_no_descriptor() {
     let fds_before = open_fds(first);
     let mut pid = first;
     let mut guards = Vec::new();
+    let mut rss_first = 0;
     for n in 1..=10 {
         usr2(pid);
         let next = successor(&mut p, n);
@@ -459,8 +474,18 @@ fn ten_upgrades_in_a_row_leak_no_descriptor() {
         for f in &mut fl {
             assert!(f.echo(peer.addr, n, Duration::from_secs(2)), "upgrade {n}");
         }
+        if n == 1 {
+            rss_first = rss_kib(pid);
+        }
     }
     let fds_after = open_fds(pid);
+    // What a process carries over does not grow with the upgrades behind it.
+    let rss_last = rss_kib(pid);
+    eprintln!("RSS after the first upgrade {rss_first} KiB, after the tenth {rss_last} KiB");
+    assert!(
+        rss_last <= rss_first + rss_first / 2 + 2048,
+        "RSS {rss_first} KiB after the first upgrade, {rss_last} KiB after the tenth"
+    );
     eprintln!("open descriptors: {fds_before} before, {fds_after} after ten upgrades");
     // The same sockets, listeners and rings; a few descriptors of slack (timers, a
     // pool refilled at a different moment).
