@@ -543,3 +543,59 @@ fn an_xdp_fast_path_that_cannot_start_leaves_a_working_server() {
     assert_eq!(t.bind(0x4000, peer.addr), Outcome::Ok);
     assert_eq!(echo_round(&mut t, 0x4000, 20), 20);
 }
+
+/// Under a low open-files limit, `serve` says how many allocations fit and refuses the
+/// next with 508, counted, instead of failing a bind in the kernel (issue #20 item 7).
+#[test]
+fn allocations_beyond_the_open_files_limit_get_508() {
+    let port = free_udp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=300:300", "--"])
+        .arg(common::bin())
+        .args([
+            "serve",
+            "--listen",
+            &listen,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--user",
+            "u:p",
+            "--workers",
+            "1",
+            "--relay-pool",
+            "0",
+            "--user-quota",
+            "0",
+        ]);
+    let mut p = common::Proc::spawn_command(cmd);
+    let line = p.wait_for("total quota capped at", Duration::from_secs(20));
+    let cap: usize = line
+        .split("capped at ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no capacity in {line:?}"));
+    assert!(
+        (100..300).contains(&cap),
+        "capacity {cap} under a limit of 300"
+    );
+    p.wait_for("turnpike ready", Duration::from_secs(20));
+    let server: SocketAddr = listen.parse().unwrap();
+    // Keep every client's socket: the test process has its own limit to mind.
+    let mut clients = Vec::new();
+    for i in 0..cap {
+        let mut t = Turn::new(server, "u", "p");
+        assert!(
+            matches!(t.allocate(), Outcome::Allocated(_)),
+            "allocation {i} of {cap}"
+        );
+        clients.push(t);
+    }
+    let mut one_more = Turn::new(server, "u", "p");
+    assert_eq!(one_more.allocate(), Outcome::Failed(508));
+    // The server is fine: a client that leaves makes room.
+    assert_eq!(clients[0].refresh(0), Outcome::Ok);
+    let mut next = Turn::new(server, "u", "p");
+    assert!(matches!(next.allocate(), Outcome::Allocated(_)));
+}

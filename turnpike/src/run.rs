@@ -363,8 +363,65 @@ fn spawn_memory_release() {
     });
 }
 
+/// Descriptors kept aside from the relay sockets: listeners, rings, eventfds, the
+/// control side's connections, a new process's during an upgrade.
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft open-files limit to the hard one and says how many relay sockets fit
+/// (one per allocation and address family; each TCP/TLS client takes one more). With
+/// the control plane in this process, the total quota is capped there: an Allocate
+/// beyond gets 508 and counts as refused, rather than a bind failing in the kernel.
+fn open_files_capacity(cfg: &mut Config, embedded: bool) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    let workers = match cfg.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    } as u64;
+    let pool = cfg.server.relay_pool as u64 * workers * cfg.relay_ips.len().max(1) as u64;
+    let capacity = limit.saturating_sub(open + RESERVED_FDS + pool + 4 * workers);
+    tracing::info!(
+        limit,
+        capacity,
+        "open files: room for about {capacity} relay sockets (one per allocation and family)"
+    );
+    if !embedded {
+        return;
+    }
+    let cap = u32::try_from(capacity).unwrap_or(u32::MAX);
+    let quota = cfg.server.total_quota;
+    if quota == 0 {
+        tracing::info!(
+            limit,
+            capped = cap,
+            "total quota unlimited: capped at {cap} allocations by the open-files limit"
+        );
+        cfg.server.total_quota = cap.max(1);
+    } else if quota > cap {
+        tracing::warn!(
+            limit,
+            total_quota = quota,
+            capped = cap,
+            "the open-files limit holds fewer allocations than the total quota: allocations beyond {cap} get 508 (raise LimitNOFILE)"
+        );
+        println!(
+            "turnpike open files: limit {limit}, total quota capped at {cap} allocations (LimitNOFILE)"
+        );
+        cfg.server.total_quota = cap.max(1);
+    }
+}
+
 pub fn serve(mut cfg: Config, control: Control) -> anyhow::Result<()> {
     check_relay_ips(&cfg);
+    open_files_capacity(&mut cfg, control == Control::Embedded);
     // Started by an upgrade (`SIGUSR2` to the previous process): its state and sockets.
     let handed =
         crate::upgrade::inherit(turnpike_api::convert::At::of(&turnpike_plane::Clock::new()))
